@@ -1,0 +1,383 @@
+"""TOML configuration -> frozen, typed settings.
+
+Every error is a ConfigError naming the file, the key path (``functions.hello.timeout_s``) and
+the reason. Relative paths are resolved against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import ast
+import ipaddress
+import os
+import re
+import tomllib
+import zoneinfo
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from daemon.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/example.toml")
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+HANDLER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+# The platform sets these in every worker; a function's env may not override them.
+RESERVED_ENV = frozenset(
+    {
+        "_HANDLER", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR", "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_REGION",
+        "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "NOTIFY_SOCKET",
+    }
+)
+
+Positive = Annotated[float, Meta(gt=0)]
+NonNegative = Annotated[float, Meta(ge=0)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonSettings(_Section):
+    data_dir: str = "var"
+    functions_dir: str = "../functions"
+    max_workers: Annotated[int, Meta(ge=1, le=1024)] = 4
+    shutdown_timeout_s: NonNegative = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    region: Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,32}$")] = "us-east-1"
+    log_capture_bytes: Annotated[int, Meta(ge=1024, le=8 * 1024 * 1024)] = 64 * 1024
+
+
+class ApiSettings(_Section):
+    listen: str = "127.0.0.1:9070"
+    token_file: str | None = None
+
+
+class MqttSettings(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: Annotated[str, Meta(min_length=1, max_length=128)] = "lambdaemon"
+    username: str | None = None
+    password_file: str | None = None
+    ca_file: str | None = None
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
+
+
+class WebhookSettings(_Section):
+    listen: str = "0.0.0.0:8080"
+    max_body_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
+
+
+# --- triggers: a tagged union on `type` ------------------------------------------------------
+
+
+class _Trigger(_Section, tag_field="type"):
+    pass
+
+
+class CronTriggerConfig(_Trigger, tag="cron"):
+    schedule: str
+    timezone: str = "UTC"
+    missed: Literal["skip", "run_once", "run_all"] = "run_once"
+    grace_s: NonNegative = 3600.0
+
+
+class MqttTriggerConfig(_Trigger, tag="mqtt"):
+    topic: Annotated[str, Meta(min_length=1)]
+    qos: Literal[0, 1] = 1
+
+
+class FilesTriggerConfig(_Trigger, tag="files"):
+    path: str
+    pattern: str = "*"
+    after: Literal["move", "delete"] = "move"
+    rescan_s: Positive = 60.0
+    poll: bool = False  # scan only, for network filesystems where inotify sees nothing
+
+
+class _Auth(_Section, tag_field="type"):
+    pass
+
+
+class NoAuth(_Auth, tag="none"):
+    pass
+
+
+class TokenAuth(_Auth, tag="token"):
+    token_file: str
+    header: str = "Authorization"
+
+
+class BasicAuth(_Auth, tag="basic"):
+    username: str
+    password_file: str
+
+
+class HmacAuth(_Auth, tag="hmac"):
+    secret_file: str
+    header: str = "X-Hub-Signature-256"
+    timestamp_header: str | None = None
+    replay_window_s: Positive = 300.0
+
+
+AuthConfig = NoAuth | TokenAuth | BasicAuth | HmacAuth
+
+
+class WebhookTriggerConfig(_Trigger, tag="webhook"):
+    path: Annotated[str, Meta(pattern=r"^/")]
+    methods: list[str] = msgspec.field(default_factory=lambda: ["POST"])
+    mode: Literal["sync", "async"] = "sync"
+    auth: AuthConfig = NoAuth()
+
+
+TriggerConfig = CronTriggerConfig | MqttTriggerConfig | FilesTriggerConfig | WebhookTriggerConfig
+
+
+class FunctionConfig(_Section):
+    """One function: where its code is and how it runs. `name` and `code` are filled in."""
+
+    handler: str
+    code: str | None = None
+    timeout_s: Annotated[float, Meta(gt=0, le=900)] = 3.0
+    memory_mb: Annotated[int, Meta(ge=16, le=10240)] = 128
+    concurrency: Annotated[int, Meta(ge=1, le=1024)] = 1
+    queue_size: Annotated[int, Meta(ge=0, le=100_000)] = 100
+    idle_timeout_s: NonNegative = 300.0
+    min_warm: Annotated[int, Meta(ge=0)] = 0
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    triggers: list[TriggerConfig] = msgspec.field(default_factory=list)
+    name: str = ""
+    version: str = "$LATEST"
+    region: str = "us-east-1"
+
+    @property
+    def arn(self) -> str:
+        return f"arn:aws:lambda:{self.region}:000000000000:function:{self.name}"
+
+    @property
+    def log_group(self) -> str:
+        return f"/aws/lambda/{self.name}"
+
+
+class Config(_Section):
+    daemon: DaemonSettings = DaemonSettings()
+    api: ApiSettings = ApiSettings()
+    mqtt: MqttSettings | None = None
+    webhooks: WebhookSettings | None = None
+    functions: dict[str, FunctionConfig] = msgspec.field(default_factory=dict)
+    path: str = ""  # the file this came from
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.path).parent
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return (self.base_dir / value).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.daemon.data_dir)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def config_path(cli_value: str | None) -> Path:
+    """--config, else $LAMBDAEMON_CONFIG, else config/example.toml."""
+    return Path(cli_value or os.environ.get("LAMBDAEMON_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, type-check and validate a config file; raise ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    for name, fn in (raw.get("functions") or {}).items():
+        if isinstance(fn, dict) and "name" in fn:
+            raise ConfigError(path, f"functions.{name}.name", "unknown key (the table name is the name)")
+    try:
+        config = msgspec.convert(raw, Config, str_keys=True)
+    except msgspec.ValidationError as exc:
+        key, reason = _split_msgspec_error(str(exc))
+        raise ConfigError(path, key, reason) from None
+    config = msgspec.structs.replace(config, path=str(path.resolve()))
+    return _validate(config)
+
+
+def _split_msgspec_error(message: str) -> tuple[str, str]:
+    reason, _, where = message.partition(" - at `$")
+    key = where.rstrip("`").lstrip(".")
+    unknown = re.match(r"Object contains unknown field `(.+)`", reason)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        reason = "unknown key"
+    missing = re.match(r"Object missing required field `(.+)`", reason)
+    if missing:
+        key = f"{key}.{missing.group(1)}" if key else missing.group(1)
+        reason = "required key is missing"
+    return key, reason
+
+
+def _validate(config: Config) -> Config:
+    path = config.path
+    listen_host(config.api.listen, path, "api.listen")
+    if not is_loopback(config.api.listen):
+        if config.api.token_file is None:
+            raise ConfigError(path, "api.token_file", "required when api.listen is not a loopback address")
+    if config.api.token_file is not None:
+        read_secret(config, config.api.token_file, "api.token_file")
+    if config.webhooks is not None:
+        listen_host(config.webhooks.listen, path, "webhooks.listen")
+    functions_dir = config.resolve(config.daemon.functions_dir)
+    functions = {}
+    for name, fn in config.functions.items():
+        functions[name] = _validate_function(config, name, fn, functions_dir)
+    return msgspec.structs.replace(config, functions=functions)
+
+
+def _validate_function(config: Config, name: str, fn: FunctionConfig, functions_dir: Path) -> FunctionConfig:
+    path, key = config.path, f"functions.{name}"
+    if not FUNCTION_NAME.match(name):
+        raise ConfigError(path, key, "function names are 1-64 letters, digits, '-' or '_'")
+    code = config.resolve(fn.code) if fn.code else functions_dir / name
+    if not code.is_dir():
+        what = f"{key}.code" if fn.code else key
+        raise ConfigError(path, what, f"code folder {code} does not exist")
+    check_handler(code, fn.handler, path, f"{key}.handler")
+    if fn.min_warm > fn.concurrency:
+        raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than concurrency = {fn.concurrency}")
+    if fn.min_warm > config.daemon.max_workers:
+        raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than daemon.max_workers")
+    for env_key in fn.env:
+        if env_key in RESERVED_ENV or env_key.startswith("AWS_LAMBDA_"):
+            raise ConfigError(path, f"{key}.env.{env_key}", "reserved by the runtime; choose another name")
+        if not env_key or "=" in env_key or "\0" in env_key:
+            raise ConfigError(path, f"{key}.env.{env_key}", "not a valid environment variable name")
+    for i, trigger in enumerate(fn.triggers):
+        _validate_trigger(config, trigger, f"{key}.triggers[{i}]")
+    return msgspec.structs.replace(fn, name=name, code=str(code), region=config.daemon.region)
+
+
+def _validate_trigger(config: Config, trigger: TriggerConfig, key: str) -> None:
+    path = config.path
+    if isinstance(trigger, CronTriggerConfig):
+        try:
+            zoneinfo.ZoneInfo(trigger.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(path, f"{key}.timezone", f"unknown time zone {trigger.timezone!r}") from None
+        from triggers.cron import parse_schedule  # apscheduler lives in triggers/cron.py only
+
+        try:
+            parse_schedule(trigger.schedule, trigger.timezone)
+        except ValueError as exc:
+            raise ConfigError(path, f"{key}.schedule", f"{trigger.schedule!r}: {exc}") from None
+    elif isinstance(trigger, MqttTriggerConfig):
+        if config.mqtt is None:
+            raise ConfigError(path, key, "an mqtt trigger needs an [mqtt] section")
+        if not valid_topic_filter(trigger.topic):
+            raise ConfigError(path, f"{key}.topic", f"{trigger.topic!r} is not a valid MQTT topic filter")
+    elif isinstance(trigger, WebhookTriggerConfig):
+        if config.webhooks is None:
+            raise ConfigError(path, key, "a webhook trigger needs a [webhooks] section")
+        for method in trigger.methods:
+            if not re.match(r"^[A-Z]+$", method):
+                raise ConfigError(path, f"{key}.methods", f"{method!r} is not an HTTP method")
+        auth = trigger.auth
+        for field in ("token_file", "password_file", "secret_file"):
+            if hasattr(auth, field):
+                read_secret(config, getattr(auth, field), f"{key}.auth.{field}")
+
+
+def valid_topic_filter(topic: str) -> bool:
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return "\0" not in topic
+
+
+def check_handler(code: Path, handler: str, path: str, key: str) -> None:
+    """The handler's module exists in `code` and defines the attribute; no user code runs."""
+    if not HANDLER.match(handler):
+        raise ConfigError(path, key, f"{handler!r} is not of the form module.function")
+    module, _, attr = handler.rpartition(".")
+    base = code.joinpath(*module.split("."))
+    source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+    if not source.is_file():
+        raise ConfigError(path, key, f"module {module!r} not found in {code}")
+    try:
+        tree = ast.parse(source.read_bytes(), filename=str(source))
+    except SyntaxError as exc:
+        raise ConfigError(path, key, f"{source}:{exc.lineno}: syntax error: {exc.msg}") from None
+    if not _defines(tree, attr):
+        raise ConfigError(path, key, f"{source} defines no {attr!r}")
+
+
+def _defines(tree: ast.Module, attr: str) -> bool:
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == attr:
+            return True
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
+                return True
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if alias.name == "*" or (alias.asname or alias.name.split(".")[0]) == attr:
+                    return True
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            return True
+        if isinstance(node, ast.If | ast.Try):  # conditional definitions: be lenient
+            inner = ast.Module(body=[*ast.iter_child_nodes(node)], type_ignores=[])
+            inner.body = [n for n in inner.body if isinstance(n, ast.stmt)]
+            if _defines(inner, attr):
+                return True
+    return False
+
+
+def read_secret(config: Config, value: str, key: str) -> str:
+    """A secret file's stripped content; `credential:NAME` reads $CREDENTIALS_DIRECTORY/NAME."""
+    if value.startswith("credential:"):
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ConfigError(config.path, key, f"{value!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+        file = Path(directory) / value.removeprefix("credential:")
+    else:
+        file = config.resolve(value)
+    try:
+        secret = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(config.path, key, f"cannot read {file}: {exc.strerror or exc}") from None
+    if not secret:
+        raise ConfigError(config.path, key, f"{file} is empty")
+    return secret
+
+
+def listen_host(listen: str, path: str, key: str) -> tuple[str, int]:
+    """Split `host:port` (or `[v6]:port`); raise ConfigError when it is not one."""
+    match = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$", listen)
+    if not match or not 0 <= int(match["port"]) <= 65535:
+        raise ConfigError(path, key, f"{listen!r} is not host:port")
+    return match["v6"] or match["host"], int(match["port"])
+
+
+def is_loopback(listen: str) -> bool:
+    host, _ = listen_host(listen, "", "")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

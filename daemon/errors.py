@@ -1,0 +1,29 @@
+"""The daemon's exception hierarchy: one root, a subclass only where a caller catches it."""
+
+
+class LambdaemonError(Exception):
+    """Root of every error lambdaemon raises on purpose."""
+
+
+class ConfigError(LambdaemonError, ValueError):
+    """The configuration is invalid; the message names the file, the key path and the reason."""
+
+    def __init__(self, path: object, key: str, reason: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.reason = reason
+        where = f"{self.path}: {key}" if key else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+class StoreUnavailableError(LambdaemonError, OSError):
+    """The invocation store cannot accept writes (disk full, read-only, closed)."""
+
+
+class QueueFullError(LambdaemonError):
+    """A function's bounded wait queue is full; the caller should retry later."""
+
+    def __init__(self, function: str, limit: int) -> None:
+        self.function = function
+        self.limit = limit
+        super().__init__(f"function {function!r} is at its concurrency limit and {limit} callers wait")

@@ -1,0 +1,51 @@
+"""Plain data shared by the store, the pool and the dispatcher."""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import msgspec
+
+
+class Status(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CRASHED = "crashed"
+
+
+FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED})
+
+
+class InvokeRequest(msgspec.Struct, frozen=True):
+    """One attempt of one invocation, as handed to the pool."""
+
+    invocation_id: str
+    event: bytes  # the event as JSON text
+    invoked_arn: str
+    client_context: str | None = None  # base64 JSON, sync Invoke API calls only
+
+
+class Outcome(msgspec.Struct):
+    """What one attempt came to; the pool fills it, the store records it."""
+
+    status: Status
+    payload: bytes  # result JSON on success, Lambda's error JSON otherwise
+    started_at: float  # epoch seconds
+    ended_at: float
+    duration_ms: float
+    error_type: str | None = None
+    error_message: str | None = None
+    init_duration_ms: float | None = None  # set on a cold start only
+    max_memory_mb: float | None = None
+    logs: str = ""
+    worker_pid: int | None = None
+    exit_code: int | None = None  # crashed: the worker's exit status ...
+    signal: int | None = None  # ... or the signal that killed it
+
+    @property
+    def billed_duration_ms(self) -> int:
+        return max(1, math.ceil(self.duration_ms))
