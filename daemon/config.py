@@ -202,16 +202,35 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(path, "", f"cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"invalid TOML: {exc}") from None
-    for name, fn in (raw.get("functions") or {}).items():
-        if isinstance(fn, dict) and "name" in fn:
-            raise ConfigError(path, f"functions.{name}.name", "unknown key (the table name is the name)")
+    raw_functions = raw.pop("functions", {})
+    if not isinstance(raw_functions, dict):
+        raise ConfigError(path, "functions", "must be a table of [functions.NAME] tables")
+    config = _convert(raw, Config, path, "")
+    functions = {}
+    for name, fn in raw_functions.items():
+        if isinstance(fn, dict) and ("name" in fn or "region" in fn or "version" in fn):
+            bad = next(k for k in ("name", "region", "version") if k in fn)
+            raise ConfigError(path, f"functions.{name}.{bad}", "unknown key")
+        functions[name] = _convert(fn, FunctionConfig, path, f"functions.{name}")
+    config = msgspec.structs.replace(config, path=str(path.resolve()), functions=functions)
+    return _validate(config)
+
+
+def _convert(raw: object, kind: type, path: Path, prefix: str):
+    if isinstance(raw, dict) and isinstance(raw.get("env"), dict):
+        for env_key, value in raw["env"].items():  # msgspec would say env[...]; name the key
+            if not isinstance(value, str):
+                raise ConfigError(path, f"{prefix}.env.{env_key}", f"must be a string, got {value!r}")
     try:
-        config = msgspec.convert(raw, Config, str_keys=True)
+        return msgspec.convert(raw, kind, str_keys=True)
     except msgspec.ValidationError as exc:
         key, reason = _split_msgspec_error(str(exc))
-        raise ConfigError(path, key, reason) from None
-    config = msgspec.structs.replace(config, path=str(path.resolve()))
-    return _validate(config)
+        if key.endswith("type") and reason.startswith("Invalid value"):
+            choices = "none, token, basic, hmac" if key.endswith("auth.type") else "cron, mqtt, files, webhook"
+            reason = f"unknown type {reason.removeprefix('Invalid value ')} (one of: {choices})"
+        if prefix and key:
+            key = f"{prefix}{'' if key.startswith('[') else '.'}{key}"
+        raise ConfigError(path, key or prefix, reason) from None
 
 
 def _split_msgspec_error(message: str) -> tuple[str, str]:

@@ -27,3 +27,7 @@ class QueueFullError(LambdaemonError):
         self.function = function
         self.limit = limit
         super().__init__(f"function {function!r} is at its concurrency limit and {limit} callers wait")
+
+
+class ListenError(LambdaemonError, OSError):
+    """A listener could not bind its address (in use, not ours, bad permissions)."""

@@ -1,0 +1,226 @@
+"""The `lambdaemon` command line: the only place that parses arguments, handles signals, exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from daemon.config import Config, config_path, load_config, read_secret
+from daemon.errors import ConfigError, LambdaemonError
+
+EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(config_path(args.config))
+    except ConfigError as exc:
+        print(f"lambdaemon: config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        return args.command(config, args)
+    except ApiError as exc:
+        print(f"lambdaemon: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $LAMBDAEMON_CONFIG, else config/example.toml)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser = argparse.ArgumentParser(prog="lambdaemon", description="A Lambda-grade function runtime for edge hardware.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(command=cmd_run)
+    sub.add_parser("check", parents=[common], help="validate the config and exit").set_defaults(command=cmd_check)
+    p = sub.add_parser("invoke", parents=[common], help="invoke a function through the running daemon")
+    p.add_argument("name")
+    p.add_argument("payload", nargs="?", default="{}", help="event JSON, or - to read it from stdin")
+    p.add_argument("--async", dest="is_async", action="store_true", help="queue it (Event) and print the id")
+    p.set_defaults(command=cmd_invoke)
+    sub.add_parser("functions", parents=[common], help="list functions").set_defaults(command=cmd_functions)
+    p = sub.add_parser("invocations", parents=[common], help="list recent invocations")
+    p.add_argument("--function")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(command=cmd_invocations)
+    p = sub.add_parser("show", parents=[common], help="show one invocation in full")
+    p.add_argument("id")
+    p.set_defaults(command=cmd_show)
+    return parser
+
+
+# --- run and check --------------------------------------------------------------------------
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({"config": config.path, "ok": True, "functions": sorted(config.functions)}))
+    else:
+        print(f"{config.path}: ok ({len(config.functions)} functions: {', '.join(sorted(config.functions))})")
+    return 0
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from daemon.logs import configure_logging
+
+    configure_logging(config.daemon.log_level)
+    try:
+        asyncio.run(_serve(config))
+    except LambdaemonError as exc:
+        print(f"lambdaemon: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+    return 0
+
+
+async def _serve(config: Config) -> None:
+    from daemon.service import Service
+
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            service.skip_drain.set()  # a second signal skips the wait for in-flight work
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await service.run(stop)
+
+
+# --- talking to the running daemon ----------------------------------------------------------
+
+
+class ApiError(Exception):
+    pass
+
+
+def _request(config: Config, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    host, port = config.api.listen.rsplit(":", 1)
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+    headers = dict(headers or {})
+    if config.api.token_file:
+        headers["Authorization"] = "Bearer " + read_secret(config, config.api.token_file, "api.token_file")
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=960) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ApiError(f"cannot reach the daemon at {url}: {reason} (is `lambdaemon run` running?)") from None
+
+
+def _get_json(config: Config, path: str) -> Any:
+    status, _, body = _request(config, "GET", path)
+    data = json.loads(body or b"{}")
+    if status >= 400:
+        raise ApiError(data.get("error") or data.get("message") or f"HTTP {status}")
+    return data
+
+
+def cmd_invoke(config: Config, args: argparse.Namespace) -> int:
+    payload = sys.stdin.buffer.read() if args.payload == "-" else args.payload.encode()
+    kind = "Event" if args.is_async else "RequestResponse"
+    path = f"/2015-03-31/functions/{urllib.parse.quote(args.name, safe='')}/invocations"
+    status, headers, body = _request(config, "POST", path, payload, {"X-Amz-Invocation-Type": kind})
+    request_id = headers.get("x-amzn-RequestId") or headers.get("X-Amzn-RequestId", "")
+    if status >= 400:
+        try:
+            message = json.loads(body).get("message", body.decode())
+        except ValueError:
+            message = body.decode("utf-8", "replace")
+        print(f"lambdaemon: {headers.get('x-amzn-ErrorType', status)}: {message}", file=sys.stderr)
+        return 1
+    if args.is_async:
+        print(json.dumps({"invocation_id": request_id, "status": "queued"}) if args.json else request_id)
+        return 0
+    print(body.decode("utf-8", "replace"))
+    if "X-Amz-Function-Error" in headers:
+        print(f"lambdaemon: invocation {request_id} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_functions(config: Config, args: argparse.Namespace) -> int:
+    rows = _get_json(config, "/v1/functions")["functions"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ["name", "handler", "timeout_s", "memory_mb", "concurrency", "running", "backlog"]
+    _print_table(rows, columns, extra=lambda r: {"triggers": ",".join(t["type"] for t in r["triggers"]) or "-"})
+    return 0
+
+
+def cmd_invocations(config: Config, args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit)}
+    if args.function:
+        query["function"] = args.function
+    if args.status:
+        query["status"] = args.status
+    rows = _get_json(config, "/v1/invocations?" + urllib.parse.urlencode(query))["invocations"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_table(rows, ["id", "function", "trigger", "status", "attempt", "queued_at", "duration_ms", "error_type"])
+    return 0
+
+
+def cmd_show(config: Config, args: argparse.Namespace) -> int:
+    status, _, body = _request(config, "GET", f"/v1/invocations/{urllib.parse.quote(args.id, safe='')}")
+    if status == 404:
+        print(f"lambdaemon: no invocation {args.id}", file=sys.stderr)
+        return 1
+    record = json.loads(body)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    logs = record.pop("logs", "") or ""
+    for key, value in record.items():
+        if key not in ("attempts",):
+            print(f"{key:>20}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    if logs:
+        print("                logs:")
+        for line in logs.splitlines():
+            print(f"    {line}")
+    return 0
+
+
+def _print_table(rows: list[dict], columns: list[str], extra: Any = None) -> None:
+    table = []
+    for row in rows:
+        merged = {**row, **(extra(row) if extra else {})}
+        table.append([_cell(merged.get(c)) for c in columns + (["triggers"] if extra else [])])
+    header = [c.upper() for c in columns + (["triggers"] if extra else [])]
+    widths = [max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The admin listener: the Lambda Invoke API, health, and the JSON endpoints under /v1/."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from daemon.config import Config, FunctionConfig, listen_host, read_secret
+from daemon.dispatcher import Dispatcher, UnknownFunctionError
+from daemon.errors import ListenError, QueueFullError, StoreUnavailableError
+from daemon.models import Outcome, Status
+from daemon.store import Store
+
+log = structlog.get_logger("lambdaemon.api")
+
+MAX_SYNC_PAYLOAD = 6 * 1024 * 1024
+MAX_ASYNC_PAYLOAD = 1024 * 1024
+TAIL_BYTES = 4096
+_json = msgspec.json.Encoder()
+
+DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+
+
+def lambda_error(status: int, code: str, message: str, *, kind: str = "User",
+                 headers: dict[str, str] | None = None) -> web.Response:
+    """An error as botocore reads it: the code in x-amzn-ErrorType, message in the body."""
+    body = {"__type": code, "Type": kind, "Message": message, "message": message}
+    return web.json_response(
+        body, status=status, headers={"x-amzn-ErrorType": code, **(headers or {})}, dumps=_dumps
+    )
+
+
+def _dumps(value: Any) -> str:
+    return _json.encode(value).decode()
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_function_name(raw: str, qualifier: str | None) -> tuple[str, str | None]:
+    """Name, `name:qualifier`, a full or partial ARN -> (name, qualifier)."""
+    name = unquote(raw)
+    parts = name.split(":")
+    if name.startswith("arn:") and len(parts) >= 7:
+        name, rest = parts[6], parts[7:]
+    elif len(parts) >= 3 and parts[1] == "function":
+        name, rest = parts[2], parts[3:]
+    else:
+        name, rest = parts[0], parts[1:]
+    inline = rest[0] if rest else None
+    if inline and qualifier and inline != qualifier:
+        raise ValueError(f"the qualifier in the name ({inline}) and Qualifier ({qualifier}) differ")
+    return name, inline or qualifier
+
+
+def tail_log(invocation_id: str, fn: FunctionConfig, outcome: Outcome) -> str:
+    """Lambda's log tail: START/END/REPORT lines around the captured output, last 4 KB, base64."""
+    report = (
+        f"REPORT RequestId: {invocation_id}\tDuration: {outcome.duration_ms:.2f} ms\t"
+        f"Billed Duration: {outcome.billed_duration_ms} ms\tMemory Size: {fn.memory_mb} MB\t"
+        f"Max Memory Used: {round(outcome.max_memory_mb or 0)} MB\t"
+    )
+    if outcome.init_duration_ms is not None:
+        report += f"Init Duration: {outcome.init_duration_ms:.2f} ms\t"
+    if outcome.status is Status.TIMED_OUT:
+        report += "Status: timeout"
+    elif outcome.status is Status.CRASHED:
+        report += f"Status: error\tError Type: {outcome.error_type}"
+    text = (
+        f"START RequestId: {invocation_id} Version: {fn.version}\n{outcome.logs}"
+        f"{'' if not outcome.logs or outcome.logs.endswith(chr(10)) else chr(10)}"
+        f"END RequestId: {invocation_id}\n{report}\n"
+    ).encode()
+    return base64.b64encode(text[-TAIL_BYTES:]).decode()
+
+
+# --- the Invoke API --------------------------------------------------------------------------
+
+
+async def invoke(request: web.Request) -> web.StreamResponse:
+    dispatcher = request.app[DISPATCHER]
+    try:
+        name, qualifier = parse_function_name(request.match_info["name"], request.query.get("Qualifier"))
+    except ValueError as exc:
+        return lambda_error(400, "InvalidParameterValueException", str(exc))
+    try:
+        fn = dispatcher.function(name)
+    except UnknownFunctionError:
+        return lambda_error(404, "ResourceNotFoundException", f"Function not found: {name}")
+    if qualifier not in (None, fn.version):
+        return lambda_error(404, "ResourceNotFoundException", f"Function not found: {fn.arn}:{qualifier}")
+    kind = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+    if kind not in ("RequestResponse", "Event", "DryRun"):
+        return lambda_error(400, "InvalidParameterValueException", f"unknown X-Amz-Invocation-Type {kind!r}")
+    limit = MAX_ASYNC_PAYLOAD if kind == "Event" else MAX_SYNC_PAYLOAD
+    if request.content_length is not None and request.content_length > limit:
+        return _too_large(request.content_length, limit)
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        return _too_large(len(body), limit)
+    body = body.strip() or b"{}"
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        return lambda_error(400, "InvalidRequestContentException",
+                            f"Could not parse request body into json: {exc}")
+    if kind == "DryRun":
+        return web.Response(status=204)
+    if kind == "Event":
+        return await _invoke_async(dispatcher, fn, body, request)
+    return await _invoke_sync(dispatcher, fn, body, request, qualifier)
+
+
+def _too_large(size: int, limit: int) -> web.Response:
+    return lambda_error(413, "RequestTooLargeException",
+                        f"Request must be smaller than {limit} bytes for the invoke operation (got {size})")
+
+
+async def _invoke_async(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
+                        request: web.Request) -> web.Response:
+    sdk_id = request.headers.get("amz-sdk-invocation-id")
+    try:
+        accepted = await dispatcher.accept(
+            fn.name, body, trigger="api", trigger_id="api",
+            dedupe_key=f"api:{sdk_id}" if sdk_id else None,
+        )
+    except StoreUnavailableError as exc:
+        return lambda_error(503, "ServiceException", f"cannot store the event: {exc}", kind="Service")
+    return web.Response(status=202, headers={"x-amzn-RequestId": accepted.invocation_id})
+
+
+async def _invoke_sync(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
+                       request: web.Request, qualifier: str | None) -> web.Response:
+    arn = f"{fn.arn}:{qualifier}" if qualifier else fn.arn
+    try:
+        invocation_id, outcome = await dispatcher.invoke_sync(
+            fn.name, body, trigger="api", invoked_arn=arn,
+            client_context=request.headers.get("X-Amz-Client-Context"),
+        )
+    except QueueFullError as exc:
+        return lambda_error(429, "TooManyRequestsException", str(exc), headers={"Retry-After": "1"})
+    headers = {
+        "x-amzn-RequestId": invocation_id,
+        "X-Amz-Executed-Version": fn.version,
+        "Content-Type": "application/json",
+    }
+    if outcome.status is not Status.SUCCEEDED:
+        headers["X-Amz-Function-Error"] = "Unhandled"
+    if request.headers.get("X-Amz-Log-Type") == "Tail":
+        headers["X-Amz-Log-Result"] = tail_log(invocation_id, fn, outcome)
+    return web.Response(status=200, body=outcome.payload, headers=headers)
+
+
+# --- function configuration (enough for boto3's get/list calls and waiters) -----------------
+
+
+def function_configuration(fn: FunctionConfig) -> dict[str, Any]:
+    return {
+        "FunctionName": fn.name, "FunctionArn": fn.arn, "Runtime": "python3.11",
+        "Handler": fn.handler, "Role": "arn:aws:iam::000000000000:role/lambdaemon",
+        "Timeout": fn.timeout_s, "MemorySize": fn.memory_mb, "Version": fn.version,
+        "Environment": {"Variables": dict(fn.env)}, "State": "Active",
+        "LastUpdateStatus": "Successful", "PackageType": "Zip",
+        "LoggingConfig": {"LogFormat": "Text", "LogGroup": fn.log_group},
+    }
+
+
+async def list_functions_aws(request: web.Request) -> web.Response:
+    functions = request.app[DISPATCHER].functions.values()
+    return web.json_response({"Functions": [function_configuration(f) for f in functions]}, dumps=_dumps)
+
+
+async def get_function_aws(request: web.Request) -> web.Response:
+    name, _ = parse_function_name(request.match_info["name"], None)
+    try:
+        fn = request.app[DISPATCHER].function(name)
+    except UnknownFunctionError:
+        return lambda_error(404, "ResourceNotFoundException", f"Function not found: {name}")
+    config = function_configuration(fn)
+    if request.path.endswith("/configuration"):
+        return web.json_response(config, dumps=_dumps)
+    body = {"Configuration": config, "Concurrency": {"ReservedConcurrentExecutions": fn.concurrency}}
+    return web.json_response(body, dumps=_dumps)
+
+
+# --- admin endpoints ------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    dispatcher = request.app[DISPATCHER]
+    stats = dispatcher.stats()
+    rows = [
+        {
+            "name": fn.name, "handler": fn.handler, "code": fn.code, "version": fn.version,
+            "timeout_s": fn.timeout_s, "memory_mb": fn.memory_mb, "concurrency": fn.concurrency,
+            "min_warm": fn.min_warm, "idle_timeout_s": fn.idle_timeout_s,
+            "triggers": [msgspec.to_builtins(t) for t in fn.triggers], **stats[fn.name],
+        }
+        for fn in dispatcher.functions.values()
+    ]
+    return web.json_response({"functions": rows}, dumps=_dumps)
+
+
+async def list_invocations(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    try:
+        limit = int(request.query.get("limit", "50"))
+        if not 1 <= limit <= 1000:
+            raise ValueError
+    except ValueError:
+        return web.json_response({"error": "limit must be a whole number from 1 to 1000"}, status=400)
+    status = request.query.get("status") or None
+    if status is not None and status not in Status.__members__.values():
+        return web.json_response({"error": f"unknown status {status!r}"}, status=400)
+    await store.barrier()  # read your own writes
+    rows = await store.list_invocations(request.query.get("function") or None, status, limit)
+    return web.json_response({"invocations": [_present(r) for r in rows]}, dumps=_dumps)
+
+
+async def get_invocation(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    await store.barrier()
+    row = await store.get(request.match_info["id"])
+    if row is None:
+        return web.json_response({"error": f"no invocation {request.match_info['id']}"}, status=404)
+    return web.json_response(_present(row), dumps=_dumps)
+
+
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    """A record for JSON: times as ISO 8601, event and result decoded."""
+    out = dict(row)
+    for key in ("queued_at", "started_at", "ended_at", "next_attempt_at"):
+        if key in out:
+            out[key] = iso(out[key])
+    for key in ("event", "result"):
+        if isinstance(out.get(key), bytes | memoryview):
+            raw = bytes(out[key])
+            try:
+                out[key] = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                out[key] = raw.decode("utf-8", "replace")
+    for attempt in out.get("attempts", []) or []:
+        for key in ("started_at", "ended_at"):
+            if key in attempt:
+                attempt[key] = iso(attempt[key])
+    return out
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    expected = token.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]):
+        if request.path == "/health" or _authorized(request, expected):
+            return await handler(request)
+        log.warning("api_unauthorized", path=request.path, remote=request.remote)
+        return lambda_error(401, "UnrecognizedClientException", "a valid bearer token is required")
+
+    return check
+
+
+def _authorized(request: web.Request, expected: bytes) -> bool:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return hmac.compare_digest(header[7:].strip().encode(), expected)
+    # boto3 signs with SigV4 and cannot send a bearer token: accept the token as access key id.
+    if header.startswith("AWS4-HMAC-SHA256") and "Credential=" in header:
+        key_id = header.split("Credential=", 1)[1].split("/", 1)[0]
+        return hmac.compare_digest(key_id.encode(), expected)
+    return False
+
+
+def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Application:
+    middlewares = []
+    if config.api.token_file:
+        middlewares.append(_auth_middleware(read_secret(config, config.api.token_file, "api.token_file")))
+    app = web.Application(client_max_size=MAX_SYNC_PAYLOAD + 1024, middlewares=middlewares)
+    app[DISPATCHER] = dispatcher
+    app[STORE] = store
+    fn_path = "/2015-03-31/functions/{name}"
+    app.router.add_post(f"{fn_path}/invocations", invoke)
+    app.router.add_get("/2015-03-31/functions", list_functions_aws)
+    app.router.add_get("/2015-03-31/functions/", list_functions_aws)
+    app.router.add_get(fn_path, get_function_aws)
+    app.router.add_get(f"{fn_path}/configuration", get_function_aws)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/functions", list_functions)
+    app.router.add_get("/v1/invocations", list_invocations)
+    app.router.add_get("/v1/invocations/{id}", get_invocation)
+    return app
+
+
+async def start_site(app: web.Application, listen: str, key: str) -> web.AppRunner:
+    """Serve `app` on `listen` inside our own lifecycle (not run_app: signals stay ours)."""
+    host, port = listen_host(listen, "", key)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {listen} ({key}): {exc.strerror or exc}") from exc
+    log.info("listener_started", key=key, listen=listen, started_at=time.time())
+    return runner

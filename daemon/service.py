@@ -1,0 +1,79 @@
+"""The composition root: starts the parts in order, stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+from daemon.config import Config
+from daemon.dispatcher import Dispatcher
+from daemon.http import build_api, start_site
+from daemon.pool import WorkerPool
+from daemon.store import Store
+from triggers.base import supervise
+from triggers.registry import build_sources
+
+log = structlog.get_logger("lambdaemon.service")
+
+DB_FILE = "lambdaemon.db"
+
+
+class Service:
+    """One running daemon. `run()` serves until `stop` is set, then shuts down in order."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ready = asyncio.Event()
+        self.dispatcher: Dispatcher | None = None
+        self.skip_drain = asyncio.Event()  # a second signal: don't wait for in-flight work
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = self.config
+        started = time.monotonic()
+        async with contextlib.AsyncExitStack() as stack:
+            store = await stack.enter_async_context(Store.open(config.data_dir / DB_FILE))
+            pool = WorkerPool(config.daemon.max_workers, config.daemon.log_capture_bytes)
+            stack.push_async_callback(pool.close)
+            await pool.start(config.functions)
+            dispatcher = self.dispatcher = Dispatcher(store, pool, config.functions)
+            stack.push_async_callback(self._drain, dispatcher)
+            await dispatcher.recover()
+            api = await start_site(build_api(config, dispatcher, store), config.api.listen, "api.listen")
+            stack.push_async_callback(api.cleanup)
+            sources = build_sources(config, store, dispatcher)
+            for source in sources:
+                await stack.enter_async_context(_supervised(source, dispatcher))
+            log.info(
+                "daemon_ready", functions=len(config.functions), sources=[s.name for s in sources],
+                api=config.api.listen, startup_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            self.ready.set()
+            await stop.wait()
+            log.info("daemon_stopping")
+        log.info("daemon_stopped")
+
+    async def _drain(self, dispatcher: Dispatcher) -> None:
+        timeout = self.config.daemon.shutdown_timeout_s
+        drain = asyncio.ensure_future(dispatcher.drain(timeout))
+        skip = asyncio.ensure_future(self.skip_drain.wait())
+        await asyncio.wait({drain, skip}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            log.warning("drain_skipped")
+            await dispatcher.drain(0)
+            await drain
+        skip.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _supervised(source: Any, dispatcher: Dispatcher):
+    task = asyncio.get_running_loop().create_task(supervise(source, dispatcher), name=f"source:{source.name}")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
