@@ -44,7 +44,7 @@ class Service:
             await dispatcher.recover()
             api = await start_site(build_api(config, dispatcher, store), config.api.listen, "api.listen")
             stack.push_async_callback(api.cleanup)
-            sources = build_sources(config, store, dispatcher)
+            sources = build_sources(config, store)
             for source in sources:
                 await stack.enter_async_context(_supervised(source, dispatcher))
             log.info(

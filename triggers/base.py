@@ -45,6 +45,15 @@ class Emit(Protocol):
         """Wait until the invocation has a final status (after all retries); return it."""
         ...
 
+    async def invoke_sync(
+        self, function: str, event: bytes, *, trigger: str, trigger_id: str | None = None,
+    ) -> tuple[str, Any]:
+        """Run a synchronous invocation now; return (invocation id, daemon.models.Outcome).
+
+        Raises daemon.errors.QueueFullError when the function's wait queue is full.
+        """
+        ...
+
 
 class TriggerSource(Protocol):
     """A source of events. `run` runs until cancelled and releases everything in `finally`."""
