@@ -1,0 +1,593 @@
+"""The invocation store: SQLite schema and migrations, the group-commit writer, and queries.
+
+A write's awaitable resolves only after the COMMIT that holds it has returned (WAL with
+``synchronous=FULL``), so a caller may acknowledge its source at that point and not before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import msgspec
+import structlog
+
+from daemon.errors import StoreUnavailableError
+from daemon.models import FINAL_STATUSES, Outcome, Status
+
+log = structlog.get_logger("lambdaemon.store")
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+MAX_BATCH_OPS = 512
+BUSY_TIMEOUT_MS = 5000
+INTERRUPTED_ERROR_TYPE = "Lambdaemon.Interrupted"
+INTERRUPTED_MESSAGE = "the daemon stopped while this attempt was running"
+
+# These say the database cannot take writes right now, not that one operation is wrong. SQLite
+# may already have rolled the whole transaction back, so they fail the whole batch.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+
+_STATUSES = ", ".join(f"'{s.value}'" for s in Status)
+
+# One entry per schema version; each runs in its own transaction together with its version bump.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"""CREATE TABLE invocations (
+            id TEXT PRIMARY KEY,
+            function TEXT NOT NULL,
+            function_version TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            trigger_id TEXT,
+            invocation_type TEXT NOT NULL CHECK (invocation_type IN ('sync', 'async')),
+            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
+            attempt INTEGER NOT NULL DEFAULT 0,
+            dedupe_key TEXT UNIQUE,
+            queued_at REAL NOT NULL,
+            started_at REAL, ended_at REAL, next_attempt_at REAL,
+            duration_ms REAL, billed_duration_ms INTEGER, init_duration_ms REAL,
+            max_memory_mb REAL,
+            error_type TEXT, error_message TEXT, exit_code INTEGER, signal INTEGER,
+            worker_pid INTEGER,
+            recoveries INTEGER NOT NULL DEFAULT 0,
+            parent_id TEXT,
+            event BLOB NOT NULL,
+            result BLOB,
+            logs TEXT
+        )""",
+        "CREATE INDEX invocations_status_next ON invocations (status, next_attempt_at)",
+        "CREATE INDEX invocations_function_queued ON invocations (function, queued_at)",
+        "CREATE INDEX invocations_queued ON invocations (queued_at)",
+        # load_queued pages through queued rows only; the rest of the table can be huge.
+        "CREATE INDEX invocations_waiting ON invocations (queued_at, id) WHERE status = 'queued'",
+        f"""CREATE TABLE attempts (
+            invocation_id TEXT NOT NULL REFERENCES invocations (id) ON DELETE CASCADE,
+            attempt INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
+            started_at REAL, ended_at REAL, duration_ms REAL,
+            error_type TEXT, error_message TEXT, exit_code INTEGER, signal INTEGER,
+            worker_pid INTEGER,
+            PRIMARY KEY (invocation_id, attempt)
+        ) WITHOUT ROWID""",
+    ),
+)
+
+_SUMMARY_COLUMNS = (
+    "id, function, function_version, trigger, trigger_id, invocation_type, status, attempt,"
+    " dedupe_key, queued_at, started_at, ended_at, next_attempt_at, duration_ms,"
+    " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message, exit_code,"
+    " signal, worker_pid, recoveries, parent_id"
+)
+
+
+class NewInvocation(msgspec.Struct, frozen=True):
+    """An invocation as first written: queued, or already running (a sync call started at once)."""
+
+    id: str
+    function: str
+    function_version: str
+    trigger: str
+    invocation_type: str  # 'sync' | 'async'
+    event: bytes
+    queued_at: float
+    status: Status = Status.QUEUED
+    trigger_id: str | None = None
+    dedupe_key: str | None = None
+    parent_id: str | None = None
+    attempt: int = 0
+    started_at: float | None = None
+    worker_pid: int | None = None
+
+
+class QueuedInvocation(msgspec.Struct, frozen=True):
+    """A row waiting for an attempt, as the dispatcher resumes it after a restart."""
+
+    id: str
+    function: str
+    invocation_type: str
+    trigger: str
+    event: bytes
+    attempt: int
+    queued_at: float
+    next_attempt_at: float | None
+
+
+class Recovery(msgspec.Struct, frozen=True):
+    """What recover() did with the rows a dead daemon left 'running'."""
+
+    requeued: list[str]  # async, first recovery: the attempt is recorded crashed, the row queued
+    crashed: list[str]  # sync rows, and async rows already recovered once
+
+
+class Store:
+    """The one owner of the SQLite file: a group-commit writer plus a read-only connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.commits = 0  # transactions committed by the writer; for metrics and tests
+        self.write_failures = 0  # batches that could not be committed
+        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: Path) -> AsyncIterator[Store]:
+        store = cls(path)
+        await store._start()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def insert(
+        self, inv: NewInvocation, extra_sql: Callable[[sqlite3.Connection], None] | None = None
+    ) -> tuple[str, bool]:
+        """Commit a new invocation; (existing_id, False) if its dedupe_key is already stored.
+
+        `extra_sql` runs in the same savepoint, only when the row is new: the row and the
+        source's own state (a cron fire marker) are committed together or not at all.
+        """
+        return await self._wait(self._submit(partial(_insert, inv=inv, extra_sql=extra_sql)))
+
+    def mark_running(
+        self, id: str, attempt: int, started_at: float, worker_pid: int | None
+    ) -> asyncio.Future[None]:
+        """Enqueue the start of an attempt; awaiting the returned future is optional."""
+        future = self._submit(
+            partial(
+                _mark_running, id=id, attempt=attempt, started_at=started_at, worker_pid=worker_pid
+            )
+        )
+        future.add_done_callback(partial(_log_unawaited_failure, id))
+        return future
+
+    async def finish(self, id: str, attempt: int, outcome: Outcome) -> None:
+        """Record the final attempt: the invocation's final fields plus its attempts row."""
+        _require_final(outcome)
+        await self._wait(self._submit(partial(_finish, id=id, attempt=attempt, o=outcome)))
+
+    async def requeue(
+        self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
+    ) -> None:
+        """Record a failed attempt that will be retried; the row is queued again."""
+        _require_final(outcome)
+        await self._wait(
+            self._submit(
+                partial(
+                    _requeue, id=id, attempt=attempt, o=outcome, next_attempt_at=next_attempt_at
+                )
+            )
+        )
+
+    async def barrier(self) -> None:
+        """Return once every write enqueued before this call is committed (or has failed)."""
+        await self._wait(self._submit(_nothing))
+
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in the writer thread inside the next group commit, in its own savepoint."""
+        result: T = await self._wait(self._submit(fn))
+        return result
+
+    async def recover(self, now: float) -> Recovery:
+        """Settle the rows a dead daemon left 'running'; call once at start, before dispatching."""
+        recovery: Recovery = await self._wait(self._submit(partial(_recover_running, now=now)))
+        log.info("store_recovered", requeued=len(recovery.requeued), crashed=len(recovery.crashed))
+        return recovery
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def load_queued(
+        self, limit: int = 1000, after: tuple[float, str] | None = None
+    ) -> list[QueuedInvocation]:
+        """Queued rows in (queued_at, id) order; pass the last row's pair as `after` to page."""
+        sql = (
+            "SELECT id, function, invocation_type, trigger, event, attempt, queued_at,"
+            " next_attempt_at FROM invocations WHERE status = 'queued'"
+        )
+        params: tuple[Any, ...] = ()
+        if after is not None:
+            sql += " AND (queued_at, id) > (?, ?)"
+            params = after
+        rows = await self.query(sql + " ORDER BY queued_at, id LIMIT ?", (*params, limit))
+        return [QueuedInvocation(**dict(row)) for row in rows]
+
+    async def get(self, id: str) -> dict[str, Any] | None:
+        """The full record (event and result as bytes, logs) with its "attempts" list."""
+        return await self._read(partial(_fetch_record, id=id))  # type: ignore[no-any-return]
+
+    async def list_invocations(
+        self, function: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Newest first, without event, result and logs."""
+        where = [
+            (clause, value)
+            for clause, value in (("function = ?", function), ("status = ?", status))
+            if value is not None
+        ]
+        sql = f"SELECT {_SUMMARY_COLUMNS} FROM invocations"
+        if where:
+            sql += " WHERE " + " AND ".join(clause for clause, _ in where)
+        sql += " ORDER BY queued_at DESC, id DESC LIMIT ?"
+        rows = await self.query(sql, (*(value for _, value in where), limit))
+        return [dict(row) for row in rows]
+
+    async def status_of(self, id: str) -> str | None:
+        rows = await self.query("SELECT status FROM invocations WHERE id = ?", (id,))
+        return rows[0]["status"] if rows else None
+
+    async def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        """Run a read on the read-only connection; it sees every write committed before."""
+        reader = self._require(self._reader)
+        return list(await reader.execute_fetchall(sql, params))
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Commit every write already enqueued, then close both connections; idempotent."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._shut_down())
+        # Shielded: a cancelled caller must not abandon queued writes or leave the DB threads
+        # (non-daemon since aiosqlite 0.22) keeping the process alive.
+        await asyncio.shield(self._closing)
+
+    async def _start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            version = await self._writer._execute(_prepare_writer, self._writer._conn, self.path)
+            # Read-only, so a trigger's query() can never write behind the writer's back.
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            self._reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            self._reader.row_factory = sqlite3.Row
+            await self._reader.execute_fetchall(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except BaseException:
+            await self._close_connections()
+            raise
+        self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
+        log.info("store_opened", path=str(self.path), schema_version=version)
+
+    async def _shut_down(self) -> None:
+        try:
+            if self._writer_task is not None:
+                self._queue.put_nowait(None)  # the writer stops after committing what precedes
+                await self._writer_task
+        finally:
+            await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    # --- the writer ----------------------------------------------------------------------------
+
+    def _submit(self, fn: Op) -> asyncio.Future[Any]:
+        if self._writer_task is None or self._closing is not None or self._writer_task.done():
+            raise StoreUnavailableError(f"store {self.path} is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((fn, future))
+        return future
+
+    async def _wait(self, future: asyncio.Future[T]) -> T:
+        # Shielded: a cancelled caller leaves its write queued and it is committed regardless,
+        # so the future must stay settable by the writer.
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_retrieve)
+            raise
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            ops = [item for item in batch if item is not None]
+            if ops:
+                await self._commit(ops)
+            if len(ops) < len(batch):
+                return
+
+    async def _commit(self, ops: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+        writer = self._writer
+        assert writer is not None  # the writer task starts only once the connection is open
+        try:
+            # The whole transaction in ONE hop into aiosqlite's thread (a private API): every
+            # public call is its own thread round trip (~100 us), far more than SQLite's work.
+            results = await writer._execute(_run_batch, writer._conn, [fn for fn, _ in ops])
+        except asyncio.CancelledError:
+            _fail_all(ops, "the store writer was cancelled", None)
+            raise
+        except Exception as exc:
+            self.write_failures += 1
+            log.error("store_write_failed", reason=str(exc), ops=len(ops))
+            _fail_all(ops, str(exc), exc)
+            return
+        self.commits += 1
+        for (_, future), (ok, value) in zip(ops, results, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    async def _read(self, fn: Callable[..., T]) -> T:
+        reader = self._require(self._reader)
+        result: T = await reader._execute(fn, reader._conn)  # one hop for a consistent snapshot
+        return result
+
+    def _require(self, conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
+        if conn is None or self._closing is not None:
+            raise StoreUnavailableError(f"store {self.path} is closed")
+        return conn
+
+
+def _fail_all(ops: list[tuple[Op, asyncio.Future[Any]]], reason: str, cause: Any) -> None:
+    # COMMIT may fail after the data reached the disk (an fsync error), so "failed" can still
+    # mean "stored": callers do not acknowledge, the source redelivers, the dedupe key catches it.
+    for _, future in ops:
+        if not future.done():
+            error = StoreUnavailableError(f"store write failed: {reason}")
+            error.__cause__ = cause
+            future.set_exception(error)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # Its caller was cancelled; no "exception was never retrieved" noise for what it left behind.
+    if not future.cancelled():
+        future.exception()
+
+
+def _log_unawaited_failure(id: str, future: asyncio.Future[None]) -> None:
+    # Nobody has to await mark_running, so its failure is reported here (and marked retrieved).
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.warning("store_write_failed", reason=str(exc), invocation_id=id, op="mark_running")
+
+
+def _require_final(outcome: Outcome) -> None:
+    if outcome.status not in FINAL_STATUSES:
+        raise ValueError(f"an attempt must end in a final status, not {outcome.status!r}")
+
+
+# --- run in the database thread ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so busy_timeout applies and no later statement
+    # can fail with BUSY_SNAPSHOT.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+def _prepare_writer(conn: sqlite3.Connection, path: Path) -> int:
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise StoreUnavailableError(f"{path}: cannot use WAL journaling (got {mode!r})")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return _migrate(conn, path)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> int:
+    for version, statements in enumerate(MIGRATIONS, start=1):
+        with _immediate(conn):
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > len(MIGRATIONS):
+                raise StoreUnavailableError(
+                    f"{path}: schema version {current} is newer than this lambdaemon knows"
+                    f" ({len(MIGRATIONS)}); upgrade lambdaemon or use another data_dir"
+                )
+            if current >= version:
+                continue
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(f"PRAGMA user_version = {version}")
+    return len(MIGRATIONS)
+
+
+def _run_batch(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    with _immediate(conn):
+        return [_run_in_savepoint(conn, op) for op in ops]
+
+
+def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
+    conn.execute("SAVEPOINT op")
+    try:
+        result = op(conn)
+    except Exception as exc:
+        if isinstance(exc, sqlite3.Error) and _unavailable(exc):
+            raise
+        conn.execute("ROLLBACK TO op")  # undo this op alone; the batch goes on
+        conn.execute("RELEASE op")
+        return False, exc
+    conn.execute("RELEASE op")
+    return True, result
+
+
+def _unavailable(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in _UNAVAILABLE_CODES
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    return None
+
+
+def _insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Op | None) -> tuple[str, bool]:
+    cur = conn.execute(
+        "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
+        " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
+        " parent_id, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (dedupe_key) DO NOTHING",
+        (inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
+         inv.invocation_type, str(inv.status), inv.attempt, inv.dedupe_key, inv.queued_at,
+         inv.started_at, inv.worker_pid, inv.parent_id, inv.event),
+    )  # fmt: skip
+    if cur.rowcount == 0:
+        row = conn.execute(
+            "SELECT id FROM invocations WHERE dedupe_key = ?", (inv.dedupe_key,)
+        ).fetchone()
+        return row[0], False
+    if extra_sql is not None:
+        extra_sql(conn)
+    return inv.id, True
+
+
+def _mark_running(
+    conn: sqlite3.Connection, id: str, attempt: int, started_at: float, worker_pid: int | None
+) -> None:
+    _update_one(
+        conn,
+        "UPDATE invocations SET status = 'running', attempt = ?, started_at = ?,"
+        " worker_pid = ?, next_attempt_at = NULL WHERE id = ?",
+        (attempt, started_at, worker_pid, id),
+    )
+
+
+def _finish(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
+    _update_one(
+        conn,
+        "UPDATE invocations SET status = ?, attempt = ?, started_at = ?, ended_at = ?,"
+        " next_attempt_at = NULL, duration_ms = ?, billed_duration_ms = ?,"
+        " init_duration_ms = ?, max_memory_mb = ?, error_type = ?, error_message = ?,"
+        " exit_code = ?, signal = ?, worker_pid = COALESCE(?, worker_pid), result = ?,"
+        " logs = ? WHERE id = ?",
+        (str(o.status), attempt, o.started_at, o.ended_at, o.duration_ms,
+         o.billed_duration_ms, o.init_duration_ms, o.max_memory_mb, o.error_type,
+         o.error_message, o.exit_code, o.signal, o.worker_pid, o.payload, o.logs, id),
+    )  # fmt: skip
+    _record_attempt(conn, id, attempt, o)
+
+
+def _requeue(
+    conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, next_attempt_at: float
+) -> None:
+    # The failed attempt's error stays visible on the row while it waits for the retry.
+    _update_one(
+        conn,
+        "UPDATE invocations SET status = 'queued', attempt = ?, next_attempt_at = ?,"
+        " error_type = ?, error_message = ?, exit_code = ?, signal = ?,"
+        " worker_pid = COALESCE(?, worker_pid), logs = ? WHERE id = ?",
+        (attempt, next_attempt_at, o.error_type, o.error_message, o.exit_code, o.signal,
+         o.worker_pid, o.logs, id),
+    )  # fmt: skip
+    _record_attempt(conn, id, attempt, o)
+
+
+def _record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
+    # REPLACE: a write repeated after an ambiguous commit failure stays idempotent. The pid
+    # falls back to the one mark_running stored, which the caller just copied into the row.
+    conn.execute(
+        "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
+        " duration_ms, error_type, error_message, exit_code, signal, worker_pid)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid FROM invocations WHERE id = ?",
+        (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
+         o.error_message, o.exit_code, o.signal, id),
+    )  # fmt: skip
+
+
+def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
+    if conn.execute(sql, params).rowcount != 1:
+        raise LookupError(f"no invocation {params[-1]!r}")
+
+
+def _recover_running(conn: sqlite3.Connection, now: float) -> Recovery:
+    rows = conn.execute(
+        "SELECT id, invocation_type, recoveries, attempt, started_at, worker_pid"
+        " FROM invocations WHERE status = 'running' ORDER BY queued_at, id"
+    ).fetchall()
+    requeued: list[str] = []
+    crashed: list[str] = []
+    for id, invocation_type, recoveries, attempt, started_at, worker_pid in rows:
+        conn.execute(
+            "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
+            " ended_at, error_type, error_message, worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (id, attempt, Status.CRASHED.value, started_at, now, INTERRUPTED_ERROR_TYPE,
+             INTERRUPTED_MESSAGE, worker_pid),
+        )  # fmt: skip
+        # Requeue only once: an event that keeps taking the daemon down must not loop forever.
+        again = invocation_type == "async" and recoveries == 0
+        conn.execute(
+            "UPDATE invocations SET status = ?, recoveries = recoveries + ?,"
+            " next_attempt_at = ?, ended_at = ?, error_type = ?, error_message = ? WHERE id = ?",
+            (Status.QUEUED.value if again else Status.CRASHED.value, int(again),
+             now if again else None, None if again else now, INTERRUPTED_ERROR_TYPE,
+             INTERRUPTED_MESSAGE, id),
+        )  # fmt: skip
+        (requeued if again else crashed).append(id)
+    return Recovery(requeued=requeued, crashed=crashed)
+
+
+def _fetch_record(conn: sqlite3.Connection, id: str) -> dict[str, Any] | None:
+    conn.execute("BEGIN")  # one snapshot for the row and its attempts
+    try:
+        row = conn.execute("SELECT * FROM invocations WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            return None
+        record = dict(row)
+        record["attempts"] = [
+            dict(a)
+            for a in conn.execute(
+                "SELECT * FROM attempts WHERE invocation_id = ? ORDER BY attempt", (id,)
+            )
+        ]
+        return record
+    finally:
+        conn.execute("COMMIT")
