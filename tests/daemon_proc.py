@@ -1,0 +1,154 @@
+"""The real daemon as a subprocess, for end-to-end, crash and signal tests.
+
+    async with running_daemon(tmp_path, functions_toml) as d:
+        status, body = await d.invoke("hello", {"name": "x"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path, body: str, *, api_port: int | None = None, daemon: str = "") -> Path:
+    """A config in tmp_path: data in tmp_path/var, API on a free port, then `body` (TOML)."""
+    api_port = api_port or free_port()
+    path = tmp_path / "lambdaemon.toml"
+    path.write_text(
+        f'[daemon]\ndata_dir = "var"\nfunctions_dir = "{ROOT / "functions"}"\n'
+        f'shutdown_timeout_s = 5\n{daemon}\n'
+        f'[api]\nlisten = "127.0.0.1:{api_port}"\n\n{body}\n'
+    )
+    return path
+
+
+class Daemon:
+    """A `lambdaemon run` subprocess and an HTTP client for its admin API."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        text = config.read_text()
+        self.api_port = int(text.split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
+        self.base = f"http://127.0.0.1:{self.api_port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = config.parent / "daemon.log"
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self, timeout_s: float = 20) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config),
+            stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=str(ROOT),
+        )
+        log.close()
+        self.session = self.session or aiohttp.ClientSession()
+        async with asyncio.timeout(timeout_s):
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with self.session.get(f"{self.base}/health") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.05)  # polling the health endpoint, bounded by the timeout
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines, parsed (the `<N>` journald prefix removed)."""
+        events = []
+        for line in self.logs().splitlines():
+            if line.startswith("<") and ">{" in line[:4]:
+                with contextlib.suppress(ValueError):
+                    events.append(json.loads(line[line.index(">") + 1 :]))
+        return events
+
+    async def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout_s: float = 30) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout_s):
+            return await self.proc.wait()
+
+    async def kill(self) -> None:
+        """SIGKILL, as a power cut would (workers die with the daemon: parent-death signal)."""
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def stop(self) -> int:
+        if self.proc and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return await self.wait(30)
+            except TimeoutError:
+                await self.kill()
+        return self.proc.returncode if self.proc else 0
+
+    async def close(self) -> None:
+        await self.stop()
+        if self.session:
+            await self.session.close()
+            self.session = None
+
+    # --- API helpers ---------------------------------------------------------------------
+
+    async def invoke(self, name: str, event: Any = None, *, kind: str = "RequestResponse",
+                     headers: dict[str, str] | None = None, raw: bytes | None = None):
+        """POST the Invoke API; returns (status, headers, body bytes)."""
+        assert self.session is not None
+        body = raw if raw is not None else json.dumps(event if event is not None else {}).encode()
+        hdrs = {"X-Amz-Invocation-Type": kind, **(headers or {})}
+        url = f"{self.base}/2015-03-31/functions/{name}/invocations"
+        async with self.session.post(url, data=body, headers=hdrs) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+    async def get(self, path: str) -> Any:
+        assert self.session is not None
+        async with self.session.get(f"{self.base}{path}") as resp:
+            return await resp.json()
+
+    async def invocations(self, **query: str) -> list[dict[str, Any]]:
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        return (await self.get(f"/v1/invocations?limit=1000&{qs}"))["invocations"]
+
+    async def wait_for(self, predicate, timeout_s: float = 20, interval_s: float = 0.05):
+        """Poll `await predicate()` until it returns something truthy; bounded."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                value = await predicate()
+                if value:
+                    return value
+                await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(tmp_path: Path, body: str, **kwargs: Any) -> AsyncIterator[Daemon]:
+    daemon = Daemon(write_config(tmp_path, body, **kwargs))
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.close()
