@@ -1,0 +1,116 @@
+"""Config loading: the example loads; every kind of mistake names file, key path and reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import load_config
+from daemon.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "functions" / "hello"
+FN = f'[functions.a]\nhandler = "handler.handler"\ncode = "{HELLO}"\n'
+
+
+def test_config_example_loads():
+    config = load_config(ROOT / "config" / "example.toml")
+    assert "hello" in config.functions
+    hello = config.functions["hello"]
+    assert hello.name == "hello"
+    assert Path(hello.code) == HELLO
+    assert hello.env == {"GREETING": "hello"}
+    assert config.data_dir.is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "reason"),
+    [
+        ("[daemon]\nmax_workers = \"four\"\n", "daemon.max_workers", "Expected `int`, got `str`"),
+        ("[daemon]\nmax_workers = 0\n", "daemon.max_workers", ">= 1"),
+        ("[daemon]\nbogus = 1\n", "daemon.bogus", "unknown key"),
+        ("[bogus]\nx = 1\n", "bogus", "unknown key"),
+        (FN + "timeout_s = -1\n", "functions.a.timeout_s", "> 0"),
+        (FN + "memory_mb = 1\n", "functions.a.memory_mb", ">= 16"),
+        (FN + "colour = 1\n", "functions.a.colour", "unknown key"),
+        (FN + "env = { PORT = 80 }\n", "functions.a.env.PORT", "must be a string"),
+        (FN + "env = { AWS_LAMBDA_FUNCTION_NAME = \"x\" }\n", "functions.a.env.AWS_LAMBDA_FUNCTION_NAME", "reserved"),
+        (FN + "min_warm = 3\nconcurrency = 2\n", "functions.a.min_warm", "more than concurrency"),
+        (f'[functions.a]\nhandler = "handler.nope"\ncode = "{HELLO}"\n', "functions.a.handler", "defines no 'nope'"),
+        (f'[functions.a]\nhandler = "missing.handler"\ncode = "{HELLO}"\n', "functions.a.handler", "module 'missing' not found"),
+        (f'[functions.a]\nhandler = "handler"\ncode = "{HELLO}"\n', "functions.a.handler", "module.function"),
+        ('[functions.a]\nhandler = "handler.handler"\ncode = "/nonexistent"\n', "functions.a.code", "does not exist"),
+        (f'[functions.a]\ncode = "{HELLO}"\n', "functions.a.handler", "required key is missing"),
+        ('[functions."bad name"]\nhandler = "h.h"\n', "functions.bad name", "function names"),
+        ('[api]\nlisten = "0.0.0.0:9070"\n', "api.token_file", "required when api.listen is not a loopback"),
+        ('[api]\nlisten = "nowhere"\n', "api.listen", "is not host:port"),
+        ('[api]\ntoken_file = "missing.token"\n', "api.token_file", "cannot read"),
+        (FN + '[[functions.a.triggers]]\ntype = "kafka"\n', "functions.a.triggers[0].type", "unknown type 'kafka'"),
+        (FN + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "61 * * * *"\n',
+         "functions.a.triggers[0].schedule", "61"),
+        (FN + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "* * * * *"\ntimezone = "Mars/Olympus"\n',
+         "functions.a.triggers[0].timezone", "unknown time zone"),
+        (FN + '[[functions.a.triggers]]\ntype = "mqtt"\ntopic = "a/b"\n', "functions.a.triggers[0]", "[mqtt] section"),
+        (FN + '[mqtt]\n[[functions.a.triggers]]\ntype = "mqtt"\ntopic = "a/#/b"\n',
+         "functions.a.triggers[0].topic", "not a valid MQTT topic filter"),
+        (FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nauth = { type = "hmac" }\n',
+         "functions.a.triggers[0].auth.secret_file", "required key is missing"),
+    ],
+)
+def test_config_error_names_key_and_reason(tmp_path, body, key, reason):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key, str(info.value)
+    assert reason in info.value.reason, str(info.value)
+    assert str(path.name) in str(info.value)
+
+
+def test_config_invalid_toml_names_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[daemon]\nmax_workers = \n")
+    with pytest.raises(ConfigError, match=r"invalid TOML: .*line 2"):
+        load_config(path)
+
+
+def test_config_relative_paths_resolve_against_config_folder(tmp_path):
+    (tmp_path / "fns" / "a").mkdir(parents=True)
+    (tmp_path / "fns" / "a" / "main.py").write_text("async def run(event, context):\n    return 1\n")
+    path = tmp_path / "sub" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('[daemon]\ndata_dir = "data"\nfunctions_dir = "../fns"\n[functions.a]\nhandler = "main.run"\n')
+    config = load_config(path)
+    assert config.data_dir == tmp_path / "sub" / "data"
+    assert Path(config.functions["a"].code) == tmp_path / "fns" / "a"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=60)
+
+
+def test_cli_check_and_run_exit_78_on_bad_config(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[daemon]\nmax_workers = -2\n")
+    for command in ("check", "run"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 78
+        assert f"{path}: daemon.max_workers:" in result.stderr
+    assert not (tmp_path / "var").exists()  # nothing was started
+
+
+def test_cli_config_from_environment_then_default(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("nonsense")
+    import os
+
+    env = {**os.environ, "LAMBDAEMON_CONFIG": str(path)}
+    assert run_cli("check", env=env).returncode == 78
+    env.pop("LAMBDAEMON_CONFIG")
+    result = run_cli("check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "example.toml: ok" in result.stdout
