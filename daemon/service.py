@@ -14,6 +14,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.http import build_api, start_site
 from daemon.pool import WorkerPool
 from daemon.store import Store
+from daemon.systemd import notify, run_watchdog, watchdog_interval_s
 from triggers.base import supervise
 from triggers.registry import build_sources
 
@@ -52,7 +53,13 @@ class Service:
                 api=config.api.listen, startup_ms=round((time.monotonic() - started) * 1000, 1),
             )
             self.ready.set()
+            notify(f"READY=1\nSTATUS=serving {len(config.functions)} functions")
+            interval = watchdog_interval_s()
+            if interval:
+                watchdog = asyncio.get_running_loop().create_task(run_watchdog(interval))
+                stack.callback(watchdog.cancel)
             await stop.wait()
+            notify("STOPPING=1\nSTATUS=draining")
             log.info("daemon_stopping")
         log.info("daemon_stopped")
 

@@ -1,0 +1,299 @@
+"""The Invoke API, the admin endpoints and the CLI, against the real daemon on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
+
+FUNCS = Path(__file__).resolve().parent / "functions"
+BODY = f"""
+[functions.echo]
+handler = "handler.handler"
+code = "{FUNCS / 'echo'}"
+concurrency = 2
+
+[functions.boom]
+handler = "handler.handler"
+code = "{FUNCS / 'boom'}"
+
+[functions.slow]
+handler = "handler.handler"
+code = "{FUNCS / 'slow'}"
+concurrency = 1
+queue_size = 1
+timeout_s = 10
+"""
+
+
+@pytest.fixture
+async def daemon(tmp_path):
+    async with running_daemon(tmp_path, BODY) as d:
+        yield d
+
+
+async def test_api_sync_invoke_returns_result_and_headers(daemon: Daemon):
+    status, headers, body = await daemon.invoke("echo", {"x": 1})
+    assert status == 200
+    result = json.loads(body)
+    assert result["event"] == {"x": 1}
+    assert result["pid"] != daemon.proc.pid
+    assert headers["x-amzn-RequestId"] == result["request_id"]
+    assert headers["X-Amz-Executed-Version"] == "$LATEST"
+    assert "X-Amz-Function-Error" not in headers
+    record = await daemon.get(f"/v1/invocations/{result['request_id']}")
+    assert record["status"] == "succeeded"
+    assert record["trigger"] == "api"
+    assert record["invocation_type"] == "sync"
+    assert record["event"] == {"x": 1}
+    assert record["result"]["calls"] == result["calls"]
+    assert "echo call" in record["logs"]
+    assert record["duration_ms"] > 0
+    assert record["billed_duration_ms"] >= 1
+
+
+async def test_api_function_error_is_200_with_unhandled_header(daemon: Daemon):
+    status, headers, body = await daemon.invoke("boom", {"why": "testing"})
+    assert status == 200
+    assert headers["X-Amz-Function-Error"] == "Unhandled"
+    error = json.loads(body)
+    assert error["errorType"] == "ValueError"
+    assert error["errorMessage"] == "boom: testing"
+    assert any("handler.py" in frame for frame in error["stackTrace"])
+    record = await daemon.get(f"/v1/invocations/{headers['x-amzn-RequestId']}")
+    assert (record["status"], record["error_type"]) == ("failed", "ValueError")
+
+
+async def test_api_async_invoke_is_202_then_runs(daemon: Daemon):
+    status, headers, _ = await daemon.invoke("echo", {"n": 7}, kind="Event")
+    assert status == 202
+    invocation_id = headers["x-amzn-RequestId"]
+
+    async def finished():
+        record = await daemon.get(f"/v1/invocations/{invocation_id}")
+        return record if record.get("status") == "succeeded" else None
+
+    record = await daemon.wait_for(finished)
+    assert record["invocation_type"] == "async"
+    assert record["result"]["event"] == {"n": 7}
+    assert record["attempt"] == 1
+
+
+async def test_api_errors_have_lambda_shape(daemon: Daemon):
+    status, headers, body = await daemon.invoke("nope", {})
+    assert status == 404
+    assert headers["x-amzn-ErrorType"] == "ResourceNotFoundException"
+    assert "nope" in json.loads(body)["message"]
+    status, headers, _ = await daemon.invoke("echo", raw=b"{not json")
+    assert (status, headers["x-amzn-ErrorType"]) == (400, "InvalidRequestContentException")
+    big = b'"' + b"x" * (1024 * 1024 + 10) + b'"'
+    status, headers, _ = await daemon.invoke("echo", raw=big, kind="Event")
+    assert (status, headers["x-amzn-ErrorType"]) == (413, "RequestTooLargeException")
+    status, _, _ = await daemon.invoke("echo", raw=big)  # fine below the 6 MB sync limit
+    assert status == 200
+    huge = b'"' + b"x" * (6 * 1024 * 1024 + 10) + b'"'
+    status, headers, _ = await daemon.invoke("echo", raw=huge)
+    assert (status, headers["x-amzn-ErrorType"]) == (413, "RequestTooLargeException")
+    status, _, _ = await daemon.invoke("echo", {}, kind="DryRun")
+    assert status == 204
+    status, headers, _ = await daemon.invoke("echo", {}, kind="Sideways")
+    assert (status, headers["x-amzn-ErrorType"]) == (400, "InvalidParameterValueException")
+
+
+async def test_api_names_arns_qualifiers_and_empty_body(daemon: Daemon):
+    arn = "arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Aecho"
+    status, _, body = await daemon.invoke(arn, raw=b"")
+    assert status == 200
+    assert json.loads(body)["event"] == {}
+    status, _, _ = await daemon.invoke("echo%3A%24LATEST", {})
+    assert status == 200
+    status, headers, _ = await daemon.invoke("echo%3A7", {})
+    assert (status, headers["x-amzn-ErrorType"]) == (404, "ResourceNotFoundException")
+
+
+async def test_api_log_tail_has_report_line(daemon: Daemon):
+    status, headers, _ = await daemon.invoke("echo", {}, headers={"X-Amz-Log-Type": "Tail"})
+    assert status == 200
+    tail = base64.b64decode(headers["X-Amz-Log-Result"]).decode()
+    request_id = headers["x-amzn-RequestId"]
+    assert f"START RequestId: {request_id}" in tail
+    assert "echo call" in tail
+    assert f"REPORT RequestId: {request_id}\tDuration: " in tail
+
+
+async def test_api_queue_full_is_429(daemon: Daemon):
+    # slow: concurrency 1, queue_size 1 -> a third concurrent caller is turned away.
+    first = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 2}))
+    await daemon.wait_for(lambda: _running(daemon, "slow"))
+    second = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 0}))
+    await daemon.wait_for(lambda: _waiting(daemon, "slow"))
+    status, headers, _ = await daemon.invoke("slow", {"sleep_s": 0})
+    assert (status, headers["x-amzn-ErrorType"], headers["Retry-After"]) == (429, "TooManyRequestsException", "1")
+    assert (await first)[0] == 200
+    assert (await second)[0] == 200
+
+
+async def _running(daemon: Daemon, name: str) -> bool:
+    fns = {f["name"]: f for f in (await daemon.get("/v1/functions"))["functions"]}
+    return fns[name]["running"] >= 1
+
+
+async def _waiting(daemon: Daemon, name: str) -> bool:
+    fns = {f["name"]: f for f in (await daemon.get("/v1/functions"))["functions"]}
+    return fns[name]["waiting"] >= 1
+
+
+async def test_api_lists_functions_and_filters_invocations(daemon: Daemon):
+    functions = (await daemon.get("/v1/functions"))["functions"]
+    assert {f["name"] for f in functions} == {"echo", "boom", "slow"}
+    await daemon.invoke("echo", {})
+    await daemon.invoke("boom", {})
+    failed = await daemon.invocations(status="failed")
+    assert [r["function"] for r in failed] == ["boom"]
+    assert "event" not in failed[0]  # the list is a summary; the full record is per id
+    assert len(await daemon.invocations(function="echo")) == 1
+
+
+async def test_api_boto3_invoke(daemon: Daemon):
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    def call():
+        client = boto3.client(
+            "lambda", endpoint_url=daemon.base, region_name="us-east-1",
+            aws_access_key_id="x", aws_secret_access_key="x",
+            config=BotoConfig(retries={"max_attempts": 1}),
+        )
+        ok = client.invoke(FunctionName="echo", Payload=b'{"from": "boto3"}', LogType="Tail")
+        failed = client.invoke(FunctionName="boom", Payload=b"{}")
+        queued = client.invoke(FunctionName="echo", InvocationType="Event", Payload=b"{}")
+        try:
+            client.invoke(FunctionName="missing", Payload=b"{}")
+            missing = None
+        except client.exceptions.ResourceNotFoundException as exc:
+            missing = exc
+        config = client.get_function_configuration(FunctionName="echo")
+        return ok, json.loads(ok["Payload"].read()), failed, json.loads(failed["Payload"].read()), queued, missing, config
+
+    ok, ok_body, failed, failed_body, queued, missing, config = await asyncio.to_thread(call)
+    assert ok["StatusCode"] == 200 and ok_body["event"] == {"from": "boto3"}
+    assert "REPORT RequestId" in base64.b64decode(ok["LogResult"]).decode()
+    assert ok["ResponseMetadata"]["RequestId"] == ok_body["request_id"]
+    assert failed["FunctionError"] == "Unhandled" and failed_body["errorType"] == "ValueError"
+    assert queued["StatusCode"] == 202
+    assert missing is not None
+    assert config["State"] == "Active" and config["FunctionName"] == "echo"
+
+
+def _cli(daemon: Daemon, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args, "--config", str(daemon.config)],
+        capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=60,
+    )
+
+
+async def test_cli_invoke_functions_invocations_show(daemon: Daemon):
+    result = await asyncio.to_thread(_cli, daemon, "invoke", "echo", '{"via": "cli"}')
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["event"] == {"via": "cli"}
+    result = await asyncio.to_thread(_cli, daemon, "invoke", "echo", "-", stdin='{"via": "stdin"}')
+    assert json.loads(result.stdout)["event"] == {"via": "stdin"}
+    result = await asyncio.to_thread(_cli, daemon, "invoke", "boom")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["errorType"] == "ValueError"
+    result = await asyncio.to_thread(_cli, daemon, "invoke", "echo", "{}", "--async")
+    assert result.returncode == 0 and len(result.stdout.strip()) == 36
+    result = await asyncio.to_thread(_cli, daemon, "functions")
+    assert result.returncode == 0 and "echo" in result.stdout and "NAME" in result.stdout
+    result = await asyncio.to_thread(_cli, daemon, "invocations", "--function", "boom", "--json")
+    rows = json.loads(result.stdout)
+    assert [r["status"] for r in rows] == ["failed"]
+    result = await asyncio.to_thread(_cli, daemon, "show", rows[0]["id"])
+    assert result.returncode == 0 and "ValueError" in result.stdout
+    result = await asyncio.to_thread(_cli, daemon, "show", "no-such-id")
+    assert result.returncode == 1
+
+
+def test_cli_reports_unreachable_daemon(tmp_path):
+    config = write_config(tmp_path, "")
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "functions", "--config", str(config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 69
+    assert "cannot reach the daemon" in result.stderr
+
+
+async def test_api_token_enforced_when_configured(tmp_path):
+    token = tmp_path / "api.token"
+    token.write_text("s3cret\n")
+    config = write_config(tmp_path, f'[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n')
+    config.write_text(config.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token}"\n'))
+    d = Daemon(config)
+    await d.start()
+    try:
+        status, headers, _ = await d.invoke("echo", {})
+        assert status == 401
+        status, _, _ = await d.invoke("echo", {}, headers={"Authorization": "Bearer s3cret"})
+        assert status == 200
+        status, _, _ = await d.invoke("echo", {}, headers={"Authorization": "Bearer wrong"})
+        assert status == 401
+        result = await asyncio.to_thread(_cli, d, "invoke", "echo")
+        assert result.returncode == 0, result.stderr
+    finally:
+        await d.close()
+
+
+async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
+    """Queue work behind a slow handler, SIGKILL the daemon, restart: every 202 runs."""
+    body = f'[functions.slow]\nhandler = "handler.handler"\ncode = "{FUNCS / "slow"}"\nconcurrency = 1\ntimeout_s = 10\n'
+    daemon = Daemon(write_config(tmp_path, body))
+    await daemon.start()
+    accepted = []
+    try:
+        for n in range(8):
+            status, headers, _ = await daemon.invoke("slow", {"sleep_s": 0.3, "n": n}, kind="Event")
+            assert status == 202
+            accepted.append(headers["x-amzn-RequestId"])
+        await daemon.wait_for(lambda: _running(daemon, "slow"))
+        await daemon.kill()
+        await daemon.start()
+        records = await daemon.wait_for(lambda: _all_final(daemon, accepted), timeout_s=30)
+    finally:
+        await daemon.close()
+    assert {r["id"] for r in records} == set(accepted)
+    assert all(r["status"] == "succeeded" for r in records), [(r["id"], r["status"]) for r in records]
+    # the one that was running at the kill was recovered as a crashed attempt and run again
+    assert max(r["attempt"] for r in records) == 2
+    recovered = [e for e in daemon.log_events() if e.get("event") == "dispatcher_recovered"]
+    assert recovered[-1]["requeued_after_crash"] == 1
+
+
+async def _all_final(daemon: Daemon, ids: list[str]):
+    rows = {r["id"]: r for r in await daemon.invocations(function="slow")}
+    if all(rows.get(i, {}).get("status") in ("succeeded", "failed", "crashed", "timed_out") for i in ids):
+        return [rows[i] for i in ids]
+    return None
+
+
+async def test_sigterm_drains_and_exits_zero(tmp_path):
+    body = f'[functions.slow]\nhandler = "handler.handler"\ncode = "{FUNCS / "slow"}"\ntimeout_s = 10\n'
+    daemon = Daemon(write_config(tmp_path, body))
+    await daemon.start()
+    try:
+        call = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 1}))
+        await daemon.wait_for(lambda: _running(daemon, "slow"))
+        await daemon.signal(__import__("signal").SIGTERM)
+        status, _, body_bytes = await call
+        assert status == 200 and json.loads(body_bytes)["slept"] == 1
+        assert await daemon.wait(20) == 0
+    finally:
+        await daemon.close()
+    assert os.path.exists(tmp_path / "var" / "lambdaemon.db")
