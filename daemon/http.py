@@ -310,10 +310,13 @@ def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Appli
     return app
 
 
-async def start_site(app: web.Application, listen: str, key: str) -> web.AppRunner:
-    """Serve `app` on `listen` inside our own lifecycle (not run_app: signals stay ours)."""
+async def start_site(app: web.Application, listen: str, key: str, *, drain_s: float = 1.0) -> web.AppRunner:
+    """Serve `app` on `listen` inside our own lifecycle (not run_app: signals stay ours).
+
+    On cleanup the listener stops accepting and in-flight requests get `drain_s` to finish.
+    """
     host, port = listen_host(listen, "", key)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

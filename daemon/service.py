@@ -31,6 +31,7 @@ class Service:
         self.ready = asyncio.Event()
         self.dispatcher: Dispatcher | None = None
         self.skip_drain = asyncio.Event()  # a second signal: don't wait for in-flight work
+        self._deadline = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
@@ -43,7 +44,8 @@ class Service:
             dispatcher = self.dispatcher = Dispatcher(store, pool, config.functions)
             stack.push_async_callback(self._drain, dispatcher)
             await dispatcher.recover()
-            api = await start_site(build_api(config, dispatcher, store), config.api.listen, "api.listen")
+            api = await start_site(build_api(config, dispatcher, store), config.api.listen, "api.listen",
+                                   drain_s=config.daemon.shutdown_timeout_s)
             stack.push_async_callback(api.cleanup)
             sources = build_sources(config, store)
             for source in sources:
@@ -59,12 +61,14 @@ class Service:
                 watchdog = asyncio.get_running_loop().create_task(run_watchdog(interval))
                 stack.callback(watchdog.cancel)
             await stop.wait()
+            self._deadline = time.monotonic() + config.daemon.shutdown_timeout_s
             notify("STOPPING=1\nSTATUS=draining")
             log.info("daemon_stopping")
         log.info("daemon_stopped")
 
     async def _drain(self, dispatcher: Dispatcher) -> None:
-        timeout = self.config.daemon.shutdown_timeout_s
+        # One budget for the whole drain: what the API's in-flight calls used is gone.
+        timeout = max(0.0, self._deadline - time.monotonic())
         drain = asyncio.ensure_future(dispatcher.drain(timeout))
         skip = asyncio.ensure_future(self.skip_drain.wait())
         await asyncio.wait({drain, skip}, return_when=asyncio.FIRST_COMPLETED)
