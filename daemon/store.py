@@ -305,6 +305,9 @@ class Store:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.close()
+                # close() returns as the thread hands back its last result; joining (a few
+                # microseconds) makes "closed" mean no thread is left behind.
+                conn._thread.join(timeout=1)
 
     # --- the writer ----------------------------------------------------------------------------
 

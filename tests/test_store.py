@@ -1,0 +1,409 @@
+"""The invocation store against real SQLite files: migrations, group commit, failures, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon import store as store_module
+from daemon.errors import StoreUnavailableError
+from daemon.models import Outcome, Status
+from daemon.store import MIGRATIONS, NewInvocation, QueuedInvocation, Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def new(id: str, **fields: object) -> NewInvocation:
+    defaults: dict[str, object] = {
+        "function": "hello",
+        "function_version": "1",
+        "trigger": "mqtt",
+        "invocation_type": "async",
+        "event": b'{"n": 1}',
+        "queued_at": 1000.0,
+    }
+    return NewInvocation(id=id, **{**defaults, **fields})  # type: ignore[arg-type]
+
+
+def outcome(status: Status, **fields: object) -> Outcome:
+    defaults: dict[str, object] = {
+        "payload": b'"ok"',
+        "started_at": 1001.0,
+        "ended_at": 1001.5,
+        "duration_ms": 500.2,
+    }
+    return Outcome(status=status, **{**defaults, **fields})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "lambdaemon.db"
+
+
+@pytest.fixture
+async def store(db: Path) -> AsyncIterator[Store]:
+    async with Store.open(db) as opened:
+        yield opened
+
+
+def raw(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+# --- migrations and lifecycle -----------------------------------------------------------------
+
+
+async def test_store_migrates_an_empty_file(db: Path) -> None:
+    with capture_logs() as logs:
+        async with Store.open(db) as store:
+            tables = {r["name"] for r in await store.query("SELECT name FROM sqlite_master")}
+            mode = (await store.query("PRAGMA journal_mode"))[0][0]
+    assert {"invocations", "attempts", "invocations_status_next"} <= tables
+    assert mode == "wal"
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert [e["event"] for e in logs if e["event"] == "store_opened"] == ["store_opened"]
+
+
+async def test_store_reopen_is_idempotent_and_keeps_rows(db: Path) -> None:
+    async with Store.open(db) as store:
+        await store.insert(new("a"))
+    async with Store.open(db) as store:
+        assert await store.status_of("a") == "queued"
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_store_refuses_a_newer_schema_without_leaking_threads(db: Path) -> None:
+    async with Store.open(db):
+        pass
+    with raw(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    threads = threading.active_count()
+    with pytest.raises(StoreUnavailableError, match="schema version 99 is newer"):
+        async with Store.open(db):
+            pass
+    assert threading.active_count() == threads
+
+
+async def test_store_migration_step_is_all_or_nothing(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Store.open(db):
+        pass
+    broken = (("CREATE TABLE half_done (x)", "CREATE TABLE broken ("),)
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS + broken)
+    with pytest.raises(sqlite3.OperationalError):
+        async with Store.open(db):
+            pass
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert (
+        conn.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
+    )
+
+
+async def test_store_close_flushes_pending_writes_and_stops_threads(db: Path) -> None:
+    threads = threading.active_count()
+    async with Store.open(db) as store:
+        await store.insert(new("a"))
+        pending = store.mark_running("a", 1, 1001.0, 4242)  # not awaited before close
+    assert pending.done() and pending.exception() is None
+    row = raw(db).execute("SELECT status, worker_pid FROM invocations").fetchone()
+    assert tuple(row) == ("running", 4242)
+    assert threading.active_count() == threads
+    with pytest.raises(StoreUnavailableError, match="closed"):
+        await store.insert(new("b"))
+
+
+async def test_store_cancelled_caller_still_gets_its_write_committed(store: Store) -> None:
+    loop = asyncio.get_running_loop()
+    in_db_thread = asyncio.Event()
+
+    def signal_reached(conn: sqlite3.Connection) -> None:
+        loop.call_soon_threadsafe(in_db_thread.set)
+
+    task = asyncio.create_task(store.insert(new("a"), extra_sql=signal_reached))
+    async with asyncio.timeout(5):
+        await in_db_thread.wait()
+    task.cancel()
+    await store.barrier()
+    assert task.cancelled()
+    assert await store.status_of("a") == "queued"
+
+
+# --- inserts and group commit -------------------------------------------------------------------
+
+
+async def test_store_insert_dedupe_conflict_returns_the_existing_id(store: Store) -> None:
+    assert await store.insert(new("first", dedupe_key="topic/1#42")) == ("first", True)
+    assert await store.insert(new("second", dedupe_key="topic/1#42")) == ("first", False)
+    assert await store.status_of("second") is None
+    assert await store.insert(new("third")) == ("third", True)  # NULL keys never conflict
+    assert await store.insert(new("fourth")) == ("fourth", True)
+
+
+async def test_store_group_commit_batches_concurrent_inserts(store: Store) -> None:
+    before = store.commits
+    results = await asyncio.gather(*(store.insert(new(f"i{n}")) for n in range(500)))
+    assert all(created for _, created in results)
+    assert store.commits - before <= 5  # one transaction per batch, not per insert
+    assert (await store.query("SELECT count(*) FROM invocations"))[0][0] == 500
+
+
+async def test_store_failing_op_fails_only_its_own_future(store: Store) -> None:
+    await store.insert(new("taken"))
+    before = store.commits
+    results = await asyncio.gather(
+        store.insert(new("ok1")),
+        store.insert(new("taken")),  # primary key conflict
+        store.insert(new("bad", invocation_type="maybe")),  # CHECK constraint
+        store.insert(new("ok2")),
+        return_exceptions=True,
+    )
+    assert store.commits - before == 1
+    assert results[0] == ("ok1", True) and results[3] == ("ok2", True)
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert isinstance(results[2], sqlite3.IntegrityError)
+    assert await store.status_of("bad") is None
+
+
+async def test_store_extra_sql_commits_with_the_row_or_not_at_all(store: Store) -> None:
+    await store.transaction(lambda c: c.execute("CREATE TABLE fires (key TEXT PRIMARY KEY)"))
+
+    def mark(key: str, fail: bool = False):  # noqa: ANN202
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO fires VALUES (?)", (key,))
+            if fail:
+                raise RuntimeError("the marker could not be computed")
+
+        return run
+
+    assert await store.insert(new("a", dedupe_key="cron@1"), extra_sql=mark("1")) == ("a", True)
+    with pytest.raises(RuntimeError):
+        await store.insert(new("b", dedupe_key="cron@2"), extra_sql=mark("2", fail=True))
+    # A duplicate does not run it: its marker was committed with the original row.
+    assert await store.insert(new("c", dedupe_key="cron@1"), extra_sql=mark("1")) == ("a", False)
+    assert [r[0] for r in await store.query("SELECT key FROM fires")] == ["1"]
+    assert await store.status_of("b") is None
+
+
+async def test_store_transaction_returns_the_functions_value(store: Store) -> None:
+    await store.insert(new("a"))
+    count = await store.transaction(
+        lambda c: c.execute("SELECT count(*) FROM invocations").fetchone()[0]
+    )
+    assert count == 1
+
+
+# --- the lifecycle of a record ------------------------------------------------------------------
+
+
+async def test_store_requeue_then_finish_keeps_each_attempt(store: Store) -> None:
+    await store.insert(new("a"))
+    store.mark_running("a", 1, 1001.0, 111)
+    failed = outcome(
+        Status.FAILED, payload=b'{"errorType": "ValueError"}', error_type="ValueError",
+        error_message="bad input", logs="traceback...",
+    )  # fmt: skip
+    await store.requeue("a", 1, failed, next_attempt_at=1060.0)
+    waiting = await store.get("a")
+    assert waiting is not None
+    assert waiting["status"] == "queued" and waiting["next_attempt_at"] == 1060.0
+    assert waiting["error_type"] == "ValueError" and waiting["attempt"] == 1
+    assert [q.id for q in await store.load_queued()] == ["a"]
+
+    store.mark_running("a", 2, 1060.5, 222)
+    done = outcome(
+        Status.SUCCEEDED, started_at=1060.5, ended_at=1060.6, duration_ms=100.3,
+        init_duration_ms=80.0, max_memory_mb=31.5, logs="hello\n",
+    )  # fmt: skip
+    await store.finish("a", 2, done)
+    record = await store.get("a")
+    assert record is not None
+    assert record["status"] == "succeeded" and record["attempt"] == 2
+    assert record["billed_duration_ms"] == 101 and record["init_duration_ms"] == 80.0
+    assert record["result"] == b'"ok"' and record["event"] == b'{"n": 1}'
+    assert record["logs"] == "hello\n" and record["worker_pid"] == 222
+    assert record["next_attempt_at"] is None
+    assert [(a["attempt"], a["status"], a["worker_pid"]) for a in record["attempts"]] == [
+        (1, "failed", 111),
+        (2, "succeeded", 222),
+    ]
+    assert record["attempts"][0]["error_message"] == "bad input"
+    assert await store.load_queued() == []
+
+
+async def test_store_finish_checks_status_and_id(store: Store) -> None:
+    with pytest.raises(ValueError, match="final status"):
+        await store.finish("a", 1, outcome(Status.RUNNING))
+    with pytest.raises(LookupError, match="no invocation 'ghost'"):
+        await store.finish("ghost", 1, outcome(Status.SUCCEEDED))
+
+
+async def test_store_barrier_gives_read_your_writes(store: Store) -> None:
+    await store.insert(new("a"))
+    store.mark_running("a", 1, 1001.0, 7)  # enqueued, not awaited
+    await store.barrier()
+    assert await store.status_of("a") == "running"
+
+
+async def test_store_recover_requeues_async_once_then_crashes(store: Store) -> None:
+    await store.insert(new("async1"))
+    await store.insert(new("sync1", invocation_type="sync", trigger="api"))
+    store.mark_running("async1", 1, 1001.0, 11)
+    store.mark_running("sync1", 1, 1001.0, 12)
+    with capture_logs() as logs:
+        first = await store.recover(now=2000.0)
+    assert (first.requeued, first.crashed) == (["async1"], ["sync1"])
+    assert {"event": "store_recovered", "requeued": 1, "crashed": 1, "log_level": "info"} in logs
+    row = await store.get("async1")
+    assert row is not None
+    assert (row["status"], row["recoveries"], row["next_attempt_at"]) == ("queued", 1, 2000.0)
+    assert [(a["attempt"], a["status"]) for a in row["attempts"]] == [(1, "crashed")]
+    sync_row = await store.get("sync1")
+    assert sync_row is not None
+    assert (sync_row["status"], sync_row["ended_at"]) == ("crashed", 2000.0)
+
+    store.mark_running("async1", 2, 2001.0, 13)
+    second = await store.recover(now=3000.0)
+    assert (second.requeued, second.crashed) == ([], ["async1"])
+    row = await store.get("async1")
+    assert row is not None
+    assert row["status"] == "crashed"
+    assert [(a["attempt"], a["status"]) for a in row["attempts"]] == [
+        (1, "crashed"),
+        (2, "crashed"),
+    ]
+    assert (await store.recover(now=4000.0)) == store_module.Recovery(requeued=[], crashed=[])
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+
+async def test_store_load_queued_pages_in_queue_order(store: Store) -> None:
+    for n, at in enumerate([5.0, 1.0, 3.0, 3.0, 2.0]):
+        await store.insert(new(f"q{n}", queued_at=at))
+    await store.mark_running("q4", 1, 10.0, None)
+    first = await store.load_queued(limit=2)
+    assert [q.id for q in first] == ["q1", "q2"]
+    assert isinstance(first[0], QueuedInvocation) and first[0].event == b'{"n": 1}'
+    rest = await store.load_queued(after=(first[-1].queued_at, first[-1].id))
+    assert [q.id for q in rest] == ["q3", "q0"]
+
+
+async def test_store_list_invocations_newest_first_without_payloads(store: Store) -> None:
+    await store.insert(new("old", queued_at=1.0))
+    await store.insert(new("new", queued_at=2.0))
+    await store.insert(new("other", function="bye", queued_at=3.0))
+    await store.mark_running("old", 1, 4.0, None)
+    assert [r["id"] for r in await store.list_invocations()] == ["other", "new", "old"]
+    hello = await store.list_invocations(function="hello", status="queued")
+    assert [r["id"] for r in hello] == ["new"]
+    assert not {"event", "result", "logs"} & hello[0].keys()
+    assert await store.get("missing") is None
+
+
+# --- failures of the disk, and of the process -----------------------------------------------------
+
+
+async def test_store_full_disk_fails_the_batch_and_store_recovers(store: Store) -> None:
+    await store.insert(new("before"))
+    # SQLITE_FULL for real: the writer may not grow the file beyond its current size.
+    await store.transaction(lambda c: c.execute("PRAGMA max_page_count = 1").fetchone())
+    big = new("big", event=b"x" * 200_000)
+    with capture_logs() as logs:
+        results = await asyncio.gather(
+            store.insert(new("small")), store.insert(big), return_exceptions=True
+        )
+    assert all(isinstance(r, StoreUnavailableError) for r in results)
+    assert "full" in str(results[1])
+    assert any(e["event"] == "store_write_failed" and "full" in e["reason"] for e in logs)
+    assert store.write_failures == 1
+
+    await store.transaction(lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchone())
+    assert await store.insert(big) == ("big", True)
+    assert await store.status_of("small") is None
+
+
+async def test_store_failed_commit_fails_every_future_of_the_batch(store: Store) -> None:
+    def violate_at_commit(conn: sqlite3.Connection) -> None:
+        # A deferred foreign key violation makes the COMMIT itself fail, as a real error would.
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute(
+            "INSERT INTO attempts (invocation_id, attempt, status) VALUES ('x', 1, 'failed')"
+        )
+
+    results = await asyncio.gather(
+        store.insert(new("a")), store.transaction(violate_at_commit), return_exceptions=True
+    )
+    assert all(isinstance(r, StoreUnavailableError) for r in results)
+    assert "FOREIGN KEY" in str(results[0])
+    assert await store.status_of("a") is None
+    assert await store.insert(new("a")) == ("a", True)
+
+
+PRODUCER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from daemon.store import NewInvocation, Store
+
+    async def produce(store, n):
+        for i in range(10**9):
+            inv = NewInvocation(id=f"p{n}-{i}", function="f", function_version="1",
+                                trigger="mqtt", invocation_type="async", event=b"{}",
+                                queued_at=float(i), dedupe_key=f"k{n}-{i}")
+            await store.insert(inv)
+            print("committed", inv.id, flush=True)
+
+    async def main():
+        async with Store.open(Path(sys.argv[1])) as store:
+            await asyncio.gather(*(produce(store, n) for n in range(8)))
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_store_keeps_every_acknowledged_insert_across_sigkill(db: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PRODUCER, str(db),
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    acked: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(acked) < 400:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "the producer exited early"
+                if line.startswith("committed "):
+                    acked.append(line.split()[1])
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    # Sent once only: Popen.send_signal polls first, and a second call could reap the child
+    # under asyncio's watcher.
+    proc.send_signal(signal.SIGKILL)
+    # Lines already in the pipe were printed after their commit too.
+    for line in (await proc.stdout.read()).decode().splitlines(keepends=True):
+        if line.startswith("committed ") and line.endswith("\n"):
+            acked.append(line.split()[1])
+    assert await proc.wait() == -signal.SIGKILL
+
+    async with Store.open(db) as store:
+        stored = {r[0] for r in await store.query("SELECT id FROM invocations")}
+    assert set(acked) <= stored
