@@ -19,6 +19,7 @@ import msgspec
 import structlog
 
 from daemon.errors import StoreUnavailableError
+from daemon.migrations import MIGRATIONS
 from daemon.models import FINAL_STATUSES, Outcome, Status
 
 log = structlog.get_logger("lambdaemon.store")
@@ -33,65 +34,11 @@ INTERRUPTED_MESSAGE = "the daemon stopped while this attempt was running"
 
 # These say the database cannot take writes right now, not that one operation is wrong. SQLite
 # may already have rolled the whole transaction back, so they fail the whole batch.
-_UNAVAILABLE_CODES = frozenset(
-    {
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-        sqlite3.SQLITE_NOMEM,
-        sqlite3.SQLITE_READONLY,
-        sqlite3.SQLITE_INTERRUPT,
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_CORRUPT,
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PROTOCOL,
-        sqlite3.SQLITE_NOTADB,
-    }
-)
-
-_STATUSES = ", ".join(f"'{s.value}'" for s in Status)
-
-# One entry per schema version; each runs in its own transaction together with its version bump.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        f"""CREATE TABLE invocations (
-            id TEXT PRIMARY KEY,
-            function TEXT NOT NULL,
-            function_version TEXT NOT NULL,
-            trigger TEXT NOT NULL,
-            trigger_id TEXT,
-            invocation_type TEXT NOT NULL CHECK (invocation_type IN ('sync', 'async')),
-            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
-            attempt INTEGER NOT NULL DEFAULT 0,
-            dedupe_key TEXT UNIQUE,
-            queued_at REAL NOT NULL,
-            started_at REAL, ended_at REAL, next_attempt_at REAL,
-            duration_ms REAL, billed_duration_ms INTEGER, init_duration_ms REAL,
-            max_memory_mb REAL,
-            error_type TEXT, error_message TEXT, exit_code INTEGER, signal INTEGER,
-            worker_pid INTEGER,
-            recoveries INTEGER NOT NULL DEFAULT 0,
-            parent_id TEXT,
-            event BLOB NOT NULL,
-            result BLOB,
-            logs TEXT
-        )""",
-        "CREATE INDEX invocations_status_next ON invocations (status, next_attempt_at)",
-        "CREATE INDEX invocations_function_queued ON invocations (function, queued_at)",
-        "CREATE INDEX invocations_queued ON invocations (queued_at)",
-        # load_queued pages through queued rows only; the rest of the table can be huge.
-        "CREATE INDEX invocations_waiting ON invocations (queued_at, id) WHERE status = 'queued'",
-        f"""CREATE TABLE attempts (
-            invocation_id TEXT NOT NULL REFERENCES invocations (id) ON DELETE CASCADE,
-            attempt INTEGER NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
-            started_at REAL, ended_at REAL, duration_ms REAL,
-            error_type TEXT, error_message TEXT, exit_code INTEGER, signal INTEGER,
-            worker_pid INTEGER,
-            PRIMARY KEY (invocation_id, attempt)
-        ) WITHOUT ROWID""",
-    ),
-)
+_UNAVAILABLE_CODES = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB,
+})  # fmt: skip
 
 _SUMMARY_COLUMNS = (
     "id, function, function_version, trigger, trigger_id, invocation_type, status, attempt,"
@@ -328,15 +275,20 @@ class Store:
             raise
 
     async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            ops = [item for item in batch if item is not None]
-            if ops:
-                await self._commit(ops)
-            if len(ops) < len(batch):
-                return
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                ops = [item for item in batch if item is not None]
+                if ops:
+                    await self._commit(ops)
+                if len(ops) < len(batch):
+                    return
+        finally:
+            # Only reached with work left if the writer was cancelled: nobody waits forever.
+            left = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+            _fail_all([item for item in left if item is not None], "the store is closed", None)
 
     async def _commit(self, ops: list[tuple[Op, asyncio.Future[Any]]]) -> None:
         writer = self._writer

@@ -1,0 +1,52 @@
+"""The store's schema, one entry per version; daemon/store.py applies them in order.
+
+Append a new entry for every change; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from daemon.models import Status
+
+_STATUSES = ", ".join(f"'{s.value}'" for s in Status)
+
+# One entry per schema version; each runs in its own transaction together with its version bump.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"""CREATE TABLE invocations (
+            id TEXT PRIMARY KEY,
+            function TEXT NOT NULL,
+            function_version TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            trigger_id TEXT,
+            invocation_type TEXT NOT NULL CHECK (invocation_type IN ('sync', 'async')),
+            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
+            attempt INTEGER NOT NULL DEFAULT 0,
+            dedupe_key TEXT UNIQUE,
+            queued_at REAL NOT NULL,
+            started_at REAL, ended_at REAL, next_attempt_at REAL,
+            duration_ms REAL, billed_duration_ms INTEGER, init_duration_ms REAL,
+            max_memory_mb REAL,
+            error_type TEXT, error_message TEXT, exit_code INTEGER, signal INTEGER,
+            worker_pid INTEGER,
+            recoveries INTEGER NOT NULL DEFAULT 0,
+            parent_id TEXT,
+            event BLOB NOT NULL,
+            result BLOB,
+            logs TEXT
+        )""",
+        "CREATE INDEX invocations_status_next ON invocations (status, next_attempt_at)",
+        "CREATE INDEX invocations_function_queued ON invocations (function, queued_at)",
+        "CREATE INDEX invocations_queued ON invocations (queued_at)",
+        # load_queued pages through queued rows only; the rest of the table can be huge.
+        "CREATE INDEX invocations_waiting ON invocations (queued_at, id) WHERE status = 'queued'",
+        f"""CREATE TABLE attempts (
+            invocation_id TEXT NOT NULL REFERENCES invocations (id) ON DELETE CASCADE,
+            attempt INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
+            started_at REAL, ended_at REAL, duration_ms REAL,
+            error_type TEXT, error_message TEXT, exit_code INTEGER, signal INTEGER,
+            worker_pid INTEGER,
+            PRIMARY KEY (invocation_id, attempt)
+        ) WITHOUT ROWID""",
+    ),
+)
