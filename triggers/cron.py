@@ -123,7 +123,7 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
         raise ValueError(
             f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}"
         )
-    minute, hour, day, month, dow = (field.lower() for field in fields)
+    minute, hour, day, month, dow = fields
     try:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -131,7 +131,7 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
     checks = (("minute", minute, _NUM), ("hour", hour, _NUM), ("day-of-month", day, _NUM),
               ("month", month, _MONTH))  # fmt: skip
     for name, value, item in checks:
-        if not re.fullmatch(f"{item}(?:,{item})*", value):
+        if not re.fullmatch(f"{item}(?:,{item})*", value, re.IGNORECASE):
             raise ValueError(f"{name} field {value!r}: use *, N, N-M, */S or N-M/S, comma-separated")
         try:
             CronTrigger(**{name.replace("-of-month", ""): value}, timezone=UTC)
@@ -139,7 +139,7 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
             reason = re.sub(r"^Error validating expression '[^']*': ", "", str(exc))
             raise ValueError(f"{name} field {value!r}: {reason}") from None
     days = _weekdays(dow)
-    common = {"minute": minute, "hour": hour, "month": month, "timezone": UTC}
+    common = {"minute": minute, "hour": hour, "month": month.lower(), "timezone": UTC}
     if day[0] != "*" and dow[0] != "*":  # cron fires on a day matching either field
         parts = ({"day": day, "day_of_week": "*"}, {"day": "*", "day_of_week": days})
     else:
@@ -155,7 +155,7 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
 def _weekdays(field: str) -> str:
     """Cron's day-of-week field (0 and 7 = Sunday, names) as APScheduler day names."""
     days: set[int] = set()
-    for item in field.split(","):
+    for item in field.lower().split(","):
         match = _DOW_ITEM.fullmatch(item)
         if match is None:
             raise ValueError(f"day-of-week field {field!r}: cannot read {item!r}")

@@ -1,0 +1,249 @@
+"""Cron time maths as tables: next fires, day-of-week, aliases, time zones, DST, missed policies."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from triggers.cron import MAX_WALK, parse_schedule, plan_missed, scheduled_event
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def fires(expression: str, tz: str, after: str, count: int) -> list[str]:
+    schedule, at, out = parse_schedule(expression, tz), utc(after), []
+    for _ in range(count):
+        nxt = schedule.next_after(at)
+        assert nxt is not None
+        out.append(nxt.strftime("%Y-%m-%dT%H:%MZ"))
+        at = nxt
+    return out
+
+
+def fires_between(expression: str, tz: str, start: str, end: str) -> list[str]:
+    schedule, at, out = parse_schedule(expression, tz), utc(start), []
+    while (at := schedule.next_after(at)) is not None and at <= utc(end):  # type: ignore[assignment]
+        out.append(at.strftime("%Y-%m-%dT%H:%MZ"))
+    return out
+
+
+# 2025-01-01 is a Wednesday; 2025-01-05 a Sunday.
+@pytest.mark.parametrize(
+    ("expression", "tz", "after", "expected"),
+    [
+        ("*/5 * * * *", "UTC", "2025-01-01T12:03Z", ["2025-01-01T12:05Z", "2025-01-01T12:10Z"]),
+        ("*/5 * * * *", "UTC", "2025-01-01T12:05Z", ["2025-01-01T12:10Z", "2025-01-01T12:15Z"]),
+        ("0 9-17/4 * * *", "UTC", "2025-01-01T09:00Z", ["2025-01-01T13:00Z", "2025-01-01T17:00Z", "2025-01-02T09:00Z"]),
+        ("0 0 1 jan,JUL *", "UTC", "2025-01-01T00:00Z", ["2025-07-01T00:00Z", "2026-01-01T00:00Z"]),
+        ("0 0 29 2 *", "UTC", "2025-01-01T00:00Z", ["2028-02-29T00:00Z"]),
+        # Day of week: cron numbering, 0 and 7 are Sunday (APScheduler's 0 is Monday).
+        ("0 0 * * 0", "UTC", "2025-01-01T00:00Z", ["2025-01-05T00:00Z", "2025-01-12T00:00Z"]),
+        ("0 0 * * 7", "UTC", "2025-01-01T00:00Z", ["2025-01-05T00:00Z", "2025-01-12T00:00Z"]),
+        ("0 0 * * sun", "UTC", "2025-01-01T00:00Z", ["2025-01-05T00:00Z"]),
+        ("0 0 * * 1", "UTC", "2025-01-01T00:00Z", ["2025-01-06T00:00Z"]),
+        ("0 0 * * 1-5", "UTC", "2025-01-02T00:00Z", ["2025-01-03T00:00Z", "2025-01-06T00:00Z"]),
+        ("0 0 * * MON-FRI", "UTC", "2025-01-02T00:00Z", ["2025-01-03T00:00Z", "2025-01-06T00:00Z"]),
+        ("0 0 * * 5-7", "UTC", "2025-01-01T00:00Z", ["2025-01-03T00:00Z", "2025-01-04T00:00Z", "2025-01-05T00:00Z", "2025-01-10T00:00Z"]),
+        ("0 0 * * 0-2", "UTC", "2025-01-04T00:00Z", ["2025-01-05T00:00Z", "2025-01-06T00:00Z", "2025-01-07T00:00Z", "2025-01-12T00:00Z"]),
+        ("0 0 * * */2", "UTC", "2025-01-04T00:00Z", ["2025-01-05T00:00Z", "2025-01-07T00:00Z", "2025-01-09T00:00Z", "2025-01-11T00:00Z"]),
+        ("0 0 * * 6,0", "UTC", "2025-01-01T00:00Z", ["2025-01-04T00:00Z", "2025-01-05T00:00Z"]),
+        # Both day fields restricted: either one matching fires (the 13th, and every Friday).
+        ("0 0 13 * 5", "UTC", "2025-01-01T00:00Z", ["2025-01-03T00:00Z", "2025-01-10T00:00Z", "2025-01-13T00:00Z", "2025-01-17T00:00Z"]),
+        # ... but a `*`-led field does not restrict: every other day that is also a Friday.
+        ("0 0 */2 * 5", "UTC", "2025-01-01T00:00Z", ["2025-01-03T00:00Z", "2025-01-17T00:00Z"]),
+        # Aliases.
+        ("@hourly", "UTC", "2025-01-01T12:00Z", ["2025-01-01T13:00Z", "2025-01-01T14:00Z"]),
+        ("@daily", "UTC", "2025-01-01T12:00Z", ["2025-01-02T00:00Z"]),
+        ("@midnight", "UTC", "2025-01-01T12:00Z", ["2025-01-02T00:00Z"]),
+        ("@weekly", "UTC", "2025-01-01T12:00Z", ["2025-01-05T00:00Z", "2025-01-12T00:00Z"]),
+        ("@monthly", "UTC", "2025-01-01T12:00Z", ["2025-02-01T00:00Z"]),
+        ("@yearly", "UTC", "2025-01-01T12:00Z", ["2026-01-01T00:00Z"]),
+        ("@annually", "UTC", "2025-01-01T12:00Z", ["2026-01-01T00:00Z"]),
+        ("  @Daily ", "UTC", "2025-01-01T12:00Z", ["2025-01-02T00:00Z"]),
+        # Time zones: wall-clock times in the trigger's zone.
+        ("0 9 * * *", "Europe/Berlin", "2025-01-01T00:00Z", ["2025-01-01T08:00Z"]),
+        ("0 9 * * *", "Europe/Berlin", "2025-07-01T00:00Z", ["2025-07-01T07:00Z"]),
+        ("0 9 * * *", "America/New_York", "2025-01-01T00:00Z", ["2025-01-01T14:00Z"]),
+        ("0 9 * * *", "America/New_York", "2025-07-01T00:00Z", ["2025-07-01T13:00Z"]),
+        ("0 9 * * *", "Asia/Kolkata", "2025-01-01T00:00Z", ["2025-01-01T03:30Z"]),
+        ("0 0 * * *", "Asia/Kathmandu", "2025-01-01T00:00Z", ["2025-01-01T18:15Z"]),
+        ("0 0 * * 1", "Pacific/Auckland", "2025-01-01T00:00Z", ["2025-01-05T11:00Z"]),  # Mon 00:00 NZDT
+    ],
+)  # fmt: skip
+def test_next_fire_table(expression, tz, after, expected):
+    assert fires(expression, tz, after, len(expected)) == expected
+
+
+# Europe/Berlin 2025: spring forward 2025-03-30 01:00Z (02:00 CET -> 03:00 CEST), fall back
+# 2025-10-26 01:00Z (03:00 CEST -> 02:00 CET). America/New_York 2025: spring forward
+# 2025-03-09 07:00Z (02:00 EST -> 03:00 EDT), fall back 2025-11-02 06:00Z (02:00 EDT -> 01:00 EST).
+@pytest.mark.parametrize(
+    ("expression", "tz", "start", "end", "expected"),
+    [
+        # A fixed time in the skipped hour runs once, at the first instant after the gap ...
+        ("30 2 * * *", "Europe/Berlin", "2025-03-28T12:00Z", "2025-03-31T12:00Z",
+         ["2025-03-29T01:30Z", "2025-03-30T01:00Z", "2025-03-31T00:30Z"]),
+        ("30 2 * * *", "America/New_York", "2025-03-08T12:00Z", "2025-03-10T12:00Z",
+         ["2025-03-09T07:00Z", "2025-03-10T06:30Z"]),
+        # ... several skipped times (and a fire at the gap's end itself) make one fire ...
+        ("0,30 2 * * *", "Europe/Berlin", "2025-03-29T12:00Z", "2025-03-30T12:00Z", ["2025-03-30T01:00Z"]),
+        ("0 2,3 * * *", "Europe/Berlin", "2025-03-29T12:00Z", "2025-03-30T12:00Z", ["2025-03-30T01:00Z"]),
+        # ... including a midnight that does not exist (Havana moves 00:00 to 01:00) and a
+        # half-hour shift (Lord Howe moves 02:00 to 02:30).
+        ("@daily", "America/Havana", "2025-03-08T12:00Z", "2025-03-10T12:00Z",
+         ["2025-03-09T05:00Z", "2025-03-10T04:00Z"]),
+        ("15 2 * * *", "Australia/Lord_Howe", "2025-10-04T00:00Z", "2025-10-05T23:00Z",
+         ["2025-10-04T15:30Z", "2025-10-05T15:15Z"]),
+        # A fixed time in the repeated hour runs once, on its first occurrence.
+        ("30 2 * * *", "Europe/Berlin", "2025-10-24T12:00Z", "2025-10-27T12:00Z",
+         ["2025-10-25T00:30Z", "2025-10-26T00:30Z", "2025-10-27T01:30Z"]),
+        ("30 1 * * *", "America/New_York", "2025-11-01T12:00Z", "2025-11-03T12:00Z",
+         ["2025-11-02T05:30Z", "2025-11-03T06:30Z"]),
+        ("0 1-3 * * *", "America/New_York", "2025-11-02T04:00Z", "2025-11-02T09:00Z",
+         ["2025-11-02T05:00Z", "2025-11-02T07:00Z", "2025-11-02T08:00Z"]),
+        # Times next to the change are untouched.
+        ("15 1 * * *", "America/New_York", "2025-03-08T12:00Z", "2025-03-09T12:00Z", ["2025-03-09T06:15Z"]),
+        ("0 3 * * *", "Europe/Berlin", "2025-10-25T12:00Z", "2025-10-26T12:00Z", ["2025-10-26T02:00Z"]),
+        # Wildcard schedules follow elapsed time: never a gap, never two at once.
+        ("*/30 * * * *", "Europe/Berlin", "2025-03-30T00:00Z", "2025-03-30T02:00Z",
+         ["2025-03-30T00:30Z", "2025-03-30T01:00Z", "2025-03-30T01:30Z", "2025-03-30T02:00Z"]),
+        ("*/30 * * * *", "America/New_York", "2025-11-02T04:00Z", "2025-11-02T07:00Z",
+         ["2025-11-02T04:30Z", "2025-11-02T05:00Z", "2025-11-02T05:30Z", "2025-11-02T06:00Z",
+          "2025-11-02T06:30Z", "2025-11-02T07:00Z"]),
+        # The repeated hour's second pass comes after the first, even when a later wall time
+        # of the first pass maps to an earlier instant.
+        ("10,50 * * * *", "Europe/Berlin", "2025-10-26T00:00Z", "2025-10-26T02:59Z",
+         ["2025-10-26T00:10Z", "2025-10-26T00:50Z", "2025-10-26T01:10Z", "2025-10-26T01:50Z",
+          "2025-10-26T02:10Z", "2025-10-26T02:50Z"]),
+        ("10,50 * * * *", "Europe/Berlin", "2025-10-26T00:50Z", "2025-10-26T01:10Z", ["2025-10-26T01:10Z"]),
+    ],
+)  # fmt: skip
+def test_dst_table(expression, tz, start, end, expected):
+    assert fires_between(expression, tz, start, end) == expected
+
+
+@pytest.mark.parametrize(
+    ("tz", "day_start", "day_end", "count"),
+    [
+        ("Europe/Berlin", "2025-03-29T23:00Z", "2025-03-30T21:59Z", 23),
+        ("Europe/Berlin", "2025-10-25T22:00Z", "2025-10-26T22:59Z", 25),
+        ("America/New_York", "2025-03-09T05:00Z", "2025-03-10T03:59Z", 23),
+        ("America/New_York", "2025-11-02T04:00Z", "2025-11-03T04:59Z", 25),
+        ("UTC", "2025-03-30T00:00Z", "2025-03-30T23:59Z", 24),
+    ],
+)
+def test_hourly_runs_every_elapsed_hour_across_dst(tz, day_start, day_end, count):
+    start = (utc(day_start) - timedelta(seconds=1)).isoformat()  # the local midnight counts
+    got = [utc(f) for f in fires_between("0 * * * *", tz, start, day_end)]
+    assert len(got) == count
+    assert all(b - a == timedelta(hours=1) for a, b in zip(got, got[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("expression", "tz", "reason"),
+    [
+        ("61 * * * *", "UTC", "minute field '61'"),
+        ("* 24 * * *", "UTC", "hour field '24'"),
+        ("* * 0 * *", "UTC", "day-of-month field '0'"),
+        ("* * * 13 *", "UTC", "month field '13'"),
+        ("* * * * 8", "UTC", "day-of-week field '8'"),
+        ("* * * * 5-1", "UTC", "empty range"),
+        ("* * * * funday", "UTC", "not 0-7 or sun-sat"),
+        ("*/0 * * * *", "UTC", "minute field '*/0'"),
+        ("L * * * *", "UTC", "minute field 'L'"),
+        ("0 0 1st * *", "UTC", "day-of-month field"),
+        ("* * * *", "UTC", "expected 5 fields"),
+        ("0 * * * * *", "UTC", "got 6"),
+        ("", "UTC", "got 0"),
+        ("@reboot", "UTC", "unknown alias"),
+        ("0 0 30 2 *", "UTC", "never fires"),
+        ("* * * * *", "Mars/Olympus", "unknown time zone"),
+    ],
+)
+def test_parse_schedule_rejects_with_reason(expression, tz, reason):
+    with pytest.raises(ValueError, match=None) as info:
+        parse_schedule(expression, tz)
+    assert reason in str(info.value)
+
+
+# Missed fires of "*/5 * * * *" after the last fire at 12:00Z: (policy, now, grace_s) -> the
+# fires to run now and how many are skipped.
+@pytest.mark.parametrize(
+    ("policy", "now", "grace_s", "run", "skipped"),
+    [
+        ("skip", "12:04:59", 3600, [], 0),
+        ("skip", "12:31:00", 3600, [], 6),
+        ("run_once", "12:04:59", 3600, [], 0),
+        ("run_once", "12:31:00", 3600, ["12:30"], 5),
+        ("run_once", "12:31:00", 60, ["12:30"], 5),
+        ("run_once", "12:31:00", 59, [], 6),
+        ("run_once", "12:30:00", 0, ["12:30"], 5),
+        ("run_once", "12:05:01", 3600, ["12:05"], 0),
+        ("run_all", "12:31:00", 3600, ["12:05", "12:10", "12:15", "12:20", "12:25", "12:30"], 0),
+        ("run_all", "12:31:00", 900, ["12:20", "12:25", "12:30"], 3),
+        ("run_all", "12:31:00", 0, [], 6),
+        ("run_all", "12:30:00", 0, ["12:30"], 5),
+    ],
+)
+def test_missed_policy_table(policy, now, grace_s, run, skipped):
+    schedule = parse_schedule("*/5 * * * *", "UTC")
+    plan = plan_missed(schedule, utc("2025-01-01T12:00Z"), utc(f"2025-01-01T{now}Z"), policy, grace_s)
+    assert [f.strftime("%H:%M") for f in plan.run] == run
+    assert (plan.skipped, plan.capped) == (skipped, False)
+    assert plan.until == utc(f"2025-01-01T{now}Z")
+
+
+@pytest.mark.parametrize(
+    ("expression", "downtime", "policy", "grace_s", "run", "skipped", "capped"),
+    [
+        # Two days of a 5-minute job: only the latest runs, 575 are counted as skipped.
+        ("*/5 * * * *", timedelta(days=2), "run_once", 3600, ["2025-01-03T12:00Z"], 575, False),
+        ("*/5 * * * *", timedelta(days=2), "skip", 3600, [], 576, False),
+        ("*/5 * * * *", timedelta(days=2), "run_all", 1800, [f"2025-01-03T11:{m}Z" for m in
+         ("30", "35", "40", "45", "50", "55")] + ["2025-01-03T12:00Z"], 569, False),
+        # A year of a daily job, run_once: found without walking the whole year.
+        ("0 6 * * *", timedelta(days=365), "run_once", 86400, ["2026-01-01T06:00Z"], 364, False),
+        # Past MAX_WALK, the count is a lower bound.
+        ("* * * * *", timedelta(days=10), "skip", 3600, [], MAX_WALK, True),
+        ("* * * * *", timedelta(days=10), "run_once", 3600, ["2025-01-11T12:00Z"], MAX_WALK, True),
+    ],
+)  # fmt: skip
+def test_missed_policy_long_downtime_table(expression, downtime, policy, grace_s, run, skipped, capped):
+    after = utc("2025-01-01T12:00Z")
+    plan = plan_missed(parse_schedule(expression, "UTC"), after, after + downtime, policy, grace_s)
+    assert [f.strftime("%Y-%m-%dT%H:%MZ") for f in plan.run] == run
+    assert (plan.skipped, plan.capped) == (skipped, capped)
+
+
+def test_run_all_hands_back_more_than_max_walk_in_rounds():
+    schedule, after = parse_schedule("* * * * *", "UTC"), utc("2025-01-01T00:00Z")
+    now = after + timedelta(minutes=MAX_WALK + 10)
+    plan = plan_missed(schedule, after, now, "run_all", 10**9)
+    assert len(plan.run) == MAX_WALK and plan.until == plan.run[-1] and plan.skipped == 0
+    rest = plan_missed(schedule, plan.until, now, "run_all", 10**9)
+    assert len(rest.run) == 10 and rest.until == now
+    assert rest.run[0] - plan.run[-1] == timedelta(minutes=1)
+
+
+def test_scheduled_event_has_eventbridge_shape_and_a_stable_id():
+    nominal = utc("2025-03-30T01:00:00Z")
+    event = scheduled_event("report#0", nominal, "eu-central-1")
+    event_id = event.pop("id")
+    assert event == {
+        "version": "0",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": "2025-03-30T01:00:00Z",
+        "region": "eu-central-1",
+        "resources": ["arn:aws:events:eu-central-1:000000000000:rule/report#0"],
+        "detail": {},
+    }
+    assert str(uuid.UUID(event_id)) == event_id
+    assert scheduled_event("report#0", nominal, "eu-central-1")["id"] == event_id
+    assert scheduled_event("report#0", nominal + timedelta(minutes=1), "x")["id"] != event_id
+    assert scheduled_event("report#1", nominal, "eu-central-1")["id"] != event_id
