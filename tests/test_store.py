@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -56,10 +57,10 @@ async def store(db: Path) -> AsyncIterator[Store]:
         yield opened
 
 
-def raw(db: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    return conn
+def raw(db: Path, sql: str) -> list[tuple[object, ...]]:
+    """Run `sql` on a plain sqlite3 connection of our own, outside the store."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        return conn.execute(sql).fetchall()
 
 
 # --- migrations and lifecycle -----------------------------------------------------------------
@@ -72,7 +73,7 @@ async def test_store_migrates_an_empty_file(db: Path) -> None:
             mode = (await store.query("PRAGMA journal_mode"))[0][0]
     assert {"invocations", "attempts", "invocations_status_next"} <= tables
     assert mode == "wal"
-    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
     assert [e["event"] for e in logs if e["event"] == "store_opened"] == ["store_opened"]
 
 
@@ -81,14 +82,13 @@ async def test_store_reopen_is_idempotent_and_keeps_rows(db: Path) -> None:
         await store.insert(new("a"))
     async with Store.open(db) as store:
         assert await store.status_of("a") == "queued"
-    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
 
 
 async def test_store_refuses_a_newer_schema_without_leaking_threads(db: Path) -> None:
     async with Store.open(db):
         pass
-    with raw(db) as conn:
-        conn.execute("PRAGMA user_version = 99")
+    raw(db, "PRAGMA user_version = 99")
     threads = threading.active_count()
     with pytest.raises(StoreUnavailableError, match="schema version 99 is newer"):
         async with Store.open(db):
@@ -106,11 +106,8 @@ async def test_store_migration_step_is_all_or_nothing(
     with pytest.raises(sqlite3.OperationalError):
         async with Store.open(db):
             pass
-    conn = raw(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert (
-        conn.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
-    )
+    assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert raw(db, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
 
 
 async def test_store_close_flushes_pending_writes_and_stops_threads(db: Path) -> None:
@@ -119,8 +116,7 @@ async def test_store_close_flushes_pending_writes_and_stops_threads(db: Path) ->
         await store.insert(new("a"))
         pending = store.mark_running("a", 1, 1001.0, 4242)  # not awaited before close
     assert pending.done() and pending.exception() is None
-    row = raw(db).execute("SELECT status, worker_pid FROM invocations").fetchone()
-    assert tuple(row) == ("running", 4242)
+    assert raw(db, "SELECT status, worker_pid FROM invocations") == [("running", 4242)]
     assert threading.active_count() == threads
     with pytest.raises(StoreUnavailableError, match="closed"):
         await store.insert(new("b"))
