@@ -132,7 +132,9 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
               ("month", month, _MONTH))  # fmt: skip
     for name, value, item in checks:
         if not re.fullmatch(f"{item}(?:,{item})*", value, re.IGNORECASE):
-            raise ValueError(f"{name} field {value!r}: use *, N, N-M, */S or N-M/S, comma-separated")
+            raise ValueError(
+                f"{name} field {value!r}: use *, N, N-M, */S or N-M/S, comma-separated"
+            )
         try:
             CronTrigger(**{name.replace("-of-month", ""): value}, timezone=UTC)
         except ValueError as exc:
@@ -189,8 +191,9 @@ class MissedPlan:
     until: datetime  # every fire up to here is decided
 
 
-def plan_missed(schedule: Schedule, after: datetime, now: datetime, policy: Policy,
-                grace_s: float) -> MissedPlan:  # fmt: skip
+def plan_missed(
+    schedule: Schedule, after: datetime, now: datetime, policy: Policy, grace_s: float
+) -> MissedPlan:
     """Apply `policy` to the fires in (after, now]; only fires no older than grace_s may run."""
     oldest = now - timedelta(seconds=grace_s)
     run: list[datetime] = []
@@ -286,7 +289,8 @@ class _Trigger:
 
 def _create_table(conn: Any) -> None:
     conn.execute(
-        "CREATE TABLE IF NOT EXISTS cron_fires (trigger_id TEXT PRIMARY KEY, last_nominal TEXT NOT NULL)"
+        "CREATE TABLE IF NOT EXISTS cron_fires"
+        " (trigger_id TEXT PRIMARY KEY, last_nominal TEXT NOT NULL)"
     )
 
 
@@ -306,9 +310,14 @@ class CronSource:
 
     name = "cron"
 
-    def __init__(self, config: Config | None, store: Any,
-                 triggers: list[tuple[str, str, CronTriggerConfig]], *,
-                 clock: Clock | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: Config | None,
+        store: Any,
+        triggers: list[tuple[str, str, CronTriggerConfig]],
+        *,
+        clock: Clock | None = None,
+    ) -> None:
         self._store = store
         self._region = config.daemon.region if config is not None else "us-east-1"
         self._clock = clock or SystemClock()
@@ -321,7 +330,9 @@ class CronSource:
         await self._store.transaction(_create_table)
         async with asyncio.TaskGroup() as tasks:
             for trigger in self._triggers:
-                tasks.create_task(self._run_trigger(emit, trigger), name=f"cron:{trigger.trigger_id}")
+                tasks.create_task(
+                    self._run_trigger(emit, trigger), name=f"cron:{trigger.trigger_id}"
+                )
             if not self._triggers:
                 await asyncio.get_running_loop().create_future()  # nothing to do until cancelled
 
@@ -358,10 +369,14 @@ class CronSource:
             # First start: nothing to catch up. Remember since when the trigger is watched, so
             # a fire missed before its first fire is still caught up after a restart.
             await self._store.transaction(_marker(t.trigger_id, now.replace(microsecond=0)))
-            log.info("cron_started", trigger_id=t.trigger_id, schedule=t.config.schedule, first=True)
+            log.info(
+                "cron_started", trigger_id=t.trigger_id, schedule=t.config.schedule, first=True
+            )
             return now, False
         last = datetime.strptime(rows[0][0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        log.info("cron_started", trigger_id=t.trigger_id, schedule=t.config.schedule, last=rows[0][0])
+        log.info(
+            "cron_started", trigger_id=t.trigger_id, schedule=t.config.schedule, last=rows[0][0]
+        )
         if last > now:
             # The clock went back (or was wrong when the marker was written); waiting for it
             # would stall the trigger, and dedupe keys stop an already-fired time firing twice.
@@ -376,25 +391,50 @@ class CronSource:
         while True:
             try:
                 accepted = await emit(
-                    t.function, event, trigger="cron", trigger_id=t.trigger_id,
-                    dedupe_key=dedupe_key(t.trigger_id, nominal), extra_sql=_marker(t.trigger_id, nominal),
-                )  # fmt: skip
+                    t.function,
+                    event,
+                    trigger="cron",
+                    trigger_id=t.trigger_id,
+                    dedupe_key=dedupe_key(t.trigger_id, nominal),
+                    extra_sql=_marker(t.trigger_id, nominal),
+                )
                 break
             except Exception as exc:
                 # Not marked, so not lost: the same nominal fire is retried until it commits.
-                log.error("cron_fire_failed", trigger_id=t.trigger_id, nominal=iso(nominal),
-                          error=repr(exc), retry_in_s=retry_s)  # fmt: skip
+                log.error(
+                    "cron_fire_failed",
+                    trigger_id=t.trigger_id,
+                    nominal=iso(nominal),
+                    error=repr(exc),
+                    retry_in_s=retry_s,
+                )
                 await self._clock.sleep(retry_s)
                 retry_s = min(retry_s * 2, RETRY_S[1])
         log.info(
-            "cron_fired", trigger_id=t.trigger_id, function=t.function, nominal=iso(nominal),
-            delay_ms=delay_ms, invocation_id=accepted.invocation_id, created=accepted.created,
-        )  # fmt: skip
+            "cron_fired",
+            trigger_id=t.trigger_id,
+            function=t.function,
+            nominal=iso(nominal),
+            delay_ms=delay_ms,
+            invocation_id=accepted.invocation_id,
+            created=accepted.created,
+        )
 
     def _log_plan(self, t: _Trigger, plan: MissedPlan) -> None:
         if plan.skipped:
-            log.warning("cron_missed_skipped", trigger_id=t.trigger_id, policy=t.config.missed,
-                        skipped=plan.skipped, capped=plan.capped)  # fmt: skip
+            log.warning(
+                "cron_missed_skipped",
+                trigger_id=t.trigger_id,
+                policy=t.config.missed,
+                skipped=plan.skipped,
+                capped=plan.capped,
+            )
         if plan.run:
-            log.info("cron_catch_up", trigger_id=t.trigger_id, policy=t.config.missed,
-                     fires=len(plan.run), first=iso(plan.run[0]), last=iso(plan.run[-1]))  # fmt: skip
+            log.info(
+                "cron_catch_up",
+                trigger_id=t.trigger_id,
+                policy=t.config.missed,
+                fires=len(plan.run),
+                first=iso(plan.run[0]),
+                last=iso(plan.run[-1]),
+            )

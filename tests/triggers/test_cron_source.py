@@ -72,24 +72,38 @@ class FakeClock:
 
 
 class StoreEmit:
-    """The dispatcher's intake, minus the pool: commit via Store.insert, optionally failing first."""
+    """The dispatcher's intake minus the pool: Store.insert, after `failures` failures."""
 
     def __init__(self, store: Store, failures: int = 0) -> None:
         self.store = store
         self.failures = failures
         self.calls: list[str] = []
 
-    async def __call__(self, function: str, event: Any, *, trigger: str, trigger_id: str,
-                       dedupe_key: str | None = None, extra_sql: Any = None) -> Accepted:  # fmt: skip
+    async def __call__(
+        self,
+        function: str,
+        event: Any,
+        *,
+        trigger: str,
+        trigger_id: str,
+        dedupe_key: str | None = None,
+        extra_sql: Any = None,
+    ) -> Accepted:
         self.calls.append(str(dedupe_key))
         if self.failures:
             self.failures -= 1
             raise StoreUnavailableError("disk is gone")
         inv = NewInvocation(
-            id=uuid.uuid4().hex, function=function, function_version="$LATEST", trigger=trigger,
-            invocation_type="async", event=json.dumps(event).encode(), queued_at=time.time(),
-            trigger_id=trigger_id, dedupe_key=dedupe_key,
-        )  # fmt: skip
+            id=uuid.uuid4().hex,
+            function=function,
+            function_version="$LATEST",
+            trigger=trigger,
+            invocation_type="async",
+            event=json.dumps(event).encode(),
+            queued_at=time.time(),
+            trigger_id=trigger_id,
+            dedupe_key=dedupe_key,
+        )
         invocation_id, created = await self.store.insert(inv, extra_sql)
         return Accepted(invocation_id=invocation_id, created=created)
 
@@ -105,7 +119,9 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 @contextlib.asynccontextmanager
-async def running(store: Store, clock: FakeClock, triggers: list, emit: Any = None) -> AsyncIterator[Any]:
+async def running(
+    store: Store, clock: FakeClock, triggers: list, emit: Any = None
+) -> AsyncIterator[Any]:
     emit = emit or StoreEmit(store)
     task = asyncio.create_task(CronSource(None, store, triggers, clock=clock).run(emit))
     try:
@@ -121,12 +137,16 @@ async def running(store: Store, clock: FakeClock, triggers: list, emit: Any = No
 
 async def fired(store: Store) -> list[str]:
     """Nominal times of the committed cron invocations, in order."""
-    rows = await store.query("SELECT event FROM invocations WHERE trigger = 'cron' ORDER BY queued_at")
+    rows = await store.query(
+        "SELECT event FROM invocations WHERE trigger = 'cron' ORDER BY queued_at"
+    )
     return [json.loads(r["event"])["time"] for r in rows]
 
 
 async def marker(store: Store, trigger_id: str = "report#0") -> str | None:
-    rows = await store.query("SELECT last_nominal FROM cron_fires WHERE trigger_id = ?", (trigger_id,))
+    rows = await store.query(
+        "SELECT last_nominal FROM cron_fires WHERE trigger_id = ?", (trigger_id,)
+    )
     return rows[0][0] if rows else None
 
 
@@ -136,12 +156,19 @@ async def test_cron_fire_commits_one_invocation_and_its_marker(store):
         async with running(store, clock, cron("*/5 * * * *")):
             async with asyncio.timeout(10):
                 await clock.advance(utc("2025-06-01T12:02:00Z"))
-    rows = await store.query("SELECT function, trigger, trigger_id, dedupe_key, status, event FROM invocations")
+    rows = await store.query(
+        "SELECT function, trigger, trigger_id, dedupe_key, status, event FROM invocations"
+    )
     assert len(rows) == 1
     row = dict(rows[0])
     event = json.loads(row.pop("event"))
-    assert row == {"function": "report", "trigger": "cron", "trigger_id": "report#0",
-                   "dedupe_key": "cron:report#0@2025-06-01T12:00:00Z", "status": "queued"}  # fmt: skip
+    assert row == {
+        "function": "report",
+        "trigger": "cron",
+        "trigger_id": "report#0",
+        "dedupe_key": "cron:report#0@2025-06-01T12:00:00Z",
+        "status": "queued",
+    }
     assert event["time"] == "2025-06-01T12:00:00Z" and event["detail-type"] == "Scheduled Event"
     assert event["resources"] == ["arn:aws:events:us-east-1:000000000000:rule/report#0"]
     assert await marker(store) == "2025-06-01T12:00:00Z"
@@ -201,7 +228,9 @@ async def test_cron_restart_does_not_fire_the_same_nominal_time_twice(store):
         ("run_all", 700, ["12:20", "12:25", "12:30"], 3),
     ],
 )
-async def test_cron_catch_up_after_downtime_follows_the_policy(store, missed, grace_s, expected, skipped):
+async def test_cron_catch_up_after_downtime_follows_the_policy(
+    store, missed, grace_s, expected, skipped
+):
     triggers = cron("*/5 * * * *", missed=missed, grace_s=grace_s)
     clock = FakeClock(utc("2025-06-01T11:59:00Z"))
     async with running(store, clock, triggers):
@@ -252,7 +281,9 @@ async def test_cron_failed_commit_retries_the_same_fire_and_never_skips_it(store
                 await clock.advance(utc("2025-06-01T12:00:00Z"))
                 assert await marker(store) == "2025-06-01T11:59:50Z"  # not marked while failing
                 await clock.advance(utc("2025-06-01T12:05:00Z"))
-    assert emit.calls == ["cron:report#0@2025-06-01T12:00:00Z"] * 4 + ["cron:report#0@2025-06-01T12:05:00Z"]
+    assert emit.calls == ["cron:report#0@2025-06-01T12:00:00Z"] * 4 + [
+        "cron:report#0@2025-06-01T12:05:00Z"
+    ]
     assert await fired(store) == ["2025-06-01T12:00:00Z", "2025-06-01T12:05:00Z"]
     failures = [e for e in logs if e["event"] == "cron_fire_failed"]
     assert [e["retry_in_s"] for e in failures] == [0.5, 1.0, 2.0]
