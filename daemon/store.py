@@ -103,6 +103,7 @@ class Store:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, path: Path) -> AsyncIterator[Store]:
+        """Create, migrate and start the store; on exit commit what is queued and close it."""
         store = cls(path)
         await store._start()
         try:
@@ -157,7 +158,11 @@ class Store:
         await self._wait(self._submit(_nothing))
 
     async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in the writer thread inside the next group commit, in its own savepoint."""
+        """Run `fn` in the writer thread inside the next group commit, in its own savepoint.
+
+        `fn` runs in the database thread: it must be quick, must not touch the event loop, and
+        must not BEGIN, COMMIT or ROLLBACK (an exception it raises rolls back its savepoint).
+        """
         result: T = await self._wait(self._submit(fn))
         return result
 
