@@ -1,0 +1,405 @@
+"""Webhooks: every webhook trigger as a route on the shared public listener (`webhooks.listen`).
+
+A request is matched on its exact path, then its method, held to `max_body_bytes`, checked by
+its route's auth and turned into a Lambda Function URL event (payload v2.0). `mode = "sync"`
+runs the function now and maps its result to the response by Lambda's rules; `mode = "async"`
+answers 202 only once the event is committed.
+
+Auth (a failure is 401, counted in `rejected` and logged without any secret):
+- token: `Authorization: Bearer <token>`; with another `header`, that header holds the bare token.
+- basic: `Authorization: Basic base64(username:password)`.
+- hmac: `<header>: sha256=<hex>`, HMAC-SHA256 of the raw body under the secret (GitHub). With a
+  `timestamp_header`, that header holds Unix seconds that must lie within `replay_window_s` of
+  now, and the MAC covers `v0:<timestamp>:<raw body>` (Slack's base string; a `v0=<hex>`
+  signature is accepted too, so Slack works as is). Digests are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig, read_secret
+from daemon.errors import ConfigError, QueueFullError, StoreUnavailableError
+from daemon.http import start_site
+from daemon.models import Outcome, Status
+from triggers.base import Emit
+
+log = structlog.get_logger("lambdaemon.webhook")
+
+# Headers by which senders name one delivery; a re-sent delivery keeps it, so it is deduplicated.
+DELIVERY_HEADERS = (
+    "Idempotency-Key", "X-GitHub-Delivery", "X-Gitea-Delivery", "X-Gitlab-Event-UUID",
+)
+# Bodies of these types reach the handler as text; any other body is base64 (as Function URLs do).
+TEXT_TYPES = re.compile(
+    r"text/.+|application/(?:[\w.+-]+\+)?(?:json|xml)"
+    r"|application/(?:x-www-form-urlencoded|javascript|x-ndjson|graphql)"
+)
+_SIGNATURE = re.compile(r"(?:sha256|v0)=([0-9a-fA-F]{64})")
+_UNSAFE_HEADER = re.compile(r"[\r\n\0]")
+_NOT_FORWARDED = frozenset({"content-length", "transfer-encoding", "connection"})
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # aiohttp keeps undecodable header bytes so
+
+
+class TokenCheck:
+    def __init__(self, auth: TokenAuth, secret: str) -> None:
+        self.header, self.bearer = auth.header, auth.header.lower() == "authorization"
+        self.expected = _utf8(secret)
+        self.challenge = {"WWW-Authenticate": 'Bearer realm="lambdaemon"'} if self.bearer else {}
+
+    def check(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        value = headers.get(self.header)
+        if value is None:
+            return "auth_missing"
+        if self.bearer:
+            scheme, _, value = value.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                return "auth_malformed"
+        return None if hmac.compare_digest(_utf8(value.strip()), self.expected) else "auth_invalid"
+
+
+class BasicCheck:
+    challenge = {"WWW-Authenticate": 'Basic realm="lambdaemon", charset="UTF-8"'}
+
+    def __init__(self, auth: BasicAuth, secret: str) -> None:
+        self.username, self.password = _utf8(auth.username), _utf8(secret)
+
+    def check(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        value = headers.get("Authorization")
+        if value is None:
+            return "auth_missing"
+        scheme, _, encoded = value.partition(" ")
+        try:
+            if scheme.lower() != "basic":
+                raise ValueError(scheme)
+            decoded = base64.b64decode(encoded.strip(), validate=True)
+        except ValueError:  # binascii.Error too
+            return "auth_malformed"
+        username, colon, password = decoded.partition(b":")
+        # Both halves compared, always: which one was wrong must not show in the timing.
+        good = hmac.compare_digest(username, self.username)
+        good &= hmac.compare_digest(password, self.password)
+        return None if colon and good else "auth_invalid"
+
+
+class HmacCheck:
+    challenge: dict[str, str] = {}
+
+    def __init__(self, auth: HmacAuth, secret: str) -> None:
+        self.header, self.timestamp_header = auth.header, auth.timestamp_header
+        self.window_s, self.key = auth.replay_window_s, _utf8(secret)
+
+    def check(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        signature = headers.get(self.header)
+        stamp = headers.get(self.timestamp_header) if self.timestamp_header else ""
+        if signature is None or stamp is None:
+            return "auth_missing"
+        match = _SIGNATURE.fullmatch(signature.strip())
+        if match is None or (self.timestamp_header and not (stamp.isascii() and stamp.isdigit())):
+            return "auth_malformed"
+        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        if self.timestamp_header:
+            if abs(time.time() - int(stamp)) > self.window_s:
+                return "auth_stale"
+            mac.update(f"v0:{stamp}:".encode())
+        mac.update(body)  # in two steps: no copy of a large body
+        return None if hmac.compare_digest(mac.hexdigest(), match[1].lower()) else "auth_invalid"
+
+
+# auth config type -> (check class, the field naming its secret)
+CHECKS: dict[type, tuple[type, str]] = {
+    TokenAuth: (TokenCheck, "token_file"), BasicAuth: (BasicCheck, "password_file"),
+    HmacAuth: (HmacCheck, "secret_file"),
+}
+
+
+class Route(msgspec.Struct, frozen=True):
+    function: str
+    trigger_id: str
+    path: str
+    mode: str
+    check: Any  # a *Check, or None for auth "none"
+
+
+class WebhookSource:
+    """All webhook triggers, served by one aiohttp app on `webhooks.listen`.
+
+    `rejected` counts refused requests by reason (`auth_missing`, `auth_malformed`,
+    `auth_invalid`, `auth_stale`, `not_found`, `method_not_allowed`, `too_large`,
+    `queue_full`, `store_unavailable`, `draining`); `accepted` counts dispatched ones.
+    """
+
+    name = "webhook"
+
+    def __init__(self, config: Config, store: Any,
+                 triggers: list[tuple[str, str, WebhookTriggerConfig]]) -> None:
+        settings = config.webhooks
+        assert settings is not None  # config validation requires it with any webhook trigger
+        self.listen, self.max_body_bytes = settings.listen, settings.max_body_bytes
+        self.drain_s = config.daemon.shutdown_timeout_s
+        self.routes: dict[str, dict[str, Route]] = {}
+        for function, trigger_id, trigger in triggers:
+            key = f"functions.{function}.triggers[{trigger_id.rpartition('#')[2]}]"
+            check = _build_check(config, trigger.auth, f"{key}.auth")
+            by_method = self.routes.setdefault(trigger.path, {})
+            for method in trigger.methods:
+                if method in by_method:
+                    other = by_method[method].trigger_id
+                    raise ConfigError(config.path, f"{key}.path",
+                                      f"{method} {trigger.path} is already served by {other}")
+                by_method[method] = Route(function, trigger_id, trigger.path, trigger.mode, check)
+        self._allow = {path: ", ".join(sorted(methods)) for path, methods in self.routes.items()}
+        self.rejected: Counter[str] = Counter()
+        self.accepted = 0
+        self.port: int | None = None
+        self._emit: Emit | None = None
+        self._draining = False
+
+    @property
+    def auth_failures(self) -> int:
+        return sum(n for reason, n in self.rejected.items() if reason.startswith("auth_"))
+
+    async def run(self, emit: Emit) -> None:
+        self._emit, self._draining = emit, False
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self._handle)  # our own table decides 404/405
+        runner = await start_site(app, self.listen, "webhooks.listen", drain_s=self.drain_s)
+        try:
+            self.port = runner.addresses[0][1]
+            log.info("webhook_listening", listen=self.listen, port=self.port,
+                     routes=sorted(self.routes))
+            await asyncio.get_running_loop().create_future()  # serve until cancelled
+        finally:
+            self._draining = True  # requests that still slip in get 503 while in-flight ones finish
+            await self._stop(runner)
+
+    async def _stop(self, runner: web.AppRunner) -> None:
+        for site in list(runner.sites):
+            await site.stop()  # no new connections from here on
+        log.info("webhook_draining", drain_s=self.drain_s)
+        await runner.cleanup()  # in-flight requests get up to drain_s to finish
+        log.info("webhook_stopped", accepted=self.accepted, rejected=dict(self.rejected))
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        by_method = self.routes.get(request.path)
+        if by_method is None:
+            return self._reject(request, None, "not_found", 404, "Not Found")
+        route = by_method.get(request.method)
+        if route is None:
+            allow = {"Allow": self._allow[request.path]}
+            return self._reject(request, None, "method_not_allowed", 405, "Method Not Allowed",
+                                allow)
+        if self._draining:
+            busy = {"Retry-After": "5", "Connection": "close"}
+            return self._reject(request, route, "draining", 503, "Service Unavailable", busy)
+        body = await self._read_body(request)
+        if body is None:
+            return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
+        if route.check is not None and (reason := route.check.check(request.headers, body)):
+            return self._reject(request, route, reason, 401, "Unauthorized", route.check.challenge)
+        event = _encode(build_event(request, body, self.port))
+        if route.mode == "async":
+            return await self._accept(request, route, event)
+        return await self._invoke(request, route, event)
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        if (request.content_length or 0) > self.max_body_bytes:
+            return None  # refused before a byte of it is read
+        try:
+            return await request.read()  # chunked bodies: aiohttp stops at client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            return None
+
+    async def _accept(self, request: web.Request, route: Route, event: bytes) -> web.Response:
+        assert self._emit is not None
+        delivery = next((d for h in DELIVERY_HEADERS if (d := request.headers.get(h))), None)
+        if delivery is not None and len(delivery) > 128:  # the key is stored: bound its size
+            delivery = hashlib.sha256(_utf8(delivery)).hexdigest()
+        try:
+            accepted = await self._emit(
+                route.function, event, trigger="webhook", trigger_id=route.trigger_id,
+                dedupe_key=f"webhook:{route.trigger_id}:{delivery}" if delivery else None,
+            )
+        except StoreUnavailableError as exc:
+            log.error("webhook_store_unavailable", route=route.path, error=str(exc))
+            return self._reject(request, route, "store_unavailable", 503, "Service Unavailable",
+                                {"Retry-After": "5"})
+        self.accepted += 1
+        log.info("webhook_accepted", route=route.path, function=route.function, mode="async",
+                 invocation_id=accepted.invocation_id, duplicate=not accepted.created)
+        body = {"invocation_id": accepted.invocation_id, "duplicate": not accepted.created}
+        return web.Response(status=202, body=_encode(body), content_type="application/json",
+                            headers={"x-amzn-RequestId": accepted.invocation_id})
+
+    async def _invoke(self, request: web.Request, route: Route, event: bytes) -> web.Response:
+        assert self._emit is not None
+        try:
+            invocation_id, outcome = await self._emit.invoke_sync(
+                route.function, event, trigger="webhook", trigger_id=route.trigger_id)
+        except QueueFullError:
+            return self._reject(request, route, "queue_full", 429, "Too Many Requests",
+                                {"Retry-After": "1"})
+        self.accepted += 1
+        response = to_response(invocation_id, outcome)
+        log.info("webhook_accepted", route=route.path, function=route.function, mode="sync",
+                 invocation_id=invocation_id, status=response.status)
+        return response
+
+    def _reject(self, request: web.Request, route: Route | None, reason: str, status: int,
+                message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+        self.rejected[reason] += 1
+        emit_log = log.warning if reason.startswith("auth_") else log.info
+        where = route.path if route else request.path[:200]
+        emit_log("webhook_rejected", reason=reason, route=where, remote=request.remote,
+                 status=status, count=self.rejected[reason])
+        return _message(status, message, headers)
+
+
+def _build_check(config: Config, auth: Any, key: str) -> Any:
+    if type(auth) not in CHECKS:
+        return None  # auth "none"
+    cls, field = CHECKS[type(auth)]
+    # Read once, here: no file access on the request path.
+    return cls(auth, read_secret(config, getattr(auth, field), f"{key}.{field}"))
+
+
+def build_event(request: web.Request, body: bytes, port: int | None) -> dict[str, Any]:
+    """The Lambda Function URL (payload v2.0) event for `request`."""
+    headers: dict[str, str] = {}
+    cookies: list[str] = []
+    for name, value in request.headers.items():
+        key = name.lower()
+        if key == "cookie":
+            cookies.extend(c for c in (part.strip() for part in value.split(";")) if c)
+        else:
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    remote = request.remote or ""
+    headers.setdefault("x-forwarded-for", remote)  # a proxy in front keeps its own
+    headers.setdefault("x-forwarded-proto", request.scheme)
+    if port is not None:
+        headers.setdefault("x-forwarded-port", str(port))
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    host = headers.get("host", "")
+    domain = host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
+    now = time.time()
+    t = time.gmtime(now)
+    version = request.version
+    context = {
+        "accountId": "000000000000", "apiId": "lambdaemon", "domainName": domain,
+        "domainPrefix": domain.split(".", 1)[0],
+        "http": {"method": request.method, "path": raw_path,
+                 "protocol": f"HTTP/{version.major}.{version.minor}",
+                 "sourceIp": remote, "userAgent": headers.get("user-agent", "")},
+        "requestId": str(uuid.uuid4()), "routeKey": "$default", "stage": "$default",
+        "time": f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
+                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000",
+        "timeEpoch": int(now * 1000),  # a JSON number: Go's int64
+    }
+    event: dict[str, Any] = {"version": "2.0", "routeKey": "$default", "rawPath": raw_path,
+                             "rawQueryString": raw_query}
+    if cookies:
+        event["cookies"] = cookies
+    event["headers"] = headers
+    if raw_query:
+        params: dict[str, str] = {}
+        for name, value in request.query.items():
+            params[name] = f"{params[name]},{value}" if name in params else value
+        event["queryStringParameters"] = params
+    event["requestContext"] = context
+    text = _as_text(request.content_type, body) if body else None
+    if body:
+        event["body"] = text if text is not None else base64.b64encode(body).decode()
+    event["isBase64Encoded"] = bool(body) and text is None
+    return event
+
+
+def _as_text(content_type: str, body: bytes) -> str | None:
+    if not TEXT_TYPES.fullmatch(content_type):
+        return None
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        return None  # labelled text but is not UTF-8: base64 keeps it intact
+
+
+def to_response(invocation_id: str, outcome: Outcome) -> web.Response:
+    """A sync invocation's outcome as the HTTP response, by Function URL rules (see module doc)."""
+    request_id = {"x-amzn-RequestId": invocation_id}
+    if outcome.status is Status.TIMED_OUT:
+        return _message(504, "Endpoint request timed out", request_id)
+    if outcome.status is not Status.SUCCEEDED:
+        return _message(502, "Internal Server Error", request_id)  # the error stays in the record
+    try:
+        result = _decode(outcome.payload)
+        if isinstance(result, dict) and "statusCode" in result:
+            return _structured(result, invocation_id)
+    except (ValueError, TypeError) as exc:  # msgspec.DecodeError is a ValueError
+        log.warning("webhook_bad_response", invocation_id=invocation_id, error=str(exc)[:200])
+        return _message(502, "Internal Server Error", request_id)
+    return web.Response(status=200, body=outcome.payload, content_type="application/json",
+                        headers=request_id)
+
+
+def _structured(result: dict[str, Any], invocation_id: str) -> web.Response:
+    status = result["statusCode"]
+    if type(status) is not int or not 100 <= status <= 599:
+        raise ValueError(f"statusCode {status!r} is not an HTTP status")
+    given, cookies = result.get("headers") or {}, result.get("cookies") or []
+    if not isinstance(given, dict) or not isinstance(cookies, list):
+        raise TypeError("headers must be an object and cookies a list")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in given.items():
+        if name.lower() not in _NOT_FORWARDED:
+            headers.add(_safe(name), _safe(_scalar(value)))
+    for cookie in cookies:
+        headers.add("Set-Cookie", _safe(cookie))
+    headers.setdefault("Content-Type", "application/json")
+    headers["x-amzn-RequestId"] = invocation_id
+    body = result.get("body")
+    if body is None:
+        data = b""
+    elif isinstance(body, str):
+        binary = result.get("isBase64Encoded") is True
+        data = base64.b64decode(body, validate=True) if binary else body.encode()
+    else:
+        data = _encode(body)  # lenient: a non-string body goes out as its JSON
+    return web.Response(status=status, body=data, headers=headers)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise TypeError(f"header value {value!r} is not a string")
+
+
+def _safe(text: Any) -> str:
+    if not isinstance(text, str) or _UNSAFE_HEADER.search(text):
+        raise ValueError(f"{text!r} cannot go into an HTTP header")
+    return text
+
+
+def _message(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=_encode({"message": message}),
+                        content_type="application/json", headers=headers)
