@@ -1,0 +1,2 @@
+def handler(event, context):
+    raise ValueError(f"cannot process {event['name']}")
