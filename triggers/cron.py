@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
-from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 
 if TYPE_CHECKING:
     from daemon.config import Config, CronTriggerConfig
@@ -67,9 +67,10 @@ class Schedule:
     def next_after(self, after: datetime) -> datetime | None:
         wall, best = self._start_wall(after), None
         for _ in range(100_000):
-            wall = self._next_wall(wall)
-            if wall is None:
+            found = self._next_wall(wall)
+            if found is None:
                 return best
+            wall = found
             instants, ambiguous = self._instants(wall)
             later = [i for i in instants if i > after]
             if later and (best is None or later[0] < best):
@@ -142,10 +143,9 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
             raise ValueError(f"{name} field {value!r}: {reason}") from None
     days = _weekdays(dow)
     common = {"minute": minute, "hour": hour, "month": month.lower(), "timezone": UTC}
+    parts: tuple[dict[str, str], ...] = ({"day": day, "day_of_week": days},)
     if day[0] != "*" and dow[0] != "*":  # cron fires on a day matching either field
         parts = ({"day": day, "day_of_week": "*"}, {"day": "*", "day_of_week": days})
-    else:
-        parts = ({"day": day, "day_of_week": days},)
     triggers = tuple(CronTrigger(**common, **part) for part in parts)
     fixed_time = minute[0] != "*" and hour[0] != "*"
     parsed = Schedule(expression, zone, fixed_time, triggers)
