@@ -1,0 +1,817 @@
+"""Parent side of the worker pool: spawns, feeds, meters, times out, evicts and reaps workers.
+
+A worker is one process for one function configuration, serving one invocation at a time (the
+child side is worker.py, the frames protocol.py). Everything runs on the daemon's event loop: no
+threads, one timer per running invocation, one small task per worker waiting for its exit.
+
+Log events: worker_started, worker_init_failed, handler_output (one per captured line) and
+worker_stopped with reason idle | evicted | timeout | crashed | retired | closed | cancelled |
+init_failed | out_of_memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from daemon.config import FunctionConfig
+from daemon.models import InvokeRequest, Outcome, Status
+from daemon.pool.protocol import (
+    HEADER_BYTES,
+    MAX_FRAME_BYTES,
+    FromWorker,
+    InitFailed,
+    Invoke,
+    Ready,
+    Result,
+    encode_frame,
+)
+
+log = structlog.get_logger("lambdaemon.pool")
+
+INIT_TIMEOUT_S = 10.0  # Lambda's limit for the init phase
+_GUARD_INTERVAL_S = 0.1  # how often a running invocation's captured output is checked for size
+_EXIT_WAIT_S = 5.0
+_CRASH_GRACE_S = 1.0  # after EOF on the channel, how long a worker may take to finish exiting
+_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the `daemon` package
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER: msgspec.msgpack.Decoder[FromWorker] = msgspec.msgpack.Decoder(FromWorker)  # type: ignore[arg-type]
+_JSON = msgspec.json.Encoder()
+_TIMED_OUT = object()  # reply placeholder set by the deadline timer
+_replaced_watchers: list[object] = []
+
+
+class _State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"  # killed or exiting; still holds its slot until reaped
+    EXITED = "exited"
+
+
+class _Channel(asyncio.Protocol):
+    """The parent's end of the control socket: frames in, one awaited reply at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._buffer = bytearray()
+        self._inbox: deque[Any] = deque()
+        self._waiter: asyncio.Future[Any] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.closed:
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        if not buffer and len(data) > HEADER_BYTES:
+            if int.from_bytes(data[:HEADER_BYTES], "big") == len(data) - HEADER_BYTES:
+                self._deliver_frame(memoryview(data)[HEADER_BYTES:])  # the usual case: one whole frame
+                return
+        buffer += data
+        while len(buffer) >= HEADER_BYTES:
+            size = int.from_bytes(buffer[:HEADER_BYTES], "big")
+            if size > MAX_FRAME_BYTES:
+                self.hang_up()
+                return
+            if len(buffer) < HEADER_BYTES + size:
+                return
+            frame = bytes(buffer[HEADER_BYTES : HEADER_BYTES + size])
+            del buffer[: HEADER_BYTES + size]
+            self._deliver_frame(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hang_up()
+
+    def _deliver_frame(self, frame: bytes | memoryview) -> None:
+        try:
+            self._deliver(_DECODER.decode(frame))
+        except msgspec.DecodeError:
+            self.hang_up()  # a corrupt stream: treat the worker as crashed
+
+    def _deliver(self, message: Any) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
+        else:
+            self._inbox.append(message)
+
+    def receive(self) -> asyncio.Future[Any]:
+        """The next message; None once the channel is closed."""
+        future = self._loop.create_future()
+        if self._inbox:
+            future.set_result(self._inbox.popleft())
+        elif self.closed:
+            future.set_result(None)
+        else:
+            self._waiter = future
+        return future
+
+    def send(self, message: Invoke) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(encode_frame(_ENCODER, message))
+
+    def hang_up(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._deliver(None)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Worker:
+    __slots__ = (
+        "fn", "key", "proc", "pid", "memfd", "channel", "state", "stop_reason", "idle_since",
+        "init_duration_ms", "exit_task", "held", "fresh_output", "deadline", "timer", "peak_kb",
+    )
+
+    def __init__(self, fn: FunctionConfig, key: tuple[Any, ...], proc: asyncio.subprocess.Process,
+                 memfd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.fn = fn
+        self.key = key
+        self.proc = proc
+        self.pid = proc.pid
+        self.memfd = memfd
+        self.channel = _Channel(loop)
+        self.state = _State.STARTING
+        self.stop_reason: str | None = None
+        self.idle_since = 0.0
+        self.init_duration_ms: float | None = None
+        self.exit_task: asyncio.Task[None] | None = None
+        self.held = True  # an invocation (or start-up) still reads its captured output
+        self.fresh_output = False  # the cold invocation's logs include the init output
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.peak_kb: int | None = None
+
+    def close_files(self) -> None:
+        self.channel.hang_up()
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
+
+
+class _Waiter:
+    __slots__ = ("name", "key", "future")
+
+    def __init__(self, name: str, key: tuple[Any, ...], future: asyncio.Future[_Worker | None]) -> None:
+        self.name = name
+        self.key = key
+        self.future = future
+
+
+class WorkerPool:
+    """Warm worker processes for every function, at most `max_workers` processes in all.
+
+    A call takes an idle worker of its function (warm) or starts one (cold); at the cap, the least
+    recently used idle worker of another function is stopped to make room, and when every worker
+    is busy, callers wait in arrival order. Idle workers stop after the function's
+    `idle_timeout_s`, except `min_warm` of them. Each call's stdout/stderr are captured into a
+    memfd (kept to `log_capture_bytes`) that the parent reads even after killing the worker.
+    """
+
+    def __init__(self, max_workers: int, log_capture_bytes: int = 65536) -> None:
+        self.init_timeout_s = INIT_TIMEOUT_S
+        self._max_workers = max_workers
+        self._capture_bytes = log_capture_bytes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._functions: dict[str, FunctionConfig] = {}
+        self._keys: dict[str, tuple[FunctionConfig, tuple[Any, ...]]] = {}  # current config per name
+        self._workers: set[_Worker] = set()
+        self._idle: dict[str, list[_Worker]] = {}  # oldest first; the newest is reused first
+        self._counts: dict[str, int] = {}  # per function: workers reserved, starting, idle or busy
+        self._slots = 0  # processes counted against max_workers, from reservation until reaped
+        self._dying = 0  # processes killed but not reaped yet: each frees a slot soon
+        self._waiters: deque[_Waiter] = deque()
+        self._warm_failed: dict[str, tuple[Any, ...]] = {}  # don't retry a broken min_warm init
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._reaper_wake = asyncio.Event()
+        self._reaper_at: float | None = None
+        self._closed = False
+
+    # --- public API ------------------------------------------------------------------------
+
+    async def start(self, functions: Mapping[str, FunctionConfig]) -> None:
+        """Start the idle reaper and the `min_warm` workers (waits until they are ready)."""
+        self._loop = asyncio.get_running_loop()
+        _use_pidfd_child_watcher()
+        self._reaper = self._loop.create_task(self._reap_idle(), name="pool-idle-reaper")
+        await self.update(functions)
+
+    async def update(self, functions: Mapping[str, FunctionConfig]) -> None:
+        """Adopt new settings: workers of changed or removed functions retire once idle."""
+        self._functions = dict(functions)
+        for fn in self._functions.values():
+            self._key(fn)
+        for name in [name for name in self._keys if name not in self._functions]:
+            del self._keys[name]
+        for worker in list(self._workers):
+            if worker.state is _State.IDLE and not self._is_current(worker):
+                self._kill(worker, "retired")
+        self._reaper_wake.set()
+        starting = self._ensure_warm()
+        if starting:
+            await asyncio.wait(starting)
+
+    async def invoke(self, fn: FunctionConfig, request: InvokeRequest,
+                     on_start: Callable[[int, float], None] | None = None) -> Outcome:
+        """Run one invocation on a worker of `fn` and say how it went; handler failures are data."""
+        if self._loop is None or self._closed:
+            raise RuntimeError("the worker pool is not running")
+        key = self._key(fn)
+        worker = await self._acquire(fn, key)
+        cold = worker is None
+        if worker is None:
+            started = await self._start_worker(fn, key, request)
+            if isinstance(started, Outcome):
+                return started
+            worker = started
+            worker.state = _State.BUSY
+        try:
+            return await self._run(worker, fn, request, on_start, cold)
+        except BaseException as exc:
+            if worker.held:  # interrupted mid-call: the worker's state is unknown
+                self._kill(worker, "cancelled" if isinstance(exc, asyncio.CancelledError) else "crashed")
+                self._drop(worker)
+            raise
+
+    async def close(self) -> None:
+        """Kill every worker's process group and reap them all."""
+        if self._closed:
+            return
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(RuntimeError("the worker pool is closed"))
+        self._waiters.clear()
+        pending: list[asyncio.Future[Any]] = []
+        for task in [self._reaper, *self._tasks]:
+            if task is not None and not task.done():
+                if task.get_name() != "pool-worker-exit":
+                    task.cancel()
+                pending.append(task)
+        for worker in list(self._workers):
+            self._kill(worker, "closed")
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=_EXIT_WAIT_S)
+            if late:
+                log.error("pool_close_incomplete", unreaped=len(late))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per function: idle workers and busy ones (serving or starting)."""
+        stats = {name: {"idle": 0, "busy": 0} for name in self._functions}
+        for worker in self._workers:
+            if worker.state in (_State.STOPPING, _State.EXITED):
+                continue
+            entry = stats.setdefault(worker.fn.name, {"idle": 0, "busy": 0})
+            entry["idle" if worker.state is _State.IDLE else "busy"] += 1
+        return stats
+
+    # --- taking and giving back workers ------------------------------------------------------
+
+    def _key(self, fn: FunctionConfig) -> tuple[Any, ...]:
+        """The settings a worker is built from; a worker whose key is outdated is retired."""
+        entry = self._keys.get(fn.name)
+        if entry is not None and entry[0] is fn:
+            return entry[1]
+        key = (fn.code, fn.handler, fn.memory_mb, fn.version, fn.region, tuple(sorted(fn.env.items())))
+        self._keys[fn.name] = (fn, key)
+        return key
+
+    def _is_current(self, worker: _Worker) -> bool:
+        entry = self._keys.get(worker.fn.name)
+        return entry is not None and entry[1] == worker.key
+
+    def _settings(self, worker: _Worker) -> FunctionConfig:
+        return self._functions.get(worker.fn.name) or worker.fn
+
+    async def _acquire(self, fn: FunctionConfig, key: tuple[Any, ...]) -> _Worker | None:
+        """An idle worker of `fn`, or None with a slot reserved for starting one."""
+        if not self._waiters:
+            worker = self._pop_idle(fn.name, key)
+            if worker is not None:
+                return worker
+            if self._slots < self._max_workers:
+                self._reserve(fn.name)
+                return None
+        assert self._loop is not None
+        waiter = _Waiter(fn.name, key, self._loop.create_future())
+        self._waiters.append(waiter)
+        self._pump()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                granted = waiter.future.result()
+                if granted is None:
+                    self._unreserve(fn.name)
+                else:
+                    self._release(granted)
+            raise
+
+    def _pop_idle(self, name: str, key: tuple[Any, ...]) -> _Worker | None:
+        idle = self._idle.get(name)
+        while idle:
+            worker = idle.pop()
+            worker.state = _State.BUSY
+            if worker.key == key and not worker.channel.closed:
+                worker.held = True
+                return worker
+            self._kill(worker, "retired")
+        return None
+
+    def _reserve(self, name: str) -> None:
+        self._slots += 1
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def _unreserve(self, name: str) -> None:
+        self._slots -= 1
+        self._counts[name] -= 1
+        self._pump()
+
+    def _pump(self) -> None:
+        """Serve waiters in arrival order: an idle worker of theirs, a free slot, or an eviction."""
+        credit = self._dying
+        waiting: deque[_Waiter] = deque()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.future.done():
+                continue
+            worker = self._pop_idle(waiter.name, waiter.key)
+            if worker is not None:
+                waiter.future.set_result(worker)
+            elif self._slots < self._max_workers:
+                self._reserve(waiter.name)
+                waiter.future.set_result(None)
+            else:
+                waiting.append(waiter)
+                if credit > 0:
+                    credit -= 1  # a slot is on its way for this one
+                elif (victim := self._least_recently_used()) is not None:
+                    self._kill(victim, "evicted")
+                else:
+                    waiting.extend(self._waiters)  # everyone is busy: wait for a release
+                    self._waiters.clear()
+        self._waiters = waiting
+
+    def _least_recently_used(self) -> _Worker | None:
+        oldest = [idle[0] for idle in self._idle.values() if idle]
+        return min(oldest, key=lambda worker: worker.idle_since) if oldest else None
+
+    def _release(self, worker: _Worker) -> None:
+        """An invocation (or a warm start) is done with `worker`: it becomes idle or goes."""
+        worker.held = False
+        if worker.state not in (_State.BUSY, _State.STARTING):
+            if worker.state is _State.EXITED:
+                worker.close_files()
+            return
+        if not self._is_current(worker) or worker.channel.closed or self._closed:
+            self._kill(worker, "retired")
+            return
+        assert self._loop is not None
+        worker.state = _State.IDLE
+        worker.idle_since = now = self._loop.time()
+        self._idle.setdefault(worker.fn.name, []).append(worker)
+        if self._waiters:
+            self._pump()
+            return
+        fn = self._settings(worker)
+        if self._counts[fn.name] > fn.min_warm:
+            expiry = now + fn.idle_timeout_s
+            if self._reaper_at is None or expiry < self._reaper_at:
+                self._reaper_wake.set()
+
+    def _drop(self, worker: _Worker) -> None:
+        """The caller is done with a worker that was killed or died."""
+        worker.held = False
+        if worker.state is _State.EXITED:
+            worker.close_files()
+
+    def _kill(self, worker: _Worker, reason: str) -> None:
+        """SIGKILL the worker's process group; its slot frees when the exit is reaped."""
+        if worker.state in (_State.STOPPING, _State.EXITED):
+            return
+        if worker.state is _State.IDLE:
+            self._idle[worker.fn.name].remove(worker)
+        worker.state = _State.STOPPING
+        worker.stop_reason = reason
+        self._counts[worker.fn.name] -= 1
+        self._dying += 1
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(worker.pid, signal.SIGKILL)
+
+    async def _watch_exit(self, worker: _Worker) -> None:
+        returncode = await worker.proc.wait()
+        self._on_exit(worker, returncode)
+
+    def _on_exit(self, worker: _Worker, returncode: int) -> None:
+        name = worker.fn.name
+        if worker.state is _State.STOPPING:
+            self._dying -= 1
+        else:
+            if worker.state is _State.IDLE:
+                self._idle[name].remove(worker)
+            self._counts[name] -= 1
+            worker.stop_reason = "crashed"
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.pid, signal.SIGKILL)  # whatever the handler left running
+        worker.state = _State.EXITED
+        self._slots -= 1
+        self._workers.discard(worker)
+        worker.channel.hang_up()
+        if not worker.held:
+            worker.close_files()
+        exit_code, signum = _exit_status(returncode)
+        emit = log.warning if worker.stop_reason == "crashed" else log.info
+        emit("worker_stopped", function=name, pid=worker.pid, reason=worker.stop_reason,
+             exit_code=exit_code, signal=signum)
+        if not self._closed:
+            self._pump()
+            self._ensure_warm()
+
+    # --- starting workers --------------------------------------------------------------------
+
+    def _spawn_task(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        assert self._loop is not None
+        task = self._loop.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _ensure_warm(self) -> list[asyncio.Task[Any]]:
+        """Start workers for functions below `min_warm`, in free slots only (no eviction)."""
+        starting = []
+        for name, fn in self._functions.items():
+            key = self._keys[name][1]
+            if fn.min_warm == 0 or self._warm_failed.get(name) == key:
+                continue
+            while (self._counts.get(name, 0) < fn.min_warm and self._slots < self._max_workers
+                   and not self._waiters and not self._closed):
+                self._reserve(name)
+                starting.append(self._spawn_task(self._warm(fn, key), "pool-warm-start"))
+        return starting
+
+    async def _warm(self, fn: FunctionConfig, key: tuple[Any, ...]) -> None:
+        started = await self._start_worker(fn, key, None)
+        if isinstance(started, Outcome):
+            self._warm_failed[fn.name] = key  # retried on the next config change or cold start
+            return
+        self._warm_failed.pop(fn.name, None)
+        self._read_output(started, None)  # module-level output goes to the daemon log only
+        self._release(started)
+
+    async def _start_worker(self, fn: FunctionConfig, key: tuple[Any, ...],
+                            request: InvokeRequest | None) -> _Worker | Outcome:
+        """Spawn a worker into a reserved slot and wait for its init; an Outcome if that fails."""
+        assert self._loop is not None and fn.code is not None
+        started_at, clock = time.time(), time.perf_counter()
+        parent_sock, child_sock = socket.socketpair()
+        memfd = os.memfd_create(f"lambdaemon-{fn.name}", os.MFD_CLOEXEC)
+        # O_APPEND: the child's writes land at the end even after the parent truncates the file.
+        fcntl.fcntl(memfd, fcntl.F_SETFL, fcntl.fcntl(memfd, fcntl.F_GETFL) | os.O_APPEND)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daemon.pool.worker", str(child_sock.fileno()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=memfd, stderr=memfd,
+                pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=fn.code,
+                env=_environment(fn, "on-demand" if request else "provisioned-concurrency"),
+            )
+        except BaseException as exc:
+            parent_sock.close()
+            os.close(memfd)
+            self._unreserve(fn.name)
+            if not isinstance(exc, OSError):
+                raise
+            message = f"Cannot start a worker for {fn.name}: {exc}"
+            log.error("worker_init_failed", function=fn.name, error_type="Runtime.InvalidEntrypoint",
+                      error_message=message)
+            return _error_outcome(Status.FAILED, "Runtime.InvalidEntrypoint", message, started_at, clock)
+        finally:
+            child_sock.close()
+        worker = _Worker(fn, key, proc, memfd, self._loop)
+        self._workers.add(worker)
+        worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
+        try:
+            await self._loop.create_unix_connection(lambda: worker.channel, sock=parent_sock)
+            async with asyncio.timeout(self.init_timeout_s):
+                message = await worker.channel.receive()
+        except TimeoutError:
+            message = _TIMED_OUT
+        except BaseException:
+            self._kill(worker, "cancelled")
+            self._drop(worker)
+            raise
+        if isinstance(message, Ready):
+            worker.init_duration_ms = message.init_duration_ms
+            worker.fresh_output = request is not None
+            log.info("worker_started", function=fn.name, pid=worker.pid,
+                     init_duration_ms=round(message.init_duration_ms, 3))
+            return worker
+        return await self._init_failure(worker, message, request, started_at, clock)
+
+    async def _init_failure(self, worker: _Worker, message: Any, request: InvokeRequest | None,
+                            started_at: float, clock: float) -> Outcome:
+        fn, request_id = worker.fn, request.invocation_id if request else ""
+        init_ms: float | None = None
+        exit_code = signum = None
+        if isinstance(message, InitFailed):
+            self._kill(worker, "init_failed")
+            status, error_type, error_message = Status.FAILED, message.error_type, message.error_message
+            payload, init_ms = message.payload, message.init_duration_ms
+        elif message is _TIMED_OUT:
+            self._kill(worker, "timeout")
+            status, error_type = Status.TIMED_OUT, "Sandbox.Timedout"
+            error_message = f"RequestId: {request_id} Error: Init timed out after {self.init_timeout_s:.2f} seconds"
+            payload = _error_payload(error_type, error_message)
+        else:
+            exit_code, signum = await self._wait_crashed(worker)
+            status, error_type = Status.CRASHED, "Runtime.ExitError"
+            error_message = f"RequestId: {request_id} Error: Runtime exited with error: {_describe_exit(exit_code, signum)}"
+            payload = _error_payload(error_type, error_message)
+        await asyncio.wait([worker.exit_task], timeout=_EXIT_WAIT_S)  # type: ignore[list-item]
+        logs = self._read_output(worker, request_id or None)
+        self._drop(worker)
+        log.warning("worker_init_failed", function=fn.name, pid=worker.pid, error_type=error_type,
+                    error_message=error_message)
+        outcome = _error_outcome(status, error_type, error_message, started_at, clock, payload)
+        outcome.init_duration_ms, outcome.logs, outcome.worker_pid = init_ms, logs, worker.pid
+        outcome.exit_code, outcome.signal = exit_code, signum
+        return outcome
+
+    async def _wait_crashed(self, worker: _Worker) -> tuple[int | None, int | None]:
+        """The channel closed without a reply: let the worker finish dying; its exit status."""
+        assert worker.exit_task is not None
+        done, _ = await asyncio.wait([worker.exit_task], timeout=_CRASH_GRACE_S)
+        if not done:  # it closed the channel but lives on: no use to anyone
+            self._kill(worker, "crashed")
+            await asyncio.wait([worker.exit_task], timeout=_EXIT_WAIT_S)
+        if worker.proc.returncode is None:
+            return None, None
+        return _exit_status(worker.proc.returncode)
+
+    # --- one invocation ----------------------------------------------------------------------
+
+    async def _run(self, worker: _Worker, fn: FunctionConfig, request: InvokeRequest,
+                   on_start: Callable[[int, float], None] | None, cold: bool) -> Outcome:
+        loop = self._loop
+        assert loop is not None
+        if worker.fresh_output:
+            worker.fresh_output = False
+        else:
+            os.ftruncate(worker.memfd, 0)
+        started_at = time.time()
+        if on_start is not None:
+            try:
+                on_start(worker.pid, started_at)
+            except BaseException:
+                self._release(worker)
+                raise
+        clock = time.perf_counter()
+        reply = worker.channel.receive()
+        deadline_ms = int((started_at + fn.timeout_s) * 1000)
+        worker.channel.send(Invoke(request.invocation_id, request.event, request.invoked_arn, deadline_ms,
+                                   request.client_context))
+        now = loop.time()
+        worker.deadline = now + fn.timeout_s
+        worker.timer = loop.call_at(min(worker.deadline, now + _GUARD_INTERVAL_S), self._guard, worker, reply)
+        try:
+            message = await reply
+        finally:
+            worker.timer.cancel()
+        duration_ms = (time.perf_counter() - clock) * 1000
+        if isinstance(message, Result):
+            return self._finish(worker, request, message, started_at, duration_ms, cold)
+        if message is _TIMED_OUT:
+            await asyncio.wait([worker.exit_task], timeout=_EXIT_WAIT_S)  # type: ignore[list-item]
+            status, error_type = Status.TIMED_OUT, "Sandbox.Timedout"
+            error_message = f"RequestId: {request.invocation_id} Error: Task timed out after {fn.timeout_s:.2f} seconds"
+            exit_code = signum = None
+        else:
+            exit_code, signum = await self._wait_crashed(worker)
+            status, error_type = Status.CRASHED, "Runtime.ExitError"
+            error_message = (f"RequestId: {request.invocation_id} Error: Runtime exited with error: "
+                             f"{_describe_exit(exit_code, signum)}")
+        logs = self._read_output(worker, request.invocation_id)
+        self._drop(worker)
+        return Outcome(
+            status, _error_payload(error_type, error_message), started_at, started_at + duration_ms / 1000,
+            duration_ms, error_type, error_message, worker.init_duration_ms if cold else None,
+            _kb_to_mb(worker.peak_kb), logs, worker.pid, exit_code, signum,
+        )
+
+    def _finish(self, worker: _Worker, request: InvokeRequest, result: Result, started_at: float,
+                duration_ms: float, cold: bool) -> Outcome:
+        logs = self._read_output(worker, request.invocation_id)
+        if result.retire:
+            self._kill(worker, "out_of_memory")
+            self._drop(worker)
+        else:
+            self._release(worker)
+        return Outcome(
+            Status.SUCCEEDED if result.ok else Status.FAILED, result.payload, started_at,
+            started_at + duration_ms / 1000, duration_ms, result.error_type, result.error_message,
+            worker.init_duration_ms if cold else None, _kb_to_mb(result.max_memory_kb), logs, worker.pid,
+        )
+
+    def _guard(self, worker: _Worker, reply: asyncio.Future[Any]) -> None:
+        """Timer during a call: enforce the deadline, keep the capture file from growing unbounded."""
+        if reply.done():
+            return
+        assert self._loop is not None
+        now = self._loop.time()
+        if now >= worker.deadline - 0.001:
+            worker.peak_kb = _peak_memory_kb(worker.pid)  # must be read before the kill
+            self._kill(worker, "timeout")
+            reply.set_result(_TIMED_OUT)
+            return
+        # Only the first bytes are kept, so anything past them is dropped while the handler runs:
+        # a handler printing in a loop must not fill the daemon's memory with its output.
+        if os.fstat(worker.memfd).st_size > self._capture_bytes + 1:
+            os.ftruncate(worker.memfd, self._capture_bytes + 1)
+        worker.timer = self._loop.call_at(min(worker.deadline, now + _GUARD_INTERVAL_S), self._guard, worker, reply)
+
+    def _read_output(self, worker: _Worker, invocation_id: str | None) -> str:
+        """The captured output, capped, also logged line by line; the file is emptied after."""
+        data = os.pread(worker.memfd, self._capture_bytes + 1, 0)
+        if not data:
+            return ""
+        if invocation_id is None:
+            os.ftruncate(worker.memfd, 0)
+        truncated = len(data) > self._capture_bytes
+        text = data[: self._capture_bytes].decode("utf-8", "replace")
+        for line in text.split("\n"):
+            if line:
+                log.info("handler_output", invocation_id=invocation_id, function=worker.fn.name, line=line)
+        if truncated:
+            text += f"\n[lambdaemon: output truncated to the first {self._capture_bytes} bytes]\n"
+        return text
+
+    # --- idle workers --------------------------------------------------------------------------
+
+    async def _reap_idle(self) -> None:
+        """Stop idle workers past their function's idle_timeout_s, oldest first, above min_warm."""
+        while True:
+            self._reaper_wake.clear()
+            self._reaper_at = self._stop_expired()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(self._reaper_at):
+                    await self._reaper_wake.wait()
+
+    def _stop_expired(self) -> float | None:
+        assert self._loop is not None
+        now, next_at = self._loop.time(), None
+        for idle in self._idle.values():
+            if not idle:
+                continue
+            fn = self._settings(idle[0])
+            spare = self._counts[fn.name] - fn.min_warm
+            for worker in list(idle):
+                if spare <= 0:
+                    break
+                expiry = worker.idle_since + fn.idle_timeout_s
+                if expiry > now:
+                    next_at = expiry if next_at is None else min(next_at, expiry)
+                    break
+                self._kill(worker, "idle")
+                spare -= 1
+        return next_at
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _environment(fn: FunctionConfig, initialization: str) -> dict[str, str]:
+    """A clean environment: PATH, LANG, the function's env, then Lambda's reserved variables."""
+    env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": os.environ.get("LANG", "C.UTF-8")}
+    env.update(fn.env)
+    stream = f"{time.strftime('%Y/%m/%d', time.gmtime())}/[{fn.version}]{os.urandom(16).hex()}"
+    env.update({
+        "_HANDLER": fn.handler,
+        "LAMBDA_TASK_ROOT": str(fn.code),
+        "LAMBDA_RUNTIME_DIR": _ROOT,
+        "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info.major}.{sys.version_info.minor}",
+        "AWS_LAMBDA_FUNCTION_NAME": fn.name,
+        "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_mb),
+        "AWS_LAMBDA_LOG_GROUP_NAME": fn.log_group,
+        "AWS_LAMBDA_LOG_STREAM_NAME": stream,
+        "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
+        "AWS_REGION": fn.region,
+        "AWS_DEFAULT_REGION": fn.region,
+        "TZ": "UTC",
+    })
+    # The worker must import `daemon` (this very tree, even when another copy is installed); it
+    # removes this entry again before the handler's code is imported.
+    user_path = fn.env.get("PYTHONPATH")
+    env["PYTHONPATH"] = f"{_ROOT}{os.pathsep}{user_path}" if user_path else _ROOT
+    env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
+    return env
+
+
+def _use_pidfd_child_watcher() -> None:
+    """On 3.11, reap children through pidfds instead of one blocking waitpid() thread per child."""
+    if sys.version_info >= (3, 12):  # pidfds are already the default there
+        return
+    watcher = asyncio.get_child_watcher()
+    if isinstance(watcher, _PidfdChildWatcher):
+        return
+    # Kept referenced: if it still waits for someone else's child, dropping it would warn.
+    _replaced_watchers.append(watcher)
+    asyncio.set_child_watcher(_PidfdChildWatcher())
+
+
+class _PidfdChildWatcher(asyncio.AbstractChildWatcher):
+    """3.12's pidfd watcher for 3.11, whose own one is bound to a single event loop.
+
+    This one serves whichever loop is running, so it is safe as the process-wide watcher.
+    """
+
+    def add_child_handler(self, pid: int, callback: Callable[..., object], *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+
+    @staticmethod
+    def _reap(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int, callback: Callable[..., object],
+              args: tuple[Any, ...]) -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped elsewhere; the exit status is lost
+            returncode = 255
+        else:
+            returncode = os.waitstatus_to_exitcode(status)
+        callback(pid, returncode, *args)
+
+    def remove_child_handler(self, pid: int) -> bool:
+        return False
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        pass
+
+    def is_active(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _PidfdChildWatcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+def _exit_status(returncode: int) -> tuple[int | None, int | None]:
+    return (returncode, None) if returncode >= 0 else (None, -returncode)
+
+
+def _describe_exit(exit_code: int | None, signum: int | None) -> str:
+    if signum is not None:
+        return f"signal: {(signal.strsignal(signum) or str(signum)).lower()}"
+    return f"exit status {exit_code}" if exit_code is not None else "unknown exit status"
+
+
+def _error_payload(error_type: str, error_message: str) -> bytes:
+    return _JSON.encode({"errorType": error_type, "errorMessage": error_message})
+
+
+def _error_outcome(status: Status, error_type: str, error_message: str, started_at: float, clock: float,
+                   payload: bytes | None = None) -> Outcome:
+    duration_ms = (time.perf_counter() - clock) * 1000
+    return Outcome(status, payload or _error_payload(error_type, error_message), started_at,
+                   started_at + duration_ms / 1000, duration_ms, error_type, error_message)
+
+
+def _peak_memory_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _kb_to_mb(kb: int | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 3)

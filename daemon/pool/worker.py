@@ -1,0 +1,417 @@
+"""Worker process: imports one handler and serves its invocations one at a time.
+
+The supervisor starts it as ``python -m daemon.pool.worker <control fd>`` with a clean environment
+(the function's settings arrive as Lambda's reserved variables, as in the RIC), the function's code
+folder as working directory, fd 1 and 2 on the capture memfd and a process group of its own. It
+sets its memory limit, imports the handler (init), says `Ready` (or `InitFailed` and exits), then
+answers each `Invoke` with a `Result`. EOF on the control socket means: exit.
+
+Only the standard library and msgspec are imported here; every millisecond counts on a cold start.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# msgspec imports typing_extensions (and through it inspect, ast, dis...) only to pick a
+# get_type_hints variant the worker never calls. Hiding it saves ~20 ms per cold start; the entry is
+# removed again so handler code imports typing_extensions normally.
+_HIDE_TYPING_EXTENSIONS = "typing_extensions" not in sys.modules
+if _HIDE_TYPING_EXTENSIONS:
+    sys.modules["typing_extensions"] = None  # type: ignore[assignment]
+import msgspec  # noqa: E402
+
+if _HIDE_TYPING_EXTENSIONS:
+    del sys.modules["typing_extensions"]
+
+import binascii  # noqa: E402
+import faulthandler  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import types  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from daemon.pool.protocol import (  # noqa: E402
+    HEADER_BYTES,
+    InitFailed,
+    Invoke,
+    Ready,
+    Result,
+    encode_frame,
+)
+
+# Headroom above the handler's budget, usable only by this module (soft limit -> hard limit) to
+# report a MemoryError instead of dying while building the report.
+_OOM_RESERVE_BYTES = 32 * 1024 * 1024
+_ASYNCIO_DIR = os.path.join(os.path.dirname(os.__file__), "asyncio", "")
+_JSON = msgspec.json.Encoder(decimal_format="number")
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Invoke)
+
+_request_id = ""  # read by the logging filter: every record carries the current request id
+
+
+class _Identity:
+    __slots__ = ("cognito_identity_id", "cognito_identity_pool_id")
+
+    def __init__(self) -> None:
+        self.cognito_identity_id = None
+        self.cognito_identity_pool_id = None
+
+
+class _Client:
+    __slots__ = ("installation_id", "app_title", "app_version_name", "app_version_code", "app_package_name")
+
+
+class _ClientContext:
+    __slots__ = ("custom", "env", "client")
+
+
+def _from_dict(cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        return None
+    obj = cls()
+    for name in cls.__slots__:
+        setattr(obj, name, data.get(name))
+    return obj
+
+
+class LambdaContext:
+    """The `context` argument, with the attributes and types of AWS's Python runtime client."""
+
+    __slots__ = ("aws_request_id", "invoked_function_arn", "client_context", "identity", "tenant_id", "_deadline_ms")
+    # Set once at start from the reserved variables (class attributes: the same for every call).
+    function_name: str | None = None
+    function_version: str | None = None
+    memory_limit_in_mb: str | None = None  # a str, as in the RIC
+    log_group_name: str | None = None
+    log_stream_name: str | None = None
+
+    def __init__(self, invoke: Invoke) -> None:
+        self.aws_request_id = invoke.invocation_id
+        self.invoked_function_arn = invoke.invoked_arn
+        self.identity = _Identity()
+        self.tenant_id = None
+        self.client_context = _decode_client_context(invoke.client_context)
+        self._deadline_ms = invoke.deadline_ms
+
+    @classmethod
+    def configure(cls) -> None:
+        env = os.environ
+        cls.function_name = env.get("AWS_LAMBDA_FUNCTION_NAME")
+        cls.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION")
+        cls.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+        cls.log_group_name = env.get("AWS_LAMBDA_LOG_GROUP_NAME")
+        cls.log_stream_name = env.get("AWS_LAMBDA_LOG_STREAM_NAME")
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self._deadline_ms - int(time.time() * 1000))
+
+    def log(self, msg: object) -> None:
+        sys.stdout.write(str(msg))
+
+    def __repr__(self) -> str:
+        return f"LambdaContext(aws_request_id={self.aws_request_id!r}, function_name={self.function_name!r})"
+
+
+def _decode_client_context(encoded: str | None) -> _ClientContext | None:
+    if not encoded:
+        return None
+    data = msgspec.json.decode(binascii.a2b_base64(encoded))
+    context = _from_dict(_ClientContext, data)
+    if context is not None:
+        context.client = _from_dict(_Client, context.client)
+    return context
+
+
+class _InitError(Exception):
+    def __init__(self, error_type: str, message: str, stack: list[str]) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.stack = stack
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.aws_request_id = _request_id
+        return True
+
+
+# --- start-up ---------------------------------------------------------------------------------
+
+
+def _detach_bootstrap_path() -> None:
+    """Undo the PYTHONPATH entry the supervisor added so this module could be found."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    entries = os.environ.pop("PYTHONPATH", "").split(os.pathsep)
+    if entries[0] == root:
+        del entries[0]
+    if any(entries):
+        os.environ["PYTHONPATH"] = os.pathsep.join(entries)
+    if root != os.getcwd() and root in sys.path:
+        sys.path.remove(root)
+    code = os.environ.get("LAMBDA_TASK_ROOT") or os.getcwd()
+    if sys.path[:1] != [code]:
+        sys.path.insert(0, code)
+
+
+def _set_up_output() -> None:
+    # Unbuffered like `python -u` (and Lambda): output written just before a crash or a timeout
+    # kill must already be in the capture file, in the order it was written.
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter(
+        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s", "%Y-%m-%dT%H:%M:%S"
+    )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    handler.addFilter(_RequestIdFilter())
+    logging.getLogger().addHandler(handler)
+    faulthandler.enable()  # a segfaulting handler leaves its Python stack in the captured output
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """Cap the address space at what the interpreter maps now plus `memory_mb`.
+
+    RLIMIT_AS counts virtual memory: the interpreter, msgspec and the shared libraries already map
+    tens of MB before any handler code runs, so the baseline is added to keep `memory_mb` as the
+    handler's own budget. Threads cost address space too (8 MB stack, and a 64 MB malloc arena
+    reservation per thread that allocates), so thread-heavy handlers need a larger memory_mb.
+    """
+    limit = _status_kb(b"VmSize:") * 1024 + memory_mb * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard - _OOM_RESERVE_BYTES)
+        hard_limit = hard
+    else:
+        hard_limit = limit + _OOM_RESERVE_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard_limit))
+
+
+def _relax_memory_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
+_STATUS_FD = -1
+
+
+def _status_kb(field: bytes) -> int:
+    status = os.pread(_STATUS_FD, 8192, 0)
+    start = status.index(field) + len(field)
+    return int(status[start : status.index(b"kB", start)])
+
+
+def _load_handler(spec: str) -> Callable[[Any, LambdaContext], Any]:
+    """Import the handler like the RIC does, mapping failures to its Runtime.* error types."""
+    module_name, _, attr = spec.rpartition(".")
+    if not module_name:
+        raise _InitError("Runtime.MalformedHandlerName", f"Bad handler '{spec}': missing module name", [])
+    module_name = module_name.replace("/", ".")
+    if module_name.split(".")[0] in sys.builtin_module_names:
+        raise _InitError(
+            "Runtime.BuiltInModuleConflict", f"Cannot use built-in module {module_name} as a handler module", []
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _InitError("Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}", []) from None
+    except SyntaxError as exc:
+        where = f'  File "{exc.filename}" Line {exc.lineno}\n    {(exc.text or "").strip()}\n'
+        raise _InitError("Runtime.UserCodeSyntaxError", f"Syntax error in module '{module_name}': {exc}", [where]) from None
+    try:
+        return getattr(module, attr)  # type: ignore[no-any-return]
+    except AttributeError:
+        raise _InitError("Runtime.HandlerNotFound", f"Handler '{attr}' missing on module '{module_name}'", []) from None
+
+
+# --- one invocation ---------------------------------------------------------------------------
+
+
+_loop: Any = None
+
+
+def _run_coroutine(coroutine: Any) -> Any:
+    """Run an `async def` handler on this worker's own event loop, kept across invocations."""
+    global _loop
+    if _loop is None:
+        import asyncio
+
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    return _loop.run_until_complete(coroutine)
+
+
+def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Result:
+    global _request_id
+    _request_id = invoke.invocation_id
+    try:
+        context = LambdaContext(invoke)
+        event = msgspec.json.decode(invoke.event) if invoke.event else {}
+    except (msgspec.DecodeError, ValueError) as exc:
+        return _failure(invoke, "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}", [])
+    _reset_peak_memory()
+    try:
+        result = handler(event, context)
+        if type(result) is types.CoroutineType:
+            result = _run_coroutine(result)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        return _failure(invoke, type(exc).__name__, str(exc), _user_stack(exc))
+    if type(result) is bytes:
+        payload = result
+    else:
+        try:
+            payload = _JSON.encode(result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return _failure(invoke, "Runtime.MarshalError", f"Unable to marshal response: {exc}", [])
+    return Result(True, payload, max_memory_kb=_status_kb(b"VmHWM:"))
+
+
+def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) -> Result:
+    body = {"errorMessage": message, "errorType": error_type, "requestId": invoke.invocation_id, "stackTrace": stack}
+    _log_error(error_type, message, stack)
+    return Result(False, _JSON.encode(body), error_type, message, _status_kb(b"VmHWM:"))
+
+
+def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:
+    _relax_memory_limit()
+    limit = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "?")
+    message = f"RequestId: {invoke.invocation_id} Error: handler exceeded the memory limit of {limit} MB"
+    _log_error("Runtime.OutOfMemory", message, _user_stack(exc))
+    body = {"errorType": "Runtime.OutOfMemory", "errorMessage": message}
+    return Result(False, _JSON.encode(body), "Runtime.OutOfMemory", message, _status_kb(b"VmHWM:"), retire=True)
+
+
+def _user_stack(exc: BaseException) -> list[str]:
+    frames = [
+        frame for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename != __file__ and not frame.filename.startswith("<frozen importlib")
+    ]
+    while frames and frames[0].filename.startswith(_ASYNCIO_DIR):
+        del frames[0]
+    return traceback.format_list(frames)
+
+
+def _log_error(error_type: str, message: str, stack: list[str]) -> None:
+    # The RIC's record: one line per error, frames joined by \r so log shippers keep it together.
+    lines = [f"[ERROR] {error_type}: {message}"]
+    if stack:
+        lines.append("Traceback (most recent call last):")
+        lines.extend(line for frame in stack for line in frame.splitlines())
+    os.write(1, ("\r".join(lines) + "\n").encode("utf-8", "backslashreplace"))
+
+
+_CLEAR_REFS_FD = -1
+
+
+def _reset_peak_memory() -> None:
+    # Writing 5 resets VmHWM, so it measures this invocation rather than the worker's lifetime.
+    # (getrusage's ru_maxrss is no use here: exec() seeds it with the daemon's own RSS.)
+    if _CLEAR_REFS_FD >= 0:
+        os.write(_CLEAR_REFS_FD, b"5")
+
+
+# --- the control channel ----------------------------------------------------------------------
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    missing = size - len(data)
+    while missing:
+        chunk = os.read(fd, missing)
+        if not chunk:
+            break
+        parts.append(chunk)
+        missing -= len(chunk)
+    return b"".join(parts)
+
+
+def _receive(fd: int) -> Invoke | None:
+    header = _read_exact(fd, HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        return None
+    body = _read_exact(fd, int.from_bytes(header, "big"))
+    return _DECODER.decode(body)
+
+
+def _send(fd: int, message: Ready | InitFailed | Result) -> None:
+    view = memoryview(encode_frame(_ENCODER, message))
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def _open_proc_files() -> None:
+    global _STATUS_FD, _CLEAR_REFS_FD
+    _STATUS_FD = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _CLEAR_REFS_FD = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        _CLEAR_REFS_FD = -1  # peak memory is then the worker's lifetime peak
+
+
+def _init(control: int) -> Callable[[Any, LambdaContext], Any] | None:
+    started = time.perf_counter()
+    try:
+        handler = _load_handler(os.environ.get("_HANDLER", ""))
+    except _InitError as exc:
+        error = (exc.error_type, exc.message, exc.stack)
+    except MemoryError as exc:
+        _relax_memory_limit()
+        limit = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "?")
+        error = ("Runtime.OutOfMemory", f"Init exceeded the memory limit of {limit} MB", _user_stack(exc))
+    except Exception as exc:
+        error = (type(exc).__name__, str(exc), _user_stack(exc))
+    else:
+        _send(control, Ready((time.perf_counter() - started) * 1000))
+        return handler
+    init_ms = (time.perf_counter() - started) * 1000
+    error_type, message, stack = error
+    _log_error(error_type, message, stack)
+    body = {"errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": stack}
+    _send(control, InitFailed(error_type, message, _JSON.encode(body), init_ms))
+    return None
+
+
+def main() -> None:
+    control = int(sys.argv[1])
+    os.set_inheritable(control, False)  # the handler's subprocesses must not keep the channel open
+    _detach_bootstrap_path()
+    _open_proc_files()
+    _set_up_output()
+    LambdaContext.configure()
+    _limit_memory(int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")))
+    handler = _init(control)
+    if handler is None:
+        return
+    while (invoke := _receive(control)) is not None:
+        try:
+            result = _invoke(handler, invoke)
+        except MemoryError as exc:
+            result = _out_of_memory(invoke, exc)
+        _send(control, result)
+        if result.retire:
+            return
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Handlers for the pool tests; each test picks one with `handler = "handler.<name>"`."""
+
+import asyncio
+import ctypes
+import decimal
+import logging
+import os
+import subprocess
+import sys
+import time
+
+calls = 0
+
+
+def count(event, context):
+    global calls
+    calls += 1
+    return {"calls": calls, "pid": os.getpid()}
+
+
+def echo(event, context):
+    return event
+
+
+async def async_echo(event, context):
+    await asyncio.sleep(0)
+    return {"event": event, "async": True, "loop_id": id(asyncio.get_running_loop())}
+
+
+def fail(event, context):
+    raise ValueError(f"boom {event.get('n', 0)}")
+
+
+def sleep(event, context):
+    time.sleep(event["s"])
+    return {"slept": event["s"]}
+
+
+def crash(event, context):
+    if event.get("how") == "segfault":
+        ctypes.string_at(0)
+    if event.get("how") == "exit":
+        os._exit(3)
+    return {"survived": True}
+
+
+def allocate(event, context):
+    chunks = []
+    for _ in range(event["mb"]):
+        chunks.append(bytearray(1024 * 1024))
+    return {"allocated_mb": len(chunks)}
+
+
+def allocate_once(event, context):
+    return {"len": len(bytearray(event["mb"] * 1024 * 1024))}
+
+
+def output(event, context):
+    print("printed line")
+    os.write(1, b"fd1 line\n")
+    os.write(2, b"fd2 line\n")
+    print("stderr line", file=sys.stderr)
+    logger = logging.getLogger("fixture")
+    logger.setLevel(logging.INFO)
+    logger.info("logged %s", "line")
+    subprocess.run(["sh", "-c", "echo subprocess line; echo subprocess stderr >&2"], check=True)
+    context.log("context line\n")
+    return {"ok": True}
+
+
+def spam(event, context):
+    line = "x" * 99 + "\n"
+    for _ in range(event["lines"]):
+        sys.stdout.write(line)
+    time.sleep(event.get("s", 0))
+    return {"ok": True}
+
+
+def environment(event, context):
+    return {"env": dict(os.environ), "cwd": os.getcwd(), "sys_path0": sys.path[0]}
+
+
+def describe_context(event, context):
+    cc = context.client_context
+    return {
+        "function_name": context.function_name,
+        "function_version": context.function_version,
+        "invoked_function_arn": context.invoked_function_arn,
+        "memory_limit_in_mb": context.memory_limit_in_mb,
+        "aws_request_id": context.aws_request_id,
+        "log_group_name": context.log_group_name,
+        "log_stream_name": context.log_stream_name,
+        "identity": [context.identity.cognito_identity_id, context.identity.cognito_identity_pool_id],
+        "client_context": None if cc is None else {
+            "custom": cc.custom, "env": cc.env, "installation_id": cc.client and cc.client.installation_id,
+        },
+        "remaining_ms": context.get_remaining_time_in_millis(),
+    }
+
+
+def returns(event, context):
+    kind = event["kind"]
+    if kind == "bytes":
+        return b"\x00raw bytes"
+    if kind == "decimal":
+        return {"price": decimal.Decimal("12.50")}
+    if kind == "none":
+        return None
+    return object()
+
+
+def spawn_sleeper(event, context):
+    child = subprocess.Popen(["sleep", "60"], start_new_session=False)
+    return {"child": child.pid}

@@ -1,0 +1,8 @@
+import time
+
+print("init output")
+time.sleep(60)
+
+
+def handler(event, context):
+    return {}
