@@ -61,7 +61,17 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")  # aiohttp keeps undecodable header bytes so
 
 
+class NoCheck:
+    needs_body = False
+    challenge: dict[str, str] = {}
+
+    def check(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        return None
+
+
 class TokenCheck:
+    needs_body = False
+
     def __init__(self, auth: TokenAuth, secret: str) -> None:
         self.header, self.bearer = auth.header, auth.header.lower() == "authorization"
         self.expected = _utf8(secret)
@@ -79,6 +89,7 @@ class TokenCheck:
 
 
 class BasicCheck:
+    needs_body = False
     challenge = {"WWW-Authenticate": 'Basic realm="lambdaemon", charset="UTF-8"'}
 
     def __init__(self, auth: BasicAuth, secret: str) -> None:
@@ -103,6 +114,7 @@ class BasicCheck:
 
 
 class HmacCheck:
+    needs_body = True
     challenge: dict[str, str] = {}
 
     def __init__(self, auth: HmacAuth, secret: str) -> None:
@@ -138,7 +150,7 @@ class Route(msgspec.Struct, frozen=True):
     trigger_id: str
     path: str
     mode: str
-    check: Any  # a *Check, or None for auth "none"
+    check: Any  # one of the *Check classes above
 
 
 class WebhookSource:
@@ -171,7 +183,8 @@ class WebhookSource:
         self._allow = {path: ", ".join(sorted(methods)) for path, methods in self.routes.items()}
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
-        self.port: int | None = None
+        self.port: int | None = None  # the bound port once listening (`listen` may say 0)
+        self.listening = asyncio.Event()
         self._emit: Emit | None = None
         self._draining = False
 
@@ -188,9 +201,11 @@ class WebhookSource:
             self.port = runner.addresses[0][1]
             log.info("webhook_listening", listen=self.listen, port=self.port,
                      routes=sorted(self.routes))
+            self.listening.set()
             await asyncio.get_running_loop().create_future()  # serve until cancelled
         finally:
             self._draining = True  # requests that still slip in get 503 while in-flight ones finish
+            self.listening.clear()
             await self._stop(runner)
 
     async def _stop(self, runner: web.AppRunner) -> None:
@@ -212,11 +227,15 @@ class WebhookSource:
         if self._draining:
             busy = {"Retry-After": "5", "Connection": "close"}
             return self._reject(request, route, "draining", 503, "Service Unavailable", busy)
+        check = route.check
+        # Header-only checks run before the body is read: strangers cannot make us buffer it.
+        if not check.needs_body and (reason := check.check(request.headers, b"")):
+            return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
         body = await self._read_body(request)
         if body is None:
             return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
-        if route.check is not None and (reason := route.check.check(request.headers, body)):
-            return self._reject(request, route, reason, 401, "Unauthorized", route.check.challenge)
+        if check.needs_body and (reason := check.check(request.headers, body)):
+            return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
         event = _encode(build_event(request, body, self.port))
         if route.mode == "async":
             return await self._accept(request, route, event)
@@ -277,7 +296,7 @@ class WebhookSource:
 
 def _build_check(config: Config, auth: Any, key: str) -> Any:
     if type(auth) not in CHECKS:
-        return None  # auth "none"
+        return NoCheck()  # auth "none"
     cls, field = CHECKS[type(auth)]
     # Read once, here: no file access on the request path.
     return cls(auth, read_secret(config, getattr(auth, field), f"{key}.{field}"))
