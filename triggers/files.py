@@ -1,0 +1,427 @@
+"""File-drop trigger source: a watched folder, claimed by rename, finished into done/ or failed/.
+
+Per file, in an order that is safe at every instant (a crash anywhere loses nothing):
+claim = rename `<path>/<name>` -> `<path>/.processing/<name>` and fsync both folders; commit the
+invocation with the dedupe key `files:<dev>:<ino>:<ctime_ns>:<size>:<mtime_ns>:<sha256>:<name>`
+(rename keeps the inode, size and mtime and sets ctime, so a claimed file re-found in
+.processing/ after a crash maps to the same invocation, while a file moved back into the folder
+to be replayed is a new claim); wait for its final status; then rename it to
+`done/<invocation_id>_<name>`, `failed/<invocation_id>_<name>` (plus a `.error` JSON sidecar),
+or delete it (`after = "delete"`, on success only: a failed input is always kept in failed/).
+
+Rules:
+- Non-recursive: only entries directly in `path` count. Folders inside it (.processing, done,
+  failed and any other) and their contents are never looked at.
+- Ignored names: a leading `.`, a trailing `~`, `.tmp`, `.part`, `.partial`, `.crdownload`.
+  `pattern` is a case-sensitive glob on the name. Two triggers on one folder: the first (in
+  config order) whose pattern matches gets the file.
+- Complete = the kernel says nobody has it open for writing (a read lease can be taken; this
+  needs the file's owner or CAP_LEASE). CLOSE_WRITE and MOVED_TO count as complete unless a
+  writer is still open. A file found by a scan for which the kernel cannot answer (lease refused,
+  or `poll = true`, where remote writers are invisible anyway) must show the same size and mtime
+  on two looks at least SETTLE_S apart. A writer that closes and reopens the file can still be
+  caught between sessions: producers should write elsewhere and rename into the folder.
+- One file per name in flight: a new file with the name of one still in .processing/ waits in
+  the folder until that one is finished.
+- Only regular files run. A FIFO, socket, device or symlink matching the pattern, and a file
+  that cannot be opened or read, is moved to `failed/rejected-<hex>_<name>` with a `.error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import signal
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from asyncinotify import Inotify, Mask
+
+from daemon.errors import StoreUnavailableError
+
+if TYPE_CHECKING:
+    from daemon.config import Config, FilesTriggerConfig
+    from triggers.base import Emit
+
+log = structlog.get_logger("lambdaemon.triggers.files")
+
+SETTLE_S = 2.0  # stability window for files the kernel cannot vouch for
+RETRY_S = (0.5, 30.0)  # backoff of a commit or a final move that failed: first, cap
+IGNORED_SUFFIXES = ("~", ".tmp", ".part", ".partial", ".crdownload")
+WATCH_MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.ONLYDIR  # Q_OVERFLOW, IGNORED always come
+_CHUNK = 1 << 20
+
+
+class _Rejected(Exception):
+    """A claimed entry that cannot become an event; the message is the reason."""
+
+
+@dataclass
+class _Folder:
+    """One watched folder and the triggers (function, trigger_id, config) that share it."""
+
+    path: Path
+    triggers: list[tuple[str, str, FilesTriggerConfig]]
+    poll: bool
+    rescan_s: float
+    looks: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
+    waiting: set[str] = field(default_factory=set)  # names held back by a namesake in flight
+    rescan: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = "periodic"
+
+    @property
+    def processing(self) -> Path:
+        return self.path / ".processing"
+
+    def match(self, name: str) -> tuple[str, str, FilesTriggerConfig] | None:
+        if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
+            return None
+        return next((t for t in self.triggers if fnmatch.fnmatchcase(name, t[2].pattern)), None)
+
+    def request_scan(self, reason: str) -> None:
+        self.reason = reason
+        self.rescan.set()
+
+
+class FilesSource:
+    """Serves every `files` trigger: one watch and scan loop per folder, one task per file."""
+
+    name = "files"
+
+    def __init__(self, config: Config, store: Any, triggers: list[tuple[str, str, Any]]) -> None:
+        self._store = store
+        by_path: dict[Path, list[tuple[str, str, FilesTriggerConfig]]] = {}
+        for function, trigger_id, cfg in triggers:
+            by_path.setdefault(config.resolve(cfg.path), []).append((function, trigger_id, cfg))
+        self._folders = [
+            _Folder(
+                path, ts, poll=any(t[2].poll for t in ts), rescan_s=min(t[2].rescan_s for t in ts)
+            )
+            for path, ts in by_path.items()
+        ]
+
+    async def run(self, emit: Emit) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            for folder in self._folders:
+                tasks.create_task(self._serve(folder, emit, tasks))
+
+    async def _serve(self, folder: _Folder, emit: Emit, tasks: asyncio.TaskGroup) -> None:
+        inotify = None if folder.poll else Inotify()
+        try:
+            _make_dir(folder.path)
+            _make_dir(folder.processing)
+            if inotify is not None:  # the watch goes first, so nothing lands unseen before the scan
+                inotify.add_watch(folder.path, WATCH_MASK)
+                tasks.create_task(self._follow(folder, inotify, emit, tasks))
+            with os.scandir(folder.processing) as claimed:  # claimed by an earlier run
+                for entry in sorted(claimed, key=lambda e: e.name):
+                    if not entry.is_dir(follow_symlinks=False):
+                        tasks.create_task(self._process(folder, entry.name, emit, tasks))
+            reason = "start"
+            while True:
+                self._scan(folder, reason, emit, tasks)
+                settling = bool(folder.looks)
+                try:
+                    async with asyncio.timeout(
+                        min(folder.rescan_s, SETTLE_S) if settling else folder.rescan_s
+                    ):
+                        await folder.rescan.wait()
+                    reason = folder.reason
+                except TimeoutError:
+                    reason = "recheck" if settling else "periodic"
+                folder.rescan.clear()
+        finally:
+            if inotify is not None:
+                inotify.close()
+
+    async def _follow(
+        self, folder: _Folder, inotify: Inotify, emit: Emit, tasks: asyncio.TaskGroup
+    ) -> None:
+        """inotify as a wake-up only: claim at once on a completion event, rescan when blind."""
+        async for event in inotify:
+            if Mask.Q_OVERFLOW in event.mask:
+                folder.request_scan("overflow")
+            elif Mask.IGNORED in event.mask:  # the folder was deleted or unmounted: watch anew
+                _make_dir(folder.path)
+                _make_dir(folder.processing)
+                inotify.add_watch(folder.path, WATCH_MASK)
+                folder.request_scan("rewatch")
+            elif event.name is not None and Mask.ISDIR not in event.mask:
+                self._consider(folder, str(event.name), None, emit, tasks, signalled=True)
+
+    def _scan(self, folder: _Folder, reason: str, emit: Emit, tasks: asyncio.TaskGroup) -> None:
+        found: list[tuple[int, str, os.stat_result]] = []
+        with os.scandir(folder.path) as entries:
+            for entry in entries:
+                if folder.match(entry.name) and not entry.is_dir(follow_symlinks=False):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    found.append((st.st_mtime_ns, entry.name, st))
+        present = {name for _, name, _ in found}
+        folder.looks = {n: look for n, look in folder.looks.items() if n in present}
+        claimed = sum(
+            self._consider(folder, name, st, emit, tasks) for _, name, st in sorted(found)
+        )
+        level = log.debug if reason in ("periodic", "recheck") and not claimed else log.info
+        level(
+            "files_rescanned",
+            folder=str(folder.path),
+            reason=reason,
+            candidates=len(found),
+            claimed=claimed,
+        )
+
+    def _consider(
+        self,
+        folder: _Folder,
+        name: str,
+        st: os.stat_result | None,
+        emit: Emit,
+        tasks: asyncio.TaskGroup,
+        *,
+        signalled: bool = False,
+    ) -> bool:
+        """Claim `name` if it matches and is complete; True when claimed."""
+        src, dst = folder.path / name, folder.processing / name
+        try:
+            st = os.lstat(src) if st is None else st
+            if not folder.match(name) or stat.S_ISDIR(st.st_mode):
+                return False
+            if stat.S_ISREG(st.st_mode) and not _complete(folder, name, st, signalled):
+                return False
+            if os.path.lexists(dst):
+                folder.waiting.add(name)
+                return False
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.error("files_claim_failed", folder=str(folder.path), name=name, error=str(exc))
+            return False
+        folder.looks.pop(name, None)
+        tasks.create_task(self._process(folder, name, emit, tasks))
+        return True
+
+    async def _process(
+        self, folder: _Folder, name: str, emit: Emit, tasks: asyncio.TaskGroup
+    ) -> None:
+        """One claimed file, from commit to its final place."""
+        try:
+            match = folder.match(name)
+            try:
+                if match is None:
+                    raise _Rejected("no files trigger of this folder matches the name any more")
+                event, key = await asyncio.to_thread(_describe, folder, name)
+            except _Rejected as exc:
+                return await self._reject(folder, name, str(exc))
+            except OSError as exc:
+                return await self._reject(folder, name, f"cannot read: {exc.strerror or exc}")
+            await self._run_file(folder, name, match, event, key, emit)
+        except (
+            Exception
+        ) as exc:  # a bug or a vanished file: it stays claimed, the next start retries
+            log.error(
+                "files_processing_failed", folder=str(folder.path), name=name, error=repr(exc)
+            )
+        finally:
+            if name in folder.waiting:  # a namesake waits for this one to leave .processing
+                folder.waiting.discard(name)
+                folder.request_scan("released")
+
+    async def _run_file(
+        self,
+        folder: _Folder,
+        name: str,
+        match: tuple[str, str, FilesTriggerConfig],
+        event: dict[str, Any],
+        key: str,
+        emit: Emit,
+    ) -> None:
+        function, trigger_id, cfg = match
+        accepted = await _retrying(
+            "files_commit_failed",
+            name,
+            lambda: emit(function, event, trigger="files", trigger_id=trigger_id, dedupe_key=key),
+        )
+        invocation_id = accepted.invocation_id
+        bound = log.bind(function=function, name=name, invocation_id=invocation_id)
+        bound.info(
+            "files_claimed", folder=str(folder.path), created=accepted.created, size=event["size"]
+        )
+        status = await emit.wait_final(invocation_id)
+        sidecar = None
+        if status != "succeeded":
+            sidecar = {
+                "invocation_id": invocation_id,
+                "function": function,
+                "trigger_id": trigger_id,
+                **await self._error_of(invocation_id, status),
+            }
+        delete = status == "succeeded" and cfg.after == "delete"
+        target = await _retrying(
+            "files_move_failed",
+            name,
+            lambda: asyncio.to_thread(_finish, folder, name, invocation_id, sidecar, delete),
+        )
+        if sidecar is None:
+            bound.info("files_done", status=status, moved_to=target)
+        else:
+            bound.warning("files_failed", status=status, moved_to=target, reason=sidecar["reason"])
+
+    async def _reject(self, folder: _Folder, name: str, reason: str) -> None:
+        sidecar = {"invocation_id": None, "status": "rejected", "reason": reason}
+        try:
+            prefix = f"rejected-{uuid.uuid4().hex[:12]}"
+            target = await asyncio.to_thread(_finish, folder, name, prefix, sidecar, False)
+        except OSError as exc:  # gone already: nothing left to keep
+            target = None
+            reason = f"{reason}; not moved: {exc.strerror or exc}"
+        log.warning(
+            "files_rejected", folder=str(folder.path), name=name, reason=reason, moved_to=target
+        )
+
+    async def _error_of(self, invocation_id: str, status: str) -> dict[str, Any]:
+        rows = await self._store.query(
+            "SELECT error_type, error_message FROM invocations WHERE id = ?", (invocation_id,)
+        )
+        row = dict(rows[0]) if rows else {}
+        return {"status": status, "reason": row.get("error_message") or status, **row}
+
+
+async def _retrying(event: str, name: str, attempt: Any) -> Any:
+    """Retry transient store or disk trouble with capped backoff; the file waits in .processing."""
+    delay = RETRY_S[0]
+    while True:
+        try:
+            return await attempt()
+        except FileNotFoundError:
+            raise
+        except (StoreUnavailableError, OSError) as exc:
+            log.error(event, name=name, error=str(exc), retry_in_s=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_S[1])
+
+
+def _complete(folder: _Folder, name: str, st: os.stat_result, signalled: bool) -> bool:
+    writing = _writer_open(folder.path / name)
+    if writing:
+        folder.looks.pop(name, None)  # its CLOSE_WRITE or a later scan brings it back
+        return False
+    if not folder.poll and (signalled or writing is False):
+        return True
+    key, now = (st.st_size, st.st_mtime_ns), time.monotonic()
+    seen = folder.looks.get(name)
+    if seen is not None and seen[0] == key:
+        return now - seen[1] >= SETTLE_S
+    folder.looks[name] = (key, now)
+    return False
+
+
+def _writer_open(path: Path) -> bool | None:
+    """Whether any process has `path` open for writing; None when the kernel won't say."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        # A lease break would signal us with SIGIO, whose default action kills the daemon;
+        # SIGURG is ignored by default.
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    except OSError as exc:
+        return True if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+    finally:
+        os.close(fd)
+
+
+def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
+    """The event and dedupe key of a claimed file (runs in a thread: hashing blocks)."""
+    path = folder.processing / name
+    kind = stat.S_IFMT(os.lstat(path).st_mode)
+    if kind != stat.S_IFREG:
+        raise _Rejected(f"not a regular file ({_KINDS.get(kind, 'unknown type')})")
+    with open(
+        os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC), "rb"
+    ) as file:
+        st = os.fstat(file.fileno())
+        if not stat.S_ISREG(st.st_mode):  # swapped for something else since the lstat
+            raise _Rejected("not a regular file")
+        sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+    _fsync_dir(folder.processing)  # the claim survives a power cut before we commit it
+    _fsync_dir(folder.path)
+    mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC).isoformat(timespec="microseconds")
+    event = {
+        "path": str(path),
+        "name": name,
+        "size": st.st_size,
+        "mtime": mtime.replace("+00:00", "Z"),
+        "sha256": sha256,
+    }
+    identity = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, sha256, name)
+    key = "files:" + ":".join(map(str, identity))
+    return event, key
+
+
+_KINDS = {
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def _finish(
+    folder: _Folder, name: str, prefix: str, sidecar: dict[str, Any] | None, delete: bool
+) -> str | None:
+    """Delete, or move to done/ (no sidecar) or failed/; return the new path. Blocking."""
+    src = folder.processing / name
+    if delete:
+        os.unlink(src)
+        _fsync_dir(folder.processing)
+        return None
+    dest_dir = folder.path / ("failed" if sidecar else "done")
+    _make_dir(dest_dir)
+    dest = dest_dir / f"{prefix}_{name}"
+    if sidecar:  # written before the move: a crash in between redoes both
+        _write_durably(dest.with_name(dest.name + ".error"), json.dumps(sidecar, indent=1) + "\n")
+    os.rename(src, dest)
+    _fsync_dir(dest_dir)
+    _fsync_dir(folder.processing)
+    return str(dest)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _make_dir(path: Path) -> None:
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
