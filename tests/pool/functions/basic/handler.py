@@ -112,3 +112,10 @@ def returns(event, context):
 def spawn_sleeper(event, context):
     child = subprocess.Popen(["sleep", "60"], start_new_session=False)
     return {"child": child.pid}
+
+
+def sleep_with_child(event, context):
+    child = subprocess.Popen(["sleep", "60"])
+    print(f"child {child.pid}")
+    time.sleep(event["s"])
+    return {"child": child.pid}

@@ -1,0 +1,106 @@
+"""Fixtures for the pool tests: real worker processes, and log events to wait on."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from daemon.config import FunctionConfig
+from daemon.models import InvokeRequest
+from daemon.pool import WorkerPool
+
+FUNCTIONS = Path(__file__).parent / "functions"
+BASIC = FUNCTIONS / "basic"
+
+
+def function(name: str, handler: str = "handler.count", code: Path = BASIC, **settings: Any) -> FunctionConfig:
+    return FunctionConfig(handler=handler, name=name, code=str(code), **settings)
+
+
+def request(fn: FunctionConfig, event: bytes = b"{}", **fields: Any) -> InvokeRequest:
+    return InvokeRequest(fields.pop("invocation_id", str(uuid.uuid4())), event, fn.arn, **fields)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class LogWatch:
+    """Log events as data, and a bounded wait for one that has not happened yet."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self._waiters: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+
+    def __call__(self, _logger: object, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        self.entries.append(dict(event_dict))
+        for fields, future in self._waiters:
+            if not future.done() and _matches(event_dict, fields):
+                future.set_result(dict(event_dict))
+        return event_dict
+
+    def mark(self) -> int:
+        """A position in the log, for `wait_for(..., since=...)`."""
+        return len(self.entries)
+
+    def find(self, event: str, since: int = 0, **fields: Any) -> list[dict[str, Any]]:
+        return [entry for entry in self.entries[since:] if _matches(entry, {"event": event, **fields})]
+
+    async def wait_for(self, event: str, timeout_s: float = 10.0, since: int = 0, **fields: Any) -> dict[str, Any]:
+        """The first matching event logged after position `since`, past or future."""
+        if found := self.find(event, since, **fields):
+            return found[0]
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        entry = ({"event": event, **fields}, future)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        finally:
+            self._waiters.remove(entry)
+
+
+def _matches(entry: Mapping[str, Any], fields: Mapping[str, Any]) -> bool:
+    return all(entry.get(key) == value for key, value in fields.items())
+
+
+@pytest.fixture
+def logs() -> Iterator[LogWatch]:
+    watch = LogWatch()
+    with structlog.testing.capture_logs(processors=[watch]):
+        yield watch
+
+
+@pytest.fixture
+async def make_pool(logs: LogWatch) -> AsyncIterator[Callable[..., Any]]:
+    """Start pools on demand; every one is closed at the end, and leaves no process behind."""
+    pools: list[WorkerPool] = []
+
+    async def make(max_workers: int = 4, functions: Mapping[str, FunctionConfig] | None = None,
+                   log_capture_bytes: int = 65536) -> WorkerPool:
+        pool = WorkerPool(max_workers, log_capture_bytes)
+        pools.append(pool)
+        await pool.start(functions or {})
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.close()
+    started = [entry["pid"] for entry in logs.find("worker_started")]
+    assert not [pid for pid in started if alive(pid)]
+
+
+@pytest.fixture
+async def pool(make_pool: Callable[..., Any]) -> WorkerPool:
+    return await make_pool()  # type: ignore[no-any-return]
