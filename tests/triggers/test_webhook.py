@@ -18,9 +18,13 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from daemon.config import load_config
+from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
+from daemon.pool import WorkerPool
+from daemon.store import Store
 from tests.daemon_proc import ROOT, Daemon, free_port, write_config
 from triggers.webhook import WebhookSource
 
@@ -283,7 +287,8 @@ async def test_webhook_structured_response_base64_body_is_decoded(hooks: Hooks):
     ],
 )
 async def test_webhook_other_results_are_200_json(hooks: Hooks, result: Any, expected: bytes):
-    status, headers, body = await hooks.request("POST", "/respond", json=result)
+    status, headers, body = await hooks.request("POST", "/respond", data=json.dumps(result),
+                                                headers={"Content-Type": "application/json"})
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == json.loads(expected)
 
@@ -493,28 +498,41 @@ def _triggers(config: Any) -> list[tuple[str, str, Any]]:
     return [("mirror", f"mirror#{i}", t) for i, t in enumerate(config.functions["mirror"].triggers)]
 
 
-async def test_webhook_source_counts_rejections_on_itself(tmp_path: Path):
+async def test_webhook_source_counts_on_itself_and_logs_without_secrets(tmp_path: Path):
     config = _config(tmp_path, '{ type = "webhook", path = "/t", '
                                'auth = { type = "token", token_file = "token" } }')
     source = WebhookSource(config, None, _triggers(config))
-    # No request here gets past auth, so nothing is emitted.
-    task = asyncio.ensure_future(source.run(None))  # type: ignore[arg-type]
-    try:
-        async with asyncio.timeout(5):
-            await source.listening.wait()
-        url = f"http://127.0.0.1:{source.port}"
-        async with aiohttp.ClientSession() as session:
-            for headers in ({}, {"Authorization": "Bearer bad"}, {"Authorization": "Bearer bad"}):
-                async with session.post(url + "/t", headers=headers) as resp:
-                    assert resp.status == 401
-            async with session.get(url + "/elsewhere") as resp:
-                assert resp.status == 404
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    pool = WorkerPool(2)
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        await pool.start(config.functions)
+        dispatcher = Dispatcher(store, pool, config.functions)
+        task = asyncio.ensure_future(source.run(dispatcher))
+        try:
+            with capture_logs() as logs:
+                async with asyncio.timeout(5):
+                    await source.listening.wait()
+                url = f"http://127.0.0.1:{source.port}"
+                async with aiohttp.ClientSession() as session:
+                    for auth in ("", "Bearer bad", "Bearer bad", f"Bearer {TOKEN}"):
+                        headers = {"Authorization": auth} if auth else {}
+                        async with session.post(url + "/t", headers=headers) as resp:
+                            assert resp.status == (200 if auth.endswith(TOKEN) else 401)
+                    async with session.get(url + "/elsewhere") as resp:
+                        assert resp.status == 404
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await dispatcher.drain(5)  # the sync call's record lands before the store closes
+            await pool.close()
     assert source.rejected == {"auth_missing": 1, "auth_invalid": 2, "not_found": 1}
-    assert source.auth_failures == 3 and source.accepted == 0
+    assert source.auth_failures == 3 and source.accepted == 1
+    rejected = [e for e in logs if e["event"] == "webhook_rejected"]
+    assert [(e["reason"], e["count"], e["log_level"]) for e in rejected] == [
+        ("auth_missing", 1, "warning"), ("auth_invalid", 1, "warning"),
+        ("auth_invalid", 2, "warning"), ("not_found", 1, "info")]
+    assert all(e["remote"] == "127.0.0.1" for e in rejected)
+    assert TOKEN not in repr(logs)
 
 
 async def test_webhook_same_route_twice_is_a_config_error(tmp_path: Path):
