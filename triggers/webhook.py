@@ -280,8 +280,9 @@ class WebhookSource:
                                 {"Retry-After": "1"})
         self.accepted += 1
         response = to_response(invocation_id, outcome)
-        log.info("webhook_accepted", route=route.path, function=route.function, mode="sync",
-                 invocation_id=invocation_id, status=response.status)
+        # Debug: the dispatcher's invocation_finished already says it, on the hot path.
+        log.debug("webhook_accepted", route=route.path, function=route.function, mode="sync",
+                  invocation_id=invocation_id, status=response.status)
         return response
 
     def _reject(self, request: web.Request, route: Route | None, reason: str, status: int,
