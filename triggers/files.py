@@ -203,6 +203,8 @@ class FilesSource:
             if stat.S_ISREG(st.st_mode) and not _complete(folder, name, st, signalled):
                 return False
             if os.path.lexists(dst):
+                if name not in folder.waiting:
+                    log.info("files_deferred", folder=str(folder.path), name=name)
                 folder.waiting.add(name)
                 return False
             os.rename(src, dst)

@@ -1,0 +1,329 @@
+"""The files source inside the real daemon: real folders, real inotify, real workers, SIGKILL.
+
+Every wait is a condition polled with a bound (Daemon.wait_for); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+
+from tests.daemon_proc import Daemon, running_daemon, write_config
+from triggers.files import SETTLE_S
+
+FUNCS = Path(__file__).resolve().parent / "functions"
+
+
+def function(name: str, fixture: str, *triggers: str, extra: str = "") -> str:
+    """A [functions.NAME] table on a fixture handler plus its files triggers (TOML bodies)."""
+    text = f'[functions.{name}]\nhandler = "handler.handler"\ncode = "{FUNCS / fixture}"\n{extra}\n'
+    for body in triggers:
+        text += f'[[functions.{name}.triggers]]\ntype = "files"\n{body}\n'
+    return text
+
+
+def drop(folder: Path, name: str, data: bytes, staging: Path) -> None:
+    """What a careful producer does: write elsewhere on the same filesystem, rename in."""
+    staging.mkdir(exist_ok=True)
+    (staging / name).write_bytes(data)
+    os.rename(staging / name, folder / name)
+
+
+def finished(folder: Path, kind: str = "done") -> dict[str, str]:
+    """{original name: invocation id} of the files in done/ or failed/ (sidecars left out)."""
+    if not (folder / kind).is_dir():
+        return {}
+    out = {}
+    for entry in os.listdir(folder / kind):
+        if not entry.endswith(".error"):
+            prefix, _, name = entry.partition("_")
+            out[name] = prefix
+    return out
+
+
+async def until(daemon: Daemon, condition, timeout_s: float = 20):
+    async def check():
+        return condition()
+
+    return await daemon.wait_for(check, timeout_s=timeout_s)
+
+
+async def records(daemon: Daemon, function: str) -> list[dict]:
+    """Full records (event and result included) of every invocation of `function`."""
+    rows = await daemon.invocations(function=function)
+    return list(await asyncio.gather(*(daemon.get(f"/v1/invocations/{r['id']}") for r in rows)))
+
+
+def events(daemon: Daemon, kind: str, /, **match) -> list[dict]:
+    return [
+        e
+        for e in daemon.log_events()
+        if e.get("event") == kind and all(e.get(k) == v for k, v in match.items())
+    ]
+
+
+async def test_files_many_at_once_each_run_exactly_once(tmp_path):
+    inbox = tmp_path / "inbox"
+    trigger = f'path = "{inbox}"\npattern = "*.txt"'
+    body = function("reader", "files_read", trigger, extra="concurrency = 4")
+    async with running_daemon(tmp_path, body) as daemon:
+        for i in range(200):
+            if i % 2:  # half renamed in (MOVED_TO), half written in place (CLOSE_WRITE)
+                drop(inbox, f"f{i:03}.txt", f"file {i}\n".encode() * i, tmp_path / "staging")
+            else:
+                (inbox / f"f{i:03}.txt").write_bytes(f"file {i}\n".encode() * i)
+        await until(daemon, lambda: len(finished(inbox)) == 200, timeout_s=40)
+        rows, done = await records(daemon, "reader"), finished(inbox)
+        assert len(rows) == 200
+        assert {r["id"] for r in rows} == set(done.values())
+        assert all(r["status"] == "succeeded" and r["attempt"] == 1 for r in rows)
+        assert sorted(os.listdir(inbox)) == [".processing", "done"]
+        assert os.listdir(inbox / ".processing") == []
+        for record in rows:
+            event, result = record["event"], record["result"]
+            assert record["trigger"] == "files" and record["trigger_id"] == "reader#0"
+            assert event["path"] == str(inbox / ".processing" / event["name"])
+            assert done[event["name"]] == record["id"]
+            assert result["size_ok"] and result["sha256_ok"]
+            assert event["mtime"].endswith("Z") and len(event["sha256"]) == 64
+
+
+async def test_files_slow_writer_is_claimed_only_after_close(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    body = function("reader", "files_read", f'path = "{inbox}"\npattern = "*.txt"')
+    early = (inbox / "early.txt").open("wb")  # open across the start scan
+    early.write(b"early part one, ")
+    early.flush()
+    async with running_daemon(tmp_path, body) as daemon:
+        late = (inbox / "late.txt").open("wb")  # opened while the watch is live
+        late.write(b"late part one, ")
+        late.flush()
+        drop(inbox, "marker.txt", b"x", tmp_path / "staging")
+        await until(daemon, lambda: "marker.txt" in finished(inbox))
+        start = events(daemon, "files_rescanned", reason="start")
+        assert start and start[0]["candidates"] == 1 and start[0]["claimed"] == 0
+        assert (inbox / "early.txt").exists() and (inbox / "late.txt").exists()
+        for file, rest in ((early, b"early part two"), (late, b"late part two")):
+            file.write(rest)
+            file.close()
+        await until(daemon, lambda: {"early.txt", "late.txt"} <= finished(inbox).keys())
+        for name, text in (
+            ("early", "early part one, early part two"),
+            ("late", "late part one, late part two"),
+        ):
+            record = await daemon.get(f"/v1/invocations/{finished(inbox)[name + '.txt']}")
+            assert record["result"]["text"] == text
+            assert (inbox / "done" / f"{record['id']}_{name}.txt").read_text() == text
+
+
+async def test_files_start_scan_pattern_ignored_names_and_nested_folders(tmp_path):
+    everything, texts = tmp_path / "everything", tmp_path / "texts"
+    for folder in (everything, texts):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "inner.txt").write_text("nested: never looked at")
+        (folder / "dir.txt").mkdir()  # a folder matching the pattern is still a folder
+        for name in ("a.txt", "b.jpg", ".hidden.txt", "x.tmp", "y.part", "z.txt~", "c.crdownload"):
+            (folder / name).write_text(name)
+    body = function(
+        "reader",
+        "files_read",
+        f'path = "{everything}"\npattern = "*"\nrescan_s = 0.2',
+        f'path = "{texts}"\npattern = "*.txt"\nrescan_s = 0.2',
+    )
+    async with running_daemon(tmp_path, body, daemon='log_level = "debug"') as daemon:
+        await until(daemon, lambda: finished(everything).keys() == {"a.txt", "b.jpg"})
+        await until(daemon, lambda: finished(texts).keys() == {"a.txt"})
+        await until(daemon, lambda: len(events(daemon, "files_rescanned", reason="periodic")) >= 4)
+        assert sorted(os.listdir(texts)) == sorted(
+            [
+                ".processing",
+                "done",
+                "sub",
+                "dir.txt",
+                "b.jpg",
+                ".hidden.txt",
+                "x.tmp",
+                "y.part",
+                "z.txt~",
+                "c.crdownload",
+            ]
+        )
+        assert sorted(os.listdir(everything)) == sorted(
+            [
+                ".processing",
+                "done",
+                "sub",
+                "dir.txt",
+                ".hidden.txt",
+                "x.tmp",
+                "y.part",
+                "z.txt~",
+                "c.crdownload",
+            ]
+        )
+        for folder in (everything, texts):
+            assert (
+                os.listdir(folder / "sub") == ["inner.txt"] and os.listdir(folder / "dir.txt") == []
+            )
+        rows = await daemon.invocations(function="reader")
+        assert sorted(r["trigger_id"] for r in rows) == ["reader#0", "reader#0", "reader#1"]
+
+
+async def test_files_odd_entries_are_rejected_to_failed_with_reason(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    os.mkfifo(inbox / "pipe.txt")
+    (inbox / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "outside.txt").write_text("outside the folder")
+    (inbox / "link.txt").symlink_to(tmp_path / "outside.txt")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(inbox / "sock.txt"))
+    body = function("reader", "files_read", f'path = "{inbox}"\npattern = "*.txt"\nrescan_s = 0.2')
+    try:
+        async with running_daemon(tmp_path, body) as daemon:
+            os.mkfifo(inbox / "later.txt")  # no inotify event for a FIFO: a periodic scan finds it
+            drop(inbox, "fine.txt", b"a regular file", tmp_path / "staging")
+            odd = {"pipe.txt", "dangling.txt", "link.txt", "sock.txt", "later.txt"}
+            await until(daemon, lambda: finished(inbox, "failed").keys() == odd)
+            await until(daemon, lambda: "fine.txt" in finished(inbox))
+            kinds = {
+                "pipe.txt": "fifo",
+                "later.txt": "fifo",
+                "sock.txt": "socket",
+                "dangling.txt": "symlink",
+                "link.txt": "symlink",
+            }
+            for name, prefix in finished(inbox, "failed").items():
+                assert prefix.startswith("rejected-")
+                sidecar = json.loads((inbox / "failed" / f"{prefix}_{name}.error").read_text())
+                assert sidecar["reason"] == f"not a regular file ({kinds[name]})"
+                assert sidecar["invocation_id"] is None
+            assert {e["name"] for e in events(daemon, "files_rejected")} == odd
+            assert (tmp_path / "outside.txt").read_text() == "outside the folder"
+            assert [r["event"]["name"] for r in await records(daemon, "reader")] == ["fine.txt"]
+    finally:
+        listener.close()
+
+
+async def test_files_failing_handler_goes_to_failed_and_can_be_replayed(tmp_path):
+    inbox = tmp_path / "inbox"
+    body = function("breaker", "files_fail", f'path = "{inbox}"\npattern = "*.csv"')
+    async with running_daemon(tmp_path, body) as daemon:
+        drop(inbox, "bad.csv", b"1,2,3\n", tmp_path / "staging")
+        await until(daemon, lambda: "bad.csv" in finished(inbox, "failed"))
+        first = finished(inbox, "failed")["bad.csv"]
+        sidecar = json.loads((inbox / "failed" / f"{first}_bad.csv.error").read_text())
+        assert sidecar["invocation_id"] == first and sidecar["function"] == "breaker"
+        assert (sidecar["status"], sidecar["error_type"]) == ("failed", "ValueError")
+        assert sidecar["error_message"] == "cannot process bad.csv"
+        assert events(daemon, "files_failed", name="bad.csv")[0]["invocation_id"] == first
+        # Moving it back in is a replay: a new claim, so a new invocation, not the old one's result.
+        os.rename(inbox / "failed" / f"{first}_bad.csv", inbox / "bad.csv")
+        await until(daemon, lambda: "bad.csv" in finished(inbox, "failed"))
+        rows = await daemon.invocations(function="breaker")
+        assert len(rows) == 2 and all(r["status"] == "failed" for r in rows)
+        assert finished(inbox, "failed")["bad.csv"] in {r["id"] for r in rows} - {first}
+
+
+async def test_files_after_delete_removes_successes_and_keeps_failures(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    body = function("reader", "files_read", f'path = "{good}"\nafter = "delete"') + function(
+        "breaker", "files_fail", f'path = "{bad}"\nafter = "delete"'
+    )
+    async with running_daemon(tmp_path, body) as daemon:
+        drop(good, "ok.bin", b"\x00\x01", tmp_path / "staging")
+        drop(bad, "ko.bin", b"\x02", tmp_path / "staging")
+        await until(daemon, lambda: events(daemon, "files_done", name="ok.bin"))
+        await until(daemon, lambda: "ko.bin" in finished(bad, "failed"))
+        assert (
+            sorted(os.listdir(good)) == [".processing"] and os.listdir(good / ".processing") == []
+        )
+        assert (
+            bad / "failed" / f"{finished(bad, 'failed')['ko.bin']}_ko.bin"
+        ).read_bytes() == b"\x02"
+        (row,) = await daemon.invocations(function="reader")
+        assert row["status"] == "succeeded" and events(daemon, "files_done")[0]["moved_to"] is None
+
+
+async def test_files_namesake_waits_for_the_one_in_flight(tmp_path):
+    inbox, block = tmp_path / "inbox", tmp_path / "block"
+    block.touch()
+    body = function(
+        "holder",
+        "files_block",
+        f'path = "{inbox}"',
+        extra=f'concurrency = 2\ntimeout_s = 60\nenv = {{ BLOCK_FILE = "{block}" }}',
+    )
+    async with running_daemon(tmp_path, body) as daemon:
+        drop(inbox, "same.txt", b"first", tmp_path / "staging")
+        await until(daemon, lambda: (inbox / ".processing" / "same.txt").exists())
+        drop(inbox, "same.txt", b"second!", tmp_path / "staging")
+        await until(daemon, lambda: events(daemon, "files_deferred", name="same.txt"))
+        assert (inbox / ".processing" / "same.txt").read_bytes() == b"first"
+        block.unlink()
+        await until(
+            daemon,
+            lambda: len(os.listdir(inbox / "done")) == 2 if (inbox / "done").exists() else False,
+        )
+        assert {r["result"]["size"] for r in await records(daemon, "holder")} == {5, 7}
+
+
+async def test_files_sigkill_mid_invocation_finishes_after_restart_with_one_invocation(tmp_path):
+    inbox, block = tmp_path / "inbox", tmp_path / "block"
+    block.touch()
+    body = function(
+        "holder",
+        "files_block",
+        f'path = "{inbox}"\npattern = "*.txt"',
+        extra=f'timeout_s = 60\nenv = {{ BLOCK_FILE = "{block}" }}',
+    )
+    daemon = Daemon(write_config(tmp_path, body))
+    try:
+        await daemon.start()
+        drop(inbox, "killed.txt", b"in flight at the kill", tmp_path / "staging")
+        rows = await daemon.wait_for(lambda: daemon.invocations(status="running"))
+        await daemon.kill()
+        assert (inbox / ".processing" / "killed.txt").exists()
+        # While it is down: one file is dropped, one looks claimed but was never committed.
+        drop(inbox, "while_down.txt", b"dropped during downtime", tmp_path / "staging")
+        (inbox / ".processing" / "uncommitted.txt").write_bytes(b"renamed, then the power went")
+        block.unlink()
+        await daemon.start()
+        names = {"killed.txt", "while_down.txt", "uncommitted.txt"}
+        await until(daemon, lambda: finished(inbox).keys() == names)
+        after = await records(daemon, "holder")
+        assert sorted(r["event"]["name"] for r in after) == sorted(names)  # one each, no twin
+        assert finished(inbox)["killed.txt"] == rows[0]["id"]  # the same invocation, carried on
+        assert all(r["status"] == "succeeded" for r in after)
+        assert os.listdir(inbox / ".processing") == []
+        assert events(daemon, "files_claimed", name="killed.txt", created=False)
+    finally:
+        await daemon.close()
+
+
+async def test_files_poll_mode_waits_for_stable_files(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    body = function("reader", "files_read", f'path = "{inbox}"\npoll = true\nrescan_s = 0.2')
+    async with running_daemon(tmp_path, body) as daemon:
+        writer = (inbox / "growing.txt").open("wb")
+        writer.write(b"begun")
+        writer.flush()
+        dropped = time.time()
+        drop(inbox, "still.txt", b"complete", tmp_path / "staging")
+        await until(daemon, lambda: "still.txt" in finished(inbox))
+        claimed = events(daemon, "files_claimed", name="still.txt")[0]["timestamp"]
+        # No inotify here: only two looks at least SETTLE_S apart let a scanned file in.
+        assert datetime.fromisoformat(claimed).timestamp() - dropped >= SETTLE_S
+        assert (inbox / "growing.txt").exists()  # stable for longer than still.txt, but open
+        writer.write(b" and ended")
+        writer.close()
+        await until(daemon, lambda: "growing.txt" in finished(inbox))
+        done = inbox / "done" / f"{finished(inbox)['growing.txt']}_growing.txt"
+        assert done.read_bytes() == b"begun and ended"
