@@ -252,6 +252,9 @@ class Dispatcher:
         fn, attempt = lane.fn, item.attempt + 1
         try:
             request = InvokeRequest(item.id, item.event, fn.arn)
+            # Committed before the handler can start, so a crash mid-run is always seen as a
+            # started attempt (and counted) when the daemon recovers.
+            await self._store.mark_running(item.id, attempt, time.time(), None)
 
             def on_start(pid: int, started_at: float) -> None:
                 self._store.mark_running(item.id, attempt, started_at, pid)

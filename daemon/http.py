@@ -108,10 +108,13 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     limit = MAX_ASYNC_PAYLOAD if kind == "Event" else MAX_SYNC_PAYLOAD
     if request.content_length is not None and request.content_length > limit:
         return _too_large(request.content_length, limit)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        return _too_large(len(body), limit)
-    body = body.strip() or b"{}"
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(256 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return _too_large(size, limit)
+        chunks.append(chunk)
+    body = b"".join(chunks).strip() or b"{}"
     try:
         msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
