@@ -50,6 +50,7 @@ TEXT_TYPES = re.compile(
     r"|application/(?:x-www-form-urlencoded|javascript|x-ndjson|graphql)"
 )
 _SIGNATURE = re.compile(r"(?:sha256|v0)=([0-9a-fA-F]{64})")
+_STAMP = re.compile(r"[0-9]{1,12}")  # Unix seconds; the bound keeps int() cheap and safe
 _UNSAFE_HEADER = re.compile(r"[\r\n\0]")
 _NOT_FORWARDED = frozenset({"content-length", "transfer-encoding", "connection"})
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -64,6 +65,7 @@ def _utf8(text: str) -> bytes:
 class NoCheck:
     needs_body = False
     challenge: dict[str, str] = {}
+    redact: str | None = None  # the header holding the credential: kept out of the event
 
     def check(self, headers: Mapping[str, str], body: bytes) -> str | None:
         return None
@@ -74,6 +76,7 @@ class TokenCheck:
 
     def __init__(self, auth: TokenAuth, secret: str) -> None:
         self.header, self.bearer = auth.header, auth.header.lower() == "authorization"
+        self.redact = auth.header.lower()
         self.expected = _utf8(secret)
         self.challenge = {"WWW-Authenticate": 'Bearer realm="lambdaemon"'} if self.bearer else {}
 
@@ -89,7 +92,7 @@ class TokenCheck:
 
 
 class BasicCheck:
-    needs_body = False
+    needs_body, redact = False, "authorization"
     challenge = {"WWW-Authenticate": 'Basic realm="lambdaemon", charset="UTF-8"'}
 
     def __init__(self, auth: BasicAuth, secret: str) -> None:
@@ -114,7 +117,7 @@ class BasicCheck:
 
 
 class HmacCheck:
-    needs_body = True
+    needs_body, redact = True, None  # a signature is no secret; handlers may check it again
     challenge: dict[str, str] = {}
 
     def __init__(self, auth: HmacAuth, secret: str) -> None:
@@ -127,7 +130,7 @@ class HmacCheck:
         if signature is None or stamp is None:
             return "auth_missing"
         match = _SIGNATURE.fullmatch(signature.strip())
-        if match is None or (self.timestamp_header and not (stamp.isascii() and stamp.isdigit())):
+        if match is None or (self.timestamp_header and not _STAMP.fullmatch(stamp)):
             return "auth_malformed"
         mac = hmac.new(self.key, digestmod=hashlib.sha256)
         if self.timestamp_header:
@@ -236,7 +239,7 @@ class WebhookSource:
             return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
         if check.needs_body and (reason := check.check(request.headers, body)):
             return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
-        event = _encode(build_event(request, body, self.port))
+        event = _encode(build_event(request, body, self.port, check.redact))
         if route.mode == "async":
             return await self._accept(request, route, event)
         return await self._invoke(request, route, event)
@@ -303,12 +306,18 @@ def _build_check(config: Config, auth: Any, key: str) -> Any:
     return cls(auth, read_secret(config, getattr(auth, field), f"{key}.{field}"))
 
 
-def build_event(request: web.Request, body: bytes, port: int | None) -> dict[str, Any]:
-    """The Lambda Function URL (payload v2.0) event for `request`."""
+def build_event(request: web.Request, body: bytes, port: int | None,
+                redact: str | None = None) -> dict[str, Any]:
+    """The Lambda Function URL (payload v2.0) event for `request`, without header `redact`.
+
+    The checked credential stays out of the event, so records and replays never hold it.
+    """
     headers: dict[str, str] = {}
     cookies: list[str] = []
     for name, value in request.headers.items():
         key = name.lower()
+        if key == redact:
+            continue
         if key == "cookie":
             cookies.extend(c for c in (part.strip() for part in value.split(";")) if c)
         else:

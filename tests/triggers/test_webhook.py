@@ -457,6 +457,7 @@ AUTH_CASES = [
     ("/slack", slack("1000", "1000"), BODY, 401, "auth_stale"),  # well signed, but long ago
     ("/slack", slack("now", None), BODY, 401, "auth_missing"),
     ("/slack", slack("soon", "soon"), BODY, 401, "auth_malformed"),
+    ("/slack", slack("9" * 5000, "9" * 5000), BODY, 401, "auth_malformed"),
 ]
 
 
@@ -477,6 +478,20 @@ async def test_webhook_auth(hooks: Hooks, path: str, headers: Any, body: bytes, 
     assert len(events) == before + 1  # counted, with the running count in the event
     assert events[-1]["route"] == path and events[-1]["remote"] == "127.0.0.1"
     assert events[-1]["status"] == 401 and events[-1]["count"] == len(events)
+
+
+@pytest.mark.parametrize(("path", "header", "value"), [
+    ("/token", "authorization", f"Bearer {TOKEN}"), ("/gitlab", "x-gitlab-token", TOKEN),
+    ("/basic", "authorization", _basic("alice", PASSWORD))])
+async def test_webhook_credential_stays_out_of_the_event(hooks: Hooks, path: str, header: str,
+                                                        value: str):
+    status, headers, body = await hooks.request("POST", path, data=BODY,
+                                                headers={header: value, "X-Other": "kept"})
+    event = json.loads(body)["event"]
+    assert status == 200 and header not in event["headers"]
+    assert event["headers"]["x-other"] == "kept"
+    record = await hooks.record(headers["x-amzn-RequestId"])
+    assert TOKEN not in json.dumps(record) and PASSWORD not in json.dumps(record)
 
 
 # --- in process: the counters on the source, config errors ------------------------------------
