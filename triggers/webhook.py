@@ -391,8 +391,8 @@ def to_response(invocation_id: str, outcome: Outcome) -> web.Response:
 
 def _structured(result: dict[str, Any], invocation_id: str) -> web.Response:
     status = result["statusCode"]
-    if type(status) is not int or not 100 <= status <= 599:
-        raise ValueError(f"statusCode {status!r} is not an HTTP status")
+    if type(status) is not int or not 200 <= status <= 599:  # a 1xx cannot end a response
+        raise ValueError(f"statusCode {status!r} is not a final HTTP status")
     given, cookies = result.get("headers") or {}, result.get("cookies") or []
     if not isinstance(given, dict) or not isinstance(cookies, list):
         raise TypeError("headers must be an object and cookies a list")

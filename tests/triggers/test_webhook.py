@@ -293,7 +293,7 @@ async def test_webhook_other_results_are_200_json(hooks: Hooks, result: Any, exp
     assert json.loads(body) == json.loads(expected)
 
 
-@pytest.mark.parametrize("result", [{"statusCode": "200"}, {"statusCode": 99},
+@pytest.mark.parametrize("result", [{"statusCode": "200"}, {"statusCode": 101},
                                     {"statusCode": 200, "headers": {"x": "a\r\nb"}},
                                     {"statusCode": 200, "body": "!!", "isBase64Encoded": True}])
 async def test_webhook_unusable_structured_response_is_502(hooks: Hooks, result: Any):
