@@ -1,0 +1,58 @@
+"""Webhook benchmark: a sync no-op route at 32 connections, beside bare aiohttp in the same run.
+
+    .venv/bin/python benchmarks/webhook.py [--seconds 5] [--connections 32]
+
+Target: throughput >= 0.3x bare aiohttp, p99 <= 10 ms. Writes benchmarks/results/webhook.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.core import bare_baseline, loadgen  # noqa: E402
+from tests.daemon_proc import Daemon, free_port, write_config  # noqa: E402
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    port = free_port()
+    body = (
+        f'[webhooks]\nlisten = "127.0.0.1:{port}"\n'
+        f'[functions.noop]\nhandler = "handler.handler"\ncode = "{HERE / "functions" / "noop"}"\n'
+        'concurrency = 4\nqueue_size = 1000\n'
+        '[[functions.noop.triggers]]\ntype = "webhook"\npath = "/hooks/noop"\nmode = "sync"\n'
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(write_config(Path(tmp), body, daemon='log_level = "warning"'))
+        await daemon.start()
+        try:
+            url = f"http://127.0.0.1:{port}/hooks/noop"
+            await asyncio.to_thread(loadgen, url, 4, 1)  # warm the workers
+            webhook = await asyncio.to_thread(loadgen, url, args.connections, args.seconds)
+        finally:
+            await daemon.close()
+    bare = await bare_baseline(args.connections, args.seconds)
+    results = {
+        "webhook_sync": webhook, "bare_aiohttp": bare,
+        "ratio_vs_bare": round(webhook["rps"] / bare["rps"], 3),
+    }
+    results["targets"] = {"ratio >= 0.3": results["ratio_vs_bare"] >= 0.3, "p99 <= 10 ms": webhook["p99_ms"] <= 10}
+    out = HERE / "results" / "webhook.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
