@@ -60,7 +60,6 @@ SETTLE_S = 2.0  # stability window for files the kernel cannot vouch for
 RETRY_S = (0.5, 30.0)  # backoff of a commit or a final move that failed: first, cap
 IGNORED_SUFFIXES = ("~", ".tmp", ".part", ".partial", ".crdownload")
 WATCH_MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.ONLYDIR  # Q_OVERFLOW, IGNORED always come
-_CHUNK = 1 << 20
 
 
 class _Rejected(Exception):
@@ -105,62 +104,55 @@ class FilesSource:
         for function, trigger_id, cfg in triggers:
             by_path.setdefault(config.resolve(cfg.path), []).append((function, trigger_id, cfg))
         self._folders = [
-            _Folder(
-                path, ts, poll=any(t[2].poll for t in ts), rescan_s=min(t[2].rescan_s for t in ts)
-            )
+            _Folder(path, ts, any(t[2].poll for t in ts), min(t[2].rescan_s for t in ts))
             for path, ts in by_path.items()
         ]
 
     async def run(self, emit: Emit) -> None:
-        async with asyncio.TaskGroup() as tasks:
+        self._emit = emit
+        async with asyncio.TaskGroup() as self._tasks:
             for folder in self._folders:
-                tasks.create_task(self._serve(folder, emit, tasks))
+                self._tasks.create_task(self._serve(folder))
 
-    async def _serve(self, folder: _Folder, emit: Emit, tasks: asyncio.TaskGroup) -> None:
-        inotify = None if folder.poll else Inotify()
-        try:
-            _make_dir(folder.path)
-            _make_dir(folder.processing)
-            if inotify is not None:  # the watch goes first, so nothing lands unseen before the scan
-                inotify.add_watch(folder.path, WATCH_MASK)
-                tasks.create_task(self._follow(folder, inotify, emit, tasks))
-            with os.scandir(folder.processing) as claimed:  # claimed by an earlier run
-                for entry in sorted(claimed, key=lambda e: e.name):
-                    if not entry.is_dir(follow_symlinks=False):
-                        tasks.create_task(self._process(folder, entry.name, emit, tasks))
-            reason = "start"
-            while True:
-                self._scan(folder, reason, emit, tasks)
-                settling = bool(folder.looks)
-                try:
-                    async with asyncio.timeout(
-                        min(folder.rescan_s, SETTLE_S) if settling else folder.rescan_s
-                    ):
-                        await folder.rescan.wait()
-                    reason = folder.reason
-                except TimeoutError:
-                    reason = "recheck" if settling else "periodic"
-                folder.rescan.clear()
-        finally:
-            if inotify is not None:
-                inotify.close()
+    async def _serve(self, folder: _Folder) -> None:
+        _make_dir(folder.path)
+        _make_dir(folder.processing)
+        if not folder.poll:  # the watch goes first, so nothing lands unseen before the scan
+            inotify = Inotify()
+            inotify.add_watch(folder.path, WATCH_MASK)
+            self._tasks.create_task(self._follow(folder, inotify))
+        with os.scandir(folder.processing) as claimed:  # left claimed by an earlier run
+            for entry in sorted(claimed, key=lambda e: e.name):
+                if not entry.is_dir(follow_symlinks=False):
+                    self._tasks.create_task(self._process(folder, entry.name))
+        reason = "start"
+        while True:
+            self._scan(folder, reason)
+            settling = bool(folder.looks)  # a file waits for its second look
+            wait_s = min(folder.rescan_s, SETTLE_S) if settling else folder.rescan_s
+            try:
+                async with asyncio.timeout(wait_s):
+                    await folder.rescan.wait()
+                reason = folder.reason
+            except TimeoutError:
+                reason = "recheck" if settling else "periodic"
+            folder.rescan.clear()
 
-    async def _follow(
-        self, folder: _Folder, inotify: Inotify, emit: Emit, tasks: asyncio.TaskGroup
-    ) -> None:
+    async def _follow(self, folder: _Folder, inotify: Inotify) -> None:
         """inotify as a wake-up only: claim at once on a completion event, rescan when blind."""
-        async for event in inotify:
-            if Mask.Q_OVERFLOW in event.mask:
-                folder.request_scan("overflow")
-            elif Mask.IGNORED in event.mask:  # the folder was deleted or unmounted: watch anew
-                _make_dir(folder.path)
-                _make_dir(folder.processing)
-                inotify.add_watch(folder.path, WATCH_MASK)
-                folder.request_scan("rewatch")
-            elif event.name is not None and Mask.ISDIR not in event.mask:
-                self._consider(folder, str(event.name), None, emit, tasks, signalled=True)
+        with inotify:  # closed here, by the task that reads it
+            async for event in inotify:
+                if Mask.Q_OVERFLOW in event.mask:
+                    folder.request_scan("overflow")
+                elif Mask.IGNORED in event.mask:  # the folder was deleted or unmounted
+                    _make_dir(folder.path)
+                    inotify.add_watch(folder.path, WATCH_MASK)
+                    folder.request_scan("rewatch")
+                elif event.name is not None and Mask.ISDIR not in event.mask:
+                    self._consider(folder, str(event.name), None, signalled=True)
 
-    def _scan(self, folder: _Folder, reason: str, emit: Emit, tasks: asyncio.TaskGroup) -> None:
+    def _scan(self, folder: _Folder, reason: str) -> None:
+        _make_dir(folder.processing)  # in case someone removed it
         found: list[tuple[int, str, os.stat_result]] = []
         with os.scandir(folder.path) as entries:
             for entry in entries:
@@ -172,27 +164,15 @@ class FilesSource:
                     found.append((st.st_mtime_ns, entry.name, st))
         present = {name for _, name, _ in found}
         folder.looks = {n: look for n, look in folder.looks.items() if n in present}
-        claimed = sum(
-            self._consider(folder, name, st, emit, tasks) for _, name, st in sorted(found)
-        )
-        level = log.debug if reason in ("periodic", "recheck") and not claimed else log.info
-        level(
-            "files_rescanned",
-            folder=str(folder.path),
-            reason=reason,
-            candidates=len(found),
-            claimed=claimed,
-        )
+        claimed = sum(self._consider(folder, name, st) for _, name, st in sorted(found))
+        quiet = reason in ("periodic", "recheck") and not claimed
+        (log.debug if quiet else log.info)(
+            "files_rescanned", folder=str(folder.path), reason=reason,
+            candidates=len(found), claimed=claimed,
+        )  # fmt: skip
 
     def _consider(
-        self,
-        folder: _Folder,
-        name: str,
-        st: os.stat_result | None,
-        emit: Emit,
-        tasks: asyncio.TaskGroup,
-        *,
-        signalled: bool = False,
+        self, folder: _Folder, name: str, st: os.stat_result | None, signalled: bool = False
     ) -> bool:
         """Claim `name` if it matches and is complete; True when claimed."""
         src, dst = folder.path / name, folder.processing / name
@@ -208,18 +188,18 @@ class FilesSource:
                 folder.waiting.add(name)
                 return False
             os.rename(src, dst)
-        except FileNotFoundError:
+        except FileNotFoundError:  # gone already, or .processing was removed (the scan redoes it)
+            if os.path.lexists(src):
+                folder.request_scan("recheck")
             return False
         except OSError as exc:
             log.error("files_claim_failed", folder=str(folder.path), name=name, error=str(exc))
             return False
         folder.looks.pop(name, None)
-        tasks.create_task(self._process(folder, name, emit, tasks))
+        self._tasks.create_task(self._process(folder, name))
         return True
 
-    async def _process(
-        self, folder: _Folder, name: str, emit: Emit, tasks: asyncio.TaskGroup
-    ) -> None:
+    async def _process(self, folder: _Folder, name: str) -> None:
         """One claimed file, from commit to its final place."""
         try:
             match = folder.match(name)
@@ -231,66 +211,49 @@ class FilesSource:
                 return await self._reject(folder, name, str(exc))
             except OSError as exc:
                 return await self._reject(folder, name, f"cannot read: {exc.strerror or exc}")
-            await self._run_file(folder, name, match, event, key, emit)
-        except (
-            Exception
-        ) as exc:  # a bug or a vanished file: it stays claimed, the next start retries
+            await self._invoke(folder, name, match, event, key)
+        except Exception as exc:  # it stays claimed; the next start carries on with it
             log.error(
                 "files_processing_failed", folder=str(folder.path), name=name, error=repr(exc)
             )
         finally:
-            if name in folder.waiting:  # a namesake waits for this one to leave .processing
+            if name in folder.waiting:  # a namesake waited for this one to leave .processing
                 folder.waiting.discard(name)
-                folder.request_scan("released")
+                folder.request_scan("recheck")
 
-    async def _run_file(
-        self,
-        folder: _Folder,
-        name: str,
-        match: tuple[str, str, FilesTriggerConfig],
-        event: dict[str, Any],
-        key: str,
-        emit: Emit,
-    ) -> None:
+    async def _invoke(self, folder: _Folder, name: str, match: tuple[str, str, FilesTriggerConfig],
+                      event: dict[str, Any], key: str) -> None:  # fmt: skip
         function, trigger_id, cfg = match
+        emit = self._emit
         accepted = await _retrying(
-            "files_commit_failed",
-            name,
+            "files_commit_failed", name,
             lambda: emit(function, event, trigger="files", trigger_id=trigger_id, dedupe_key=key),
-        )
+        )  # fmt: skip
         invocation_id = accepted.invocation_id
         bound = log.bind(function=function, name=name, invocation_id=invocation_id)
-        bound.info(
-            "files_claimed", folder=str(folder.path), created=accepted.created, size=event["size"]
-        )
+        bound.info("files_claimed", folder=str(folder.path), created=accepted.created)
         status = await emit.wait_final(invocation_id)
         sidecar = None
         if status != "succeeded":
-            sidecar = {
-                "invocation_id": invocation_id,
-                "function": function,
-                "trigger_id": trigger_id,
-                **await self._error_of(invocation_id, status),
-            }
+            sidecar = {"name": name, "invocation_id": invocation_id, "function": function}
+            sidecar.update(trigger_id=trigger_id, **await self._error_of(invocation_id, status))
         delete = status == "succeeded" and cfg.after == "delete"
         target = await _retrying(
-            "files_move_failed",
-            name,
+            "files_move_failed", name,
             lambda: asyncio.to_thread(_finish, folder, name, invocation_id, sidecar, delete),
-        )
+        )  # fmt: skip
         if sidecar is None:
             bound.info("files_done", status=status, moved_to=target)
         else:
             bound.warning("files_failed", status=status, moved_to=target, reason=sidecar["reason"])
 
     async def _reject(self, folder: _Folder, name: str, reason: str) -> None:
-        sidecar = {"invocation_id": None, "status": "rejected", "reason": reason}
+        sidecar = {"name": name, "invocation_id": None, "status": "rejected", "reason": reason}
+        prefix = f"rejected-{uuid.uuid4().hex[:12]}"
         try:
-            prefix = f"rejected-{uuid.uuid4().hex[:12]}"
             target = await asyncio.to_thread(_finish, folder, name, prefix, sidecar, False)
         except OSError as exc:  # gone already: nothing left to keep
-            target = None
-            reason = f"{reason}; not moved: {exc.strerror or exc}"
+            target, reason = None, f"{reason}; not moved: {exc.strerror or exc}"
         log.warning(
             "files_rejected", folder=str(folder.path), name=name, reason=reason, moved_to=target
         )
@@ -357,9 +320,8 @@ def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
     kind = stat.S_IFMT(os.lstat(path).st_mode)
     if kind != stat.S_IFREG:
         raise _Rejected(f"not a regular file ({_KINDS.get(kind, 'unknown type')})")
-    with open(
-        os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC), "rb"
-    ) as file:
+    # Blocking open: a lease someone else holds is waited out here, in the thread.
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as file:
         st = os.fstat(file.fileno())
         if not stat.S_ISREG(st.st_mode):  # swapped for something else since the lstat
             raise _Rejected("not a regular file")
@@ -367,25 +329,15 @@ def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
     _fsync_dir(folder.processing)  # the claim survives a power cut before we commit it
     _fsync_dir(folder.path)
     mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC).isoformat(timespec="microseconds")
-    event = {
-        "path": str(path),
-        "name": name,
-        "size": st.st_size,
-        "mtime": mtime.replace("+00:00", "Z"),
-        "sha256": sha256,
-    }
+    event = {"path": str(path), "name": name, "size": st.st_size,
+             "mtime": mtime.replace("+00:00", "Z"), "sha256": sha256}  # fmt: skip
     identity = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, sha256, name)
     key = "files:" + ":".join(map(str, identity))
     return event, key
 
 
-_KINDS = {
-    stat.S_IFLNK: "symlink",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-}
+_KINDS = {stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
+          stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}  # fmt: skip
 
 
 def _finish(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import time
 from datetime import datetime
@@ -327,3 +328,15 @@ async def test_files_poll_mode_waits_for_stable_files(tmp_path):
         await until(daemon, lambda: "growing.txt" in finished(inbox))
         done = inbox / "done" / f"{finished(inbox)['growing.txt']}_growing.txt"
         assert done.read_bytes() == b"begun and ended"
+
+
+async def test_files_folder_removed_while_running_is_recreated_and_watched_again(tmp_path):
+    inbox = tmp_path / "inbox"
+    body = function("reader", "files_read", f'path = "{inbox}"')
+    async with running_daemon(tmp_path, body) as daemon:
+        drop(inbox, "before.txt", b"1", tmp_path / "staging")
+        await until(daemon, lambda: "before.txt" in finished(inbox))
+        shutil.rmtree(inbox)  # the watch dies with the folder (IGNORED)
+        await until(daemon, lambda: events(daemon, "files_rescanned", reason="rewatch"))
+        drop(inbox, "after.txt", b"2", tmp_path / "staging")
+        await until(daemon, lambda: "after.txt" in finished(inbox))
