@@ -1,0 +1,431 @@
+"""MQTT trigger source: aiomqtt on paho, MQTT v5, a persistent session, PUBACK after commit.
+
+Delivery. Each distinct topic filter is one subscription at QoS 0 or 1 (never 2: paho sends
+PUBREC before we see the message, so QoS 2 cannot be made crash-safe) with a v5 subscription
+identifier, so a message reaches exactly the triggers of the subscription it was delivered for,
+even when filters overlap and the broker sends one copy per subscription. A copy is committed as
+one queued invocation per trigger, concurrently with other copies (the store group-commits
+them); its PUBACK goes out once all of them are committed, on the connection it came in on and
+in arrival order. Until then it counts against our Receive Maximum, so the broker holds the
+backlog, not our memory. What cannot be committed is never acked: the connection is closed and
+opened again with backoff, and the broker redelivers.
+
+Session. A fixed client id, Clean Start = 0 on every CONNECT (aiomqtt's default would wipe the
+session on each re-entry of the client) and a Session Expiry Interval: the broker keeps QoS 1
+messages while we are away. Every connect re-subscribes; retained messages come with the first
+subscription only (Retain Handling 1), not again on every reconnect.
+
+Redelivery (DUP = 1) maps to the first delivery's record, never to a new one:
+- a publisher-set user property `message-id` keys the record (hash of topic and id) whatever the
+  DUP flag says: a re-publication with the same id is the same event;
+- otherwise each QoS 1 copy gets an arrival number, stored in its key together with its packet
+  id and a digest of topic and payload. A DUP copy is its first delivery iff, among the last
+  WINDOW arrivals before this connection, the newest one with the same packet id has the same
+  digest. Why: acks go in order, so an unacked message and all later ones are still in flight,
+  hence among the last Receive-Maximum arrivals; a packet id is not reused while in flight.
+  Identical payloads without DUP are never merged. Limit: a broker that reuses a freed packet
+  id at once (Mosquitto counts up) could make a message that crashed before its commit look
+  like a redelivery of the identical message acked just before it under the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import random
+import ssl
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiomqtt
+import msgspec
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon.config import Config, MqttTriggerConfig, read_secret
+from daemon.errors import ConfigError
+from triggers.base import Emit
+
+log = structlog.get_logger("lambdaemon.triggers.mqtt")
+
+RECEIVE_MAXIMUM = 128  # QoS 1 messages the broker may have in flight to us: our backpressure
+WINDOW = 4 * RECEIVE_MAXIMUM  # arrivals searched for a first delivery; slack for failed commits
+MAX_TASKS = 512  # copies being committed at once; bounds QoS 0 floods, which no window bounds
+BACKOFF_S = (0.5, 30.0)  # reconnect delay: first, cap (jittered)
+MESSAGE_ID = "message-id"  # user property a publisher may set as the event's idempotency key
+_json = msgspec.json.Encoder()
+
+
+class _NotStoredError(Exception):
+    """A message's commit failed; it was not acked and the broker will redeliver it."""
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, keeping what 2.5.1 drops: the DUP flag and the CONNACK details."""
+
+    session_present = False
+    subscription_ids = True
+
+    async def __aenter__(self) -> _Client:
+        # Copies left from the previous connection: their packet ids mean nothing on the next
+        # one (the broker redelivers them), so acking them there would ack something else.
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        if self._connected.done() and not self._lock.locked():
+            # 2.5.1 leaves this set after a dropped connection, so the next enter would not
+            # wait for the CONNACK (or notice a refusal).
+            self._connected = asyncio.get_running_loop().create_future()
+        return await super().__aenter__()
+
+    def _on_connect(
+        self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
+    ) -> None:
+        if not self._connected.done():
+            self.session_present = bool(flags.session_present)
+            self.subscription_ids = getattr(properties, "SubscriptionIdentifierAvailable", 1) != 0
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        msg = aiomqtt.Message._from_paho_message(message)
+        msg.dup = bool(message.dup)  # type: ignore[attr-defined]
+        self._queue.put_nowait(msg)  # unbounded on purpose: a full queue would drop silently
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    topic: str
+    qos: int
+    id: int  # v5 subscription identifier, stable for a given filter
+    targets: tuple[tuple[str, str], ...]  # (function, trigger id)
+
+
+class _Window:
+    """One connection's copies in arrival order; each is acked once it and all before are stored."""
+
+    def __init__(self, paho: Any) -> None:
+        self._paho = paho
+        self._entries: deque[tuple[aiomqtt.Message, asyncio.Task[None]]] = deque()
+        self.slots = asyncio.Semaphore(MAX_TASKS)
+        self.failed = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.open = True  # cleared when the connection ends: a packet id means nothing after that
+
+    def add(self, msg: aiomqtt.Message, task: asyncio.Task[None]) -> None:
+        self._entries.append((msg, task))
+        task.add_done_callback(self._advance)
+
+    def _advance(self, _: asyncio.Task[None]) -> None:
+        self.slots.release()
+        while self.open and self._entries and self._entries[0][1].done():
+            msg, task = self._entries.popleft()
+            error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            if error is not None:
+                self.open = False  # nothing after it may be acked either (in-order PUBACK)
+                self.failure = error
+                self.failed.set()
+                return
+            if msg.qos == 1:
+                self._paho.ack(msg.mid, 1)
+
+    async def settle(self, *, cancel: bool) -> None:
+        """Let every copy's commit finish (or cancel it; a queued commit still lands)."""
+        self.open = False
+        tasks = [task for _, task in self._entries]
+        for task in tasks if cancel else ():
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class MqttSource:
+    """Serves every `mqtt` trigger over one persistent-session client (see the module doc)."""
+
+    name = "mqtt"
+
+    def __init__(self, config: Config, store: Any, triggers: list[tuple[str, str, Any]]) -> None:
+        if config.mqtt is None:
+            raise ConfigError(config.path, "mqtt", "an mqtt trigger needs an [mqtt] section")
+        self._settings = settings = config.mqtt
+        self._store = store
+        self._host, self._port, self._tls = _parse_url(config, settings.url, settings.ca_file)
+        self._password = (
+            read_secret(config, settings.password_file, "mqtt.password_file")
+            if settings.password_file
+            else None
+        )
+        self._subscriptions = _subscriptions(triggers)
+        self._by_id = {s.id: s for s in self._subscriptions}
+        self._prefix = f"mqtt:{quote(settings.client_id, safe='')}:"
+        self._seq_prefix = self._prefix + "seq:"
+        self._seq = 0  # the last arrival number handed out
+        self._store_trouble = False
+
+    async def run(self, emit: Emit) -> None:
+        client = self._client()
+        self._seq = await self._last_seq()
+        delay = BACKOFF_S[0]
+        while True:
+            try:
+                async with client:
+                    log.info(
+                        "mqtt_connected",
+                        host=self._host,
+                        port=self._port,
+                        client_id=self._settings.client_id,
+                        session_present=client.session_present,
+                    )
+                    await self._subscribe(client)
+                    if not self._store_trouble:
+                        delay = BACKOFF_S[0]
+                    await self._consume(client, emit)
+                reason = "stopped"
+            except aiomqtt.MqttError as exc:
+                reason = str(exc) + (f": {exc.__cause__}" if exc.__cause__ else "")
+            except _NotStoredError as exc:
+                reason, self._store_trouble = str(exc), True
+            wait = delay * (0.5 + random.random() / 2)
+            log.warning("mqtt_disconnected", reason=reason, retry_in_s=round(wait, 2))
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, BACKOFF_S[1])
+
+    def _client(self) -> _Client:
+        s = self._settings
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry_s
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        client = _Client(
+            self._host,
+            self._port,
+            identifier=s.client_id,
+            username=s.username,
+            password=self._password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            keepalive=s.keepalive_s,
+            tls_context=self._tls,
+        )
+        # Before the first CONNECT: a resumed session's backlog follows the CONNACK at once,
+        # and paho would ack it on receipt.
+        client._client.manual_ack_set(True)
+        return client
+
+    async def _subscribe(self, client: _Client) -> None:
+        for sub in self._subscriptions:
+            props = None
+            if client.subscription_ids:
+                props = Properties(PacketTypes.SUBSCRIBE)
+                props.SubscriptionIdentifier = sub.id
+            options = SubscribeOptions(qos=sub.qos, retainHandling=1)
+            (granted,) = await client.subscribe(sub.topic, options=options, properties=props)
+            if granted.is_failure:
+                log.error("mqtt_subscribe_failed", topic=sub.topic, reason=str(granted))
+            else:
+                log.info("mqtt_subscribed", topic=sub.topic, qos=granted.value)
+
+    async def _consume(self, client: _Client, emit: Emit) -> None:
+        window = _Window(client._client)
+        receiver = asyncio.create_task(self._receive(client, emit, window, self._seq))
+        failed = asyncio.create_task(window.failed.wait())
+        try:
+            await asyncio.wait({receiver, failed}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            receiver.cancel()
+            await window.settle(cancel=True)
+            raise
+        finally:
+            failed.cancel()
+        receiver.cancel()
+        await asyncio.wait({receiver})
+        # Every first delivery is committed (or failed) before a redelivery can be looked up.
+        await window.settle(cancel=False)
+        if window.failure is not None:
+            raise _NotStoredError(f"not stored: {window.failure!r}") from window.failure
+        receiver.result()  # the MqttError that ended the connection
+
+    async def _receive(
+        self, client: _Client, emit: Emit, window: _Window, seq_at_connect: int
+    ) -> None:
+        async for msg in client.messages:
+            await window.slots.acquire()
+            targets = self._route(msg, client.subscription_ids)
+            window.add(msg, asyncio.create_task(self._accept(emit, msg, targets, seq_at_connect)))
+
+    def _route(self, msg: aiomqtt.Message, by_id: bool) -> list[tuple[str, str]]:
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None) if by_id else None
+        # Without identifiers, every filter is tried: a copy per overlapping subscription would
+        # then run a trigger twice, which beats dropping a message the broker failed to label.
+        subs = [self._by_id[i] for i in ids if i in self._by_id] if ids else self._subscriptions
+        # The topic check also guards against a lingering subscription of an older config.
+        return [t for s in subs if msg.topic.matches(s.topic) for t in s.targets]
+
+    async def _accept(
+        self, emit: Emit, msg: aiomqtt.Message, targets: list[tuple[str, str]], seq_at_connect: int
+    ) -> None:
+        if not targets:
+            log.warning("mqtt_message_rejected", topic=msg.topic.value, reason="no trigger matches")
+            return
+        keys = await self._dedupe_keys(msg, targets, seq_at_connect)
+        body = _json.encode(_event(msg))
+        calls = [
+            emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
+            for fn, tid in targets
+        ]
+        if len(calls) == 1:  # the common case, without gather's extra task
+            results: list[Any] = [await _settled(calls[0])]
+        else:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        for (fn, tid), result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error(
+                    "mqtt_message_not_stored",
+                    topic=msg.topic.value,
+                    function=fn,
+                    qos=msg.qos,
+                    error=repr(result),
+                )
+                raise result
+            if not result.created:
+                log.info(
+                    "mqtt_redelivery_matched",
+                    topic=msg.topic.value,
+                    trigger_id=tid,
+                    invocation_id=result.invocation_id,
+                )
+        self._store_trouble = False
+
+    async def _dedupe_keys(
+        self, msg: aiomqtt.Message, targets: list[tuple[str, str]], seq_at_connect: int
+    ) -> dict[str, str | None]:
+        if msg.qos == 0:
+            return {tid: None for _, tid in targets}  # never redelivered
+        user = dict(getattr(msg.properties, "UserProperty", None) or ())
+        if MESSAGE_ID in user:
+            base = (
+                f"{self._prefix}id:{_digest(msg.topic.value.encode(), user[MESSAGE_ID].encode())}"
+            )
+        else:
+            digest = _digest(msg.topic.value.encode(), msg.payload)
+            seq = await self._first_delivery(msg.mid, digest, seq_at_connect) if msg.dup else None  # type: ignore[attr-defined]
+            if seq is None:
+                self._seq = seq = self._seq + 1
+            base = f"{self._seq_prefix}{seq:012d}:{msg.mid}:{digest}"
+        return {tid: f"{base}:{tid}" for _, tid in targets}
+
+    async def _first_delivery(self, mid: int, digest: str, seq_at_connect: int) -> int | None:
+        low = max(seq_at_connect - WINDOW, 0) + 1
+        rows = await self._store.query(
+            "SELECT dedupe_key FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?",
+            (f"{self._seq_prefix}{low:012d}", f"{self._seq_prefix}{seq_at_connect + 1:012d}"),
+        )
+        newest: tuple[int, str] | None = None
+        for (key,) in rows:
+            seq, key_mid, key_digest = key[len(self._seq_prefix) :].split(":", 3)[:3]
+            if int(key_mid) == mid and (newest is None or int(seq) > newest[0]):
+                newest = (int(seq), key_digest)
+        return newest[0] if newest is not None and newest[1] == digest else None
+
+    async def _last_seq(self) -> int:
+        # ';' sorts right after ':', so the range is exactly the keys under the prefix.
+        rows = await self._store.query(
+            "SELECT MAX(dedupe_key) FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?",
+            (self._seq_prefix, self._seq_prefix[:-1] + ";"),
+        )
+        last = rows[0][0] if rows else None
+        return int(last[len(self._seq_prefix) :].split(":", 1)[0]) if last else 0
+
+
+def _subscriptions(triggers: list[tuple[str, str, Any]]) -> list[_Subscription]:
+    by_topic: dict[str, list[tuple[str, str, MqttTriggerConfig]]] = {}
+    for fn, tid, trigger in triggers:
+        by_topic.setdefault(trigger.topic, []).append((fn, tid, trigger))
+    subs, used = [], set()
+    for topic in sorted(by_topic):
+        sub_id = zlib.crc32(topic.encode()) % 0x0FFFFFFF + 1
+        while sub_id in used:  # deterministic for a given config
+            sub_id = sub_id % 0x0FFFFFFF + 1
+        used.add(sub_id)
+        group = by_topic[topic]
+        qos = max(t.qos for _, _, t in group)
+        subs.append(_Subscription(topic, qos, sub_id, tuple((fn, tid) for fn, tid, _ in group)))
+    return subs
+
+
+def _parse_url(
+    config: Config, url: str, ca_file: str | None
+) -> tuple[str, int, ssl.SSLContext | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == -1:
+        reason = f"{url!r} is not mqtt://host[:port] or mqtts://host[:port]"
+        raise ConfigError(config.path, "mqtt.url", reason)
+    if parts.scheme == "mqtt":
+        if ca_file is not None:
+            raise ConfigError(config.path, "mqtt.ca_file", "needs an mqtts:// url")
+        return parts.hostname, port or 1883, None
+    try:
+        context = ssl.create_default_context(
+            cafile=str(config.resolve(ca_file)) if ca_file else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(config.path, "mqtt.ca_file", f"cannot load {ca_file}: {exc}") from None
+    return parts.hostname, port or 8883, context
+
+
+async def _settled(call: Any) -> Any:
+    try:
+        return await call
+    except Exception as exc:
+        return exc
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()[:32]
+
+
+def _event(msg: aiomqtt.Message) -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    event: dict[str, Any] = {
+        "topic": msg.topic.value,
+        "qos": msg.qos,
+        "retain": bool(msg.retain),
+        "dup": msg.dup,  # type: ignore[attr-defined]
+        "received_at": now,
+    }
+    payload = bytes(msg.payload) if not isinstance(msg.payload, bytes) else msg.payload
+    try:
+        event["payload"] = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        try:
+            event["payload"] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            event["payload"] = base64.b64encode(payload).decode("ascii")
+            event["payload_encoding"] = "base64"
+    properties = _properties(msg.properties)
+    if properties:
+        event["properties"] = properties
+    return event
+
+
+def _properties(props: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if user := getattr(props, "UserProperty", None):
+        out["user"] = dict(user)
+    for attr, key in (("ContentType", "content_type"), ("ResponseTopic", "response_topic")):
+        if (value := getattr(props, attr, None)) is not None:
+            out[key] = value
+    if (data := getattr(props, "CorrelationData", None)) is not None:
+        out["correlation_data"] = base64.b64encode(data).decode("ascii")
+    return out
