@@ -102,13 +102,14 @@ async def test_files_slow_writer_is_claimed_only_after_close(tmp_path):
     early.write(b"early part one, ")
     early.flush()
     async with running_daemon(tmp_path, body) as daemon:
+        # /health answers before the sources start: wait for the start scan itself.
+        start = await until(daemon, lambda: events(daemon, "files_rescanned", reason="start"))
+        assert start[0]["candidates"] == 1 and start[0]["claimed"] == 0
         late = (inbox / "late.txt").open("wb")  # opened while the watch is live
         late.write(b"late part one, ")
         late.flush()
         drop(inbox, "marker.txt", b"x", tmp_path / "staging")
         await until(daemon, lambda: "marker.txt" in finished(inbox))
-        start = events(daemon, "files_rescanned", reason="start")
-        assert start and start[0]["candidates"] == 1 and start[0]["claimed"] == 0
         assert (inbox / "early.txt").exists() and (inbox / "late.txt").exists()
         for file, rest in ((early, b"early part two"), (late, b"late part two")):
             file.write(rest)
@@ -242,12 +243,10 @@ async def test_files_after_delete_removes_successes_and_keeps_failures(tmp_path)
         drop(bad, "ko.bin", b"\x02", tmp_path / "staging")
         await until(daemon, lambda: events(daemon, "files_done", name="ok.bin"))
         await until(daemon, lambda: "ko.bin" in finished(bad, "failed"))
-        assert (
-            sorted(os.listdir(good)) == [".processing"] and os.listdir(good / ".processing") == []
-        )
-        assert (
-            bad / "failed" / f"{finished(bad, 'failed')['ko.bin']}_ko.bin"
-        ).read_bytes() == b"\x02"
+        assert sorted(os.listdir(good)) == [".processing"]
+        assert os.listdir(good / ".processing") == []
+        kept = bad / "failed" / f"{finished(bad, 'failed')['ko.bin']}_ko.bin"
+        assert kept.read_bytes() == b"\x02"
         (row,) = await daemon.invocations(function="reader")
         assert row["status"] == "succeeded" and events(daemon, "files_done")[0]["moved_to"] is None
 
@@ -268,10 +267,7 @@ async def test_files_namesake_waits_for_the_one_in_flight(tmp_path):
         await until(daemon, lambda: events(daemon, "files_deferred", name="same.txt"))
         assert (inbox / ".processing" / "same.txt").read_bytes() == b"first"
         block.unlink()
-        await until(
-            daemon,
-            lambda: len(os.listdir(inbox / "done")) == 2 if (inbox / "done").exists() else False,
-        )
+        await until(daemon, lambda: len(list((inbox / "done").glob("*_same.txt"))) == 2)
         assert {r["result"]["size"] for r in await records(daemon, "holder")} == {5, 7}
 
 
