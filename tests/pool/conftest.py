@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
@@ -34,6 +35,24 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def gone(pid: int, timeout_s: float = 5.0) -> bool:
+    """Wait (bounded) until `pid` has exited; works for processes that are not our children."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        async with asyncio.timeout(timeout_s):
+            await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return True
 
 
 class LogWatch:

@@ -14,7 +14,7 @@ import pytest
 
 from daemon.models import Status
 from daemon.pool import WorkerPool
-from tests.pool.conftest import FUNCTIONS, LogWatch, alive, function, request
+from tests.pool.conftest import FUNCTIONS, LogWatch, alive, function, gone, request
 
 # --- the handler contract ----------------------------------------------------------------------
 
@@ -151,7 +151,8 @@ async def test_pool_times_out_kills_process_group_and_starts_fresh(pool: WorkerP
     assert outcome.max_memory_mb is not None and outcome.max_memory_mb > 1
     child = int(re.search(r"child (\d+)", outcome.logs).group(1))  # type: ignore[union-attr]
     await logs.wait_for("worker_stopped", pid=outcome.worker_pid, reason="timeout")
-    assert not alive(outcome.worker_pid) and not alive(child)  # type: ignore[arg-type]
+    assert not alive(outcome.worker_pid)  # type: ignore[arg-type]
+    assert await gone(child)  # the handler's own child died with the process group
     fresh = await pool.invoke(fn, request(fn, b'{"s": 0}'))
     assert fresh.status is Status.SUCCEEDED and fresh.worker_pid != outcome.worker_pid
     assert fresh.init_duration_ms is not None
@@ -335,5 +336,5 @@ async def test_pool_close_leaves_no_process_behind(make_pool: Any) -> None:
     await pool.close()
     outcome = await call
     assert outcome.status is Status.CRASHED and outcome.signal == signal.SIGKILL
-    assert not alive(grandchild) and not alive(busy_pid)
+    assert not alive(busy_pid) and await gone(grandchild)
     assert pool.stats() == {}
