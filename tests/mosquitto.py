@@ -39,6 +39,7 @@ class Mosquitto:
         self.port = port or free_port()
         self.extra_conf = extra_conf
         self.proc: subprocess.Popen[bytes] | None = None
+        self.port_in_use = self.port  # differs while start(port=...) serves elsewhere
         self.log_path = self.directory / "mosquitto.log"
 
     @property
@@ -64,17 +65,17 @@ class Mosquitto:
     def start(self, *, port: int | None = None, timeout_s: float = 10.0) -> None:
         """Start (on `port` instead of the usual one if given); return once it listens."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        port = port or self.port
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.write_conf(port))],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        port = self.port_in_use = port or self.port
+        stderr = self.directory / "mosquitto.stderr"
+        with stderr.open("ab") as err:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.write_conf(port))], stdout=err, stderr=err
+            )
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err}")
+                out = stderr.read_text(errors="replace")
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {out}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 return
             if time.monotonic() > deadline:
@@ -100,8 +101,6 @@ class Mosquitto:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
 
     def close(self) -> None:
         self.stop()
