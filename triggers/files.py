@@ -25,6 +25,11 @@ Rules:
   the folder until that one is finished.
 - Only regular files run. A FIFO, socket, device or symlink matching the pattern, and a file
   that cannot be opened or read, is moved to `failed/rejected-<hex>_<name>` with a `.error`.
+- Handlers must treat the file as read-only: changing it changes its key, so a crash would
+  then run it again under a new invocation.
+- Scans: at start (after the watch is in place), on Q_OVERFLOW, when the watch is lost
+  (IGNORED: the folder is recreated and watched again), every `rescan_s`, and sooner while a
+  file awaits its second look. With `poll = true`, or when no watch can be had, scans only.
 """
 
 from __future__ import annotations
@@ -118,9 +123,7 @@ class FilesSource:
         _make_dir(folder.path)
         _make_dir(folder.processing)
         if not folder.poll:  # the watch goes first, so nothing lands unseen before the scan
-            inotify = Inotify()
-            inotify.add_watch(folder.path, WATCH_MASK)
-            self._tasks.create_task(self._follow(folder, inotify))
+            self._watch(folder)
         with os.scandir(folder.processing) as claimed:  # left claimed by an earlier run
             for entry in sorted(claimed, key=lambda e: e.name):
                 if not entry.is_dir(follow_symlinks=False):
@@ -137,6 +140,18 @@ class FilesSource:
             except TimeoutError:
                 reason = "recheck" if settling else "periodic"
             folder.rescan.clear()
+
+    def _watch(self, folder: _Folder) -> None:
+        inotify = None
+        try:
+            inotify = Inotify()
+            inotify.add_watch(folder.path, WATCH_MASK)
+        except OSError as exc:  # out of watches or instances: degrade to periodic scans
+            if inotify is not None:
+                inotify.close()
+            log.error("files_watch_failed", folder=str(folder.path), error=str(exc))
+            return
+        self._tasks.create_task(self._follow(folder, inotify))
 
     async def _follow(self, folder: _Folder, inotify: Inotify) -> None:
         """inotify as a wake-up only: claim at once on a completion event, rescan when blind."""
