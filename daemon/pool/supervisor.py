@@ -300,8 +300,10 @@ class WorkerPool:
         entry = self._keys.get(worker.fn.name)
         return entry is not None and entry[1] == worker.key
 
-    def _settings(self, worker: _Worker) -> FunctionConfig:
-        return self._functions.get(worker.fn.name) or worker.fn
+    def _settings(self, name: str) -> FunctionConfig | None:
+        """The function's current settings (the config's, else those of its latest call)."""
+        entry = self._keys.get(name)
+        return self._functions.get(name) or (entry[0] if entry else None)
 
     async def _acquire(self, fn: FunctionConfig, key: tuple[Any, ...]) -> _Worker | None:
         """An idle worker of `fn`, or None with a slot reserved for starting one."""
@@ -393,7 +395,7 @@ class WorkerPool:
         if self._waiters:
             self._pump()
             return
-        fn = self._settings(worker)
+        fn = self._settings(worker.fn.name) or worker.fn
         if self._counts[fn.name] > fn.min_warm:
             expiry = now + fn.idle_timeout_s
             if self._reaper_at is None or expiry < self._reaper_at:
@@ -676,22 +678,27 @@ class WorkerPool:
                     await self._reaper_wake.wait()
 
     def _stop_expired(self) -> float | None:
+        """Stop what has expired; the time by which anything else could expire, if anything."""
         assert self._loop is not None
         now, next_at = self._loop.time(), None
-        for idle in self._idle.values():
-            if not idle:
+        for name, count in self._counts.items():
+            idle = self._idle.get(name)
+            fn = self._settings(name)
+            spare = count - fn.min_warm if fn is not None else 0
+            if spare <= 0:
                 continue
-            fn = self._settings(idle[0])
-            spare = self._counts[fn.name] - fn.min_warm
-            for worker in list(idle):
-                if spare <= 0:
-                    break
-                expiry = worker.idle_since + fn.idle_timeout_s
-                if expiry > now:
-                    next_at = expiry if next_at is None else min(next_at, expiry)
+            # A busy worker released from now on expires no earlier than this: waking for it
+            # here saves waking the reaper on every release.
+            earliest = now + fn.idle_timeout_s  # type: ignore[union-attr]
+            for worker in list(idle or ()):
+                earliest = worker.idle_since + fn.idle_timeout_s  # type: ignore[union-attr]
+                if spare <= 0 or earliest > now:
                     break
                 self._kill(worker, "idle")
                 spare -= 1
+                earliest = now + fn.idle_timeout_s  # type: ignore[union-attr]
+            if spare > 0:
+                next_at = earliest if next_at is None else min(next_at, earliest)
         return next_at
 
 
