@@ -56,7 +56,32 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", parents=[common], help="show one invocation in full")
     p.add_argument("id")
     p.set_defaults(command=cmd_show)
+    p = sub.add_parser("replay", parents=[common],
+                       help="run a recorded invocation's event again, as a new async invocation")
+    p.add_argument("id")
+    p.set_defaults(command=cmd_replay)
+    _dlq_parser(sub, common)
     return parser
+
+
+def _dlq_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    # `common` goes on the leaves only: on both levels, the group's defaults would overwrite
+    # what the user gave the leaf.
+    dlq = sub.add_parser("dlq", help="dead letters: async invocations that never succeeded")
+    actions = dlq.add_subparsers(required=True, metavar="ACTION")
+    p = actions.add_parser("list", parents=[common], help="list dead letters, newest first")
+    p.add_argument("--function")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(command=cmd_dlq_list)
+    p = actions.add_parser("show", parents=[common], help="show one dead letter in full")
+    p.add_argument("id")
+    p.set_defaults(command=cmd_dlq_show)
+    p = actions.add_parser("redrive", parents=[common],
+                           help="queue dead letters again with a fresh retry budget")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--all", action="store_true", help="every dead letter (of --function)")
+    p.add_argument("--function", help="with --all: only this function's")
+    p.set_defaults(command=cmd_dlq_redrive)
 
 
 # --- run and check --------------------------------------------------------------------------
@@ -183,9 +208,13 @@ def cmd_invocations(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
-    status, _, body = _request(config, "GET", f"/v1/invocations/{urllib.parse.quote(args.id, safe='')}")
+    return _show(config, args, f"/v1/invocations/{urllib.parse.quote(args.id, safe='')}")
+
+
+def _show(config: Config, args: argparse.Namespace, path: str) -> int:
+    status, _, body = _request(config, "GET", path)
     if status == 404:
-        print(f"lambdaemon: no invocation {args.id}", file=sys.stderr)
+        print(f"lambdaemon: {json.loads(body).get('error', 'not found')}", file=sys.stderr)
         return 1
     record = json.loads(body)
     if args.json:
@@ -200,6 +229,62 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
         for line in logs.splitlines():
             print(f"    {line}")
     return 0
+
+
+def cmd_replay(config: Config, args: argparse.Namespace) -> int:
+    path = f"/v1/invocations/{urllib.parse.quote(args.id, safe='')}/replay"
+    data = _post_json(config, path, {})
+    if data is None:
+        return 1
+    print(json.dumps(data) if args.json else data["invocation_id"])
+    return 0
+
+
+def cmd_dlq_list(config: Config, args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit), **({"function": args.function} if args.function else {})}
+    rows = _get_json(config, "/v1/dead-letters?" + urllib.parse.urlencode(query))["dead_letters"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_table(rows, ["id", "function", "status", "dead_letter_reason", "attempt",
+                        "dead_lettered_at", "error_type"])  # fmt: skip
+    return 0
+
+
+def cmd_dlq_show(config: Config, args: argparse.Namespace) -> int:
+    return _show(config, args, f"/v1/dead-letters/{urllib.parse.quote(args.id, safe='')}")
+
+
+def cmd_dlq_redrive(config: Config, args: argparse.Namespace) -> int:
+    if bool(args.ids) == args.all:
+        print("lambdaemon: give dead-letter IDs or --all", file=sys.stderr)
+        return EX_USAGE
+    body: dict[str, Any] = {"all": True} if args.all else {"ids": args.ids}
+    if args.function:
+        body["function"] = args.function
+    data = _post_json(config, "/v1/dead-letters/redrive", body)
+    if data is None:
+        return 1
+    if args.json:
+        print(json.dumps(data))
+    else:
+        for invocation_id in data["redriven"]:
+            print(invocation_id)
+        for invocation_id in data["not_redriven"]:
+            print(f"lambdaemon: {invocation_id} is not a dead letter of a configured function",
+                  file=sys.stderr)  # fmt: skip
+    return 1 if data["not_redriven"] else 0
+
+
+def _post_json(config: Config, path: str, payload: dict[str, Any]) -> Any:
+    """The JSON answer, or None once the daemon's refusal is printed."""
+    headers = {"Content-Type": "application/json"}
+    status, _, body = _request(config, "POST", path, json.dumps(payload).encode(), headers)
+    data = json.loads(body or b"{}")
+    if status >= 400:
+        print(f"lambdaemon: {data.get('error') or data.get('message') or status}", file=sys.stderr)
+        return None
+    return data
 
 
 def _print_table(rows: list[dict], columns: list[str], extra: Any = None) -> None:

@@ -35,6 +35,8 @@ RESERVED_ENV = frozenset(
 
 Positive = Annotated[float, Meta(gt=0)]
 NonNegative = Annotated[float, Meta(ge=0)]
+# Retry delays: above zero, at most a day (a longer wait is better served by a redrive).
+BackoffSeconds = Annotated[float, Meta(gt=0, le=86_400)]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -147,6 +149,11 @@ class FunctionConfig(_Section):
     queue_size: Annotated[int, Meta(ge=0, le=100_000)] = 100
     idle_timeout_s: NonNegative = 300.0
     min_warm: Annotated[int, Meta(ge=0)] = 0
+    # Async invocations only. Lambda allows 0..2 retries and 60 s..6 h of age; a board that is
+    # offline for days needs more room, and tests need ages of a second.
+    retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    retry_backoff_s: tuple[BackoffSeconds, BackoffSeconds] = (1.0, 60.0)  # first delay, cap
+    max_event_age_s: Annotated[float, Meta(ge=1, le=7 * 86_400)] = 21_600.0
     env: dict[str, str] = msgspec.field(default_factory=dict)
     triggers: list[TriggerConfig] = msgspec.field(default_factory=list)
     name: str = ""
@@ -277,6 +284,10 @@ def _validate_function(config: Config, name: str, fn: FunctionConfig, functions_
         raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than concurrency = {fn.concurrency}")
     if fn.min_warm > config.daemon.max_workers:
         raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than daemon.max_workers")
+    first_s, cap_s = fn.retry_backoff_s
+    if first_s > cap_s:
+        raise ConfigError(path, f"{key}.retry_backoff_s",
+                          f"the first delay ({first_s:g} s) is more than the cap ({cap_s:g} s)")
     for env_key in fn.env:
         if env_key in RESERVED_ENV or env_key.startswith("AWS_LAMBDA_"):
             raise ConfigError(path, f"{key}.env.{env_key}", "reserved by the runtime; choose another name")

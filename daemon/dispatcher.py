@@ -4,6 +4,11 @@ Each function has a lane: at most `concurrency` invocations run at once; synchro
 wait in a bounded FIFO (they are rejected when it is full), accepted asynchronous invocations
 wait in the lane's backlog (they are already durable, so that wait is unbounded).
 Synchronous callers go first when a slot frees up: someone is holding a connection open.
+
+An async attempt that fails, times out or crashes is retried by daemon/retry.py's policy: the
+row is committed `queued` with its `next_attempt_at` and a timer puts it back in the backlog
+then (a restart re-arms the timers from the store). Out of attempts or too old, it is
+dead-lettered: it keeps its final status and gains a reason. Only then is it final.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from daemon.config import FunctionConfig
 from daemon.errors import LambdaemonError, QueueFullError
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status
 from daemon.pool import WorkerPool
+from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
 from daemon.store import NewInvocation, QueuedInvocation, Store
 from triggers.base import Accepted
 
@@ -44,27 +50,32 @@ def to_json(event: Any) -> bytes:
     return event if isinstance(event, bytes) else _json.encode(event)
 
 
-class _Backlogged(msgspec.Struct):
+class _Backlogged(msgspec.Struct, frozen=True):
     id: str
     event: bytes
-    attempt: int
+    attempt: int  # attempts made so far
     trigger: str
+    retry_base: int  # the retry budget counts attempts after this one
+    age_from: float  # the event's age counts from here
 
 
 class _Lane:
-    """One function's slots, its waiting synchronous callers and its async backlog."""
+    """One function's slots, its waiting synchronous callers, its async backlog and retries."""
 
     def __init__(self, fn: FunctionConfig) -> None:
         self.fn = fn
         self.running = 0
         self.sync_waiters: deque[asyncio.Future[None]] = deque()
         self.backlog: deque[_Backlogged] = deque()
+        self.retry_timers: dict[str, asyncio.TimerHandle] = {}  # by invocation id
 
 
 class Dispatcher:
     """Owns the path from an accepted event to its final record."""
 
-    def __init__(self, store: Store, pool: WorkerPool, functions: Mapping[str, FunctionConfig]) -> None:
+    def __init__(
+        self, store: Store, pool: WorkerPool, functions: Mapping[str, FunctionConfig]
+    ) -> None:
         self._store = store
         self._pool = pool
         self._lanes = {name: _Lane(fn) for name, fn in functions.items()}
@@ -84,15 +95,24 @@ class Dispatcher:
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {
-            name: {"running": lane.running, "waiting": len(lane.sync_waiters), "backlog": len(lane.backlog)}
+            name: {"running": lane.running, "waiting": len(lane.sync_waiters),
+                   "backlog": len(lane.backlog), "retrying": len(lane.retry_timers)}
             for name, lane in self._lanes.items()
         }
 
     # --- start-up -----------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Settle what a previous run left behind, then resume every queued invocation."""
-        recovery = await self._store.recover(time.time())
+        """Settle what a previous run left behind, then resume every queued invocation.
+
+        Retries whose time has come (or passed while the daemon was down) run as soon as a
+        slot is free; later ones wait for their timer.
+        """
+        now = time.time()
+        recovery = await self._store.recover(now, self._recovery_policy(now))
+        for invocation_id, reason in recovery.dead_lettered:
+            log.warning("invocation_dead_lettered", invocation_id=invocation_id, reason=reason,
+                        status=Status.CRASHED.value)  # fmt: skip
         resumed = orphaned = 0
         after: tuple[float, str] | None = None
         while True:
@@ -107,17 +127,50 @@ class Dispatcher:
             after = (page[-1].queued_at, page[-1].id)
         log.info(
             "dispatcher_recovered", resumed=resumed, requeued_after_crash=len(recovery.requeued),
-            crashed=len(recovery.crashed), orphaned=orphaned,
+            crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered),
+            retrying=sum(len(lane.retry_timers) for lane in self._lanes.values()),
+            orphaned=orphaned,
         )
+
+    def _recovery_policy(self, now: float) -> Callable[[str, int, int, float], Verdict]:
+        # Runs in the store's database thread: it only reads the (unchanging) lanes.
+        def decide(function: str, attempt: int, retry_base: int, age_from: float) -> Verdict:
+            lane = self._lanes.get(function)
+            if lane is None:  # stays queued, and runs if the function is configured again
+                return Verdict(next_attempt_at=now)
+            return after_failure(lane.fn, attempt=attempt, retry_base=retry_base,
+                                 age_from=age_from, now=now)  # fmt: skip
+
+        return decide
 
     def _enqueue(self, row: QueuedInvocation) -> bool:
         lane = self._lanes.get(row.function)
         if lane is None:
             log.warning("invocation_orphaned", invocation_id=row.id, function=row.function)
             return False
-        lane.backlog.append(_Backlogged(row.id, row.event, row.attempt, row.trigger))
-        self._pump(lane)
+        item = _Backlogged(
+            row.id, row.event, row.attempt, row.trigger, row.retry_base, row.age_from
+        )
+        if row.next_attempt_at is not None and row.next_attempt_at > time.time():
+            self._schedule(lane, item, row.next_attempt_at)
+        else:
+            lane.backlog.append(item)
+            self._pump(lane)
         return True
+
+    def _schedule(self, lane: _Lane, item: _Backlogged, at: float) -> None:
+        """Put `item` back in its lane's backlog at epoch time `at` (a timer, not a poll)."""
+        if self._paused:
+            return  # shutting down: the row is queued in the store and the next start resumes it
+        delay_s = max(0.0, at - time.time())
+        loop = asyncio.get_running_loop()
+        lane.retry_timers[item.id] = loop.call_later(delay_s, self._retry_due, lane.fn.name, item)
+
+    def _retry_due(self, function: str, item: _Backlogged) -> None:
+        lane = self._lanes[function]
+        lane.retry_timers.pop(item.id, None)
+        lane.backlog.append(item)
+        self._pump(lane)
 
     # --- intake -------------------------------------------------------------------------------
 
@@ -138,8 +191,9 @@ class Dispatcher:
         )
         invocation_id, created = await self._store.insert(inv, extra_sql)
         if created:
-            log.debug("invocation_queued", invocation_id=invocation_id, function=function, trigger=trigger)
-            lane.backlog.append(_Backlogged(invocation_id, body, 0, trigger))
+            log.debug("invocation_queued", invocation_id=invocation_id, function=function,
+                      trigger=trigger)  # fmt: skip
+            lane.backlog.append(_Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at))
             self._pump(lane)
         return Accepted(invocation_id=invocation_id, created=created)
 
@@ -166,14 +220,17 @@ class Dispatcher:
                 trigger=trigger, invocation_type="sync", event=event, queued_at=now,
                 trigger_id=trigger_id, status=Status.RUNNING, attempt=1, started_at=now,
             )))
-            request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn, client_context)
+            arn = invoked_arn or lane.fn.arn
+            request = InvokeRequest(invocation_id, event, arn, client_context)
             outcome = await self._run(lane.fn, request, attempt=1, on_start=None)
             self._spawn(self._record_sync(inserted, invocation_id, outcome))
             return invocation_id, outcome
         finally:
             self._release(lane)
 
-    async def _record_sync(self, inserted: asyncio.Task[Any], invocation_id: str, outcome: Outcome) -> None:
+    async def _record_sync(
+        self, inserted: asyncio.Task[Any], invocation_id: str, outcome: Outcome
+    ) -> None:
         try:
             await inserted  # the finish must land after the row exists
             await self._store.finish(invocation_id, 1, outcome)
@@ -198,6 +255,39 @@ class Dispatcher:
                 waiters.remove(future)
             if not waiters:
                 self._final_waiters.pop(invocation_id, None)
+
+    # --- dead letters and replays ---------------------------------------------------------------
+
+    async def redrive(self, ids: list[str] | None = None, function: str | None = None) -> list[str]:
+        """Queue dead letters again with their original event and a fresh retry budget and age.
+
+        `ids` picks some (None: all, optionally only `function`'s). Dead letters of functions
+        no longer configured are left alone. Returns the ids that were queued again.
+        """
+        rows = await self._store.redrive(ids, function, list(self._lanes))
+        for row in rows:
+            log.info("invocation_redriven", invocation_id=row.id, function=row.function,
+                     attempt=row.attempt)  # fmt: skip
+            self._enqueue(row)
+        return [row.id for row in rows]
+
+    async def replay(self, invocation_id: str) -> Accepted:
+        """Run a recorded invocation's event again, as a new async invocation linked to it.
+
+        The new row's parent_id is `invocation_id`. Raises KeyError for an unknown id and
+        UnknownFunctionError when its function is no longer configured.
+        """
+        await self._store.barrier()
+        record = await self._store.get(invocation_id)
+        if record is None:
+            raise KeyError(invocation_id)
+        accepted = await self.accept(
+            record["function"], bytes(record["event"]), trigger="replay",
+            trigger_id=record["trigger_id"] or record["trigger"], parent_id=invocation_id,
+        )
+        log.info("invocation_replayed", invocation_id=accepted.invocation_id,
+                 parent_id=invocation_id, function=record["function"])  # fmt: skip
+        return accepted
 
     # --- lanes --------------------------------------------------------------------------------
 
@@ -251,6 +341,13 @@ class Dispatcher:
     async def _run_async(self, lane: _Lane, item: _Backlogged) -> None:
         fn, attempt = lane.fn, item.attempt + 1
         try:
+            if item.attempt > item.retry_base and too_old(fn, item.age_from, time.time()):
+                # A retry that came due too late (the daemon was down, or the lane was busy).
+                status = await asyncio.shield(
+                    self._store.dead_letter_waiting(item.id, EVENT_AGE_EXCEEDED)
+                )
+                self._dead_lettered(fn, item.id, item.attempt, status, EVENT_AGE_EXCEEDED)
+                return
             request = InvokeRequest(item.id, item.event, fn.arn)
             # Committed before the handler can start, so a crash mid-run is always seen as a
             # started attempt (and counted) when the daemon recovers.
@@ -261,15 +358,46 @@ class Dispatcher:
 
             outcome = await self._run(fn, request, attempt=attempt, on_start=on_start)
             # Shielded so a shutdown that cancels us still records how the attempt ended.
-            await asyncio.shield(self._store.finish(item.id, attempt, outcome))
-            self._resolve_final(item.id, outcome.status)
+            await asyncio.shield(self._settle(lane, item, attempt, outcome))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # The row stays queued or running; the next start recovers it. Say so loudly.
-            log.error("invocation_not_recorded", invocation_id=item.id, function=fn.name, error=str(exc))
+            log.error("invocation_not_recorded", invocation_id=item.id, function=fn.name,
+                      error=str(exc))  # fmt: skip
         finally:
             self._release(lane)
+
+    async def _settle(
+        self, lane: _Lane, item: _Backlogged, attempt: int, outcome: Outcome
+    ) -> None:
+        """Record an async attempt: final on success, else a scheduled retry or a dead letter."""
+        fn = lane.fn
+        if outcome.status is Status.SUCCEEDED:
+            await self._store.finish(item.id, attempt, outcome)
+            self._resolve_final(item.id, outcome.status.value)
+            return
+        now = time.time()
+        verdict = after_failure(fn, attempt=attempt, retry_base=item.retry_base,
+                                age_from=item.age_from, now=now)  # fmt: skip
+        if verdict.next_attempt_at is None:
+            await self._store.finish(item.id, attempt, outcome, dead_letter=verdict.dead_letter)
+            self._dead_lettered(fn, item.id, attempt, outcome.status.value, verdict.dead_letter)
+            return
+        await self._store.requeue(item.id, attempt, outcome, verdict.next_attempt_at)
+        at = verdict.next_attempt_at
+        log.info(
+            "invocation_retry_scheduled", invocation_id=item.id, function=fn.name,
+            attempt=attempt, status=outcome.status.value, delay_s=round(at - now, 3),
+            next_attempt_at=at,
+        )
+        self._schedule(lane, msgspec.structs.replace(item, attempt=attempt), at)
+
+    def _dead_lettered(self, fn: FunctionConfig, invocation_id: str, attempt: int, status: str,
+                       reason: str | None) -> None:  # fmt: skip
+        log.warning("invocation_dead_lettered", invocation_id=invocation_id, function=fn.name,
+                    reason=reason, attempt=attempt, status=status)  # fmt: skip
+        self._resolve_final(invocation_id, status)
 
     async def _run(self, fn: FunctionConfig, request: InvokeRequest, *, attempt: int,
                    on_start: Callable[[int, float], None] | None) -> Outcome:
@@ -282,10 +410,11 @@ class Dispatcher:
         )
         return outcome
 
-    def _resolve_final(self, invocation_id: str, status: Status) -> None:
+    def _resolve_final(self, invocation_id: str, status: str) -> None:
+        # Called only once nothing more will happen to it: success, or a dead letter.
         for future in self._final_waiters.pop(invocation_id, []):
             if not future.done():
-                future.set_result(status.value)
+                future.set_result(status)
 
     # --- shutdown -----------------------------------------------------------------------------
 
@@ -297,6 +426,9 @@ class Dispatcher:
         self._paused = True
         for lane in self._lanes.values():
             lane.backlog.clear()
+            for timer in lane.retry_timers.values():
+                timer.cancel()  # the rows are queued with their next_attempt_at in the store
+            lane.retry_timers.clear()
         pending = {t for t in self._tasks if not t.done()}
         if pending:
             log.info("dispatcher_draining", in_flight=len(pending), timeout_s=timeout_s)

@@ -17,6 +17,7 @@ from aiohttp import web
 from daemon.config import Config, FunctionConfig, listen_host, read_secret
 from daemon.dispatcher import Dispatcher, UnknownFunctionError
 from daemon.errors import ListenError, QueueFullError, StoreUnavailableError
+from daemon.idempotency import SyncResultCache
 from daemon.models import Outcome, Status
 from daemon.store import Store
 
@@ -29,6 +30,7 @@ _json = msgspec.json.Encoder()
 
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
+SYNC_RESULTS: web.AppKey[SyncResultCache] = web.AppKey("sync_results", SyncResultCache)
 
 
 def lambda_error(status: int, code: str, message: str, *, kind: str = "User",
@@ -148,11 +150,21 @@ async def _invoke_async(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
 async def _invoke_sync(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
                        request: web.Request, qualifier: str | None) -> web.Response:
     arn = f"{fn.arn}:{qualifier}" if qualifier else fn.arn
+
+    def call() -> Awaitable[tuple[str, Outcome]]:
+        return dispatcher.invoke_sync(fn.name, body, trigger="api", invoked_arn=arn,
+                                      client_context=request.headers.get("X-Amz-Client-Context"))
+
+    sdk_id = request.headers.get("amz-sdk-invocation-id")
     try:
-        invocation_id, outcome = await dispatcher.invoke_sync(
-            fn.name, body, trigger="api", invoked_arn=arn,
-            client_context=request.headers.get("X-Amz-Client-Context"),
-        )
+        if sdk_id:
+            cache = request.app[SYNC_RESULTS]
+            (invocation_id, outcome), repeat = await cache.run(cache.key(fn.name, sdk_id, body), call)
+            if repeat:
+                log.info("invocation_deduplicated", invocation_id=invocation_id, function=fn.name,
+                         sdk_invocation_id=sdk_id)
+        else:
+            invocation_id, outcome = await call()
     except QueueFullError as exc:
         return lambda_error(429, "TooManyRequestsException", str(exc), headers={"Retry-After": "1"})
     headers = {
@@ -223,12 +235,9 @@ async def list_functions(request: web.Request) -> web.Response:
 
 async def list_invocations(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    try:
-        limit = int(request.query.get("limit", "50"))
-        if not 1 <= limit <= 1000:
-            raise ValueError
-    except ValueError:
-        return web.json_response({"error": "limit must be a whole number from 1 to 1000"}, status=400)
+    limit = _limit(request)
+    if limit is None:
+        return _error(400, "limit must be a whole number from 1 to 1000")
     status = request.query.get("status") or None
     if status is not None and status not in Status.__members__.values():
         return web.json_response({"error": f"unknown status {status!r}"}, status=400)
@@ -246,10 +255,82 @@ async def get_invocation(request: web.Request) -> web.Response:
     return web.json_response(_present(row), dumps=_dumps)
 
 
+async def replay_invocation(request: web.Request) -> web.Response:
+    invocation_id = request.match_info["id"]
+    try:
+        accepted = await request.app[DISPATCHER].replay(invocation_id)
+    except UnknownFunctionError as exc:
+        return _error(409, f"cannot replay {invocation_id}: {exc}")
+    except KeyError:
+        return _error(404, f"no invocation {invocation_id}")
+    except StoreUnavailableError as exc:
+        return _error(503, f"cannot store the event: {exc}")
+    return web.json_response({"invocation_id": accepted.invocation_id, "parent_id": invocation_id},
+                             status=202, dumps=_dumps)  # fmt: skip
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+class RedriveRequest(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[str] | None = None
+    all: bool = False
+    function: str | None = None
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    limit = _limit(request)
+    if limit is None:
+        return _error(400, "limit must be a whole number from 1 to 1000")
+    store = request.app[STORE]
+    await store.barrier()
+    rows = await store.list_dead_letters(request.query.get("function") or None, limit)
+    return web.json_response({"dead_letters": [_present(r) for r in rows]}, dumps=_dumps)
+
+
+async def get_dead_letter(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    await store.barrier()
+    row = await store.get(request.match_info["id"])
+    if row is None or row["dead_letter_reason"] is None:
+        return _error(404, f"no dead letter {request.match_info['id']}")
+    return web.json_response(_present(row), dumps=_dumps)
+
+
+async def redrive_dead_letters(request: web.Request) -> web.Response:
+    try:
+        body = msgspec.json.decode(await request.read() or b"{}", type=RedriveRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _error(400, f"invalid body: {exc}")
+    if (body.ids is None) == (not body.all):
+        return _error(400, 'give either "ids": [...] or "all": true')
+    if body.ids is not None and not 1 <= len(body.ids) <= 1000:
+        return _error(400, '"ids" must hold 1 to 1000 ids')
+    try:
+        redriven = await request.app[DISPATCHER].redrive(body.ids, body.function)
+    except StoreUnavailableError as exc:
+        return _error(503, f"cannot store the redrive: {exc}")
+    not_redriven = sorted(set(body.ids or ()) - set(redriven))
+    return web.json_response({"redriven": redriven, "not_redriven": not_redriven}, dumps=_dumps)
+
+
+def _limit(request: web.Request) -> int | None:
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        return None
+    return limit if 1 <= limit <= 1000 else None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
 def _present(row: dict[str, Any]) -> dict[str, Any]:
     """A record for JSON: times as ISO 8601, event and result decoded."""
     out = dict(row)
-    for key in ("queued_at", "started_at", "ended_at", "next_attempt_at"):
+    for key in ("queued_at", "started_at", "ended_at", "next_attempt_at", "dead_lettered_at",
+                "redriven_at"):  # fmt: skip
         if key in out:
             out[key] = iso(out[key])
     for key in ("event", "result"):
@@ -300,6 +381,7 @@ def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Appli
     app = web.Application(client_max_size=MAX_SYNC_PAYLOAD + 1024, middlewares=middlewares)
     app[DISPATCHER] = dispatcher
     app[STORE] = store
+    app[SYNC_RESULTS] = SyncResultCache()
     fn_path = "/2015-03-31/functions/{name}"
     app.router.add_post(f"{fn_path}/invocations", invoke)
     app.router.add_get("/2015-03-31/functions", list_functions_aws)
@@ -310,6 +392,10 @@ def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Appli
     app.router.add_get("/v1/functions", list_functions)
     app.router.add_get("/v1/invocations", list_invocations)
     app.router.add_get("/v1/invocations/{id}", get_invocation)
+    app.router.add_post("/v1/invocations/{id}/replay", replay_invocation)
+    app.router.add_get("/v1/dead-letters", list_dead_letters)
+    app.router.add_post("/v1/dead-letters/redrive", redrive_dead_letters)
+    app.router.add_get("/v1/dead-letters/{id}", get_dead_letter)
     return app
 
 

@@ -9,18 +9,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
-import msgspec
 import structlog
 
+from daemon import records
 from daemon.errors import StoreUnavailableError
 from daemon.migrations import MIGRATIONS
-from daemon.models import FINAL_STATUSES, Outcome, Status
+from daemon.models import FINAL_STATUSES, Outcome
+from daemon.records import (
+    INTERRUPTED_ERROR_TYPE,
+    INTERRUPTED_MESSAGE,
+    Decide,
+    NewInvocation,
+    QueuedInvocation,
+    Recovery,
+)
+
+__all__ = [
+    "INTERRUPTED_ERROR_TYPE", "INTERRUPTED_MESSAGE", "MIGRATIONS", "NewInvocation",
+    "QueuedInvocation", "Recovery", "Store",
+]
 
 log = structlog.get_logger("lambdaemon.store")
 
@@ -29,9 +43,6 @@ Op = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH_OPS = 512
 BUSY_TIMEOUT_MS = 5000
-INTERRUPTED_ERROR_TYPE = "Lambdaemon.Interrupted"
-INTERRUPTED_MESSAGE = "the daemon stopped while this attempt was running"
-
 # These say the database cannot take writes right now, not that one operation is wrong. SQLite
 # may already have rolled the whole transaction back, so they fail the whole batch.
 _UNAVAILABLE_CODES = frozenset({
@@ -39,53 +50,6 @@ _UNAVAILABLE_CODES = frozenset({
     sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL,
     sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB,
 })  # fmt: skip
-
-_SUMMARY_COLUMNS = (
-    "id, function, function_version, trigger, trigger_id, invocation_type, status, attempt,"
-    " dedupe_key, queued_at, started_at, ended_at, next_attempt_at, duration_ms,"
-    " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message, exit_code,"
-    " signal, worker_pid, recoveries, parent_id"
-)
-
-
-class NewInvocation(msgspec.Struct, frozen=True):
-    """An invocation as first written: queued, or already running (a sync call started at once)."""
-
-    id: str
-    function: str
-    function_version: str
-    trigger: str
-    invocation_type: str  # 'sync' | 'async'
-    event: bytes
-    queued_at: float
-    status: Status = Status.QUEUED
-    trigger_id: str | None = None
-    dedupe_key: str | None = None
-    parent_id: str | None = None
-    attempt: int = 0
-    started_at: float | None = None
-    worker_pid: int | None = None
-
-
-class QueuedInvocation(msgspec.Struct, frozen=True):
-    """A row waiting for an attempt, as the dispatcher resumes it after a restart."""
-
-    id: str
-    function: str
-    invocation_type: str
-    trigger: str
-    event: bytes
-    attempt: int
-    queued_at: float
-    next_attempt_at: float | None
-
-
-class Recovery(msgspec.Struct, frozen=True):
-    """What recover() did with the rows a dead daemon left 'running'."""
-
-    requeued: list[str]  # async, first recovery: the attempt is recorded crashed, the row queued
-    crashed: list[str]  # sync rows, and async rows already recovered once
-
 
 class Store:
     """The one owner of the SQLite file: a group-commit writer plus a read-only connection."""
@@ -121,37 +85,52 @@ class Store:
         `extra_sql` runs in the same savepoint, only when the row is new: the row and the
         source's own state (a cron fire marker) are committed together or not at all.
         """
-        return await self._wait(self._submit(partial(_insert, inv=inv, extra_sql=extra_sql)))
+        return await self._write(records.insert, inv=inv, extra_sql=extra_sql)
 
     def mark_running(
         self, id: str, attempt: int, started_at: float, worker_pid: int | None
     ) -> asyncio.Future[None]:
         """Enqueue the start of an attempt; awaiting the returned future is optional."""
-        future = self._submit(
-            partial(
-                _mark_running, id=id, attempt=attempt, started_at=started_at, worker_pid=worker_pid
-            )
-        )
+        op = partial(records.mark_running, id=id, attempt=attempt, started_at=started_at,
+                     worker_pid=worker_pid)  # fmt: skip
+        future = self._submit(op)
         future.add_done_callback(partial(_log_unawaited_failure, id))
         return future
 
-    async def finish(self, id: str, attempt: int, outcome: Outcome) -> None:
-        """Record the final attempt: the invocation's final fields plus its attempts row."""
+    async def finish(
+        self, id: str, attempt: int, outcome: Outcome, *, dead_letter: str | None = None
+    ) -> None:
+        """Record the final attempt: the invocation's final fields plus its attempts row.
+
+        With `dead_letter` (a reason), the invocation is also marked dead-lettered.
+        """
         _require_final(outcome)
-        await self._wait(self._submit(partial(_finish, id=id, attempt=attempt, o=outcome)))
+        await self._write(records.finish, id=id, attempt=attempt, o=outcome,
+                          dead_letter=dead_letter, now=time.time())  # fmt: skip
 
     async def requeue(
         self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
     ) -> None:
         """Record a failed attempt that will be retried; the row is queued again."""
         _require_final(outcome)
-        await self._wait(
-            self._submit(
-                partial(
-                    _requeue, id=id, attempt=attempt, o=outcome, next_attempt_at=next_attempt_at
-                )
-            )
+        await self._write(records.requeue, id=id, attempt=attempt, o=outcome,
+                          next_attempt_at=next_attempt_at)  # fmt: skip
+
+    async def dead_letter_waiting(self, id: str, reason: str) -> str:
+        """Dead-letter a queued retry without running it; return the status it keeps."""
+        status: str = await self._write(
+            records.dead_letter_waiting, id=id, reason=reason, now=time.time()
         )
+        return status
+
+    async def redrive(
+        self, ids: list[str] | None, function: str | None, functions: list[str]
+    ) -> list[QueuedInvocation]:
+        """Queue dead letters of `functions` again (all, or `ids`, or one `function`'s)."""
+        rows: list[QueuedInvocation] = await self._write(
+            records.redrive, ids=ids, function=function, functions=functions, now=time.time()
+        )
+        return rows
 
     async def barrier(self) -> None:
         """Return once every write enqueued before this call is committed (or has failed)."""
@@ -166,10 +145,16 @@ class Store:
         result: T = await self._wait(self._submit(fn))
         return result
 
-    async def recover(self, now: float) -> Recovery:
-        """Settle the rows a dead daemon left 'running'; call once at start, before dispatching."""
-        recovery: Recovery = await self._wait(self._submit(partial(_recover_running, now=now)))
-        log.info("store_recovered", requeued=len(recovery.requeued), crashed=len(recovery.crashed))
+    async def recover(self, now: float, decide: Decide) -> Recovery:
+        """Settle the rows a dead daemon left 'running'; call once at start, before dispatching.
+
+        Each interrupted attempt is recorded as crashed; `decide(function, attempt, retry_base,
+        age_from)` (run in the database thread) says whether an async row is retried or
+        dead-lettered. Sync rows end crashed: their caller owns retries.
+        """
+        recovery: Recovery = await self._write(records.recover_running, now=now, decide=decide)
+        log.info("store_recovered", requeued=len(recovery.requeued),
+                 crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered))
         return recovery
 
     # --- reads -------------------------------------------------------------------------------
@@ -178,10 +163,7 @@ class Store:
         self, limit: int = 1000, after: tuple[float, str] | None = None
     ) -> list[QueuedInvocation]:
         """Queued rows in (queued_at, id) order; pass the last row's pair as `after` to page."""
-        sql = (
-            "SELECT id, function, invocation_type, trigger, event, attempt, queued_at,"
-            " next_attempt_at FROM invocations WHERE status = 'queued'"
-        )
+        sql = f"SELECT {records.QUEUED_COLUMNS} FROM invocations WHERE status = 'queued'"
         params: tuple[Any, ...] = ()
         if after is not None:
             sql += " AND (queued_at, id) > (?, ?)"
@@ -191,7 +173,7 @@ class Store:
 
     async def get(self, id: str) -> dict[str, Any] | None:
         """The full record (event and result as bytes, logs) with its "attempts" list."""
-        return await self._read(partial(_fetch_record, id=id))  # type: ignore[no-any-return]
+        return await self._read(partial(records.fetch_record, id=id))  # type: ignore[no-any-return]
 
     async def list_invocations(
         self, function: str | None = None, status: str | None = None, limit: int = 50
@@ -202,11 +184,25 @@ class Store:
             for clause, value in (("function = ?", function), ("status = ?", status))
             if value is not None
         ]
-        sql = f"SELECT {_SUMMARY_COLUMNS} FROM invocations"
+        sql = f"SELECT {records.SUMMARY_COLUMNS} FROM invocations"
         if where:
             sql += " WHERE " + " AND ".join(clause for clause, _ in where)
         sql += " ORDER BY queued_at DESC, id DESC LIMIT ?"
         rows = await self.query(sql, (*(value for _, value in where), limit))
+        return [dict(row) for row in rows]
+
+    async def list_dead_letters(
+        self, function: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Dead-lettered invocations, most recently dead-lettered first, as summaries."""
+        sql = f"SELECT {records.SUMMARY_COLUMNS} FROM invocations"
+        sql += " WHERE dead_letter_reason IS NOT NULL"
+        params: tuple[Any, ...] = ()
+        if function is not None:
+            sql += " AND function = ?"
+            params = (function,)
+        rows = await self.query(sql + " ORDER BY dead_lettered_at DESC, id DESC LIMIT ?",
+                                (*params, limit))  # fmt: skip
         return [dict(row) for row in rows]
 
     async def status_of(self, id: str) -> str | None:
@@ -262,6 +258,9 @@ class Store:
                 conn._thread.join(timeout=1)
 
     # --- the writer ----------------------------------------------------------------------------
+
+    async def _write(self, op: Callable[..., Any], **kwargs: Any) -> Any:
+        return await self._wait(self._submit(partial(op, **kwargs)))
 
     def _submit(self, fn: Op) -> asyncio.Future[Any]:
         if self._writer_task is None or self._closing is not None or self._writer_task.done():
@@ -428,126 +427,3 @@ def _unavailable(exc: sqlite3.Error) -> bool:
 
 def _nothing(conn: sqlite3.Connection) -> None:
     return None
-
-
-def _insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Op | None) -> tuple[str, bool]:
-    cur = conn.execute(
-        "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
-        " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
-        " parent_id, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (dedupe_key) DO NOTHING",
-        (inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
-         inv.invocation_type, str(inv.status), inv.attempt, inv.dedupe_key, inv.queued_at,
-         inv.started_at, inv.worker_pid, inv.parent_id, inv.event),
-    )  # fmt: skip
-    if cur.rowcount == 0:
-        row = conn.execute(
-            "SELECT id FROM invocations WHERE dedupe_key = ?", (inv.dedupe_key,)
-        ).fetchone()
-        return row[0], False
-    if extra_sql is not None:
-        extra_sql(conn)
-    return inv.id, True
-
-
-def _mark_running(
-    conn: sqlite3.Connection, id: str, attempt: int, started_at: float, worker_pid: int | None
-) -> None:
-    _update_one(
-        conn,
-        "UPDATE invocations SET status = 'running', attempt = ?, started_at = ?,"
-        " worker_pid = ?, next_attempt_at = NULL WHERE id = ?",
-        (attempt, started_at, worker_pid, id),
-    )
-
-
-def _finish(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
-    _update_one(
-        conn,
-        "UPDATE invocations SET status = ?, attempt = ?, started_at = ?, ended_at = ?,"
-        " next_attempt_at = NULL, duration_ms = ?, billed_duration_ms = ?,"
-        " init_duration_ms = ?, max_memory_mb = ?, error_type = ?, error_message = ?,"
-        " exit_code = ?, signal = ?, worker_pid = COALESCE(?, worker_pid), result = ?,"
-        " logs = ? WHERE id = ?",
-        (str(o.status), attempt, o.started_at, o.ended_at, o.duration_ms,
-         o.billed_duration_ms, o.init_duration_ms, o.max_memory_mb, o.error_type,
-         o.error_message, o.exit_code, o.signal, o.worker_pid, o.payload, o.logs, id),
-    )  # fmt: skip
-    _record_attempt(conn, id, attempt, o)
-
-
-def _requeue(
-    conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, next_attempt_at: float
-) -> None:
-    # The failed attempt's error stays visible on the row while it waits for the retry.
-    _update_one(
-        conn,
-        "UPDATE invocations SET status = 'queued', attempt = ?, next_attempt_at = ?,"
-        " error_type = ?, error_message = ?, exit_code = ?, signal = ?,"
-        " worker_pid = COALESCE(?, worker_pid), logs = ? WHERE id = ?",
-        (attempt, next_attempt_at, o.error_type, o.error_message, o.exit_code, o.signal,
-         o.worker_pid, o.logs, id),
-    )  # fmt: skip
-    _record_attempt(conn, id, attempt, o)
-
-
-def _record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
-    # REPLACE: a write repeated after an ambiguous commit failure stays idempotent. The pid
-    # falls back to the one mark_running stored, which the caller just copied into the row.
-    conn.execute(
-        "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
-        " duration_ms, error_type, error_message, exit_code, signal, worker_pid)"
-        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid FROM invocations WHERE id = ?",
-        (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
-         o.error_message, o.exit_code, o.signal, id),
-    )  # fmt: skip
-
-
-def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
-    if conn.execute(sql, params).rowcount != 1:
-        raise LookupError(f"no invocation {params[-1]!r}")
-
-
-def _recover_running(conn: sqlite3.Connection, now: float) -> Recovery:
-    rows = conn.execute(
-        "SELECT id, invocation_type, recoveries, attempt, started_at, worker_pid"
-        " FROM invocations WHERE status = 'running' ORDER BY queued_at, id"
-    ).fetchall()
-    requeued: list[str] = []
-    crashed: list[str] = []
-    for id, invocation_type, recoveries, attempt, started_at, worker_pid in rows:
-        conn.execute(
-            "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
-            " ended_at, error_type, error_message, worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (id, attempt, Status.CRASHED.value, started_at, now, INTERRUPTED_ERROR_TYPE,
-             INTERRUPTED_MESSAGE, worker_pid),
-        )  # fmt: skip
-        # Requeue only once: an event that keeps taking the daemon down must not loop forever.
-        again = invocation_type == "async" and recoveries == 0
-        conn.execute(
-            "UPDATE invocations SET status = ?, recoveries = recoveries + ?,"
-            " next_attempt_at = ?, ended_at = ?, error_type = ?, error_message = ? WHERE id = ?",
-            (Status.QUEUED.value if again else Status.CRASHED.value, int(again),
-             now if again else None, None if again else now, INTERRUPTED_ERROR_TYPE,
-             INTERRUPTED_MESSAGE, id),
-        )  # fmt: skip
-        (requeued if again else crashed).append(id)
-    return Recovery(requeued=requeued, crashed=crashed)
-
-
-def _fetch_record(conn: sqlite3.Connection, id: str) -> dict[str, Any] | None:
-    conn.execute("BEGIN")  # one snapshot for the row and its attempts
-    try:
-        row = conn.execute("SELECT * FROM invocations WHERE id = ?", (id,)).fetchone()
-        if row is None:
-            return None
-        record = dict(row)
-        record["attempts"] = [
-            dict(a)
-            for a in conn.execute(
-                "SELECT * FROM attempts WHERE invocation_id = ? ORDER BY attempt", (id,)
-            )
-        ]
-        return record
-    finally:
-        conn.execute("COMMIT")

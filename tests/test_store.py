@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from structlog.testing import capture_logs
 from daemon import store as store_module
 from daemon.errors import StoreUnavailableError
 from daemon.models import Outcome, Status
+from daemon.retry import Verdict
 from daemon.store import MIGRATIONS, NewInvocation, QueuedInvocation, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,34 +256,116 @@ async def test_store_barrier_gives_read_your_writes(store: Store) -> None:
     assert await store.status_of("a") == "running"
 
 
-async def test_store_recover_requeues_async_once_then_crashes(store: Store) -> None:
+def retry_twice(now: float):  # noqa: ANN201
+    """A recovery policy like a function with retries = 2: retry at now + 5, then dead-letter."""
+
+    def decide(function: str, attempt: int, retry_base: int, age_from: float) -> Verdict:
+        if attempt - retry_base > 2:
+            return Verdict(dead_letter="RetriesExhausted")
+        return Verdict(next_attempt_at=now + 5)
+
+    return decide
+
+
+async def test_store_recover_follows_the_retry_policy_then_dead_letters(store: Store) -> None:
     await store.insert(new("async1"))
     await store.insert(new("sync1", invocation_type="sync", trigger="api"))
     store.mark_running("async1", 1, 1001.0, 11)
     store.mark_running("sync1", 1, 1001.0, 12)
     with capture_logs() as logs:
-        first = await store.recover(now=2000.0)
-    assert (first.requeued, first.crashed) == (["async1"], ["sync1"])
-    assert {"event": "store_recovered", "requeued": 1, "crashed": 1, "log_level": "info"} in logs
+        first = await store.recover(2000.0, retry_twice(2000.0))
+    assert (first.requeued, first.crashed, first.dead_lettered) == (["async1"], ["sync1"], [])
+    assert {"event": "store_recovered", "requeued": 1, "crashed": 1, "dead_lettered": 0,
+            "log_level": "info"} in logs  # fmt: skip
     row = await store.get("async1")
     assert row is not None
-    assert (row["status"], row["recoveries"], row["next_attempt_at"]) == ("queued", 1, 2000.0)
+    assert (row["status"], row["recoveries"], row["next_attempt_at"]) == ("queued", 1, 2005.0)
     assert [(a["attempt"], a["status"]) for a in row["attempts"]] == [(1, "crashed")]
+    [queued] = await store.load_queued()
+    assert (queued.attempt, queued.next_attempt_at, queued.retry_base) == (1, 2005.0, 0)
     sync_row = await store.get("sync1")
-    assert sync_row is not None
+    assert sync_row is not None  # the caller owns retries of a sync call: crashed for good
     assert (sync_row["status"], sync_row["ended_at"]) == ("crashed", 2000.0)
+    assert sync_row["dead_letter_reason"] is None
 
-    store.mark_running("async1", 2, 2001.0, 13)
-    second = await store.recover(now=3000.0)
-    assert (second.requeued, second.crashed) == ([], ["async1"])
+    store.mark_running("async1", 2, 2006.0, 13)
+    second = await store.recover(3000.0, retry_twice(3000.0))
+    assert second.requeued == ["async1"]  # a second crash still has budget left
+    store.mark_running("async1", 3, 3006.0, 14)
+    third = await store.recover(4000.0, retry_twice(4000.0))
+    assert (third.requeued, third.dead_lettered) == ([], [("async1", "RetriesExhausted")])
     row = await store.get("async1")
     assert row is not None
-    assert row["status"] == "crashed"
+    assert (row["status"], row["dead_letter_reason"], row["dead_lettered_at"]) == (
+        "crashed", "RetriesExhausted", 4000.0)  # fmt: skip
+    assert row["recoveries"] == 3
     assert [(a["attempt"], a["status"]) for a in row["attempts"]] == [
-        (1, "crashed"),
-        (2, "crashed"),
-    ]
-    assert (await store.recover(now=4000.0)) == store_module.Recovery(requeued=[], crashed=[])
+        (1, "crashed"), (2, "crashed"), (3, "crashed")]  # fmt: skip
+    assert (await store.recover(5000.0, retry_twice(5000.0))) == store_module.Recovery(
+        requeued=[], crashed=[])  # fmt: skip
+    assert [r["id"] for r in await store.list_dead_letters()] == ["async1"]
+
+
+async def test_store_dead_letter_keeps_status_and_redrive_restarts_the_budget(store: Store) -> None:
+    await store.insert(new("a", queued_at=1000.0))
+    await store.insert(new("b", function="gone", queued_at=1000.0))
+    for id in ("a", "b"):
+        store.mark_running(id, 1, 1001.0, 7)
+        failed = outcome(Status.TIMED_OUT, error_type="Sandbox.Timedout", logs="first try\n")
+        await store.finish(id, 1, failed, dead_letter="RetriesExhausted")
+    record = await store.get("a")
+    assert record is not None
+    assert (record["status"], record["dead_letter_reason"]) == ("timed_out", "RetriesExhausted")
+    assert record["dead_lettered_at"] is not None
+    assert record["attempts"][0]["logs"] == "first try\n"  # each attempt keeps its own output
+
+    # Only dead letters of configured functions come back, with a fresh budget and age.
+    assert await store.redrive(["a", "b", "missing"], None, ["hello"]) == [
+        QueuedInvocation(id="a", function="hello", invocation_type="async", trigger="mqtt",
+                         event=b'{"n": 1}', attempt=1, queued_at=1000.0, next_attempt_at=None,
+                         retry_base=1, age_from=pytest.approx(time.time(), abs=5))
+    ]  # fmt: skip
+    record = await store.get("a")
+    assert record is not None
+    assert (record["status"], record["dead_letter_reason"], record["redrives"]) == ("queued", None, 1)
+    assert await store.redrive(None, None, ["hello"]) == []  # nothing dead-lettered is left
+    assert [r["id"] for r in await store.list_dead_letters()] == ["b"]
+
+
+async def test_store_dead_letter_waiting_takes_the_last_attempts_status(store: Store) -> None:
+    await store.insert(new("a"))
+    store.mark_running("a", 1, 1001.0, 7)
+    await store.requeue("a", 1, outcome(Status.CRASHED, signal=9), next_attempt_at=1002.0)
+    assert await store.dead_letter_waiting("a", "EventAgeExceeded") == "crashed"
+    record = await store.get("a")
+    assert record is not None
+    assert (record["status"], record["dead_letter_reason"], record["ended_at"]) == (
+        "crashed", "EventAgeExceeded", 1001.5)  # fmt: skip
+    with pytest.raises(LookupError):  # only a queued row can be dead-lettered this way
+        await store.dead_letter_waiting("a", "EventAgeExceeded")
+
+
+async def test_store_upgrades_a_version_1_database_in_place(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+        async with Store.open(db):
+            pass
+    assert raw(db, "PRAGMA user_version") == [(1,)]
+    # A retry waiting in a version-1 database, as the previous release wrote it.
+    raw(db, "INSERT INTO invocations (id, function, function_version, trigger, invocation_type,"
+            " status, attempt, queued_at, next_attempt_at, event)"
+            " VALUES ('a', 'hello', '1', 'mqtt', 'async', 'queued', 1, 1000.0, 1060.0, '{}')")
+    raw(db, "INSERT INTO attempts (invocation_id, attempt, status) VALUES ('a', 1, 'failed')")
+    async with Store.open(db) as store:
+        [queued] = await store.load_queued()
+        record = await store.get("a")
+    assert (queued.attempt, queued.next_attempt_at, queued.retry_base, queued.age_from) == (
+        1, 1060.0, 0, 1000.0)  # fmt: skip
+    assert record is not None and record["dead_letter_reason"] is None
+    assert record["attempts"][0]["logs"] is None
+    assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
 
 
 # --- queries ------------------------------------------------------------------------------------

@@ -49,4 +49,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (invocation_id, attempt)
         ) WITHOUT ROWID""",
     ),
+    # v2: async retries and dead letters. A dead letter keeps its final status and gains a
+    # reason; a redrive starts a fresh retry budget (retry_base) and age (redriven_at) on the
+    # same row, so attempt numbers keep counting up and every attempt stays in `attempts`.
+    (
+        "ALTER TABLE invocations ADD COLUMN dead_letter_reason TEXT",
+        "ALTER TABLE invocations ADD COLUMN dead_lettered_at REAL",
+        "ALTER TABLE invocations ADD COLUMN redrives INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE invocations ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE invocations ADD COLUMN redriven_at REAL",
+        # The dead-letter list pages through dead letters only, newest first.
+        "CREATE INDEX invocations_dead ON invocations (dead_lettered_at, id)"
+        " WHERE dead_letter_reason IS NOT NULL",
+        # What each attempt printed, so a retried failure's output is not overwritten.
+        "ALTER TABLE attempts ADD COLUMN logs TEXT",
+    ),
 )

@@ -1,0 +1,263 @@
+"""The invocation record's rows and SQL. The functions below run in the store's database thread.
+
+daemon/store.py owns the connections and the group-commit writer and re-exports the row types;
+each `_op` here is one savepoint inside the writer's transaction (or one read snapshot).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from daemon.models import Outcome, Status
+from daemon.retry import Verdict
+
+INTERRUPTED_ERROR_TYPE = "Lambdaemon.Interrupted"
+INTERRUPTED_MESSAGE = "the daemon stopped while this attempt was running"
+
+SUMMARY_COLUMNS = (
+    "id, function, function_version, trigger, trigger_id, invocation_type, status, attempt,"
+    " dedupe_key, queued_at, started_at, ended_at, next_attempt_at, duration_ms,"
+    " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message, exit_code,"
+    " signal, worker_pid, recoveries, parent_id, dead_letter_reason, dead_lettered_at, redrives"
+)
+QUEUED_COLUMNS = (
+    "id, function, invocation_type, trigger, event, attempt, queued_at, next_attempt_at,"
+    " retry_base, COALESCE(redriven_at, queued_at) AS age_from"
+)
+
+
+class NewInvocation(msgspec.Struct, frozen=True):
+    """An invocation as first written: queued, or already running (a sync call started at once)."""
+
+    id: str
+    function: str
+    function_version: str
+    trigger: str
+    invocation_type: str  # 'sync' | 'async'
+    event: bytes
+    queued_at: float
+    status: Status = Status.QUEUED
+    trigger_id: str | None = None
+    dedupe_key: str | None = None
+    parent_id: str | None = None
+    attempt: int = 0
+    started_at: float | None = None
+    worker_pid: int | None = None
+
+
+class QueuedInvocation(msgspec.Struct, frozen=True):
+    """A row waiting for an attempt, as the dispatcher resumes it after a restart or redrive."""
+
+    id: str
+    function: str
+    invocation_type: str
+    trigger: str
+    event: bytes
+    attempt: int  # attempts made so far
+    queued_at: float
+    next_attempt_at: float | None  # a retry waits until then; None: run when a slot is free
+    retry_base: int  # the retry budget counts attempts after this one (a redrive moves it)
+    age_from: float  # the event's age counts from here: accepted, or last redriven
+
+
+class Recovery(msgspec.Struct, frozen=True):
+    """What recover() did with the rows a dead daemon left 'running'."""
+
+    requeued: list[str]  # async with budget left: the attempt is recorded crashed, the row queued
+    crashed: list[str]  # sync rows: crashed for good (the caller owns retries)
+    dead_lettered: list[tuple[str, str]] = msgspec.field(default_factory=list)  # (id, reason)
+
+
+# (function, attempt that was interrupted, retry_base, age_from) -> what to do with the row
+Decide = Callable[[str, int, int, float], Verdict]
+
+
+# --- writes --------------------------------------------------------------------------------
+
+
+def insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Any) -> tuple[str, bool]:
+    cur = conn.execute(
+        "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
+        " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
+        " parent_id, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (dedupe_key) DO NOTHING",
+        (inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
+         inv.invocation_type, str(inv.status), inv.attempt, inv.dedupe_key, inv.queued_at,
+         inv.started_at, inv.worker_pid, inv.parent_id, inv.event),
+    )  # fmt: skip
+    if cur.rowcount == 0:
+        row = conn.execute(
+            "SELECT id FROM invocations WHERE dedupe_key = ?", (inv.dedupe_key,)
+        ).fetchone()
+        return row[0], False
+    if extra_sql is not None:
+        extra_sql(conn)
+    return inv.id, True
+
+
+def mark_running(
+    conn: sqlite3.Connection, id: str, attempt: int, started_at: float, worker_pid: int | None
+) -> None:
+    _update_one(
+        conn,
+        "UPDATE invocations SET status = 'running', attempt = ?, started_at = ?,"
+        " worker_pid = ?, next_attempt_at = NULL WHERE id = ?",
+        (attempt, started_at, worker_pid, id),
+    )
+
+
+def finish(
+    conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, dead_letter: str | None,
+    now: float,
+) -> None:
+    _update_one(
+        conn,
+        "UPDATE invocations SET status = ?, attempt = ?, started_at = ?, ended_at = ?,"
+        " next_attempt_at = NULL, duration_ms = ?, billed_duration_ms = ?,"
+        " init_duration_ms = ?, max_memory_mb = ?, error_type = ?, error_message = ?,"
+        " exit_code = ?, signal = ?, worker_pid = COALESCE(?, worker_pid), result = ?,"
+        " logs = ?, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
+        (str(o.status), attempt, o.started_at, o.ended_at, o.duration_ms,
+         o.billed_duration_ms, o.init_duration_ms, o.max_memory_mb, o.error_type,
+         o.error_message, o.exit_code, o.signal, o.worker_pid, o.payload, o.logs,
+         dead_letter, now if dead_letter else None, id),
+    )  # fmt: skip
+    _record_attempt(conn, id, attempt, o)
+
+
+def requeue(
+    conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, next_attempt_at: float
+) -> None:
+    # The failed attempt's error stays visible on the row while it waits for the retry.
+    _update_one(
+        conn,
+        "UPDATE invocations SET status = 'queued', attempt = ?, next_attempt_at = ?,"
+        " error_type = ?, error_message = ?, exit_code = ?, signal = ?,"
+        " worker_pid = COALESCE(?, worker_pid), logs = ? WHERE id = ?",
+        (attempt, next_attempt_at, o.error_type, o.error_message, o.exit_code, o.signal,
+         o.worker_pid, o.logs, id),
+    )  # fmt: skip
+    _record_attempt(conn, id, attempt, o)
+
+
+def dead_letter_waiting(conn: sqlite3.Connection, id: str, reason: str, now: float) -> str:
+    """Dead-letter a queued retry without running it; it keeps its last attempt's status."""
+    last = conn.execute(
+        "SELECT a.status, a.ended_at, a.duration_ms FROM invocations i LEFT JOIN attempts a"
+        " ON a.invocation_id = i.id AND a.attempt = i.attempt"
+        " WHERE i.id = ? AND i.status = 'queued'",
+        (id,),
+    ).fetchone()
+    if last is None:
+        raise LookupError(f"no queued invocation {id!r}")
+    status = last[0] or Status.FAILED.value  # every retry follows a recorded attempt
+    _update_one(
+        conn,
+        "UPDATE invocations SET status = ?, ended_at = ?, duration_ms = ?,"
+        " next_attempt_at = NULL, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
+        (status, last[1], last[2], reason, now, id),
+    )
+    return str(status)
+
+
+def redrive(
+    conn: sqlite3.Connection, ids: list[str] | None, function: str | None,
+    functions: list[str], now: float,
+) -> list[QueuedInvocation]:
+    """Queue dead letters again, of configured functions only, with a fresh budget and age."""
+    sql = (
+        "UPDATE invocations SET status = 'queued', dead_letter_reason = NULL,"
+        " dead_lettered_at = NULL, next_attempt_at = NULL, redrives = redrives + 1,"
+        " retry_base = attempt, redriven_at = ?"
+        " WHERE dead_letter_reason IS NOT NULL"
+        " AND function IN (SELECT value FROM json_each(?))"
+    )
+    params: list[Any] = [now, msgspec.json.encode(functions).decode()]
+    if ids is not None:
+        sql += " AND id IN (SELECT value FROM json_each(?))"
+        params.append(msgspec.json.encode(ids).decode())
+    if function is not None:
+        sql += " AND function = ?"
+        params.append(function)
+    cur = conn.execute(sql + " RETURNING " + QUEUED_COLUMNS, params)
+    names = [d[0] for d in cur.description]
+    rows = [QueuedInvocation(**dict(zip(names, r, strict=True))) for r in cur.fetchall()]
+    return sorted(rows, key=lambda q: (q.queued_at, q.id))
+
+
+def _record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
+    # REPLACE: a write repeated after an ambiguous commit failure stays idempotent. The pid
+    # falls back to the one mark_running stored, which the caller just copied into the row.
+    conn.execute(
+        "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
+        " duration_ms, error_type, error_message, exit_code, signal, worker_pid, logs)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid, ? FROM invocations WHERE id = ?",
+        (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
+         o.error_message, o.exit_code, o.signal, o.logs, id),
+    )  # fmt: skip
+
+
+def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
+    if conn.execute(sql, params).rowcount != 1:
+        raise LookupError(f"no invocation {params[-1]!r}")
+
+
+def recover_running(conn: sqlite3.Connection, now: float, decide: Decide) -> Recovery:
+    """Record each interrupted attempt as crashed, then retry or dead-letter it by the policy."""
+    rows = conn.execute(
+        "SELECT id, function, invocation_type, attempt, started_at, worker_pid, retry_base,"
+        " COALESCE(redriven_at, queued_at) FROM invocations WHERE status = 'running'"
+        " ORDER BY queued_at, id"
+    ).fetchall()
+    recovery = Recovery(requeued=[], crashed=[])
+    for id, function, kind, attempt, started_at, worker_pid, retry_base, age_from in rows:
+        conn.execute(
+            "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
+            " ended_at, error_type, error_message, worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (id, attempt, Status.CRASHED.value, started_at, now, INTERRUPTED_ERROR_TYPE,
+             INTERRUPTED_MESSAGE, worker_pid),
+        )  # fmt: skip
+        # The same policy as any failed attempt, so an event that keeps taking the daemon down
+        # stops after its retries instead of looping forever.
+        verdict = decide(function, attempt, retry_base, age_from) if kind == "async" else Verdict()
+        again = verdict.next_attempt_at is not None
+        conn.execute(
+            "UPDATE invocations SET status = ?, recoveries = recoveries + 1,"
+            " next_attempt_at = ?, ended_at = ?, error_type = ?, error_message = ?,"
+            " dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
+            (Status.QUEUED.value if again else Status.CRASHED.value, verdict.next_attempt_at,
+             None if again else now, INTERRUPTED_ERROR_TYPE, INTERRUPTED_MESSAGE,
+             verdict.dead_letter, now if verdict.dead_letter else None, id),
+        )  # fmt: skip
+        if again:
+            recovery.requeued.append(id)
+        elif verdict.dead_letter:
+            recovery.dead_lettered.append((id, verdict.dead_letter))
+        else:
+            recovery.crashed.append(id)
+    return recovery
+
+
+# --- reads (on the read-only connection) ------------------------------------------------------
+
+
+def fetch_record(conn: sqlite3.Connection, id: str) -> dict[str, Any] | None:
+    conn.execute("BEGIN")  # one snapshot for the row and its attempts
+    try:
+        row = conn.execute("SELECT * FROM invocations WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            return None
+        record = dict(row)
+        record["attempts"] = [
+            dict(a)
+            for a in conn.execute(
+                "SELECT * FROM attempts WHERE invocation_id = ? ORDER BY attempt", (id,)
+            )
+        ]
+        return record
+    finally:
+        conn.execute("COMMIT")
