@@ -23,23 +23,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
 
 from daemon.config import FunctionConfig
 from daemon.models import InvokeRequest, Outcome, Status
-from daemon.pool.protocol import (
-    HEADER_BYTES,
-    MAX_FRAME_BYTES,
-    FromWorker,
-    InitFailed,
-    Invoke,
-    Ready,
-    Result,
-    encode_frame,
-)
+from daemon.pool.protocol import InitFailed, Invoke, Ready, Result, SupervisorChannel
 
 log = structlog.get_logger("lambdaemon.pool")
 
@@ -48,11 +39,11 @@ _GUARD_INTERVAL_S = 0.1  # how often a running invocation's captured output is c
 _EXIT_WAIT_S = 5.0
 _CRASH_GRACE_S = 1.0  # after EOF on the channel, how long a worker may take to finish exiting
 _ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the `daemon` package
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER: msgspec.msgpack.Decoder[FromWorker] = msgspec.msgpack.Decoder(FromWorker)  # type: ignore[arg-type]
 _JSON = msgspec.json.Encoder()
 _TIMED_OUT = object()  # reply placeholder set by the deadline timer
 _replaced_watchers: list[object] = []
+
+Key = tuple[Any, ...]
 
 
 class _State(enum.Enum):
@@ -63,99 +54,26 @@ class _State(enum.Enum):
     EXITED = "exited"
 
 
-class _Channel(asyncio.Protocol):
-    """The parent's end of the control socket: frames in, one awaited reply at a time."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._buffer = bytearray()
-        self._inbox: deque[Any] = deque()
-        self._waiter: asyncio.Future[Any] | None = None
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        if self.closed:
-            transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        if not buffer and len(data) > HEADER_BYTES:
-            if int.from_bytes(data[:HEADER_BYTES], "big") == len(data) - HEADER_BYTES:
-                self._deliver_frame(memoryview(data)[HEADER_BYTES:])  # the usual case: one whole frame
-                return
-        buffer += data
-        while len(buffer) >= HEADER_BYTES:
-            size = int.from_bytes(buffer[:HEADER_BYTES], "big")
-            if size > MAX_FRAME_BYTES:
-                self.hang_up()
-                return
-            if len(buffer) < HEADER_BYTES + size:
-                return
-            frame = bytes(buffer[HEADER_BYTES : HEADER_BYTES + size])
-            del buffer[: HEADER_BYTES + size]
-            self._deliver_frame(frame)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.hang_up()
-
-    def _deliver_frame(self, frame: bytes | memoryview) -> None:
-        try:
-            self._deliver(_DECODER.decode(frame))
-        except msgspec.DecodeError:
-            self.hang_up()  # a corrupt stream: treat the worker as crashed
-
-    def _deliver(self, message: Any) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(message)
-        else:
-            self._inbox.append(message)
-
-    def receive(self) -> asyncio.Future[Any]:
-        """The next message; None once the channel is closed."""
-        future = self._loop.create_future()
-        if self._inbox:
-            future.set_result(self._inbox.popleft())
-        elif self.closed:
-            future.set_result(None)
-        else:
-            self._waiter = future
-        return future
-
-    def send(self, message: Invoke) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(encode_frame(_ENCODER, message))
-
-    def hang_up(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._deliver(None)
-        if self.transport is not None:
-            self.transport.close()
-
-
 class _Worker:
     __slots__ = (
         "fn", "key", "proc", "pid", "memfd", "channel", "state", "stop_reason", "idle_since",
         "init_duration_ms", "exit_task", "held", "fresh_output", "deadline", "timer", "peak_kb",
     )
 
-    def __init__(self, fn: FunctionConfig, key: tuple[Any, ...], proc: asyncio.subprocess.Process,
-                 memfd: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, fn: FunctionConfig, key: Key, proc: asyncio.subprocess.Process, memfd: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.fn = fn
         self.key = key
         self.proc = proc
         self.pid = proc.pid
         self.memfd = memfd
-        self.channel = _Channel(loop)
+        self.channel = SupervisorChannel(loop)
         self.state = _State.STARTING
         self.stop_reason: str | None = None
         self.idle_since = 0.0
         self.init_duration_ms: float | None = None
         self.exit_task: asyncio.Task[None] | None = None
-        self.held = True  # an invocation (or start-up) still reads its captured output
+        self.held = True  # a caller still reads its captured output: it closes the files
         self.fresh_output = False  # the cold invocation's logs include the init output
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -171,7 +89,7 @@ class _Worker:
 class _Waiter:
     __slots__ = ("name", "key", "future")
 
-    def __init__(self, name: str, key: tuple[Any, ...], future: asyncio.Future[_Worker | None]) -> None:
+    def __init__(self, name: str, key: Key, future: asyncio.Future[_Worker | None]) -> None:
         self.name = name
         self.key = key
         self.future = future
@@ -193,14 +111,16 @@ class WorkerPool:
         self._capture_bytes = log_capture_bytes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._functions: dict[str, FunctionConfig] = {}
-        self._keys: dict[str, tuple[FunctionConfig, tuple[Any, ...]]] = {}  # current config per name
+        self._keys: dict[str, tuple[FunctionConfig, Key]] = {}  # latest settings per name
         self._workers: set[_Worker] = set()
         self._idle: dict[str, list[_Worker]] = {}  # oldest first; the newest is reused first
         self._counts: dict[str, int] = {}  # per function: workers reserved, starting, idle or busy
         self._slots = 0  # processes counted against max_workers, from reservation until reaped
         self._dying = 0  # processes killed but not reaped yet: each frees a slot soon
+        self._spawning = 0
+        self._spawned: asyncio.Future[None] | None = None  # resolved when _spawning drops to 0
         self._waiters: deque[_Waiter] = deque()
-        self._warm_failed: dict[str, tuple[Any, ...]] = {}  # don't retry a broken min_warm init
+        self._warm_failed: dict[str, Key] = {}  # don't retry a broken min_warm init in a loop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._reaper_wake = asyncio.Event()
@@ -210,7 +130,7 @@ class WorkerPool:
     # --- public API ------------------------------------------------------------------------
 
     async def start(self, functions: Mapping[str, FunctionConfig]) -> None:
-        """Start the idle reaper and the `min_warm` workers (waits until they are ready)."""
+        """Start the idle reaper and the `min_warm` workers (returns once they are ready)."""
         self._loop = asyncio.get_running_loop()
         _use_pidfd_child_watcher()
         self._reaper = self._loop.create_task(self._reap_idle(), name="pool-idle-reaper")
@@ -227,13 +147,12 @@ class WorkerPool:
             if worker.state is _State.IDLE and not self._is_current(worker):
                 self._kill(worker, "retired")
         self._reaper_wake.set()
-        starting = self._ensure_warm()
-        if starting:
+        if starting := self._ensure_warm():
             await asyncio.wait(starting)
 
     async def invoke(self, fn: FunctionConfig, request: InvokeRequest,
                      on_start: Callable[[int, float], None] | None = None) -> Outcome:
-        """Run one invocation on a worker of `fn` and say how it went; handler failures are data."""
+        """Run one invocation on a worker of `fn`; handler failures come back as the Outcome."""
         if self._loop is None or self._closed:
             raise RuntimeError("the worker pool is not running")
         key = self._key(fn)
@@ -249,27 +168,30 @@ class WorkerPool:
             return await self._run(worker, fn, request, on_start, cold)
         except BaseException as exc:
             if worker.held:  # interrupted mid-call: the worker's state is unknown
-                self._kill(worker, "cancelled" if isinstance(exc, asyncio.CancelledError) else "crashed")
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                self._kill(worker, "cancelled" if cancelled else "crashed")
                 self._drop(worker)
             raise
 
     async def close(self) -> None:
         """Kill every worker's process group and reap them all."""
-        if self._closed:
+        if self._closed or self._loop is None:
+            self._closed = True
             return
         self._closed = True
         for waiter in self._waiters:
             if not waiter.future.done():
                 waiter.future.set_exception(RuntimeError("the worker pool is closed"))
         self._waiters.clear()
-        pending: list[asyncio.Future[Any]] = []
         for task in [self._reaper, *self._tasks]:
-            if task is not None and not task.done():
-                if task.get_name() != "pool-worker-exit":
-                    task.cancel()
-                pending.append(task)
+            if task is not None and task.get_name() != "pool-worker-exit":
+                task.cancel()
+        if self._spawning:  # a process about to appear must be killed too
+            self._spawned = self._loop.create_future()
+            await asyncio.wait([self._spawned], timeout=_EXIT_WAIT_S)
         for worker in list(self._workers):
             self._kill(worker, "closed")
+        pending = [task for task in [self._reaper, *self._tasks] if task is not None]
         if pending:
             _, late = await asyncio.wait(pending, timeout=_EXIT_WAIT_S)
             if late:
@@ -279,20 +201,20 @@ class WorkerPool:
         """Per function: idle workers and busy ones (serving or starting)."""
         stats = {name: {"idle": 0, "busy": 0} for name in self._functions}
         for worker in self._workers:
-            if worker.state in (_State.STOPPING, _State.EXITED):
-                continue
-            entry = stats.setdefault(worker.fn.name, {"idle": 0, "busy": 0})
-            entry["idle" if worker.state is _State.IDLE else "busy"] += 1
+            if worker.state not in (_State.STOPPING, _State.EXITED):
+                entry = stats.setdefault(worker.fn.name, {"idle": 0, "busy": 0})
+                entry["idle" if worker.state is _State.IDLE else "busy"] += 1
         return stats
 
-    # --- taking and giving back workers ------------------------------------------------------
+    # --- handing out workers and slots -----------------------------------------------------
 
-    def _key(self, fn: FunctionConfig) -> tuple[Any, ...]:
-        """The settings a worker is built from; a worker whose key is outdated is retired."""
+    def _key(self, fn: FunctionConfig) -> Key:
+        """What a worker is built from; a worker with an outdated key retires."""
         entry = self._keys.get(fn.name)
         if entry is not None and entry[0] is fn:
             return entry[1]
-        key = (fn.code, fn.handler, fn.memory_mb, fn.version, fn.region, tuple(sorted(fn.env.items())))
+        env = tuple(sorted(fn.env.items()))
+        key = (fn.code, fn.handler, fn.memory_mb, fn.version, fn.region, env)
         self._keys[fn.name] = (fn, key)
         return key
 
@@ -301,15 +223,14 @@ class WorkerPool:
         return entry is not None and entry[1] == worker.key
 
     def _settings(self, name: str) -> FunctionConfig | None:
-        """The function's current settings (the config's, else those of its latest call)."""
+        """The function's current settings: the config's, else those of its latest call."""
         entry = self._keys.get(name)
         return self._functions.get(name) or (entry[0] if entry else None)
 
-    async def _acquire(self, fn: FunctionConfig, key: tuple[Any, ...]) -> _Worker | None:
+    async def _acquire(self, fn: FunctionConfig, key: Key) -> _Worker | None:
         """An idle worker of `fn`, or None with a slot reserved for starting one."""
         if not self._waiters:
-            worker = self._pop_idle(fn.name, key)
-            if worker is not None:
+            if (worker := self._pop_idle(fn.name, key)) is not None:
                 return worker
             if self._slots < self._max_workers:
                 self._reserve(fn.name)
@@ -322,14 +243,13 @@ class WorkerPool:
             return await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                granted = waiter.future.result()
-                if granted is None:
+                if (granted := waiter.future.result()) is None:
                     self._unreserve(fn.name)
                 else:
                     self._release(granted)
             raise
 
-    def _pop_idle(self, name: str, key: tuple[Any, ...]) -> _Worker | None:
+    def _pop_idle(self, name: str, key: Key) -> _Worker | None:
         idle = self._idle.get(name)
         while idle:
             worker = idle.pop()
@@ -351,14 +271,13 @@ class WorkerPool:
 
     def _pump(self) -> None:
         """Serve waiters in arrival order: an idle worker of theirs, a free slot, or an eviction."""
-        credit = self._dying
+        credit = self._dying  # slots on their way back
         waiting: deque[_Waiter] = deque()
         while self._waiters:
             waiter = self._waiters.popleft()
             if waiter.future.done():
                 continue
-            worker = self._pop_idle(waiter.name, waiter.key)
-            if worker is not None:
+            if (worker := self._pop_idle(waiter.name, waiter.key)) is not None:
                 waiter.future.set_result(worker)
             elif self._slots < self._max_workers:
                 self._reserve(waiter.name)
@@ -366,11 +285,11 @@ class WorkerPool:
             else:
                 waiting.append(waiter)
                 if credit > 0:
-                    credit -= 1  # a slot is on its way for this one
+                    credit -= 1
                 elif (victim := self._least_recently_used()) is not None:
                     self._kill(victim, "evicted")
-                else:
-                    waiting.extend(self._waiters)  # everyone is busy: wait for a release
+                else:  # every worker is busy: wait for a release
+                    waiting.extend(self._waiters)
                     self._waiters.clear()
         self._waiters = waiting
 
@@ -379,14 +298,14 @@ class WorkerPool:
         return min(oldest, key=lambda worker: worker.idle_since) if oldest else None
 
     def _release(self, worker: _Worker) -> None:
-        """An invocation (or a warm start) is done with `worker`: it becomes idle or goes."""
+        """A caller is done with a live worker: it becomes idle, or goes if outdated."""
         worker.held = False
         if worker.state not in (_State.BUSY, _State.STARTING):
             if worker.state is _State.EXITED:
                 worker.close_files()
             return
-        if not self._is_current(worker) or worker.channel.closed or self._closed:
-            self._kill(worker, "retired")
+        if self._closed or worker.channel.closed or not self._is_current(worker):
+            self._kill(worker, "closed" if self._closed else "retired")
             return
         assert self._loop is not None
         worker.state = _State.IDLE
@@ -397,18 +316,17 @@ class WorkerPool:
             return
         fn = self._settings(worker.fn.name) or worker.fn
         if self._counts[fn.name] > fn.min_warm:
-            expiry = now + fn.idle_timeout_s
-            if self._reaper_at is None or expiry < self._reaper_at:
+            if self._reaper_at is None or now + fn.idle_timeout_s < self._reaper_at:
                 self._reaper_wake.set()
 
     def _drop(self, worker: _Worker) -> None:
-        """The caller is done with a worker that was killed or died."""
+        """A caller is done with a worker that was killed or died."""
         worker.held = False
         if worker.state is _State.EXITED:
             worker.close_files()
 
     def _kill(self, worker: _Worker, reason: str) -> None:
-        """SIGKILL the worker's process group; its slot frees when the exit is reaped."""
+        """SIGKILL the worker's process group; its slot frees once the exit is reaped."""
         if worker.state in (_State.STOPPING, _State.EXITED):
             return
         if worker.state is _State.IDLE:
@@ -421,14 +339,13 @@ class WorkerPool:
             os.killpg(worker.pid, signal.SIGKILL)
 
     async def _watch_exit(self, worker: _Worker) -> None:
-        returncode = await worker.proc.wait()
-        self._on_exit(worker, returncode)
+        self._on_exit(worker, await worker.proc.wait())
 
     def _on_exit(self, worker: _Worker, returncode: int) -> None:
         name = worker.fn.name
         if worker.state is _State.STOPPING:
             self._dying -= 1
-        else:
+        else:  # it died on its own
             if worker.state is _State.IDLE:
                 self._idle[name].remove(worker)
             self._counts[name] -= 1
@@ -471,48 +388,30 @@ class WorkerPool:
                 starting.append(self._spawn_task(self._warm(fn, key), "pool-warm-start"))
         return starting
 
-    async def _warm(self, fn: FunctionConfig, key: tuple[Any, ...]) -> None:
+    async def _warm(self, fn: FunctionConfig, key: Key) -> None:
         started = await self._start_worker(fn, key, None)
         if isinstance(started, Outcome):
-            self._warm_failed[fn.name] = key  # retried on the next config change or cold start
+            self._warm_failed[fn.name] = key  # tried again after a config change or a cold start
             return
         self._warm_failed.pop(fn.name, None)
         self._read_output(started, None)  # module-level output goes to the daemon log only
         self._release(started)
 
-    async def _start_worker(self, fn: FunctionConfig, key: tuple[Any, ...],
+    async def _start_worker(self, fn: FunctionConfig, key: Key,
                             request: InvokeRequest | None) -> _Worker | Outcome:
         """Spawn a worker into a reserved slot and wait for its init; an Outcome if that fails."""
-        assert self._loop is not None and fn.code is not None
+        assert self._loop is not None
         started_at, clock = time.time(), time.perf_counter()
-        parent_sock, child_sock = socket.socketpair()
-        memfd = os.memfd_create(f"lambdaemon-{fn.name}", os.MFD_CLOEXEC)
-        # O_APPEND: the child's writes land at the end even after the parent truncates the file.
-        fcntl.fcntl(memfd, fcntl.F_SETFL, fcntl.fcntl(memfd, fcntl.F_GETFL) | os.O_APPEND)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemon.pool.worker", str(child_sock.fileno()),
-                stdin=asyncio.subprocess.DEVNULL, stdout=memfd, stderr=memfd,
-                pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=fn.code,
-                env=_environment(fn, "on-demand" if request else "provisioned-concurrency"),
-            )
-        except BaseException as exc:
-            parent_sock.close()
-            os.close(memfd)
-            self._unreserve(fn.name)
-            if not isinstance(exc, OSError):
-                raise
-            message = f"Cannot start a worker for {fn.name}: {exc}"
-            log.error("worker_init_failed", function=fn.name, error_type="Runtime.InvalidEntrypoint",
-                      error_message=message)
-            return _error_outcome(Status.FAILED, "Runtime.InvalidEntrypoint", message, started_at, clock)
-        finally:
-            child_sock.close()
-        worker = _Worker(fn, key, proc, memfd, self._loop)
-        self._workers.add(worker)
-        worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
+            worker = await self._spawn(fn, key, request is not None)
+        except OSError as exc:
+            error_type, error = "Runtime.InvalidEntrypoint", f"Cannot start a worker: {exc}"
+            log.error("worker_init_failed", function=fn.name, error_type=error_type,
+                      error_message=error)
+            payload = _error_payload(error_type, error)
+            return _outcome(Status.FAILED, payload, started_at, clock, error_type, error)
+        message: Any
         try:
-            await self._loop.create_unix_connection(lambda: worker.channel, sock=parent_sock)
             async with asyncio.timeout(self.init_timeout_s):
                 message = await worker.channel.receive()
         except TimeoutError:
@@ -527,47 +426,68 @@ class WorkerPool:
             log.info("worker_started", function=fn.name, pid=worker.pid,
                      init_duration_ms=round(message.init_duration_ms, 3))
             return worker
-        return await self._init_failure(worker, message, request, started_at, clock)
+        try:
+            return await self._init_failure(worker, message, request, started_at, clock)
+        finally:
+            self._drop(worker)
+
+    async def _spawn(self, fn: FunctionConfig, key: Key, on_demand: bool) -> _Worker:
+        assert self._loop is not None and fn.code is not None
+        parent_sock, child_sock = socket.socketpair()
+        memfd = os.memfd_create(f"lambdaemon-{fn.name}", os.MFD_CLOEXEC)
+        # O_APPEND: the child's writes land at the end even after the parent truncates the file.
+        fcntl.fcntl(memfd, fcntl.F_SETFL, fcntl.fcntl(memfd, fcntl.F_GETFL) | os.O_APPEND)
+        self._spawning += 1
+        try:
+            if self._closed:
+                raise RuntimeError("the worker pool is closed")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daemon.pool.worker", str(child_sock.fileno()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=memfd, stderr=memfd,
+                pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=fn.code,
+                env=_environment(fn, "on-demand" if on_demand else "provisioned-concurrency"),
+            )
+        except BaseException:
+            parent_sock.close()
+            os.close(memfd)
+            self._unreserve(fn.name)
+            raise
+        finally:
+            child_sock.close()
+            self._spawning -= 1
+            if not self._spawning and self._spawned is not None and not self._spawned.done():
+                self._spawned.set_result(None)
+        worker = _Worker(fn, key, proc, memfd, self._loop)
+        self._workers.add(worker)
+        worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
+        try:
+            # The channel is a duck-typed asyncio.Protocol (protocol.py must not import asyncio).
+            channel = cast(asyncio.Protocol, worker.channel)
+            await self._loop.create_unix_connection(lambda: channel, sock=parent_sock)
+        except BaseException:
+            parent_sock.close()
+            self._kill(worker, "cancelled")
+            self._drop(worker)
+            raise
+        return worker
 
     async def _init_failure(self, worker: _Worker, message: Any, request: InvokeRequest | None,
                             started_at: float, clock: float) -> Outcome:
-        fn, request_id = worker.fn, request.invocation_id if request else ""
-        init_ms: float | None = None
-        exit_code = signum = None
+        request_id = request.invocation_id if request else ""
         if isinstance(message, InitFailed):
             self._kill(worker, "init_failed")
-            status, error_type, error_message = Status.FAILED, message.error_type, message.error_message
-            payload, init_ms = message.payload, message.init_duration_ms
-        elif message is _TIMED_OUT:
-            self._kill(worker, "timeout")
-            status, error_type = Status.TIMED_OUT, "Sandbox.Timedout"
-            error_message = f"RequestId: {request_id} Error: Init timed out after {self.init_timeout_s:.2f} seconds"
-            payload = _error_payload(error_type, error_message)
+            await self._wait_exit(worker, _EXIT_WAIT_S)
+            outcome = _outcome(Status.FAILED, message.payload, started_at, clock,
+                               message.error_type, message.error_message)
+            outcome.init_duration_ms = message.init_duration_ms
         else:
-            exit_code, signum = await self._wait_crashed(worker)
-            status, error_type = Status.CRASHED, "Runtime.ExitError"
-            error_message = f"RequestId: {request_id} Error: Runtime exited with error: {_describe_exit(exit_code, signum)}"
-            payload = _error_payload(error_type, error_message)
-        await asyncio.wait([worker.exit_task], timeout=_EXIT_WAIT_S)  # type: ignore[list-item]
-        logs = self._read_output(worker, request_id or None)
-        self._drop(worker)
-        log.warning("worker_init_failed", function=fn.name, pid=worker.pid, error_type=error_type,
-                    error_message=error_message)
-        outcome = _error_outcome(status, error_type, error_message, started_at, clock, payload)
-        outcome.init_duration_ms, outcome.logs, outcome.worker_pid = init_ms, logs, worker.pid
-        outcome.exit_code, outcome.signal = exit_code, signum
+            outcome = await self._lost(worker, message, request_id, "Init", self.init_timeout_s,
+                                       started_at, clock)
+        outcome.logs = self._read_output(worker, request_id or None)
+        outcome.worker_pid = worker.pid
+        log.warning("worker_init_failed", function=worker.fn.name, pid=worker.pid,
+                    error_type=outcome.error_type, error_message=outcome.error_message)
         return outcome
-
-    async def _wait_crashed(self, worker: _Worker) -> tuple[int | None, int | None]:
-        """The channel closed without a reply: let the worker finish dying; its exit status."""
-        assert worker.exit_task is not None
-        done, _ = await asyncio.wait([worker.exit_task], timeout=_CRASH_GRACE_S)
-        if not done:  # it closed the channel but lives on: no use to anyone
-            self._kill(worker, "crashed")
-            await asyncio.wait([worker.exit_task], timeout=_EXIT_WAIT_S)
-        if worker.proc.returncode is None:
-            return None, None
-        return _exit_status(worker.proc.returncode)
 
     # --- one invocation ----------------------------------------------------------------------
 
@@ -588,81 +508,103 @@ class WorkerPool:
                 raise
         clock = time.perf_counter()
         reply = worker.channel.receive()
-        deadline_ms = int((started_at + fn.timeout_s) * 1000)
-        worker.channel.send(Invoke(request.invocation_id, request.event, request.invoked_arn, deadline_ms,
-                                   request.client_context))
-        now = loop.time()
-        worker.deadline = now + fn.timeout_s
-        worker.timer = loop.call_at(min(worker.deadline, now + _GUARD_INTERVAL_S), self._guard, worker, reply)
+        worker.channel.send(Invoke(
+            request.invocation_id, request.event, request.invoked_arn,
+            int((started_at + fn.timeout_s) * 1000), request.client_context,
+        ))
+        worker.deadline = loop.time() + fn.timeout_s
+        self._arm_guard(worker, reply)
         try:
             message = await reply
         finally:
-            worker.timer.cancel()
-        duration_ms = (time.perf_counter() - clock) * 1000
+            worker.timer.cancel()  # type: ignore[union-attr]
         if isinstance(message, Result):
-            return self._finish(worker, request, message, started_at, duration_ms, cold)
-        if message is _TIMED_OUT:
-            await asyncio.wait([worker.exit_task], timeout=_EXIT_WAIT_S)  # type: ignore[list-item]
-            status, error_type = Status.TIMED_OUT, "Sandbox.Timedout"
-            error_message = f"RequestId: {request.invocation_id} Error: Task timed out after {fn.timeout_s:.2f} seconds"
-            exit_code = signum = None
+            outcome = _outcome(
+                Status.SUCCEEDED if message.ok else Status.FAILED, message.payload, started_at,
+                clock, message.error_type, message.error_message,
+            )
+            outcome.max_memory_mb = _kb_to_mb(message.max_memory_kb)
+            if message.retire:
+                self._kill(worker, "out_of_memory")
         else:
-            exit_code, signum = await self._wait_crashed(worker)
-            status, error_type = Status.CRASHED, "Runtime.ExitError"
-            error_message = (f"RequestId: {request.invocation_id} Error: Runtime exited with error: "
-                             f"{_describe_exit(exit_code, signum)}")
-        logs = self._read_output(worker, request.invocation_id)
-        self._drop(worker)
-        return Outcome(
-            status, _error_payload(error_type, error_message), started_at, started_at + duration_ms / 1000,
-            duration_ms, error_type, error_message, worker.init_duration_ms if cold else None,
-            _kb_to_mb(worker.peak_kb), logs, worker.pid, exit_code, signum,
-        )
+            outcome = await self._lost(worker, message, request.invocation_id, "Task", fn.timeout_s,
+                                       started_at, clock)
+        outcome.logs = self._read_output(worker, request.invocation_id)
+        outcome.worker_pid = worker.pid
+        outcome.init_duration_ms = worker.init_duration_ms if cold else None
+        self._release(worker)
+        return outcome
 
-    def _finish(self, worker: _Worker, request: InvokeRequest, result: Result, started_at: float,
-                duration_ms: float, cold: bool) -> Outcome:
-        logs = self._read_output(worker, request.invocation_id)
-        if result.retire:
-            self._kill(worker, "out_of_memory")
-            self._drop(worker)
-        else:
-            self._release(worker)
-        return Outcome(
-            Status.SUCCEEDED if result.ok else Status.FAILED, result.payload, started_at,
-            started_at + duration_ms / 1000, duration_ms, result.error_type, result.error_message,
-            worker.init_duration_ms if cold else None, _kb_to_mb(result.max_memory_kb), logs, worker.pid,
-        )
+    async def _lost(self, worker: _Worker, message: Any, request_id: str, phase: str,
+                    timeout_s: float, started_at: float, clock: float) -> Outcome:
+        """The Outcome when no reply came: the deadline passed, or the worker died."""
+        if message is _TIMED_OUT:
+            self._time_out(worker)
+            await self._wait_exit(worker, _EXIT_WAIT_S)
+            error_type = "Sandbox.Timedout"
+            error_message = (f"RequestId: {request_id} Error: {phase} timed out after "
+                             f"{timeout_s:.2f} seconds")
+            payload = _error_payload(error_type, error_message)
+            # As in Lambda's REPORT line, a timed-out call lasted exactly its timeout.
+            outcome = Outcome(Status.TIMED_OUT, payload, started_at, started_at + timeout_s,
+                              timeout_s * 1000, error_type, error_message)
+            outcome.max_memory_mb = _kb_to_mb(worker.peak_kb)
+            return outcome
+        if not await self._wait_exit(worker, _CRASH_GRACE_S):
+            self._kill(worker, "crashed")  # it closed the channel but lives on: no use to anyone
+            await self._wait_exit(worker, _EXIT_WAIT_S)
+        exit_code, signum = _exit_status(worker.proc.returncode)
+        error_type = "Runtime.ExitError"
+        error_message = (f"RequestId: {request_id} Error: Runtime exited with error: "
+                         f"{_describe_exit(exit_code, signum)}")
+        outcome = _outcome(Status.CRASHED, _error_payload(error_type, error_message), started_at,
+                           clock, error_type, error_message)
+        outcome.exit_code, outcome.signal = exit_code, signum
+        return outcome
+
+    async def _wait_exit(self, worker: _Worker, timeout_s: float) -> bool:
+        assert worker.exit_task is not None
+        done, _ = await asyncio.wait([worker.exit_task], timeout=timeout_s)
+        return bool(done)
+
+    def _arm_guard(self, worker: _Worker, reply: asyncio.Future[Any]) -> None:
+        assert self._loop is not None
+        when = min(worker.deadline, self._loop.time() + _GUARD_INTERVAL_S)
+        worker.timer = self._loop.call_at(when, self._guard, worker, reply)
 
     def _guard(self, worker: _Worker, reply: asyncio.Future[Any]) -> None:
-        """Timer during a call: enforce the deadline, keep the capture file from growing unbounded."""
+        """Timer during a call: enforces the deadline, and bounds the captured output's size."""
+        assert self._loop is not None
         if reply.done():
             return
-        assert self._loop is not None
-        now = self._loop.time()
-        if now >= worker.deadline - 0.001:
-            worker.peak_kb = _peak_memory_kb(worker.pid)  # must be read before the kill
-            self._kill(worker, "timeout")
+        if self._loop.time() >= worker.deadline - 0.001:
+            self._time_out(worker)
             reply.set_result(_TIMED_OUT)
             return
-        # Only the first bytes are kept, so anything past them is dropped while the handler runs:
-        # a handler printing in a loop must not fill the daemon's memory with its output.
+        # Only the first bytes are kept, so the rest is dropped while the handler runs: a handler
+        # printing in a loop must not fill the daemon's memory (a memfd is RAM).
         if os.fstat(worker.memfd).st_size > self._capture_bytes + 1:
             os.ftruncate(worker.memfd, self._capture_bytes + 1)
-        worker.timer = self._loop.call_at(min(worker.deadline, now + _GUARD_INTERVAL_S), self._guard, worker, reply)
+        self._arm_guard(worker, reply)
+
+    def _time_out(self, worker: _Worker) -> None:
+        if worker.state not in (_State.STOPPING, _State.EXITED):
+            worker.peak_kb = _peak_memory_kb(worker.pid)  # readable only before the kill
+            self._kill(worker, "timeout")
 
     def _read_output(self, worker: _Worker, invocation_id: str | None) -> str:
-        """The captured output, capped, also logged line by line; the file is emptied after."""
+        """The captured output, capped, and also logged line by line."""
         data = os.pread(worker.memfd, self._capture_bytes + 1, 0)
         if not data:
             return ""
-        if invocation_id is None:
+        if invocation_id is None:  # init output of a warm start: not part of any invocation
             os.ftruncate(worker.memfd, 0)
-        truncated = len(data) > self._capture_bytes
         text = data[: self._capture_bytes].decode("utf-8", "replace")
+        bound = log.bind(invocation_id=invocation_id, function=worker.fn.name)
         for line in text.split("\n"):
             if line:
-                log.info("handler_output", invocation_id=invocation_id, function=worker.fn.name, line=line)
-        if truncated:
+                bound.info("handler_output", line=line)
+        if len(data) > self._capture_bytes:
             text += f"\n[lambdaemon: output truncated to the first {self._capture_bytes} bytes]\n"
         return text
 
@@ -682,21 +624,21 @@ class WorkerPool:
         assert self._loop is not None
         now, next_at = self._loop.time(), None
         for name, count in self._counts.items():
-            idle = self._idle.get(name)
             fn = self._settings(name)
-            spare = count - fn.min_warm if fn is not None else 0
-            if spare <= 0:
+            if fn is None or count <= fn.min_warm:
                 continue
-            # A busy worker released from now on expires no earlier than this: waking for it
-            # here saves waking the reaper on every release.
-            earliest = now + fn.idle_timeout_s  # type: ignore[union-attr]
-            for worker in list(idle or ()):
-                earliest = worker.idle_since + fn.idle_timeout_s  # type: ignore[union-attr]
-                if spare <= 0 or earliest > now:
+            spare = count - fn.min_warm
+            # Busy workers released from now on expire no earlier than this; sleeping until then
+            # spares waking the reaper on every release.
+            earliest = now + fn.idle_timeout_s
+            for worker in list(self._idle.get(name, ())):
+                if worker.idle_since + fn.idle_timeout_s > now:
+                    earliest = worker.idle_since + fn.idle_timeout_s
                     break
                 self._kill(worker, "idle")
                 spare -= 1
-                earliest = now + fn.idle_timeout_s  # type: ignore[union-attr]
+                if spare == 0:
+                    break
             if spare > 0:
                 next_at = earliest if next_at is None else min(next_at, earliest)
         return next_at
@@ -714,7 +656,7 @@ def _environment(fn: FunctionConfig, initialization: str) -> dict[str, str]:
         "_HANDLER": fn.handler,
         "LAMBDA_TASK_ROOT": str(fn.code),
         "LAMBDA_RUNTIME_DIR": _ROOT,
-        "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info.major}.{sys.version_info.minor}",
+        "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info[0]}.{sys.version_info[1]}",
         "AWS_LAMBDA_FUNCTION_NAME": fn.name,
         "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
         "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_mb),
@@ -725,12 +667,50 @@ def _environment(fn: FunctionConfig, initialization: str) -> dict[str, str]:
         "AWS_DEFAULT_REGION": fn.region,
         "TZ": "UTC",
     })
-    # The worker must import `daemon` (this very tree, even when another copy is installed); it
-    # removes this entry again before the handler's code is imported.
+    # The worker must import `daemon` from this very tree, installed or not; it removes this
+    # entry again before importing the handler.
     user_path = fn.env.get("PYTHONPATH")
     env["PYTHONPATH"] = f"{_ROOT}{os.pathsep}{user_path}" if user_path else _ROOT
     env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
     return env
+
+
+def _outcome(status: Status, payload: bytes, started_at: float, clock: float,
+             error_type: str | None, error_message: str | None) -> Outcome:
+    duration_ms = (time.perf_counter() - clock) * 1000
+    return Outcome(status, payload, started_at, started_at + duration_ms / 1000, duration_ms,
+                   error_type, error_message)
+
+
+def _error_payload(error_type: str, error_message: str) -> bytes:
+    return _JSON.encode({"errorType": error_type, "errorMessage": error_message})
+
+
+def _exit_status(returncode: int | None) -> tuple[int | None, int | None]:
+    if returncode is None:
+        return None, None
+    return (returncode, None) if returncode >= 0 else (None, -returncode)
+
+
+def _describe_exit(exit_code: int | None, signum: int | None) -> str:
+    if signum is not None:
+        return f"signal: {(signal.strsignal(signum) or str(signum)).lower()}"
+    return f"exit status {exit_code}" if exit_code is not None else "unknown exit status"
+
+
+def _peak_memory_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _kb_to_mb(kb: int | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 3)
 
 
 def _use_pidfd_child_watcher() -> None:
@@ -751,14 +731,16 @@ class _PidfdChildWatcher(asyncio.AbstractChildWatcher):
     This one serves whichever loop is running, so it is safe as the process-wide watcher.
     """
 
-    def add_child_handler(self, pid: int, callback: Callable[..., object], *args: Any) -> None:
+    def add_child_handler(  # type: ignore[override]
+        self, pid: int, callback: Callable[..., object], *args: Any
+    ) -> None:
         loop = asyncio.get_running_loop()
         pidfd = os.pidfd_open(pid)
         loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
 
     @staticmethod
-    def _reap(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int, callback: Callable[..., object],
-              args: tuple[Any, ...]) -> None:
+    def _reap(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int,
+              callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         loop.remove_reader(pidfd)
         os.close(pidfd)
         try:
@@ -786,39 +768,3 @@ class _PidfdChildWatcher(asyncio.AbstractChildWatcher):
 
     def __exit__(self, *exc_info: object) -> None:
         pass
-
-
-def _exit_status(returncode: int) -> tuple[int | None, int | None]:
-    return (returncode, None) if returncode >= 0 else (None, -returncode)
-
-
-def _describe_exit(exit_code: int | None, signum: int | None) -> str:
-    if signum is not None:
-        return f"signal: {(signal.strsignal(signum) or str(signum)).lower()}"
-    return f"exit status {exit_code}" if exit_code is not None else "unknown exit status"
-
-
-def _error_payload(error_type: str, error_message: str) -> bytes:
-    return _JSON.encode({"errorType": error_type, "errorMessage": error_message})
-
-
-def _error_outcome(status: Status, error_type: str, error_message: str, started_at: float, clock: float,
-                   payload: bytes | None = None) -> Outcome:
-    duration_ms = (time.perf_counter() - clock) * 1000
-    return Outcome(status, payload or _error_payload(error_type, error_message), started_at,
-                   started_at + duration_ms / 1000, duration_ms, error_type, error_message)
-
-
-def _peak_memory_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _kb_to_mb(kb: int | None) -> float | None:
-    return None if kb is None else round(kb / 1024, 3)

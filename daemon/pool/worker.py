@@ -37,22 +37,13 @@ import types  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
-from daemon.pool.protocol import (  # noqa: E402
-    HEADER_BYTES,
-    InitFailed,
-    Invoke,
-    Ready,
-    Result,
-    encode_frame,
-)
+from daemon.pool.protocol import InitFailed, Invoke, Ready, Result, WorkerChannel  # noqa: E402
 
 # Headroom above the handler's budget, usable only by this module (soft limit -> hard limit) to
 # report a MemoryError instead of dying while building the report.
 _OOM_RESERVE_BYTES = 32 * 1024 * 1024
 _ASYNCIO_DIR = os.path.join(os.path.dirname(os.__file__), "asyncio", "")
 _JSON = msgspec.json.Encoder(decimal_format="number")
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(Invoke)
 
 _request_id = ""  # read by the logging filter: every record carries the current request id
 
@@ -66,14 +57,16 @@ class _Identity:
 
 
 class _Client:
-    __slots__ = ("installation_id", "app_title", "app_version_name", "app_version_code", "app_package_name")
+    __slots__ = (
+        "installation_id", "app_title", "app_version_name", "app_version_code", "app_package_name",
+    )
 
 
 class _ClientContext:
     __slots__ = ("custom", "env", "client")
 
 
-def _from_dict(cls: type, data: Any) -> Any:
+def _from_dict(cls: Any, data: Any) -> Any:
     if not isinstance(data, dict):
         return None
     obj = cls()
@@ -85,7 +78,10 @@ def _from_dict(cls: type, data: Any) -> Any:
 class LambdaContext:
     """The `context` argument, with the attributes and types of AWS's Python runtime client."""
 
-    __slots__ = ("aws_request_id", "invoked_function_arn", "client_context", "identity", "tenant_id", "_deadline_ms")
+    __slots__ = (
+        "aws_request_id", "invoked_function_arn", "client_context", "identity", "tenant_id",
+        "_deadline_ms",
+    )
     # Set once at start from the reserved variables (class attributes: the same for every call).
     function_name: str | None = None
     function_version: str | None = None
@@ -117,7 +113,7 @@ class LambdaContext:
         sys.stdout.write(str(msg))
 
     def __repr__(self) -> str:
-        return f"LambdaContext(aws_request_id={self.aws_request_id!r}, function_name={self.function_name!r})"
+        return f"LambdaContext(aws_request_id={self.aws_request_id!r})"
 
 
 def _decode_client_context(encoded: str | None) -> _ClientContext | None:
@@ -165,21 +161,22 @@ def _detach_bootstrap_path() -> None:
 def _set_up_output() -> None:
     # Unbuffered like `python -u` (and Lambda): output written just before a crash or a timeout
     # kill must already be in the capture file, in the order it was written.
-    sys.stdout = io.TextIOWrapper(
-        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
-    )
-    sys.stderr = io.TextIOWrapper(
-        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
-    )
+    sys.stdout, sys.stderr = _unbuffered(1), _unbuffered(2)
     handler = logging.StreamHandler(sys.stderr)
     formatter = logging.Formatter(
-        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s", "%Y-%m-%dT%H:%M:%S"
+        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
+        "%Y-%m-%dT%H:%M:%S",
     )
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     handler.addFilter(_RequestIdFilter())
     logging.getLogger().addHandler(handler)
     faulthandler.enable()  # a segfaulting handler leaves its Python stack in the captured output
+
+
+def _unbuffered(fd: int) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", write_through=True)
 
 
 def _limit_memory(memory_mb: int) -> None:
@@ -216,25 +213,27 @@ def _status_kb(field: bytes) -> int:
 
 def _load_handler(spec: str) -> Callable[[Any, LambdaContext], Any]:
     """Import the handler like the RIC does, mapping failures to its Runtime.* error types."""
-    module_name, _, attr = spec.rpartition(".")
-    if not module_name:
-        raise _InitError("Runtime.MalformedHandlerName", f"Bad handler '{spec}': missing module name", [])
-    module_name = module_name.replace("/", ".")
-    if module_name.split(".")[0] in sys.builtin_module_names:
-        raise _InitError(
-            "Runtime.BuiltInModuleConflict", f"Cannot use built-in module {module_name} as a handler module", []
-        )
+    name, _, attr = spec.rpartition(".")
+    if not name:
+        raise _InitError("Runtime.MalformedHandlerName", f"Bad handler '{spec}': no module", [])
+    name = name.replace("/", ".")
+    if name.split(".")[0] in sys.builtin_module_names:
+        message = f"Cannot use built-in module {name} as a handler module"
+        raise _InitError("Runtime.BuiltInModuleConflict", message, [])
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(name)
     except ImportError as exc:
-        raise _InitError("Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}", []) from None
+        message = f"Unable to import module '{name}': {exc}"
+        raise _InitError("Runtime.ImportModuleError", message, []) from None
     except SyntaxError as exc:
         where = f'  File "{exc.filename}" Line {exc.lineno}\n    {(exc.text or "").strip()}\n'
-        raise _InitError("Runtime.UserCodeSyntaxError", f"Syntax error in module '{module_name}': {exc}", [where]) from None
+        message = f"Syntax error in module '{name}': {exc}"
+        raise _InitError("Runtime.UserCodeSyntaxError", message, [where]) from None
     try:
         return getattr(module, attr)  # type: ignore[no-any-return]
     except AttributeError:
-        raise _InitError("Runtime.HandlerNotFound", f"Handler '{attr}' missing on module '{module_name}'", []) from None
+        message = f"Handler '{attr}' missing on module '{name}'"
+        raise _InitError("Runtime.HandlerNotFound", message, []) from None
 
 
 # --- one invocation ---------------------------------------------------------------------------
@@ -257,12 +256,13 @@ def _run_coroutine(coroutine: Any) -> Any:
 def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Result:
     global _request_id
     _request_id = invoke.invocation_id
+    _reset_peak_memory()
     try:
         context = LambdaContext(invoke)
         event = msgspec.json.decode(invoke.event) if invoke.event else {}
     except (msgspec.DecodeError, ValueError) as exc:
-        return _failure(invoke, "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}", [])
-    _reset_peak_memory()
+        message = f"Unable to unmarshal input: {exc}"
+        return _failure(invoke, "Runtime.UnmarshalError", message, [])
     try:
         result = handler(event, context)
         if type(result) is types.CoroutineType:
@@ -277,12 +277,16 @@ def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Res
         try:
             payload = _JSON.encode(result)
         except (TypeError, ValueError, OverflowError) as exc:
-            return _failure(invoke, "Runtime.MarshalError", f"Unable to marshal response: {exc}", [])
+            message = f"Unable to marshal response: {exc}"
+            return _failure(invoke, "Runtime.MarshalError", message, [])
     return Result(True, payload, max_memory_kb=_status_kb(b"VmHWM:"))
 
 
 def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) -> Result:
-    body = {"errorMessage": message, "errorType": error_type, "requestId": invoke.invocation_id, "stackTrace": stack}
+    body = {
+        "errorMessage": message, "errorType": error_type, "requestId": invoke.invocation_id,
+        "stackTrace": stack,
+    }
     _log_error(error_type, message, stack)
     return Result(False, _JSON.encode(body), error_type, message, _status_kb(b"VmHWM:"))
 
@@ -290,10 +294,12 @@ def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) ->
 def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:
     _relax_memory_limit()
     limit = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "?")
-    message = f"RequestId: {invoke.invocation_id} Error: handler exceeded the memory limit of {limit} MB"
+    message = (f"RequestId: {invoke.invocation_id} Error: handler exceeded the memory limit of "
+               f"{limit} MB")
     _log_error("Runtime.OutOfMemory", message, _user_stack(exc))
-    body = {"errorType": "Runtime.OutOfMemory", "errorMessage": message}
-    return Result(False, _JSON.encode(body), "Runtime.OutOfMemory", message, _status_kb(b"VmHWM:"), retire=True)
+    body = _JSON.encode({"errorType": "Runtime.OutOfMemory", "errorMessage": message})
+    peak_kb = _status_kb(b"VmHWM:")
+    return Result(False, body, "Runtime.OutOfMemory", message, peak_kb, retire=True)
 
 
 def _user_stack(exc: BaseException) -> list[str]:
@@ -325,38 +331,6 @@ def _reset_peak_memory() -> None:
         os.write(_CLEAR_REFS_FD, b"5")
 
 
-# --- the control channel ----------------------------------------------------------------------
-
-
-def _read_exact(fd: int, size: int) -> bytes:
-    data = os.read(fd, size)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    missing = size - len(data)
-    while missing:
-        chunk = os.read(fd, missing)
-        if not chunk:
-            break
-        parts.append(chunk)
-        missing -= len(chunk)
-    return b"".join(parts)
-
-
-def _receive(fd: int) -> Invoke | None:
-    header = _read_exact(fd, HEADER_BYTES)
-    if len(header) < HEADER_BYTES:
-        return None
-    body = _read_exact(fd, int.from_bytes(header, "big"))
-    return _DECODER.decode(body)
-
-
-def _send(fd: int, message: Ready | InitFailed | Result) -> None:
-    view = memoryview(encode_frame(_ENCODER, message))
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -369,7 +343,7 @@ def _open_proc_files() -> None:
         _CLEAR_REFS_FD = -1  # peak memory is then the worker's lifetime peak
 
 
-def _init(control: int) -> Callable[[Any, LambdaContext], Any] | None:
+def _init(control: WorkerChannel) -> Callable[[Any, LambdaContext], Any] | None:
     started = time.perf_counter()
     try:
         handler = _load_handler(os.environ.get("_HANDLER", ""))
@@ -378,23 +352,25 @@ def _init(control: int) -> Callable[[Any, LambdaContext], Any] | None:
     except MemoryError as exc:
         _relax_memory_limit()
         limit = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "?")
-        error = ("Runtime.OutOfMemory", f"Init exceeded the memory limit of {limit} MB", _user_stack(exc))
+        message = f"Init exceeded the memory limit of {limit} MB"
+        error = ("Runtime.OutOfMemory", message, _user_stack(exc))
     except Exception as exc:
         error = (type(exc).__name__, str(exc), _user_stack(exc))
     else:
-        _send(control, Ready((time.perf_counter() - started) * 1000))
+        control.send(Ready((time.perf_counter() - started) * 1000))
         return handler
     init_ms = (time.perf_counter() - started) * 1000
     error_type, message, stack = error
     _log_error(error_type, message, stack)
     body = {"errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": stack}
-    _send(control, InitFailed(error_type, message, _JSON.encode(body), init_ms))
+    control.send(InitFailed(error_type, message, _JSON.encode(body), init_ms))
     return None
 
 
 def main() -> None:
-    control = int(sys.argv[1])
-    os.set_inheritable(control, False)  # the handler's subprocesses must not keep the channel open
+    fd = int(sys.argv[1])
+    os.set_inheritable(fd, False)  # the handler's subprocesses must not keep the channel open
+    control = WorkerChannel(fd)
     _detach_bootstrap_path()
     _open_proc_files()
     _set_up_output()
@@ -403,12 +379,12 @@ def main() -> None:
     handler = _init(control)
     if handler is None:
         return
-    while (invoke := _receive(control)) is not None:
+    while (invoke := control.receive()) is not None:
         try:
             result = _invoke(handler, invoke)
         except MemoryError as exc:
             result = _out_of_memory(invoke, exc)
-        _send(control, result)
+        control.send(result)
         if result.retire:
             return
 
