@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,19 @@ FUNCTIONS = Path(__file__).parent / "functions"
 BASIC = FUNCTIONS / "basic"
 
 
-def function(name: str, handler: str = "handler.count", code: Path = BASIC, **settings: Any) -> FunctionConfig:
+def function(
+    name: str, handler: str = "handler.count", code: Path = BASIC, **settings: Any
+) -> FunctionConfig:
     return FunctionConfig(handler=handler, name=name, code=str(code), **settings)
 
 
 def request(fn: FunctionConfig, event: bytes = b"{}", **fields: Any) -> InvokeRequest:
     return InvokeRequest(fields.pop("invocation_id", str(uuid.uuid4())), event, fn.arn, **fields)
+
+
+def reapable(pid: int) -> bool:
+    """True while `pid` exists at all, even as a zombie nobody has reaped."""
+    return os.path.exists(f"/proc/{pid}")
 
 
 def alive(pid: int) -> bool:
@@ -45,7 +52,7 @@ async def gone(pid: int, timeout_s: float = 5.0) -> bool:
         return True
     loop = asyncio.get_running_loop()
     exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    loop.add_reader(pidfd, lambda: None if exited.done() else exited.set_result(None))
     try:
         async with asyncio.timeout(timeout_s):
             await exited
@@ -62,7 +69,9 @@ class LogWatch:
         self.entries: list[dict[str, Any]] = []
         self._waiters: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
 
-    def __call__(self, _logger: object, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def __call__(
+        self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         self.entries.append(dict(event_dict))
         for fields, future in self._waiters:
             if not future.done() and _matches(event_dict, fields):
@@ -74,9 +83,12 @@ class LogWatch:
         return len(self.entries)
 
     def find(self, event: str, since: int = 0, **fields: Any) -> list[dict[str, Any]]:
-        return [entry for entry in self.entries[since:] if _matches(entry, {"event": event, **fields})]
+        wanted = {"event": event, **fields}
+        return [entry for entry in self.entries[since:] if _matches(entry, wanted)]
 
-    async def wait_for(self, event: str, timeout_s: float = 10.0, since: int = 0, **fields: Any) -> dict[str, Any]:
+    async def wait_for(
+        self, event: str, timeout_s: float = 10.0, since: int = 0, **fields: Any
+    ) -> dict[str, Any]:
         """The first matching event logged after position `since`, past or future."""
         if found := self.find(event, since, **fields):
             return found[0]

@@ -81,7 +81,7 @@ def environment(event, context):
 
 
 def describe_context(event, context):
-    cc = context.client_context
+    cc, identity = context.client_context, context.identity
     return {
         "function_name": context.function_name,
         "function_version": context.function_version,
@@ -90,9 +90,9 @@ def describe_context(event, context):
         "aws_request_id": context.aws_request_id,
         "log_group_name": context.log_group_name,
         "log_stream_name": context.log_stream_name,
-        "identity": [context.identity.cognito_identity_id, context.identity.cognito_identity_pool_id],
+        "identity": [identity.cognito_identity_id, identity.cognito_identity_pool_id],
         "client_context": None if cc is None else {
-            "custom": cc.custom, "env": cc.env, "installation_id": cc.client and cc.client.installation_id,
+            "custom": cc.custom, "env": cc.env, "installation_id": cc.client.installation_id,
         },
         "remaining_ms": context.get_remaining_time_in_millis(),
     }
