@@ -297,3 +297,48 @@ async def test_sigterm_drains_and_exits_zero(tmp_path):
     finally:
         await daemon.close()
     assert os.path.exists(tmp_path / "var" / "lambdaemon.db")
+
+
+async def test_api_repeated_sdk_invocation_id_runs_once(daemon: Daemon):
+    repeat = {"amz-sdk-invocation-id": "0d4f5c1e-sdk-retry"}
+    event = {"sleep_s": 0.5, "n": 1}
+    # a repeat while the first call runs waits for it and answers the same
+    first, second = await asyncio.gather(daemon.invoke("slow", event, headers=repeat),
+                                         daemon.invoke("slow", event, headers=repeat))
+    assert first[0] == second[0] == 200 and first[2] == second[2]
+    request_id = first[1]["x-amzn-RequestId"]
+    assert second[1]["x-amzn-RequestId"] == request_id
+    # a repeat after it finished gets the cached answer
+    third = await daemon.invoke("slow", event, headers=repeat)
+    assert (third[1]["x-amzn-RequestId"], third[2]) == (request_id, first[2])
+    # the same id with another body is another request; no id at all is never deduplicated
+    other = await daemon.invoke("slow", {"sleep_s": 0, "n": 2}, headers=repeat)
+    plain = await daemon.invoke("slow", {"sleep_s": 0, "n": 2})
+    assert len({request_id, other[1]["x-amzn-RequestId"], plain[1]["x-amzn-RequestId"]}) == 3
+    # async: the id is the dedupe key of the committed event
+    queued = [await daemon.invoke("echo", {}, kind="Event", headers=repeat) for _ in range(2)]
+    assert queued[0][1]["x-amzn-RequestId"] == queued[1][1]["x-amzn-RequestId"]
+    assert len(await daemon.invocations(function="slow")) == 3
+    assert len(await daemon.invocations(function="echo")) == 1
+    deduplicated = [e for e in daemon.log_events() if e.get("event") == "invocation_deduplicated"]
+    assert [e["invocation_id"] for e in deduplicated] == [request_id, request_id]
+
+
+async def test_api_boto3_retry_after_read_timeout_is_not_run_twice(daemon: Daemon):
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    def call():
+        client = boto3.client(
+            "lambda", endpoint_url=daemon.base, region_name="us-east-1",
+            aws_access_key_id="x", aws_secret_access_key="x",
+            config=BotoConfig(read_timeout=1, retries={"max_attempts": 4, "mode": "standard"}),
+        )
+        return client.invoke(FunctionName="slow", Payload=b'{"sleep_s": 1.5}')
+
+    # botocore gives up on the first request after 1 s and sends it again, same SDK id
+    response = await asyncio.to_thread(call)
+    assert response["StatusCode"] == 200 and json.loads(response["Payload"].read())["slept"] == 1.5
+    assert response["ResponseMetadata"]["RetryAttempts"] >= 1
+    records = await daemon.invocations(function="slow")
+    assert [r["id"] for r in records] == [response["ResponseMetadata"]["RequestId"]]

@@ -24,6 +24,8 @@ def test_config_example_loads():
     assert Path(hello.code) == HELLO
     assert hello.env == {"GREETING": "hello"}
     assert config.data_dir.is_absolute()
+    # async retries default to Lambda's: 2 retries, 6 hours of age
+    assert (hello.retries, hello.retry_backoff_s, hello.max_event_age_s) == (2, (1.0, 60.0), 21600.0)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,12 @@ def test_config_example_loads():
         (FN + "env = { PORT = 80 }\n", "functions.a.env.PORT", "must be a string"),
         (FN + "env = { AWS_LAMBDA_FUNCTION_NAME = \"x\" }\n", "functions.a.env.AWS_LAMBDA_FUNCTION_NAME", "reserved"),
         (FN + "min_warm = 3\nconcurrency = 2\n", "functions.a.min_warm", "more than concurrency"),
+        (FN + "retries = 11\n", "functions.a.retries", "<= 10"),
+        (FN + "retries = -1\n", "functions.a.retries", ">= 0"),
+        (FN + "retry_backoff_s = [60, 1]\n", "functions.a.retry_backoff_s", "more than the cap"),
+        (FN + "retry_backoff_s = [0, 1]\n", "functions.a.retry_backoff_s[0]", "> 0"),
+        (FN + "retry_backoff_s = [1]\n", "functions.a.retry_backoff_s", "length 2"),
+        (FN + "max_event_age_s = 0.5\n", "functions.a.max_event_age_s", ">= 1"),
         (f'[functions.a]\nhandler = "handler.nope"\ncode = "{HELLO}"\n', "functions.a.handler", "defines no 'nope'"),
         (f'[functions.a]\nhandler = "missing.handler"\ncode = "{HELLO}"\n', "functions.a.handler", "module 'missing' not found"),
         (f'[functions.a]\nhandler = "handler"\ncode = "{HELLO}"\n', "functions.a.handler", "module.function"),
