@@ -720,6 +720,10 @@ def _use_pidfd_child_watcher() -> None:
     watcher = asyncio.get_child_watcher()
     if isinstance(watcher, _PidfdChildWatcher):
         return
+    try:  # pidfds need Linux 5.3; older kernels keep the threaded watcher
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return
     # Kept referenced: if it still waits for someone else's child, dropping it would warn.
     _replaced_watchers.append(watcher)
     asyncio.set_child_watcher(_PidfdChildWatcher())
