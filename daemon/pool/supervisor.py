@@ -441,8 +441,9 @@ class WorkerPool:
         try:
             if self._closed:
                 raise RuntimeError("the worker pool is closed")
+            fd, daemon_pid = str(child_sock.fileno()), str(os.getpid())
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemon.pool.worker", str(child_sock.fileno()),
+                sys.executable, "-m", "daemon.pool.worker", fd, daemon_pid,
                 stdin=asyncio.subprocess.DEVNULL, stdout=memfd, stderr=memfd,
                 pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=fn.code,
                 env=_environment(fn, "on-demand" if on_demand else "provisioned-concurrency"),

@@ -1,10 +1,11 @@
 """Worker process: imports one handler and serves its invocations one at a time.
 
-The supervisor starts it as ``python -m daemon.pool.worker <control fd>`` with a clean environment
-(the function's settings arrive as Lambda's reserved variables, as in the RIC), the function's code
-folder as working directory, fd 1 and 2 on the capture memfd and a process group of its own. It
-sets its memory limit, imports the handler (init), says `Ready` (or `InitFailed` and exits), then
-answers each `Invoke` with a `Result`. EOF on the control socket means: exit.
+The supervisor starts it as ``python -m daemon.pool.worker <control fd> <daemon pid>`` with a
+clean environment (the function's settings arrive as Lambda's reserved variables, as in the RIC),
+the function's code folder as working directory, fd 1 and 2 on the capture memfd and a process
+group of its own. It sets its memory limit, imports the handler (init), says `Ready` (or
+`InitFailed` and exits), then answers each `Invoke` with a `Result`. EOF on the control socket
+means: exit.
 
 Only the standard library and msgspec are imported here; every millisecond counts on a cold start.
 """
@@ -367,8 +368,21 @@ def _init(control: WorkerChannel) -> Callable[[Any, LambdaContext], Any] | None:
     return None
 
 
+def _die_with_daemon(daemon_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when the daemon dies, even by SIGKILL.
+
+    The daemon enforces timeouts: a worker outliving it could run a hung handler forever.
+    """
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != daemon_pid:  # it died before the line above
+        os._exit(1)
+
+
 def main() -> None:
-    fd = int(sys.argv[1])
+    fd, daemon_pid = int(sys.argv[1]), int(sys.argv[2])
+    _die_with_daemon(daemon_pid)
     os.set_inheritable(fd, False)  # the handler's subprocesses must not keep the channel open
     control = WorkerChannel(fd)
     _detach_bootstrap_path()

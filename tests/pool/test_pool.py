@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
-from tests.pool.conftest import FUNCTIONS, LogWatch, alive, function, gone, reapable, request
+from tests.pool.conftest import BASIC, FUNCTIONS, LogWatch, alive, function, gone, reapable, request
 
 # --- the handler contract ----------------------------------------------------------------------
 
@@ -372,3 +373,40 @@ async def test_pool_close_leaves_no_process_behind(make_pool: Any) -> None:
     assert outcome.status is Status.CRASHED and outcome.signal == signal.SIGKILL
     assert not alive(busy_pid) and await gone(grandchild)
     assert pool.stats() == {}
+
+
+async def test_pool_workers_die_with_a_killed_daemon(tmp_path: Path) -> None:
+    script = tmp_path / "mini_daemon.py"
+    script.write_text(MINI_DAEMON.format(code=str(BASIC)))
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), cwd=Path(__file__).parents[2],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert daemon.stdout is not None
+    try:
+        async with asyncio.timeout(10):
+            worker_pid = int(await daemon.stdout.readline())
+        assert alive(worker_pid)
+    finally:
+        daemon.kill()  # no chance to clean up: the kernel has to take the busy worker down
+        await daemon.wait()
+    assert await gone(worker_pid)
+
+
+MINI_DAEMON = """
+import asyncio, sys
+import structlog
+from daemon.config import FunctionConfig
+from daemon.models import InvokeRequest
+from daemon.pool import WorkerPool
+
+async def main():
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    pool = WorkerPool(1)
+    await pool.start({{}})
+    fn = FunctionConfig(handler="handler.sleep", name="hang", code={code!r}, timeout_s=60)
+    started = lambda pid, _: print(pid, flush=True)
+    await pool.invoke(fn, InvokeRequest("hang", b'{{"s": 60}}', fn.arn), started)
+
+asyncio.run(main())
+"""
