@@ -120,7 +120,7 @@ class WorkerPool:
         self._spawning = 0
         self._spawned: asyncio.Future[None] | None = None  # resolved when _spawning drops to 0
         self._waiters: deque[_Waiter] = deque()
-        self._warm_failed: dict[str, Key] = {}  # don't retry a broken min_warm init in a loop
+        self._warm_failed: dict[str, Key] = {}  # code whose init failed: not kept warm
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._reaper_wake = asyncio.Event()
@@ -391,9 +391,7 @@ class WorkerPool:
     async def _warm(self, fn: FunctionConfig, key: Key) -> None:
         started = await self._start_worker(fn, key, None)
         if isinstance(started, Outcome):
-            self._warm_failed[fn.name] = key  # tried again after a config change or a cold start
             return
-        self._warm_failed.pop(fn.name, None)
         self._read_output(started, None)  # module-level output goes to the daemon log only
         self._release(started)
 
@@ -421,6 +419,7 @@ class WorkerPool:
             self._drop(worker)
             raise
         if isinstance(message, Ready):
+            self._warm_failed.pop(fn.name, None)
             worker.init_duration_ms = message.init_duration_ms
             worker.fresh_output = request is not None
             log.info("worker_started", function=fn.name, pid=worker.pid,
@@ -475,6 +474,8 @@ class WorkerPool:
     async def _init_failure(self, worker: _Worker, message: Any, request: InvokeRequest | None,
                             started_at: float, clock: float) -> Outcome:
         request_id = request.invocation_id if request else ""
+        # min_warm stops restarting this code until it changes or a cold start gets through.
+        self._warm_failed[worker.fn.name] = worker.key
         if isinstance(message, InitFailed):
             self._kill(worker, "init_failed")
             await self._wait_exit(worker, _EXIT_WAIT_S)

@@ -87,6 +87,24 @@ async def test_pool_reports_init_errors_and_drops_the_worker(
     assert pool.stats() == {}
 
 
+async def test_pool_fails_cleanly_without_a_code_folder(pool: WorkerPool, tmp_path: Path) -> None:
+    fn = function("nowhere", code=tmp_path / "missing")
+    outcome = await pool.invoke(fn, request(fn))
+    assert outcome.status is Status.FAILED and outcome.error_type == "Runtime.InvalidEntrypoint"
+    assert pool.stats() == {}
+    assert (await pool.invoke(function("count"), request(fn))).status is Status.SUCCEEDED
+
+
+async def test_pool_does_not_retry_a_broken_min_warm_init_in_a_loop(
+    make_pool: Any, logs: LogWatch
+) -> None:
+    fn = function("broken", "handler.handler", code=FUNCTIONS / "import_error", min_warm=1)
+    pool = await make_pool(functions={"broken": fn})
+    await logs.wait_for("worker_stopped", function="broken", reason="init_failed")
+    assert len(logs.find("worker_init_failed", function="broken")) == 1
+    assert pool.stats() == {"broken": {"idle": 0, "busy": 0}}
+
+
 async def test_pool_times_out_a_slow_init(pool: WorkerPool) -> None:
     pool.init_timeout_s = 0.5
     fn = function("slow_init", "handler.handler", code=FUNCTIONS / "init_slow")
