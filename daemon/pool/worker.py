@@ -26,6 +26,7 @@ if _HIDE_TYPING_EXTENSIONS:
     del sys.modules["typing_extensions"]
 
 import binascii  # noqa: E402
+import ctypes  # noqa: E402
 import faulthandler  # noqa: E402
 import importlib  # noqa: E402
 import io  # noqa: E402
@@ -373,8 +374,6 @@ def _die_with_daemon(daemon_pid: int) -> None:
 
     The daemon enforces timeouts: a worker outliving it could run a hung handler forever.
     """
-    import ctypes
-
     ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     if os.getppid() != daemon_pid:  # it died before the line above
         os._exit(1)
