@@ -1,9 +1,4 @@
-"""Accepted events -> per-function lanes -> the worker pool -> the invocation record.
-
-Each function has a lane: at most `concurrency` invocations run at once; synchronous callers
-wait in a bounded FIFO (they are rejected when it is full), accepted asynchronous invocations
-wait in the lane's backlog (they are already durable, so that wait is unbounded).
-Synchronous callers go first when a slot frees up: someone is holding a connection open.
+"""Accepted events -> per-function lanes (daemon/lanes.py) -> the worker pool -> the record.
 
 An async attempt that fails, times out or crashes is retried by daemon/retry.py's policy: the
 row is committed `queued` with its `next_attempt_at` and a timer puts it back in the backlog
@@ -16,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +18,8 @@ import msgspec
 import structlog
 
 from daemon.config import FunctionConfig
-from daemon.errors import LambdaemonError, QueueFullError
+from daemon.errors import LambdaemonError
+from daemon.lanes import Backlogged, Lane
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
@@ -50,26 +45,6 @@ def to_json(event: Any) -> bytes:
     return event if isinstance(event, bytes) else _json.encode(event)
 
 
-class _Backlogged(msgspec.Struct, frozen=True):
-    id: str
-    event: bytes
-    attempt: int  # attempts made so far
-    trigger: str
-    retry_base: int  # the retry budget counts attempts after this one
-    age_from: float  # the event's age counts from here
-
-
-class _Lane:
-    """One function's slots, its waiting synchronous callers, its async backlog and retries."""
-
-    def __init__(self, fn: FunctionConfig) -> None:
-        self.fn = fn
-        self.running = 0
-        self.sync_waiters: deque[asyncio.Future[None]] = deque()
-        self.backlog: deque[_Backlogged] = deque()
-        self.retry_timers: dict[str, asyncio.TimerHandle] = {}  # by invocation id
-
-
 class Dispatcher:
     """Owns the path from an accepted event to its final record."""
 
@@ -78,10 +53,9 @@ class Dispatcher:
     ) -> None:
         self._store = store
         self._pool = pool
-        self._lanes = {name: _Lane(fn) for name, fn in functions.items()}
+        self._lanes = {name: Lane(fn, self._start) for name, fn in functions.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._final_waiters: dict[str, list[asyncio.Future[str]]] = {}
-        self._paused = False  # set while draining: nothing new starts
 
     @property
     def functions(self) -> dict[str, FunctionConfig]:
@@ -94,11 +68,7 @@ class Dispatcher:
         return lane.fn
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {
-            name: {"running": lane.running, "waiting": len(lane.sync_waiters),
-                   "backlog": len(lane.backlog), "retrying": len(lane.retry_timers)}
-            for name, lane in self._lanes.items()
-        }
+        return {name: lane.stats() for name, lane in self._lanes.items()}
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -148,29 +118,14 @@ class Dispatcher:
         if lane is None:
             log.warning("invocation_orphaned", invocation_id=row.id, function=row.function)
             return False
-        item = _Backlogged(
+        item = Backlogged(
             row.id, row.event, row.attempt, row.trigger, row.retry_base, row.age_from
         )
         if row.next_attempt_at is not None and row.next_attempt_at > time.time():
-            self._schedule(lane, item, row.next_attempt_at)
+            lane.push_at(item, row.next_attempt_at)
         else:
-            lane.backlog.append(item)
-            self._pump(lane)
+            lane.push(item)
         return True
-
-    def _schedule(self, lane: _Lane, item: _Backlogged, at: float) -> None:
-        """Put `item` back in its lane's backlog at epoch time `at` (a timer, not a poll)."""
-        if self._paused:
-            return  # shutting down: the row is queued in the store and the next start resumes it
-        delay_s = max(0.0, at - time.time())
-        loop = asyncio.get_running_loop()
-        lane.retry_timers[item.id] = loop.call_later(delay_s, self._retry_due, lane.fn.name, item)
-
-    def _retry_due(self, function: str, item: _Backlogged) -> None:
-        lane = self._lanes[function]
-        lane.retry_timers.pop(item.id, None)
-        lane.backlog.append(item)
-        self._pump(lane)
 
     # --- intake -------------------------------------------------------------------------------
 
@@ -193,8 +148,7 @@ class Dispatcher:
         if created:
             log.debug("invocation_queued", invocation_id=invocation_id, function=function,
                       trigger=trigger)  # fmt: skip
-            lane.backlog.append(_Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at))
-            self._pump(lane)
+            lane.push(Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at))
         return Accepted(invocation_id=invocation_id, created=created)
 
     accept = __call__
@@ -211,7 +165,7 @@ class Dispatcher:
         lane = self._lanes.get(function)
         if lane is None:
             raise UnknownFunctionError(function)
-        await self._acquire_sync_slot(lane)
+        await lane.acquire_sync_slot()
         invocation_id = invocation_id or new_invocation_id()
         try:
             now = time.time()
@@ -226,7 +180,7 @@ class Dispatcher:
             self._spawn(self._record_sync(inserted, invocation_id, outcome))
             return invocation_id, outcome
         finally:
-            self._release(lane)
+            lane.release()
 
     async def _record_sync(
         self, inserted: asyncio.Task[Any], invocation_id: str, outcome: Outcome
@@ -291,44 +245,8 @@ class Dispatcher:
 
     # --- lanes --------------------------------------------------------------------------------
 
-    async def _acquire_sync_slot(self, lane: _Lane) -> None:
-        if lane.running < lane.fn.concurrency and not lane.sync_waiters and not self._paused:
-            lane.running += 1
-            return
-        if len(lane.sync_waiters) >= lane.fn.queue_size:
-            raise QueueFullError(lane.fn.name, lane.fn.queue_size)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        lane.sync_waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release(lane)  # the slot was granted as we were cancelled: give it back
-            else:
-                lane.sync_waiters.remove(waiter)
-            raise
-
-    def _release(self, lane: _Lane) -> None:
-        lane.running -= 1
-        self._pump(lane)
-
-    def _pump(self, lane: _Lane) -> None:
-        """Hand free slots to waiting callers first, then to the async backlog."""
-        if self._paused:
-            return
-        while lane.running < lane.fn.concurrency:
-            if lane.sync_waiters:
-                waiter = lane.sync_waiters.popleft()
-                if waiter.done():
-                    continue
-                lane.running += 1
-                waiter.set_result(None)
-            elif lane.backlog:
-                item = lane.backlog.popleft()
-                lane.running += 1
-                self._spawn(self._run_async(lane, item))
-            else:
-                return
+    def _start(self, lane: Lane, item: Backlogged) -> None:
+        self._spawn(self._run_async(lane, item))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -338,7 +256,7 @@ class Dispatcher:
 
     # --- running ------------------------------------------------------------------------------
 
-    async def _run_async(self, lane: _Lane, item: _Backlogged) -> None:
+    async def _run_async(self, lane: Lane, item: Backlogged) -> None:
         fn, attempt = lane.fn, item.attempt + 1
         try:
             if item.attempt > item.retry_base and too_old(fn, item.age_from, time.time()):
@@ -366,10 +284,10 @@ class Dispatcher:
             log.error("invocation_not_recorded", invocation_id=item.id, function=fn.name,
                       error=str(exc))  # fmt: skip
         finally:
-            self._release(lane)
+            lane.release()
 
     async def _settle(
-        self, lane: _Lane, item: _Backlogged, attempt: int, outcome: Outcome
+        self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome
     ) -> None:
         """Record an async attempt: final on success, else a scheduled retry or a dead letter."""
         fn = lane.fn
@@ -391,7 +309,7 @@ class Dispatcher:
             attempt=attempt, status=outcome.status.value, delay_s=round(at - now, 3),
             next_attempt_at=at,
         )
-        self._schedule(lane, msgspec.structs.replace(item, attempt=attempt), at)
+        lane.push_at(msgspec.structs.replace(item, attempt=attempt), at)
 
     def _dead_lettered(self, fn: FunctionConfig, invocation_id: str, attempt: int, status: str,
                        reason: str | None) -> None:  # fmt: skip
@@ -423,12 +341,8 @@ class Dispatcher:
 
         Returns how many tasks were cancelled. Backlogged invocations stay queued in the store.
         """
-        self._paused = True
         for lane in self._lanes.values():
-            lane.backlog.clear()
-            for timer in lane.retry_timers.values():
-                timer.cancel()  # the rows are queued with their next_attempt_at in the store
-            lane.retry_timers.clear()
+            lane.pause()
         pending = {t for t in self._tasks if not t.done()}
         if pending:
             log.info("dispatcher_draining", in_flight=len(pending), timeout_s=timeout_s)

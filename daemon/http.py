@@ -159,7 +159,8 @@ async def _invoke_sync(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
     try:
         if sdk_id:
             cache = request.app[SYNC_RESULTS]
-            (invocation_id, outcome), repeat = await cache.run(cache.key(fn.name, sdk_id, body), call)
+            key = cache.key(fn.name, sdk_id, body)
+            (invocation_id, outcome), repeat = await cache.run(key, call)
             if repeat:
                 log.info("invocation_deduplicated", invocation_id=invocation_id, function=fn.name,
                          sdk_invocation_id=sdk_id)
