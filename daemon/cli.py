@@ -224,6 +224,11 @@ def _show(config: Config, args: argparse.Namespace, path: str) -> int:
     for key, value in record.items():
         if key not in ("attempts",):
             print(f"{key:>20}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    attempts = record.get("attempts") or []
+    if len(attempts) > 1:  # a retried invocation: what each attempt came to
+        print("            attempts:")
+        _print_table(attempts, ["attempt", "status", "started_at", "duration_ms", "error_type",
+                                "error_message"])  # fmt: skip
     if logs:
         print("                logs:")
         for line in logs.splitlines():

@@ -285,6 +285,8 @@ async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
         record = await daemon.wait_for(lambda: _final(daemon, ids[0]))
         assert (record["status"], record["attempt"], record["redrives"]) == ("succeeded", 2, 1)
         assert record["dead_letter_reason"] is None
+        shown = await asyncio.to_thread(_cli, daemon, "show", ids[0])
+        assert "attempts:" in shown.stdout and "RuntimeError" in shown.stdout
 
         # redrive all of one function: the other function's dead letter stays
         everything = await asyncio.to_thread(_cli, daemon, "dlq", "redrive", "--all",

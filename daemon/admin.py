@@ -1,0 +1,169 @@
+"""The admin JSON endpoints under /v1/: functions, invocations, replays and dead letters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from daemon.dispatcher import Dispatcher, UnknownFunctionError
+from daemon.errors import StoreUnavailableError
+from daemon.models import Status
+from daemon.store import Store
+
+DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+_json = msgspec.json.Encoder()
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """Serve the /v1/ endpoints from `app`, whose DISPATCHER and STORE are set."""
+    app.router.add_get("/v1/functions", list_functions)
+    app.router.add_get("/v1/invocations", list_invocations)
+    app.router.add_get("/v1/invocations/{id}", get_invocation)
+    app.router.add_post("/v1/invocations/{id}/replay", replay_invocation)
+    app.router.add_get("/v1/dead-letters", list_dead_letters)
+    app.router.add_post("/v1/dead-letters/redrive", redrive_dead_letters)
+    app.router.add_get("/v1/dead-letters/{id}", get_dead_letter)
+
+
+def _dumps(value: Any) -> str:
+    return _json.encode(value).decode()
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    dispatcher = request.app[DISPATCHER]
+    stats = dispatcher.stats()
+    rows = [
+        {
+            "name": fn.name, "handler": fn.handler, "code": fn.code, "version": fn.version,
+            "timeout_s": fn.timeout_s, "memory_mb": fn.memory_mb, "concurrency": fn.concurrency,
+            "min_warm": fn.min_warm, "idle_timeout_s": fn.idle_timeout_s, "retries": fn.retries,
+            "retry_backoff_s": list(fn.retry_backoff_s), "max_event_age_s": fn.max_event_age_s,
+            "triggers": [msgspec.to_builtins(t) for t in fn.triggers], **stats[fn.name],
+        }
+        for fn in dispatcher.functions.values()
+    ]
+    return web.json_response({"functions": rows}, dumps=_dumps)
+
+
+async def list_invocations(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    limit = _limit(request)
+    if limit is None:
+        return _error(400, "limit must be a whole number from 1 to 1000")
+    status = request.query.get("status") or None
+    if status is not None and status not in Status.__members__.values():
+        return web.json_response({"error": f"unknown status {status!r}"}, status=400)
+    await store.barrier()  # read your own writes
+    rows = await store.list_invocations(request.query.get("function") or None, status, limit)
+    return web.json_response({"invocations": [_present(r) for r in rows]}, dumps=_dumps)
+
+
+async def get_invocation(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    await store.barrier()
+    row = await store.get(request.match_info["id"])
+    if row is None:
+        return web.json_response({"error": f"no invocation {request.match_info['id']}"}, status=404)
+    return web.json_response(_present(row), dumps=_dumps)
+
+
+async def replay_invocation(request: web.Request) -> web.Response:
+    invocation_id = request.match_info["id"]
+    try:
+        accepted = await request.app[DISPATCHER].replay(invocation_id)
+    except UnknownFunctionError as exc:
+        return _error(409, f"cannot replay {invocation_id}: {exc}")
+    except KeyError:
+        return _error(404, f"no invocation {invocation_id}")
+    except StoreUnavailableError as exc:
+        return _error(503, f"cannot store the event: {exc}")
+    return web.json_response({"invocation_id": accepted.invocation_id, "parent_id": invocation_id},
+                             status=202, dumps=_dumps)  # fmt: skip
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+class RedriveRequest(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[str] | None = None
+    all: bool = False
+    function: str | None = None
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    limit = _limit(request)
+    if limit is None:
+        return _error(400, "limit must be a whole number from 1 to 1000")
+    store = request.app[STORE]
+    await store.barrier()
+    rows = await store.list_dead_letters(request.query.get("function") or None, limit)
+    return web.json_response({"dead_letters": [_present(r) for r in rows]}, dumps=_dumps)
+
+
+async def get_dead_letter(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    await store.barrier()
+    row = await store.get(request.match_info["id"])
+    if row is None or row["dead_letter_reason"] is None:
+        return _error(404, f"no dead letter {request.match_info['id']}")
+    return web.json_response(_present(row), dumps=_dumps)
+
+
+async def redrive_dead_letters(request: web.Request) -> web.Response:
+    try:
+        body = msgspec.json.decode(await request.read() or b"{}", type=RedriveRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _error(400, f"invalid body: {exc}")
+    if (body.ids is None) == (not body.all):
+        return _error(400, 'give either "ids": [...] or "all": true')
+    if body.ids is not None and not 1 <= len(body.ids) <= 1000:
+        return _error(400, '"ids" must hold 1 to 1000 ids')
+    try:
+        redriven = await request.app[DISPATCHER].redrive(body.ids, body.function)
+    except StoreUnavailableError as exc:
+        return _error(503, f"cannot store the redrive: {exc}")
+    not_redriven = sorted(set(body.ids or ()) - set(redriven))
+    return web.json_response({"redriven": redriven, "not_redriven": not_redriven}, dumps=_dumps)
+
+
+def _limit(request: web.Request) -> int | None:
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        return None
+    return limit if 1 <= limit <= 1000 else None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    """A record for JSON: times as ISO 8601, event and result decoded."""
+    out = dict(row)
+    for key in ("queued_at", "started_at", "ended_at", "next_attempt_at", "dead_lettered_at",
+                "redriven_at"):  # fmt: skip
+        if key in out:
+            out[key] = iso(out[key])
+    for key in ("event", "result"):
+        if isinstance(out.get(key), bytes | memoryview):
+            raw = bytes(out[key])
+            try:
+                out[key] = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                out[key] = raw.decode("utf-8", "replace")
+    for attempt in out.get("attempts", []) or []:
+        for key in ("started_at", "ended_at"):
+            if key in attempt:
+                attempt[key] = iso(attempt[key])
+    return out
