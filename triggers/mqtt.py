@@ -16,16 +16,19 @@ messages while we are away. Every connect re-subscribes; retained messages come 
 subscription only (Retain Handling 1), not again on every reconnect.
 
 Redelivery (DUP = 1) maps to the first delivery's record, never to a new one:
-- a publisher-set user property `message-id` keys the record (hash of topic and id) whatever the
-  DUP flag says: a re-publication with the same id is the same event;
-- otherwise each QoS 1 copy gets an arrival number, stored in its key together with its packet
-  id and a digest of topic and payload. A DUP copy is its first delivery iff, among the last
-  WINDOW arrivals before this connection, the newest one with the same packet id has the same
-  digest. Why: acks go in order, so an unacked message and all later ones are still in flight,
-  hence among the last Receive-Maximum arrivals; a packet id is not reused while in flight.
-  Identical payloads without DUP are never merged. Limit: a broker that reuses a freed packet
-  id at once (Mosquitto counts up) could make a message that crashed before its commit look
-  like a redelivery of the identical message acked just before it under the same id.
+- a publisher-set user property `message-id` keys the record (hash of topic and id), DUP or
+  not: a re-publication with the same id is the same event;
+- otherwise each QoS 1 copy gets an arrival number, stored in its key with its packet id and a
+  digest of topic and payload. A DUP copy is a redelivery of the newest stored copy that had its
+  packet id among the last WINDOW arrivals before this connection, if that one has the same
+  digest; otherwise it is new. Why: copies are acked in order and at most RECEIVE_MAXIMUM are
+  stored-but-unacked at a time, so an unacked copy is among the newest arrivals, and a broker
+  does not reuse a packet id until it is acked (Mosquitto counts ids up, so an earlier holder of
+  the id is 65535 copies back). Copies without DUP are never merged: identical payloads
+  published again stay separate events. Limits: a broker that reuses a freed packet id at once
+  could make a copy that crashed before its commit look like a redelivery of an identical copy
+  acked just before under that id; a copy left unacked through more than about
+  WINDOW / (2 * RECEIVE_MAXIMUM) consecutive failed connections is stored twice.
 """
 
 from __future__ import annotations
@@ -55,9 +58,8 @@ from triggers.base import Emit
 
 log = structlog.get_logger("lambdaemon.triggers.mqtt")
 
-RECEIVE_MAXIMUM = 128  # QoS 1 messages the broker may have in flight to us: our backpressure
-WINDOW = 4 * RECEIVE_MAXIMUM  # arrivals searched for a first delivery; slack for failed commits
-MAX_TASKS = 512  # copies being committed at once; bounds QoS 0 floods, which no window bounds
+RECEIVE_MAXIMUM = 128  # copies in flight to us, announced to the broker and enforced here too
+WINDOW = 4096  # arrivals searched for a first delivery: far below the 65535 packet ids
 BACKOFF_S = (0.5, 30.0)  # reconnect delay: first, cap (jittered)
 MESSAGE_ID = "message-id"  # user property a publisher may set as the event's idempotency key
 _json = msgspec.json.Encoder()
@@ -109,10 +111,15 @@ class _Subscription:
 class _Window:
     """One connection's copies in arrival order; each is acked once it and all before are stored."""
 
-    def __init__(self, paho: Any) -> None:
+    def __init__(self, paho: Any, seq_at_connect: int) -> None:
         self._paho = paho
         self._entries: deque[tuple[aiomqtt.Message, asyncio.Task[None]]] = deque()
-        self.slots = asyncio.Semaphore(MAX_TASKS)
+        # Taken per copy, given back at its PUBACK. Mosquitto 2.0 ignores Receive Maximum when
+        # it resumes a session (it sends the whole offline backlog at once), so the bound on
+        # stored-but-unacked copies, which the redelivery rule relies on, is kept here.
+        self.slots = asyncio.Semaphore(RECEIVE_MAXIMUM)
+        self.seq_at_connect = seq_at_connect
+        self.recent: asyncio.Future[dict[int, tuple[int, str]]] | None = None  # see _recent
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
         self.open = True  # cleared when the connection ends: a packet id means nothing after that
@@ -122,7 +129,6 @@ class _Window:
         task.add_done_callback(self._advance)
 
     def _advance(self, _: asyncio.Task[None]) -> None:
-        self.slots.release()
         while self.open and self._entries and self._entries[0][1].done():
             msg, task = self._entries.popleft()
             error = task.exception() if not task.cancelled() else asyncio.CancelledError()
@@ -133,6 +139,7 @@ class _Window:
                 return
             if msg.qos == 1:
                 self._paho.ack(msg.mid, 1)
+            self.slots.release()
 
     async def settle(self, *, cancel: bool) -> None:
         """Let every copy's commit finish (or cancel it; a queued commit still lands)."""
@@ -230,8 +237,8 @@ class MqttSource:
                 log.info("mqtt_subscribed", topic=sub.topic, qos=granted.value)
 
     async def _consume(self, client: _Client, emit: Emit) -> None:
-        window = _Window(client._client)
-        receiver = asyncio.create_task(self._receive(client, emit, window, self._seq))
+        window = _Window(client._client, self._seq)
+        receiver = asyncio.create_task(self._receive(client, emit, window))
         failed = asyncio.create_task(window.failed.wait())
         try:
             await asyncio.wait({receiver, failed}, return_when=asyncio.FIRST_COMPLETED)
@@ -249,13 +256,11 @@ class MqttSource:
             raise _NotStoredError(f"not stored: {window.failure!r}") from window.failure
         receiver.result()  # the MqttError that ended the connection
 
-    async def _receive(
-        self, client: _Client, emit: Emit, window: _Window, seq_at_connect: int
-    ) -> None:
+    async def _receive(self, client: _Client, emit: Emit, window: _Window) -> None:
         async for msg in client.messages:
             await window.slots.acquire()
             targets = self._route(msg, client.subscription_ids)
-            window.add(msg, asyncio.create_task(self._accept(emit, msg, targets, seq_at_connect)))
+            window.add(msg, asyncio.create_task(self._accept(emit, msg, targets, window)))
 
     def _route(self, msg: aiomqtt.Message, by_id: bool) -> list[tuple[str, str]]:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if by_id else None
@@ -266,12 +271,12 @@ class MqttSource:
         return [t for s in subs if msg.topic.matches(s.topic) for t in s.targets]
 
     async def _accept(
-        self, emit: Emit, msg: aiomqtt.Message, targets: list[tuple[str, str]], seq_at_connect: int
+        self, emit: Emit, msg: aiomqtt.Message, targets: list[tuple[str, str]], window: _Window
     ) -> None:
         if not targets:
             log.warning("mqtt_message_rejected", topic=msg.topic.value, reason="no trigger matches")
             return
-        keys = await self._dedupe_keys(msg, targets, seq_at_connect)
+        keys = await self._dedupe_keys(msg, targets, window)
         body = _json.encode(_event(msg))
         calls = [
             emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
@@ -301,7 +306,7 @@ class MqttSource:
         self._store_trouble = False
 
     async def _dedupe_keys(
-        self, msg: aiomqtt.Message, targets: list[tuple[str, str]], seq_at_connect: int
+        self, msg: aiomqtt.Message, targets: list[tuple[str, str]], window: _Window
     ) -> dict[str, str | None]:
         if msg.qos == 0:
             return {tid: None for _, tid in targets}  # never redelivered
@@ -312,24 +317,30 @@ class MqttSource:
             )
         else:
             digest = _digest(msg.topic.value.encode(), msg.payload)
-            seq = await self._first_delivery(msg.mid, digest, seq_at_connect) if msg.dup else None  # type: ignore[attr-defined]
+            seq = None
+            if msg.dup:  # type: ignore[attr-defined]
+                if window.recent is None:  # one read per connection, by its first DUP copy
+                    window.recent = asyncio.ensure_future(self._recent(window.seq_at_connect))
+                    window.recent.add_done_callback(_retrieve)
+                first = (await asyncio.shield(window.recent)).get(msg.mid)
+                seq = first[0] if first is not None and first[1] == digest else None
             if seq is None:
                 self._seq = seq = self._seq + 1
             base = f"{self._seq_prefix}{seq:012d}:{msg.mid}:{digest}"
         return {tid: f"{base}:{tid}" for _, tid in targets}
 
-    async def _first_delivery(self, mid: int, digest: str, seq_at_connect: int) -> int | None:
+    async def _recent(self, seq_at_connect: int) -> dict[int, tuple[int, str]]:
+        """Packet id -> (arrival, digest) of its newest arrival among the last WINDOW ones."""
         low = max(seq_at_connect - WINDOW, 0) + 1
         rows = await self._store.query(
             "SELECT dedupe_key FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?",
             (f"{self._seq_prefix}{low:012d}", f"{self._seq_prefix}{seq_at_connect + 1:012d}"),
         )
-        newest: tuple[int, str] | None = None
-        for (key,) in rows:
-            seq, key_mid, key_digest = key[len(self._seq_prefix) :].split(":", 3)[:3]
-            if int(key_mid) == mid and (newest is None or int(seq) > newest[0]):
-                newest = (int(seq), key_digest)
-        return newest[0] if newest is not None and newest[1] == digest else None
+        recent: dict[int, tuple[int, str]] = {}
+        for (key,) in rows:  # in key order, so in arrival order: the newest one wins
+            seq, mid, digest = key[len(self._seq_prefix) :].split(":", 3)[:3]
+            recent[int(mid)] = (int(seq), digest)
+        return recent
 
     async def _last_seq(self) -> int:
         # ';' sorts right after ':', so the range is exactly the keys under the prefix.
@@ -379,6 +390,12 @@ def _parse_url(
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(config.path, "mqtt.ca_file", f"cannot load {ca_file}: {exc}") from None
     return parts.hostname, port or 8883, context
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # Its awaiters may all be gone (connection ended): no "exception never retrieved" noise.
+    if not future.cancelled():
+        future.exception()
 
 
 async def _settled(call: Any) -> Any:

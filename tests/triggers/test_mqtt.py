@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import sqlite3
+import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -88,17 +89,24 @@ def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     return [e for e in daemon.log_events() if e.get("event") == name]
 
 
-async def publish(port: int, *messages: tuple[str, Any], qos: int = 1, retain: bool = False,
-                  user: dict[str, str] | None = None) -> None:
+async def publish(
+    port: int,
+    *messages: tuple[str, Any],
+    qos: int = 1,
+    retain: bool = False,
+    user: dict[str, str] | None = None,
+    **client: Any,
+) -> None:
     """(topic, payload) each, from a throwaway v5 client; waits for each PUBACK at QoS 1."""
     props = None
     if user:
         props = Properties(PacketTypes.PUBLISH)
         for pair in user.items():
             props.UserProperty = pair
-    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+    v5 = aiomqtt.ProtocolVersion.V5
+    async with aiomqtt.Client("127.0.0.1", port, protocol=v5, **client) as publisher:
         for topic, payload in messages:
-            await client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            await publisher.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
 
 @contextlib.asynccontextmanager
@@ -115,23 +123,24 @@ async def subscribed(daemon: Daemon, times: int = 1) -> None:
     await until(lambda: len(events(daemon, "mqtt_subscribed")) >= times, what="mqtt_subscribed")
 
 
-class HoldingProxy:
-    """A TCP proxy to the broker that can stop forwarding the client's bytes (its PUBACKs).
+class AckDroppingProxy:
+    """A TCP proxy to the broker that can drop the PUBACKs its clients send.
 
-    `hold()` swallows everything the client sends on the current connections from then on, so
-    messages get committed but never acknowledged; `cut()` closes those connections; new ones
-    pass through again.
+    With `drop_acks` set, messages get committed but the broker never hears they were: exactly
+    the state a crash between commit and PUBACK leaves. `cut()` closes every connection.
     """
 
     def __init__(self, broker_port: int) -> None:
         self.broker_port = broker_port
         self.port = free_port()
-        self._held: set[asyncio.StreamWriter] = set()
-        self._live: set[asyncio.StreamWriter] = set()
+        self.drop_acks = False
+        self.acks_dropped = 0
+        self.acks_forwarded = 0
+        self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> HoldingProxy:
+    async def __aenter__(self) -> AckDroppingProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         return self
 
@@ -143,38 +152,51 @@ class HoldingProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def hold(self) -> None:
-        self._held |= self._live
-
     def cut(self) -> None:
-        for writer in list(self._live):
+        for writer in self._writers:
             writer.close()
-        self._live.clear()
-        self._held.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.broker_port)
-        self._live |= {writer, up_writer}
-        pumps = [
-            asyncio.create_task(self._pump(reader, up_writer, writer)),
-            asyncio.create_task(self._pump(up_reader, writer, None)),
-        ]
-        self._tasks.update(pumps)
+        self._writers |= {writer, up_writer}
+        pumps = {
+            asyncio.create_task(self._client_to_broker(reader, up_writer)),
+            asyncio.create_task(self._pump(up_reader, writer)),
+        }
+        self._tasks |= pumps
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         for task in pumps:
             task.cancel()
         for w in (writer, up_writer):
             w.close()
-            self._live.discard(w)
-        self._tasks.difference_update(pumps)
+            self._writers.discard(w)
+        self._tasks -= pumps
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    client: asyncio.StreamWriter | None) -> None:
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while data := await src.read(65536):
-                if client is not None and client in self._held:
-                    continue  # swallowed: the broker never sees these PUBACKs
                 dst.write(data)
+                await dst.drain()
+
+    async def _client_to_broker(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:  # MQTT framing: a type byte, then the remaining length as a varint
+                header = await src.readexactly(1)
+                length, shift = 0, 0
+                while True:
+                    byte = (await src.readexactly(1))[0]
+                    header += bytes([byte])
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if byte < 0x80:
+                        break
+                packet = header + await src.readexactly(length)
+                if packet[0] >> 4 == 4:  # PUBACK
+                    if self.drop_acks:
+                        self.acks_dropped += 1
+                        continue
+                    self.acks_forwarded += 1
+                dst.write(packet)
                 await dst.drain()
 
 
@@ -193,7 +215,9 @@ async def test_mqtt_routes_each_message_to_every_matching_trigger_once(
     })  # fmt: skip
     async with daemon_for(tmp_path, body) as daemon:
         await subscribed(daemon, 4)
-        await publish(mosquitto.port, ("sensors/a/temp", b'{"celsius": 21.5}'), user={"site": "lab"})
+        await publish(
+            mosquitto.port, ("sensors/a/temp", b'{"celsius": 21.5}'), user={"site": "lab"}
+        )
         await publish(
             mosquitto.port,
             ("sensors/b/status", "online"),
@@ -243,7 +267,7 @@ async def test_mqtt_broker_down_at_start_is_retried_while_the_daemon_serves(tmp_
         async with daemon_for(tmp_path, body) as daemon:
             down = await until(lambda: events(daemon, "mqtt_disconnected"), what="a failed connect")
             assert "refused" in down[0]["reason"].lower()
-            assert (await daemon.get("/health"))  # the daemon is up and answering meanwhile
+            assert await daemon.get("/health")  # the daemon is up and answering meanwhile
             status, _, answer = await daemon.invoke("temp", {"direct": True})
             assert status == 200 and json.loads(answer)["event"] == {"direct": True}
 
@@ -271,7 +295,9 @@ async def test_mqtt_broker_restart_keeps_the_session_across_the_reconnect(
         # broker state served on another port. They arrive only if the reconnect resumes the
         # session (Clean Start = 0 with an expiry), not if it starts a new one.
         mosquitto.start(port=free_port())
-        await publish(mosquitto.port_in_use, *(("sensors/b/temp", f'{{"n": {i}}}') for i in (1, 2, 3)))
+        await publish(
+            mosquitto.port_in_use, *(("sensors/b/temp", f'{{"n": {i}}}') for i in (1, 2, 3))
+        )
         mosquitto.stop()
         mosquitto.start()
 
@@ -306,3 +332,204 @@ async def test_mqtt_messages_published_while_the_daemon_is_stopped_arrive_after_
     # The retained message came with the first subscription only, not again on re-subscribe.
     assert payloads == ["retained", *([i] for i in range(20))]
     assert records(daemon)[0]["event"]["retain"] is True
+
+
+# --- no loss, no duplicates ---------------------------------------------------------------------
+
+
+async def test_mqtt_sigkill_mid_stream_keeps_every_message_exactly_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    total = 1500
+    body = mqtt_toml(mosquitto.url, {"temp": [("sensors/+/temp", 1)]})
+    daemon = Daemon(write_config(tmp_path, body))
+    try:
+        await daemon.start()
+        await subscribed(daemon)
+        # Every payload unique, so a duplicate record or a missing one shows as such.
+        publisher = asyncio.create_task(
+            publish(mosquitto.port, *(("sensors/a/temp", f'{{"n": {i}}}') for i in range(total)))
+        )
+        for at in (200, 700):  # killed twice while messages stream in, with commits in flight
+            await until(lambda at=at: len(records(daemon)) >= at, what=f"{at} records")
+            await daemon.kill()
+            await daemon.start()
+        await asyncio.wait_for(publisher, 30)  # every message has been acked to the publisher
+        await until(lambda: len(records(daemon)) >= total, timeout_s=30, what="all records")
+    finally:
+        await daemon.close()
+    numbers = sorted(r["event"]["payload"]["n"] for r in records(daemon))
+    assert numbers == list(range(total))
+
+
+async def test_mqtt_redelivery_after_commit_maps_to_the_same_invocation(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    async with AckDroppingProxy(mosquitto.port) as proxy:
+        body = mqtt_toml(f"mqtt://127.0.0.1:{proxy.port}", {"temp": [("sensors/+/temp", 1)]})
+        daemon = Daemon(write_config(tmp_path, body))
+        try:
+            await daemon.start()
+            await subscribed(daemon)
+
+            # 1. Committed, PUBACKs lost, connection dropped: the broker redelivers with DUP set
+            #    to the same process. Two identical payloads stay two events.
+            proxy.drop_acks = True
+            same, other = ("sensors/a/temp", b"same"), ("sensors/a/temp", b"other")
+            await publish(mosquitto.port, same, same, other)
+            await until(lambda: proxy.acks_dropped == 3, what="3 commits acked (and dropped)")
+            assert len(records(daemon)) == 3
+            proxy.drop_acks = False
+            proxy.cut()
+            await until(lambda: proxy.acks_forwarded == 3, what="the redeliveries acked")
+            assert len(events(daemon, "mqtt_redelivery_matched")) == 3
+            assert len(records(daemon)) == 3
+
+            # 2. Committed, then SIGKILL before the PUBACK: the redelivery goes to the next run.
+            proxy.drop_acks = True
+            await publish(mosquitto.port, same)
+            await until(lambda: proxy.acks_dropped == 4, what="a 4th commit (same payload)")
+            await daemon.kill()
+            proxy.drop_acks = False
+            await daemon.start()
+            await until(lambda: proxy.acks_forwarded == 4, what="the redelivery after the restart")
+            assert len(events(daemon, "mqtt_redelivery_matched")) == 4
+
+            # 3. The same payload published again is a new event, not a redelivery.
+            await publish(mosquitto.port, same)
+            await until(lambda: proxy.acks_forwarded == 5, what="a 5th message")
+        finally:
+            await daemon.close()
+    rows = records(daemon)
+    assert [r["event"]["payload"] for r in rows] == ["same", "same", "other", "same", "same"]
+    assert [r["event"]["dup"] for r in rows] == [False] * 5  # the first deliveries' events
+    assert len({r["dedupe_key"] for r in rows}) == 5
+
+
+async def test_mqtt_publisher_message_id_is_the_idempotency_key(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    body = mqtt_toml(mosquitto.url, {"temp": [("sensors/+/temp", 1)]})
+    async with daemon_for(tmp_path, body) as daemon:
+        await subscribed(daemon)
+        for _ in range(2):  # a publisher retrying after a lost PUBACK of its own
+            await publish(mosquitto.port, ("sensors/a/temp", b"1"), user={"message-id": "m-1"})
+        await publish(mosquitto.port, ("sensors/a/temp", b"1"), user={"message-id": "m-2"})
+        await until(lambda: len(records(daemon)) == 2, what="two records")
+        await until(lambda: len(events(daemon, "mqtt_redelivery_matched")) == 1, what="the retry")
+        assert [r["event"]["properties"]["user"]["message-id"] for r in records(daemon)] == [
+            "m-1", "m-2",
+        ]  # fmt: skip
+
+
+async def test_mqtt_commit_failure_is_not_acked_and_the_message_comes_back(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = load_config(write_config(tmp_path, mqtt_toml(mosquitto.url, {"temp": [("a/#", 1)]})))
+    triggers = [("temp", "temp#0", config.functions["temp"].triggers[0])]
+    pool = WorkerPool(2)
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        await pool.start(config.functions)
+        dispatcher = Dispatcher(store, pool, config.functions)
+        with capture_logs() as logs:
+            task = asyncio.create_task(supervise(MqttSource(config, store, triggers), dispatcher))
+            try:
+                await until(lambda: [e for e in logs if e["event"] == "mqtt_subscribed"])
+                # A full disk for real: the database may not grow by a single page.
+                await store.transaction(lambda c: c.execute("PRAGMA max_page_count = 1").fetchone())
+                await publish(mosquitto.port, ("a/big", b"x" * 300_000))
+                await until(
+                    lambda: [e for e in logs if e["event"] == "mqtt_disconnected"],
+                    what="the source to drop the connection",
+                )
+                assert (
+                    "not stored"
+                    in [e for e in logs if e["event"] == "mqtt_disconnected"][0]["reason"]
+                )
+                assert [e["function"] for e in logs if e["event"] == "mqtt_message_not_stored"]
+                assert (await store.query("SELECT COUNT(*) FROM invocations"))[0][0] == 0
+
+                await store.transaction(
+                    lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchone()
+                )
+                rows = await until(
+                    lambda: store.query("SELECT event FROM invocations"), what="the redelivery"
+                )
+                assert len(rows) == 1 and json.loads(rows[0][0])["payload"] == "x" * 300_000
+                assert task.done() is False  # the source never gave up
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await dispatcher.drain(5)
+                await pool.close()
+
+
+# --- connection settings ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a broker password file."""
+    d = {n: tmp_path / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")}
+    (tmp_path / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+    openssl = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+         "-keyout", d["ca.key"], "-out", d["ca.crt"]],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", d["server.key"], "-out", d["server.csr"]],
+        ["x509", "-req", "-in", d["server.csr"], "-CA", d["ca.crt"], "-CAkey", d["ca.key"],
+         "-CAcreateserial", "-days", "1", "-out", d["server.crt"],
+         "-extfile", tmp_path / "san.ext"],
+    ]  # fmt: skip
+    for args in openssl:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
+    d["passwd"] = tmp_path / "broker.passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(d["passwd"]), "edge", "s3cret"],
+                   check=True, capture_output=True, timeout=30)  # fmt: skip
+    return d
+
+
+async def test_mqtt_tls_with_username_and_password(tmp_path: Path, tls: dict[str, Path]) -> None:
+    (tmp_path / "mqtt.password").write_text("s3cret\n")
+    broker = Mosquitto(tmp_path / "mosquitto", extra_conf=(
+        f"cafile {tls['ca.crt']}\ncertfile {tls['server.crt']}\n"
+        f"keyfile {tls['server.key']}\npassword_file {tls['passwd']}\nallow_anonymous false\n"
+    ))  # fmt: skip
+    broker.start()
+    try:
+        extra = f'username = "edge"\npassword_file = "mqtt.password"\nca_file = "{tls["ca.crt"]}"'
+        body = mqtt_toml(f"mqtts://127.0.0.1:{broker.port}", {"temp": [("t/#", 1)]}, extra)
+        async with daemon_for(tmp_path, body) as daemon:
+            await subscribed(daemon)
+            context = ssl.create_default_context(cafile=str(tls["ca.crt"]))
+            await publish(broker.port, ("t/1", b"ok"), tls_context=context, username="edge",
+                          password="s3cret")  # fmt: skip
+            rows = await until(lambda: records(daemon), what="the record over TLS")
+            assert rows[0]["event"]["payload"] == "ok"
+            with pytest.raises(aiomqtt.MqttError):  # the credentials were really needed
+                await publish(broker.port, ("t/1", b"anonymous"), tls_context=context)
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ('url = "http://127.0.0.1:1883"', "mqtt.url"),
+        ('url = "mqtt://:1883"', "mqtt.url"),
+        ('url = "mqtt://127.0.0.1:99999"', "mqtt.url"),
+        ('url = "mqtt://127.0.0.1"\nca_file = "ca.crt"', "mqtt.ca_file"),
+        ('url = "mqtts://127.0.0.1"\nca_file = "missing.crt"', "mqtt.ca_file"),
+    ],
+)
+def test_mqtt_bad_connection_settings_name_their_key(
+    tmp_path: Path, settings: str, key: str
+) -> None:
+    body = mqtt_toml("mqtt://unused", {"temp": [("t/#", 1)]}).replace(
+        'url = "mqtt://unused"', settings
+    )
+    config = load_config(write_config(tmp_path, body))
+    triggers = [("temp", "temp#0", config.functions["temp"].triggers[0])]
+    with pytest.raises(ConfigError) as info:
+        MqttSource(config, store=None, triggers=triggers)
+    assert info.value.key == key
