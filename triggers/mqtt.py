@@ -6,9 +6,9 @@ identifier, so a message reaches exactly the triggers of the subscription it was
 even when filters overlap and the broker sends one copy per subscription. A copy is committed as
 one queued invocation per trigger, concurrently with other copies (the store group-commits
 them); its PUBACK goes out once all of them are committed, on the connection it came in on and
-in arrival order. Until then it counts against our Receive Maximum, so the broker holds the
-backlog, not our memory. What cannot be committed is never acked: the connection is closed and
-opened again with backoff, and the broker redelivers.
+in arrival order. At most RECEIVE_MAXIMUM copies are stored-but-unacked at a time: announced to
+the broker as our Receive Maximum, and enforced here as well. What cannot be committed is never
+acked: the connection is closed and opened again with backoff, and the broker redelivers.
 
 Session. A fixed client id, Clean Start = 0 on every CONNECT (aiomqtt's default would wipe the
 session on each re-entry of the client) and a Session Expiry Interval: the broker keeps QoS 1
@@ -50,6 +50,7 @@ import msgspec
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import Config, MqttTriggerConfig, read_secret
@@ -231,10 +232,11 @@ class MqttSource:
                 props.SubscriptionIdentifier = sub.id
             options = SubscribeOptions(qos=sub.qos, retainHandling=1)
             (granted,) = await client.subscribe(sub.topic, options=options, properties=props)
-            if granted.is_failure:
+            code = granted.value if isinstance(granted, ReasonCode) else granted
+            if code >= 0x80:  # refused, e.g. by the broker's ACL: that trigger stays silent
                 log.error("mqtt_subscribe_failed", topic=sub.topic, reason=str(granted))
             else:
-                log.info("mqtt_subscribed", topic=sub.topic, qos=granted.value)
+                log.info("mqtt_subscribed", topic=sub.topic, qos=code)
 
     async def _consume(self, client: _Client, emit: Emit) -> None:
         window = _Window(client._client, self._seq)
@@ -278,14 +280,13 @@ class MqttSource:
             return
         keys = await self._dedupe_keys(msg, targets, window)
         body = _json.encode(_event(msg))
-        calls = [
-            emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
-            for fn, tid in targets
-        ]
-        if len(calls) == 1:  # the common case, without gather's extra task
-            results: list[Any] = [await _settled(calls[0])]
-        else:
-            results = await asyncio.gather(*calls, return_exceptions=True)
+        results = await asyncio.gather(
+            *(
+                emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
+                for fn, tid in targets
+            ),
+            return_exceptions=True,
+        )
         for (fn, tid), result in zip(targets, results, strict=True):
             if isinstance(result, BaseException):
                 log.error(
@@ -396,13 +397,6 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     # Its awaiters may all be gone (connection ended): no "exception never retrieved" noise.
     if not future.cancelled():
         future.exception()
-
-
-async def _settled(call: Any) -> Any:
-    try:
-        return await call
-    except Exception as exc:
-        return exc
 
 
 def _digest(*parts: bytes) -> str:
