@@ -28,7 +28,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.pool import WorkerPool
 from daemon.store import Store
-from tests.daemon_proc import Daemon, write_config
+from tests.daemon_proc import Daemon, running_daemon, write_config
 from tests.mosquitto import Mosquitto, free_port
 from triggers.base import supervise
 from triggers.mqtt import MqttSource
@@ -109,16 +109,6 @@ async def publish(
             await publisher.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
 
-@contextlib.asynccontextmanager
-async def daemon_for(tmp_path: Path, body: str):
-    daemon = Daemon(write_config(tmp_path, body))
-    await daemon.start()
-    try:
-        yield daemon
-    finally:
-        await daemon.close()
-
-
 async def subscribed(daemon: Daemon, times: int = 1) -> None:
     await until(lambda: len(events(daemon, "mqtt_subscribed")) >= times, what="mqtt_subscribed")
 
@@ -153,7 +143,7 @@ class AckDroppingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def cut(self) -> None:
-        for writer in self._writers:
+        for writer in list(self._writers):
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -213,7 +203,7 @@ async def test_mqtt_routes_each_message_to_every_matching_trigger_once(
         "fire_and_forget": [("q0/#", 0)],
         "elsewhere": [("elsewhere/x", 1)],
     })  # fmt: skip
-    async with daemon_for(tmp_path, body) as daemon:
+    async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon, 4)
         await publish(
             mosquitto.port, ("sensors/a/temp", b'{"celsius": 21.5}'), user={"site": "lab"}
@@ -264,7 +254,7 @@ async def test_mqtt_broker_down_at_start_is_retried_while_the_daemon_serves(tmp_
     broker = Mosquitto(tmp_path / "mosquitto")  # not started yet
     body = mqtt_toml(broker.url, {"temp": [("sensors/+/temp", 1)]})
     try:
-        async with daemon_for(tmp_path, body) as daemon:
+        async with running_daemon(tmp_path, body) as daemon:
             down = await until(lambda: events(daemon, "mqtt_disconnected"), what="a failed connect")
             assert "refused" in down[0]["reason"].lower()
             assert await daemon.get("/health")  # the daemon is up and answering meanwhile
@@ -284,7 +274,7 @@ async def test_mqtt_broker_restart_keeps_the_session_across_the_reconnect(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     body = mqtt_toml(mosquitto.url, {"temp": [("sensors/+/temp", 1)]})
-    async with daemon_for(tmp_path, body) as daemon:
+    async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
         await publish(mosquitto.port, ("sensors/a/temp", b'{"n": 0}'))
         await until(lambda: records(daemon), what="the first record")
@@ -410,7 +400,7 @@ async def test_mqtt_publisher_message_id_is_the_idempotency_key(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     body = mqtt_toml(mosquitto.url, {"temp": [("sensors/+/temp", 1)]})
-    async with daemon_for(tmp_path, body) as daemon:
+    async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
         for _ in range(2):  # a publisher retrying after a lost PUBACK of its own
             await publish(mosquitto.port, ("sensors/a/temp", b"1"), user={"message-id": "m-1"})
@@ -499,7 +489,7 @@ async def test_mqtt_tls_with_username_and_password(tmp_path: Path, tls: dict[str
     try:
         extra = f'username = "edge"\npassword_file = "mqtt.password"\nca_file = "{tls["ca.crt"]}"'
         body = mqtt_toml(f"mqtts://127.0.0.1:{broker.port}", {"temp": [("t/#", 1)]}, extra)
-        async with daemon_for(tmp_path, body) as daemon:
+        async with running_daemon(tmp_path, body) as daemon:
             await subscribed(daemon)
             context = ssl.create_default_context(cafile=str(tls["ca.crt"]))
             await publish(broker.port, ("t/1", b"ok"), tls_context=context, username="edge",
