@@ -369,6 +369,14 @@ def _subscriptions(triggers: list[tuple[str, str, Any]]) -> list[_Subscription]:
     return subs
 
 
+def check_settings(config: Config) -> None:
+    """Raise ConfigError naming the key when the [mqtt] connection settings cannot work."""
+    if config.mqtt is not None:
+        _parse_url(config, config.mqtt.url, config.mqtt.ca_file)
+        if config.mqtt.password_file:
+            read_secret(config, config.mqtt.password_file, "mqtt.password_file")
+
+
 def _parse_url(
     config: Config, url: str, ca_file: str | None
 ) -> tuple[str, int, ssl.SSLContext | None]:

@@ -31,7 +31,7 @@ from daemon.store import Store
 from tests.daemon_proc import Daemon, running_daemon, write_config
 from tests.mosquitto import Mosquitto, free_port
 from triggers.base import supervise
-from triggers.mqtt import MqttSource
+from triggers.mqtt import MqttSource, check_settings
 
 RECORD = Path(__file__).resolve().parent / "functions" / "mqtt_record"
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -522,4 +522,7 @@ def test_mqtt_bad_connection_settings_name_their_key(
     triggers = [("temp", "temp#0", config.functions["temp"].triggers[0])]
     with pytest.raises(ConfigError) as info:
         MqttSource(config, store=None, triggers=triggers)
+    assert info.value.key == key
+    with pytest.raises(ConfigError) as info:  # what `lambdaemon check` can call
+        check_settings(config)
     assert info.value.key == key
