@@ -1,4 +1,10 @@
-"""Cron trigger source: 5-field schedules, each (trigger, nominal fire time) fired exactly once.
+"""Cron trigger source: cron schedules, each (trigger, nominal fire time) fired exactly once.
+
+Expressions: the standard 5 fields (minute hour day-of-month month day-of-week, firing at second
+0), an @alias, or 6 fields with a leading seconds field (`*/2 * * * * *` fires every 2 seconds,
+`30 0 * * * *` at 00:30 past every hour). The seconds field takes what minute takes (`*`, N,
+N-M, */S, N-M/S, comma-separated; 0-59); the other five fields mean what they mean in the
+5-field form, and the fixed-time rule below looks at minute and hour only.
 
 APScheduler 3.x's CronTrigger does the calendar maths only, on naive wall-clock times, so its
 own DST handling never comes into play; this module maps wall times to instants by the rule
@@ -115,22 +121,23 @@ def _gap_end(zone: ZoneInfo, before: datetime, after: datetime) -> datetime:
 
 
 def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
-    """Parse a 5-field cron expression or @alias in `timezone`; ValueError says what is wrong."""
+    """Parse a 5- or 6-field cron expression or @alias in `timezone`; ValueError says why not."""
     expression = ALIASES.get(schedule.strip().lower(), schedule.strip())
     if expression.startswith("@"):
-        raise ValueError(f"unknown alias; use 5 fields or one of {', '.join(ALIASES)}")
+        raise ValueError(f"unknown alias; use 5 or 6 fields or one of {', '.join(ALIASES)}")
     fields = expression.split()
-    if len(fields) != 5:
+    if len(fields) not in (5, 6):
         raise ValueError(
-            f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}"
+            "expected 5 fields (minute hour day-of-month month day-of-week) or 6 (second"
+            f" minute hour day-of-month month day-of-week), got {len(fields)}"
         )
-    minute, hour, day, month, dow = fields
+    second, minute, hour, day, month, dow = fields if len(fields) == 6 else ["0", *fields]
     try:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {timezone!r}") from None
-    checks = (("minute", minute, _NUM), ("hour", hour, _NUM), ("day-of-month", day, _NUM),
-              ("month", month, _MONTH))  # fmt: skip
+    checks = (("second", second, _NUM), ("minute", minute, _NUM), ("hour", hour, _NUM),
+              ("day-of-month", day, _NUM), ("month", month, _MONTH))  # fmt: skip
     for name, value, item in checks:
         if not re.fullmatch(f"{item}(?:,{item})*", value, re.IGNORECASE):
             raise ValueError(
@@ -142,7 +149,8 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
             reason = re.sub(r"^Error validating expression '[^']*': ", "", str(exc))
             raise ValueError(f"{name} field {value!r}: {reason}") from None
     days = _weekdays(dow)
-    common = {"minute": minute, "hour": hour, "month": month.lower(), "timezone": UTC}
+    common = {"second": second, "minute": minute, "hour": hour, "month": month.lower(),
+              "timezone": UTC}  # fmt: skip
     parts: tuple[dict[str, str], ...] = ({"day": day, "day_of_week": days},)
     if day[0] != "*" and dow[0] != "*":  # cron fires on a day matching either field
         parts = ({"day": day, "day_of_week": "*"}, {"day": "*", "day_of_week": days})

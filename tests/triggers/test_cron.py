@@ -164,8 +164,15 @@ def test_hourly_runs_every_elapsed_hour_across_dst(tz, day_start, day_end, count
         ("L * * * *", "UTC", "minute field 'L'"),
         ("0 0 1st * *", "UTC", "day-of-month field"),
         ("* * * *", "UTC", "expected 5 fields"),
-        ("0 * * * * *", "UTC", "got 6"),
+        ("0 0 * * * * *", "UTC", "got 7"),
         ("", "UTC", "got 0"),
+        # The seconds field of the 6-field form is checked like the others.
+        ("60 * * * * *", "UTC", "second field '60'"),
+        ("*/0 * * * * *", "UTC", "second field '*/0'"),
+        ("5s * * * * *", "UTC", "second field '5s'"),
+        ("0 61 * * * *", "UTC", "minute field '61'"),
+        ("* * * * * 8", "UTC", "day-of-week field '8'"),
+        ("0 0 0 30 2 *", "UTC", "never fires"),
         ("@reboot", "UTC", "unknown alias"),
         ("0 0 30 2 *", "UTC", "never fires"),
         ("* * * * *", "Mars/Olympus", "unknown time zone"),
@@ -256,3 +263,112 @@ def test_scheduled_event_has_eventbridge_shape_and_a_stable_id():
     assert scheduled_event("report#0", nominal, "eu-central-1")["id"] == event_id
     assert scheduled_event("report#0", nominal + timedelta(minutes=1), "x")["id"] != event_id
     assert scheduled_event("report#1", nominal, "eu-central-1")["id"] != event_id
+
+
+# --- the 6-field form: a leading seconds field ---------------------------------------------
+
+
+def fires_s(expression: str, tz: str, after: str, count: int) -> list[str]:
+    schedule, at, out = parse_schedule(expression, tz), utc(after), []
+    for _ in range(count):
+        nxt = schedule.next_after(at)
+        assert nxt is not None
+        out.append(nxt.strftime("%m-%dT%H:%M:%S"))
+        at = nxt
+    return out
+
+
+@pytest.mark.parametrize(
+    ("expression", "tz", "after", "expected"),
+    [
+        ("* * * * * *", "UTC", "01-01T12:00:00", ["01-01T12:00:01", "01-01T12:00:02"]),
+        # `after` is exclusive, and a fraction of a second past a fire still counts as after it.
+        ("*/2 * * * * *", "UTC", "01-01T12:00:00", ["01-01T12:00:02", "01-01T12:00:04"]),
+        ("*/2 * * * * *", "UTC", "01-01T12:00:01.999", ["01-01T12:00:02", "01-01T12:00:04"]),
+        ("*/2 * * * * *", "UTC", "01-01T12:00:02.001", ["01-01T12:00:04"]),
+        ("*/2 * * * * *", "UTC", "01-01T12:00:58", ["01-01T12:01:00", "01-01T12:01:02"]),
+        ("*/7 * * * * *", "UTC", "01-01T12:00:50", ["01-01T12:00:56", "01-01T12:01:00"]),
+        ("0,30 * * * * *", "UTC", "01-01T12:00:00", ["01-01T12:00:30", "01-01T12:01:00"]),
+        ("10-20/5 * * * * *", "UTC", "01-01T12:00:00",
+         ["01-01T12:00:10", "01-01T12:00:15", "01-01T12:00:20", "01-01T12:01:10"]),
+        # The other fields keep their 5-field meaning, one place to the right.
+        ("30 0 * * * *", "UTC", "01-01T12:00:30", ["01-01T13:00:30", "01-01T14:00:30"]),
+        ("15 30 9 * * *", "UTC", "01-01T00:00", ["01-01T09:30:15", "01-02T09:30:15"]),
+        ("*/20 59 23 31 12 *", "UTC", "01-01T00:00",
+         ["12-31T23:59:00", "12-31T23:59:20", "12-31T23:59:40"]),
+        ("0 0 0 * * 0", "UTC", "01-01T00:00", ["01-05T00:00:00", "01-12T00:00:00"]),  # Sundays
+        ("0 0 9 * * mon-fri", "UTC", "01-03T10:00", ["01-06T09:00:00"]),
+        ("45 0 9 * * *", "Europe/Berlin", "01-01T00:00", ["01-01T08:00:45"]),
+        ("45 0 9 * * *", "Asia/Kathmandu", "01-01T00:00", ["01-01T03:15:45"]),
+        # A leading 0 is the 5-field form written out.
+        ("0 */5 * * * *", "UTC", "01-01T12:03", ["01-01T12:05:00", "01-01T12:10:00"]),
+    ],
+)  # fmt: skip
+def test_next_fire_with_seconds_table(expression, tz, after, expected):
+    assert fires_s(expression, tz, after, len(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    ("five", "six"),
+    [
+        ("*/5 * * * *", "0 */5 * * * *"),
+        ("0 9 * * 1-5", "0 0 9 * * 1-5"),
+        ("30 2 * * *", "0 30 2 * * *"),
+        ("@hourly", "0 0 * * * *"),
+    ],
+)
+def test_seconds_zero_fires_like_the_five_field_form(five, six):
+    for tz, after in (("UTC", "01-01T12:00"), ("Europe/Berlin", "03-29T12:00"),
+                      ("Europe/Berlin", "10-25T12:00")):  # fmt: skip
+        assert fires(five, tz, after, 30) == fires(six, tz, after, 30)
+
+
+# Europe/Berlin 2025: spring forward 2025-03-30 01:00Z, fall back 2025-10-26 01:00Z.
+@pytest.mark.parametrize(
+    ("expression", "start", "end", "expected"),
+    [
+        # A fixed minute and hour inside the gap: its seconds all become one fire at its end.
+        ("*/20 30 2 * * *", "03-30T00:00", "03-30T02:00", ["03-30T01:00:00"]),
+        # A fixed time in the repeated hour: first occurrence only.
+        ("10 30 2 * * *", "10-26T00:00", "10-26T02:00", ["10-26T00:30:10"]),
+        # Wildcard schedules follow elapsed time: 30 s apart straight through both changes.
+        ("*/30 * * * * *", "03-30T00:59", "03-30T01:01",
+         ["03-30T00:59:30", "03-30T01:00:00", "03-30T01:00:30", "03-30T01:01:00"]),
+        ("*/30 * * * * *", "10-26T00:59", "10-26T01:01",
+         ["10-26T00:59:30", "10-26T01:00:00", "10-26T01:00:30", "10-26T01:01:00"]),
+    ],
+)  # fmt: skip
+def test_seconds_dst_table(expression, start, end, expected):
+    schedule, at, out = parse_schedule(expression, "Europe/Berlin"), utc(start), []
+    while (nxt := schedule.next_after(at)) is not None and nxt <= utc(end):
+        out.append(nxt.strftime("%m-%dT%H:%M:%S"))
+        at = nxt
+    assert out == expected
+
+
+# Missed fires of "*/2 * * * * *" after the last fire at 12:00:00Z.
+@pytest.mark.parametrize(
+    ("policy", "now", "grace_s", "run", "skipped"),
+    [
+        ("skip", "12:00:09.5", 3600, [], 4),
+        ("run_once", "12:00:09.5", 3600, ["12:00:08"], 3),
+        ("run_once", "12:00:09.5", 1, [], 4),
+        ("run_all", "12:00:09.5", 3600, ["12:00:02", "12:00:04", "12:00:06", "12:00:08"], 0),
+        ("run_all", "12:00:09.5", 4, ["12:00:06", "12:00:08"], 2),
+        ("run_all", "12:00:01.9", 3600, [], 0),
+    ],
+)
+def test_missed_policy_with_seconds_table(policy, now, grace_s, run, skipped):
+    schedule = parse_schedule("*/2 * * * * *", "UTC")
+    now = utc(f"01-01T{now}")
+    plan = plan_missed(schedule, utc("01-01T12:00:00"), now, policy, grace_s)
+    assert [f.strftime("%H:%M:%S") for f in plan.run] == run
+    assert (plan.skipped, plan.capped, plan.until) == (skipped, False, now)
+
+
+def test_scheduled_event_time_and_id_per_second():
+    nominal = utc("2025-03-30T01:00:07Z")
+    event = scheduled_event("tick#0", nominal, "us-east-1")
+    assert event["time"] == "2025-03-30T01:00:07Z"
+    later = scheduled_event("tick#0", nominal + timedelta(seconds=1), "us-east-1")
+    assert later["id"] != event["id"]

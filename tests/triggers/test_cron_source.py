@@ -320,3 +320,18 @@ async def test_cron_triggers_fire_independently(store):
         "cron:report#0@2025-06-01T12:00:00Z",
         "cron:report#1@2025-06-01T12:00:00Z",
     ]
+
+
+async def test_cron_seconds_schedule_fires_each_second_once_and_catches_up(store):
+    triggers = cron("*/2 * * * * *", missed="run_all")
+    clock = FakeClock(utc("2025-06-01T12:00:00.400Z"))  # the first start's second is not a fire
+    async with running(store, clock, triggers):
+        async with asyncio.timeout(10):
+            await clock.advance(utc("2025-06-01T12:00:05.100Z"))
+    assert await marker(store) == "2025-06-01T12:00:04Z"
+    clock.jump(utc("2025-06-01T12:00:11.700Z"))  # down over 06, 08 and 10
+    async with running(store, clock, triggers) as emit:
+        async with asyncio.timeout(10):
+            await clock.advance(utc("2025-06-01T12:00:14.000Z"))
+    assert await fired(store) == [f"2025-06-01T12:00:{s:02d}Z" for s in range(2, 15, 2)]
+    assert emit.calls == [f"cron:report#0@2025-06-01T12:00:{s:02d}Z" for s in range(6, 15, 2)]
