@@ -116,7 +116,7 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(write_config(Path(tmp), functions_toml(), daemon="max_workers = 12\nlog_level = \"warning\""))
+        daemon = Daemon(write_config(Path(tmp), functions_toml(), daemon="max_workers = 12"))
         await daemon.start()
         try:
             results = await measure(daemon, args.connections, args.seconds)

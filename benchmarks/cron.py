@@ -36,7 +36,7 @@ async def main() -> None:
     )
     body += '[[functions.tick.triggers]]\ntype = "cron"\nschedule = "* * * * *"\n' * args.triggers
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(write_config(Path(tmp), body, daemon='log_level = "warning"'))
+        daemon = Daemon(write_config(Path(tmp), body))
         await daemon.start()
         try:
             # fires start at the next minute boundary; wait out the requested minutes, then settle

@@ -34,7 +34,7 @@ async def main() -> None:
         '[[functions.noop.triggers]]\ntype = "webhook"\npath = "/hooks/noop"\nmode = "sync"\n'
     )
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(write_config(Path(tmp), body, daemon='log_level = "warning"'))
+        daemon = Daemon(write_config(Path(tmp), body))
         await daemon.start()
         try:
             url = f"http://127.0.0.1:{port}/hooks/noop"
