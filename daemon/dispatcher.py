@@ -27,6 +27,7 @@ from daemon.store import NewInvocation, QueuedInvocation, Store
 from triggers.base import Accepted
 
 log = structlog.get_logger("lambdaemon.dispatcher")
+SYNC_VISIBLE_AFTER_S = 0.25
 _json = msgspec.json.Encoder()
 
 
@@ -167,29 +168,39 @@ class Dispatcher:
             raise UnknownFunctionError(function)
         await lane.acquire_sync_slot()
         invocation_id = invocation_id or new_invocation_id()
+        inv = NewInvocation(
+            id=invocation_id, function=function, function_version=lane.fn.version,
+            trigger=trigger, invocation_type="sync", event=event, queued_at=time.time(),
+            trigger_id=trigger_id, status=Status.RUNNING, attempt=1, started_at=time.time(),
+        )
+        # Most sync calls finish in milliseconds: they are written once, finished. A call
+        # still running after SYNC_VISIBLE_AFTER_S gets its `running` row, so it shows up
+        # while it runs and a daemon crash leaves a record of it.
+        running: list[asyncio.Task[Any]] = []
+        visible = asyncio.get_running_loop().call_later(
+            SYNC_VISIBLE_AFTER_S, lambda: running.append(self._spawn(self._store.insert(inv)))
+        )
         try:
-            now = time.time()
-            inserted = self._spawn(self._store.insert(NewInvocation(
-                id=invocation_id, function=function, function_version=lane.fn.version,
-                trigger=trigger, invocation_type="sync", event=event, queued_at=now,
-                trigger_id=trigger_id, status=Status.RUNNING, attempt=1, started_at=now,
-            )))
-            arn = invoked_arn or lane.fn.arn
-            request = InvokeRequest(invocation_id, event, arn, client_context)
+            request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn, client_context)
             outcome = await self._run(lane.fn, request, attempt=1, on_start=None)
-            self._spawn(self._record_sync(inserted, invocation_id, outcome))
+            visible.cancel()
+            self._spawn(self._record_sync(inv, running[0] if running else None, outcome))
             return invocation_id, outcome
         finally:
+            visible.cancel()
             lane.release()
 
     async def _record_sync(
-        self, inserted: asyncio.Task[Any], invocation_id: str, outcome: Outcome
+        self, inv: NewInvocation, running: asyncio.Task[Any] | None, outcome: Outcome
     ) -> None:
         try:
-            await inserted  # the finish must land after the row exists
-            await self._store.finish(invocation_id, 1, outcome)
+            if running is None:
+                await self._store.record_finished(inv, outcome)
+            else:
+                await running  # the finish must land after the row exists
+                await self._store.finish(inv.id, 1, outcome)
         except Exception as exc:  # recorded best effort: the caller already has its answer
-            log.error("invocation_record_failed", invocation_id=invocation_id, error=str(exc))
+            log.error("invocation_record_failed", invocation_id=inv.id, error=str(exc))
 
     async def wait_final(self, invocation_id: str) -> str:
         """Wait until `invocation_id` reaches a final status and return it."""

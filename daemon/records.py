@@ -99,6 +99,22 @@ def insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Any) -> tupl
     return inv.id, True
 
 
+def insert_finished(conn: sqlite3.Connection, inv: NewInvocation, o: Outcome) -> None:
+    conn.execute(
+        "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
+        " invocation_type, status, attempt, queued_at, started_at, ended_at, duration_ms,"
+        " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message,"
+        " exit_code, signal, worker_pid, parent_id, event, result, logs)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
+         inv.invocation_type, str(o.status), inv.attempt, inv.queued_at, o.started_at,
+         o.ended_at, o.duration_ms, o.billed_duration_ms, o.init_duration_ms, o.max_memory_mb,
+         o.error_type, o.error_message, o.exit_code, o.signal, o.worker_pid, inv.parent_id,
+         inv.event, o.payload, o.logs),
+    )  # fmt: skip
+    _record_attempt(conn, inv.id, inv.attempt, o)
+
+
 def mark_running(
     conn: sqlite3.Connection, id: str, attempt: int, started_at: float, worker_pid: int | None
 ) -> None:

@@ -108,6 +108,14 @@ class Store:
         await self._write(records.finish, id=id, attempt=attempt, o=outcome,
                           dead_letter=dead_letter, now=time.time())  # fmt: skip
 
+    async def record_finished(self, inv: NewInvocation, outcome: Outcome) -> None:
+        """Insert a whole finished invocation (and its attempts row) in one statement pair.
+
+        For short synchronous invocations that never needed a visible `running` row.
+        """
+        _require_final(outcome)
+        await self._write(records.insert_finished, inv=inv, o=outcome)
+
     async def requeue(
         self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
     ) -> None:
