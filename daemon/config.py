@@ -51,6 +51,11 @@ class DaemonSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     region: Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,32}$")] = "us-east-1"
     log_capture_bytes: Annotated[int, Meta(ge=1024, le=8 * 1024 * 1024)] = 64 * 1024
+    # Final records (with their logs, attempts and dead letters) older than this are pruned;
+    # 0 keeps them until max_db_mb needs the room. Queued and running rows are never pruned.
+    retention_days: Annotated[float, Meta(ge=0, le=36_500)] = 30.0
+    # The database file plus its WAL; the oldest final records go first when it is reached.
+    max_db_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 256
 
 
 class ApiSettings(_Section):
@@ -149,6 +154,11 @@ class FunctionConfig(_Section):
     queue_size: Annotated[int, Meta(ge=0, le=100_000)] = 100
     idle_timeout_s: NonNegative = 300.0
     min_warm: Annotated[int, Meta(ge=0)] = 0
+    # A worker is replaced between invocations (never during one) after serving this many
+    # (0: never), or once its resident memory after a call reaches max_worker_rss_mb (0: off;
+    # memory_mb's address-space limit bounds every worker regardless).
+    max_invocations_per_worker: Annotated[int, Meta(ge=0)] = 0
+    max_worker_rss_mb: Annotated[int, Meta(ge=0, le=10240)] = 0
     # Async invocations only. Lambda allows 0..2 retries and 60 s..6 h of age; a board that is
     # offline for days needs more room, and tests need ages of a second.
     retries: Annotated[int, Meta(ge=0, le=10)] = 2
@@ -284,6 +294,9 @@ def _validate_function(config: Config, name: str, fn: FunctionConfig, functions_
         raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than concurrency = {fn.concurrency}")
     if fn.min_warm > config.daemon.max_workers:
         raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than daemon.max_workers")
+    if fn.max_worker_rss_mb > fn.memory_mb:
+        raise ConfigError(path, f"{key}.max_worker_rss_mb", f"{fn.max_worker_rss_mb} is more than "
+                          f"memory_mb = {fn.memory_mb}: the memory limit stops the worker first")
     first_s, cap_s = fn.retry_backoff_s
     if first_s > cap_s:
         raise ConfigError(path, f"{key}.retry_backoff_s",

@@ -47,6 +47,7 @@ class Result(msgspec.Struct, array_like=True, tag="result"):
     error_message: str | None = None
     max_memory_kb: int | None = None  # peak RSS during this invocation
     retire: bool = False  # the worker exits after this reply (out of memory)
+    rss_kb: int | None = None  # resident memory as the reply is sent: what the worker keeps
 
 
 FromWorker = Ready | InitFailed | Result

@@ -1,95 +1,59 @@
-"""Parent side of the worker pool: spawns, feeds, meters, times out, evicts and reaps workers.
+"""Parent side of the worker pool: hands out, times out, evicts, recycles and reaps workers.
 
-A worker is one process for one function configuration, serving one invocation at a time (the
-child side is worker.py, the frames protocol.py). Everything runs on the daemon's event loop: no
-threads, one timer per running invocation, one small task per worker waiting for its exit.
+A worker is one process for one function configuration, serving one invocation at a time (its
+process is process.py, the child side worker.py, the frames protocol.py). Everything runs on the
+daemon's event loop: no threads, one timer per running invocation, one small task per worker
+waiting for its exit.
 
 Log events: worker_started, worker_init_failed, handler_output (one per captured line) and
-worker_stopped with reason idle | evicted | timeout | crashed | retired | closed | cancelled |
-init_failed | out_of_memory.
+worker_stopped with reason idle | evicted | timeout | crashed | retired | recycled | closed |
+cancelled | init_failed | out_of_memory (recycled also says why: max_invocations or rss).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import fcntl
 import os
-import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
-from pathlib import Path
 from typing import Any, cast
 
-import msgspec
 import structlog
 
 from daemon.config import FunctionConfig
 from daemon.models import InvokeRequest, Outcome, Status
-from daemon.pool.protocol import InitFailed, Invoke, Ready, Result, SupervisorChannel
+from daemon.pool.process import (
+    TIMED_OUT,
+    Key,
+    State,
+    Worker,
+    call_outcome,
+    capture_file,
+    crashed,
+    error_payload,
+    exit_status,
+    kb_to_mb,
+    peak_memory_kb,
+    start_process,
+    timed_out,
+    use_pidfd_child_watcher,
+)
+from daemon.pool.protocol import InitFailed, Invoke, Ready, Result
 
 log = structlog.get_logger("lambdaemon.pool")
 
 INIT_TIMEOUT_S = 10.0  # Lambda's limit for the init phase
-_GUARD_INTERVAL_S = 0.1  # how often a running invocation's captured output is checked for size
 _EXIT_WAIT_S = 5.0
 _CRASH_GRACE_S = 1.0  # after EOF on the channel, how long a worker may take to finish exiting
-_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the `daemon` package
-_JSON = msgspec.json.Encoder()
-_TIMED_OUT = object()  # reply placeholder set by the deadline timer
-_replaced_watchers: list[object] = []
-
-Key = tuple[Any, ...]
-
-
-class _State(enum.Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    STOPPING = "stopping"  # killed or exiting; still holds its slot until reaped
-    EXITED = "exited"
-
-
-class _Worker:
-    __slots__ = (
-        "fn", "key", "proc", "pid", "memfd", "channel", "state", "stop_reason", "idle_since",
-        "init_duration_ms", "exit_task", "held", "fresh_output", "deadline", "timer", "peak_kb",
-    )
-
-    def __init__(self, fn: FunctionConfig, key: Key, proc: asyncio.subprocess.Process, memfd: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.fn = fn
-        self.key = key
-        self.proc = proc
-        self.pid = proc.pid
-        self.memfd = memfd
-        self.channel = SupervisorChannel(loop)
-        self.state = _State.STARTING
-        self.stop_reason: str | None = None
-        self.idle_since = 0.0
-        self.init_duration_ms: float | None = None
-        self.exit_task: asyncio.Task[None] | None = None
-        self.held = True  # a caller still reads its captured output: it closes the files
-        self.fresh_output = False  # the cold invocation's logs include the init output
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.peak_kb: int | None = None
-
-    def close_files(self) -> None:
-        self.channel.hang_up()
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
 
 
 class _Waiter:
     __slots__ = ("name", "key", "future")
 
-    def __init__(self, name: str, key: Key, future: asyncio.Future[_Worker | None]) -> None:
+    def __init__(self, name: str, key: Key, future: asyncio.Future[Worker | None]) -> None:
         self.name = name
         self.key = key
         self.future = future
@@ -112,8 +76,8 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._functions: dict[str, FunctionConfig] = {}
         self._keys: dict[str, tuple[FunctionConfig, Key]] = {}  # latest settings per name
-        self._workers: set[_Worker] = set()
-        self._idle: dict[str, list[_Worker]] = {}  # oldest first; the newest is reused first
+        self._workers: set[Worker] = set()
+        self._idle: dict[str, list[Worker]] = {}  # oldest first; the newest is reused first
         self._counts: dict[str, int] = {}  # per function: workers reserved, starting, idle or busy
         self._slots = 0  # processes counted against max_workers, from reservation until reaped
         self._dying = 0  # processes killed but not reaped yet: each frees a slot soon
@@ -132,7 +96,7 @@ class WorkerPool:
     async def start(self, functions: Mapping[str, FunctionConfig]) -> None:
         """Start the idle reaper and the `min_warm` workers (returns once they are ready)."""
         self._loop = asyncio.get_running_loop()
-        _use_pidfd_child_watcher()
+        use_pidfd_child_watcher()
         self._reaper = self._loop.create_task(self._reap_idle(), name="pool-idle-reaper")
         await self.update(functions)
 
@@ -144,7 +108,7 @@ class WorkerPool:
         for name in [name for name in self._keys if name not in self._functions]:
             del self._keys[name]
         for worker in list(self._workers):
-            if worker.state is _State.IDLE and not self._is_current(worker):
+            if worker.state is State.IDLE and not self._is_current(worker):
                 self._kill(worker, "retired")
         self._reaper_wake.set()
         if starting := self._ensure_warm():
@@ -163,7 +127,7 @@ class WorkerPool:
             if isinstance(started, Outcome):
                 return started
             worker = started
-            worker.state = _State.BUSY
+            worker.state = State.BUSY
         try:
             return await self._run(worker, fn, request, on_start, cold)
         except BaseException as exc:
@@ -201,9 +165,9 @@ class WorkerPool:
         """Per function: idle workers and busy ones (serving or starting)."""
         stats = {name: {"idle": 0, "busy": 0} for name in self._functions}
         for worker in self._workers:
-            if worker.state not in (_State.STOPPING, _State.EXITED):
+            if worker.state not in (State.STOPPING, State.EXITED):
                 entry = stats.setdefault(worker.fn.name, {"idle": 0, "busy": 0})
-                entry["idle" if worker.state is _State.IDLE else "busy"] += 1
+                entry["idle" if worker.state is State.IDLE else "busy"] += 1
         return stats
 
     # --- handing out workers and slots -----------------------------------------------------
@@ -218,7 +182,7 @@ class WorkerPool:
         self._keys[fn.name] = (fn, key)
         return key
 
-    def _is_current(self, worker: _Worker) -> bool:
+    def _is_current(self, worker: Worker) -> bool:
         entry = self._keys.get(worker.fn.name)
         return entry is not None and entry[1] == worker.key
 
@@ -227,7 +191,7 @@ class WorkerPool:
         entry = self._keys.get(name)
         return self._functions.get(name) or (entry[0] if entry else None)
 
-    async def _acquire(self, fn: FunctionConfig, key: Key) -> _Worker | None:
+    async def _acquire(self, fn: FunctionConfig, key: Key) -> Worker | None:
         """An idle worker of `fn`, or None with a slot reserved for starting one."""
         if not self._waiters:
             if (worker := self._pop_idle(fn.name, key)) is not None:
@@ -249,11 +213,11 @@ class WorkerPool:
                     self._release(granted)
             raise
 
-    def _pop_idle(self, name: str, key: Key) -> _Worker | None:
+    def _pop_idle(self, name: str, key: Key) -> Worker | None:
         idle = self._idle.get(name)
         while idle:
             worker = idle.pop()
-            worker.state = _State.BUSY
+            worker.state = State.BUSY
             if worker.key == key and not worker.channel.closed:
                 worker.held = True
                 return worker
@@ -293,22 +257,26 @@ class WorkerPool:
                     self._waiters.clear()
         self._waiters = waiting
 
-    def _least_recently_used(self) -> _Worker | None:
+    def _least_recently_used(self) -> Worker | None:
         oldest = [idle[0] for idle in self._idle.values() if idle]
         return min(oldest, key=lambda worker: worker.idle_since) if oldest else None
 
-    def _release(self, worker: _Worker) -> None:
+    def _release(self, worker: Worker) -> None:
         """A caller is done with a live worker: it becomes idle, or goes if outdated."""
         worker.held = False
-        if worker.state not in (_State.BUSY, _State.STARTING):
-            if worker.state is _State.EXITED:
+        if worker.state not in (State.BUSY, State.STARTING):
+            if worker.state is State.EXITED:
                 worker.close_files()
             return
         if self._closed or worker.channel.closed or not self._is_current(worker):
             self._kill(worker, "closed" if self._closed else "retired")
             return
+        if worker.recycle is not None:  # served its quota or grew too big: a fresh one follows
+            worker.stop_detail = worker.recycle
+            self._kill(worker, "recycled")
+            return
         assert self._loop is not None
-        worker.state = _State.IDLE
+        worker.state = State.IDLE
         worker.idle_since = now = self._loop.time()
         self._idle.setdefault(worker.fn.name, []).append(worker)
         if self._waiters:
@@ -319,49 +287,47 @@ class WorkerPool:
             if self._reaper_at is None or now + fn.idle_timeout_s < self._reaper_at:
                 self._reaper_wake.set()
 
-    def _drop(self, worker: _Worker) -> None:
+    def _drop(self, worker: Worker) -> None:
         """A caller is done with a worker that was killed or died."""
         worker.held = False
-        if worker.state is _State.EXITED:
+        if worker.state is State.EXITED:
             worker.close_files()
 
-    def _kill(self, worker: _Worker, reason: str) -> None:
+    def _kill(self, worker: Worker, reason: str) -> None:
         """SIGKILL the worker's process group; its slot frees once the exit is reaped."""
-        if worker.state in (_State.STOPPING, _State.EXITED):
+        if worker.state in (State.STOPPING, State.EXITED):
             return
-        if worker.state is _State.IDLE:
+        if worker.state is State.IDLE:
             self._idle[worker.fn.name].remove(worker)
-        worker.state = _State.STOPPING
+        worker.state = State.STOPPING
         worker.stop_reason = reason
         self._counts[worker.fn.name] -= 1
         self._dying += 1
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(worker.pid, signal.SIGKILL)
+        worker.kill_group()
 
-    async def _watch_exit(self, worker: _Worker) -> None:
+    async def _watch_exit(self, worker: Worker) -> None:
         self._on_exit(worker, await worker.proc.wait())
 
-    def _on_exit(self, worker: _Worker, returncode: int) -> None:
+    def _on_exit(self, worker: Worker, returncode: int) -> None:
         name = worker.fn.name
-        if worker.state is _State.STOPPING:
+        if worker.state is State.STOPPING:
             self._dying -= 1
         else:  # it died on its own
-            if worker.state is _State.IDLE:
+            if worker.state is State.IDLE:
                 self._idle[name].remove(worker)
             self._counts[name] -= 1
             worker.stop_reason = "crashed"
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(worker.pid, signal.SIGKILL)  # whatever the handler left running
-        worker.state = _State.EXITED
+            worker.kill_group()  # whatever the handler left running
+        worker.state = State.EXITED
         self._slots -= 1
         self._workers.discard(worker)
         worker.channel.hang_up()
         if not worker.held:
             worker.close_files()
-        exit_code, signum = _exit_status(returncode)
+        exit_code, signum = exit_status(returncode)
         emit = log.warning if worker.stop_reason == "crashed" else log.info
         emit("worker_stopped", function=name, pid=worker.pid, reason=worker.stop_reason,
-             exit_code=exit_code, signal=signum)
+             exit_code=exit_code, signal=signum, **worker.stop_detail)
         if not self._closed:
             self._pump()
             self._ensure_warm()
@@ -392,11 +358,12 @@ class WorkerPool:
         started = await self._start_worker(fn, key, None)
         if isinstance(started, Outcome):
             return
-        self._read_output(started, None)  # module-level output goes to the daemon log only
+        # Module-level output goes to the daemon log only.
+        started.read_output(None, self._capture_bytes)
         self._release(started)
 
     async def _start_worker(self, fn: FunctionConfig, key: Key,
-                            request: InvokeRequest | None) -> _Worker | Outcome:
+                            request: InvokeRequest | None) -> Worker | Outcome:
         """Spawn a worker into a reserved slot and wait for its init; an Outcome if that fails."""
         assert self._loop is not None
         started_at, clock = time.time(), time.perf_counter()
@@ -406,14 +373,14 @@ class WorkerPool:
             error_type, error = "Runtime.InvalidEntrypoint", f"Cannot start a worker: {exc}"
             log.error("worker_init_failed", function=fn.name, error_type=error_type,
                       error_message=error)
-            payload = _error_payload(error_type, error)
-            return _outcome(Status.FAILED, payload, started_at, clock, error_type, error)
+            payload = error_payload(error_type, error)
+            return call_outcome(Status.FAILED, payload, started_at, clock, error_type, error)
         message: Any
         try:
             async with asyncio.timeout(self.init_timeout_s):
                 message = await worker.channel.receive()
         except TimeoutError:
-            message = _TIMED_OUT
+            message = TIMED_OUT
         except BaseException:
             self._kill(worker, "cancelled")
             self._drop(worker)
@@ -430,23 +397,15 @@ class WorkerPool:
         finally:
             self._drop(worker)
 
-    async def _spawn(self, fn: FunctionConfig, key: Key, on_demand: bool) -> _Worker:
+    async def _spawn(self, fn: FunctionConfig, key: Key, on_demand: bool) -> Worker:
         assert self._loop is not None and fn.code is not None
         parent_sock, child_sock = socket.socketpair()
-        memfd = os.memfd_create(f"lambdaemon-{fn.name}", os.MFD_CLOEXEC)
-        # O_APPEND: the child's writes land at the end even after the parent truncates the file.
-        fcntl.fcntl(memfd, fcntl.F_SETFL, fcntl.fcntl(memfd, fcntl.F_GETFL) | os.O_APPEND)
+        memfd = capture_file(fn.name)
         self._spawning += 1
         try:
             if self._closed:
                 raise RuntimeError("the worker pool is closed")
-            fd, daemon_pid = str(child_sock.fileno()), str(os.getpid())
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemon.pool.worker", fd, daemon_pid,
-                stdin=asyncio.subprocess.DEVNULL, stdout=memfd, stderr=memfd,
-                pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=fn.code,
-                env=_environment(fn, "on-demand" if on_demand else "provisioned-concurrency"),
-            )
+            proc = await start_process(fn, child_sock, memfd, on_demand)
         except BaseException:
             parent_sock.close()
             os.close(memfd)
@@ -457,7 +416,7 @@ class WorkerPool:
             self._spawning -= 1
             if not self._spawning and self._spawned is not None and not self._spawned.done():
                 self._spawned.set_result(None)
-        worker = _Worker(fn, key, proc, memfd, self._loop)
+        worker = Worker(fn, key, proc, memfd, self._loop)
         self._workers.add(worker)
         worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
         try:
@@ -471,21 +430,21 @@ class WorkerPool:
             raise
         return worker
 
-    async def _init_failure(self, worker: _Worker, message: Any, request: InvokeRequest | None,
+    async def _init_failure(self, worker: Worker, message: Any, request: InvokeRequest | None,
                             started_at: float, clock: float) -> Outcome:
         request_id = request.invocation_id if request else ""
         # min_warm stops restarting this code until it changes or a cold start gets through.
         self._warm_failed[worker.fn.name] = worker.key
         if isinstance(message, InitFailed):
             self._kill(worker, "init_failed")
-            await self._wait_exit(worker, _EXIT_WAIT_S)
-            outcome = _outcome(Status.FAILED, message.payload, started_at, clock,
-                               message.error_type, message.error_message)
+            await worker.wait_exit(_EXIT_WAIT_S)
+            outcome = call_outcome(Status.FAILED, message.payload, started_at, clock,
+                                   message.error_type, message.error_message)
             outcome.init_duration_ms = message.init_duration_ms
         else:
             outcome = await self._lost(worker, message, request_id, "Init", self.init_timeout_s,
                                        started_at, clock)
-        outcome.logs = self._read_output(worker, request_id or None)
+        outcome.logs = worker.read_output(request_id or None, self._capture_bytes)
         outcome.worker_pid = worker.pid
         log.warning("worker_init_failed", function=worker.fn.name, pid=worker.pid,
                     error_type=outcome.error_type, error_message=outcome.error_message)
@@ -493,7 +452,7 @@ class WorkerPool:
 
     # --- one invocation ----------------------------------------------------------------------
 
-    async def _run(self, worker: _Worker, fn: FunctionConfig, request: InvokeRequest,
+    async def _run(self, worker: Worker, fn: FunctionConfig, request: InvokeRequest,
                    on_start: Callable[[int, float], None] | None, cold: bool) -> Outcome:
         loop = self._loop
         assert loop is not None
@@ -509,106 +468,47 @@ class WorkerPool:
                 self._release(worker)
                 raise
         clock = time.perf_counter()
-        reply = worker.channel.receive()
-        worker.channel.send(Invoke(
+        invoke = Invoke(
             request.invocation_id, request.event, request.invoked_arn,
             int((started_at + fn.timeout_s) * 1000), request.client_context,
-        ))
-        worker.deadline = loop.time() + fn.timeout_s
-        self._arm_guard(worker, reply)
-        try:
-            message = await reply
-        finally:
-            worker.timer.cancel()  # type: ignore[union-attr]
+        )
+        message = await worker.call(loop, invoke, fn.timeout_s, self._capture_bytes,
+                                    self._time_out)
         if isinstance(message, Result):
-            outcome = _outcome(
+            outcome = call_outcome(
                 Status.SUCCEEDED if message.ok else Status.FAILED, message.payload, started_at,
                 clock, message.error_type, message.error_message,
             )
-            outcome.max_memory_mb = _kb_to_mb(message.max_memory_kb)
+            outcome.max_memory_mb = kb_to_mb(message.max_memory_kb)
             if message.retire:
                 self._kill(worker, "out_of_memory")
+            else:
+                worker.check_recycle(fn, message.rss_kb)
         else:
             outcome = await self._lost(worker, message, request.invocation_id, "Task", fn.timeout_s,
                                        started_at, clock)
-        outcome.logs = self._read_output(worker, request.invocation_id)
+        outcome.logs = worker.read_output(request.invocation_id, self._capture_bytes)
         outcome.worker_pid = worker.pid
         outcome.init_duration_ms = worker.init_duration_ms if cold else None
         self._release(worker)
         return outcome
 
-    async def _lost(self, worker: _Worker, message: Any, request_id: str, phase: str,
+    async def _lost(self, worker: Worker, message: Any, request_id: str, phase: str,
                     timeout_s: float, started_at: float, clock: float) -> Outcome:
         """The Outcome when no reply came: the deadline passed, or the worker died."""
-        if message is _TIMED_OUT:
+        if message is TIMED_OUT:
             self._time_out(worker)
-            await self._wait_exit(worker, _EXIT_WAIT_S)
-            error_type = "Sandbox.Timedout"
-            error_message = (f"RequestId: {request_id} Error: {phase} timed out after "
-                             f"{timeout_s:.2f} seconds")
-            payload = _error_payload(error_type, error_message)
-            # As in Lambda's REPORT line, a timed-out call lasted exactly its timeout.
-            outcome = Outcome(Status.TIMED_OUT, payload, started_at, started_at + timeout_s,
-                              timeout_s * 1000, error_type, error_message)
-            outcome.max_memory_mb = _kb_to_mb(worker.peak_kb)
-            return outcome
-        if not await self._wait_exit(worker, _CRASH_GRACE_S):
+            await worker.wait_exit(_EXIT_WAIT_S)
+            return timed_out(request_id, phase, timeout_s, started_at, worker.peak_kb)
+        if not await worker.wait_exit(_CRASH_GRACE_S):
             self._kill(worker, "crashed")  # it closed the channel but lives on: no use to anyone
-            await self._wait_exit(worker, _EXIT_WAIT_S)
-        exit_code, signum = _exit_status(worker.proc.returncode)
-        error_type = "Runtime.ExitError"
-        error_message = (f"RequestId: {request_id} Error: Runtime exited with error: "
-                         f"{_describe_exit(exit_code, signum)}")
-        outcome = _outcome(Status.CRASHED, _error_payload(error_type, error_message), started_at,
-                           clock, error_type, error_message)
-        outcome.exit_code, outcome.signal = exit_code, signum
-        return outcome
+            await worker.wait_exit(_EXIT_WAIT_S)
+        return crashed(request_id, worker.proc.returncode, started_at, clock)
 
-    async def _wait_exit(self, worker: _Worker, timeout_s: float) -> bool:
-        assert worker.exit_task is not None
-        done, _ = await asyncio.wait([worker.exit_task], timeout=timeout_s)
-        return bool(done)
-
-    def _arm_guard(self, worker: _Worker, reply: asyncio.Future[Any]) -> None:
-        assert self._loop is not None
-        when = min(worker.deadline, self._loop.time() + _GUARD_INTERVAL_S)
-        worker.timer = self._loop.call_at(when, self._guard, worker, reply)
-
-    def _guard(self, worker: _Worker, reply: asyncio.Future[Any]) -> None:
-        """Timer during a call: enforces the deadline, and bounds the captured output's size."""
-        assert self._loop is not None
-        if reply.done():
-            return
-        if self._loop.time() >= worker.deadline - 0.001:
-            self._time_out(worker)
-            reply.set_result(_TIMED_OUT)
-            return
-        # Only the first bytes are kept, so the rest is dropped while the handler runs: a handler
-        # printing in a loop must not fill the daemon's memory (a memfd is RAM).
-        if os.fstat(worker.memfd).st_size > self._capture_bytes + 1:
-            os.ftruncate(worker.memfd, self._capture_bytes + 1)
-        self._arm_guard(worker, reply)
-
-    def _time_out(self, worker: _Worker) -> None:
-        if worker.state not in (_State.STOPPING, _State.EXITED):
-            worker.peak_kb = _peak_memory_kb(worker.pid)  # readable only before the kill
+    def _time_out(self, worker: Worker) -> None:
+        if worker.state not in (State.STOPPING, State.EXITED):
+            worker.peak_kb = peak_memory_kb(worker.pid)  # readable only before the kill
             self._kill(worker, "timeout")
-
-    def _read_output(self, worker: _Worker, invocation_id: str | None) -> str:
-        """The captured output, capped, and also logged line by line."""
-        data = os.pread(worker.memfd, self._capture_bytes + 1, 0)
-        if not data:
-            return ""
-        if invocation_id is None:  # init output of a warm start: not part of any invocation
-            os.ftruncate(worker.memfd, 0)
-        text = data[: self._capture_bytes].decode("utf-8", "replace")
-        bound = log.bind(invocation_id=invocation_id, function=worker.fn.name)
-        for line in text.split("\n"):
-            if line:
-                bound.info("handler_output", line=line)
-        if len(data) > self._capture_bytes:
-            text += f"\n[lambdaemon: output truncated to the first {self._capture_bytes} bytes]\n"
-        return text
 
     # --- idle workers --------------------------------------------------------------------------
 
@@ -644,133 +544,3 @@ class WorkerPool:
             if spare > 0:
                 next_at = earliest if next_at is None else min(next_at, earliest)
         return next_at
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _environment(fn: FunctionConfig, initialization: str) -> dict[str, str]:
-    """A clean environment: PATH, LANG, the function's env, then Lambda's reserved variables."""
-    env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": os.environ.get("LANG", "C.UTF-8")}
-    env.update(fn.env)
-    stream = f"{time.strftime('%Y/%m/%d', time.gmtime())}/[{fn.version}]{os.urandom(16).hex()}"
-    env.update({
-        "_HANDLER": fn.handler,
-        "LAMBDA_TASK_ROOT": str(fn.code),
-        "LAMBDA_RUNTIME_DIR": _ROOT,
-        "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info[0]}.{sys.version_info[1]}",
-        "AWS_LAMBDA_FUNCTION_NAME": fn.name,
-        "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_mb),
-        "AWS_LAMBDA_LOG_GROUP_NAME": fn.log_group,
-        "AWS_LAMBDA_LOG_STREAM_NAME": stream,
-        "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
-        "AWS_REGION": fn.region,
-        "AWS_DEFAULT_REGION": fn.region,
-        "TZ": "UTC",
-    })
-    # The worker must import `daemon` from this very tree, installed or not; it removes this
-    # entry again before importing the handler.
-    user_path = fn.env.get("PYTHONPATH")
-    env["PYTHONPATH"] = f"{_ROOT}{os.pathsep}{user_path}" if user_path else _ROOT
-    env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
-    return env
-
-
-def _outcome(status: Status, payload: bytes, started_at: float, clock: float,
-             error_type: str | None, error_message: str | None) -> Outcome:
-    duration_ms = (time.perf_counter() - clock) * 1000
-    return Outcome(status, payload, started_at, started_at + duration_ms / 1000, duration_ms,
-                   error_type, error_message)
-
-
-def _error_payload(error_type: str, error_message: str) -> bytes:
-    return _JSON.encode({"errorType": error_type, "errorMessage": error_message})
-
-
-def _exit_status(returncode: int | None) -> tuple[int | None, int | None]:
-    if returncode is None:
-        return None, None
-    return (returncode, None) if returncode >= 0 else (None, -returncode)
-
-
-def _describe_exit(exit_code: int | None, signum: int | None) -> str:
-    if signum is not None:
-        return f"signal: {(signal.strsignal(signum) or str(signum)).lower()}"
-    return f"exit status {exit_code}" if exit_code is not None else "unknown exit status"
-
-
-def _peak_memory_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _kb_to_mb(kb: int | None) -> float | None:
-    return None if kb is None else round(kb / 1024, 3)
-
-
-def _use_pidfd_child_watcher() -> None:
-    """On 3.11, reap children through pidfds instead of one blocking waitpid() thread per child."""
-    if sys.version_info >= (3, 12):  # pidfds are already the default there
-        return
-    watcher = asyncio.get_child_watcher()
-    if isinstance(watcher, _PidfdChildWatcher):
-        return
-    try:  # pidfds need Linux 5.3; older kernels keep the threaded watcher
-        os.close(os.pidfd_open(os.getpid()))
-    except (AttributeError, OSError):
-        return
-    # Kept referenced: if it still waits for someone else's child, dropping it would warn.
-    _replaced_watchers.append(watcher)
-    asyncio.set_child_watcher(_PidfdChildWatcher())
-
-
-class _PidfdChildWatcher(asyncio.AbstractChildWatcher):
-    """3.12's pidfd watcher for 3.11, whose own one is bound to a single event loop.
-
-    This one serves whichever loop is running, so it is safe as the process-wide watcher.
-    """
-
-    def add_child_handler(  # type: ignore[override]
-        self, pid: int, callback: Callable[..., object], *args: Any
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(pid)
-        loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
-
-    @staticmethod
-    def _reap(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int,
-              callback: Callable[..., object], args: tuple[Any, ...]) -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:  # reaped elsewhere; the exit status is lost
-            returncode = 255
-        else:
-            returncode = os.waitstatus_to_exitcode(status)
-        callback(pid, returncode, *args)
-
-    def remove_child_handler(self, pid: int) -> bool:
-        return False
-
-    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        pass
-
-    def is_active(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _PidfdChildWatcher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass

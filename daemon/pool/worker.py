@@ -207,10 +207,16 @@ def _relax_memory_limit() -> None:
 _STATUS_FD = -1
 
 
-def _status_kb(field: bytes) -> int:
-    status = os.pread(_STATUS_FD, 8192, 0)
+def _status_kb(field: bytes, status: bytes | None = None) -> int:
+    status = os.pread(_STATUS_FD, 8192, 0) if status is None else status
     start = status.index(field) + len(field)
     return int(status[start : status.index(b"kB", start)])
+
+
+def _memory_kb() -> tuple[int, int]:
+    """This invocation's peak RSS and the RSS now (the supervisor recycles on the latter)."""
+    status = os.pread(_STATUS_FD, 8192, 0)  # one read for both
+    return _status_kb(b"VmHWM:", status), _status_kb(b"VmRSS:", status)
 
 
 def _load_handler(spec: str) -> Callable[[Any, LambdaContext], Any]:
@@ -281,7 +287,8 @@ def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Res
         except (TypeError, ValueError, OverflowError) as exc:
             message = f"Unable to marshal response: {exc}"
             return _failure(invoke, "Runtime.MarshalError", message, [])
-    return Result(True, payload, max_memory_kb=_status_kb(b"VmHWM:"))
+    peak_kb, rss_kb = _memory_kb()
+    return Result(True, payload, max_memory_kb=peak_kb, rss_kb=rss_kb)
 
 
 def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) -> Result:
@@ -290,7 +297,8 @@ def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) ->
         "stackTrace": stack,
     }
     _log_error(error_type, message, stack)
-    return Result(False, _JSON.encode(body), error_type, message, _status_kb(b"VmHWM:"))
+    peak_kb, rss_kb = _memory_kb()
+    return Result(False, _JSON.encode(body), error_type, message, peak_kb, rss_kb=rss_kb)
 
 
 def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:

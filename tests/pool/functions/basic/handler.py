@@ -119,3 +119,12 @@ def sleep_with_child(event, context):
     print(f"child {child.pid}")
     time.sleep(event["s"])
     return {"child": child.pid}
+
+
+kept = []
+
+
+def leak(event, context):
+    # Keeps what it allocates, as a leaking handler would (touched, so it is resident).
+    kept.append(bytearray(b"x") * (event["mb"] * 1024 * 1024))
+    return {"kept_mb": event["mb"] * len(kept), "pid": os.getpid()}

@@ -1,0 +1,339 @@
+"""One worker process, seen from the daemon: its start, files, output, exit and end of life.
+
+The pool (supervisor.py) decides which worker serves which call and keeps the slot accounting;
+this module knows a single process: how it is started (clean environment, own process group,
+capture memfd, control socket), what it printed, how to describe the way it ended, and when it
+has served long enough to be recycled. It also carries the child watcher the pool reaps with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from daemon.config import FunctionConfig
+from daemon.models import Outcome, Status
+from daemon.pool.protocol import Invoke, SupervisorChannel
+
+log = structlog.get_logger("lambdaemon.pool")
+
+_GUARD_INTERVAL_S = 0.1  # how often a running invocation's captured output is checked for size
+_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the `daemon` package
+_JSON = msgspec.json.Encoder()
+_replaced_watchers: list[object] = []
+
+Key = tuple[Any, ...]
+TIMED_OUT = object()  # the reply placeholder set by the deadline timer
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"  # killed or exiting; still holds its slot until reaped
+    EXITED = "exited"
+
+
+class Worker:
+    """One worker process of one function configuration (`key`), and the files it shares."""
+
+    __slots__ = (
+        "fn", "key", "proc", "pid", "memfd", "channel", "state", "stop_reason", "stop_detail",
+        "idle_since", "init_duration_ms", "exit_task", "held", "fresh_output", "deadline",
+        "timer", "peak_kb", "invocations", "recycle",
+    )
+
+    def __init__(self, fn: FunctionConfig, key: Key, proc: asyncio.subprocess.Process, memfd: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.fn = fn
+        self.key = key
+        self.proc = proc
+        self.pid = proc.pid
+        self.memfd = memfd
+        self.channel = SupervisorChannel(loop)
+        self.state = State.STARTING
+        self.stop_reason: str | None = None
+        self.stop_detail: dict[str, Any] = {}  # logged with worker_stopped (why it was recycled)
+        self.idle_since = 0.0
+        self.init_duration_ms: float | None = None
+        self.exit_task: asyncio.Task[None] | None = None
+        self.held = True  # a caller still reads its captured output: it closes the files
+        self.fresh_output = False  # the cold invocation's logs include the init output
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.peak_kb: int | None = None
+        self.invocations = 0  # invocations sent to this process
+        self.recycle: dict[str, Any] | None = None  # set when it must not serve another call
+
+    def close_files(self) -> None:
+        self.channel.hang_up()
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
+
+    def kill_group(self) -> None:
+        """SIGKILL the process group: the worker and whatever its handler left running."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    async def wait_exit(self, timeout_s: float) -> bool:
+        assert self.exit_task is not None
+        done, _ = await asyncio.wait([self.exit_task], timeout=timeout_s)
+        return bool(done)
+
+    def check_recycle(self, fn: FunctionConfig, rss_kb: int | None) -> None:
+        """After a reply: mark the worker for recycling when it served its quota or grew too big.
+
+        Checked between invocations only, so a running call is never cut short; `fn` holds the
+        latest settings (these keys are not part of the worker's key: changing them retires
+        nobody, the new limits apply from the next release on).
+        """
+        if fn.max_invocations_per_worker and self.invocations >= fn.max_invocations_per_worker:
+            self.recycle = {"why": "max_invocations", "invocations": self.invocations,
+                            "max_invocations_per_worker": fn.max_invocations_per_worker}
+        elif fn.max_worker_rss_mb and rss_kb is not None and rss_kb >= fn.max_worker_rss_mb * 1024:
+            self.recycle = {"why": "rss", "rss_mb": kb_to_mb(rss_kb),
+                            "max_worker_rss_mb": fn.max_worker_rss_mb,
+                            "invocations": self.invocations}
+
+    async def call(self, loop: asyncio.AbstractEventLoop, invoke: Invoke, timeout_s: float,
+                   capture_bytes: int, on_deadline: Callable[[Worker], None]) -> Any:
+        """Send one invocation; the reply, None when the worker died, TIMED_OUT at the deadline.
+
+        `on_deadline(worker)` runs from the deadline timer, before the call returns.
+        """
+        reply = self.channel.receive()
+        self.channel.send(invoke)
+        self.invocations += 1
+        self.deadline = loop.time() + timeout_s
+        self._arm_guard(loop, reply, capture_bytes, on_deadline)
+        try:
+            return await reply
+        finally:
+            self.timer.cancel()  # type: ignore[union-attr]
+
+    def _arm_guard(self, loop: asyncio.AbstractEventLoop, reply: asyncio.Future[Any],
+                   capture_bytes: int, on_deadline: Callable[[Worker], None]) -> None:
+        when = min(self.deadline, loop.time() + _GUARD_INTERVAL_S)
+        self.timer = loop.call_at(when, self._guard, loop, reply, capture_bytes, on_deadline)
+
+    def _guard(self, loop: asyncio.AbstractEventLoop, reply: asyncio.Future[Any],
+               capture_bytes: int, on_deadline: Callable[[Worker], None]) -> None:
+        """Timer during a call: enforces the deadline, and bounds the captured output's size."""
+        if reply.done():
+            return
+        if loop.time() >= self.deadline - 0.001:
+            on_deadline(self)
+            reply.set_result(TIMED_OUT)
+            return
+        # Only the first bytes are kept, so the rest is dropped while the handler runs: a handler
+        # printing in a loop must not fill the daemon's memory (a memfd is RAM).
+        if os.fstat(self.memfd).st_size > capture_bytes + 1:
+            os.ftruncate(self.memfd, capture_bytes + 1)
+        self._arm_guard(loop, reply, capture_bytes, on_deadline)
+
+    def read_output(self, invocation_id: str | None, capture_bytes: int) -> str:
+        """The captured output, capped, and also logged line by line."""
+        data = os.pread(self.memfd, capture_bytes + 1, 0)
+        if not data:
+            return ""
+        if invocation_id is None:  # init output of a warm start: not part of any invocation
+            os.ftruncate(self.memfd, 0)
+        text = data[:capture_bytes].decode("utf-8", "replace")
+        bound = log.bind(invocation_id=invocation_id, function=self.fn.name)
+        for line in text.split("\n"):
+            if line:
+                bound.info("handler_output", line=line)
+        if len(data) > capture_bytes:
+            text += f"\n[lambdaemon: output truncated to the first {capture_bytes} bytes]\n"
+        return text
+
+
+async def start_process(fn: FunctionConfig, child_sock: socket.socket, memfd: int,
+                        on_demand: bool) -> asyncio.subprocess.Process:
+    """Exec `python -m daemon.pool.worker` for `fn`: own session, clean env, output on `memfd`."""
+    assert fn.code is not None
+    fd, daemon_pid = str(child_sock.fileno()), str(os.getpid())
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.pool.worker", fd, daemon_pid,
+        stdin=asyncio.subprocess.DEVNULL, stdout=memfd, stderr=memfd,
+        pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=fn.code,
+        env=environment(fn, "on-demand" if on_demand else "provisioned-concurrency"),
+    )
+
+
+def capture_file(name: str) -> int:
+    """The memfd a worker's fd 1 and 2 write to."""
+    memfd = os.memfd_create(f"lambdaemon-{name}", os.MFD_CLOEXEC)
+    # O_APPEND: the child's writes land at the end even after the parent truncates the file.
+    fcntl.fcntl(memfd, fcntl.F_SETFL, fcntl.fcntl(memfd, fcntl.F_GETFL) | os.O_APPEND)
+    return memfd
+
+
+def environment(fn: FunctionConfig, initialization: str) -> dict[str, str]:
+    """A clean environment: PATH, LANG, the function's env, then Lambda's reserved variables."""
+    env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": os.environ.get("LANG", "C.UTF-8")}
+    env.update(fn.env)
+    stream = f"{time.strftime('%Y/%m/%d', time.gmtime())}/[{fn.version}]{os.urandom(16).hex()}"
+    env.update({
+        "_HANDLER": fn.handler,
+        "LAMBDA_TASK_ROOT": str(fn.code),
+        "LAMBDA_RUNTIME_DIR": _ROOT,
+        "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info[0]}.{sys.version_info[1]}",
+        "AWS_LAMBDA_FUNCTION_NAME": fn.name,
+        "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_mb),
+        "AWS_LAMBDA_LOG_GROUP_NAME": fn.log_group,
+        "AWS_LAMBDA_LOG_STREAM_NAME": stream,
+        "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
+        "AWS_REGION": fn.region,
+        "AWS_DEFAULT_REGION": fn.region,
+        "TZ": "UTC",
+    })
+    # The worker must import `daemon` from this very tree, installed or not; it removes this
+    # entry again before importing the handler.
+    user_path = fn.env.get("PYTHONPATH")
+    env["PYTHONPATH"] = f"{_ROOT}{os.pathsep}{user_path}" if user_path else _ROOT
+    env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
+    return env
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+
+
+def call_outcome(status: Status, payload: bytes, started_at: float, clock: float,
+            error_type: str | None, error_message: str | None) -> Outcome:
+    duration_ms = (time.perf_counter() - clock) * 1000
+    return Outcome(status, payload, started_at, started_at + duration_ms / 1000, duration_ms,
+                   error_type, error_message)
+
+
+def error_payload(error_type: str, error_message: str) -> bytes:
+    return _JSON.encode({"errorType": error_type, "errorMessage": error_message})
+
+
+def timed_out(request_id: str, phase: str, timeout_s: float, started_at: float,
+              peak_kb: int | None) -> Outcome:
+    error_type = "Sandbox.Timedout"
+    error_message = (f"RequestId: {request_id} Error: {phase} timed out after "
+                     f"{timeout_s:.2f} seconds")
+    # As in Lambda's REPORT line, a timed-out call lasted exactly its timeout.
+    result = Outcome(Status.TIMED_OUT, error_payload(error_type, error_message), started_at,
+                     started_at + timeout_s, timeout_s * 1000, error_type, error_message)
+    result.max_memory_mb = kb_to_mb(peak_kb)
+    return result
+
+
+def crashed(request_id: str, returncode: int | None, started_at: float, clock: float) -> Outcome:
+    exit_code, signum = exit_status(returncode)
+    error_type = "Runtime.ExitError"
+    error_message = (f"RequestId: {request_id} Error: Runtime exited with error: "
+                     f"{_describe_exit(exit_code, signum)}")
+    result = call_outcome(Status.CRASHED, error_payload(error_type, error_message), started_at,
+                     clock, error_type, error_message)
+    result.exit_code, result.signal = exit_code, signum
+    return result
+
+
+def exit_status(returncode: int | None) -> tuple[int | None, int | None]:
+    if returncode is None:
+        return None, None
+    return (returncode, None) if returncode >= 0 else (None, -returncode)
+
+
+def _describe_exit(exit_code: int | None, signum: int | None) -> str:
+    if signum is not None:
+        return f"signal: {(signal.strsignal(signum) or str(signum)).lower()}"
+    return f"exit status {exit_code}" if exit_code is not None else "unknown exit status"
+
+
+def peak_memory_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kb_to_mb(kb: int | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 3)
+
+
+# --- reaping -------------------------------------------------------------------------------------
+
+
+def use_pidfd_child_watcher() -> None:
+    """On 3.11, reap children through pidfds instead of one blocking waitpid() thread per child."""
+    if sys.version_info >= (3, 12):  # pidfds are already the default there
+        return
+    watcher = asyncio.get_child_watcher()
+    if isinstance(watcher, _PidfdChildWatcher):
+        return
+    try:  # pidfds need Linux 5.3; older kernels keep the threaded watcher
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return
+    # Kept referenced: if it still waits for someone else's child, dropping it would warn.
+    _replaced_watchers.append(watcher)
+    asyncio.set_child_watcher(_PidfdChildWatcher())
+
+
+class _PidfdChildWatcher(asyncio.AbstractChildWatcher):
+    """3.12's pidfd watcher for 3.11, whose own one is bound to a single event loop.
+
+    This one serves whichever loop is running, so it is safe as the process-wide watcher.
+    """
+
+    def add_child_handler(  # type: ignore[override]
+        self, pid: int, callback: Callable[..., object], *args: Any
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+
+    @staticmethod
+    def _reap(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int,
+              callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped elsewhere; the exit status is lost
+            returncode = 255
+        else:
+            returncode = os.waitstatus_to_exitcode(status)
+        callback(pid, returncode, *args)
+
+    def remove_child_handler(self, pid: int) -> bool:
+        return False
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        pass
+
+    def is_active(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _PidfdChildWatcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
