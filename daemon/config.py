@@ -14,6 +14,7 @@ import tomllib
 import zoneinfo
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -164,6 +165,9 @@ class FunctionConfig(_Section):
     retries: Annotated[int, Meta(ge=0, le=10)] = 2
     retry_backoff_s: tuple[BackoffSeconds, BackoffSeconds] = (1.0, 60.0)  # first delay, cap
     max_event_age_s: Annotated[float, Meta(ge=1, le=7 * 86_400)] = 21_600.0
+    # Where an async invocation's final outcome goes: function:NAME | mqtt:TOPIC | webhook:URL.
+    on_success: str | None = None
+    on_failure: str | None = None
     env: dict[str, str] = msgspec.field(default_factory=dict)
     triggers: list[TriggerConfig] = msgspec.field(default_factory=list)
     name: str = ""
@@ -308,6 +312,9 @@ def _validate_function(config: Config, name: str, fn: FunctionConfig, functions_
             raise ConfigError(path, f"{key}.env.{env_key}", "not a valid environment variable name")
     for i, trigger in enumerate(fn.triggers):
         _validate_trigger(config, trigger, f"{key}.triggers[{i}]")
+    for field in ("on_success", "on_failure"):
+        if (destination := getattr(fn, field)) is not None:
+            _validate_destination(config, destination, f"{key}.{field}")
     return msgspec.structs.replace(fn, name=name, code=str(code), region=config.daemon.region)
 
 
@@ -339,6 +346,40 @@ def _validate_trigger(config: Config, trigger: TriggerConfig, key: str) -> None:
         for field in ("token_file", "password_file", "secret_file"):
             if hasattr(auth, field):
                 read_secret(config, getattr(auth, field), f"{key}.auth.{field}")
+
+
+DESTINATION_KINDS = ("function", "mqtt", "webhook")
+
+
+def parse_destination(value: str) -> tuple[str, str]:
+    """`function:NAME`, `mqtt:TOPIC` or `webhook:URL` -> (kind, target); ValueError if not."""
+    kind, sep, target = value.partition(":")
+    if not sep or kind not in DESTINATION_KINDS or not target:
+        raise ValueError(f"{value!r} is not function:NAME, mqtt:TOPIC or webhook:URL")
+    return kind, target
+
+
+def _validate_destination(config: Config, value: str, key: str) -> None:
+    path = config.path
+    try:
+        kind, target = parse_destination(value)
+    except ValueError as exc:
+        raise ConfigError(path, key, str(exc)) from None
+    if kind == "function" and target not in config.functions:
+        raise ConfigError(path, key, f"no function {target!r} is configured")
+    if kind == "mqtt":
+        if config.mqtt is None:
+            raise ConfigError(path, key, "an mqtt: destination needs an [mqtt] section")
+        if any(c in target for c in "+#\0") or len(target.encode()) > 65535:
+            raise ConfigError(path, key, f"{target!r} is not an MQTT topic to publish to")
+    if kind == "webhook":
+        parts = urlsplit(target)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            raise ConfigError(path, key, f"{target!r} has an invalid port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(path, key, f"{target!r} is not an http:// or https:// URL")
 
 
 def valid_topic_filter(topic: str) -> bool:

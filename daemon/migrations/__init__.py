@@ -64,4 +64,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # What each attempt printed, so a retried failure's output is not overwritten.
         "ALTER TABLE attempts ADD COLUMN logs TEXT",
     ),
+    # v3: destinations. `hops` counts the destination hops from the chain's first invocation,
+    # so a function that triggers itself is stopped (daemon/outbox.py). The outbox holds the
+    # mqtt: and webhook: destination records until their target acknowledges them; a row is
+    # written in the same transaction as the invocation's final record and deleted once
+    # delivered, or kept as 'failed' when the target refused it for good. No foreign key:
+    # pruning an old invocation must never take an undelivered record with it.
+    (
+        "ALTER TABLE invocations ADD COLUMN hops INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            invocation_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            condition TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('mqtt', 'webhook')),
+            target TEXT NOT NULL,
+            record BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_attempt_at REAL,
+            last_error TEXT,
+            UNIQUE (invocation_id, attempt)
+        )""",
+        "CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending'",
+    ),
 )
