@@ -21,6 +21,7 @@ from daemon.config import FunctionConfig
 from daemon.errors import LambdaemonError
 from daemon.lanes import Backlogged, Lane
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status
+from daemon.outbox import Router
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
 from daemon.store import NewInvocation, QueuedInvocation, Store
@@ -50,10 +51,12 @@ class Dispatcher:
     """Owns the path from an accepted event to its final record."""
 
     def __init__(
-        self, store: Store, pool: WorkerPool, functions: Mapping[str, FunctionConfig]
+        self, store: Store, pool: WorkerPool, functions: Mapping[str, FunctionConfig], *,
+        on_outbox: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._pool = pool
+        self._on_outbox = on_outbox  # called when a destination record joins the outbox
         self._lanes = {name: Lane(fn, self._start) for name, fn in functions.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._final_waiters: dict[str, list[asyncio.Future[str]]] = {}
@@ -80,10 +83,12 @@ class Dispatcher:
         slot is free; later ones wait for their timer.
         """
         now = time.time()
-        recovery = await self._store.recover(now, self._recovery_policy(now))
+        router = Router(self._function_of)
+        recovery = await self._store.recover(now, self._recovery_policy(now), router)
         for invocation_id, reason in recovery.dead_lettered:
             log.warning("invocation_dead_lettered", invocation_id=invocation_id, reason=reason,
                         status=Status.CRASHED.value)  # fmt: skip
+        self._routed(router, enqueue=False)  # its new invocations are queued rows: loaded below
         resumed = orphaned = 0
         after: tuple[float, str] | None = None
         while True:
@@ -272,10 +277,12 @@ class Dispatcher:
         try:
             if item.attempt > item.retry_base and too_old(fn, item.age_from, time.time()):
                 # A retry that came due too late (the daemon was down, or the lane was busy).
-                status = await asyncio.shield(
-                    self._store.dead_letter_waiting(item.id, EVENT_AGE_EXCEEDED)
-                )
+                router = Router(self._function_of)
+                status = await asyncio.shield(self._store.dead_letter_waiting(
+                    item.id, EVENT_AGE_EXCEEDED, router.sql(item.id, fresh_result=False)
+                ))  # fmt: skip
                 self._dead_lettered(fn, item.id, item.attempt, status, EVENT_AGE_EXCEEDED)
+                self._routed(router)
                 return
             request = InvokeRequest(item.id, item.event, fn.arn)
             # Committed before the handler can start, so a crash mid-run is always seen as a
@@ -302,16 +309,22 @@ class Dispatcher:
     ) -> None:
         """Record an async attempt: final on success, else a scheduled retry or a dead letter."""
         fn = lane.fn
+        # The destination is written in the same savepoint as the final record (daemon/outbox.py).
+        router = Router(self._function_of)
         if outcome.status is Status.SUCCEEDED:
-            await self._store.finish(item.id, attempt, outcome)
+            await self._store.finish(item.id, attempt, outcome,
+                                     extra_sql=router.sql(item.id, fresh_result=True))
             self._resolve_final(item.id, outcome.status.value)
+            self._routed(router)
             return
         now = time.time()
         verdict = after_failure(fn, attempt=attempt, retry_base=item.retry_base,
                                 age_from=item.age_from, now=now)  # fmt: skip
         if verdict.next_attempt_at is None:
-            await self._store.finish(item.id, attempt, outcome, dead_letter=verdict.dead_letter)
+            await self._store.finish(item.id, attempt, outcome, dead_letter=verdict.dead_letter,
+                                     extra_sql=router.sql(item.id, fresh_result=True))
             self._dead_lettered(fn, item.id, attempt, outcome.status.value, verdict.dead_letter)
+            self._routed(router)
             return
         await self._store.requeue(item.id, attempt, outcome, verdict.next_attempt_at)
         at = verdict.next_attempt_at
@@ -338,6 +351,27 @@ class Dispatcher:
             duration_ms=round(outcome.duration_ms, 3), error_type=outcome.error_type,
         )
         return outcome
+
+    def _function_of(self, name: str) -> FunctionConfig | None:
+        # Runs in the store's database thread too (Router): it only reads the lanes.
+        lane = self._lanes.get(name)
+        return lane.fn if lane is not None else None
+
+    def _routed(self, router: Router, *, enqueue: bool = True) -> None:
+        """Log where final outcomes went; run function destinations; wake the outbox."""
+        for r in router.routed:
+            if r.kind == "stopped":
+                log.warning("invocation_chain_stopped", invocation_id=r.invocation_id,
+                            function=r.function, hops=r.hops, chain_root=r.chain_root,
+                            destination=r.destination, dead_letter_id=r.dead_letter_id)  # fmt: skip
+                continue
+            log.info("destination_queued", invocation_id=r.invocation_id, function=r.function,
+                     condition=r.condition, destination=r.destination, outbox_id=r.outbox_id,
+                     child_id=r.child.id if r.child else None)  # fmt: skip
+            if r.child is not None and enqueue:
+                self._enqueue(r.child)
+            elif r.outbox_id is not None and self._on_outbox is not None:
+                self._on_outbox()
 
     def _resolve_final(self, invocation_id: str, status: str) -> None:
         # Called only once nothing more will happen to it: success, or a dead letter.

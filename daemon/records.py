@@ -22,7 +22,8 @@ SUMMARY_COLUMNS = (
     "id, function, function_version, trigger, trigger_id, invocation_type, status, attempt,"
     " dedupe_key, queued_at, started_at, ended_at, next_attempt_at, duration_ms,"
     " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message, exit_code,"
-    " signal, worker_pid, recoveries, parent_id, dead_letter_reason, dead_lettered_at, redrives"
+    " signal, worker_pid, recoveries, parent_id, dead_letter_reason, dead_lettered_at, redrives,"
+    " hops"
 )
 QUEUED_COLUMNS = (
     "id, function, invocation_type, trigger, event, attempt, queued_at, next_attempt_at,"
@@ -44,6 +45,7 @@ class NewInvocation(msgspec.Struct, frozen=True):
     trigger_id: str | None = None
     dedupe_key: str | None = None
     parent_id: str | None = None
+    hops: int = 0  # destination hops from the first invocation of its chain
     attempt: int = 0
     started_at: float | None = None
     worker_pid: int | None = None
@@ -83,11 +85,11 @@ def insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Any) -> tupl
     cur = conn.execute(
         "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
         " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
-        " parent_id, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " parent_id, hops, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (dedupe_key) DO NOTHING",
         (inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
          inv.invocation_type, str(inv.status), inv.attempt, inv.dedupe_key, inv.queued_at,
-         inv.started_at, inv.worker_pid, inv.parent_id, inv.event),
+         inv.started_at, inv.worker_pid, inv.parent_id, inv.hops, inv.event),
     )  # fmt: skip
     if cur.rowcount == 0:
         row = conn.execute(
@@ -128,7 +130,7 @@ def mark_running(
 
 def finish(
     conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, dead_letter: str | None,
-    now: float,
+    now: float, extra_sql: Any = None,
 ) -> None:
     _update_one(
         conn,
@@ -143,6 +145,8 @@ def finish(
          dead_letter, now if dead_letter else None, id),
     )  # fmt: skip
     _record_attempt(conn, id, attempt, o)
+    if extra_sql is not None:
+        extra_sql(conn)
 
 
 def requeue(
@@ -160,7 +164,9 @@ def requeue(
     _record_attempt(conn, id, attempt, o)
 
 
-def dead_letter_waiting(conn: sqlite3.Connection, id: str, reason: str, now: float) -> str:
+def dead_letter_waiting(
+    conn: sqlite3.Connection, id: str, reason: str, now: float, extra_sql: Any = None
+) -> str:
     """Dead-letter a queued retry without running it; it keeps its last attempt's status."""
     last = conn.execute(
         "SELECT a.status, a.ended_at, a.duration_ms FROM invocations i LEFT JOIN attempts a"
@@ -177,6 +183,8 @@ def dead_letter_waiting(conn: sqlite3.Connection, id: str, reason: str, now: flo
         " next_attempt_at = NULL, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
         (status, last[1], last[2], reason, now, id),
     )
+    if extra_sql is not None:
+        extra_sql(conn)
     return str(status)
 
 
@@ -222,8 +230,14 @@ def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> 
         raise LookupError(f"no invocation {params[-1]!r}")
 
 
-def recover_running(conn: sqlite3.Connection, now: float, decide: Decide) -> Recovery:
-    """Record each interrupted attempt as crashed, then retry or dead-letter it by the policy."""
+def recover_running(
+    conn: sqlite3.Connection, now: float, decide: Decide,
+    final_sql: Callable[[sqlite3.Connection, str], None] | None = None,
+) -> Recovery:
+    """Record each interrupted attempt as crashed, then retry or dead-letter it by the policy.
+
+    `final_sql(conn, id)` runs after each dead letter's update, in the same transaction.
+    """
     rows = conn.execute(
         "SELECT id, function, invocation_type, attempt, started_at, worker_pid, retry_base,"
         " COALESCE(redriven_at, queued_at) FROM invocations WHERE status = 'running'"
@@ -253,6 +267,8 @@ def recover_running(conn: sqlite3.Connection, now: float, decide: Decide) -> Rec
             recovery.requeued.append(id)
         elif verdict.dead_letter:
             recovery.dead_lettered.append((id, verdict.dead_letter))
+            if final_sql is not None:
+                final_sql(conn, id)
         else:
             recovery.crashed.append(id)
     return recovery

@@ -98,15 +98,18 @@ class Store:
         return future
 
     async def finish(
-        self, id: str, attempt: int, outcome: Outcome, *, dead_letter: str | None = None
+        self, id: str, attempt: int, outcome: Outcome, *, dead_letter: str | None = None,
+        extra_sql: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         """Record the final attempt: the invocation's final fields plus its attempts row.
 
         With `dead_letter` (a reason), the invocation is also marked dead-lettered.
+        `extra_sql(conn)` runs after it in the same savepoint (destinations: daemon/outbox.py).
         """
         _require_final(outcome)
         await self._write(records.finish, id=id, attempt=attempt, o=outcome,
-                          dead_letter=dead_letter, now=time.time())  # fmt: skip
+                          dead_letter=dead_letter, now=time.time(),
+                          extra_sql=extra_sql)  # fmt: skip
 
     async def record_finished(self, inv: NewInvocation, outcome: Outcome) -> None:
         """Insert a whole finished invocation (and its attempts row) in one statement pair.
@@ -124,10 +127,17 @@ class Store:
         await self._write(records.requeue, id=id, attempt=attempt, o=outcome,
                           next_attempt_at=next_attempt_at)  # fmt: skip
 
-    async def dead_letter_waiting(self, id: str, reason: str) -> str:
-        """Dead-letter a queued retry without running it; return the status it keeps."""
+    async def dead_letter_waiting(
+        self, id: str, reason: str,
+        extra_sql: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> str:
+        """Dead-letter a queued retry without running it; return the status it keeps.
+
+        `extra_sql(conn)` runs after it in the same savepoint.
+        """
         status: str = await self._write(
-            records.dead_letter_waiting, id=id, reason=reason, now=time.time()
+            records.dead_letter_waiting, id=id, reason=reason, now=time.time(),
+            extra_sql=extra_sql,
         )
         return status
 
@@ -153,14 +163,20 @@ class Store:
         result: T = await self._wait(self._submit(fn))
         return result
 
-    async def recover(self, now: float, decide: Decide) -> Recovery:
+    async def recover(
+        self, now: float, decide: Decide,
+        final_sql: Callable[[sqlite3.Connection, str], None] | None = None,
+    ) -> Recovery:
         """Settle the rows a dead daemon left 'running'; call once at start, before dispatching.
 
         Each interrupted attempt is recorded as crashed; `decide(function, attempt, retry_base,
         age_from)` (run in the database thread) says whether an async row is retried or
-        dead-lettered. Sync rows end crashed: their caller owns retries.
+        dead-lettered. Sync rows end crashed: their caller owns retries. `final_sql(conn, id)`
+        runs in the same transaction after each dead letter.
         """
-        recovery: Recovery = await self._write(records.recover_running, now=now, decide=decide)
+        recovery: Recovery = await self._write(
+            records.recover_running, now=now, decide=decide, final_sql=final_sql
+        )
         log.info("store_recovered", requeued=len(recovery.requeued),
                  crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered))
         return recovery
