@@ -17,6 +17,7 @@ from daemon.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.config import Config, FunctionConfig, listen_host, read_secret
 from daemon.dispatcher import Dispatcher, UnknownFunctionError
 from daemon.errors import ListenError, QueueFullError, StoreUnavailableError
+from daemon.health import STORE_HEALTH
 from daemon.idempotency import SyncResultCache
 from daemon.models import Outcome, Status
 from daemon.store import Store
@@ -208,7 +209,12 @@ async def get_function_aws(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """200 with the store's figures; 503 with the reason while the store cannot take writes."""
+    monitor = request.app.get(STORE_HEALTH)
+    if monitor is None:  # an API built without the service (tests of the handlers alone)
+        return web.json_response({"status": "ok"})
+    body = monitor.report()
+    return web.json_response(body, status=503 if monitor.degraded else 200, dumps=_dumps)
 
 
 # --- the app --------------------------------------------------------------------------------

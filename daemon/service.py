@@ -11,8 +11,10 @@ import structlog
 
 from daemon.config import Config
 from daemon.dispatcher import Dispatcher
+from daemon.health import STORE_HEALTH, StoreHealth
 from daemon.http import build_api, start_site
 from daemon.pool import WorkerPool
+from daemon.retention import Pruner
 from daemon.store import Store
 from daemon.systemd import notify, run_watchdog, watchdog_interval_s
 from triggers.base import supervise
@@ -38,13 +40,20 @@ class Service:
         started = time.monotonic()
         async with contextlib.AsyncExitStack() as stack:
             store = await stack.enter_async_context(Store.open(config.data_dir / DB_FILE))
+            pruner = Pruner(store, config.daemon)
+            await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
             pool = WorkerPool(config.daemon.max_workers, config.daemon.log_capture_bytes)
             stack.push_async_callback(pool.close)
             await pool.start(config.functions)
             dispatcher = self.dispatcher = Dispatcher(store, pool, config.functions)
             stack.push_async_callback(self._drain, dispatcher)
             await dispatcher.recover()
-            api = await start_site(build_api(config, dispatcher, store), config.api.listen, "api.listen",
+            health = StoreHealth(store)
+            await stack.enter_async_context(_background(health.run(), "store-health"))
+            await stack.enter_async_context(_background(pruner.run(), "store-pruner"))
+            app = build_api(config, dispatcher, store)
+            app[STORE_HEALTH] = health
+            api = await start_site(app, config.api.listen, "api.listen",
                                    drain_s=config.daemon.shutdown_timeout_s)
             stack.push_async_callback(api.cleanup)
             sources = build_sources(config, store)
@@ -79,9 +88,14 @@ class Service:
         skip.cancel()
 
 
+def _supervised(source: Any, dispatcher: Dispatcher) -> Any:
+    return _background(supervise(source, dispatcher), f"source:{source.name}")
+
+
 @contextlib.asynccontextmanager
-async def _supervised(source: Any, dispatcher: Dispatcher):
-    task = asyncio.get_running_loop().create_task(supervise(source, dispatcher), name=f"source:{source.name}")
+async def _background(coroutine: Any, name: str):
+    """Run `coroutine` as a task for the duration of the block; cancelled on the way out."""
+    task = asyncio.get_running_loop().create_task(coroutine, name=name)
     try:
         yield task
     finally:

@@ -1,0 +1,179 @@
+"""Store health: whether the store can take writes right now, for /health, the logs and systemd.
+
+Intake already refuses what it cannot store (a failed commit raises StoreUnavailableError and the
+source does not acknowledge); this module makes that state visible and says why. It watches the
+store's write-failure counter and the filesystem (read-only flag, free space) every CHECK_S; on a
+failure it runs a probe, a one-row write through the group commit, whose error names the reason
+(disk_full, read_only, io_error, locked, unavailable). While degraded it probes every PROBE_S, so
+/health turns healthy again as soon as a write succeeds, whether or not a source has retried.
+
+Log events: store_degraded (error; repeated every REPEAT_S while it lasts), store_restored,
+disk_space_low, disk_space_ok.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon.store import Store
+from daemon.systemd import notify
+
+log = structlog.get_logger("lambdaemon.health")
+
+CHECK_S = 1.0
+PROBE_S = 2.0
+PROBE_TIMEOUT_S = 10.0  # a write that has not committed by then counts as a failure (stalled)
+REPEAT_S = 60.0
+LOW_DISK_BYTES = 16 * 1024 * 1024  # below this much free space a warning comes first
+MIB = 1024 * 1024
+
+_REASONS = {
+    sqlite3.SQLITE_FULL: "disk_full", sqlite3.SQLITE_READONLY: "read_only",
+    sqlite3.SQLITE_IOERR: "io_error", sqlite3.SQLITE_BUSY: "locked",
+    sqlite3.SQLITE_LOCKED: "locked", sqlite3.SQLITE_CANTOPEN: "read_only",
+}  # fmt: skip
+
+
+class StoreHealth:
+    """Watches whether the store can commit; `report()` is what GET /health answers."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._dir = store.path.parent
+        self._seen_failures = store.write_failures
+        self.reason: str | None = None  # None: healthy
+        self.error = ""
+        self._since = 0.0
+        self._logged_at = 0.0
+        self._low_disk = False
+
+    @property
+    def degraded(self) -> bool:
+        return self.reason is not None
+
+    async def run(self) -> None:
+        """Check until cancelled: every CHECK_S while healthy, every PROBE_S while degraded."""
+        while True:
+            await self.check()
+            await asyncio.sleep(PROBE_S if self.degraded else CHECK_S)
+
+    async def check(self) -> None:
+        """One look; probes when a write failed since the last look, or while degraded."""
+        disk = _statvfs(self._dir)
+        self._watch_free_space(disk)
+        failures = self._store.write_failures
+        read_only = disk is not None and bool(disk.f_flag & os.ST_RDONLY)
+        if failures == self._seen_failures and not self.degraded and not read_only:
+            return
+        self._seen_failures = failures
+        reason, error = await self._probe()
+        if reason is None and read_only:  # the probe may have fit in what SQLite had cached
+            reason, error = "read_only", f"the filesystem holding {self._dir} is mounted read-only"
+        self._set(reason, error)
+
+    def report(self) -> dict[str, Any]:
+        """`status` ok or degraded (with `reason`, `error`, `since`), and the store's figures."""
+        disk = _statvfs(self._dir)
+        store = {
+            "path": str(self._store.path),
+            "db_mb": round(_size(self._store.path) / MIB, 3),
+            "wal_mb": round(_size(Path(f"{self._store.path}-wal")) / MIB, 3),
+            "disk_free_mb": round(disk.f_bavail * disk.f_frsize / MIB, 3) if disk else None,
+            "write_failures": self._store.write_failures,
+        }
+        if self.reason is None:
+            return {"status": "ok", "store": store}
+        return {"status": "degraded", "reason": self.reason, "error": self.error,
+                "since": self._since, "store": store}
+
+    async def _probe(self) -> tuple[str | None, str]:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await self._store.transaction(_probe_write)
+        except TimeoutError:
+            return "stalled", f"a write has not committed within {PROBE_TIMEOUT_S:g} s"
+        except Exception as exc:  # StoreUnavailableError, or the probe's own sqlite3 error
+            return _reason(exc), str(exc)
+        return None, ""
+
+    def _set(self, reason: str | None, error: str) -> None:
+        now = time.time()
+        if reason is None:
+            if self.reason is not None:
+                after_s = round(now - self._since, 1)
+                log.warning("store_restored", reason=self.reason, after_s=after_s)
+                notify("STATUS=serving")
+            self.reason, self.error = None, ""
+            return
+        if reason != self.reason or now - self._logged_at >= REPEAT_S:
+            if reason != self.reason:
+                self._since = now
+            self._logged_at = now
+            # Loud on purpose: events are refused (webhooks 503, MQTT unacked, files and cron
+            # retried) until someone frees space or fixes the disk.
+            log.error("store_degraded", reason=reason, error=error, data_dir=str(self._dir),
+                      for_s=round(now - self._since, 1), **self._disk_figures())
+            notify(f"STATUS=degraded: store {reason}: {error}")
+        self.reason, self.error = reason, error
+
+    def _watch_free_space(self, disk: os.statvfs_result | None) -> None:
+        if disk is None:
+            return
+        low = disk.f_bavail * disk.f_frsize < LOW_DISK_BYTES
+        if low != self._low_disk:
+            (log.warning if low else log.info)(
+                "disk_space_low" if low else "disk_space_ok", data_dir=str(self._dir),
+                **self._disk_figures(),
+            )
+        self._low_disk = low
+
+    def _disk_figures(self) -> dict[str, float]:
+        disk = _statvfs(self._dir)
+        if disk is None:
+            return {}
+        return {"disk_free_mb": round(disk.f_bavail * disk.f_frsize / MIB, 3),
+                "disk_size_mb": round(disk.f_blocks * disk.f_frsize / MIB, 1)}
+
+
+STORE_HEALTH: web.AppKey[StoreHealth] = web.AppKey("store_health", StoreHealth)
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    # One small row rewritten in place: a real page write through the WAL, like an event's,
+    # without growing anything. Created here, like cron's table, so no migration is needed.
+    conn.execute("CREATE TABLE IF NOT EXISTS store_probe"
+                 " (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)")
+    conn.execute("INSERT INTO store_probe VALUES (1, ?)"
+                 " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at", (time.time(),))
+
+
+def _reason(exc: BaseException) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:  # StoreUnavailableError carries the sqlite3 error as its cause
+        code = getattr(cause, "sqlite_errorcode", None)
+        if code is not None:
+            return _REASONS.get(code & 0xFF, "unavailable")
+        cause = cause.__cause__
+    return "unavailable"
+
+
+def _statvfs(path: Path) -> os.statvfs_result | None:
+    try:
+        return os.statvfs(path)
+    except OSError:
+        return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
