@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +17,8 @@ from daemon.store import Store
 
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
+# Starts a reload (the service's request_reload): a task whose result is the reload's report.
+RELOAD: web.AppKey[Callable[[], asyncio.Task[dict[str, Any]]]] = web.AppKey("reload")
 _json = msgspec.json.Encoder()
 
 
@@ -27,6 +31,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/v1/dead-letters", list_dead_letters)
     app.router.add_post("/v1/dead-letters/redrive", redrive_dead_letters)
     app.router.add_get("/v1/dead-letters/{id}", get_dead_letter)
+    app.router.add_post("/v1/reload", reload_config)
 
 
 def _dumps(value: Any) -> str:
@@ -89,6 +94,20 @@ async def replay_invocation(request: web.Request) -> web.Response:
         return _error(503, f"cannot store the event: {exc}")
     return web.json_response({"invocation_id": accepted.invocation_id, "parent_id": invocation_id},
                              status=202, dumps=_dumps)  # fmt: skip
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    """Re-read the config file: 200 with what changed, 400 with the reason it was refused."""
+    start = request.app.get(RELOAD)
+    if start is None:
+        return _error(503, "this API has no daemon to reload")
+    task = start()
+    await asyncio.wait({task})  # not the task itself: a cancelled reload is an answer too
+    if task.cancelled():
+        return _error(503, "the daemon is shutting down; the config was not reloaded")
+    report = task.result()
+    status = 200 if report["reloaded"] else 400 if report.get("config_error") else 503
+    return web.json_response(report, status=status, dumps=_dumps)
 
 
 # --- dead letters ---------------------------------------------------------------------------

@@ -7,12 +7,15 @@ import asyncio
 import json
 import signal
 import sys
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
-from daemon.config import Config, config_path, load_config, read_secret
+import msgspec
+
+from daemon.config import ApiSettings, Config, config_path, load_config, read_secret
 from daemon.errors import ConfigError, LambdaemonError
 
 EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
@@ -20,11 +23,17 @@ EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    path = config_path(args.config)
     try:
-        config = load_config(config_path(args.config))
+        config = load_config(path)
     except ConfigError as exc:
-        print(f"lambdaemon: config error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        # `reload` of a broken file still asks the daemon, which refuses it (logged, with the
+        # same reason) and keeps running the old config.
+        fallback = _api_settings_only(path) if args.command is cmd_reload else None
+        if fallback is None:
+            print(f"lambdaemon: config error: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        config = fallback
     try:
         return args.command(config, args)
     except ApiError as exc:
@@ -42,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(command=cmd_run)
     sub.add_parser("check", parents=[common], help="validate the config and exit").set_defaults(command=cmd_check)
+    sub.add_parser("reload", parents=[common],
+                   help="make the running daemon re-read its config file (as SIGHUP does)",
+                   ).set_defaults(command=cmd_reload)
     p = sub.add_parser("invoke", parents=[common], help="invoke a function through the running daemon")
     p.add_argument("name")
     p.add_argument("payload", nargs="?", default="{}", help="event JSON, or - to read it from stdin")
@@ -121,7 +133,39 @@ async def _serve(config: Config) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, service.request_reload)  # the outcome is logged
     await service.run(stop)
+
+
+def cmd_reload(config: Config, args: argparse.Namespace) -> int:
+    headers = {"Content-Type": "application/json"}
+    status, _, body = _request(config, "POST", "/v1/reload", b"{}", headers)
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        data = {"error": body.decode("utf-8", "replace") or f"HTTP {status}"}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    if status >= 400 or not data.get("reloaded"):
+        if not args.json:
+            print(f"lambdaemon: reload refused: {data.get('error') or status}", file=sys.stderr)
+        return EX_CONFIG if data.get("config_error") else 1
+    if not args.json:
+        print(f"{data.get('config')}: reloaded")
+        for key, value in data.items():
+            if isinstance(value, list) and value:
+                print(f"  {key.replace('_', ' ')}: {', '.join(value)}")
+    return 0
+
+
+def _api_settings_only(path: Any) -> Config | None:
+    """A config holding just the file's [api] section (enough to reach the daemon), or None."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        api = msgspec.convert(raw.get("api", {}), ApiSettings)
+    except (OSError, ValueError):  # TOMLDecodeError, msgspec.ValidationError, UnicodeDecodeError
+        return None
+    return Config(api=api, path=str(path.resolve()))
 
 
 # --- talking to the running daemon ----------------------------------------------------------

@@ -4,6 +4,9 @@ An async attempt that fails, times out or crashes is retried by daemon/retry.py'
 row is committed `queued` with its `next_attempt_at` and a timer puts it back in the backlog
 then (a restart re-arms the timers from the store). Out of attempts or too old, it is
 dead-lettered: it keeps its final status and gains a reason. Only then is it final.
+
+Shutdown (drain) and reload (update) never drop an accepted invocation: what has not started
+stays queued in the store; an attempt the drain has to cancel is recorded as interrupted.
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ import msgspec
 import structlog
 
 from daemon.config import FunctionConfig
-from daemon.errors import LambdaemonError
-from daemon.lanes import Backlogged, Lane
+from daemon.errors import LambdaemonError, ShuttingDownError
+from daemon.lanes import Backlogged, Lane, Lanes
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status
 from daemon.outbox import Router
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
-from daemon.store import NewInvocation, QueuedInvocation, Store
+from daemon.store import (
+    INTERRUPTED_ERROR_TYPE,
+    INTERRUPTED_MESSAGE,
+    NewInvocation,
+    QueuedInvocation,
+    Store,
+)
 from triggers.base import Accepted
 
 log = structlog.get_logger("lambdaemon.dispatcher")
@@ -57,8 +66,11 @@ class Dispatcher:
         self._store = store
         self._pool = pool
         self._on_outbox = on_outbox  # called when a destination record joins the outbox
-        self._lanes = {name: Lane(fn, self._start) for name, fn in functions.items()}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lanes = Lanes(functions, self._start)
+        self._running: set[asyncio.Task[Any]] = set()  # invocations being run, async and sync
+        self._in_flight: set[str] = set()  # ids of the async ones
+        self._tasks: set[asyncio.Task[Any]] = set()  # their records being written, and the like
+        self._stopping = False
         self._final_waiters: dict[str, list[asyncio.Future[str]]] = {}
 
     @property
@@ -89,18 +101,7 @@ class Dispatcher:
             log.warning("invocation_dead_lettered", invocation_id=invocation_id, reason=reason,
                         status=Status.CRASHED.value)  # fmt: skip
         self._routed(router, enqueue=False)  # its new invocations are queued rows: loaded below
-        resumed = orphaned = 0
-        after: tuple[float, str] | None = None
-        while True:
-            page = await self._store.load_queued(limit=1000, after=after)
-            if not page:
-                break
-            for row in page:
-                if self._enqueue(row):
-                    resumed += 1
-                else:
-                    orphaned += 1
-            after = (page[-1].queued_at, page[-1].id)
+        resumed, orphaned = await self._resume_queued()
         log.info(
             "dispatcher_recovered", resumed=resumed, requeued_after_crash=len(recovery.requeued),
             crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered),
@@ -132,6 +133,47 @@ class Dispatcher:
         else:
             lane.push(item)
         return True
+
+    async def _resume_queued(
+        self, functions: set[str] | None = None, opened_at: float = 0.0
+    ) -> tuple[int, int]:
+        """Hand the store's queued rows (of `functions`; default all) to their lanes.
+
+        With `functions` (lanes a reload opened at `opened_at`), rows accepted since then and
+        invocations already in hand are skipped: they are in a lane already. Returns (resumed,
+        orphaned).
+        """
+        resumed = orphaned = 0
+        after: tuple[float, str] | None = None
+        while True:
+            page = await self._store.load_queued(limit=1000, after=after)
+            if not page:
+                return resumed, orphaned
+            # Running, in a backlog or on a retry timer: a second copy would run it twice.
+            held = self._in_flight | self._lanes.holding(functions) if functions else set()
+            for row in page:
+                if functions is not None and (row.function not in functions
+                                              or row.queued_at >= opened_at or row.id in held):
+                    continue
+                if self._enqueue(row):
+                    resumed += 1
+                else:
+                    orphaned += 1
+            after = (page[-1].queued_at, page[-1].id)
+
+    # --- reload -------------------------------------------------------------------------------
+
+    async def update(self, functions: Mapping[str, FunctionConfig]) -> None:
+        """Adopt a reloaded config's functions without dropping queued or running invocations.
+
+        Running invocations finish on the settings they started with; what starts next uses
+        the new ones. A removed function's lane starts nothing more and refuses new events
+        (its queued rows stay in the store); a reload that brings it back resumes them.
+        """
+        opened = self._lanes.reconfigure(functions, UnknownFunctionError)
+        if opened:
+            resumed, _ = await self._resume_queued(set(opened), opened_at=time.time())
+            log.info("dispatcher_functions_opened", functions=opened, resumed=resumed)
 
     # --- intake -------------------------------------------------------------------------------
 
@@ -166,7 +208,8 @@ class Dispatcher:
     ) -> tuple[str, Outcome]:
         """Run one synchronous invocation and return (id, outcome); the caller owns retries.
 
-        Raises QueueFullError when the function's wait queue is full.
+        Raises QueueFullError when the function's wait queue is full, ShuttingDownError
+        while draining. An attempt the drain cancels answers (and is recorded) as crashed.
         """
         lane = self._lanes.get(function)
         if lane is None:
@@ -187,13 +230,36 @@ class Dispatcher:
         )
         try:
             request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn, client_context)
-            outcome = await self._run(lane.fn, request, attempt=1, on_start=None)
-            visible.cancel()
-            self._spawn(self._record_sync(inv, running[0] if running else None, outcome))
+            run = self._spawn(self._run_sync(lane.fn, inv, request, visible, running),
+                              self._running)
+            try:
+                outcome = await run  # cancelling the caller cancels the run too
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not run.cancelled() or (current is not None and current.cancelling()):
+                    raise
+                # The drain cancelled the run, which recorded it: the caller hears why.
+                outcome = self._interrupted(inv.started_at or inv.queued_at)
             return invocation_id, outcome
         finally:
             visible.cancel()
             lane.release()
+
+    async def _run_sync(self, fn: FunctionConfig, inv: NewInvocation, request: InvokeRequest,
+                        visible: asyncio.TimerHandle, running: list[asyncio.Task[Any]]) -> Outcome:
+        try:
+            outcome = await self._run(fn, request, attempt=1, on_start=None)
+        except asyncio.CancelledError:
+            visible.cancel()
+            outcome = self._interrupted(inv.started_at or inv.queued_at)
+            log.warning("invocation_interrupted", invocation_id=inv.id, function=fn.name,
+                        attempt=1, invocation_type="sync", error_message=outcome.error_message)
+            # Shielded: recorded as crashed, not left `running` (or missing) for the next start.
+            await asyncio.shield(self._record_sync(inv, running[0] if running else None, outcome))
+            raise
+        visible.cancel()
+        self._spawn(self._record_sync(inv, running[0] if running else None, outcome))
+        return outcome
 
     async def _record_sync(
         self, inv: NewInvocation, running: asyncio.Task[Any] | None, outcome: Outcome
@@ -262,12 +328,14 @@ class Dispatcher:
     # --- lanes --------------------------------------------------------------------------------
 
     def _start(self, lane: Lane, item: Backlogged) -> None:
-        self._spawn(self._run_async(lane, item))
+        self._in_flight.add(item.id)
+        self._spawn(self._run_async(lane, item), self._running)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any, tasks: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
+        tasks = self._tasks if tasks is None else tasks
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
     # --- running ------------------------------------------------------------------------------
@@ -285,14 +353,26 @@ class Dispatcher:
                 self._routed(router)
                 return
             request = InvokeRequest(item.id, item.event, fn.arn)
+            started_at = time.time()
             # Committed before the handler can start, so a crash mid-run is always seen as a
             # started attempt (and counted) when the daemon recovers.
-            await self._store.mark_running(item.id, attempt, time.time(), None)
+            marked = self._store.mark_running(item.id, attempt, started_at, None)
 
             def on_start(pid: int, started_at: float) -> None:
                 self._store.mark_running(item.id, attempt, started_at, pid)
 
-            outcome = await self._run(fn, request, attempt=attempt, on_start=on_start)
+            try:
+                await asyncio.shield(marked)
+                # lane.fn: a reload while the row was being marked applies to this attempt too.
+                outcome = await self._run(lane.fn, request, attempt=attempt, on_start=on_start)
+            except asyncio.CancelledError:
+                # The drain ran out of time: the attempt is recorded as interrupted and retried
+                # by the policy after the next start, not left `running` for it to guess about.
+                outcome = self._interrupted(started_at)
+                log.warning("invocation_interrupted", invocation_id=item.id, function=fn.name,
+                            attempt=attempt, invocation_type="async")  # fmt: skip
+                await asyncio.shield(self._settle(lane, item, attempt, outcome))
+                raise
             # Shielded so a shutdown that cancels us still records how the attempt ended.
             await asyncio.shield(self._settle(lane, item, attempt, outcome))
         except asyncio.CancelledError:
@@ -303,6 +383,16 @@ class Dispatcher:
                       error=str(exc))  # fmt: skip
         finally:
             lane.release()
+            self._in_flight.discard(item.id)
+
+    def _interrupted(self, started_at: float) -> Outcome:
+        """A cancelled attempt's outcome: crashed, as the next start would record it otherwise."""
+        message = INTERRUPTED_MESSAGE if self._stopping else "cancelled: its caller went away"
+        now = time.time()
+        payload = _json.encode({"errorMessage": message, "errorType": INTERRUPTED_ERROR_TYPE,
+                                "stackTrace": []})  # fmt: skip
+        return Outcome(Status.CRASHED, payload, started_at, now, (now - started_at) * 1000,
+                       error_type=INTERRUPTED_ERROR_TYPE, error_message=message)  # fmt: skip
 
     async def _settle(
         self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome
@@ -381,20 +471,31 @@ class Dispatcher:
 
     # --- shutdown -----------------------------------------------------------------------------
 
-    async def drain(self, timeout_s: float) -> int:
-        """Start nothing new; wait up to `timeout_s` for running work; cancel the rest.
+    def pause(self) -> None:
+        """Start nothing new: the shutdown has begun. Sync callers still waiting are refused."""
+        self._stopping = True
+        self._lanes.pause(ShuttingDownError("the daemon is shutting down"))
 
-        Returns how many tasks were cancelled. Backlogged invocations stay queued in the store.
+    async def drain(self, timeout_s: float) -> int:
+        """Pause; wait up to `timeout_s` for running invocations; cancel the rest.
+
+        A cancelled one is recorded as an interrupted (crashed) attempt: an async invocation is
+        retried by its policy after the next start, a sync one is final. Backlogged invocations
+        stay queued in the store. Returns how many were cancelled.
         """
-        for lane in self._lanes.values():
-            lane.pause()
-        pending = {t for t in self._tasks if not t.done()}
+        self.pause()
+        pending = {t for t in self._running if not t.done()}
         if pending:
             log.info("dispatcher_draining", in_flight=len(pending), timeout_s=timeout_s)
             _, pending = await asyncio.wait(pending, timeout=timeout_s)
-        for task in pending:
+        # Not twice: what an earlier drain cancelled (before a skip) is recording itself.
+        cancelled = [task for task in pending if not task.cancelling()]
+        for task in cancelled:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-            log.warning("dispatcher_drain_cancelled", cancelled=len(pending))
-        return len(pending)
+        if cancelled:
+            log.warning("dispatcher_drain_cancelled", cancelled=len(cancelled))
+        if self._tasks:  # the records of what just finished, before the store closes
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        return len(cancelled)

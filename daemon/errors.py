@@ -31,3 +31,7 @@ class QueueFullError(LambdaemonError):
 
 class ListenError(LambdaemonError, OSError):
     """A listener could not bind its address (in use, not ours, bad permissions)."""
+
+
+class ShuttingDownError(LambdaemonError):
+    """The daemon is draining: nothing new starts; the caller should retry after the restart."""

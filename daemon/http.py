@@ -16,7 +16,7 @@ from aiohttp import web
 from daemon.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.config import Config, FunctionConfig, listen_host, read_secret
 from daemon.dispatcher import Dispatcher, UnknownFunctionError
-from daemon.errors import ListenError, QueueFullError, StoreUnavailableError
+from daemon.errors import ListenError, QueueFullError, ShuttingDownError, StoreUnavailableError
 from daemon.health import STORE_HEALTH
 from daemon.idempotency import SyncResultCache
 from daemon.models import Outcome, Status
@@ -30,6 +30,8 @@ TAIL_BYTES = 4096
 _json = msgspec.json.Encoder()
 
 SYNC_RESULTS: web.AppKey[SyncResultCache] = web.AppKey("sync_results", SyncResultCache)
+# The service's lifecycle for /health: a reason not to serve ("starting: ..."), or None.
+LIFECYCLE: web.AppKey[Callable[[], str | None]] = web.AppKey("lifecycle")
 
 
 def lambda_error(status: int, code: str, message: str, *, kind: str = "User",
@@ -137,6 +139,8 @@ async def _invoke_async(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
         )
     except StoreUnavailableError as exc:
         return lambda_error(503, "ServiceException", f"cannot store the event: {exc}", kind="Service")
+    except UnknownFunctionError:  # a reload removed it since it was looked up
+        return lambda_error(404, "ResourceNotFoundException", f"Function not found: {fn.name}")
     return web.Response(status=202, headers={"x-amzn-RequestId": accepted.invocation_id})
 
 
@@ -161,6 +165,11 @@ async def _invoke_sync(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
             invocation_id, outcome = await call()
     except QueueFullError as exc:
         return lambda_error(429, "TooManyRequestsException", str(exc), headers={"Retry-After": "1"})
+    except ShuttingDownError as exc:  # it never started; boto3 retries a 503
+        return lambda_error(503, "ServiceException", str(exc), kind="Service",
+                            headers={"Retry-After": "5"})
+    except UnknownFunctionError:
+        return lambda_error(404, "ResourceNotFoundException", f"Function not found: {fn.name}")
     headers = {
         "x-amzn-RequestId": invocation_id,
         "X-Amz-Executed-Version": fn.version,
@@ -209,7 +218,12 @@ async def get_function_aws(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 with the store's figures; 503 with the reason while the store cannot take writes."""
+    """200 with the store's figures; 503 with the reason while starting, reloading or draining
+    (the service's lifecycle), or while the store cannot take writes."""
+    lifecycle = request.app.get(LIFECYCLE)
+    if lifecycle is not None and (reason := lifecycle()) is not None:
+        state = reason.partition(":")[0]
+        return web.json_response({"status": state, "reason": reason}, status=503)
     monitor = request.app.get(STORE_HEALTH)
     if monitor is None:  # an API built without the service (tests of the handlers alone)
         return web.json_response({"status": "ok"})

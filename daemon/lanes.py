@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 
 from daemon.config import FunctionConfig
-from daemon.errors import QueueFullError
+from daemon.errors import QueueFullError, ShuttingDownError
 
 
 class Backlogged(msgspec.Struct, frozen=True):
@@ -38,7 +38,8 @@ class Lane:
     def __init__(self, fn: FunctionConfig, start: Callable[[Lane, Backlogged], None]) -> None:
         self.fn = fn
         self.running = 0
-        self.paused = False  # set while draining: nothing new starts
+        self.paused = False  # set while draining, or once a reload removed the function
+        self.refusal: Exception = ShuttingDownError("the daemon is shutting down")
         self.sync_waiters: deque[asyncio.Future[None]] = deque()
         self.backlog: deque[Backlogged] = deque()
         self.retry_timers: dict[str, asyncio.TimerHandle] = {}  # by invocation id
@@ -49,8 +50,14 @@ class Lane:
                 "backlog": len(self.backlog), "retrying": len(self.retry_timers)}  # fmt: skip
 
     async def acquire_sync_slot(self) -> None:
-        """Take a slot for a synchronous caller, waiting in line; QueueFullError if it is full."""
-        if self.running < self.fn.concurrency and not self.sync_waiters and not self.paused:
+        """Take a slot for a synchronous caller, waiting in line; QueueFullError if it is full.
+
+        A paused lane refuses with the error it was paused with (ShuttingDownError, or
+        UnknownFunctionError for a function a reload removed).
+        """
+        if self.paused:
+            raise self.refusal
+        if self.running < self.fn.concurrency and not self.sync_waiters:
             self.running += 1
             return
         if len(self.sync_waiters) >= self.fn.queue_size:
@@ -60,9 +67,9 @@ class Lane:
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release()  # the slot was granted as we were cancelled: give it back
-            else:
+            elif waiter in self.sync_waiters:  # a refused waiter is already out of the line
                 self.sync_waiters.remove(waiter)
             raise
 
@@ -104,10 +111,68 @@ class Lane:
             else:
                 return
 
-    def pause(self) -> None:
-        """Start nothing new; forget the backlog and retry timers (their rows stay queued)."""
-        self.paused = True
+    def pause(self, refusal: Exception) -> None:
+        """Start nothing new; forget the backlog and retry timers (their rows stay queued).
+
+        Synchronous callers still waiting are refused with `refusal`: they never started.
+        """
+        self.paused, self.refusal = True, refusal
         self.backlog.clear()
         for timer in self.retry_timers.values():
             timer.cancel()
         self.retry_timers.clear()
+        while self.sync_waiters:
+            waiter = self.sync_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(refusal)
+
+    def resume(self) -> None:
+        """Start again after a pause (a reload brought the function back)."""
+        self.paused = False
+        self.pump()
+
+    def holding(self) -> set[str]:
+        """Ids of the invocations waiting here: in the backlog or on a retry timer."""
+        return {item.id for item in self.backlog} | set(self.retry_timers)
+
+
+class Lanes(dict[str, Lane]):
+    """Every configured function's lane by name, and the retired lanes of removed functions.
+
+    A retired lane is kept, paused: its running invocations still release their slots and
+    settle into it, and a reload that brings the function back reopens it.
+    """
+
+    def __init__(self, functions: Mapping[str, FunctionConfig],
+                 start: Callable[[Lane, Backlogged], None]) -> None:  # fmt: skip
+        super().__init__((name, Lane(fn, start)) for name, fn in functions.items())
+        self.retired: dict[str, Lane] = {}
+        self._start = start
+
+    def reconfigure(self, functions: Mapping[str, FunctionConfig],
+                    refusal: Callable[[str], Exception]) -> list[str]:  # fmt: skip
+        """Adopt new settings in place; retire removed functions (refused with `refusal(name)`).
+
+        Returns the names of the lanes opened (new functions, or returning ones).
+        """
+        for name in [name for name in self if name not in functions]:
+            self.retired[name] = lane = self.pop(name)
+            lane.pause(refusal(name))
+        opened = []
+        for name, fn in functions.items():
+            if name not in self:
+                reopened = self.retired.pop(name, None)
+                self[name] = reopened if reopened is not None else Lane(fn, self._start)
+                opened.append(name)
+            self[name].fn = fn
+            self[name].resume()  # also starts what a raised concurrency allows now
+        return opened
+
+    def pause(self, refusal: Exception) -> None:
+        """Pause every lane, retired ones too."""
+        for lane in [*self.values(), *self.retired.values()]:
+            lane.pause(refusal)
+
+    def holding(self, names: Iterable[str]) -> set[str]:
+        """Ids waiting in the named lanes."""
+        return set().union(*(self[name].holding() for name in names))

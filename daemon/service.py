@@ -1,4 +1,14 @@
-"""The composition root: starts the parts in order, stops them in reverse."""
+"""The composition root: starts the parts in order, stops them in reverse.
+
+Lifecycle (the `phase` /health reports): starting -> ready <-> reloading -> draining.
+- Ready only once recovery is done and the trigger sources have started; then READY=1.
+- Shutdown (stop set): STOPPING=1, the dispatcher's drain starts at once (nothing new starts,
+  in-flight work gets shutdown_timeout_s, the rest is cancelled and recorded as interrupted),
+  sources stop (producers first), the admin API answers 503 "draining" until the drain is
+  done, then workers stop and the store closes. `skip_drain` (a second signal) cuts the wait.
+- Reload (request_reload: SIGHUP, POST /v1/reload): RELOADING=1, the file is re-read and
+  checked, daemon/reload.py says what changed, and only that is swapped; then READY=1.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +19,25 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config
+from daemon.admin import RELOAD
+from daemon.config import Config, load_config
 from daemon.dispatcher import Dispatcher
+from daemon.errors import ConfigError
 from daemon.health import STORE_HEALTH, StoreHealth
-from daemon.http import build_api, start_site
+from daemon.http import LIFECYCLE, build_api, start_site
 from daemon.pool import WorkerPool
+from daemon.reload import plan_reload
 from daemon.retention import Pruner
+from daemon.sources import TriggerSources
 from daemon.store import Store
-from daemon.systemd import notify, run_watchdog, watchdog_interval_s
-from triggers.base import supervise
+from daemon.systemd import notify, reloading_message, run_watchdog, watchdog_interval_s
 from triggers.registry import build_sources
 
 log = structlog.get_logger("lambdaemon.service")
 
 DB_FILE = "lambdaemon.db"
+STARTUP_WAIT_S = 15.0  # for the sources to start (a broker that never answers: aiomqtt's 10 s)
+RELOAD_WAIT_S = 5.0  # for restarted sources, to report one that does not come up
 
 
 class Service:
@@ -33,50 +48,100 @@ class Service:
         self.ready = asyncio.Event()
         self.dispatcher: Dispatcher | None = None
         self.skip_drain = asyncio.Event()  # a second signal: don't wait for in-flight work
+        self.phase = "starting"  # starting | ready | reloading | draining
         self._deadline = 0.0
+        self._draining: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
+        self._reload_lock = asyncio.Lock()  # one reload at a time; each re-reads the file
+        self._store: Store | None = None
+        self._pool: WorkerPool | None = None
+        self._sources: TriggerSources | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
         started = time.monotonic()
         async with contextlib.AsyncExitStack() as stack:
             store = await stack.enter_async_context(Store.open(config.data_dir / DB_FILE))
+            self._store = store
             pruner = Pruner(store, config.daemon)
             await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
             pool = WorkerPool(config.daemon.max_workers, config.daemon.log_capture_bytes)
+            self._pool = pool
             stack.push_async_callback(pool.close)
+            stack.callback(self._stop_watchdog)  # this late: the pings go on through the drain
             await pool.start(config.functions)
             dispatcher = self.dispatcher = Dispatcher(store, pool, config.functions)
-            stack.push_async_callback(self._drain, dispatcher)
+            stack.push_async_callback(self._finish_drain, dispatcher)  # a failed start, too
             await dispatcher.recover()
             health = StoreHealth(store)
             await stack.enter_async_context(_background(health.run(), "store-health"))
             await stack.enter_async_context(_background(pruner.run(), "store-pruner"))
             app = build_api(config, dispatcher, store)
             app[STORE_HEALTH] = health
+            app[LIFECYCLE] = self._unready_reason
+            app[RELOAD] = self.request_reload
             api = await start_site(app, config.api.listen, "api.listen",
                                    drain_s=config.daemon.shutdown_timeout_s)
             stack.push_async_callback(api.cleanup)
-            sources = build_sources(config, store)
-            for source in sources:
-                await stack.enter_async_context(_supervised(source, dispatcher))
-            log.info(
-                "daemon_ready", functions=len(config.functions), sources=[s.name for s in sources],
-                api=config.api.listen, startup_ms=round((time.monotonic() - started) * 1000, 1),
-            )
-            self.ready.set()
-            notify(f"READY=1\nSTATUS=serving {len(config.functions)} functions")
-            interval = watchdog_interval_s()
-            if interval:
-                watchdog = asyncio.get_running_loop().create_task(run_watchdog(interval))
-                stack.callback(watchdog.cancel)
-            await stop.wait()
-            self._deadline = time.monotonic() + config.daemon.shutdown_timeout_s
-            notify("STOPPING=1\nSTATUS=draining")
-            log.info("daemon_stopping")
+            # Awaited before the API closes, so /health answers "draining" meanwhile.
+            stack.push_async_callback(self._finish_drain, dispatcher)
+            sources = self._sources = TriggerSources(dispatcher)
+            stack.push_async_callback(sources.stop)  # producers stop first
+            sources.start(build_sources(config, store))
+            await _first(sources.wait_started(STARTUP_WAIT_S), stop.wait())
+            if not stop.is_set():
+                self._become_ready(started)
+                await stop.wait()
+            await self._begin_shutdown(dispatcher)
         log.info("daemon_stopped")
 
+    def _become_ready(self, started: float) -> None:
+        assert self._sources is not None
+        self.phase = "ready"
+        log.info(
+            "daemon_ready", functions=len(self.config.functions), sources=self._sources.names,
+            api=self.config.api.listen, startup_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        self.ready.set()
+        notify(f"READY=1\nSTATUS=serving {len(self.config.functions)} functions")
+        if interval := watchdog_interval_s():
+            self._watchdog = asyncio.get_running_loop().create_task(run_watchdog(interval))
+
+    def _unready_reason(self) -> str | None:
+        """Why /health must not say ok now (None: ready), for daemon/http.py."""
+        return {
+            "starting": "starting: recovering and starting the trigger sources",
+            "reloading": "reloading: applying a changed config",
+            "draining": "draining: shutting down, in-flight invocations are finishing",
+        }.get(self.phase)
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def _begin_shutdown(self, dispatcher: Dispatcher) -> None:
+        self.phase = "draining"
+        self._deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
+        notify("STOPPING=1\nSTATUS=draining")
+        log.info("daemon_stopping")
+        for reload in self._reloads:  # the drain must not race a reload's lane changes
+            reload.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
+        # Started now, not when the exit stack reaches it: the one deadline counts from here
+        # and nothing new starts while the sources stop.
+        self._draining = asyncio.get_running_loop().create_task(self._drain(dispatcher))
+
+    async def _finish_drain(self, dispatcher: Dispatcher) -> None:
+        if self._draining is None:  # the start failed: nothing waits for in-flight work
+            self._deadline = time.monotonic()
+            self._draining = asyncio.get_running_loop().create_task(self._drain(dispatcher))
+        await self._draining
+
     async def _drain(self, dispatcher: Dispatcher) -> None:
-        # One budget for the whole drain: what the API's in-flight calls used is gone.
+        # One deadline, set when the shutdown began (a failed start has none left).
         timeout = max(0.0, self._deadline - time.monotonic())
         drain = asyncio.ensure_future(dispatcher.drain(timeout))
         skip = asyncio.ensure_future(self.skip_drain.wait())
@@ -87,9 +152,64 @@ class Service:
             await drain
         skip.cancel()
 
+    # --- reload ---------------------------------------------------------------------------------
 
-def _supervised(source: Any, dispatcher: Dispatcher) -> Any:
-    return _background(supervise(source, dispatcher), f"source:{source.name}")
+    def request_reload(self) -> asyncio.Task[dict[str, Any]]:
+        """Start a reload (SIGHUP, POST /v1/reload); the task's result is the report."""
+        task = asyncio.get_running_loop().create_task(self._reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        return task
+
+    async def _reload(self) -> dict[str, Any]:
+        path = self.config.path
+        async with self._reload_lock:
+            if self.phase != "ready":
+                reason = f"the daemon is {self.phase}"
+                log.warning("config_reload_refused", config=path, reason=reason)
+                return {"reloaded": False, "config": path, "error": reason}
+            self.phase = "reloading"
+            notify(reloading_message())
+            try:
+                return await self._apply_reload(path)
+            finally:
+                if self.phase == "reloading":  # not once a shutdown has begun
+                    self.phase = "ready"
+                    notify(f"READY=1\nSTATUS=serving {len(self.config.functions)} functions")
+
+    async def _apply_reload(self, path: str) -> dict[str, Any]:
+        assert self.dispatcher and self._pool and self._sources and self._store
+        try:
+            plan = plan_reload(self.config, await asyncio.to_thread(load_config, path))
+            # Built before anything changes: a source's own checks (two routes on one path,
+            # MQTT settings) refuse the config like load_config's do.
+            fresh = {s.name: s for s in build_sources(plan.config, self._store)}
+        except ConfigError as exc:
+            log.error("config_reload_refused", config=path, reason=str(exc))
+            return {"reloaded": False, "config": path, "error": str(exc), "config_error": True}
+        await self._sources.stop(plan.stop)  # producers first
+        await self.dispatcher.update(plan.config.functions)
+        await self._pool.update(plan.config.functions)
+        for name in plan.update:
+            self._sources.update(fresh[name])
+        self._sources.start(fresh[name] for name in plan.start)
+        self.config = plan.config
+        late = await self._sources.wait_started(RELOAD_WAIT_S, plan.start)
+        report = {**plan.summary(), "sources_not_started": late}
+        log.info("config_reloaded", config=path, **report)
+        if plan.needs_restart:
+            log.warning("config_needs_restart", config=path, settings=plan.needs_restart)
+        return {"reloaded": True, "config": path, **report}
+
+
+async def _first(*awaitables: Any) -> None:
+    """Return as soon as one of `awaitables` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 import structlog
 
@@ -26,6 +27,12 @@ def notify(message: str) -> bool:
     except OSError as exc:
         log.warning("sd_notify_failed", message=message.split("\n", 1)[0], error=str(exc))
         return False
+
+
+def reloading_message(status: str = "reloading") -> str:
+    """`RELOADING=1` with the MONOTONIC_USEC= that Type=notify-reload requires (harmless before)."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={status}"
 
 
 def watchdog_interval_s() -> float | None:

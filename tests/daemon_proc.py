@@ -29,13 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp_path: Path, body: str, *, api_port: int | None = None, daemon: str = "") -> Path:
+def write_config(tmp_path: Path, body: str, *, api_port: int | None = None, daemon: str = "",
+                 shutdown_timeout_s: float = 5) -> Path:
     """A config in tmp_path: data in tmp_path/var, API on a free port, then `body` (TOML)."""
     api_port = api_port or free_port()
     path = tmp_path / "lambdaemon.toml"
     path.write_text(
         f'[daemon]\ndata_dir = "var"\nfunctions_dir = "{ROOT / "functions"}"\n'
-        f'shutdown_timeout_s = 5\n{daemon}\n'
+        f'shutdown_timeout_s = {shutdown_timeout_s}\n{daemon}\n'
         f'[api]\nlisten = "127.0.0.1:{api_port}"\n\n{body}\n'
     )
     return path
@@ -44,8 +45,9 @@ def write_config(tmp_path: Path, body: str, *, api_port: int | None = None, daem
 class Daemon:
     """A `lambdaemon run` subprocess and an HTTP client for its admin API."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.env = env or {}  # added to the daemon's environment (NOTIFY_SOCKET, ...)
         text = config.read_text()
         self.api_port = int(text.split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
         self.base = f"http://127.0.0.1:{self.api_port}"
@@ -53,8 +55,9 @@ class Daemon:
         self.log_path = config.parent / "daemon.log"
         self.session: aiohttp.ClientSession | None = None
 
-    async def start(self, timeout_s: float = 20) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    async def spawn(self) -> None:
+        """Start the process; return at once (start() also waits until it is healthy)."""
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | self.env
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config),
@@ -62,6 +65,10 @@ class Daemon:
         )
         log.close()
         self.session = self.session or aiohttp.ClientSession()
+
+    async def start(self, timeout_s: float = 20) -> None:
+        await self.spawn()
+        assert self.proc is not None and self.session is not None
         async with asyncio.timeout(timeout_s):
             while True:
                 if self.proc.returncode is not None:

@@ -173,6 +173,9 @@ class MqttSource:
         self._seq_prefix = self._prefix + "seq:"
         self._seq = 0  # the last arrival number handed out
         self._store_trouble = False
+        # Set once the first connection is subscribed, or has failed (it is retried in the
+        # background): the daemon reports ready after that, never waiting on a broker.
+        self.started = asyncio.Event()
 
     async def run(self, emit: Emit) -> None:
         client = self._client()
@@ -189,6 +192,7 @@ class MqttSource:
                         session_present=client.session_present,
                     )
                     await self._subscribe(client)
+                    self.started.set()
                     if not self._store_trouble:
                         delay = BACKOFF_S[0]
                     await self._consume(client, emit)
@@ -197,6 +201,7 @@ class MqttSource:
                 reason = str(exc) + (f": {exc.__cause__}" if exc.__cause__ else "")
             except _NotStoredError as exc:
                 reason, self._store_trouble = str(exc), True
+            self.started.set()
             wait = delay * (0.5 + random.random() / 2)
             log.warning("mqtt_disconnected", reason=reason, retry_in_s=round(wait, 2))
             await asyncio.sleep(wait)

@@ -33,7 +33,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig, read_secret
-from daemon.errors import ConfigError, QueueFullError, StoreUnavailableError
+from daemon.dispatcher import UnknownFunctionError
+from daemon.errors import ConfigError, QueueFullError, ShuttingDownError, StoreUnavailableError
 from daemon.http import start_site
 from daemon.models import Outcome, Status
 from triggers.base import Emit
@@ -161,7 +162,8 @@ class WebhookSource:
 
     `rejected` counts refused requests by reason (`auth_missing`, `auth_malformed`,
     `auth_invalid`, `auth_stale`, `not_found`, `method_not_allowed`, `too_large`,
-    `queue_full`, `store_unavailable`, `draining`); `accepted` counts dispatched ones.
+    `queue_full`, `store_unavailable`, `draining`, `reloading`); `accepted` counts dispatched
+    ones. A reload swaps routes and limits in place (`update`); only a new `listen` rebinds.
     """
 
     name = "webhook"
@@ -188,6 +190,7 @@ class WebhookSource:
         self.accepted = 0
         self.port: int | None = None  # the bound port once listening (`listen` may say 0)
         self.listening = asyncio.Event()
+        self.started = self.listening  # what the daemon waits for before it reports ready
         self._emit: Emit | None = None
         self._draining = False
 
@@ -210,6 +213,16 @@ class WebhookSource:
             self._draining = True  # requests that still slip in get 503 while in-flight ones finish
             self.listening.clear()
             await self._stop(runner)
+
+    def update(self, new: WebhookSource) -> None:
+        """Serve `new`'s routes and limits from now on, on this same listener (same `listen`).
+
+        A request already routed finishes under the route it matched.
+        """
+        self.routes, self._allow = new.routes, new._allow
+        self.max_body_bytes, self.drain_s = new.max_body_bytes, new.drain_s
+        log.info("webhook_routes_updated", routes=sorted(self.routes),
+                 max_body_bytes=self.max_body_bytes)
 
     async def _stop(self, runner: web.AppRunner) -> None:
         for site in list(runner.sites):
@@ -245,12 +258,16 @@ class WebhookSource:
         return await self._invoke(request, route, event)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
-        if (request.content_length or 0) > self.max_body_bytes:
+        limit = self.max_body_bytes  # read per request: a reload may change it in place
+        if (request.content_length or 0) > limit:
             return None  # refused before a byte of it is read
-        try:
-            return await request.read()  # chunked bodies: aiohttp stops at client_max_size
-        except web.HTTPRequestEntityTooLarge:
-            return None
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:  # a chunked body: stop reading at the limit, not after it
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _accept(self, request: web.Request, route: Route, event: bytes) -> web.Response:
         assert self._emit is not None
@@ -266,6 +283,9 @@ class WebhookSource:
             log.error("webhook_store_unavailable", route=route.path, error=str(exc))
             return self._reject(request, route, "store_unavailable", 503, "Service Unavailable",
                                 {"Retry-After": "5"})
+        except UnknownFunctionError:  # a reload removed it; the route goes with the next update
+            return self._reject(request, route, "reloading", 503, "Service Unavailable",
+                                {"Retry-After": "1"})
         self.accepted += 1
         log.info("webhook_accepted", route=route.path, function=route.function, mode="async",
                  invocation_id=accepted.invocation_id, duplicate=not accepted.created)
@@ -280,6 +300,12 @@ class WebhookSource:
                 route.function, event, trigger="webhook", trigger_id=route.trigger_id)
         except QueueFullError:
             return self._reject(request, route, "queue_full", 429, "Too Many Requests",
+                                {"Retry-After": "1"})
+        except ShuttingDownError:  # it never started: the sender retries after the restart
+            return self._reject(request, route, "draining", 503, "Service Unavailable",
+                                {"Retry-After": "5", "Connection": "close"})
+        except UnknownFunctionError:
+            return self._reject(request, route, "reloading", 503, "Service Unavailable",
                                 {"Retry-After": "1"})
         self.accepted += 1
         response = to_response(invocation_id, outcome)

@@ -1,0 +1,190 @@
+"""Reloading the config: what a re-read config changes, worked out before anything is touched.
+
+plan_reload(running, new) compares the running config with a freshly loaded (so validated) one
+and has no side effects; service.py applies the plan:
+
+- functions added, removed or changed: the dispatcher's lanes take the new settings (running
+  invocations finish on the old ones, queued ones stay queued) and the pool retires the workers
+  of changed and removed functions;
+- trigger sources, one per kind: a kind is restarted when its triggers or the settings it reads
+  changed, secret files' content included (a rotated MQTT password or webhook secret applies on
+  reload); the others keep running untouched. The webhook listener takes new routes and limits
+  in place and rebinds only when `webhooks.listen` changes;
+- settings: those in LIVE apply; any other one (data_dir, max_workers, [api], ...) keeps its
+  running value and is reported as needing a restart, never silently ignored. New settings
+  count as restart-only until they are listed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from daemon.config import Config, read_secret
+from daemon.errors import ConfigError
+
+# Settings that take effect on reload (whole sections when named alone). The functions table is
+# compared function by function; `path` is the file itself.
+LIVE = frozenset({
+    "daemon.functions_dir",  # code folders: compared as part of each function
+    "daemon.region",  # part of each function, and of cron events
+    "daemon.shutdown_timeout_s",  # read when the shutdown starts
+    "mqtt",  # the MQTT source reconnects with it
+    "webhooks",  # in place, or a rebind for `listen`
+})  # fmt: skip
+NOT_SETTINGS = ("functions", "path")
+
+
+class ReloadPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What a reload does; `config` is what runs afterwards (restart-only settings kept)."""
+
+    config: Config
+    added: list[str]
+    removed: list[str]
+    changed: list[str]  # functions whose settings, code folder, env or triggers changed
+    stop: list[str]  # source kinds stopped: changed or gone
+    start: list[str]  # source kinds started: changed or new
+    update: list[str]  # source kinds that take the new config in place (webhook routes)
+    settings: list[str]  # changed settings that apply now
+    needs_restart: list[str]  # changed settings that keep their running value
+
+    def summary(self) -> dict[str, Any]:
+        """For the config_reloaded log line and the reload API's answer."""
+        return {
+            "functions_added": self.added, "functions_removed": self.removed,
+            "functions_changed": self.changed,
+            "sources_restarted": sorted(set(self.stop) & set(self.start)),
+            "sources_stopped": sorted(set(self.stop) - set(self.start)),
+            "sources_started": sorted(set(self.start) - set(self.stop)),
+            "sources_updated": self.update, "settings": self.settings,
+            "needs_restart": self.needs_restart,
+        }  # fmt: skip
+
+
+def plan_reload(running: Config, new: Config) -> ReloadPlan:
+    """Compare the running config with `new` (already validated by load_config)."""
+    changed_settings = _changed_settings(running, new)
+    if _secret_digest(running, running.api.token_file) != _secret_digest(new, new.api.token_file):
+        changed_settings.append("api.token_file")
+    needs_restart = sorted({k for k in changed_settings if not _live(k)})
+    config = _keep(running, new, needs_restart)
+    old_fns, new_fns = running.functions, config.functions
+    stop, start, update = [], [], []
+    for kind in sorted(_kinds(running) | _kinds(config)):
+        before, after = _source_inputs(running, kind), _source_inputs(config, kind)
+        if before == after:
+            continue
+        if before is not None and after is not None and _in_place(kind, running, config):
+            update.append(kind)
+            continue
+        if before is not None:
+            stop.append(kind)
+        if after is not None:
+            start.append(kind)
+    return ReloadPlan(
+        config=config,
+        added=sorted(set(new_fns) - set(old_fns)),
+        removed=sorted(set(old_fns) - set(new_fns)),
+        changed=sorted(n for n in set(old_fns) & set(new_fns) if old_fns[n] != new_fns[n]),
+        stop=stop, start=start, update=update,
+        settings=sorted(set(changed_settings) - set(needs_restart)), needs_restart=needs_restart,
+    )  # fmt: skip
+
+
+def _changed_settings(old: Config, new: Config) -> list[str]:
+    keys = []
+    for section in Config.__struct_fields__:
+        a, b = getattr(old, section), getattr(new, section)
+        if section in NOT_SETTINGS or a == b:
+            continue
+        if isinstance(a, msgspec.Struct) and type(a) is type(b):
+            fields = a.__struct_fields__
+            keys += [f"{section}.{f}" for f in fields if getattr(a, f) != getattr(b, f)]
+        else:
+            keys.append(section)  # added, removed, or not a section of fields
+    return keys
+
+
+def _live(key: str) -> bool:
+    return key in LIVE or key.split(".", 1)[0] in LIVE
+
+
+def _keep(running: Config, new: Config, keys: list[str]) -> Config:
+    """`new` with each of `keys` set back to its running value."""
+    for key in keys:
+        section, _, field = key.partition(".")
+        value = getattr(running, section)
+        if field:
+            value = msgspec.structs.replace(getattr(new, section), **{field: getattr(value, field)})
+        new = msgspec.structs.replace(new, **{section: value})
+    return new
+
+
+def _kinds(config: Config) -> set[str]:
+    return {_kind(t) for fn in config.functions.values() for t in fn.triggers}
+
+
+def _kind(trigger: msgspec.Struct) -> str:
+    return str(type(trigger).__struct_config__.tag)  # the config's `type`: cron, mqtt, ...
+
+
+def _source_inputs(config: Config, kind: str) -> tuple[Any, ...] | None:
+    """Everything the source of `kind` is built from; None when no trigger needs one."""
+    triggers = tuple(
+        (name, index, trigger)  # the trigger id is name#index: the position counts too
+        for name, fn in config.functions.items()
+        for index, trigger in enumerate(fn.triggers)
+        if _kind(trigger) == kind
+    )
+    if not triggers:
+        return None
+    if kind == "cron":
+        return triggers, config.daemon.region
+    if kind == "mqtt" and config.mqtt is not None:
+        mqtt = config.mqtt
+        return triggers, mqtt, _secret_digest(config, mqtt.password_file), _file_digest(
+            config, mqtt.ca_file
+        )
+    if kind == "webhook" and config.webhooks is not None:
+        return triggers, config.webhooks, config.daemon.shutdown_timeout_s, _auth_digests(
+            config, triggers
+        )
+    return triggers, config.base_dir  # files: paths are relative to the config's folder
+
+
+def _in_place(kind: str, running: Config, new: Config) -> bool:
+    # The webhook source swaps routes and limits live; only a new address needs a new socket.
+    return (
+        kind == "webhook"
+        and running.webhooks is not None
+        and new.webhooks is not None
+        and running.webhooks.listen == new.webhooks.listen
+    )
+
+
+def _auth_digests(config: Config, triggers: tuple[Any, ...]) -> tuple[str | None, ...]:
+    files = ("token_file", "password_file", "secret_file")
+    return tuple(
+        _secret_digest(config, getattr(t.auth, f, None)) for _, _, t in triggers for f in files
+    )
+
+
+def _secret_digest(config: Config, value: str | None) -> str | None:
+    # A digest, never the secret itself: the plan is logged and returned by the API.
+    if value is None:
+        return None
+    try:
+        return hashlib.sha256(read_secret(config, value, "").encode()).hexdigest()
+    except ConfigError:
+        return "unreadable"  # the running config's file may be gone; the new one was checked
+
+
+def _file_digest(config: Config, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return hashlib.sha256(config.resolve(value).read_bytes()).hexdigest()
+    except OSError:
+        return None  # the source reports it when it loads the file

@@ -1,0 +1,84 @@
+"""The running trigger sources: started together, stopped first, restarted one kind at a time.
+
+Each source runs under triggers.base.supervise() in a task of its own, keyed by its name (its
+kind: cron, mqtt, files, webhook), so a reload can stop and start one kind and leave the others
+serving. A source may carry `started: asyncio.Event`, set once it serves (listening,
+subscribed) or has made its first attempt and keeps retrying in the background; the daemon
+reports ready only after that (a source without one counts as started once its task runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import structlog
+
+from triggers.base import Emit, TriggerSource, supervise
+
+log = structlog.get_logger("lambdaemon.sources")
+
+
+class TriggerSources:
+    """The supervised sources of one daemon, by name."""
+
+    def __init__(self, emit: Emit) -> None:
+        self._emit = emit
+        self._running: dict[str, tuple[TriggerSource, asyncio.Task[None]]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # cancelled, still releasing
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._running)
+
+    def get(self, name: str) -> TriggerSource | None:
+        entry = self._running.get(name)
+        return entry[0] if entry else None
+
+    def start(self, sources: Iterable[TriggerSource]) -> None:
+        """Run each source under supervise(); a name already running is a bug."""
+        loop = asyncio.get_running_loop()
+        for source in sources:
+            assert source.name not in self._running, source.name
+            task = loop.create_task(supervise(source, self._emit), name=f"source:{source.name}")
+            self._running[source.name] = (source, task)
+
+    def update(self, source: TriggerSource) -> None:
+        """Hand a freshly built source's config to the running one of its name, in place."""
+        running = self.get(source.name)
+        assert running is not None and hasattr(running, "update"), source.name
+        running.update(source)
+
+    async def wait_started(self, timeout_s: float, names: Iterable[str] | None = None) -> list[str]:
+        """Wait up to `timeout_s` for the sources to start; return the names still not started."""
+        waits: dict[str, asyncio.Future[bool]] = {}
+        for name in self.names if names is None else names:
+            started = getattr(self.get(name), "started", None)
+            if isinstance(started, asyncio.Event):
+                waits[name] = asyncio.ensure_future(started.wait())
+        if waits:
+            await asyncio.wait(waits.values(), timeout=timeout_s)
+        late = [name for name, wait in waits.items() if not wait.done()]
+        for wait in waits.values():
+            wait.cancel()
+        for name in late:
+            log.warning("trigger_source_not_started", source=name, waited_s=timeout_s)
+        return late
+
+    async def stop(self, names: Iterable[str] | None = None) -> None:
+        """Cancel the named sources (default: all) and wait until each has released everything.
+
+        All are cancelled before any is awaited, so they wind down together (the webhook
+        listener's in-flight requests finish while MQTT disconnects).
+        """
+        chosen = self.names if names is None else [n for n in names if n in self._running]
+        for name in chosen:
+            _, task = self._running.pop(name)
+            task.cancel()
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+        # Also those a cancelled earlier stop() left behind: "stopped" means released.
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+        for name in chosen:
+            log.info("trigger_source_stopped", source=name)
