@@ -21,6 +21,7 @@ import structlog
 
 from daemon.admin import RELOAD
 from daemon.config import Config, load_config
+from daemon.destinations import OutboxRelay
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.health import STORE_HEALTH, StoreHealth
@@ -66,12 +67,14 @@ class Service:
             self._store = store
             pruner = Pruner(store, config.daemon)
             await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
+            outbox = await stack.enter_async_context(OutboxRelay.open(config, store))
             pool = WorkerPool(config.daemon.max_workers, config.daemon.log_capture_bytes)
             self._pool = pool
             stack.push_async_callback(pool.close)
             stack.callback(self._stop_watchdog)  # this late: the pings go on through the drain
             await pool.start(config.functions)
-            dispatcher = self.dispatcher = Dispatcher(store, pool, config.functions)
+            dispatcher = self.dispatcher = Dispatcher(store, pool, config.functions,
+                                                      on_outbox=outbox.wake)
             stack.push_async_callback(self._finish_drain, dispatcher)  # a failed start, too
             await dispatcher.recover()
             health = StoreHealth(store)
