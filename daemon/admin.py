@@ -53,6 +53,7 @@ async def list_functions(request: web.Request) -> web.Response:
             "timeout_s": fn.timeout_s, "memory_mb": fn.memory_mb, "concurrency": fn.concurrency,
             "min_warm": fn.min_warm, "idle_timeout_s": fn.idle_timeout_s, "retries": fn.retries,
             "retry_backoff_s": list(fn.retry_backoff_s), "max_event_age_s": fn.max_event_age_s,
+            "on_success": fn.on_success, "on_failure": fn.on_failure,
             "triggers": [msgspec.to_builtins(t) for t in fn.triggers], **stats[fn.name],
         }
         for fn in dispatcher.functions.values()

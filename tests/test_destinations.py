@@ -361,6 +361,8 @@ async def test_store_and_forward_across_sigkill_delivers_exactly_once(
     db = tmp_path / "var" / "lambdaemon.db"
     await daemon.start()  # with the broker down
     try:
+        listed = {f["name"]: f for f in (await daemon.get("/v1/functions"))["functions"]}
+        assert listed["alarm"]["on_failure"] == "mqtt:alerts/sensor"
         calls = str(tmp_path / "calls")
         ids = [await _accept(daemon, "alarm", {"dir": calls, "fail": ["raise"]}),
                await _accept(daemon, "notify", {"dir": calls})]  # fmt: skip
