@@ -4,8 +4,10 @@ Intake already refuses what it cannot store (a failed commit raises StoreUnavail
 source does not acknowledge); this module makes that state visible and says why. It watches the
 store's write-failure counter and the filesystem (read-only flag, free space) every CHECK_S; on a
 failure it runs a probe, a one-row write through the group commit, whose error names the reason
-(disk_full, read_only, io_error, locked, unavailable). While degraded it probes every PROBE_S, so
-/health turns healthy again as soon as a write succeeds, whether or not a source has retried.
+(disk_full, read_only, io_error, locked, stalled, unavailable). While degraded it probes again as
+soon as any write commits (a source's retry got through), and otherwise after PROBE_S, doubling
+up to MAX_PROBE_S: /health turns healthy again without waiting for traffic, and a long outage
+does not add a failed write to the log every few seconds.
 
 Log events: store_degraded (error; repeated every REPEAT_S while it lasts), store_restored,
 disk_space_low, disk_space_ok.
@@ -30,6 +32,7 @@ log = structlog.get_logger("lambdaemon.health")
 
 CHECK_S = 1.0
 PROBE_S = 2.0
+MAX_PROBE_S = 30.0
 PROBE_TIMEOUT_S = 10.0  # a write that has not committed by then counts as a failure (stalled)
 REPEAT_S = 60.0
 LOW_DISK_BYTES = 16 * 1024 * 1024  # below this much free space a warning comes first
@@ -49,6 +52,9 @@ class StoreHealth:
         self._store = store
         self._dir = store.path.parent
         self._seen_failures = store.write_failures
+        self._seen_commits = store.commits
+        self._probe_in_s = PROBE_S
+        self._probe_at = 0.0  # while degraded: when the next probe is due
         self.reason: str | None = None  # None: healthy
         self.error = ""
         self._since = 0.0
@@ -60,10 +66,12 @@ class StoreHealth:
         return self.reason is not None
 
     async def run(self) -> None:
-        """Check until cancelled: every CHECK_S while healthy, every PROBE_S while degraded."""
+        """Check every CHECK_S until cancelled; while degraded, probe as the module doc says."""
         while True:
-            await self.check()
-            await asyncio.sleep(PROBE_S if self.degraded else CHECK_S)
+            committed = self._store.commits != self._seen_commits
+            if not self.degraded or committed or time.monotonic() >= self._probe_at:
+                await self.check()
+            await asyncio.sleep(CHECK_S)
 
     async def check(self) -> None:
         """One look; probes when a write failed since the last look, or while degraded."""
@@ -75,6 +83,9 @@ class StoreHealth:
             return
         self._seen_failures = failures
         reason, error = await self._probe()
+        self._seen_commits = self._store.commits
+        self._probe_in_s = min(self._probe_in_s * 2, MAX_PROBE_S) if reason else PROBE_S
+        self._probe_at = time.monotonic() + self._probe_in_s
         if reason is None and read_only:  # the probe may have fit in what SQLite had cached
             reason, error = "read_only", f"the filesystem holding {self._dir} is mounted read-only"
         self._set(reason, error)

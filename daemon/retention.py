@@ -125,7 +125,7 @@ class Pruner:
         live_before = live = await self._live_bytes()
         aged = sized = outbox = 0
         if by_age and self._retention_s > 0:
-            cutoff = {"cutoff": now - self._retention_s}
+            cutoff = {"cutoff": min(now - self._retention_s, now - KEEP_FINISHED_S)}
             aged, live = await self._delete(_BY_AGE, cutoff, 0)
             if self._outbox:
                 outbox, live = await self._delete(_OUTBOX_BY_AGE, cutoff, 0)
@@ -210,11 +210,15 @@ class Pruner:
         if not self._incremental:
             return  # store_auto_vacuum_off said so at start; the free pages are reused instead
         excess = (await self._file_bytes() - int(HIGH * self._db_bytes)) // self._page_size
-        while excess > 0:
-            freed = await self._store.transaction(partial(_vacuum, pages=min(excess, VACUUM_PAGES)))
+        released = 0
+        while excess > released:
+            pages = min(excess - released, VACUUM_PAGES)
+            freed = await self._store.transaction(partial(_vacuum, pages=pages))
             if freed == 0:
                 break  # no free pages left: the rest is live data
-            excess -= freed
+            released += freed
+        if not released:
+            return
         busy = await asyncio.to_thread(_checkpoint, self._path)
         if busy:  # a reader held on: the next round (or the writer's own checkpoint) finishes
             log.info("store_checkpoint_busy", path=str(self._path))
@@ -232,7 +236,11 @@ class Pruner:
             )
             return 0
         started = time.perf_counter()
-        mode = await asyncio.to_thread(_enable_incremental_vacuum, self._path)
+        try:
+            mode = await asyncio.to_thread(_enable_incremental_vacuum, self._path)
+        except sqlite3.Error as exc:  # busy, or no room after all: the next start tries again
+            log.warning("store_auto_vacuum_off", db_mb=round(db_bytes / MIB, 1), error=str(exc))
+            return 0
         log.info("store_auto_vacuum_enabled", db_mb=round(db_bytes / MIB, 2),
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
         return mode
