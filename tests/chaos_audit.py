@@ -94,7 +94,8 @@ class Report:
             f" lost={self.lost_total}, duplicate records={self.duplicates_total},"
             f" extra attempts={self.extra_attempts} (on {self.retried_records} records),"
             f" handler runs={self.handler_runs}, not final={len(self.not_final)},"
-            f" MQTT redeliveries matched={self.mqtt_redeliveries_matched}"
+            f" MQTT redeliveries matched={self.mqtt_redeliveries_matched},"
+            f" settled in {self.settled_s} s, wall {self.wall_s} s"
         )
 
 
