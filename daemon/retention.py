@@ -7,7 +7,8 @@ BATCH_TARGET_S) behind a prune. What is never deleted:
 - rows that ended less than KEEP_FINISHED_S ago: the files trigger reads the final status of its
   invocation before it moves the file, and wait_final() callers look the row up;
 - other tables: `cron_fires` is one row per trigger and is what keeps a cron fire from repeating
-  (invocation rows are not), so old cron invocations may go.
+  (invocation rows are not), so old cron invocations may go; `outbox` rows still pending
+  delivery (a destination record whose target refused it for good goes by age).
 By age, a row goes once both its acceptance and its end are older than `retention_days`. By size,
 the oldest rows go first, dead letters only after every other final row, until the live data is
 LOW of the budget again.
@@ -87,8 +88,7 @@ class Pruner:
 
     async def prepare(self) -> None:
         """Once at start, before intake: incremental auto-vacuum and the WAL's size limits."""
-        rows = await self._store.query("SELECT * FROM pragma_auto_vacuum(), pragma_page_size()")
-        mode, self._page_size = rows[0][0], rows[0][1]
+        mode, self._page_size = await asyncio.to_thread(_vacuum_mode, self._path)
         if mode != INCREMENTAL:
             mode = await self._convert()
         self._incremental = mode == INCREMENTAL
@@ -288,6 +288,15 @@ def _limit_wal(conn: sqlite3.Connection, pages: int, size: int) -> None:
 # --- run in a worker thread, on a short-lived connection of our own ---------------------------
 # VACUUM and checkpoints cannot run inside a transaction, and the writer is always inside one
 # when it runs our code; the store's other connection is read-only.
+
+
+def _vacuum_mode(path: Path) -> tuple[int, int]:
+    # A fresh connection: one that has cached the header may not see another one's VACUUM.
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT * FROM pragma_auto_vacuum(), pragma_page_size()").fetchone()
+    finally:
+        conn.close()
 
 
 def _enable_incremental_vacuum(path: Path) -> int:

@@ -206,6 +206,8 @@ async def test_retention_daemon_prunes_at_start_and_keeps_accepting(tmp_path: Pa
         async with asyncio.timeout(20):
             (event, *_) = await invoke_until_pruned()
         assert event["by_size"] > 4000
+        # The file was made incremental before: this start saw that and left it alone.
+        assert not [e for e in daemon.log_events() if e["event"].startswith("store_auto_vacuum")]
 
         async def all_succeeded() -> bool:
             rows = await daemon.invocations(function="echo")
