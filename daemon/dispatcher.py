@@ -12,6 +12,7 @@ stays queued in the store; an attempt the drain has to cancel is recorded as int
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ import msgspec
 import structlog
 
 from daemon.config import FunctionConfig
-from daemon.errors import LambdaemonError, ShuttingDownError
+from daemon.errors import LambdaemonError, ShuttingDownError, StoreUnavailableError
 from daemon.lanes import Backlogged, Lane, Lanes
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status
 from daemon.outbox import Router
@@ -37,6 +38,11 @@ from daemon.store import (
 from triggers.base import Accepted
 
 log = structlog.get_logger("lambdaemon.dispatcher")
+
+
+def _store_backoff(tries: int) -> float:
+    """Seconds before writing to a store that failed again: 0.5 s doubling up to 15 s."""
+    return min(15.0, 0.5 * 2 ** min(tries, 5))
 SYNC_VISIBLE_AFTER_S = 0.25
 _json = msgspec.json.Encoder()
 
@@ -363,6 +369,14 @@ class Dispatcher:
 
             try:
                 await asyncio.shield(marked)
+            except StoreUnavailableError as exc:
+                # Never started: back into the lane once the store may take writes again.
+                delay = _store_backoff(item.attempt)
+                log.error("invocation_start_not_recorded", invocation_id=item.id,
+                          function=fn.name, error=str(exc), retry_in_s=delay)  # fmt: skip
+                lane.push_at(item, time.time() + delay)
+                return
+            try:
                 # lane.fn: a reload while the row was being marked applies to this attempt too.
                 outcome = await self._run(lane.fn, request, attempt=attempt, on_start=on_start)
             except asyncio.CancelledError:
@@ -374,7 +388,7 @@ class Dispatcher:
                 await asyncio.shield(self._settle(lane, item, attempt, outcome))
                 raise
             # Shielded so a shutdown that cancels us still records how the attempt ended.
-            await asyncio.shield(self._settle(lane, item, attempt, outcome))
+            await self._settle_until_stored(lane, item, attempt, outcome)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -384,6 +398,26 @@ class Dispatcher:
         finally:
             lane.release()
             self._in_flight.discard(item.id)
+
+    async def _settle_until_stored(
+        self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome
+    ) -> None:
+        """Record the attempt; while the store cannot take writes, keep the outcome and retry.
+
+        The row stays `running` meanwhile, so a daemon stopped before the write lands still
+        recovers the attempt on its next start; the lane slot stays held, which keeps a
+        degraded daemon from starting work it cannot record.
+        """
+        for tries in itertools.count():
+            try:
+                await asyncio.shield(self._settle(lane, item, attempt, outcome))
+                return
+            except StoreUnavailableError as exc:
+                delay = _store_backoff(tries)
+                log.error("invocation_outcome_not_recorded", invocation_id=item.id,
+                          function=lane.fn.name, status=outcome.status.value, error=str(exc),
+                          retry_in_s=delay)  # fmt: skip
+                await asyncio.sleep(delay)
 
     def _interrupted(self, started_at: float) -> Outcome:
         """A cancelled attempt's outcome: crashed, as the next start would record it otherwise."""
