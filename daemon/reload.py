@@ -1,18 +1,20 @@
 """Reloading the config: what a re-read config changes, worked out before anything is touched.
 
-plan_reload(running, new) compares the running config with a freshly loaded (so validated) one
-and has no side effects; service.py applies the plan:
+plan_reload(running, new, secrets) compares the running config with a freshly loaded (so
+validated) one and has no side effects; service.py applies the plan:
 
 - functions added, removed or changed: the dispatcher's lanes take the new settings (running
   invocations finish on the old ones, queued ones stay queued) and the pool retires the workers
   of changed and removed functions;
 - trigger sources, one per kind: a kind is restarted when its triggers or the settings it reads
   changed, secret files' content included (a rotated MQTT password or webhook secret applies on
-  reload); the others keep running untouched. The webhook listener takes new routes and limits
+  reload: `secrets` are the running config's secret_digests(), taken when it was loaded); the
+  others keep running untouched. The webhook listener takes new routes and limits
   in place and rebinds only when `webhooks.listen` changes;
 - settings: those in LIVE apply; any other one (data_dir, max_workers, [api], ...) keeps its
   running value and is reported as needing a restart, never silently ignored. New settings
-  count as restart-only until they are listed here.
+  count as restart-only until they are listed here. [mqtt] applies to the MQTT source at
+  once, and to the outbox's publisher (mqtt: destinations) from the next start.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ReloadPlan(msgspec.Struct, frozen=True, kw_only=True):
     update: list[str]  # source kinds that take the new config in place (webhook routes)
     settings: list[str]  # changed settings that apply now
     needs_restart: list[str]  # changed settings that keep their running value
+    secrets: dict[str, str]  # secret_digests() of `config`, for the next reload
 
     def summary(self) -> dict[str, Any]:
         """For the config_reloaded log line and the reload API's answer."""
@@ -63,17 +66,26 @@ class ReloadPlan(msgspec.Struct, frozen=True, kw_only=True):
         }  # fmt: skip
 
 
-def plan_reload(running: Config, new: Config) -> ReloadPlan:
-    """Compare the running config with `new` (already validated by load_config)."""
+def plan_reload(running: Config, new: Config, secrets: dict[str, str]) -> ReloadPlan:
+    """Compare the running config (and its `secrets`) with `new`, validated by load_config."""
+    fresh = secret_digests(new)
     changed_settings = _changed_settings(running, new)
-    if _secret_digest(running, running.api.token_file) != _secret_digest(new, new.api.token_file):
-        changed_settings.append("api.token_file")
+    token = "api.token_file"
+    if secrets.get(token) != fresh.get(token) and token not in changed_settings:
+        changed_settings.append(token)  # the same file, a new token
     needs_restart = sorted({k for k in changed_settings if not _live(k)})
     config = _keep(running, new, needs_restart)
+    if token in needs_restart:  # still the running one's
+        fresh = {k: v for k, v in fresh.items() if k != token} | (
+            {token: secrets[token]} if token in secrets else {})
+    if _publishes_to_mqtt(config):  # the outbox's publisher keeps its connection settings
+        needs_restart += [f"{k} (mqtt: destinations)" for k in changed_settings
+                          if k.split(".", 1)[0] == "mqtt"]  # fmt: skip
     old_fns, new_fns = running.functions, config.functions
     stop, start, update = [], [], []
     for kind in sorted(_kinds(running) | _kinds(config)):
-        before, after = _source_inputs(running, kind), _source_inputs(config, kind)
+        before = _source_inputs(running, kind, secrets)
+        after = _source_inputs(config, kind, fresh)
         if before == after:
             continue
         if before is not None and after is not None and _in_place(kind, running, config):
@@ -90,7 +102,24 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
         changed=sorted(n for n in set(old_fns) & set(new_fns) if old_fns[n] != new_fns[n]),
         stop=stop, start=start, update=update,
         settings=sorted(set(changed_settings) - set(needs_restart)), needs_restart=needs_restart,
+        secrets=fresh,
     )  # fmt: skip
+
+
+def secret_digests(config: Config) -> dict[str, str]:
+    """Digests of the secret files `config` names, by key path (never the secrets themselves:
+    plans are logged). Taken when a config is loaded, so a reload sees a rotated secret."""
+    files = {"api.token_file": config.api.token_file}
+    if config.mqtt is not None:
+        files |= {"mqtt.password_file": config.mqtt.password_file,
+                  "mqtt.ca_file": config.mqtt.ca_file}  # fmt: skip
+    for name, fn in config.functions.items():
+        for index, trigger in enumerate(fn.triggers):
+            auth = getattr(trigger, "auth", None)
+            for field in ("token_file", "password_file", "secret_file"):
+                key = f"functions.{name}.triggers[{index}].auth.{field}"
+                files[key] = getattr(auth, field, None)
+    return {key: _digest(config, value) for key, value in files.items() if value is not None}
 
 
 def _changed_settings(old: Config, new: Config) -> list[str]:
@@ -122,6 +151,11 @@ def _keep(running: Config, new: Config, keys: list[str]) -> Config:
     return new
 
 
+def _publishes_to_mqtt(config: Config) -> bool:
+    targets = (t for fn in config.functions.values() for t in (fn.on_success, fn.on_failure))
+    return any(t is not None and t.startswith("mqtt:") for t in targets)
+
+
 def _kinds(config: Config) -> set[str]:
     return {_kind(t) for fn in config.functions.values() for t in fn.triggers}
 
@@ -130,7 +164,7 @@ def _kind(trigger: msgspec.Struct) -> str:
     return str(type(trigger).__struct_config__.tag)  # the config's `type`: cron, mqtt, ...
 
 
-def _source_inputs(config: Config, kind: str) -> tuple[Any, ...] | None:
+def _source_inputs(config: Config, kind: str, secrets: dict[str, str]) -> tuple[Any, ...] | None:
     """Everything the source of `kind` is built from; None when no trigger needs one."""
     triggers = tuple(
         (name, index, trigger)  # the trigger id is name#index: the position counts too
@@ -142,15 +176,12 @@ def _source_inputs(config: Config, kind: str) -> tuple[Any, ...] | None:
         return None
     if kind == "cron":
         return triggers, config.daemon.region
-    if kind == "mqtt" and config.mqtt is not None:
-        mqtt = config.mqtt
-        return triggers, mqtt, _secret_digest(config, mqtt.password_file), _file_digest(
-            config, mqtt.ca_file
-        )
-    if kind == "webhook" and config.webhooks is not None:
-        return triggers, config.webhooks, config.daemon.shutdown_timeout_s, _auth_digests(
-            config, triggers
-        )
+    if kind == "mqtt":
+        files = (secrets.get("mqtt.password_file"), secrets.get("mqtt.ca_file"))
+        return triggers, config.mqtt, files
+    if kind == "webhook":
+        auth = sorted((k, v) for k, v in secrets.items() if ".auth." in k)
+        return triggers, config.webhooks, config.daemon.shutdown_timeout_s, auth
     return triggers, config.base_dir  # files: paths are relative to the config's folder
 
 
@@ -164,27 +195,12 @@ def _in_place(kind: str, running: Config, new: Config) -> bool:
     )
 
 
-def _auth_digests(config: Config, triggers: tuple[Any, ...]) -> tuple[str | None, ...]:
-    files = ("token_file", "password_file", "secret_file")
-    return tuple(
-        _secret_digest(config, getattr(t.auth, f, None)) for _, _, t in triggers for f in files
-    )
-
-
-def _secret_digest(config: Config, value: str | None) -> str | None:
-    # A digest, never the secret itself: the plan is logged and returned by the API.
-    if value is None:
-        return None
+def _digest(config: Config, value: str) -> str:
     try:
-        return hashlib.sha256(read_secret(config, value, "").encode()).hexdigest()
-    except ConfigError:
-        return "unreadable"  # the running config's file may be gone; the new one was checked
-
-
-def _file_digest(config: Config, value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return hashlib.sha256(config.resolve(value).read_bytes()).hexdigest()
-    except OSError:
-        return None  # the source reports it when it loads the file
+        if value.startswith("credential:"):
+            data = read_secret(config, value, "").encode()
+        else:
+            data = config.resolve(value).read_bytes()
+    except (ConfigError, OSError):
+        return "unreadable"  # the source that needs it says so when it is built
+    return hashlib.sha256(data).hexdigest()

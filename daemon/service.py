@@ -27,7 +27,7 @@ from daemon.errors import ConfigError
 from daemon.health import STORE_HEALTH, StoreHealth
 from daemon.http import LIFECYCLE, build_api, start_site
 from daemon.pool import WorkerPool
-from daemon.reload import plan_reload
+from daemon.reload import plan_reload, secret_digests
 from daemon.retention import Pruner
 from daemon.sources import TriggerSources
 from daemon.store import Store
@@ -55,6 +55,7 @@ class Service:
         self._watchdog: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
         self._reload_lock = asyncio.Lock()  # one reload at a time; each re-reads the file
+        self._secrets = secret_digests(config)  # so a reload can tell a rotated secret file
         self._store: Store | None = None
         self._pool: WorkerPool | None = None
         self._sources: TriggerSources | None = None
@@ -183,7 +184,8 @@ class Service:
     async def _apply_reload(self, path: str) -> dict[str, Any]:
         assert self.dispatcher and self._pool and self._sources and self._store
         try:
-            plan = plan_reload(self.config, await asyncio.to_thread(load_config, path))
+            new = await asyncio.to_thread(load_config, path)
+            plan = plan_reload(self.config, new, self._secrets)
             # Built before anything changes: a source's own checks (two routes on one path,
             # MQTT settings) refuse the config like load_config's do.
             fresh = {s.name: s for s in build_sources(plan.config, self._store)}
@@ -196,7 +198,7 @@ class Service:
         for name in plan.update:
             self._sources.update(fresh[name])
         self._sources.start(fresh[name] for name in plan.start)
-        self.config = plan.config
+        self.config, self._secrets = plan.config, plan.secrets
         late = await self._sources.wait_started(RELOAD_WAIT_S, plan.start)
         report = {**plan.summary(), "sources_not_started": late}
         log.info("config_reloaded", config=path, **report)
