@@ -56,11 +56,13 @@ class TriggerSources:
             started = getattr(self.get(name), "started", None)
             if isinstance(started, asyncio.Event):
                 waits[name] = asyncio.ensure_future(started.wait())
-        if waits:
-            await asyncio.wait(waits.values(), timeout=timeout_s)
-        late = [name for name, wait in waits.items() if not wait.done()]
-        for wait in waits.values():
-            wait.cancel()
+        try:
+            if waits:
+                await asyncio.wait(waits.values(), timeout=timeout_s)
+        finally:  # a shutdown may cut the wait short
+            late = [name for name, wait in waits.items() if not wait.done()]
+            for wait in waits.values():
+                wait.cancel()
         for name in late:
             log.warning("trigger_source_not_started", source=name, waited_s=timeout_s)
         return late
