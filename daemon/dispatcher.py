@@ -230,9 +230,9 @@ class Dispatcher:
         # Most sync calls finish in milliseconds: they are written once, finished. A call
         # still running after SYNC_VISIBLE_AFTER_S gets its `running` row, so it shows up
         # while it runs and a daemon crash leaves a record of it.
-        running: list[asyncio.Task[Any]] = []
+        running: list[asyncio.Future[Any]] = []
         visible = asyncio.get_running_loop().call_later(
-            SYNC_VISIBLE_AFTER_S, lambda: running.append(self._spawn(self._store.insert(inv)))
+            SYNC_VISIBLE_AFTER_S, lambda: running.append(self._store.insert_nowait(inv))
         )
         try:
             request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn, client_context)
@@ -268,13 +268,13 @@ class Dispatcher:
         return outcome
 
     async def _record_sync(
-        self, inv: NewInvocation, running: asyncio.Task[Any] | None, outcome: Outcome
+        self, inv: NewInvocation, running: asyncio.Future[Any] | None, outcome: Outcome
     ) -> None:
         try:
             if running is None:
                 await self._store.record_finished(inv, outcome)
             else:
-                await running  # the finish must land after the row exists
+                # Enqueued after the running row's insert, so it commits after it.
                 await self._store.finish(inv.id, 1, outcome)
         except Exception as exc:  # recorded best effort: the caller already has its answer
             log.error("invocation_record_failed", invocation_id=inv.id, error=str(exc))

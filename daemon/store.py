@@ -87,6 +87,12 @@ class Store:
         """
         return await self._write(records.insert, inv=inv, extra_sql=extra_sql)
 
+    def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
+        """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
+        future = self._submit(partial(records.insert, inv=inv, extra_sql=None))
+        future.add_done_callback(partial(_log_unawaited_failure, inv.id))
+        return future
+
     def mark_running(
         self, id: str, attempt: int, started_at: float, worker_pid: int | None
     ) -> asyncio.Future[None]:
