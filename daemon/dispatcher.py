@@ -251,8 +251,10 @@ class Dispatcher:
             visible.cancel()
             lane.release()
 
-    async def _run_sync(self, fn: FunctionConfig, inv: NewInvocation, request: InvokeRequest,
-                        visible: asyncio.TimerHandle, running: list[asyncio.Task[Any]]) -> Outcome:
+    async def _run_sync(
+        self, fn: FunctionConfig, inv: NewInvocation, request: InvokeRequest,
+        visible: asyncio.TimerHandle, running: list[asyncio.Future[Any]],
+    ) -> Outcome:
         try:
             outcome = await self._run(fn, request, attempt=1, on_start=None)
         except asyncio.CancelledError:

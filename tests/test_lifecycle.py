@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import aiohttp
 
 from tests.daemon_proc import ROOT, Daemon, free_port, write_config
 from tests.mosquitto import running_broker
-from tests.triggers.test_mqtt import publish
+from tests.triggers.test_mqtt import publish, until
 
 FUNCS = ROOT / "tests" / "functions"
 BASIC = ROOT / "tests" / "pool" / "functions" / "basic"
@@ -62,21 +62,6 @@ def records(daemon: Daemon) -> dict[str, dict[str, Any]]:
 
 def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     return [e for e in daemon.log_events() if e.get("event") == name]
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str = "") -> Any:
-    """Poll `predicate` (plain or async) until it returns something truthy; bounded."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                value = predicate()
-                if isinstance(value, Awaitable):
-                    value = await value
-                if value:
-                    return value
-                await asyncio.sleep(0.05)  # polling, bounded by the timeout above
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
 
 async def queue(daemon: Daemon, name: str, event: dict[str, Any]) -> str:
