@@ -278,11 +278,31 @@ def _validate(config: Config) -> Config:
         read_secret(config, config.api.token_file, "api.token_file")
     if config.webhooks is not None:
         listen_host(config.webhooks.listen, path, "webhooks.listen")
+    if config.mqtt is not None:
+        from triggers.mqtt import check_settings  # paho lives in triggers/mqtt.py only
+
+        check_settings(config)
     functions_dir = config.resolve(config.daemon.functions_dir)
     functions = {}
     for name, fn in config.functions.items():
         functions[name] = _validate_function(config, name, fn, functions_dir)
+    _check_unique_routes(config)
     return msgspec.structs.replace(config, functions=functions)
+
+
+def _check_unique_routes(config: Config) -> None:
+    """Two webhook triggers may not answer the same path and method."""
+    seen: dict[tuple[str, str], str] = {}
+    for name, fn in config.functions.items():
+        for i, trigger in enumerate(fn.triggers):
+            if not isinstance(trigger, WebhookTriggerConfig):
+                continue
+            key = f"functions.{name}.triggers[{i}]"
+            for method in trigger.methods:
+                other = seen.setdefault((trigger.path, method), key)
+                if other != key:
+                    raise ConfigError(config.path, f"{key}.path",
+                                      f"{method} {trigger.path} is already routed by {other}")
 
 
 def _validate_function(config: Config, name: str, fn: FunctionConfig, functions_dir: Path) -> FunctionConfig:
@@ -336,6 +356,13 @@ def _validate_trigger(config: Config, trigger: TriggerConfig, key: str) -> None:
             raise ConfigError(path, key, "an mqtt trigger needs an [mqtt] section")
         if not valid_topic_filter(trigger.topic):
             raise ConfigError(path, f"{key}.topic", f"{trigger.topic!r} is not a valid MQTT topic filter")
+    elif isinstance(trigger, FilesTriggerConfig):
+        if "/" in trigger.pattern or not trigger.pattern:
+            raise ConfigError(path, f"{key}.pattern",
+                              f"{trigger.pattern!r}: a pattern matches file names, not paths")
+        folder = config.resolve(trigger.path)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(path, f"{key}.path", f"{folder} exists and is not a folder")
     elif isinstance(trigger, WebhookTriggerConfig):
         if config.webhooks is None:
             raise ConfigError(path, key, "a webhook trigger needs a [webhooks] section")

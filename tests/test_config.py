@@ -67,6 +67,14 @@ def test_config_example_loads():
          "functions.a.triggers[0].topic", "not a valid MQTT topic filter"),
         (FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nauth = { type = "hmac" }\n',
          "functions.a.triggers[0].auth.secret_file", "required key is missing"),
+        (FN + '[mqtt]\nurl = "http://broker"\n', "mqtt.url", "is not mqtt://host"),
+        (FN + '[[functions.a.triggers]]\ntype = "files"\npath = "in"\npattern = "sub/*.txt"\n',
+         "functions.a.triggers[0].pattern", "matches file names, not paths"),
+        (FN + f'[[functions.a.triggers]]\ntype = "files"\npath = "{HELLO / "handler.py"}"\n',
+         "functions.a.triggers[0].path", "is not a folder"),
+        (FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\n'
+         '[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nmethods = ["GET", "POST"]\n',
+         "functions.a.triggers[1].path", "POST /x is already routed by functions.a.triggers[0]"),
     ],
 )
 def test_config_error_names_key_and_reason(tmp_path, body, key, reason):
