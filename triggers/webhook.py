@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 
 from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig, read_secret
 from daemon.dispatcher import UnknownFunctionError
-from daemon.errors import ConfigError, QueueFullError, ShuttingDownError, StoreUnavailableError
+from daemon.errors import QueueFullError, ShuttingDownError, StoreUnavailableError
 from daemon.http import start_site
 from daemon.models import Outcome, Status
 from triggers.base import Emit
@@ -179,11 +179,7 @@ class WebhookSource:
             key = f"functions.{function}.triggers[{trigger_id.rpartition('#')[2]}]"
             check = _build_check(config, trigger.auth, f"{key}.auth")
             by_method = self.routes.setdefault(trigger.path, {})
-            for method in trigger.methods:
-                if method in by_method:
-                    other = by_method[method].trigger_id
-                    raise ConfigError(config.path, f"{key}.path",
-                                      f"{method} {trigger.path} is already served by {other}")
+            for method in trigger.methods:  # config validation refuses duplicate routes
                 by_method[method] = Route(function, trigger_id, trigger.path, trigger.mode, check)
         self._allow = {path: ", ".join(sorted(methods)) for path, methods in self.routes.items()}
         self.rejected: Counter[str] = Counter()

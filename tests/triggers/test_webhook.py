@@ -22,7 +22,6 @@ from structlog.testing import capture_logs
 
 from daemon.config import load_config
 from daemon.dispatcher import Dispatcher
-from daemon.errors import ConfigError
 from daemon.pool import WorkerPool
 from daemon.store import Store
 from tests.daemon_proc import ROOT, Daemon, free_port, write_config
@@ -548,14 +547,6 @@ async def test_webhook_source_counts_on_itself_and_logs_without_secrets(tmp_path
         ("auth_invalid", 2, "warning"), ("not_found", 1, "info")]
     assert all(e["remote"] == "127.0.0.1" for e in rejected)
     assert TOKEN not in repr(logs)
-
-
-async def test_webhook_same_route_twice_is_a_config_error(tmp_path: Path):
-    config = _config(tmp_path, '{ type = "webhook", path = "/x" }, '
-                               '{ type = "webhook", path = "/x", methods = ["GET", "POST"] }')
-    taken = r"triggers\[1\]\.path.*POST /x is already served by mirror#0"
-    with pytest.raises(ConfigError, match=taken):
-        WebhookSource(config, None, _triggers(config))
 
 
 # --- shutdown -----------------------------------------------------------------------------------
