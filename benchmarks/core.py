@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import report  # noqa: E402
 from tests.daemon_proc import Daemon, free_port, write_config  # noqa: E402
 
 NOOP = HERE / "functions" / "noop"
@@ -130,10 +131,7 @@ async def main() -> None:
         "cold start <= 150 ms": results["cold_start_ms"]["p50"] <= 150,
         "idle RSS <= 60 MB": results["idle_rss_mb"]["total"] <= 60,
     }
-    out = HERE / "results" / "core.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    report("core", results)
 
 
 if __name__ == "__main__":

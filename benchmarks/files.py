@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import report, spread_ms  # noqa: E402
 from tests.daemon_proc import Daemon, write_config  # noqa: E402
 
 
@@ -60,17 +59,10 @@ async def main() -> None:
     )
     results = {
         "files": len(delays), "gap_ms": args.gap_ms,
-        "delay_ms": {
-            "p50": round(statistics.median(delays), 2),
-            "p99": round(delays[max(0, int(len(delays) * 0.99) - 1)], 2),
-            "max": round(delays[-1], 2),
-        },
+        "delay_ms": spread_ms(delays),
     }
     results["targets"] = {"p50 <= 100 ms": results["delay_ms"]["p50"] <= 100}
-    out = HERE / "results" / "files.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    report("files", results)
 
 
 async def _started(daemon: Daemon) -> bool:

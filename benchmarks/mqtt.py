@@ -26,6 +26,7 @@ import paho.mqtt.client as paho
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import report  # noqa: E402
 from tests.daemon_proc import Daemon, write_config  # noqa: E402
 from tests.mosquitto import Mosquitto  # noqa: E402
 
@@ -116,10 +117,7 @@ async def main() -> None:
             broker.stop()
     results = {"bare_aiomqtt": bare, "daemon": daemon, "ratio_vs_bare": round(daemon["msgs_per_s"] / bare["msgs_per_s"], 3)}
     results["targets"] = {"ratio >= 0.3": results["ratio_vs_bare"] >= 0.3, "zero lost": daemon["lost"] == 0}
-    out = HERE / "results" / "mqtt.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    report("mqtt", results)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import report  # noqa: E402
 from benchmarks.core import bare_baseline, loadgen  # noqa: E402
 from tests.daemon_proc import Daemon, free_port, write_config  # noqa: E402
 
@@ -48,10 +48,7 @@ async def main() -> None:
         "ratio_vs_bare": round(webhook["rps"] / bare["rps"], 3),
     }
     results["targets"] = {"ratio >= 0.3": results["ratio_vs_bare"] >= 0.3, "p99 <= 10 ms": webhook["p99_ms"] <= 10}
-    out = HERE / "results" / "webhook.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    report("webhook", results)
 
 
 if __name__ == "__main__":
