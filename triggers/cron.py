@@ -28,6 +28,7 @@ starting with `*`), a day matching either fires, as in cron.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped
 
 if TYPE_CHECKING:
     from daemon.config import Config, CronTriggerConfig
-    from triggers.base import Emit
+    from triggers.base import Accepted, Emit
 
 log = structlog.get_logger("lambdaemon.triggers.cron")
 
@@ -397,8 +398,8 @@ class CronSource:
         event = scheduled_event(t.trigger_id, nominal, self._region)
         retry_s = RETRY_S[0]
         while True:
-            try:
-                accepted = await emit(
+            committing = asyncio.ensure_future(
+                emit(
                     t.function,
                     event,
                     trigger="cron",
@@ -406,7 +407,16 @@ class CronSource:
                     dedupe_key=dedupe_key(t.trigger_id, nominal),
                     extra_sql=_marker(t.trigger_id, nominal),
                 )
+            )
+            try:
+                accepted = await asyncio.shield(committing)
                 break
+            except asyncio.CancelledError:
+                # Stopped mid-commit: the store commits a write whose caller went away, so wait
+                # for the outcome and log a fire that landed; every committed fire is logged.
+                with contextlib.suppress(Exception):
+                    self._log_fired(t, nominal, delay_ms, await committing)
+                raise
             except Exception as exc:
                 # Not marked, so not lost: the same nominal fire is retried until it commits.
                 log.error(
@@ -418,6 +428,11 @@ class CronSource:
                 )
                 await self._clock.sleep(retry_s)
                 retry_s = min(retry_s * 2, RETRY_S[1])
+        self._log_fired(t, nominal, delay_ms, accepted)
+
+    def _log_fired(
+        self, t: _Trigger, nominal: datetime, delay_ms: float, accepted: Accepted
+    ) -> None:
         log.info(
             "cron_fired",
             trigger_id=t.trigger_id,

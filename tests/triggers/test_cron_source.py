@@ -335,3 +335,24 @@ async def test_cron_seconds_schedule_fires_each_second_once_and_catches_up(store
             await clock.advance(utc("2025-06-01T12:00:14.000Z"))
     assert await fired(store) == [f"2025-06-01T12:00:{s:02d}Z" for s in range(2, 15, 2)]
     assert emit.calls == [f"cron:report#0@2025-06-01T12:00:{s:02d}Z" for s in range(6, 15, 2)]
+
+
+async def test_cron_stopped_during_a_commit_still_logs_the_fire(store):
+    """A stop (shutdown, reload) that cancels the source mid-commit: the store commits the fire
+    regardless, so its cron_fired line is still written; every committed fire is logged."""
+    committing = asyncio.Event()
+
+    class Committing(StoreEmit):
+        async def __call__(self, *args: Any, **kwargs: Any) -> Accepted:
+            committing.set()  # the write is queued before this yields: the stop lands mid-commit
+            return await super().__call__(*args, **kwargs)
+
+    clock = FakeClock(utc("2025-06-01T11:59:50Z"))
+    with capture_logs() as logs:
+        async with running(store, clock, cron("* * * * *"), Committing(store)):
+            clock.jump(utc("2025-06-01T12:00:00Z"))
+            async with asyncio.timeout(10):
+                await committing.wait()
+    assert await fired(store) == ["2025-06-01T12:00:00Z"]
+    [line] = [e for e in logs if e["event"] == "cron_fired"]
+    assert line["nominal"] == "2025-06-01T12:00:00Z" and line["created"]
