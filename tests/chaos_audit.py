@@ -56,7 +56,7 @@ class Report:
     records: dict[str, int]  # invocation rows per source
     lost: dict[str, list[Any]]  # accepted payload ids without a record
     duplicates: dict[str, list[Any]]  # payload ids with more than one record
-    not_final: list[str]  # records of accepted events that did not end succeeded
+    not_final: list[str]  # records that did not end succeeded
     extra_attempts: int  # sum of (attempt - 1): handler re-runs, all on the same record
     retried_records: int  # records with attempt > 1
     handler_runs: int
@@ -114,7 +114,7 @@ def audit(daemon: Daemon, run: Run) -> Report:
         attempts[inv_id] = attempt
     last_marker = cron_marker(daemon)
     expected = _expected(run, last_marker)
-    not_final, left_queued = _unfinished(records, expected, run.settled_marker)
+    not_final, left_queued = _unfinished(records, run.settled_marker)
     runs = Counter(line.split()[1] for line in _run_log(run.workdir))
     marker_at = _parse(last_marker) if last_marker else run.stopped_at
     return Report(
@@ -175,13 +175,11 @@ def _expected(run: Run, last_marker: str | None) -> dict[str, set[Any]]:
     }
 
 
-def _unfinished(
-    records: Records, expected: dict[str, set[Any]], settled_marker: str | None
-) -> tuple[list[str], int]:
-    """Records of accepted events that did not succeed; and cron fires the stop left queued."""
+def _unfinished(records: Records, settled_marker: str | None) -> tuple[list[str], int]:
+    """Records that did not succeed (acknowledged or not); and cron fires the stop left queued."""
     not_final, left_queued = [], 0
     for source in SOURCES:
-        for key in sorted(expected[source] & set(records[source])):
+        for key in sorted(records[source]):
             for inv_id, status, _ in records[source][key]:
                 if status == "succeeded":
                     continue
