@@ -13,11 +13,13 @@ import re
 import sqlite3
 import ssl
 import subprocess
+import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgspec
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -515,10 +517,15 @@ async def test_mqtt_tls_with_username_and_password(tmp_path: Path, tls: dict[str
 def test_mqtt_bad_connection_settings_name_their_key(
     tmp_path: Path, settings: str, key: str
 ) -> None:
-    body = mqtt_toml("mqtt://unused", {"temp": [("t/#", 1)]}).replace(
-        'url = "mqtt://unused"', settings
-    )
-    config = load_config(write_config(tmp_path, body))
+    body = mqtt_toml("mqtt://unused", {"temp": [("t/#", 1)]})
+    with pytest.raises(ConfigError) as info:  # `lambdaemon check` and every start refuse it
+        load_config(write_config(tmp_path, body.replace('url = "mqtt://unused"', settings)))
+    assert info.value.key == key
+    # The source and check_settings() name the key too, given those settings unvalidated.
+    valid = load_config(write_config(tmp_path, body))
+    assert valid.mqtt is not None
+    bad = msgspec.structs.replace(valid.mqtt, **tomllib.loads(settings))
+    config = msgspec.structs.replace(valid, mqtt=bad)
     triggers = [("temp", "temp#0", config.functions["temp"].triggers[0])]
     with pytest.raises(ConfigError) as info:
         MqttSource(config, store=None, triggers=triggers)
