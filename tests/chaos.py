@@ -256,7 +256,7 @@ async def _kill_repeatedly(chaos: Chaos, daemon: Daemon) -> list[dict[str, Any]]
 async def _ready_for_load(daemon: Daemon) -> bool:
     # The persistent session must exist before the first publish, or the broker drops it.
     logged = {e.get("event") for e in daemon.log_events()}
-    needed = {"mqtt_subscribed", "webhook_listening", "files_rescanned"}
+    needed = {"mqtt_subscribed", "webhook_listening", "files_rescanned", "cron_started"}
     return needed <= logged and cron_marker(daemon) is not None
 
 

@@ -158,9 +158,11 @@ def query(daemon: Daemon, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[
 
 def cron_marker(daemon: Daemon) -> str | None:
     """The last nominal fire the cron trigger committed (or, before any, since when it runs)."""
-    rows = query(
-        daemon, "SELECT last_nominal FROM cron_fires WHERE trigger_id = ?", (CRON_TRIGGER,)
-    )
+    sql = "SELECT last_nominal FROM cron_fires WHERE trigger_id = ?"
+    try:
+        rows = query(daemon, sql, (CRON_TRIGGER,))
+    except sqlite3.OperationalError:  # no database or no table yet: the daemon creates both
+        return None
     return rows[0][0] if rows else None
 
 
