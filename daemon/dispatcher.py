@@ -350,6 +350,7 @@ class Dispatcher:
 
     async def _run_async(self, lane: Lane, item: Backlogged) -> None:
         fn, attempt = lane.fn, item.attempt + 1
+        released = False
         try:
             if item.attempt > item.retry_base and too_old(fn, item.age_from, time.time()):
                 # A retry that came due too late (the daemon was down, or the lane was busy).
@@ -389,7 +390,10 @@ class Dispatcher:
                             attempt=attempt, invocation_type="async")  # fmt: skip
                 await asyncio.shield(self._settle(lane, item, attempt, outcome))
                 raise
-            # Shielded so a shutdown that cancels us still records how the attempt ended.
+            # The handler is done: its slot goes to the next invocation while this outcome
+            # commits, so a lane runs handlers back to back instead of waiting on the disk.
+            released = True
+            lane.release()
             await self._settle_until_stored(lane, item, attempt, outcome)
         except asyncio.CancelledError:
             raise
@@ -398,7 +402,8 @@ class Dispatcher:
             log.error("invocation_not_recorded", invocation_id=item.id, function=fn.name,
                       error=str(exc))  # fmt: skip
         finally:
-            lane.release()
+            if not released:
+                lane.release()
             self._in_flight.discard(item.id)
 
     async def _settle_until_stored(
@@ -407,8 +412,8 @@ class Dispatcher:
         """Record the attempt; while the store cannot take writes, keep the outcome and retry.
 
         The row stays `running` meanwhile, so a daemon stopped before the write lands still
-        recovers the attempt on its next start; the lane slot stays held, which keeps a
-        degraded daemon from starting work it cannot record.
+        recovers the attempt on its next start. Other attempts cannot start meanwhile either:
+        their `running` mark fails and sends them back to the lane.
         """
         for tries in itertools.count():
             try:
