@@ -2,6 +2,12 @@
 
 A write's awaitable resolves only after the COMMIT that holds it has returned (WAL with
 ``synchronous=FULL``), so a caller may acknowledge its source at that point and not before.
+
+Bookkeeping of invocations already accepted (an attempt's start, its outcome, a retry) is
+*relaxed*: a batch holding nothing else commits with ``synchronous=NORMAL``, without waiting
+for fsync. Such a commit survives a kill -9 (it is in the OS's page cache); only a power cut can
+undo it, and then the invocation simply runs again, as at-least-once allows. The next FULL
+commit flushes every earlier frame of the WAL with it, since the WAL is written in order.
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ class Store:
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
-        future = self._submit(partial(records.insert, inv=inv, extra_sql=None))
+        future = self._submit(_Relaxed(records.insert, inv=inv, extra_sql=None))
         future.add_done_callback(partial(_log_unawaited_failure, inv.id))
         return future
 
@@ -99,7 +105,7 @@ class Store:
         """Enqueue the start of an attempt; awaiting the returned future is optional."""
         op = partial(records.mark_running, id=id, attempt=attempt, started_at=started_at,
                      worker_pid=worker_pid)  # fmt: skip
-        future = self._submit(op)
+        future = self._submit(_Relaxed(op))
         future.add_done_callback(partial(_log_unawaited_failure, id))
         return future
 
@@ -113,7 +119,7 @@ class Store:
         `extra_sql(conn)` runs after it in the same savepoint (destinations: daemon/outbox.py).
         """
         _require_final(outcome)
-        await self._write(records.finish, id=id, attempt=attempt, o=outcome,
+        await self._write(records.finish, relaxed=True, id=id, attempt=attempt, o=outcome,
                           dead_letter=dead_letter, now=time.time(),
                           extra_sql=extra_sql)  # fmt: skip
 
@@ -123,14 +129,14 @@ class Store:
         For short synchronous invocations that never needed a visible `running` row.
         """
         _require_final(outcome)
-        await self._write(records.insert_finished, inv=inv, o=outcome)
+        await self._write(records.insert_finished, relaxed=True, inv=inv, o=outcome)
 
     async def requeue(
         self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
     ) -> None:
         """Record a failed attempt that will be retried; the row is queued again."""
         _require_final(outcome)
-        await self._write(records.requeue, id=id, attempt=attempt, o=outcome,
+        await self._write(records.requeue, relaxed=True, id=id, attempt=attempt, o=outcome,
                           next_attempt_at=next_attempt_at)  # fmt: skip
 
     async def dead_letter_waiting(
@@ -289,8 +295,8 @@ class Store:
 
     # --- the writer ----------------------------------------------------------------------------
 
-    async def _write(self, op: Callable[..., Any], **kwargs: Any) -> Any:
-        return await self._wait(self._submit(partial(op, **kwargs)))
+    async def _write(self, op: Callable[..., Any], *, relaxed: bool = False, **kwargs: Any) -> Any:
+        return await self._wait(self._submit((_Relaxed if relaxed else partial)(op, **kwargs)))
 
     def _submit(self, fn: Op) -> asyncio.Future[Any]:
         if self._writer_task is None or self._closing is not None or self._writer_task.done():
@@ -431,7 +437,13 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> int:
     return len(MIGRATIONS)
 
 
+class _Relaxed(partial):  # type: ignore[type-arg]
+    """A write that needs no fsync of its own (see the module docstring)."""
+
+
 def _run_batch(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    relaxed = all(isinstance(op, _Relaxed) for op in ops)
+    conn.execute(f"PRAGMA synchronous = {'NORMAL' if relaxed else 'FULL'}")
     with _immediate(conn):
         return [_run_in_savepoint(conn, op) for op in ops]
 
