@@ -206,7 +206,12 @@ async def test_files_odd_entries_are_rejected_to_failed_with_reason(tmp_path):
                 sidecar = json.loads((inbox / "failed" / f"{prefix}_{name}.error").read_text())
                 assert sidecar["reason"] == f"not a regular file ({kinds[name]})"
                 assert sidecar["invocation_id"] is None
-            assert {e["name"] for e in events(daemon, "files_rejected")} == odd
+
+            def rejected() -> list[dict]:  # each is logged once its move is done
+                lines = events(daemon, "files_rejected")
+                return lines if len(lines) >= len(odd) else []
+
+            assert {e["name"] for e in await until(daemon, rejected)} == odd
             assert (tmp_path / "outside.txt").read_text() == "outside the folder"
             assert [r["event"]["name"] for r in await records(daemon, "reader")] == ["fine.txt"]
     finally:
@@ -224,7 +229,9 @@ async def test_files_failing_handler_goes_to_failed_and_can_be_replayed(tmp_path
         assert sidecar["invocation_id"] == first and sidecar["function"] == "breaker"
         assert (sidecar["status"], sidecar["error_type"]) == ("failed", "ValueError")
         assert sidecar["error_message"] == "cannot process bad.csv"
-        assert events(daemon, "files_failed", name="bad.csv")[0]["invocation_id"] == first
+        # files_failed is logged once the move is done: wait for the line, not just the file.
+        [failed] = await until(daemon, lambda: events(daemon, "files_failed", name="bad.csv"))
+        assert failed["invocation_id"] == first
         # Moving it back in is a replay: a new claim, so a new invocation, not the old one's result.
         os.rename(inbox / "failed" / f"{first}_bad.csv", inbox / "bad.csv")
         await until(daemon, lambda: "bad.csv" in finished(inbox, "failed"))
