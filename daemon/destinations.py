@@ -16,6 +16,11 @@ user property) so a receiver can drop a repeat.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # paho loads only once an mqtt: destination has a record to send
+    from triggers.mqtt import MqttPublisher
+
 import asyncio
 import contextlib
 import io
@@ -34,7 +39,6 @@ from daemon import outbox
 from daemon.config import Config
 from daemon.outbox import OutboxRow
 from daemon.store import Store
-from triggers.mqtt import MqttPublisher, MqttPublishError
 
 log = structlog.get_logger("lambdaemon.destinations")
 
@@ -175,6 +179,8 @@ class OutboxRelay:
 
     async def _send(self, row: OutboxRow) -> None:
         if row.kind == "mqtt":
+            from triggers.mqtt import MqttPublishError
+
             try:
                 await self._mqtt().publish(row.target, row.record, message_id=row.idempotency_key)
             except MqttPublishError as exc:
@@ -186,6 +192,8 @@ class OutboxRelay:
         if self._publisher is None:
             if self._config.mqtt is None:  # the section went away after the record was made
                 raise _Retry("the config has no [mqtt] section")
+            from triggers.mqtt import MqttPublisher
+
             self._publisher = MqttPublisher(self._config, on_connected=self._mqtt_connected)
             self._spawn(self._publisher.run(), "mqtt-publisher")
         return self._publisher
