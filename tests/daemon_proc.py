@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,21 @@ def write_config(tmp_path: Path, body: str, *, api_port: int | None = None, daem
         f'[api]\nlisten = "127.0.0.1:{api_port}"\n\n{body}\n'
     )
     return path
+
+
+async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str = "") -> Any:
+    """Poll `predicate` (plain or async) until it returns something truthy; bounded."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                value = predicate()
+                if isinstance(value, Awaitable):
+                    value = await value
+                if value:
+                    return value
+                await asyncio.sleep(0.05)  # polling, bounded by the timeout above
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
 
 class Daemon:

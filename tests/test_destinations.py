@@ -12,7 +12,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from daemon.errors import ConfigError
 from daemon.outbox import MAX_HOPS
 from daemon.pool import WorkerPool
 from daemon.store import NewInvocation, Store
-from tests.daemon_proc import Daemon, free_port, write_config
+from tests.daemon_proc import Daemon, free_port, until, write_config
 from tests.mosquitto import Mosquitto, running_broker
 from tests.test_retries import FLAKY, dispatching, final, flaky
 
@@ -42,21 +42,6 @@ V5 = aiomqtt.ProtocolVersion.V5
 def fn(name: str, folder: str, **settings: Any) -> FunctionConfig:
     return FunctionConfig(handler="handler.handler", name=name, code=str(FUNCTIONS / folder),
                           **settings)  # fmt: skip
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str = "") -> Any:
-    """Poll `predicate` (plain or async) until it returns something truthy; bounded."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                value = predicate()
-                if isinstance(value, Awaitable):
-                    value = await value
-                if value:
-                    return value
-                await asyncio.sleep(0.05)  # polling, bounded by the timeout above
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
 
 async def child_of(store: Store, parent_id: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import sqlite3
 import ssl
 import subprocess
 import tomllib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.pool import WorkerPool
 from daemon.store import Store
-from tests.daemon_proc import Daemon, running_daemon, write_config
+from tests.daemon_proc import Daemon, running_daemon, until, write_config
 from tests.mosquitto import Mosquitto, free_port
 from triggers.base import supervise
 from triggers.mqtt import MqttSource, check_settings
@@ -70,21 +69,6 @@ def records(daemon: Daemon, function: str | None = None) -> list[dict[str, Any]]
         {"function": f, "trigger_id": t, "dedupe_key": k, "event": json.loads(e)}
         for f, t, k, e in rows
     ]
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str = "") -> Any:
-    """Poll `predicate` (plain or async) until it returns something truthy; bounded."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                value = predicate()
-                if isinstance(value, Awaitable):
-                    value = await value
-                if value:
-                    return value
-                await asyncio.sleep(0.05)  # polling, bounded by the timeout above
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
 
 def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
