@@ -7,6 +7,7 @@ the reason. Relative paths are resolved against the folder of the config file.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import ipaddress
 import os
 import re
@@ -57,6 +58,8 @@ class DaemonSettings(_Section):
     retention_days: Annotated[float, Meta(ge=0, le=36_500)] = 30.0
     # The database file plus its WAL; the oldest final records go first when it is reached.
     max_db_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 256
+    # auto: uvloop when it is installed (it is a dependency on Linux), else asyncio's own loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 class ApiSettings(_Section):
@@ -271,6 +274,8 @@ def _split_msgspec_error(message: str) -> tuple[str, str]:
 def _validate(config: Config) -> Config:
     path = config.path
     listen_host(config.api.listen, path, "api.listen")
+    if config.daemon.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError(path, "daemon.event_loop", "uvloop is not installed (pip install uvloop)")
     if not is_loopback(config.api.listen):
         if config.api.token_file is None:
             raise ConfigError(path, "api.token_file", "required when api.listen is not a loopback address")

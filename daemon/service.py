@@ -107,6 +107,7 @@ class Service:
         log.info(
             "daemon_ready", functions=len(self.config.functions), sources=self._sources.names,
             api=self.config.api.listen, startup_ms=round((time.monotonic() - started) * 1000, 1),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         self.ready.set()
         # Everything loaded so far lives as long as the daemon: keep the collector off it, so
