@@ -474,11 +474,13 @@ class Dispatcher:
 
     async def _run(self, fn: FunctionConfig, request: InvokeRequest, *, attempt: int,
                    on_start: Callable[[int, float], None] | None) -> Outcome:
-        bound = log.bind(invocation_id=request.invocation_id, function=fn.name)
-        bound.info("invocation_started", attempt=attempt)
+        invocation_id = request.invocation_id
+        log.info("invocation_started", invocation_id=invocation_id, function=fn.name,
+                 attempt=attempt)  # fmt: skip
         outcome = await self._pool.invoke(fn, request, on_start)
-        bound.info(
-            "invocation_finished", status=outcome.status.value, attempt=attempt,
+        log.info(
+            "invocation_finished", invocation_id=invocation_id, function=fn.name,
+            status=outcome.status.value, attempt=attempt,
             duration_ms=round(outcome.duration_ms, 3), error_type=outcome.error_type,
         )
         return outcome

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -33,3 +34,56 @@ def test_logs_json_lines_with_priority_for_ours_and_stdlib():
     assert ours["level"] == "info" and ours["timestamp"].endswith("Z")
     assert "module 'io'" in ours["path"]  # unserialisable values are logged as text
     assert theirs["event"] == "peer 1.2.3.4 went away" and theirs["level"] == "warning"
+
+
+class _Writes(io.BytesIO):
+    """A stream that remembers each write, to see how lines were gathered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self.writes.append(bytes(data))
+        return super().write(data)
+
+
+async def test_lines_logged_in_one_loop_iteration_go_out_in_one_write_in_order():
+    out = _Writes()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("info", json=True, stream=out)
+        log = structlog.get_logger("lambdaemon.test")
+        log.info("first", n=1)
+        log.info("second", n=2)
+        assert out.writes == []  # gathered until the loop has run this iteration's callbacks
+        log.warning("third", n=3)  # a warning goes out at once, after what was gathered
+        assert len(out.writes) == 1
+        log.info("fourth", n=4)
+        log.info("fifth", n=5)
+        for _ in range(3):  # let the loop run the scheduled flush
+            await asyncio.sleep(0)
+        assert len(out.writes) == 2
+        logging.getLogger("aiohttp.server").error("from a library")  # through the same output
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    events = [json.loads(line[3:])["event"] for line in out.getvalue().decode().splitlines()]
+    assert events == ["first", "second", "third", "fourth", "fifth", "from a library"]
+    assert len(out.writes) == 3
+
+
+def test_lines_logged_outside_an_event_loop_are_written_at_once():
+    out = _Writes()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("info", json=True, stream=out)
+        structlog.get_logger("lambdaemon.test").info("alone")
+        assert len(out.writes) == 1 and b'"event":"alone"' in out.writes[0]
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
