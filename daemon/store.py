@@ -68,6 +68,7 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._batches: _Batches | None = None
         self._closing: asyncio.Future[None] | None = None
 
     @classmethod
@@ -265,6 +266,7 @@ class Store:
         try:
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
             version = await self._writer._execute(_prepare_writer, self._writer._conn, self.path)
+            self._batches = _Batches(self._writer._conn, synchronous="FULL")  # as prepared
             # Read-only, so a trigger's query() can never write behind the writer's back.
             uri = self.path.resolve().as_uri() + "?mode=ro"
             self._reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
@@ -331,12 +333,13 @@ class Store:
             _fail_all([item for item in left if item is not None], "the store is closed", None)
 
     async def _commit(self, ops: list[tuple[Op, asyncio.Future[Any]]]) -> None:
-        writer = self._writer
-        assert writer is not None  # the writer task starts only once the connection is open
+        writer, batches = self._writer, self._batches
+        # The writer task starts only once the connection is open and prepared.
+        assert writer is not None and batches is not None
         try:
             # The whole transaction in ONE hop into aiosqlite's thread (a private API): every
             # public call is its own thread round trip (~100 us), far more than SQLite's work.
-            results = await writer._execute(_run_batch, writer._conn, [fn for fn, _ in ops])
+            results = await writer._execute(batches.run, [fn for fn, _ in ops])
         except asyncio.CancelledError:
             _fail_all(ops, "the store writer was cancelled", None)
             raise
@@ -441,11 +444,27 @@ class _Relaxed(partial):  # type: ignore[type-arg]
     """A write that needs no fsync of its own (see the module docstring)."""
 
 
-def _run_batch(conn: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
-    relaxed = all(isinstance(op, _Relaxed) for op in ops)
-    conn.execute(f"PRAGMA synchronous = {'NORMAL' if relaxed else 'FULL'}")
-    with _immediate(conn):
-        return [_run_in_savepoint(conn, op) for op in ops]
+class _Batches:
+    """Runs the writer's batches, in the database thread (never two at once).
+
+    It remembers the connection's `synchronous` level and sets it only when a batch needs the
+    other one: under load most batches are bookkeeping, and a PRAGMA before each is one more
+    statement (a GIL hand-off) for nothing. Nothing else changes it after _prepare_writer:
+    SQLite refuses to change it inside a transaction, so an op cannot.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, synchronous: str) -> None:
+        self._conn = conn
+        self._synchronous = synchronous
+
+    def run(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        level = "NORMAL" if all(isinstance(op, _Relaxed) for op in ops) else "FULL"
+        if level != self._synchronous:
+            conn.execute(f"PRAGMA synchronous = {level}")
+            self._synchronous = level
+        with _immediate(conn):
+            return [_run_in_savepoint(conn, op) for op in ops]
 
 
 def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:

@@ -24,6 +24,7 @@ from daemon.retry import Verdict
 from daemon.store import MIGRATIONS, NewInvocation, QueuedInvocation, Store
 
 REPO = Path(__file__).resolve().parents[1]
+NORMAL, FULL = 1, 2  # PRAGMA synchronous
 
 
 def new(id: str, **fields: object) -> NewInvocation:
@@ -174,6 +175,26 @@ async def test_store_failing_op_fails_only_its_own_future(store: Store) -> None:
     assert isinstance(results[1], sqlite3.IntegrityError)
     assert isinstance(results[2], sqlite3.IntegrityError)
     assert await store.status_of("bad") is None
+
+
+async def test_store_sets_synchronous_by_what_each_batch_holds(store: Store) -> None:
+    """Bookkeeping alone commits with NORMAL; a batch with an accepting write with FULL."""
+    levels: list[int] = []
+
+    def level(conn: sqlite3.Connection) -> None:
+        levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    await asyncio.gather(*(store.insert(new(f"r{n}")) for n in range(4)))
+    done = outcome(Status.SUCCEEDED)
+    await store.finish("r0", 1, done, extra_sql=level)  # relaxed alone: NORMAL
+    await store.finish("r1", 1, done, extra_sql=level)  # relaxed again: stays NORMAL
+    await store.transaction(level)  # not relaxed: FULL again after relaxed batches
+    await store.finish("r2", 1, done, extra_sql=level)
+    # One batch: relaxed bookkeeping beside an accepting insert commits with FULL.
+    await asyncio.gather(store.finish("r3", 1, done, extra_sql=level), store.insert(new("x")))
+    await store.record_finished(new("y", invocation_type="sync"), done)
+    await store.transaction(level)
+    assert levels == [NORMAL, NORMAL, FULL, NORMAL, FULL, FULL]
 
 
 async def test_store_extra_sql_commits_with_the_row_or_not_at_all(store: Store) -> None:
