@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +23,7 @@ import structlog
 from daemon.config import FunctionConfig
 from daemon.errors import LambdaemonError, ShuttingDownError, StoreUnavailableError
 from daemon.lanes import Backlogged, Lane, Lanes
-from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status
+from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status, new_id
 from daemon.outbox import Router
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
@@ -54,7 +53,7 @@ class UnknownFunctionError(LambdaemonError, KeyError):
 
 
 def new_invocation_id() -> str:
-    return str(uuid.uuid4())
+    return new_id()
 
 
 def to_json(event: Any) -> bytes:

@@ -97,6 +97,15 @@ class _GatheredOutput:
     warn = warning = fatal = failure = err = error = critical = exception = urgent
 
 
+_outputs: list[_GatheredOutput] = []
+
+
+def flush() -> None:
+    """Write the lines gathered so far now: before telling systemd something, say."""
+    for output in _outputs:
+        output.flush()
+
+
 def _render_journal(_logger: object, method: str, event_dict: dict[str, Any]) -> bytes:
     return b"<%d>%s" % (_PRIORITY.get(method, 6), _encoder.encode(event_dict))
 
@@ -124,6 +133,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None,
     shared: list[Any] = [structlog.processors.add_log_level, _timestamp]
     if json:
         out = _GatheredOutput(stream or sys.stdout.buffer)
+        _outputs[:] = [out]
         processors = [*shared, structlog.processors.format_exc_info, _render_journal]
         factory: Any = lambda *_args: out  # noqa: E731
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 
 import msgspec
 
@@ -18,6 +19,13 @@ class Status(enum.StrEnum):
 
 
 FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED})
+
+
+def new_id() -> str:
+    """A random (version 4) UUID as text: str(uuid.uuid4()) at under half its cost (one or two
+    of these per invocation)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 class InvokeRequest(msgspec.Struct, frozen=True):

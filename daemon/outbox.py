@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -31,7 +30,7 @@ import msgspec
 
 from daemon import records
 from daemon.config import FunctionConfig, parse_destination
-from daemon.models import Status
+from daemon.models import Status, new_id
 from daemon.records import NewInvocation, QueuedInvocation
 
 SUCCESS = "Success"
@@ -182,7 +181,7 @@ def _queue_function(
 ) -> Routed | None:
     target_fn = lookup(target)  # None after a reload removed it: queued, runs if it returns
     child = NewInvocation(
-        id=str(uuid.uuid4()), function=target, trigger=TRIGGER, trigger_id=trigger_id,
+        id=new_id(), function=target, trigger=TRIGGER, trigger_id=trigger_id,
         function_version=target_fn.version if target_fn else "$LATEST",
         invocation_type="async", event=record, queued_at=now, hops=hops + 1,
         dedupe_key=f"{TRIGGER}:{base.invocation_id}:{attempt}", parent_id=base.invocation_id,

@@ -9,6 +9,8 @@ import time
 
 import structlog
 
+from daemon import logs
+
 log = structlog.get_logger("lambdaemon.systemd")
 
 
@@ -19,6 +21,7 @@ def notify(message: str) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace
+    logs.flush()  # what the daemon logged before (daemon_ready, ...) reaches journald first
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.setblocking(False)

@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import re
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +35,7 @@ from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTrigger
 from daemon.dispatcher import UnknownFunctionError
 from daemon.errors import QueueFullError, ShuttingDownError, StoreUnavailableError
 from daemon.http import start_site
-from daemon.models import Outcome, Status
+from daemon.models import Outcome, Status, new_id
 from triggers.base import Emit
 
 log = structlog.get_logger("lambdaemon.webhook")
@@ -361,7 +360,7 @@ def build_event(request: web.Request, body: bytes, port: int | None,
         "http": {"method": request.method, "path": raw_path,
                  "protocol": f"HTTP/{version.major}.{version.minor}",
                  "sourceIp": remote, "userAgent": headers.get("user-agent", "")},
-        "requestId": str(uuid.uuid4()), "routeKey": "$default", "stage": "$default",
+        "requestId": new_id(), "routeKey": "$default", "stage": "$default",
         "time": f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
                 f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000",
         "timeEpoch": int(now * 1000),  # a JSON number: Go's int64

@@ -24,7 +24,7 @@ from daemon.config import load_config
 from daemon.dispatcher import Dispatcher
 from daemon.pool import WorkerPool
 from daemon.store import Store
-from tests.daemon_proc import ROOT, Daemon, free_port, write_config
+from tests.daemon_proc import ROOT, Daemon, free_port, until, write_config
 from triggers.webhook import WebhookSource
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -320,7 +320,7 @@ async def test_webhook_saturated_function_is_429(hooks: Hooks):
     status, headers, body = await hooks.request("POST", "/gate", json={})
     assert (status, headers["Retry-After"]) == (429, "1")
     assert json.loads(body) == {"message": "Too Many Requests"}
-    assert rejections(hooks, "queue_full")
+    await until(lambda: rejections(hooks, "queue_full"), what="queue_full logged")
     (hooks.gate_dir / "release").touch()
     status, _, body = await first
     assert (status, json.loads(body)) == (200, {"released": True})
@@ -389,7 +389,7 @@ async def test_webhook_body_over_the_limit_is_413(hooks: Hooks):
 
     status, _, _ = await hooks.request("PUT", "/mirror", data=chunks())
     assert status == 413
-    assert len(rejections(hooks, "too_large")) == before + 2
+    await until(lambda: len(rejections(hooks, "too_large")) == before + 2, what="413s logged")
     status, _, body = await hooks.request("PUT", "/mirror", data=b"z" * MAX_BODY)
     assert status == 200 and base64.b64decode(json.loads(body)["event"]["body"]) == b"z" * MAX_BODY
 
