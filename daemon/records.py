@@ -214,15 +214,25 @@ def redrive(
 
 
 def _record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
-    # REPLACE: a write repeated after an ambiguous commit failure stays idempotent. The pid
-    # falls back to the one mark_running stored, which the caller just copied into the row.
-    conn.execute(
-        "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
-        " duration_ms, error_type, error_message, exit_code, signal, worker_pid, logs)"
-        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid, ? FROM invocations WHERE id = ?",
-        (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
-         o.error_message, o.exit_code, o.signal, o.logs, id),
-    )  # fmt: skip
+    # REPLACE: a write repeated after an ambiguous commit failure stays idempotent. Without a
+    # pid in the outcome, it falls back to the one mark_running stored, which the caller just
+    # copied into the row; with one (nearly always), the row need not be looked up.
+    values = (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
+              o.error_message, o.exit_code, o.signal, o.logs)  # fmt: skip
+    if o.worker_pid is not None:
+        conn.execute(_ATTEMPT_WITH_PID, (*values, o.worker_pid))
+    else:
+        conn.execute(_ATTEMPT_PID_FROM_ROW, (*values, id))
+
+
+_ATTEMPT = (
+    "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
+    " duration_ms, error_type, error_message, exit_code, signal, logs, worker_pid)"
+)
+_ATTEMPT_WITH_PID = _ATTEMPT + " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ATTEMPT_PID_FROM_ROW = (
+    _ATTEMPT + " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid FROM invocations WHERE id = ?"
+)
 
 
 def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:

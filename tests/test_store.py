@@ -245,7 +245,7 @@ async def test_store_requeue_then_finish_keeps_each_attempt(store: Store) -> Non
     store.mark_running("a", 2, 1060.5, 222)
     done = outcome(
         Status.SUCCEEDED, started_at=1060.5, ended_at=1060.6, duration_ms=100.3,
-        init_duration_ms=80.0, max_memory_mb=31.5, logs="hello\n",
+        init_duration_ms=80.0, max_memory_mb=31.5, logs="hello\n", worker_pid=223,
     )  # fmt: skip
     await store.finish("a", 2, done)
     record = await store.get("a")
@@ -253,11 +253,12 @@ async def test_store_requeue_then_finish_keeps_each_attempt(store: Store) -> Non
     assert record["status"] == "succeeded" and record["attempt"] == 2
     assert record["billed_duration_ms"] == 101 and record["init_duration_ms"] == 80.0
     assert record["result"] == b'"ok"' and record["event"] == b'{"n": 1}'
-    assert record["logs"] == "hello\n" and record["worker_pid"] == 222
+    assert record["logs"] == "hello\n" and record["worker_pid"] == 223
     assert record["next_attempt_at"] is None
+    # The failed outcome had no pid: its attempt took mark_running's; the last brought its own.
     assert [(a["attempt"], a["status"], a["worker_pid"]) for a in record["attempts"]] == [
         (1, "failed", 111),
-        (2, "succeeded", 222),
+        (2, "succeeded", 223),
     ]
     assert record["attempts"][0]["error_message"] == "bad input"
     assert await store.load_queued() == []
