@@ -32,6 +32,7 @@ from daemon import records
 from daemon.config import FunctionConfig, parse_destination
 from daemon.models import Status, new_id
 from daemon.records import NewInvocation, QueuedInvocation
+from daemon.store import repeatable
 
 SUCCESS = "Success"
 RECURSIVE_INVOCATION = "RecursiveInvocationException"
@@ -82,7 +83,9 @@ class OutboxRow(msgspec.Struct, frozen=True):
 class Router:
     """Routes final outcomes inside their final write; `routed` holds the result afterwards.
 
-    Its methods run in the database thread, so `lookup` must only read settings.
+    Its methods run in the database thread, so `lookup` must only read settings. The store may
+    roll a write back and run it again (store.repeatable): routing an invocation again
+    replaces what the rolled-back run put in `routed`.
     """
 
     def __init__(self, lookup: Lookup) -> None:
@@ -97,13 +100,17 @@ class Router:
         `fresh_result`: that write stores this attempt's result (Store.finish), so it is the
         response payload; otherwise the payload is rebuilt from the recorded error.
         """
-        return partial(self._route, invocation_id=invocation_id, fresh_result=fresh_result)
+        return repeatable(
+            partial(self._route, invocation_id=invocation_id, fresh_result=fresh_result)
+        )
 
     def __call__(self, conn: sqlite3.Connection, invocation_id: str) -> None:
         """The `final_sql` of Store.recover: a dead letter of an interrupted attempt."""
         self._route(conn, invocation_id, fresh_result=False)
 
     def _route(self, conn: sqlite3.Connection, invocation_id: str, fresh_result: bool) -> None:
+        if any(r.invocation_id == invocation_id for r in self.routed):  # run again: void
+            self.routed[:] = [r for r in self.routed if r.invocation_id != invocation_id]
         routed = route(conn, invocation_id, self._lookup, fresh_result=fresh_result)
         if routed is not None:
             self.routed.append(routed)

@@ -1,7 +1,8 @@
 """The invocation record's rows and SQL. The functions below run in the store's database thread.
 
-daemon/store.py owns the connections and the group-commit writer and re-exports the row types;
-each `_op` here is one savepoint inside the writer's transaction (or one read snapshot).
+daemon/store.py owns the connections and the group-commit writer and re-exports the row types.
+Each write here runs inside the writer's transaction, and may run a second time after that
+transaction was rolled back (see store._Batches): so it runs SQL and has no other effects.
 """
 
 from __future__ import annotations

@@ -39,16 +39,18 @@ from daemon.records import (
 
 __all__ = [
     "INTERRUPTED_ERROR_TYPE", "INTERRUPTED_MESSAGE", "MIGRATIONS", "NewInvocation",
-    "QueuedInvocation", "Recovery", "Store",
+    "QueuedInvocation", "Recovery", "Store", "repeatable",
 ]
 
 log = structlog.get_logger("lambdaemon.store")
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Callable[..., Any])
 Op = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH_OPS = 512
 BUSY_TIMEOUT_MS = 5000
+_REPEATABLE = "_lambdaemon_repeatable"  # the attribute repeatable() sets on a callback
 # These say the database cannot take writes right now, not that one operation is wrong. SQLite
 # may already have rolled the whole transaction back, so they fail the whole batch.
 _UNAVAILABLE_CODES = frozenset({
@@ -89,14 +91,15 @@ class Store:
     ) -> tuple[str, bool]:
         """Commit a new invocation; (existing_id, False) if its dedupe_key is already stored.
 
-        `extra_sql` runs in the same savepoint, only when the row is new: the row and the
-        source's own state (a cron fire marker) are committed together or not at all.
+        `extra_sql` runs with it, only when the row is new: the row and the source's own state
+        (a cron fire marker) are committed together or not at all (see repeatable()).
         """
-        return await self._write(records.insert, inv=inv, extra_sql=extra_sql)
+        return await self._write(records.insert, repeatable=_repeatable(extra_sql), inv=inv,
+                                 extra_sql=extra_sql)  # fmt: skip
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
-        future = self._submit(_Relaxed(records.insert, inv=inv, extra_sql=None))
+        future = self._submit(_op(records.insert, True, True, inv=inv, extra_sql=None))
         future.add_done_callback(partial(_log_unawaited_failure, inv.id))
         return future
 
@@ -104,9 +107,9 @@ class Store:
         self, id: str, attempt: int, started_at: float, worker_pid: int | None
     ) -> asyncio.Future[None]:
         """Enqueue the start of an attempt; awaiting the returned future is optional."""
-        op = partial(records.mark_running, id=id, attempt=attempt, started_at=started_at,
-                     worker_pid=worker_pid)  # fmt: skip
-        future = self._submit(_Relaxed(op))
+        op = _op(records.mark_running, True, True, id=id, attempt=attempt,
+                 started_at=started_at, worker_pid=worker_pid)  # fmt: skip
+        future = self._submit(op)
         future.add_done_callback(partial(_log_unawaited_failure, id))
         return future
 
@@ -117,11 +120,12 @@ class Store:
         """Record the final attempt: the invocation's final fields plus its attempts row.
 
         With `dead_letter` (a reason), the invocation is also marked dead-lettered.
-        `extra_sql(conn)` runs after it in the same savepoint (destinations: daemon/outbox.py).
+        `extra_sql(conn)` runs after it, committed with it or not at all (destinations:
+        daemon/outbox.py; see repeatable()).
         """
         _require_final(outcome)
-        await self._write(records.finish, relaxed=True, id=id, attempt=attempt, o=outcome,
-                          dead_letter=dead_letter, now=time.time(),
+        await self._write(records.finish, relaxed=True, repeatable=_repeatable(extra_sql), id=id,
+                          attempt=attempt, o=outcome, dead_letter=dead_letter, now=time.time(),
                           extra_sql=extra_sql)  # fmt: skip
 
     async def record_finished(self, inv: NewInvocation, outcome: Outcome) -> None:
@@ -146,11 +150,11 @@ class Store:
     ) -> str:
         """Dead-letter a queued retry without running it; return the status it keeps.
 
-        `extra_sql(conn)` runs after it in the same savepoint.
+        `extra_sql(conn)` runs after it, committed with it or not at all (see repeatable()).
         """
         status: str = await self._write(
-            records.dead_letter_waiting, id=id, reason=reason, now=time.time(),
-            extra_sql=extra_sql,
+            records.dead_letter_waiting, repeatable=_repeatable(extra_sql), id=id, reason=reason,
+            now=time.time(), extra_sql=extra_sql,
         )
         return status
 
@@ -165,7 +169,7 @@ class Store:
 
     async def barrier(self) -> None:
         """Return once every write enqueued before this call is committed (or has failed)."""
-        await self._wait(self._submit(_nothing))
+        await self._wait(self._submit(_BARRIER))
 
     async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in the writer thread inside the next group commit, in its own savepoint.
@@ -188,11 +192,16 @@ class Store:
         runs in the same transaction after each dead letter.
         """
         recovery: Recovery = await self._write(
-            records.recover_running, now=now, decide=decide, final_sql=final_sql
+            records.recover_running, repeatable=False, now=now, decide=decide, final_sql=final_sql
         )
         log.info("store_recovered", requeued=len(recovery.requeued),
                  crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered))
         return recovery
+
+    @property
+    def reruns(self) -> int:
+        """Batches rolled back because an op failed, then run again op by op; for tests."""
+        return self._batches.reruns if self._batches is not None else 0
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -297,8 +306,11 @@ class Store:
 
     # --- the writer ----------------------------------------------------------------------------
 
-    async def _write(self, op: Callable[..., Any], *, relaxed: bool = False, **kwargs: Any) -> Any:
-        return await self._wait(self._submit((_Relaxed if relaxed else partial)(op, **kwargs)))
+    async def _write(
+        self, op: Callable[..., Any], *, relaxed: bool = False, repeatable: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        return await self._wait(self._submit(_op(op, relaxed, repeatable, **kwargs)))
 
     def _submit(self, fn: Op) -> asyncio.Future[Any]:
         if self._writer_task is None or self._closing is not None or self._writer_task.done():
@@ -390,6 +402,22 @@ def _log_unawaited_failure(id: str, future: asyncio.Future[None]) -> None:
         log.warning("store_write_failed", reason=str(exc), invocation_id=id, op="mark_running")
 
 
+def repeatable(fn: C) -> C:
+    """Mark `fn`, an `extra_sql` callback, safe to run again after its transaction rolled back.
+
+    It must only run SQL on the connection, or else undo what it did before when it runs
+    again (as Router does in daemon/outbox.py): the writer may roll a batch back and run it
+    again (see _Batches). A write with an unmarked callback puts its whole batch on the slower
+    path, one savepoint per op, where nothing runs twice. `fn` is a function or a partial.
+    """
+    setattr(fn, _REPEATABLE, True)
+    return fn
+
+
+def _repeatable(callback: Callable[..., Any] | None) -> bool:
+    return callback is None or getattr(callback, _REPEATABLE, False)
+
+
 def _require_final(outcome: Outcome) -> None:
     if outcome.status not in FINAL_STATUSES:
         raise ValueError(f"an attempt must end in a final status, not {outcome.status!r}")
@@ -444,18 +472,43 @@ class _Relaxed(partial):  # type: ignore[type-arg]
     """A write that needs no fsync of its own (see the module docstring)."""
 
 
+class _Repeatable(partial):  # type: ignore[type-arg]
+    """A write that may run again after its transaction was rolled back (see _Batches).
+
+    Every op the store builds from daemon/records.py only runs SQL on the connection; it stays
+    repeatable unless a callback it was given is not marked by repeatable().
+    """
+
+
+class _RelaxedRepeatable(_Relaxed, _Repeatable):
+    pass
+
+
+def _op(fn: Callable[..., Any], relaxed: bool, repeatable: bool, /, **kwargs: Any) -> Op:
+    if relaxed:
+        return (_RelaxedRepeatable if repeatable else _Relaxed)(fn, **kwargs)
+    return (_Repeatable if repeatable else partial)(fn, **kwargs)
+
+
 class _Batches:
     """Runs the writer's batches, in the database thread (never two at once).
 
-    It remembers the connection's `synchronous` level and sets it only when a batch needs the
-    other one: under load most batches are bookkeeping, and a PRAGMA before each is one more
-    statement (a GIL hand-off) for nothing. Nothing else changes it after _prepare_writer:
-    SQLite refuses to change it inside a transaction, so an op cannot.
+    Each op fails alone: an op that raises is rolled back and the rest of its batch commits.
+    A savepoint around every op would do that at the cost of two statements (and GIL
+    hand-offs) per op, for a failure that almost never comes. So a batch of repeatable ops
+    runs without them first; if one of its ops raises, the transaction is rolled back and the
+    batch runs again with a savepoint per op, where only that op fails. An "unavailable" error
+    (disk full, I/O error, busy...) fails the whole batch either way.
+
+    It also remembers the connection's `synchronous` level and sets it only when a batch needs
+    the other one. Nothing else changes it after _prepare_writer: SQLite refuses to change it
+    inside a transaction, so an op cannot.
     """
 
     def __init__(self, conn: sqlite3.Connection, synchronous: str) -> None:
         self._conn = conn
         self._synchronous = synchronous
+        self.reruns = 0  # optimistic batches rolled back and run again op by op
 
     def run(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         conn = self._conn
@@ -463,8 +516,29 @@ class _Batches:
         if level != self._synchronous:
             conn.execute(f"PRAGMA synchronous = {level}")
             self._synchronous = level
+        if all(isinstance(op, _Repeatable) for op in ops):
+            # Optimistic: no savepoint per op (two statements each). Nearly every batch
+            # commits whole; one whose op fails is rolled back and run again op by op below.
+            try:
+                with _immediate(conn):
+                    return [(True, _run_bare(conn, op)) for op in ops]
+            except _OpFailed:
+                self.reruns += 1
         with _immediate(conn):
             return [_run_in_savepoint(conn, op) for op in ops]
+
+
+class _OpFailed(Exception):
+    """An op of an optimistic batch failed: the batch is rolled back and run op by op."""
+
+
+def _run_bare(conn: sqlite3.Connection, op: Op) -> Any:
+    try:
+        return op(conn)
+    except Exception as exc:
+        if isinstance(exc, sqlite3.Error) and _unavailable(exc):
+            raise  # the whole batch fails, as it would op by op
+        raise _OpFailed from exc
 
 
 def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
@@ -488,3 +562,6 @@ def _unavailable(exc: sqlite3.Error) -> bool:
 
 def _nothing(conn: sqlite3.Connection) -> None:
     return None
+
+
+_BARRIER = _Repeatable(_nothing)  # not relaxed: a barrier's batch commits with FULL

@@ -27,7 +27,8 @@ from daemon.config import Config, FunctionConfig, load_config
 from daemon.destinations import OutboxRelay
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
-from daemon.outbox import MAX_HOPS
+from daemon.models import Outcome, Status
+from daemon.outbox import MAX_HOPS, Router
 from daemon.pool import WorkerPool
 from daemon.store import NewInvocation, Store
 from tests.daemon_proc import Daemon, free_port, until, write_config
@@ -191,6 +192,36 @@ async def test_function_destination_on_success_gets_the_record(tmp_path: Path):
         "responseContext": {"statusCode": 200, "executedVersion": "$LATEST"},
         "responsePayload": {"attempt": 1},
     }
+
+
+async def test_a_rerun_final_write_routes_its_outcome_once(tmp_path: Path):
+    """The store reruns a batch op by op when one op fails: the destination is written once,
+    and the Router reports the child that was committed, not the rolled-back one."""
+    lookup = {"src": fn("src", "ok", on_success="function:dst"), "dst": fn("dst", "ok")}.get
+    now = time.time()
+
+    def new(id: str) -> NewInvocation:
+        return NewInvocation(id=id, function="src", function_version="$LATEST", trigger="test",
+                             invocation_type="async", event=b"{}", queued_at=now)  # fmt: skip
+
+    async with Store.open(tmp_path / "db" / "lambdaemon.db") as store:
+        await store.insert(new("a"))
+        await store.insert(new("taken"))
+        router = Router(lookup)
+        done = Outcome(status=Status.SUCCEEDED, payload=b'"ok"', started_at=now, ended_at=now,
+                       duration_ms=1.0, worker_pid=1)  # fmt: skip
+        reruns = store.reruns
+        results = await asyncio.gather(
+            store.finish("a", 1, done, extra_sql=router.sql("a", fresh_result=True)),
+            store.insert(new("taken")),  # fails: the batch is rolled back and run op by op
+            return_exceptions=True,
+        )
+        assert results[0] is None and isinstance(results[1], sqlite3.IntegrityError)
+        assert store.reruns - reruns == 1
+        [routed] = router.routed
+        assert routed.child is not None
+        children = await store.query("SELECT id FROM invocations WHERE parent_id = 'a'")
+        assert [r["id"] for r in children] == [routed.child.id]
 
 
 async def test_on_failure_after_retries_exhausted_and_event_age(tmp_path: Path):

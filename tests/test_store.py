@@ -21,7 +21,7 @@ from daemon import store as store_module
 from daemon.errors import StoreUnavailableError
 from daemon.models import Outcome, Status
 from daemon.retry import Verdict
-from daemon.store import MIGRATIONS, NewInvocation, QueuedInvocation, Store
+from daemon.store import MIGRATIONS, NewInvocation, QueuedInvocation, Store, repeatable
 
 REPO = Path(__file__).resolve().parents[1]
 NORMAL, FULL = 1, 2  # PRAGMA synchronous
@@ -162,7 +162,7 @@ async def test_store_group_commit_batches_concurrent_inserts(store: Store) -> No
 
 async def test_store_failing_op_fails_only_its_own_future(store: Store) -> None:
     await store.insert(new("taken"))
-    before = store.commits
+    before, reruns = store.commits, store.reruns
     results = await asyncio.gather(
         store.insert(new("ok1")),
         store.insert(new("taken")),  # primary key conflict
@@ -171,10 +171,74 @@ async def test_store_failing_op_fails_only_its_own_future(store: Store) -> None:
         return_exceptions=True,
     )
     assert store.commits - before == 1
+    # Tried whole without savepoints first; rolled back and run op by op once.
+    assert store.reruns - reruns == 1
     assert results[0] == ("ok1", True) and results[3] == ("ok2", True)
     assert isinstance(results[1], sqlite3.IntegrityError)
     assert isinstance(results[2], sqlite3.IntegrityError)
     assert await store.status_of("bad") is None
+    assert await store.status_of("ok2") == "queued"
+
+
+async def test_store_batch_without_a_failure_commits_in_one_pass(store: Store) -> None:
+    await store.insert(new("a"))
+    await store.mark_running("a", 1, 1001.0, 5)
+    before, reruns = store.commits, store.reruns
+    done = outcome(Status.SUCCEEDED, worker_pid=5)
+    await asyncio.gather(
+        store.insert(new("b")), store.finish("a", 1, done),
+        store.record_finished(new("c", invocation_type="sync"), done),
+        store.requeue("b", 1, outcome(Status.FAILED), next_attempt_at=2000.0), store.barrier(),
+    )  # fmt: skip
+    assert store.commits - before == 1 and store.reruns == reruns
+    rows = await store.query("SELECT id, status FROM invocations ORDER BY id")
+    assert [tuple(r) for r in rows] == [("a", "succeeded"), ("b", "queued"), ("c", "succeeded")]
+
+
+async def test_store_rerun_batch_runs_a_repeatable_callback_again_but_commits_it_once(
+    store: Store,
+) -> None:
+    await store.transaction(lambda c: c.execute("CREATE TABLE marks (key TEXT PRIMARY KEY)"))
+    await store.insert(new("taken"))
+    calls = []
+
+    @repeatable
+    def mark(conn: sqlite3.Connection) -> None:
+        calls.append(1)
+        conn.execute("INSERT INTO marks VALUES ('a')")
+
+    reruns = store.reruns
+    results = await asyncio.gather(
+        store.insert(new("a"), extra_sql=mark), store.insert(new("taken")),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert results[0] == ("a", True) and isinstance(results[1], sqlite3.IntegrityError)
+    assert store.reruns - reruns == 1 and len(calls) == 2
+    assert [tuple(r) for r in await store.query("SELECT key FROM marks")] == [("a",)]
+
+
+async def test_store_unmarked_callback_runs_once_even_when_another_op_fails(
+    store: Store,
+) -> None:
+    """A callback not marked repeatable puts its batch on one savepoint per op: no rerun."""
+    await store.insert(new("taken"))
+    seen: list[str] = []  # a Python effect that must not happen twice
+
+    def remember(conn: sqlite3.Connection) -> str:
+        seen.append("ran")
+        return "value"
+
+    before, reruns = store.commits, store.reruns
+    results = await asyncio.gather(
+        store.insert(new("a")), store.transaction(remember),
+        store.insert(new("b"), extra_sql=lambda conn: seen.append("extra")),
+        store.insert(new("taken")), store.insert(new("c")),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert results[0] == ("a", True) and results[1] == "value" and results[2] == ("b", True)
+    assert isinstance(results[3], sqlite3.IntegrityError) and results[4] == ("c", True)
+    assert seen == ["ran", "extra"]
+    assert store.commits - before == 1 and store.reruns == reruns
 
 
 async def test_store_sets_synchronous_by_what_each_batch_holds(store: Store) -> None:
@@ -433,6 +497,7 @@ async def test_store_full_disk_fails_the_batch_and_store_recovers(store: Store) 
     assert "full" in str(results[1])
     assert any(e["event"] == "store_write_failed" and "full" in e["reason"] for e in logs)
     assert store.write_failures == 1
+    assert store.reruns == 0  # unavailable: the whole batch fails, not op by op
 
     await store.transaction(lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchone())
     assert await store.insert(big) == ("big", True)
