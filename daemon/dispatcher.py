@@ -42,7 +42,11 @@ log = structlog.get_logger("lambdaemon.dispatcher")
 def _store_backoff(tries: int) -> float:
     """Seconds before writing to a store that failed again: 0.5 s doubling up to 15 s."""
     return min(15.0, 0.5 * 2 ** min(tries, 5))
-SYNC_VISIBLE_AFTER_S = 0.25
+
+
+# A sync call's `running` row, and an async attempt's worker pid, are written only for an
+# invocation still running after this long: most finish first and are written once, finished.
+VISIBLE_AFTER_S = 0.25
 _json = msgspec.json.Encoder()
 
 
@@ -227,11 +231,11 @@ class Dispatcher:
             trigger_id=trigger_id, status=Status.RUNNING, attempt=1, started_at=time.time(),
         )
         # Most sync calls finish in milliseconds: they are written once, finished. A call
-        # still running after SYNC_VISIBLE_AFTER_S gets its `running` row, so it shows up
+        # still running after VISIBLE_AFTER_S gets its `running` row, so it shows up
         # while it runs and a daemon crash leaves a record of it.
         running: list[asyncio.Future[Any]] = []
         visible = asyncio.get_running_loop().call_later(
-            SYNC_VISIBLE_AFTER_S, lambda: running.append(self._store.insert_nowait(inv))
+            VISIBLE_AFTER_S, lambda: running.append(self._store.insert_nowait(inv))
         )
         try:
             request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn, client_context)
@@ -366,8 +370,16 @@ class Dispatcher:
             # started attempt (and counted) when the daemon recovers.
             marked = self._store.mark_running(item.id, attempt, started_at, None)
 
+            # The worker's pid goes into the row with the outcome; an attempt still running
+            # after VISIBLE_AFTER_S gets it written now, to be seen while it runs. (A
+            # daemon crash within that time leaves the crashed attempt without a pid.)
+            pid_mark: list[asyncio.TimerHandle] = []
+
             def on_start(pid: int, started_at: float) -> None:
-                self._store.mark_running(item.id, attempt, started_at, pid)
+                pid_mark.append(asyncio.get_running_loop().call_later(
+                    VISIBLE_AFTER_S, self._store.mark_running, item.id, attempt,
+                    started_at, pid,
+                ))  # fmt: skip
 
             try:
                 await asyncio.shield(marked)
@@ -380,7 +392,12 @@ class Dispatcher:
                 return
             try:
                 # lane.fn: a reload while the row was being marked applies to this attempt too.
-                outcome = await self._run(lane.fn, request, attempt=attempt, on_start=on_start)
+                try:
+                    outcome = await self._run(lane.fn, request, attempt=attempt,
+                                              on_start=on_start)  # fmt: skip
+                finally:
+                    for timer in pid_mark:
+                        timer.cancel()
             except asyncio.CancelledError:
                 # The drain ran out of time: the attempt is recorded as interrupted and retried
                 # by the policy after the next start, not left `running` for it to guess about.

@@ -85,6 +85,27 @@ async def test_api_async_invoke_is_202_then_runs(daemon: Daemon):
     assert record["invocation_type"] == "async"
     assert record["result"]["event"] == {"n": 7}
     assert record["attempt"] == 1
+    # a quick attempt's worker pid is written with its outcome
+    assert record["worker_pid"] == record["result"]["pid"]
+    assert [a["worker_pid"] for a in record["attempts"]] == [record["result"]["pid"]]
+
+
+async def test_api_async_attempt_shows_its_worker_while_it_runs(daemon: Daemon):
+    status, headers, _ = await daemon.invoke("slow", {"sleep_s": 3}, kind="Event")
+    assert status == 202
+    invocation_id = headers["x-amzn-RequestId"]
+
+    async def record_if(predicate):
+        record = await daemon.get(f"/v1/invocations/{invocation_id}")
+        return record if predicate(record) else None
+
+    running = await daemon.wait_for(
+        lambda: record_if(lambda r: r["status"] == "running" and r["worker_pid"]), timeout_s=10)
+    assert running["worker_pid"] != daemon.proc.pid
+    done = await daemon.wait_for(lambda: record_if(lambda r: r["status"] == "succeeded"),
+                                 timeout_s=15)
+    assert done["worker_pid"] == running["worker_pid"]
+    assert [a["worker_pid"] for a in done["attempts"]] == [running["worker_pid"]]
 
 
 async def test_api_errors_have_lambda_shape(daemon: Daemon):
