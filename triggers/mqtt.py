@@ -281,13 +281,22 @@ class MqttSource:
             return
         keys = await self._dedupe_keys(msg, targets, window)
         body = _json.encode(_event(msg))
-        results = await asyncio.gather(
-            *(
-                emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
-                for fn, tid in targets
-            ),
-            return_exceptions=True,
-        )
+        results: list[Any]
+        if len(targets) == 1:  # the usual case: no task per target
+            ((fn, tid),) = targets
+            try:
+                results = [await emit(fn, body, trigger="mqtt", trigger_id=tid,
+                                      dedupe_key=keys[tid])]  # fmt: skip
+            except Exception as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(
+                *(
+                    emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
+                    for fn, tid in targets
+                ),
+                return_exceptions=True,
+            )
         for (fn, tid), result in zip(targets, results, strict=True):
             if isinstance(result, BaseException):
                 log.error(
