@@ -1,65 +1,311 @@
 """Frames on the control socket between the supervisor and one worker, and both ends of it.
 
-A frame is a 4-byte big-endian length and one msgpack-encoded message. After it starts, the worker
-sends exactly one `Ready` or `InitFailed`; then, for every `Invoke` it receives, one `Result`.
-The worker imports this module at start, so it imports nothing from the daemon and no asyncio.
+A frame is a 4-byte big-endian length and one message. After it starts, the worker sends exactly
+one `Ready` or `InitFailed`; then, for every `Invoke` it receives, one `Result`. The worker
+imports this module at start, so it imports only the standard library: nothing from the daemon,
+no asyncio, no msgspec.
+
+A message is a tag byte and its fixed-width fields (network order, packed with the length header
+by one `struct`), then its variable fields: UTF-8 strings and byte strings, whose lengths are
+among the fixed fields. An optional field has a presence bit in a flags byte. The daemon decodes
+what a worker sends, and a worker runs user code, so decoding trusts nothing: the lengths must add
+up to the frame's exact size, unknown tags and flag bits are refused, text must be valid UTF-8,
+durations finite. A frame that fails any of that makes the supervisor's end hang up, as if the
+worker had died.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from collections import deque
-from typing import TYPE_CHECKING, Any
 
-import msgspec
-
+TYPE_CHECKING = False  # not typing's: the worker imports this module, and typing costs it
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
+    from typing import Any
 
 HEADER_BYTES = 4
 # Far above Lambda's 6 MB payload limits; a larger length means the stream is corrupt.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
-class Invoke(msgspec.Struct, array_like=True, tag="invoke"):
-    invocation_id: str
-    event: bytes  # JSON text; empty means `{}`
-    invoked_arn: str
-    deadline_ms: int  # epoch milliseconds, for context.get_remaining_time_in_millis()
-    client_context: str | None = None  # base64 JSON
+class _Message:
+    """Equality and repr field by field (plain classes: cheaper to build than a NamedTuple)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
-class Ready(msgspec.Struct, array_like=True, tag="ready"):
-    init_duration_ms: float
+class Invoke(_Message):
+    __slots__ = ("invocation_id", "event", "invoked_arn", "deadline_ms", "client_context")
+
+    def __init__(self, invocation_id: str, event: bytes, invoked_arn: str, deadline_ms: int,
+                 client_context: str | None = None) -> None:
+        self.invocation_id = invocation_id
+        self.event = event  # JSON text; empty means `{}`
+        self.invoked_arn = invoked_arn
+        self.deadline_ms = deadline_ms  # epoch milliseconds, for get_remaining_time_in_millis()
+        self.client_context = client_context  # base64 JSON
 
 
-class InitFailed(msgspec.Struct, array_like=True, tag="init_failed"):
-    error_type: str
-    error_message: str
-    payload: bytes  # Lambda's error JSON
-    init_duration_ms: float
+class Ready(_Message):
+    __slots__ = ("init_duration_ms",)
+
+    def __init__(self, init_duration_ms: float) -> None:
+        self.init_duration_ms = init_duration_ms
 
 
-class Result(msgspec.Struct, array_like=True, tag="result"):
-    ok: bool
-    payload: bytes  # the handler's result JSON, or Lambda's error JSON
-    error_type: str | None = None
-    error_message: str | None = None
-    max_memory_kb: int | None = None  # peak RSS during this invocation
-    retire: bool = False  # the worker exits after this reply (out of memory)
-    rss_kb: int | None = None  # resident memory as the reply is sent: what the worker keeps
+class InitFailed(_Message):
+    __slots__ = ("error_type", "error_message", "payload", "init_duration_ms")
+
+    def __init__(self, error_type: str, error_message: str, payload: bytes,
+                 init_duration_ms: float) -> None:
+        self.error_type = error_type
+        self.error_message = error_message
+        self.payload = payload  # Lambda's error JSON
+        self.init_duration_ms = init_duration_ms
+
+
+class Result(_Message):
+    __slots__ = (
+        "ok", "payload", "error_type", "error_message", "max_memory_kb", "retire", "rss_kb",
+    )
+
+    def __init__(self, ok: bool, payload: bytes, error_type: str | None = None,
+                 error_message: str | None = None, max_memory_kb: int | None = None,
+                 retire: bool = False, rss_kb: int | None = None) -> None:
+        self.ok = ok
+        self.payload = payload  # the handler's result JSON, or Lambda's error JSON
+        self.error_type = error_type
+        self.error_message = error_message
+        self.max_memory_kb = max_memory_kb  # peak RSS during this invocation
+        self.retire = retire  # the worker exits after this reply (out of memory)
+        self.rss_kb = rss_kb  # resident memory as the reply is sent: what the worker keeps
 
 
 FromWorker = Ready | InitFailed | Result
-_ENCODER = msgspec.msgpack.Encoder()
 
 
-def encode_frame(message: Invoke | FromWorker) -> bytearray:
-    """One frame, built in a single buffer (no concatenation of header and body)."""
-    frame = bytearray(HEADER_BYTES)
-    _ENCODER.encode_into(message, frame, HEADER_BYTES)
-    frame[:HEADER_BYTES] = (len(frame) - HEADER_BYTES).to_bytes(HEADER_BYTES, "big")
+class FrameError(ValueError):
+    """A frame that is not a well-formed message."""
+
+
+# The fixed part of each frame: length header, tag, then the message's fixed fields.
+_INVOKE, _READY, _INIT_FAILED, _RESULT = 1, 2, 3, 4
+# flags (bit 0: client_context present), deadline_ms; then the lengths of invocation_id, event,
+# invoked_arn and client_context, which follow in that order
+_INVOKE_FIXED = struct.Struct("!IBBqIIII")
+# init_duration_ms
+_READY_FIXED = struct.Struct("!IBd")
+# init_duration_ms; then the lengths of error_type, error_message and payload
+_INIT_FAILED_FIXED = struct.Struct("!IBdIII")
+# flags (below), max_memory_kb, rss_kb; then the lengths of error_type, error_message and payload
+_RESULT_FIXED = struct.Struct("!IBBqqIII")
+_OK, _RETIRE, _HAS_PEAK, _HAS_RSS, _HAS_TYPE, _HAS_MESSAGE = 1, 2, 4, 8, 16, 32
+_KNOWN_FLAGS = 63
+_PLAIN_OK = _OK | _HAS_PEAK | _HAS_RSS  # the usual reply
+_SIZE = struct.Struct("!I")  # cheaper than int.from_bytes()
+
+
+def _utf8(text: str) -> bytes:
+    # A lone surrogate (in a file name in a user's exception, say) becomes the text "\udc80":
+    # the frame stays valid UTF-8, which the other end insists on. (Inlined in _encode_invoke.)
+    return text.encode("utf-8", "backslashreplace")
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _encode_invoke(message: Invoke) -> bytes:
+    event, context = message.event, message.client_context
+    id_bytes = message.invocation_id.encode("utf-8", "backslashreplace")
+    arn_bytes = message.invoked_arn.encode("utf-8", "backslashreplace")
+    context_bytes = b"" if context is None else context.encode("utf-8", "backslashreplace")
+    n_id, n_event, n_arn, n_context = len(id_bytes), len(event), len(arn_bytes), len(context_bytes)
+    fixed = _INVOKE_FIXED.pack(
+        _INVOKE_FIXED.size - HEADER_BYTES + n_id + n_event + n_arn + n_context, _INVOKE,
+        context is not None, message.deadline_ms, n_id, n_event, n_arn, n_context,
+    )
+    return b"".join((fixed, id_bytes, event, arn_bytes, context_bytes))
+
+
+def _encode_ready(message: Ready) -> bytes:
+    return _READY_FIXED.pack(_READY_FIXED.size - HEADER_BYTES, _READY, message.init_duration_ms)
+
+
+def _encode_init_failed(message: InitFailed) -> bytes:
+    error_type, error_message = _utf8(message.error_type), _utf8(message.error_message)
+    payload = message.payload
+    fixed = _INIT_FAILED_FIXED.pack(
+        _INIT_FAILED_FIXED.size - HEADER_BYTES + len(error_type) + len(error_message)
+        + len(payload),
+        _INIT_FAILED, message.init_duration_ms, len(error_type), len(error_message), len(payload),
+    )
+    return b"".join((fixed, error_type, error_message, payload))
+
+
+def _encode_result(message: Result) -> bytes:
+    payload, error_type, error_message = message.payload, message.error_type, message.error_message
+    peak_kb, rss_kb = message.max_memory_kb, message.rss_kb
+    flags = (_OK if message.ok else 0) | (_RETIRE if message.retire else 0)
+    if peak_kb is None:
+        peak_kb = 0
+    else:
+        flags |= _HAS_PEAK
+    if rss_kb is None:
+        rss_kb = 0
+    else:
+        flags |= _HAS_RSS
+    if error_type is None and error_message is None:  # a handler's result
+        return _RESULT_FIXED.pack(
+            _RESULT_FIXED.size - HEADER_BYTES + len(payload), _RESULT, flags, peak_kb, rss_kb,
+            0, 0, len(payload),
+        ) + payload
+    type_bytes = message_bytes = b""
+    if error_type is not None:
+        type_bytes, flags = _utf8(error_type), flags | _HAS_TYPE
+    if error_message is not None:
+        message_bytes, flags = _utf8(error_message), flags | _HAS_MESSAGE
+    fixed = _RESULT_FIXED.pack(
+        _RESULT_FIXED.size - HEADER_BYTES + len(type_bytes) + len(message_bytes) + len(payload),
+        _RESULT, flags, peak_kb, rss_kb, len(type_bytes), len(message_bytes), len(payload),
+    )
+    return b"".join((fixed, type_bytes, message_bytes, payload))
+
+
+_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    Invoke: _encode_invoke, Ready: _encode_ready, InitFailed: _encode_init_failed,
+    Result: _encode_result,
+}
+
+
+def encode_frame(message: Invoke | FromWorker) -> bytes:
+    """One frame: the length header and the message, in a single buffer."""
+    return _ENCODERS[type(message)](message)
+
+
+# --- decoding ------------------------------------------------------------------------------------
+# A decoder takes bytes that start with a frame's length header. When that length is not the
+# size of what it was given (a frame split across reads, or two in one), it returns None and the
+# caller buffers; otherwise it returns the message or raises ValueError (FrameError, or
+# UnicodeDecodeError) or struct.error, checking the lengths before slicing anything.
+
+
+def decode_frame(frame: bytes) -> Invoke | FromWorker:
+    """The message in one whole frame; FrameError if the frame is not exactly one valid message."""
+    frame = bytes(frame)
+    try:
+        message = _DECODERS[frame[HEADER_BYTES]](frame)
+    except (LookupError, struct.error, UnicodeDecodeError) as exc:
+        raise FrameError(f"not a valid frame: {exc!r}") from None
+    if message is None:
+        raise FrameError("the length header does not match the frame's size")
+    return message  # type: ignore[no-any-return]
+
+
+def _decode_invoke(frame: bytes) -> Invoke | None:
+    size, _, flags, deadline_ms, n_id, n_event, n_arn, n_context = _INVOKE_FIXED.unpack_from(frame)
+    end = len(frame)
+    if size + HEADER_BYTES != end:
+        return None
+    at = _INVOKE_FIXED.size
+    if at + n_id + n_event + n_arn + n_context != end:
+        raise FrameError("the field lengths do not add up to the frame's size")
+    if flags & ~1 or (n_context and not flags):
+        raise FrameError("unknown flags")
+    invocation_id = frame[at : at + n_id].decode()
+    at += n_id
+    event = frame[at : at + n_event]
+    at += n_event
+    arn = frame[at : at + n_arn].decode()
+    context = frame[at + n_arn :].decode() if flags else None
+    return Invoke(invocation_id, event, arn, deadline_ms, context)
+
+
+def _decode_ready(frame: bytes) -> Ready | None:
+    size, _, init_ms = _READY_FIXED.unpack_from(frame)
+    if size + HEADER_BYTES != len(frame):
+        return None
+    if len(frame) != _READY_FIXED.size:
+        raise FrameError("a Ready of the wrong size")
+    return Ready(_finite(init_ms))
+
+
+def _decode_init_failed(frame: bytes) -> InitFailed | None:
+    size, _, init_ms, n_type, n_message, n_payload = _INIT_FAILED_FIXED.unpack_from(frame)
+    end = len(frame)
+    if size + HEADER_BYTES != end:
+        return None
+    at = _INIT_FAILED_FIXED.size
+    if at + n_type + n_message + n_payload != end:
+        raise FrameError("the field lengths do not add up to the frame's size")
+    error_type = frame[at : at + n_type].decode()
+    at += n_type
+    error_message = frame[at : at + n_message].decode()
+    payload = frame[at + n_message :]
+    return InitFailed(error_type, error_message, payload, _finite(init_ms))
+
+
+def _decode_result(frame: bytes) -> Result | None:
+    size, _, flags, peak_kb, rss_kb, n_type, n_message, n_payload = _RESULT_FIXED.unpack_from(frame)
+    end = len(frame)
+    if size + HEADER_BYTES != end:
+        return None
+    at = _RESULT_FIXED.size
+    if flags == _PLAIN_OK and at + n_payload == end:  # the usual reply: no error strings
+        return Result(True, frame[at:], None, None, peak_kb, False, rss_kb)
+    if at + n_type + n_message + n_payload != end:
+        raise FrameError("the field lengths do not add up to the frame's size")
+    if flags & ~_KNOWN_FLAGS or (n_type and not flags & _HAS_TYPE) or (
+            n_message and not flags & _HAS_MESSAGE):
+        raise FrameError("unknown flags, or a string marked absent")
+    error_type = frame[at : at + n_type].decode() if flags & _HAS_TYPE else None
+    at += n_type
+    error_message = frame[at : at + n_message].decode() if flags & _HAS_MESSAGE else None
+    return Result(
+        flags & _OK != 0, frame[at + n_message :], error_type, error_message,
+        peak_kb if flags & _HAS_PEAK else None, flags & _RETIRE != 0,
+        rss_kb if flags & _HAS_RSS else None,
+    )
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise FrameError("a duration that is not a finite number")
+    return value
+
+
+_FROM_WORKER: dict[int, Callable[[bytes], Any]] = {
+    _READY: _decode_ready, _INIT_FAILED: _decode_init_failed, _RESULT: _decode_result,
+}
+_TO_WORKER: dict[int, Callable[[bytes], Any]] = {_INVOKE: _decode_invoke}
+_DECODERS = {**_TO_WORKER, **_FROM_WORKER}
+
+
+def _take_frame(buffer: bytearray) -> bytes | None:
+    """The first whole frame in `buffer`, removed from it; None until one has arrived."""
+    if len(buffer) < HEADER_BYTES:
+        return None
+    end = HEADER_BYTES + _SIZE.unpack_from(buffer)[0]
+    if len(buffer) < end:
+        return None
+    frame = bytes(buffer[:end])
+    del buffer[:end]
     return frame
+
+
+# --- the two ends --------------------------------------------------------------------------------
 
 
 class WorkerChannel:
@@ -68,27 +314,30 @@ class WorkerChannel:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._buffer = bytearray()
-        self._decoder = msgspec.msgpack.Decoder(Invoke)
 
     def receive(self) -> Invoke | None:
         """The next invocation; None when the supervisor has gone."""
         buffer = self._buffer
-        while True:
-            if len(buffer) >= HEADER_BYTES:
-                end = HEADER_BYTES + int.from_bytes(buffer[:HEADER_BYTES], "big")
-                if len(buffer) >= end:
-                    frame = bytes(buffer[HEADER_BYTES:end])
-                    del buffer[:end]
-                    return self._decoder.decode(frame)
+        while (frame := _take_frame(buffer)) is None:
             chunk = os.read(self._fd, 256 * 1024)
             if not chunk:
                 return None
+            if not buffer and len(chunk) >= _INVOKE_FIXED.size and chunk[HEADER_BYTES] == _INVOKE:
+                message = _decode_invoke(chunk)  # the usual case: one whole frame
+                if message is not None:
+                    return message
             buffer += chunk
+        message = _TO_WORKER[frame[HEADER_BYTES]](frame)  # the supervisor is trusted: no checks
+        assert message is not None
+        return message  # type: ignore[no-any-return]
 
     def send(self, message: FromWorker) -> None:
-        view = memoryview(encode_frame(message))
-        while view:
-            view = view[os.write(self._fd, view) :]
+        frame = encode_frame(message)
+        written = os.write(self._fd, frame)
+        if written < len(frame):  # a large reply: the socket takes it in parts
+            view = memoryview(frame)[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
 
 
 class SupervisorChannel:
@@ -102,7 +351,6 @@ class SupervisorChannel:
         self._buffer = bytearray()
         self._inbox: deque[FromWorker | None] = deque()
         self._waiter: asyncio.Future[Any] | None = None
-        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(FromWorker)
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -118,7 +366,7 @@ class SupervisorChannel:
 
     def send(self, message: Invoke) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(encode_frame(message))
+            self.transport.write(_encode_invoke(message))
 
     def hang_up(self) -> None:
         if not self.closed:
@@ -135,21 +383,35 @@ class SupervisorChannel:
             transport.close()
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        if not buffer and int.from_bytes(data[:HEADER_BYTES], "big") == len(data) - HEADER_BYTES:
-            self._deliver_frame(memoryview(data)[HEADER_BYTES:])  # the usual case: one whole frame
+        if self.closed:
             return
+        if not self._buffer:  # the usual case: `data` is one whole frame
+            try:
+                message = _FROM_WORKER[data[HEADER_BYTES]](data)
+            except (LookupError, struct.error):
+                message = None  # too short or an unknown tag: judged below, once buffered
+            except ValueError:
+                self.hang_up()  # a corrupt frame: the worker is treated as crashed
+                return
+            if message is not None:
+                self._deliver(message)
+                return
+        buffer = self._buffer
         buffer += data
-        while len(buffer) >= HEADER_BYTES:
-            size = int.from_bytes(buffer[:HEADER_BYTES], "big")
-            if size > MAX_FRAME_BYTES:
+        while not self.closed:
+            if len(buffer) >= HEADER_BYTES and _SIZE.unpack_from(buffer)[0] > MAX_FRAME_BYTES:
                 self.hang_up()
                 return
-            if len(buffer) < HEADER_BYTES + size:
+            if (frame := _take_frame(buffer)) is None:
                 return
-            frame = bytes(buffer[HEADER_BYTES : HEADER_BYTES + size])
-            del buffer[: HEADER_BYTES + size]
-            self._deliver_frame(frame)
+            try:
+                message = _FROM_WORKER[frame[HEADER_BYTES]](frame)
+            except (LookupError, ValueError, struct.error):
+                message = None
+            if message is None:
+                self.hang_up()
+            else:
+                self._deliver(message)
 
     def eof_received(self) -> None:
         self.hang_up()
@@ -162,14 +424,6 @@ class SupervisorChannel:
 
     def resume_writing(self) -> None:
         pass
-
-    def _deliver_frame(self, frame: bytes | memoryview) -> None:
-        try:
-            message = self._decoder.decode(frame)
-        except msgspec.DecodeError:
-            self.hang_up()  # a corrupt stream: the worker is treated as crashed
-        else:
-            self._deliver(message)
 
     def _deliver(self, message: FromWorker | None) -> None:
         waiter, self._waiter = self._waiter, None
