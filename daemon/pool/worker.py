@@ -7,45 +7,34 @@ group of its own. It sets its memory limit, imports the handler (init), says `Re
 `InitFailed` and exits), then answers each `Invoke` with a `Result`. EOF on the control socket
 means: exit.
 
-Only the standard library and msgspec are imported here; every millisecond counts on a cold start.
+Only the standard library is imported here: every millisecond counts on a cold start, and every
+megabyte of a warm worker counts against the daemon's idle memory budget.
 """
 
 from __future__ import annotations
 
+import binascii
+import ctypes
+import faulthandler
+import importlib
+import io
+import json
+import logging
+import os
+import resource
 import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+from typing import Any
 
-# msgspec imports typing_extensions (and through it inspect, ast, dis...) only to pick a
-# get_type_hints variant the worker never calls. Hiding it saves ~20 ms per cold start; the entry is
-# removed again so handler code imports typing_extensions normally.
-_HIDE_TYPING_EXTENSIONS = "typing_extensions" not in sys.modules
-if _HIDE_TYPING_EXTENSIONS:
-    sys.modules["typing_extensions"] = None  # type: ignore[assignment]
-import msgspec  # noqa: E402
-
-if _HIDE_TYPING_EXTENSIONS:
-    del sys.modules["typing_extensions"]
-
-import binascii  # noqa: E402
-import ctypes  # noqa: E402
-import faulthandler  # noqa: E402
-import importlib  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-import types  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from daemon.pool.protocol import InitFailed, Invoke, Ready, Result, WorkerChannel  # noqa: E402
+from daemon.pool.protocol import InitFailed, Invoke, Ready, Result, WorkerChannel
 
 # Headroom above the handler's budget, usable only by this module (soft limit -> hard limit) to
 # report a MemoryError instead of dying while building the report.
 _OOM_RESERVE_BYTES = 32 * 1024 * 1024
 _ASYNCIO_DIR = os.path.join(os.path.dirname(os.__file__), "asyncio", "")
-_JSON = msgspec.json.Encoder(decimal_format="number")
 
 _request_id = ""  # read by the logging filter: every record carries the current request id
 
@@ -121,7 +110,7 @@ class LambdaContext:
 def _decode_client_context(encoded: str | None) -> _ClientContext | None:
     if not encoded:
         return None
-    data = msgspec.json.decode(binascii.a2b_base64(encoded))
+    data = json.loads(binascii.a2b_base64(encoded))
     context = _from_dict(_ClientContext, data)
     if context is not None:
         context.client = _from_dict(_Client, context.client)
@@ -140,6 +129,78 @@ class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.aws_request_id = _request_id
         return True
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+# Results are encoded as the RIC does (json with a Decimal hook), but compact, UTF-8 and strict:
+# NaN and infinities are refused (they are not JSON) instead of written as bare NaN/Infinity.
+
+
+class _HoldsDecimal(Exception):
+    """From the fast encoder's hook: the value holds a Decimal, so the slow encoder must run."""
+
+
+def _unencodable(value: Any) -> Any:
+    # `decimal` is imported only by handlers that use it: no Decimal can exist without it.
+    decimal = sys.modules.get("decimal")
+    if decimal is not None and isinstance(value, decimal.Decimal):
+        raise _HoldsDecimal
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_unencodable,
+)
+
+
+def _to_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON; ValueError, TypeError or RecursionError when `value` cannot be."""
+    try:
+        text = _ENCODER.encode(value)
+    except _HoldsDecimal:
+        text = _encode_with_decimals(value)
+    # A lone surrogate (from a file name decoded with surrogateescape, say) can only be inside a
+    # JSON string here; backslashreplace writes it as the JSON escape \udcXX, as ensure_ascii does.
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _encode_with_decimals(value: Any) -> str:
+    """JSON in which a Decimal is a number with its exact digits ("12.50" stays 12.50).
+
+    The C encoder writes numbers only with its own float and int formatting, so this runs json's
+    pure-Python encoder (slower; needed only when a Decimal is there, as in DynamoDB items), with
+    the number formatting given here: each Decimal goes in as a float that carries its text.
+    """
+    decimal_type = sys.modules["decimal"].Decimal
+
+    def default(value: Any) -> Any:
+        if isinstance(value, decimal_type):
+            if not value.is_finite():
+                raise ValueError(f"Out of range decimal values are not JSON compliant: {value}")
+            return _DecimalDigits(decimal_type.__str__(value))
+        return _unencodable(value)
+
+    def number(value: float) -> str:
+        if type(value) is _DecimalDigits:
+            return value.digits
+        if value != value or value in (_INFINITY, -_INFINITY):
+            raise ValueError(f"Out of range float values are not JSON compliant: {value!r}")
+        return float.__repr__(value)
+
+    chunks = json.encoder._make_iterencode(  # type: ignore[attr-defined]
+        {}, default, json.encoder.encode_basestring, None, number, ":", ",", False, False, True,
+    )
+    return "".join(chunks(value, 0))
+
+
+class _DecimalDigits(float):
+    """A finite Decimal's text, and its value as a float, for _encode_with_decimals."""
+
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+
+_INFINITY = float("inf")
 
 
 # --- start-up ---------------------------------------------------------------------------------
@@ -184,7 +245,7 @@ def _unbuffered(fd: int) -> io.TextIOWrapper:
 def _limit_memory(memory_mb: int) -> None:
     """Cap the address space at what the interpreter maps now plus `memory_mb`.
 
-    RLIMIT_AS counts virtual memory: the interpreter, msgspec and the shared libraries already map
+    RLIMIT_AS counts virtual memory: the interpreter and the shared libraries already map
     tens of MB before any handler code runs, so the baseline is added to keep `memory_mb` as the
     handler's own budget. Threads cost address space too (8 MB stack, and a 64 MB malloc arena
     reservation per thread that allocates), so thread-heavy handlers need a larger memory_mb.
@@ -267,8 +328,8 @@ def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Res
     _reset_peak_memory()
     try:
         context = LambdaContext(invoke)
-        event = msgspec.json.decode(invoke.event) if invoke.event else {}
-    except (msgspec.DecodeError, ValueError) as exc:
+        event = json.loads(invoke.event) if invoke.event else {}
+    except (ValueError, RecursionError) as exc:
         message = f"Unable to unmarshal input: {exc}"
         return _failure(invoke, "Runtime.UnmarshalError", message, [])
     try:
@@ -283,12 +344,12 @@ def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Res
         payload = result
     else:
         try:
-            payload = _JSON.encode(result)
-        except (TypeError, ValueError, OverflowError) as exc:
+            payload = _to_json(result)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             message = f"Unable to marshal response: {exc}"
             return _failure(invoke, "Runtime.MarshalError", message, [])
     peak_kb, rss_kb = _memory_kb()
-    return Result(True, payload, max_memory_kb=peak_kb, rss_kb=rss_kb)
+    return Result(True, payload, None, None, peak_kb, False, rss_kb)
 
 
 def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) -> Result:
@@ -298,7 +359,7 @@ def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) ->
     }
     _log_error(error_type, message, stack)
     peak_kb, rss_kb = _memory_kb()
-    return Result(False, _JSON.encode(body), error_type, message, peak_kb, rss_kb=rss_kb)
+    return Result(False, _to_json(body), error_type, message, peak_kb, False, rss_kb)
 
 
 def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:
@@ -307,7 +368,7 @@ def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:
     message = (f"RequestId: {invoke.invocation_id} Error: handler exceeded the memory limit of "
                f"{limit} MB")
     _log_error("Runtime.OutOfMemory", message, _user_stack(exc))
-    body = _JSON.encode({"errorType": "Runtime.OutOfMemory", "errorMessage": message})
+    body = _to_json({"errorType": "Runtime.OutOfMemory", "errorMessage": message})
     peak_kb = _status_kb(b"VmHWM:")
     return Result(False, body, "Runtime.OutOfMemory", message, peak_kb, retire=True)
 
@@ -373,7 +434,7 @@ def _init(control: WorkerChannel) -> Callable[[Any, LambdaContext], Any] | None:
     error_type, message, stack = error
     _log_error(error_type, message, stack)
     body = {"errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": stack}
-    control.send(InitFailed(error_type, message, _JSON.encode(body), init_ms))
+    control.send(InitFailed(error_type, message, _to_json(body), init_ms))
     return None
 
 

@@ -148,6 +148,37 @@ async def test_pool_marshals_results_like_lambda(pool: WorkerPool) -> None:
     assert unparsable.status is Status.FAILED and unparsable.error_type == "Runtime.UnmarshalError"
 
 
+async def test_pool_marshals_decimals_text_and_floats_strictly(pool: WorkerPool) -> None:
+    returns = function("returns", "handler.returns")
+
+    async def result(kind: str) -> Outcome:
+        return await pool.invoke(returns, request(returns, json.dumps({"kind": kind}).encode()))
+
+    # Decimals keep their exact digits, as the RIC writes them; the JSON stays compact UTF-8.
+    assert (await result("decimals")).payload == (
+        '{"items":[{"n":12345678901234567890.10},1E+3],"f":0.5,"text":"é€ 日本"}'.encode()
+    )
+    nan = await result("nan")  # not JSON: refused rather than written as a bare NaN
+    assert nan.status is Status.FAILED and nan.error_type == "Runtime.MarshalError"
+    assert "not JSON compliant" in json.loads(nan.payload)["errorMessage"]
+    surrogate = await result("surrogate")  # escaped in the JSON string, as ensure_ascii would
+    assert surrogate.status is Status.SUCCEEDED
+    assert surrogate.payload == b'{"name":"caf\\udce9"}'
+    assert json.loads(surrogate.payload) == {"name": "caf\udce9"}
+
+
+async def test_pool_reports_an_exception_message_that_is_not_valid_unicode(
+    pool: WorkerPool
+) -> None:
+    fn = function("surrogate", "handler.fail_surrogate")
+    outcome = await pool.invoke(fn, request(fn))
+    assert outcome.status is Status.FAILED and outcome.error_type == "FileNotFoundError"
+    assert outcome.error_message == "no such file: caf\\udce9"  # the lone surrogate, as text
+    assert json.loads(outcome.payload)["errorMessage"] == "no such file: caf\udce9"
+    again = await pool.invoke(fn, request(fn))
+    assert again.worker_pid == outcome.worker_pid  # the worker survived its own error report
+
+
 async def test_pool_gives_worker_clean_env_and_code_folder(
     pool: WorkerPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

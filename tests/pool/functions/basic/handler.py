@@ -106,7 +106,19 @@ def returns(event, context):
         return {"price": decimal.Decimal("12.50")}
     if kind == "none":
         return None
+    if kind == "decimals":  # DynamoDB-style numbers, nested, with digits a float would lose
+        big = decimal.Decimal("12345678901234567890.10")
+        return {"items": [{"n": big}, decimal.Decimal("1E+3")], "f": 0.5, "text": "é€ 日本"}
+    if kind == "nan":
+        return {"x": float("nan")}
+    if kind == "surrogate":  # a file name decoded with surrogateescape
+        return {"name": b"caf\xe9".decode("utf-8", "surrogateescape")}
     return object()
+
+
+def fail_surrogate(event, context):
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")
+    raise FileNotFoundError(f"no such file: {name}")
 
 
 def spawn_sleeper(event, context):
