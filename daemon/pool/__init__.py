@@ -6,9 +6,11 @@ way to `daemon.pool.worker` and must not pay for asyncio, structlog and the conf
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+# Not typing.TYPE_CHECKING: importing typing would cost the worker ~0.4 MB and ~3 ms.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from daemon.pool.supervisor import WorkerPool
 
 __all__ = ["WorkerPool"]
