@@ -319,7 +319,9 @@ class WorkerChannel:
         """The next invocation; None when the supervisor has gone."""
         buffer = self._buffer
         while (frame := _take_frame(buffer)) is None:
-            chunk = os.read(self._fd, 256 * 1024)
+            # 64 KiB: glibc serves larger requests with mmap, which would cost an mmap, an
+            # mremap and a munmap on every call for a bytes object that shrinks to ~150 bytes.
+            chunk = os.read(self._fd, 64 * 1024)
             if not chunk:
                 return None
             if not buffer and len(chunk) >= _INVOKE_FIXED.size and chunk[HEADER_BYTES] == _INVOKE:
