@@ -1,12 +1,82 @@
-"""What every benchmark script shares: percentiles and writing its figures."""
+"""What every benchmark script shares: HTTP load in rounds beside the bare aiohttp baseline,
+percentiles, and writing the figures."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import statistics
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def loadgen(url: str, connections: int, seconds: float) -> dict:
+    """One closed-loop HTTP load run (benchmarks/loadgen.py: wrk when installed)."""
+    out = subprocess.run(
+        [sys.executable, str(HERE / "loadgen.py"), url, "--connections", str(connections),
+         "--seconds", str(seconds)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+@contextlib.asynccontextmanager
+async def bare_aiohttp() -> AsyncIterator[str]:
+    """The baseline server (benchmarks/bare_aiohttp.py) running; yields its URL."""
+    from tests.daemon_proc import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(HERE / "bare_aiohttp.py"), str(port)])
+    try:
+        await wait_port(port)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def wait_port(port: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)  # polling for the listener, bounded by the timeout
+
+
+async def paired_rounds(url: str, baseline_url: str, connections: int, seconds: float,
+                        rounds: int) -> tuple[dict, dict, float]:
+    """Load `url` and the baseline in alternation, `rounds` times each, with both servers up.
+
+    This machine is shared and its speed drifts by tens of percent within a minute, so each
+    round of ours is paired with the baseline round right after it. Returns (ours, baseline,
+    ratio): the first two with the median of each figure and every round, the ratio as the
+    median of the per-round throughput ratios.
+    """
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(await asyncio.to_thread(loadgen, url, connections, seconds))
+        theirs.append(await asyncio.to_thread(loadgen, baseline_url, connections, seconds))
+    ratio = statistics.median(a["rps"] / b["rps"] for a, b in zip(ours, theirs, strict=True))
+    return _medians(ours), _medians(theirs), round(ratio, 3)
+
+
+def _medians(runs: list[dict]) -> dict:
+    out = {key: round(statistics.median(run[key] for run in runs), 2)
+           for key in ("rps", "p50_ms", "p99_ms")}
+    out["errors"] = sum(run["errors"] for run in runs)
+    out["tool"] = runs[0]["tool"]
+    out["rounds"] = [{key: run[key] for key in ("rps", "p50_ms", "p99_ms", "requests")}
+                     for run in runs]
+    return out
 
 
 def spread_ms(values: list[float]) -> dict[str, float]:
