@@ -8,6 +8,10 @@ Bookkeeping of invocations already accepted (an attempt's start, its outcome, a 
 for fsync. Such a commit survives a kill -9 (it is in the OS's page cache); only a power cut can
 undo it, and then the invocation simply runs again, as at-least-once allows. The next FULL
 commit flushes every earlier frame of the WAL with it, since the WAL is written in order.
+
+Under load, bookkeeping that nobody waits on (an outcome, a retry) may also wait up to GROW_S
+for more writes before its batch commits, so that fewer, larger transactions carry it; any
+other write ends that wait as soon as it is queued (Store._next_batch).
 """
 
 from __future__ import annotations
@@ -50,7 +54,17 @@ Op = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH_OPS = 512
 BUSY_TIMEOUT_MS = 5000
+# A batch of deferrable ops alone waits this long for more writes, or until it holds
+# GROW_OPS, when writes are coming in (see Store._next_batch).
+GROW_S = 0.002
+GROW_OPS = 32
 _REPEATABLE = "_lambdaemon_repeatable"  # the attribute repeatable() sets on a callback
+
+# What the writer may do with an op (its flags):
+RELAXED = 1  # needs no fsync of its own (see the module docstring)
+REPEATABLE = 2  # may run again after its transaction was rolled back (see _Batches)
+DEFERRABLE = 4  # relaxed, and nobody waits on its commit to go on: its batch may wait to grow
+BOOKKEEPING = RELAXED | REPEATABLE | DEFERRABLE
 # These say the database cannot take writes right now, not that one operation is wrong. SQLite
 # may already have rolled the whole transaction back, so they fail the whole batch.
 _UNAVAILABLE_CODES = frozenset({
@@ -66,11 +80,13 @@ class Store:
         self.path = Path(path)
         self.commits = 0  # transactions committed by the writer; for metrics and tests
         self.write_failures = 0  # batches that could not be committed
-        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._batches: _Batches | None = None
+        self._growing: asyncio.Future[None] | None = None  # set while a batch waits to grow
+        self._grow_until = 0  # queued writes that end the wait
         self._closing: asyncio.Future[None] | None = None
 
     @classmethod
@@ -94,12 +110,12 @@ class Store:
         `extra_sql` runs with it, only when the row is new: the row and the source's own state
         (a cron fire marker) are committed together or not at all (see repeatable()).
         """
-        return await self._write(records.insert, repeatable=_repeatable(extra_sql), inv=inv,
+        return await self._write(records.insert, _repeatable(extra_sql), inv=inv,
                                  extra_sql=extra_sql)  # fmt: skip
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
-        future = self._submit(_op(records.insert, True, True, inv=inv, extra_sql=None))
+        future = self._submit(_op(records.insert, BOOKKEEPING, inv=inv, extra_sql=None))
         future.add_done_callback(partial(_log_unawaited_failure, inv.id))
         return future
 
@@ -107,7 +123,8 @@ class Store:
         self, id: str, attempt: int, started_at: float, worker_pid: int | None
     ) -> asyncio.Future[None]:
         """Enqueue the start of an attempt; awaiting the returned future is optional."""
-        op = _op(records.mark_running, True, True, id=id, attempt=attempt,
+        # Not deferrable: the attempt's handler starts once this is committed.
+        op = _op(records.mark_running, RELAXED | REPEATABLE, id=id, attempt=attempt,
                  started_at=started_at, worker_pid=worker_pid)  # fmt: skip
         future = self._submit(op)
         future.add_done_callback(partial(_log_unawaited_failure, id))
@@ -124,7 +141,7 @@ class Store:
         daemon/outbox.py; see repeatable()).
         """
         _require_final(outcome)
-        await self._write(records.finish, relaxed=True, repeatable=_repeatable(extra_sql), id=id,
+        await self._write(records.finish, RELAXED | DEFERRABLE | _repeatable(extra_sql), id=id,
                           attempt=attempt, o=outcome, dead_letter=dead_letter, now=time.time(),
                           extra_sql=extra_sql)  # fmt: skip
 
@@ -134,14 +151,14 @@ class Store:
         For short synchronous invocations that never needed a visible `running` row.
         """
         _require_final(outcome)
-        await self._write(records.insert_finished, relaxed=True, inv=inv, o=outcome)
+        await self._write(records.insert_finished, BOOKKEEPING, inv=inv, o=outcome)
 
     async def requeue(
         self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
     ) -> None:
         """Record a failed attempt that will be retried; the row is queued again."""
         _require_final(outcome)
-        await self._write(records.requeue, relaxed=True, id=id, attempt=attempt, o=outcome,
+        await self._write(records.requeue, BOOKKEEPING, id=id, attempt=attempt, o=outcome,
                           next_attempt_at=next_attempt_at)  # fmt: skip
 
     async def dead_letter_waiting(
@@ -153,7 +170,7 @@ class Store:
         `extra_sql(conn)` runs after it, committed with it or not at all (see repeatable()).
         """
         status: str = await self._write(
-            records.dead_letter_waiting, repeatable=_repeatable(extra_sql), id=id, reason=reason,
+            records.dead_letter_waiting, _repeatable(extra_sql), id=id, reason=reason,
             now=time.time(), extra_sql=extra_sql,
         )
         return status
@@ -163,7 +180,8 @@ class Store:
     ) -> list[QueuedInvocation]:
         """Queue dead letters of `functions` again (all, or `ids`, or one `function`'s)."""
         rows: list[QueuedInvocation] = await self._write(
-            records.redrive, ids=ids, function=function, functions=functions, now=time.time()
+            records.redrive, REPEATABLE, ids=ids, function=function, functions=functions,
+            now=time.time(),
         )
         return rows
 
@@ -177,7 +195,7 @@ class Store:
         `fn` runs in the database thread: it must be quick, must not touch the event loop, and
         must not BEGIN, COMMIT or ROLLBACK (an exception it raises rolls back its savepoint).
         """
-        result: T = await self._wait(self._submit(fn))
+        result: T = await self._wait(self._submit(_op(fn, 0)))
         return result
 
     async def recover(
@@ -192,11 +210,16 @@ class Store:
         runs in the same transaction after each dead letter.
         """
         recovery: Recovery = await self._write(
-            records.recover_running, repeatable=False, now=now, decide=decide, final_sql=final_sql
+            records.recover_running, 0, now=now, decide=decide, final_sql=final_sql
         )
         log.info("store_recovered", requeued=len(recovery.requeued),
                  crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered))
         return recovery
+
+    @property
+    def queued(self) -> int:
+        """Writes waiting for the writer to take them; for metrics and tests."""
+        return self._queue.qsize()
 
     @property
     def reruns(self) -> int:
@@ -291,6 +314,8 @@ class Store:
         try:
             if self._writer_task is not None:
                 self._queue.put_nowait(None)  # the writer stops after committing what precedes
+                if self._growing is not None:
+                    _wake(self._growing)
                 await self._writer_task
         finally:
             await self._close_connections()
@@ -306,17 +331,18 @@ class Store:
 
     # --- the writer ----------------------------------------------------------------------------
 
-    async def _write(
-        self, op: Callable[..., Any], *, relaxed: bool = False, repeatable: bool = True,
-        **kwargs: Any,
-    ) -> Any:
-        return await self._wait(self._submit(_op(op, relaxed, repeatable, **kwargs)))
+    async def _write(self, fn: Callable[..., Any], flags: int, /, **kwargs: Any) -> Any:
+        return await self._wait(self._submit(_op(fn, flags, **kwargs)))
 
-    def _submit(self, fn: Op) -> asyncio.Future[Any]:
+    def _submit(self, op: _Op) -> asyncio.Future[Any]:
         if self._writer_task is None or self._closing is not None or self._writer_task.done():
             raise StoreUnavailableError(f"store {self.path} is closed")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((fn, future))
+        self._queue.put_nowait((op, future))
+        if self._growing is not None and (
+            not op.flags & DEFERRABLE or self._queue.qsize() >= self._grow_until
+        ):
+            _wake(self._growing)  # someone waits on this one, or the batch is big enough
         return future
 
     async def _wait(self, future: asyncio.Future[T]) -> T:
@@ -331,9 +357,7 @@ class Store:
     async def _write_loop(self) -> None:
         try:
             while True:
-                batch = [await self._queue.get()]
-                while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
+                batch = await self._next_batch()
                 ops = [item for item in batch if item is not None]
                 if ops:
                     await self._commit(ops)
@@ -344,7 +368,42 @@ class Store:
             left = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
             _fail_all([item for item in left if item is not None], "the store is closed", None)
 
-    async def _commit(self, ops: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+    async def _next_batch(self) -> list[tuple[_Op, asyncio.Future[Any]] | None]:
+        """What is queued (up to MAX_BATCH_OPS), once there is something.
+
+        Every batch costs the database thread about as much as tens of bookkeeping writes
+        (BEGIN, COMMIT and its WAL write, the hop into the thread and back), and under load the
+        writer finds only a few writes queued each time. So a batch of deferrable writes alone
+        that finds more than one queued (they keep coming) waits up to GROW_S for more, or
+        until it holds GROW_OPS. Any other write ends the wait as it is queued: nobody waiting
+        on a write waits longer for it.
+        """
+        batch = [await self._queue.get()]
+        self._take(batch)
+        if 2 <= len(batch) < GROW_OPS and all(
+            item is not None and item[0].flags & DEFERRABLE for item in batch
+        ):
+            loop = asyncio.get_running_loop()
+            self._growing = growing = loop.create_future()
+            self._grow_until = GROW_OPS - len(batch)
+            timer = loop.call_later(GROW_S, _wake, growing)
+            try:
+                await growing
+            except asyncio.CancelledError:
+                _fail_all([item for item in batch if item is not None], "the store writer was"
+                          " cancelled", None)  # fmt: skip
+                raise
+            finally:
+                timer.cancel()
+                self._growing = None
+            self._take(batch)
+        return batch
+
+    def _take(self, batch: list[tuple[_Op, asyncio.Future[Any]] | None]) -> None:
+        while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+
+    async def _commit(self, ops: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
         writer, batches = self._writer, self._batches
         # The writer task starts only once the connection is open and prepared.
         assert writer is not None and batches is not None
@@ -380,7 +439,7 @@ class Store:
         return conn
 
 
-def _fail_all(ops: list[tuple[Op, asyncio.Future[Any]]], reason: str, cause: Any) -> None:
+def _fail_all(ops: list[tuple[_Op, asyncio.Future[Any]]], reason: str, cause: Any) -> None:
     # COMMIT may fail after the data reached the disk (an fsync error), so "failed" can still
     # mean "stored": callers do not acknowledge, the source redelivers, the dedupe key catches it.
     for _, future in ops:
@@ -388,6 +447,11 @@ def _fail_all(ops: list[tuple[Op, asyncio.Future[Any]]], reason: str, cause: Any
             error = StoreUnavailableError(f"store write failed: {reason}")
             error.__cause__ = cause
             future.set_exception(error)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -414,8 +478,8 @@ def repeatable(fn: C) -> C:
     return fn
 
 
-def _repeatable(callback: Callable[..., Any] | None) -> bool:
-    return callback is None or getattr(callback, _REPEATABLE, False)
+def _repeatable(callback: Callable[..., Any] | None) -> int:
+    return REPEATABLE if callback is None or getattr(callback, _REPEATABLE, False) else 0
 
 
 def _require_final(outcome: Outcome) -> None:
@@ -468,26 +532,16 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> int:
     return len(MIGRATIONS)
 
 
-class _Relaxed(partial):  # type: ignore[type-arg]
-    """A write that needs no fsync of its own (see the module docstring)."""
+class _Op(partial):  # type: ignore[type-arg]
+    """A write in the queue; `flags` say how the writer may treat it (RELAXED, REPEATABLE...)."""
+
+    flags: int
 
 
-class _Repeatable(partial):  # type: ignore[type-arg]
-    """A write that may run again after its transaction was rolled back (see _Batches).
-
-    Every op the store builds from daemon/records.py only runs SQL on the connection; it stays
-    repeatable unless a callback it was given is not marked by repeatable().
-    """
-
-
-class _RelaxedRepeatable(_Relaxed, _Repeatable):
-    pass
-
-
-def _op(fn: Callable[..., Any], relaxed: bool, repeatable: bool, /, **kwargs: Any) -> Op:
-    if relaxed:
-        return (_RelaxedRepeatable if repeatable else _Relaxed)(fn, **kwargs)
-    return (_Repeatable if repeatable else partial)(fn, **kwargs)
+def _op(fn: Callable[..., Any], flags: int, /, **kwargs: Any) -> _Op:
+    op = _Op(fn, **kwargs)
+    op.flags = flags
+    return op
 
 
 class _Batches:
@@ -510,13 +564,13 @@ class _Batches:
         self._synchronous = synchronous
         self.reruns = 0  # optimistic batches rolled back and run again op by op
 
-    def run(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+    def run(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
         conn = self._conn
-        level = "NORMAL" if all(isinstance(op, _Relaxed) for op in ops) else "FULL"
+        level = "NORMAL" if all(op.flags & RELAXED for op in ops) else "FULL"
         if level != self._synchronous:
             conn.execute(f"PRAGMA synchronous = {level}")
             self._synchronous = level
-        if all(isinstance(op, _Repeatable) for op in ops):
+        if all(op.flags & REPEATABLE for op in ops):
             # Optimistic: no savepoint per op (two statements each). Nearly every batch
             # commits whole; one whose op fails is rolled back and run again op by op below.
             try:
@@ -564,4 +618,4 @@ def _nothing(conn: sqlite3.Connection) -> None:
     return None
 
 
-_BARRIER = _Repeatable(_nothing)  # not relaxed: a barrier's batch commits with FULL
+_BARRIER = _op(_nothing, REPEATABLE)  # not relaxed: a barrier's batch commits with FULL

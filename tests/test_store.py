@@ -22,6 +22,7 @@ from daemon.errors import StoreUnavailableError
 from daemon.models import Outcome, Status
 from daemon.retry import Verdict
 from daemon.store import MIGRATIONS, NewInvocation, QueuedInvocation, Store, repeatable
+from tests.daemon_proc import until
 
 REPO = Path(__file__).resolve().parents[1]
 NORMAL, FULL = 1, 2  # PRAGMA synchronous
@@ -259,6 +260,58 @@ async def test_store_sets_synchronous_by_what_each_batch_holds(store: Store) -> 
     await store.record_finished(new("y", invocation_type="sync"), done)
     await store.transaction(level)
     assert levels == [NORMAL, NORMAL, FULL, NORMAL, FULL, FULL]
+
+
+async def held(store: Store, *ids: str) -> list[asyncio.Future[tuple[str, bool]]]:
+    """Enqueue bookkeeping (visible rows of sync calls); return once the writer has them."""
+    writes = [store.insert_nowait(new(i, invocation_type="sync")) for i in ids]
+    await until(lambda: store.queued == 0, 5, "the writer to take the writes")
+    return writes
+
+
+async def test_store_bookkeeping_waits_to_grow_and_any_other_write_ends_the_wait(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "GROW_S", 60.0)  # only a write ends the wait here
+    monkeypatch.setattr(store_module, "GROW_OPS", 4)
+    async with asyncio.timeout(10):
+        before = store.commits
+        await store.record_finished(new("alone", invocation_type="sync"), outcome(Status.FAILED))
+        assert store.commits - before == 1  # a lone write does not wait: nothing else is coming
+
+        writes = await held(store, "a", "b")
+        assert not any(w.done() for w in writes)  # two queued together: they wait for more
+        before = store.commits
+        assert await store.insert(new("c")) == ("c", True)  # accepting: committed at once
+        await asyncio.gather(*writes)
+        assert store.commits - before == 1  # with the writes that were waiting
+
+        for n, wake in enumerate((store.barrier, lambda: store.mark_running("c", 1, 1.0, 9))):
+            writes = await held(store, f"{n}-1", f"{n}-2")
+            before = store.commits
+            await wake()  # a caller waits on both: on a barrier, and on a handler's start
+            await asyncio.gather(*writes)
+            assert store.commits - before == 1
+
+        writes = await held(store, "d", "e")
+        before = store.commits
+        await asyncio.gather(*writes, *await held(store, "f", "g"))  # GROW_OPS reached
+        assert store.commits - before == 1
+    assert await store.status_of("g") == "queued"
+
+
+async def test_store_waiting_batch_commits_after_grow_s_or_at_close(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with asyncio.timeout(10), Store.open(db) as store:
+        monkeypatch.setattr(store_module, "GROW_S", 0.01)
+        before = store.commits
+        await asyncio.gather(*await held(store, "a", "b"))  # nothing more came
+        assert store.commits - before == 1
+        monkeypatch.setattr(store_module, "GROW_S", 60.0)
+        writes = await held(store, "c", "d")  # closing ends their wait
+    assert all(w.done() and w.exception() is None for w in writes)
+    assert raw(db, "SELECT id FROM invocations ORDER BY id") == [("a",), ("b",), ("c",), ("d",)]
 
 
 async def test_store_extra_sql_commits_with_the_row_or_not_at_all(store: Store) -> None:
