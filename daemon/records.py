@@ -8,7 +8,7 @@ transaction was rolled back (see store._Batches): so it runs SQL and has no othe
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -103,19 +103,37 @@ def insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Any) -> tupl
 
 
 def insert_finished(conn: sqlite3.Connection, inv: NewInvocation, o: Outcome) -> None:
-    conn.execute(
-        "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
-        " invocation_type, status, attempt, queued_at, started_at, ended_at, duration_ms,"
-        " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message,"
-        " exit_code, signal, worker_pid, parent_id, event, result, logs)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
-         inv.invocation_type, str(o.status), inv.attempt, inv.queued_at, o.started_at,
-         o.ended_at, o.duration_ms, o.billed_duration_ms, o.init_duration_ms, o.max_memory_mb,
-         o.error_type, o.error_message, o.exit_code, o.signal, o.worker_pid, inv.parent_id,
-         inv.event, o.payload, o.logs),
-    )  # fmt: skip
-    _record_attempt(conn, inv.id, inv.attempt, o)
+    insert_finished_many(conn, [(inv, o)])
+
+
+def insert_finished_many(
+    conn: sqlite3.Connection, finished: Sequence[tuple[NewInvocation, Outcome]]
+) -> None:
+    """insert_finished of every pair, in order: two statements for up to MAX_ROWS of them.
+
+    Each statement hands the GIL to the event loop and takes it back (sqlite3 lets go of it
+    while SQLite works), and under load that hand-off costs the loop more than SQLite's work.
+    """
+    done = 0
+    while done < len(finished):
+        n = 1 << (min(MAX_ROWS, len(finished) - done).bit_length() - 1)  # cached statements
+        rows = finished[done : done + n]
+        params: list[Any] = []
+        for inv, o in rows:
+            params += (
+                inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
+                inv.invocation_type, str(o.status), inv.attempt, inv.queued_at, o.started_at,
+                o.ended_at, o.duration_ms, o.billed_duration_ms, o.init_duration_ms,
+                o.max_memory_mb, o.error_type, o.error_message, o.exit_code, o.signal,
+                o.worker_pid, inv.parent_id, inv.event, o.payload, o.logs,
+            )  # fmt: skip
+        conn.execute(_FINISHED[n], params)
+        params = []
+        for inv, o in rows:  # the row's pid is the outcome's: no lookup of the row needed
+            params += _attempt_values(inv.id, inv.attempt, o)
+            params.append(o.worker_pid)
+        conn.execute(_ATTEMPTS_WITH_PID[n], params)
+        done += n
 
 
 def mark_running(
@@ -218,19 +236,38 @@ def _record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome)
     # REPLACE: a write repeated after an ambiguous commit failure stays idempotent. Without a
     # pid in the outcome, it falls back to the one mark_running stored, which the caller just
     # copied into the row; with one (nearly always), the row need not be looked up.
-    values = (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
-              o.error_message, o.exit_code, o.signal, o.logs)  # fmt: skip
+    values = _attempt_values(id, attempt, o)
     if o.worker_pid is not None:
-        conn.execute(_ATTEMPT_WITH_PID, (*values, o.worker_pid))
+        conn.execute(_ATTEMPTS_WITH_PID[1], (*values, o.worker_pid))
     else:
         conn.execute(_ATTEMPT_PID_FROM_ROW, (*values, id))
 
 
+def _attempt_values(id: str, attempt: int, o: Outcome) -> tuple[Any, ...]:
+    """An attempts row in _ATTEMPT's column order, but for the last one (worker_pid)."""
+    return (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
+            o.error_message, o.exit_code, o.signal, o.logs)  # fmt: skip
+
+
+def _values(width: int, rows: int) -> str:
+    return " VALUES " + ", ".join(["(" + ", ".join(["?"] * width) + ")"] * rows)
+
+
+# Statements for 1, 2, 4 ... MAX_ROWS rows, so that sqlite3 keeps each prepared.
+MAX_ROWS = 64
+_SIZES = [1 << k for k in range(MAX_ROWS.bit_length())]
+_FINISHED = {
+    n: "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
+    " invocation_type, status, attempt, queued_at, started_at, ended_at, duration_ms,"
+    " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message,"
+    " exit_code, signal, worker_pid, parent_id, event, result, logs)" + _values(24, n)
+    for n in _SIZES
+}
 _ATTEMPT = (
     "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
     " duration_ms, error_type, error_message, exit_code, signal, logs, worker_pid)"
 )
-_ATTEMPT_WITH_PID = _ATTEMPT + " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ATTEMPTS_WITH_PID = {n: _ATTEMPT + _values(12, n) for n in _SIZES}
 _ATTEMPT_PID_FROM_ROW = (
     _ATTEMPT + " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid FROM invocations WHERE id = ?"
 )

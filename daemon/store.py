@@ -552,7 +552,10 @@ class _Batches:
     hand-offs) per op, for a failure that almost never comes. So a batch of repeatable ops
     runs without them first; if one of its ops raises, the transaction is rolled back and the
     batch runs again with a savepoint per op, where only that op fails. An "unavailable" error
-    (disk full, I/O error, busy...) fails the whole batch either way.
+    (disk full, I/O error, busy...) fails the whole batch either way. Run bare, consecutive
+    record_finished ops also share their statements (records.insert_finished_many): every
+    statement hands the GIL to the event loop and back, and under load that costs the loop
+    more than SQLite's own work.
 
     It also remembers the connection's `synchronous` level and sets it only when a batch needs
     the other one. Nothing else changes it after _prepare_writer: SQLite refuses to change it
@@ -575,11 +578,29 @@ class _Batches:
             # commits whole; one whose op fails is rolled back and run again op by op below.
             try:
                 with _immediate(conn):
-                    return [(True, _run_bare(conn, op)) for op in ops]
+                    return _run_bare_batch(conn, ops)
             except _OpFailed:
                 self.reruns += 1
         with _immediate(conn):
             return [_run_in_savepoint(conn, op) for op in ops]
+
+
+def _run_bare_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[bool, Any]]:
+    results: list[tuple[bool, Any]] = []
+    start = 0
+    while start < len(ops):
+        op, end = ops[start], start + 1
+        if op.func is records.insert_finished:
+            # A run of finished sync invocations: one statement pair for many of them.
+            while end < len(ops) and ops[end].func is records.insert_finished:
+                end += 1
+            pairs = [(o.keywords["inv"], o.keywords["o"]) for o in ops[start:end]]
+            results += [(True, _run_bare(conn, partial(records.insert_finished_many,
+                                                       finished=pairs)))] * (end - start)
+        else:
+            results.append((True, _run_bare(conn, op)))
+        start = end
+    return results
 
 
 class _OpFailed(Exception):

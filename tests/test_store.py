@@ -196,6 +196,52 @@ async def test_store_batch_without_a_failure_commits_in_one_pass(store: Store) -
     assert [tuple(r) for r in rows] == [("a", "succeeded"), ("b", "queued"), ("c", "succeeded")]
 
 
+async def test_store_run_of_finished_sync_calls_is_recorded_as_one_by_one(store: Store) -> None:
+    """A run of record_finished in a batch is written a chunk of rows per statement."""
+
+    def finished(n: int) -> Outcome:
+        if n % 3 == 0:
+            return outcome(Status.FAILED, payload=b'{"errorType": "E"}', error_type="E",
+                           error_message=f"bad {n}", logs=f"log {n}\n", exit_code=None)
+        return outcome(Status.SUCCEEDED, payload=f'"ok {n}"'.encode(), duration_ms=float(n),
+                       worker_pid=None if n % 5 == 0 else 1000 + n)  # fmt: skip
+
+    before, reruns = store.commits, store.reruns
+    # 100 around an insert: runs of 70 (64 + 4 + 2 rows a statement) and 30 (16 + 8 + 4 + 2).
+    writes = [store.record_finished(new(f"s{n:03}", invocation_type="sync", attempt=1,
+                                        event=f'{{"n": {n}}}'.encode()), finished(n))
+              for n in range(100)]  # fmt: skip
+    await asyncio.gather(*writes[:70], store.insert(new("q")), *writes[70:])
+    assert store.commits - before == 1 and store.reruns == reruns
+    for n in range(100):
+        record = await store.get(f"s{n:03}")
+        assert record is not None
+        o = finished(n)
+        assert (record["status"], record["error_message"], record["result"], record["logs"],
+                record["duration_ms"], record["worker_pid"], record["event"]) == (
+                o.status, o.error_message, o.payload, o.logs, o.duration_ms, o.worker_pid,
+                f'{{"n": {n}}}'.encode())  # fmt: skip
+        assert [(a["attempt"], a["status"], a["worker_pid"], a["error_type"], a["logs"])
+                for a in record["attempts"]] == [(1, o.status, o.worker_pid, o.error_type,
+                                                  o.logs)]  # fmt: skip
+    assert await store.status_of("q") == "queued"
+
+
+async def test_store_failing_row_in_a_run_fails_alone(store: Store) -> None:
+    await store.record_finished(new("taken", invocation_type="sync"), outcome(Status.SUCCEEDED))
+    reruns = store.reruns
+    results = await asyncio.gather(
+        *(store.record_finished(new(i, invocation_type="sync"), outcome(Status.SUCCEEDED))
+          for i in ("a", "b", "taken", "c")),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert results[:2] == [None, None] and results[3] is None
+    assert isinstance(results[2], sqlite3.IntegrityError)
+    assert store.reruns - reruns == 1
+    rows = await store.query("SELECT invocation_id FROM attempts ORDER BY invocation_id")
+    assert [r[0] for r in rows] == ["a", "b", "c", "taken"]
+
+
 async def test_store_rerun_batch_runs_a_repeatable_callback_again_but_commits_it_once(
     store: Store,
 ) -> None:
