@@ -512,6 +512,9 @@ def _prepare_writer(conn: sqlite3.Connection, path: Path) -> int:
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
+    # Statement journals (a multi-row INSERT needs one) stay in memory: past 64 KiB SQLite
+    # would spill one into a temporary file, created, written and deleted for that statement.
+    conn.execute("PRAGMA temp_store = MEMORY")
     return _migrate(conn, path)
 
 

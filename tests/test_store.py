@@ -360,6 +360,10 @@ async def test_store_waiting_batch_commits_after_grow_s_or_at_close(
     assert raw(db, "SELECT id FROM invocations ORDER BY id") == [("a",), ("b",), ("c",), ("d",)]
 
 
+async def test_store_writer_keeps_temporary_files_in_memory(store: Store) -> None:
+    assert await store.transaction(lambda c: c.execute("PRAGMA temp_store").fetchone()[0]) == 2
+
+
 async def test_store_extra_sql_commits_with_the_row_or_not_at_all(store: Store) -> None:
     await store.transaction(lambda c: c.execute("CREATE TABLE fires (key TEXT PRIMARY KEY)"))
 
