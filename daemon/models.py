@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import time
 
 import msgspec
 
@@ -22,10 +23,15 @@ FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, S
 
 
 def new_id() -> str:
-    """A random (version 4) UUID as text: str(uuid.uuid4()) at under half its cost (one or two
-    of these per invocation)."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    """A time-ordered (version 7) UUID as text: 48 bits of Unix milliseconds, then random bits.
+
+    Invocation ids are the primary key of `invocations` and `attempts`: ids that grow with time
+    land on the right-most index page instead of a random one, which nearly halves the SQLite
+    thread's work per recorded invocation. They keep the 8-4-4-4-12 form Lambda's request ids
+    have; within one millisecond their order is random.
+    """
+    h = f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}{os.urandom(10).hex()}"
+    return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 class InvokeRequest(msgspec.Struct, frozen=True):

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from daemon.models import new_id
 
 
-def test_new_id_is_a_random_rfc_4122_version_4_uuid():
+def test_new_id_is_an_rfc_4122_version_7_uuid_that_grows_with_time():
+    before = int(time.time() * 1000)
     ids = [new_id() for _ in range(20_000)]
+    after = int(time.time() * 1000)
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)
-        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
         assert str(parsed) == text  # lower-case, hyphenated: as str(uuid.uuid4()) prints it
+        assert before <= parsed.int >> 80 <= after  # the first 48 bits: Unix milliseconds
     # every variant digit (8, 9, a, b) turns up: the bits come from the random bytes
     assert {text[19] for text in ids} == set("89ab")
+    # ids of different milliseconds sort by time, as text too
+    stamps = [uuid.UUID(text).int >> 80 for text in ids]
+    assert all(a <= b for a, b in zip(stamps, stamps[1:], strict=False))
+    first, last = ids[0], ids[-1]
+    assert stamps[0] == stamps[-1] or first < last
