@@ -12,9 +12,11 @@ stays queued in the store; an attempt the drain has to cancel is recorded as int
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -58,6 +60,12 @@ class UnknownFunctionError(LambdaemonError, KeyError):
 
 def new_invocation_id() -> str:
     return new_id()
+
+
+def _log_record_failure(invocation_id: str, recorded: asyncio.Future[None]) -> None:
+    # Recorded best effort: the caller already has its answer.
+    if not recorded.cancelled() and (exc := recorded.exception()) is not None:
+        log.error("invocation_record_failed", invocation_id=invocation_id, error=str(exc))
 
 
 def to_json(event: Any) -> bytes:
@@ -269,7 +277,15 @@ class Dispatcher:
             await asyncio.shield(self._record_sync(inv, running[0] if running else None, outcome))
             raise
         visible.cancel()
-        self._spawn(self._record_sync(inv, running[0] if running else None, outcome))
+        if running:
+            self._spawn(self._record_sync(inv, running[0], outcome))
+        else:  # the usual case, written without a task of its own
+            try:
+                recorded = self._store.record_finished_nowait(inv, outcome)
+            except StoreUnavailableError as exc:  # closed: the caller still gets its answer
+                log.error("invocation_record_failed", invocation_id=inv.id, error=str(exc))
+            else:
+                recorded.add_done_callback(partial(_log_record_failure, inv.id))
         return outcome
 
     async def _record_sync(
@@ -557,4 +573,6 @@ class Dispatcher:
             log.warning("dispatcher_drain_cancelled", cancelled=len(cancelled))
         if self._tasks:  # the records of what just finished, before the store closes
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(StoreUnavailableError):  # and those written without a task
+            await self._store.barrier()
         return len(cancelled)

@@ -116,7 +116,7 @@ class Store:
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
         future = self._submit(_op(records.insert, BOOKKEEPING, inv=inv, extra_sql=None))
-        future.add_done_callback(partial(_log_unawaited_failure, inv.id))
+        future.add_done_callback(partial(_log_unawaited_failure, inv.id, "insert"))
         return future
 
     def mark_running(
@@ -127,7 +127,7 @@ class Store:
         op = _op(records.mark_running, RELAXED | REPEATABLE, id=id, attempt=attempt,
                  started_at=started_at, worker_pid=worker_pid)  # fmt: skip
         future = self._submit(op)
-        future.add_done_callback(partial(_log_unawaited_failure, id))
+        future.add_done_callback(partial(_log_unawaited_failure, id, "mark_running"))
         return future
 
     async def finish(
@@ -150,8 +150,12 @@ class Store:
 
         For short synchronous invocations that never needed a visible `running` row.
         """
+        await self._wait(self.record_finished_nowait(inv, outcome))
+
+    def record_finished_nowait(self, inv: NewInvocation, outcome: Outcome) -> asyncio.Future[None]:
+        """record_finished(), enqueued now; the caller may await the future or only watch it."""
         _require_final(outcome)
-        await self._write(records.insert_finished, BOOKKEEPING, inv=inv, o=outcome)
+        return self._submit(_op(records.insert_finished, BOOKKEEPING, inv=inv, o=outcome))
 
     async def requeue(
         self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
@@ -460,10 +464,10 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _log_unawaited_failure(id: str, future: asyncio.Future[None]) -> None:
-    # Nobody has to await mark_running, so its failure is reported here (and marked retrieved).
+def _log_unawaited_failure(id: str, op: str, future: asyncio.Future[None]) -> None:
+    # Nobody has to await these writes, so a failure is reported here (and marked retrieved).
     if not future.cancelled() and (exc := future.exception()) is not None:
-        log.warning("store_write_failed", reason=str(exc), invocation_id=id, op="mark_running")
+        log.warning("store_write_failed", reason=str(exc), invocation_id=id, op=op)
 
 
 def repeatable(fn: C) -> C:
