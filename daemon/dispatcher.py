@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from daemon import logs
 from daemon.config import FunctionConfig
 from daemon.errors import LambdaemonError, ShuttingDownError, StoreUnavailableError
 from daemon.lanes import Backlogged, Lane, Lanes
@@ -507,11 +508,11 @@ class Dispatcher:
     async def _run(self, fn: FunctionConfig, request: InvokeRequest, *, attempt: int,
                    on_start: Callable[[int, float], None] | None) -> Outcome:
         invocation_id = request.invocation_id
-        log.info("invocation_started", invocation_id=invocation_id, function=fn.name,
-                 attempt=attempt)  # fmt: skip
+        logs.info(log, "invocation_started", invocation_id=invocation_id, function=fn.name,
+                  attempt=attempt)  # fmt: skip
         outcome = await self._pool.invoke(fn, request, on_start)
-        log.info(
-            "invocation_finished", invocation_id=invocation_id, function=fn.name,
+        logs.info(
+            log, "invocation_finished", invocation_id=invocation_id, function=fn.name,
             status=outcome.status.value, attempt=attempt,
             duration_ms=round(outcome.duration_ms, 3), error_type=outcome.error_type,
         )

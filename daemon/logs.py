@@ -106,6 +106,36 @@ def flush() -> None:
         output.flush()
 
 
+class _HotPath:
+    """What configure_logging set up, for info(): the JSON output and the config it belongs to."""
+
+    out: _GatheredOutput | None = None  # None: no JSON output, or info lines are filtered out
+    factory: Any = None
+    processors: Any = None
+
+
+def info(logger: Any, event: str, /, **fields: Any) -> None:
+    """`logger.info(event, **fields)`, for the lines logged on every invocation.
+
+    It renders the same line as structlog would (the same keys in the same order), without
+    structlog's proxy, level filter and processor chain, which cost as much as the rendering.
+    Whenever structlog is configured otherwise (console output, a higher level, tests capturing
+    logs), it is logger.info().
+    """
+    out = _HotPath.out
+    if out is not None:
+        config = structlog.get_config()
+        processors = _HotPath.processors
+        if (config["logger_factory"] is _HotPath.factory and config["processors"] is processors
+                and processors[-1] is _render_journal):
+            fields["event"] = event
+            fields["level"] = "info"
+            _timestamp(None, "info", fields)
+            out.msg(b"<6>" + _encoder.encode(fields))
+            return
+    logger.info(event, **fields)
+
+
 def _render_journal(_logger: object, method: str, event_dict: dict[str, Any]) -> bytes:
     return b"<%d>%s" % (_PRIORITY.get(method, 6), _encoder.encode(event_dict))
 
@@ -145,6 +175,9 @@ def configure_logging(level: str = "info", *, json: bool | None = None,
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    config = structlog.get_config()
+    _HotPath.out = out if json and _LEVELS[level] <= logging.INFO else None
+    _HotPath.factory, _HotPath.processors = config["logger_factory"], config["processors"]
     # Libraries are kept to warnings unless the daemon itself runs at debug.
     root = logging.getLogger()
     root.handlers[:] = [_ForeignHandler()]

@@ -87,3 +87,36 @@ def test_lines_logged_outside_an_event_loop_are_written_at_once():
         structlog.reset_defaults()
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+
+
+def test_hot_path_info_writes_the_line_structlog_would_and_steps_aside_otherwise():
+    from structlog.testing import capture_logs
+
+    from daemon import logs
+
+    out = io.BytesIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    fields = {"invocation_id": "abc", "function": "f", "attempt": 1, "error_type": None}
+    try:
+        configure_logging("info", json=True, stream=out)
+        log = structlog.get_logger("lambdaemon.test")
+        log.info("invocation_finished", **fields)
+        logs.info(log, "invocation_finished", **fields)
+        with capture_logs() as captured:  # structlog configured otherwise: it is log.info()
+            logs.info(log, "captured", n=1)
+        logs.flush()
+        assert captured == [{"event": "captured", "n": 1, "log_level": "info"}]
+        configure_logging("warning", json=True, stream=out)  # filtered out as structlog would
+        logs.info(structlog.get_logger("lambdaemon.test"), "too_quiet")
+        logs.flush()
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    slow, fast = out.getvalue().decode().splitlines()
+    assert slow[:3] == fast[:3] == "<6>"
+    slow_event, fast_event = json.loads(slow[3:]), json.loads(fast[3:])
+    assert list(slow_event) == list(fast_event)  # the same keys in the same order
+    del slow_event["timestamp"], fast_event["timestamp"]
+    assert slow_event == fast_event
