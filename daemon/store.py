@@ -11,7 +11,8 @@ commit flushes every earlier frame of the WAL with it, since the WAL is written 
 
 Under load, bookkeeping that nobody waits on (an outcome, a retry) may also wait up to GROW_S
 for more writes before its batch commits, so that fewer, larger transactions carry it; any
-other write ends that wait as soon as it is queued (Store._next_batch).
+other write ends that wait as soon as it is queued (Store._next_batch). What runs in the
+database thread (a batch's transaction, migrations) is daemon/batches.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,20 @@ import aiosqlite
 import structlog
 
 from daemon import records
+from daemon.batches import (
+    BARRIER,
+    BOOKKEEPING,
+    BUSY_TIMEOUT_MS,
+    DEFERRABLE,
+    RELAXED,
+    REPEATABLE,
+    Batches,
+    Write,
+    flags_of,
+    prepare_writer,
+    repeatable,
+    write,
+)
 from daemon.errors import StoreUnavailableError
 from daemon.migrations import MIGRATIONS
 from daemon.models import FINAL_STATUSES, Outcome
@@ -49,29 +64,12 @@ __all__ = [
 log = structlog.get_logger("lambdaemon.store")
 
 T = TypeVar("T")
-C = TypeVar("C", bound=Callable[..., Any])
-Op = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH_OPS = 512
-BUSY_TIMEOUT_MS = 5000
 # A batch of deferrable ops alone waits this long for more writes, or until it holds
 # GROW_OPS, when writes are coming in (see Store._next_batch).
 GROW_S = 0.002
 GROW_OPS = 32
-_REPEATABLE = "_lambdaemon_repeatable"  # the attribute repeatable() sets on a callback
-
-# What the writer may do with an op (its flags):
-RELAXED = 1  # needs no fsync of its own (see the module docstring)
-REPEATABLE = 2  # may run again after its transaction was rolled back (see _Batches)
-DEFERRABLE = 4  # relaxed, and nobody waits on its commit to go on: its batch may wait to grow
-BOOKKEEPING = RELAXED | REPEATABLE | DEFERRABLE
-# These say the database cannot take writes right now, not that one operation is wrong. SQLite
-# may already have rolled the whole transaction back, so they fail the whole batch.
-_UNAVAILABLE_CODES = frozenset({
-    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
-    sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL,
-    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB,
-})  # fmt: skip
 
 class Store:
     """The one owner of the SQLite file: a group-commit writer plus a read-only connection."""
@@ -80,11 +78,11 @@ class Store:
         self.path = Path(path)
         self.commits = 0  # transactions committed by the writer; for metrics and tests
         self.write_failures = 0  # batches that could not be committed
-        self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Write, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
-        self._batches: _Batches | None = None
+        self._batches: Batches | None = None
         self._growing: asyncio.Future[None] | None = None  # set while a batch waits to grow
         self._grow_until = 0  # queued writes that end the wait
         self._closing: asyncio.Future[None] | None = None
@@ -110,12 +108,12 @@ class Store:
         `extra_sql` runs with it, only when the row is new: the row and the source's own state
         (a cron fire marker) are committed together or not at all (see repeatable()).
         """
-        return await self._write(records.insert, _repeatable(extra_sql), inv=inv,
+        return await self._write(records.insert, flags_of(extra_sql), inv=inv,
                                  extra_sql=extra_sql)  # fmt: skip
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
-        future = self._submit(_op(records.insert, BOOKKEEPING, inv=inv, extra_sql=None))
+        future = self._submit(write(records.insert, BOOKKEEPING, inv=inv, extra_sql=None))
         future.add_done_callback(partial(_log_unawaited_failure, inv.id, "insert"))
         return future
 
@@ -124,7 +122,7 @@ class Store:
     ) -> asyncio.Future[None]:
         """Enqueue the start of an attempt; awaiting the returned future is optional."""
         # Not deferrable: the attempt's handler starts once this is committed.
-        op = _op(records.mark_running, RELAXED | REPEATABLE, id=id, attempt=attempt,
+        op = write(records.mark_running, RELAXED | REPEATABLE, id=id, attempt=attempt,
                  started_at=started_at, worker_pid=worker_pid)  # fmt: skip
         future = self._submit(op)
         future.add_done_callback(partial(_log_unawaited_failure, id, "mark_running"))
@@ -141,7 +139,7 @@ class Store:
         daemon/outbox.py; see repeatable()).
         """
         _require_final(outcome)
-        await self._write(records.finish, RELAXED | DEFERRABLE | _repeatable(extra_sql), id=id,
+        await self._write(records.finish, RELAXED | DEFERRABLE | flags_of(extra_sql), id=id,
                           attempt=attempt, o=outcome, dead_letter=dead_letter, now=time.time(),
                           extra_sql=extra_sql)  # fmt: skip
 
@@ -155,7 +153,7 @@ class Store:
     def record_finished_nowait(self, inv: NewInvocation, outcome: Outcome) -> asyncio.Future[None]:
         """record_finished(), enqueued now; the caller may await the future or only watch it."""
         _require_final(outcome)
-        return self._submit(_op(records.insert_finished, BOOKKEEPING, inv=inv, o=outcome))
+        return self._submit(write(records.insert_finished, BOOKKEEPING, inv=inv, o=outcome))
 
     async def requeue(
         self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
@@ -174,7 +172,7 @@ class Store:
         `extra_sql(conn)` runs after it, committed with it or not at all (see repeatable()).
         """
         status: str = await self._write(
-            records.dead_letter_waiting, _repeatable(extra_sql), id=id, reason=reason,
+            records.dead_letter_waiting, flags_of(extra_sql), id=id, reason=reason,
             now=time.time(), extra_sql=extra_sql,
         )
         return status
@@ -191,7 +189,7 @@ class Store:
 
     async def barrier(self) -> None:
         """Return once every write enqueued before this call is committed (or has failed)."""
-        await self._wait(self._submit(_BARRIER))
+        await self._wait(self._submit(BARRIER))
 
     async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in the writer thread inside the next group commit, in its own savepoint.
@@ -199,7 +197,7 @@ class Store:
         `fn` runs in the database thread: it must be quick, must not touch the event loop, and
         must not BEGIN, COMMIT or ROLLBACK (an exception it raises rolls back its savepoint).
         """
-        result: T = await self._wait(self._submit(_op(fn, 0)))
+        result: T = await self._wait(self._submit(write(fn, 0)))
         return result
 
     async def recover(
@@ -301,8 +299,8 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-            version = await self._writer._execute(_prepare_writer, self._writer._conn, self.path)
-            self._batches = _Batches(self._writer._conn, synchronous="FULL")  # as prepared
+            version = await self._writer._execute(prepare_writer, self._writer._conn, self.path)
+            self._batches = Batches(self._writer._conn, synchronous="FULL")  # as prepared
             # Read-only, so a trigger's query() can never write behind the writer's back.
             uri = self.path.resolve().as_uri() + "?mode=ro"
             self._reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
@@ -336,9 +334,9 @@ class Store:
     # --- the writer ----------------------------------------------------------------------------
 
     async def _write(self, fn: Callable[..., Any], flags: int, /, **kwargs: Any) -> Any:
-        return await self._wait(self._submit(_op(fn, flags, **kwargs)))
+        return await self._wait(self._submit(write(fn, flags, **kwargs)))
 
-    def _submit(self, op: _Op) -> asyncio.Future[Any]:
+    def _submit(self, op: Write) -> asyncio.Future[Any]:
         if self._writer_task is None or self._closing is not None or self._writer_task.done():
             raise StoreUnavailableError(f"store {self.path} is closed")
         future = asyncio.get_running_loop().create_future()
@@ -372,7 +370,7 @@ class Store:
             left = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
             _fail_all([item for item in left if item is not None], "the store is closed", None)
 
-    async def _next_batch(self) -> list[tuple[_Op, asyncio.Future[Any]] | None]:
+    async def _next_batch(self) -> list[tuple[Write, asyncio.Future[Any]] | None]:
         """What is queued (up to MAX_BATCH_OPS), once there is something.
 
         Every batch costs the database thread about as much as tens of bookkeeping writes
@@ -403,11 +401,11 @@ class Store:
             self._take(batch)
         return batch
 
-    def _take(self, batch: list[tuple[_Op, asyncio.Future[Any]] | None]) -> None:
+    def _take(self, batch: list[tuple[Write, asyncio.Future[Any]] | None]) -> None:
         while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
             batch.append(self._queue.get_nowait())
 
-    async def _commit(self, ops: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, ops: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         writer, batches = self._writer, self._batches
         # The writer task starts only once the connection is open and prepared.
         assert writer is not None and batches is not None
@@ -443,7 +441,7 @@ class Store:
         return conn
 
 
-def _fail_all(ops: list[tuple[_Op, asyncio.Future[Any]]], reason: str, cause: Any) -> None:
+def _fail_all(ops: list[tuple[Write, asyncio.Future[Any]]], reason: str, cause: Any) -> None:
     # COMMIT may fail after the data reached the disk (an fsync error), so "failed" can still
     # mean "stored": callers do not acknowledge, the source redelivers, the dedupe key catches it.
     for _, future in ops:
@@ -470,180 +468,6 @@ def _log_unawaited_failure(id: str, op: str, future: asyncio.Future[None]) -> No
         log.warning("store_write_failed", reason=str(exc), invocation_id=id, op=op)
 
 
-def repeatable(fn: C) -> C:
-    """Mark `fn`, an `extra_sql` callback, safe to run again after its transaction rolled back.
-
-    It must only run SQL on the connection, or else undo what it did before when it runs
-    again (as Router does in daemon/outbox.py): the writer may roll a batch back and run it
-    again (see _Batches). A write with an unmarked callback puts its whole batch on the slower
-    path, one savepoint per op, where nothing runs twice. `fn` is a function or a partial.
-    """
-    setattr(fn, _REPEATABLE, True)
-    return fn
-
-
-def _repeatable(callback: Callable[..., Any] | None) -> int:
-    return REPEATABLE if callback is None or getattr(callback, _REPEATABLE, False) else 0
-
-
 def _require_final(outcome: Outcome) -> None:
     if outcome.status not in FINAL_STATUSES:
         raise ValueError(f"an attempt must end in a final status, not {outcome.status!r}")
-
-
-# --- run in the database thread ------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front, so busy_timeout applies and no later statement
-    # can fail with BUSY_SNAPSHOT.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
-
-
-def _prepare_writer(conn: sqlite3.Connection, path: Path) -> int:
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode != "wal":
-        raise StoreUnavailableError(f"{path}: cannot use WAL journaling (got {mode!r})")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    # Statement journals (a multi-row INSERT needs one) stay in memory: past 64 KiB SQLite
-    # would spill one into a temporary file, created, written and deleted for that statement.
-    conn.execute("PRAGMA temp_store = MEMORY")
-    return _migrate(conn, path)
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> int:
-    for version, statements in enumerate(MIGRATIONS, start=1):
-        with _immediate(conn):
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            if current > len(MIGRATIONS):
-                raise StoreUnavailableError(
-                    f"{path}: schema version {current} is newer than this lambdaemon knows"
-                    f" ({len(MIGRATIONS)}); upgrade lambdaemon or use another data_dir"
-                )
-            if current >= version:
-                continue
-            for sql in statements:
-                conn.execute(sql)
-            conn.execute(f"PRAGMA user_version = {version}")
-    return len(MIGRATIONS)
-
-
-class _Op(partial):  # type: ignore[type-arg]
-    """A write in the queue; `flags` say how the writer may treat it (RELAXED, REPEATABLE...)."""
-
-    flags: int
-
-
-def _op(fn: Callable[..., Any], flags: int, /, **kwargs: Any) -> _Op:
-    op = _Op(fn, **kwargs)
-    op.flags = flags
-    return op
-
-
-class _Batches:
-    """Runs the writer's batches, in the database thread (never two at once).
-
-    Each op fails alone: an op that raises is rolled back and the rest of its batch commits.
-    A savepoint around every op would do that at the cost of two statements (and GIL
-    hand-offs) per op, for a failure that almost never comes. So a batch of repeatable ops
-    runs without them first; if one of its ops raises, the transaction is rolled back and the
-    batch runs again with a savepoint per op, where only that op fails. An "unavailable" error
-    (disk full, I/O error, busy...) fails the whole batch either way. Run bare, consecutive
-    record_finished ops also share their statements (records.insert_finished_many): every
-    statement hands the GIL to the event loop and back, and under load that costs the loop
-    more than SQLite's own work.
-
-    It also remembers the connection's `synchronous` level and sets it only when a batch needs
-    the other one. Nothing else changes it after _prepare_writer: SQLite refuses to change it
-    inside a transaction, so an op cannot.
-    """
-
-    def __init__(self, conn: sqlite3.Connection, synchronous: str) -> None:
-        self._conn = conn
-        self._synchronous = synchronous
-        self.reruns = 0  # optimistic batches rolled back and run again op by op
-
-    def run(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
-        conn = self._conn
-        level = "NORMAL" if all(op.flags & RELAXED for op in ops) else "FULL"
-        if level != self._synchronous:
-            conn.execute(f"PRAGMA synchronous = {level}")
-            self._synchronous = level
-        if all(op.flags & REPEATABLE for op in ops):
-            # Optimistic: no savepoint per op (two statements each). Nearly every batch
-            # commits whole; one whose op fails is rolled back and run again op by op below.
-            try:
-                with _immediate(conn):
-                    return _run_bare_batch(conn, ops)
-            except _OpFailed:
-                self.reruns += 1
-        with _immediate(conn):
-            return [_run_in_savepoint(conn, op) for op in ops]
-
-
-def _run_bare_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[bool, Any]]:
-    results: list[tuple[bool, Any]] = []
-    start = 0
-    while start < len(ops):
-        op, end = ops[start], start + 1
-        if op.func is records.insert_finished:
-            # A run of finished sync invocations: one statement pair for many of them.
-            while end < len(ops) and ops[end].func is records.insert_finished:
-                end += 1
-            pairs = [(o.keywords["inv"], o.keywords["o"]) for o in ops[start:end]]
-            results += [(True, _run_bare(conn, partial(records.insert_finished_many,
-                                                       finished=pairs)))] * (end - start)
-        else:
-            results.append((True, _run_bare(conn, op)))
-        start = end
-    return results
-
-
-class _OpFailed(Exception):
-    """An op of an optimistic batch failed: the batch is rolled back and run op by op."""
-
-
-def _run_bare(conn: sqlite3.Connection, op: Op) -> Any:
-    try:
-        return op(conn)
-    except Exception as exc:
-        if isinstance(exc, sqlite3.Error) and _unavailable(exc):
-            raise  # the whole batch fails, as it would op by op
-        raise _OpFailed from exc
-
-
-def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
-    conn.execute("SAVEPOINT op")
-    try:
-        result = op(conn)
-    except Exception as exc:
-        if isinstance(exc, sqlite3.Error) and _unavailable(exc):
-            raise
-        conn.execute("ROLLBACK TO op")  # undo this op alone; the batch goes on
-        conn.execute("RELEASE op")
-        return False, exc
-    conn.execute("RELEASE op")
-    return True, result
-
-
-def _unavailable(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and (code & 0xFF) in _UNAVAILABLE_CODES
-
-
-def _nothing(conn: sqlite3.Connection) -> None:
-    return None
-
-
-_BARRIER = _op(_nothing, REPEATABLE)  # not relaxed: a barrier's batch commits with FULL

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from daemon import batches
 from daemon import store as store_module
 from daemon.errors import StoreUnavailableError
 from daemon.models import Outcome, Status
@@ -106,7 +107,7 @@ async def test_store_migration_step_is_all_or_nothing(
     async with Store.open(db):
         pass
     broken = (("CREATE TABLE half_done (x)", "CREATE TABLE broken ("),)
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS + broken)
+    monkeypatch.setattr(batches, "MIGRATIONS", MIGRATIONS + broken)
     with pytest.raises(sqlite3.OperationalError):
         async with Store.open(db):
             pass
@@ -539,7 +540,7 @@ async def test_store_upgrades_a_version_1_database_in_place(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+        patch.setattr(batches, "MIGRATIONS", MIGRATIONS[:1])
         async with Store.open(db):
             pass
     assert raw(db, "PRAGMA user_version") == [(1,)]
