@@ -58,7 +58,7 @@ class DaemonSettings(_Section):
     retention_days: Annotated[float, Meta(ge=0, le=36_500)] = 30.0
     # The database file plus its WAL; the oldest final records go first when it is reached.
     max_db_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 256
-    # auto: uvloop when it is installed (it is a dependency on Linux), else asyncio's own loop.
+    # auto: uvloop when it is installed (a dependency on x86_64 and aarch64), else asyncio's.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 

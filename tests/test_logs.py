@@ -62,8 +62,10 @@ async def test_lines_logged_in_one_loop_iteration_go_out_in_one_write_in_order()
         assert len(out.writes) == 1
         log.info("fourth", n=4)
         log.info("fifth", n=5)
-        for _ in range(3):  # let the loop run the scheduled flush
-            await asyncio.sleep(0)
+        # Callbacks run in the order they were scheduled: once this one has, so has the flush.
+        after_flush = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(after_flush.set_result, None)
+        await asyncio.wait_for(after_flush, timeout=5)
         assert len(out.writes) == 2
         logging.getLogger("aiohttp.server").error("from a library")  # through the same output
     finally:
