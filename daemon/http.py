@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,15 +22,19 @@ from daemon.health import STORE_HEALTH
 from daemon.idempotency import SyncResultCache
 from daemon.models import Outcome, Status
 from daemon.store import Store
+from daemon.wire import AnyRequest, FastRunner, FastSite, Handler, Router, WireRequest
 
 log = structlog.get_logger("lambdaemon.api")
 
 MAX_SYNC_PAYLOAD = 6 * 1024 * 1024
 MAX_ASYNC_PAYLOAD = 1024 * 1024
 TAIL_BYTES = 4096
+_INVOKE_PATH = re.compile(r"/2015-03-31/functions/([^/]+)/invocations")
 _json = msgspec.json.Encoder()
 
 SYNC_RESULTS: web.AppKey[SyncResultCache] = web.AppKey("sync_results", SyncResultCache)
+# What the API listener serves on daemon/wire.py's fast path (start_site's router).
+FAST_ROUTES: web.AppKey[Router] = web.AppKey("fast_routes")
 # The service's lifecycle for /health: a reason not to serve ("starting: ..."), or None.
 LIFECYCLE: web.AppKey[Callable[[], str | None]] = web.AppKey("lifecycle")
 
@@ -247,7 +252,7 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     return check
 
 
-def _authorized(request: web.Request, expected: bytes) -> bool:
+def _authorized(request: AnyRequest, expected: bytes) -> bool:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         return hmac.compare_digest(header[7:].strip().encode(), expected)
@@ -258,11 +263,26 @@ def _authorized(request: web.Request, expected: bytes) -> bool:
     return False
 
 
+def _api_router(token: bytes | None) -> Router:
+    """What daemon/wire.py serves on the API listener: Invoke calls by plain function name."""
+
+    def route(request: WireRequest) -> Handler | None:
+        match = _INVOKE_PATH.fullmatch(request.path) if request.method == "POST" else None
+        if match is None or (token is not None and not _authorized(request, token)):
+            return None  # aiohttp's app answers it, and refuses it with its middleware
+        request.match_info = {"name": match[1]}
+        return invoke
+
+    return route
+
+
 def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Application:
-    middlewares = []
+    middlewares, token = [], None
     if config.api.token_file:
-        middlewares.append(_auth_middleware(read_secret(config, config.api.token_file, "api.token_file")))
+        token = read_secret(config, config.api.token_file, "api.token_file")
+        middlewares.append(_auth_middleware(token))
     app = web.Application(client_max_size=MAX_SYNC_PAYLOAD + 1024, middlewares=middlewares)
+    app[FAST_ROUTES] = _api_router(token.encode() if token else None)
     app[DISPATCHER] = dispatcher
     app[STORE] = store
     app[SYNC_RESULTS] = SyncResultCache()
@@ -277,15 +297,23 @@ def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Appli
     return app
 
 
-async def start_site(app: web.Application, listen: str, key: str, *, drain_s: float = 1.0) -> web.AppRunner:
+async def start_site(app: web.Application, listen: str, key: str, *, drain_s: float = 1.0,
+                     router: Router | None = None, max_body_bytes: int = 0) -> web.AppRunner:
     """Serve `app` on `listen` inside our own lifecycle (not run_app: signals stay ours).
 
-    On cleanup the listener stops accepting and in-flight requests get `drain_s` to finish.
+    With a `router`, requests it takes are served on daemon/wire.py's fast path, bodies of up
+    to `max_body_bytes`; aiohttp serves the rest. On cleanup the listener stops accepting and
+    in-flight requests get `drain_s` to finish.
     """
     host, port = listen_host(listen, "", key)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain_s)
+    runner = FastRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site: web.BaseSite
+    if router is None:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+    else:
+        site = FastSite(runner, host, port, router=router, max_body_bytes=max_body_bytes,
+                        drain_s=drain_s)
     try:
         await site.start()
     except OSError as exc:

@@ -13,8 +13,8 @@ Lifecycle (the `phase` /health reports): starting -> ready <-> reloading -> drai
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import time
 from typing import Any
 
@@ -26,7 +26,7 @@ from daemon.destinations import OutboxRelay
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.health import STORE_HEALTH, StoreHealth
-from daemon.http import LIFECYCLE, build_api, start_site
+from daemon.http import FAST_ROUTES, LIFECYCLE, MAX_SYNC_PAYLOAD, build_api, start_site
 from daemon.pool import WorkerPool
 from daemon.reload import plan_reload, secret_digests
 from daemon.retention import Pruner
@@ -87,7 +87,8 @@ class Service:
             app[LIFECYCLE] = self._unready_reason
             app[RELOAD] = self.request_reload
             api = await start_site(app, config.api.listen, "api.listen",
-                                   drain_s=config.daemon.shutdown_timeout_s)
+                                   drain_s=config.daemon.shutdown_timeout_s,
+                                   router=app[FAST_ROUTES], max_body_bytes=MAX_SYNC_PAYLOAD)
             stack.push_async_callback(api.cleanup)
             # Awaited before the API closes, so /health answers "draining" meanwhile.
             stack.push_async_callback(self._finish_drain, dispatcher)

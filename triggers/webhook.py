@@ -36,6 +36,7 @@ from daemon.dispatcher import UnknownFunctionError
 from daemon.errors import QueueFullError, ShuttingDownError, StoreUnavailableError
 from daemon.http import start_site
 from daemon.models import Outcome, Status, new_id
+from daemon.wire import AnyRequest, Handler, WireRequest
 from triggers.base import Emit
 
 log = structlog.get_logger("lambdaemon.webhook")
@@ -197,7 +198,8 @@ class WebhookSource:
         self._emit, self._draining = emit, False
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._handle)  # our own table decides 404/405
-        runner = await start_site(app, self.listen, "webhooks.listen", drain_s=self.drain_s)
+        runner = await start_site(app, self.listen, "webhooks.listen", drain_s=self.drain_s,
+                                  router=self._route, max_body_bytes=self.max_body_bytes)
         try:
             self.port = runner.addresses[0][1]
             log.info("webhook_listening", listen=self.listen, port=self.port,
@@ -226,7 +228,12 @@ class WebhookSource:
         await runner.cleanup()  # in-flight requests get up to drain_s to finish
         log.info("webhook_stopped", accepted=self.accepted, rejected=dict(self.rejected))
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _route(self, request: WireRequest) -> Handler | None:
+        # Everything the fast path can frame (daemon/wire.py); a body over today's limit goes
+        # to aiohttp, which streams it to _handle to be refused without buffering it.
+        return self._handle if (request.content_length or 0) <= self.max_body_bytes else None
+
+    async def _handle(self, request: AnyRequest) -> web.StreamResponse:
         by_method = self.routes.get(request.path)
         if by_method is None:
             return self._reject(request, None, "not_found", 404, "Not Found")
@@ -252,7 +259,7 @@ class WebhookSource:
             return await self._accept(request, route, event)
         return await self._invoke(request, route, event)
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
+    async def _read_body(self, request: AnyRequest) -> bytes | None:
         limit = self.max_body_bytes  # read per request: a reload may change it in place
         if (request.content_length or 0) > limit:
             return None  # refused before a byte of it is read
@@ -264,7 +271,7 @@ class WebhookSource:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _accept(self, request: web.Request, route: Route, event: bytes) -> web.Response:
+    async def _accept(self, request: AnyRequest, route: Route, event: bytes) -> web.Response:
         assert self._emit is not None
         delivery = next((d for h in DELIVERY_HEADERS if (d := request.headers.get(h))), None)
         if delivery is not None and len(delivery) > 128:  # the key is stored: bound its size
@@ -288,7 +295,7 @@ class WebhookSource:
         return web.Response(status=202, body=_encode(body), content_type="application/json",
                             headers={"x-amzn-RequestId": accepted.invocation_id})
 
-    async def _invoke(self, request: web.Request, route: Route, event: bytes) -> web.Response:
+    async def _invoke(self, request: AnyRequest, route: Route, event: bytes) -> web.Response:
         assert self._emit is not None
         try:
             invocation_id, outcome = await self._emit.invoke_sync(
@@ -309,7 +316,7 @@ class WebhookSource:
                   invocation_id=invocation_id, status=response.status)
         return response
 
-    def _reject(self, request: web.Request, route: Route | None, reason: str, status: int,
+    def _reject(self, request: AnyRequest, route: Route | None, reason: str, status: int,
                 message: str, headers: Mapping[str, str] | None = None) -> web.Response:
         self.rejected[reason] += 1
         emit_log = log.warning if reason.startswith("auth_") else log.info
@@ -327,7 +334,7 @@ def _build_check(config: Config, auth: Any, key: str) -> Any:
     return cls(auth, read_secret(config, getattr(auth, field), f"{key}.{field}"))
 
 
-def build_event(request: web.Request, body: bytes, port: int | None,
+def build_event(request: AnyRequest, body: bytes, port: int | None,
                 redact: str | None = None) -> dict[str, Any]:
     """The Lambda Function URL (payload v2.0) event for `request`, without header `redact`.
 
