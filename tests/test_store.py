@@ -323,8 +323,13 @@ async def test_store_bookkeeping_waits_to_grow_and_any_other_write_ends_the_wait
     monkeypatch.setattr(store_module, "GROW_OPS", 4)
     async with asyncio.timeout(10):
         before = store.commits
-        await store.record_finished(new("alone", invocation_type="sync"), outcome(Status.FAILED))
-        assert store.commits - before == 1  # a lone write does not wait: nothing else is coming
+        alone = store.record_finished_nowait(new("alone", invocation_type="sync"),
+                                             outcome(Status.FAILED))
+        await until(lambda: store.queued == 0, 5, "the writer to take the write")
+        assert not alone.done()  # alone too: under load the next comes within microseconds
+        await store.barrier()
+        await alone
+        assert store.commits - before == 1  # with the barrier that ended its wait
 
         writes = await held(store, "a", "b")
         assert not any(w.done() for w in writes)  # two queued together: they wait for more
