@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import threading
 import time
 
 import msgspec
@@ -22,6 +23,30 @@ class Status(enum.StrEnum):
 FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CRASHED})
 
 
+_RANDOM_POOL_BYTES = 4000
+_random_pool, _random_at = b"", 0
+_random_lock = threading.Lock()  # the store's thread makes ids too (destination children)
+
+
+def _random_bytes(n: int) -> bytes:
+    """`n` bytes from the OS's CSPRNG, read 4 KB at a time rather than a syscall per id."""
+    global _random_pool, _random_at
+    with _random_lock:
+        if _random_at + n > len(_random_pool):
+            _random_pool, _random_at = os.urandom(_RANDOM_POOL_BYTES), 0
+        start = _random_at
+        _random_at += n
+        return _random_pool[start:start + n]
+
+
+def _forget_random_pool() -> None:
+    global _random_pool, _random_at
+    _random_pool, _random_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random_pool)  # a forked child must not repeat ids
+
+
 def new_id() -> str:
     """A time-ordered (version 7) UUID as text: 48 bits of Unix milliseconds, then random bits.
 
@@ -30,7 +55,7 @@ def new_id() -> str:
     thread's work per recorded invocation. They keep the 8-4-4-4-12 form Lambda's request ids
     have; within one millisecond their order is random.
     """
-    h = f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}{os.urandom(10).hex()}"
+    h = f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}{_random_bytes(10).hex()}"
     return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from daemon.models import new_id
 
@@ -25,3 +27,19 @@ def test_new_id_is_an_rfc_4122_version_7_uuid_that_grows_with_time():
     assert all(a <= b for a, b in zip(stamps, stamps[1:], strict=False))
     first, last = ids[0], ids[-1]
     assert stamps[0] == stamps[-1] or first < last
+
+
+def test_new_id_random_bits_are_not_repeated_across_threads_or_a_fork():
+    new_id()  # the parent now holds unused random bytes that a forked child must not reuse
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, new_id()[14:].encode())
+        os._exit(0)
+    os.close(write_end)
+    child_tail = os.read(read_end, 100).decode()
+    os.waitpid(pid, 0)
+    assert child_tail and child_tail != new_id()[14:]
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: new_id(), range(20_000)))
+    assert len({text[14:] for text in ids}) == len(ids)
