@@ -359,7 +359,6 @@ def build_event(request: AnyRequest, body: bytes, port: int | None,
     host = headers.get("host", "")
     domain = host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
     now = time.time()
-    t = time.gmtime(now)
     version = request.version
     context = {
         "accountId": "000000000000", "apiId": "lambdaemon", "domainName": domain,
@@ -368,8 +367,7 @@ def build_event(request: AnyRequest, body: bytes, port: int | None,
                  "protocol": f"HTTP/{version.major}.{version.minor}",
                  "sourceIp": remote, "userAgent": headers.get("user-agent", "")},
         "requestId": new_id(), "routeKey": "$default", "stage": "$default",
-        "time": f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
-                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000",
+        "time": _request_time(int(now)),
         "timeEpoch": int(now * 1000),  # a JSON number: Go's int64
     }
     event: dict[str, Any] = {"version": "2.0", "routeKey": "$default", "rawPath": raw_path,
@@ -388,6 +386,18 @@ def build_event(request: AnyRequest, body: bytes, port: int | None,
         event["body"] = text if text is not None else base64.b64encode(body).decode()
     event["isBase64Encoded"] = bool(body) and text is None
     return event
+
+
+def _request_time(second: int) -> str:
+    """requestContext.time (CLF, as Function URLs write it), formatted once a second."""
+    if _clf_second[0] != second:
+        t = time.gmtime(second)
+        _clf_second[:] = [second, f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
+                                  f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"]
+    return _clf_second[1]  # type: ignore[no-any-return]
+
+
+_clf_second: list[Any] = [-1, ""]
 
 
 def _as_text(content_type: str, body: bytes) -> str | None:
