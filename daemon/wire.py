@@ -246,11 +246,12 @@ class FastConnection(asyncio.Protocol):
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             return False if len(buffer) > MAX_HEAD_BYTES else None
-        if end > MAX_HEAD_BYTES or not buffer.isascii():
+        head = bytes(buffer[:end + 2])
+        if end > MAX_HEAD_BYTES or not head.isascii():
             return False
-        line_end = buffer.find(b"\r\n")
-        request_line = buffer[:line_end].decode("ascii")
-        fields = buffer[line_end + 2:end + 2].decode("ascii")
+        line_end = head.find(b"\r\n")
+        request_line = head[:line_end].decode("ascii")
+        fields = head[line_end + 2:].decode("ascii")
         parts = request_line.split(" ")
         if (len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in _METHODS
                 or not _TARGET.fullmatch(parts[1]) or "/." in parts[1]
@@ -268,7 +269,7 @@ class FastConnection(asyncio.Protocol):
                 if length is not None or not value.isdigit() or len(value) > 12:
                     return False
                 length = int(value)
-            elif lower == "connection" and value.lower() == "close":
+            elif lower == "connection" and "close" in _tokens(value):
                 self.closing = True
             headers.add(name, value)
         if (length or 0) > self.site._max_body:
@@ -334,6 +335,10 @@ class FastConnection(asyncio.Protocol):
             transport.resume_reading()
         data, self.buffer = bytes(self.buffer), bytearray()
         protocol.data_received(data)
+
+
+def _tokens(value: str) -> list[str]:
+    return [token.strip().lower() for token in value.split(",")]
 
 
 _date: tuple[int, bytes] = (0, b"")
