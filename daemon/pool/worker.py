@@ -405,6 +405,16 @@ def _reset_peak_memory() -> None:
         os.write(_CLEAR_REFS_FD, b"5")
 
 
+def _yield_to_the_daemon() -> None:
+    # SCHED_BATCH: a worker woken by its next invocation does not preempt the daemon's event
+    # loop in the middle of its turn (on a busy board that stalled every other caller for the
+    # length of the handler); it keeps its nice value and its share of the CPU.
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or refused: run as the daemon does
+        pass
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -454,6 +464,7 @@ def _die_with_daemon(daemon_pid: int) -> None:
 def main() -> None:
     fd, daemon_pid = int(sys.argv[1]), int(sys.argv[2])
     _die_with_daemon(daemon_pid)
+    _yield_to_the_daemon()
     os.set_inheritable(fd, False)  # the handler's subprocesses must not keep the channel open
     control = WorkerChannel(fd)
     _detach_bootstrap_path()

@@ -28,6 +28,9 @@ async def test_pool_reuses_warm_worker(pool: WorkerPool) -> None:
     assert [result["calls"] for result in results] == [1, 2, 3]  # module globals persist
     assert {result["pid"] for result in results} == {outcomes[0].worker_pid}
     assert outcomes[0].worker_pid != os.getpid()
+    # a worker waking up for a call does not preempt the daemon's loop (daemon/pool/worker.py)
+    assert os.sched_getscheduler(outcomes[0].worker_pid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
     assert outcomes[0].init_duration_ms is not None and outcomes[0].init_duration_ms > 0
     assert [outcome.init_duration_ms for outcome in outcomes[1:]] == [None, None]
     assert pool.stats() == {"count": {"idle": 1, "busy": 0}}
