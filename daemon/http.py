@@ -222,7 +222,7 @@ async def get_function_aws(request: web.Request) -> web.Response:
 # --- admin endpoints ------------------------------------------------------------------------
 
 
-async def health(request: web.Request) -> web.Response:
+async def health(request: AnyRequest) -> web.Response:
     """200 with the store's figures; 503 with the reason while starting, reloading or draining
     (the service's lifecycle), or while the store cannot take writes."""
     lifecycle = request.app.get(LIFECYCLE)
@@ -264,9 +264,12 @@ def _authorized(request: AnyRequest, expected: bytes) -> bool:
 
 
 def _api_router(token: bytes | None) -> Router:
-    """What daemon/wire.py serves on the API listener: Invoke calls by plain function name."""
+    """What daemon/wire.py serves on the API listener: Invoke calls by plain function name, and
+    /health, so that a client that checks health first keeps its connection on the fast path."""
 
     def route(request: WireRequest) -> Handler | None:
+        if request.method == "GET" and request.path == "/health":
+            return health  # open to all, as with aiohttp's middleware
         match = _INVOKE_PATH.fullmatch(request.path) if request.method == "POST" else None
         if match is None or (token is not None and not _authorized(request, token)):
             return None  # aiohttp's app answers it, and refuses it with its middleware

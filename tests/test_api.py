@@ -49,6 +49,8 @@ async def test_api_sync_invoke_returns_result_and_headers(daemon: Daemon):
     assert headers["x-amzn-RequestId"] == result["request_id"]
     assert headers["X-Amz-Executed-Version"] == "$LATEST"
     assert "X-Amz-Function-Error" not in headers
+    # daemon/wire.py answered, on the connection the harness used for /health first
+    assert "Server" not in headers and headers["Date"].endswith(" GMT")
     record = await daemon.get(f"/v1/invocations/{result['request_id']}")
     assert record["status"] == "succeeded"
     assert record["trigger"] == "api"
