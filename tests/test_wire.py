@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -300,3 +301,43 @@ async def _wire_closes_connections_idle_past_the_keepalive(monkeypatch):
 
 def test_wire_closes_connections_idle_past_the_keepalive(run, monkeypatch):
     run(_wire_closes_connections_idle_past_the_keepalive(monkeypatch))
+
+
+async def _wire_survives_damaged_requests():
+    """Random damage to a plain request: each gets a well-formed answer or a closed
+    connection, never an exception in the loop, and the listener keeps serving."""
+    rng = random.Random(7)
+    base = request("POST", "/fast/echo?q=1", b'{"k": 1}', "Content-Type: application/json\r\n")
+    handlers = Handlers()
+    errors: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    async with serving(handlers) as (port, _):
+        for _ in range(300):
+            raw = bytearray(base)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(raw))
+                choice = rng.random()
+                if choice < 0.4:
+                    raw[at] = rng.choice(b"\x00\t\r\n :%/.?#\x7f\xc3abcXYZ0129")
+                elif choice < 0.7:
+                    del raw[at:at + rng.randint(1, 8)]
+                else:
+                    insert = [b"\r\n", b" ", b"Content-Length: 99\r\n", b"\xe9", b":"]
+                    raw[at:at] = rng.choice(insert)
+            async with connection(port) as (reader, writer):
+                writer.write(bytes(raw))
+                writer.write_eof()
+                async with asyncio.timeout(5):
+                    answer = await reader.read()
+            assert answer == b"" or answer.startswith(b"HTTP/1."), answer[:80]
+        async with connection(port) as (reader, writer):  # still serving, on the fast path
+            writer.write(request("POST", "/fast/echo", b"fine"))
+            async with asyncio.timeout(5):
+                status, headers, body = await read_response(reader)
+        assert (status, body) == (200, b"fine") and "server" not in headers
+    assert errors == []
+
+
+def test_wire_survives_damaged_requests(run):
+    run(_wire_survives_damaged_requests())
