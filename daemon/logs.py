@@ -60,23 +60,24 @@ class _GatheredOutput:
 
     def msg(self, line: bytes) -> None:
         with self._lock:
-            self._lines.append(line + b"\n")
+            self._lines.append(line)
             self._size += len(line) + 1
             if self._size < _FLUSH_AT_BYTES:
+                if self._pending is not None and self._pending.is_running():
+                    return  # that loop writes what is gathered at the end of its turn
                 try:
                     loop = asyncio.get_running_loop()
                 except RuntimeError:  # no loop in this thread: write now
                     pass
                 else:
-                    if self._pending is not loop:
-                        self._pending = loop
-                        loop.call_soon(self.flush)
+                    self._pending = loop
+                    loop.call_soon(self.flush)
                     return
             self._write()
 
     def urgent(self, line: bytes) -> None:
         with self._lock:
-            self._lines.append(line + b"\n")
+            self._lines.append(line)
             self._write()
 
     def flush(self) -> None:
@@ -87,7 +88,8 @@ class _GatheredOutput:
         self._pending = None
         if not self._lines:
             return
-        data = b"".join(self._lines)
+        self._lines.append(b"")  # the last line's newline
+        data = b"\n".join(self._lines)
         self._lines.clear()
         self._size = 0
         self._stream.write(data)

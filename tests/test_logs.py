@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import threading
 
 import structlog
 
@@ -75,6 +77,46 @@ async def test_lines_logged_in_one_loop_iteration_go_out_in_one_write_in_order()
     events = [json.loads(line[3:])["event"] for line in out.getvalue().decode().splitlines()]
     assert events == ["first", "second", "third", "fourth", "fifth", "from a library"]
     assert len(out.writes) == 3
+
+
+async def test_lines_from_other_threads_join_a_pending_write_and_a_stopped_loop_blocks_none():
+    out = _Writes()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("info", json=True, stream=out)
+        log = structlog.get_logger("lambdaemon.test")
+        log.info("on_the_loop")
+        thread = threading.Thread(target=log.info, args=("from_a_thread",))
+        thread.start()
+        thread.join(timeout=5)  # blocking the loop: its turn has not ended
+        assert out.writes == []  # the thread's line waits for the loop's write, in order
+        after_flush = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(after_flush.set_result, None)
+        await asyncio.wait_for(after_flush, timeout=5)
+        assert len(out.writes) == 1 and out.writes[0].index(b"on_the_loop") < out.writes[0].index(
+            b"from_a_thread")
+
+        def on_a_loop_that_stops() -> None:
+            async def log_and_interrupt() -> None:
+                log.info("last_words")  # its flush is scheduled; the loop stops before it runs
+                raise KeyboardInterrupt
+
+            loop = asyncio.new_event_loop()
+            with contextlib.suppress(KeyboardInterrupt):
+                loop.run_until_complete(log_and_interrupt())
+            loop.close()  # the scheduled flush never ran
+            assert not any(b"last_words" in w for w in out.writes)
+            log.info("after_the_loop")  # not held back by the loop that stopped: written now
+
+        thread = threading.Thread(target=on_a_loop_that_stops)
+        thread.start()
+        thread.join(timeout=5)
+        assert any(b"last_words" in w and b"after_the_loop" in w for w in out.writes)
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
 
 
 def test_lines_logged_outside_an_event_loop_are_written_at_once():
