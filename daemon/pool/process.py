@@ -53,7 +53,7 @@ class Worker:
     __slots__ = (
         "fn", "key", "proc", "pid", "memfd", "channel", "state", "stop_reason", "stop_detail",
         "idle_since", "init_duration_ms", "exit_task", "held", "fresh_output", "deadline",
-        "timer", "peak_kb", "invocations", "recycle",
+        "timer", "guarding", "peak_kb", "invocations", "recycle",
     )
 
     def __init__(self, fn: FunctionConfig, key: Key, proc: asyncio.subprocess.Process, memfd: int,
@@ -73,7 +73,9 @@ class Worker:
         self.held = True  # a caller still reads its captured output: it closes the files
         self.fresh_output = False  # the cold invocation's logs include the init output
         self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the guard, while one is due
+        # What the guard watches: the call in flight (its reply, capture cap, deadline hook).
+        self.guarding: tuple[asyncio.Future[Any], int, Callable[[Worker], None]] | None = None
         self.peak_kb: int | None = None
         self.invocations = 0  # invocations sent to this process
         self.recycle: dict[str, Any] | None = None  # set when it must not serve another call
@@ -119,20 +121,29 @@ class Worker:
         self.channel.send(invoke)
         self.invocations += 1
         self.deadline = loop.time() + timeout_s
-        self._arm_guard(loop, reply, capture_bytes, on_deadline)
+        self.guarding = (reply, capture_bytes, on_deadline)
+        # The last call's guard, still due within _GUARD_INTERVAL_S, serves this call too: a
+        # warm worker under load arms a timer every 0.1 s, not one per call.
+        timer = self.timer
+        if timer is None or timer.when() > self.deadline:
+            if timer is not None:
+                timer.cancel()
+            self._arm_guard(loop)
         try:
             return await reply
         finally:
-            self.timer.cancel()  # type: ignore[union-attr]
+            self.guarding = None
 
-    def _arm_guard(self, loop: asyncio.AbstractEventLoop, reply: asyncio.Future[Any],
-                   capture_bytes: int, on_deadline: Callable[[Worker], None]) -> None:
+    def _arm_guard(self, loop: asyncio.AbstractEventLoop) -> None:
         when = min(self.deadline, loop.time() + _GUARD_INTERVAL_S)
-        self.timer = loop.call_at(when, self._guard, loop, reply, capture_bytes, on_deadline)
+        self.timer = loop.call_at(when, self._guard, loop)
 
-    def _guard(self, loop: asyncio.AbstractEventLoop, reply: asyncio.Future[Any],
-               capture_bytes: int, on_deadline: Callable[[Worker], None]) -> None:
+    def _guard(self, loop: asyncio.AbstractEventLoop) -> None:
         """Timer during a call: enforces the deadline, and bounds the captured output's size."""
+        self.timer = None
+        if self.guarding is None:
+            return  # between calls: the next one arms a guard of its own
+        reply, capture_bytes, on_deadline = self.guarding
         if reply.done():
             return
         if loop.time() >= self.deadline - 0.001:
@@ -143,7 +154,7 @@ class Worker:
         # printing in a loop must not fill the daemon's memory (a memfd is RAM).
         if os.fstat(self.memfd).st_size > capture_bytes + 1:
             os.ftruncate(self.memfd, capture_bytes + 1)
-        self._arm_guard(loop, reply, capture_bytes, on_deadline)
+        self._arm_guard(loop)
 
     def read_output(self, invocation_id: str | None, capture_bytes: int) -> str:
         """The captured output, capped, and also logged line by line."""

@@ -2,7 +2,7 @@
 
 A worker is one process for one function configuration, serving one invocation at a time (its
 process is process.py, the child side worker.py, the frames protocol.py). Everything runs on the
-daemon's event loop: no threads, one timer per running invocation, one small task per worker
+daemon's event loop: no threads, one guard timer per busy worker, one small task per worker
 waiting for its exit.
 
 Log events: worker_started, worker_init_failed, handler_output (one per captured line) and

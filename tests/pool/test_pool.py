@@ -226,6 +226,19 @@ async def test_pool_timeout_kills_process_group_and_starts_fresh(
     assert fresh.init_duration_ms is not None
 
 
+async def test_pool_a_warm_worker_keeps_each_calls_deadline(pool: WorkerPool) -> None:
+    # Calls on a warm worker share its guard timer (process.py): each still ends on time, the
+    # ones right after quick calls too, and with a deadline shorter than the guard's interval.
+    for timeout_s in (0.3, 0.05):
+        fn = function("sleepy", "handler.sleep", timeout_s=timeout_s)
+        for _ in range(5):
+            quick = await pool.invoke(fn, request(fn, b'{"s": 0}'))
+            assert quick.status is Status.SUCCEEDED
+        slow = await pool.invoke(fn, request(fn, b'{"s": 5}'))
+        assert slow.status is Status.TIMED_OUT
+        assert timeout_s * 1000 <= slow.duration_ms < timeout_s * 1000 + 400, slow.duration_ms
+
+
 @pytest.mark.parametrize(
     ("how", "exit_code", "signum", "message"),
     [
