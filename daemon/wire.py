@@ -45,15 +45,15 @@ _NO_BODY = frozenset({204, 304})
 
 
 class _Body:
-    """The `request.content` our handlers read: the whole body, already here."""
+    """The `request.content` our handlers read: the whole body, already here (`data`)."""
 
-    __slots__ = ("_data",)
+    __slots__ = ("data",)
 
     def __init__(self, data: bytes) -> None:
-        self._data = data
+        self.data = data
 
     def iter_chunked(self, n: int) -> _Chunks:
-        return _Chunks(self._data, n)
+        return _Chunks(self.data, n)
 
 
 class _Chunks:

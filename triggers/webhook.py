@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import re
 import time
+from binascii import b2a_base64
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -263,6 +264,8 @@ class WebhookSource:
         limit = self.max_body_bytes  # read per request: a reload may change it in place
         if (request.content_length or 0) > limit:
             return None  # refused before a byte of it is read
+        if isinstance(request, WireRequest):  # framed by daemon/wire.py: all here, length known
+            return request.content.data
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
@@ -383,7 +386,7 @@ def build_event(request: AnyRequest, body: bytes, port: int | None,
     event["requestContext"] = context
     text = _as_text(request.content_type, body) if body else None
     if body:
-        event["body"] = text if text is not None else base64.b64encode(body).decode()
+        event["body"] = text if text is not None else b2a_base64(body, newline=False).decode()
     event["isBase64Encoded"] = bool(body) and text is None
     return event
 
