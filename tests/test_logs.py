@@ -14,20 +14,27 @@ import structlog
 from daemon.logs import configure_logging
 
 
-def test_logs_json_lines_with_priority_for_ours_and_stdlib():
-    out = io.BytesIO()
+@contextlib.contextmanager
+def json_logs(stream):
+    """JSON logging to `stream` for the block; structlog and the root logger restored after."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        configure_logging("info", json=True, stream=out)
-        structlog.get_logger("lambdaemon.test").info("invocation_finished", invocation_id="abc",
-                                                     duration_ms=1.5, path=io)  # fmt: skip
-        structlog.get_logger("lambdaemon.test").debug("too_quiet")
-        logging.getLogger("aiohttp.server").warning("peer %s went away", "1.2.3.4")
+        configure_logging("info", json=True, stream=stream)
+        yield
     finally:
         structlog.reset_defaults()
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+
+
+def test_logs_json_lines_with_priority_for_ours_and_stdlib():
+    out = io.BytesIO()
+    with json_logs(out):
+        structlog.get_logger("lambdaemon.test").info("invocation_finished", invocation_id="abc",
+                                                     duration_ms=1.5, path=io)  # fmt: skip
+        structlog.get_logger("lambdaemon.test").debug("too_quiet")
+        logging.getLogger("aiohttp.server").warning("peer %s went away", "1.2.3.4")
     lines = out.getvalue().decode().splitlines()
     assert len(lines) == 2, lines
     ours, theirs = (json.loads(line[3:]) for line in lines)
@@ -52,10 +59,7 @@ class _Writes(io.BytesIO):
 
 async def test_lines_logged_in_one_loop_iteration_go_out_in_one_write_in_order():
     out = _Writes()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        configure_logging("info", json=True, stream=out)
+    with json_logs(out):
         log = structlog.get_logger("lambdaemon.test")
         log.info("first", n=1)
         log.info("second", n=2)
@@ -70,10 +74,6 @@ async def test_lines_logged_in_one_loop_iteration_go_out_in_one_write_in_order()
         await asyncio.wait_for(after_flush, timeout=5)
         assert len(out.writes) == 2
         logging.getLogger("aiohttp.server").error("from a library")  # through the same output
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
     events = [json.loads(line[3:])["event"] for line in out.getvalue().decode().splitlines()]
     assert events == ["first", "second", "third", "fourth", "fifth", "from a library"]
     assert len(out.writes) == 3
@@ -81,10 +81,7 @@ async def test_lines_logged_in_one_loop_iteration_go_out_in_one_write_in_order()
 
 async def test_lines_from_other_threads_join_a_pending_write_and_a_stopped_loop_blocks_none():
     out = _Writes()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        configure_logging("info", json=True, stream=out)
+    with json_logs(out):
         log = structlog.get_logger("lambdaemon.test")
         log.info("on_the_loop")
         thread = threading.Thread(target=log.info, args=("from_a_thread",))
@@ -113,24 +110,13 @@ async def test_lines_from_other_threads_join_a_pending_write_and_a_stopped_loop_
         thread.start()
         thread.join(timeout=5)
         assert any(b"last_words" in w and b"after_the_loop" in w for w in out.writes)
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
 
 
 def test_lines_logged_outside_an_event_loop_are_written_at_once():
     out = _Writes()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        configure_logging("info", json=True, stream=out)
+    with json_logs(out):
         structlog.get_logger("lambdaemon.test").info("alone")
         assert len(out.writes) == 1 and b'"event":"alone"' in out.writes[0]
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
 
 
 def test_hot_path_info_writes_the_line_structlog_would_and_steps_aside_otherwise():
@@ -139,11 +125,8 @@ def test_hot_path_info_writes_the_line_structlog_would_and_steps_aside_otherwise
     from daemon import logs
 
     out = io.BytesIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
     fields = {"invocation_id": "abc", "function": "f", "attempt": 1, "error_type": None}
-    try:
-        configure_logging("info", json=True, stream=out)
+    with json_logs(out):
         log = structlog.get_logger("lambdaemon.test")
         log.info("invocation_finished", **fields)
         logs.info(log, "invocation_finished", **fields)
@@ -154,10 +137,6 @@ def test_hot_path_info_writes_the_line_structlog_would_and_steps_aside_otherwise
         configure_logging("warning", json=True, stream=out)  # filtered out as structlog would
         logs.info(structlog.get_logger("lambdaemon.test"), "too_quiet")
         logs.flush()
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
     slow, fast = out.getvalue().decode().splitlines()
     assert slow[:3] == fast[:3] == "<6>"
     slow_event, fast_event = json.loads(slow[3:]), json.loads(fast[3:])
