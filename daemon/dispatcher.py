@@ -507,14 +507,10 @@ class Dispatcher:
     async def _run(self, fn: FunctionConfig, request: InvokeRequest, *, attempt: int,
                    on_start: Callable[[int, float], None] | None) -> Outcome:
         invocation_id = request.invocation_id
-        logs.info(log, "invocation_started", invocation_id=invocation_id, function=fn.name,
-                  attempt=attempt)  # fmt: skip
+        logs.invocation_started(log, invocation_id, fn.name, attempt)
         outcome = await self._pool.invoke(fn, request, on_start)
-        logs.info(
-            log, "invocation_finished", invocation_id=invocation_id, function=fn.name,
-            status=outcome.status.value, attempt=attempt,
-            duration_ms=round(outcome.duration_ms, 3), error_type=outcome.error_type,
-        )
+        logs.invocation_finished(log, invocation_id, fn.name, outcome.status.value, attempt,
+                                 round(outcome.duration_ms, 3), outcome.error_type)
         return outcome
 
     def _function_of(self, name: str) -> FunctionConfig | None:

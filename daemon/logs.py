@@ -34,14 +34,18 @@ _FLUSH_AT_BYTES = 64 * 1024
 
 
 def _timestamp(_logger: object, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict["timestamp"] = _now()
+    return event_dict
+
+
+def _now() -> str:
     """ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes
     it, with the date and time of day formatted once per second."""
     now = time.time()
     second = int(now)
     if second != _second[0]:
         _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    event_dict["timestamp"] = f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
-    return event_dict
+    return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
 
 
 _second: list[Any] = [-1, ""]
@@ -109,33 +113,79 @@ def flush() -> None:
 
 
 class _HotPath:
-    """What configure_logging set up, for info(): the JSON output and the config it belongs to."""
+    """What configure_logging set up, for the per-invocation lines: the JSON output and the
+    config it belongs to."""
 
     out: _GatheredOutput | None = None  # None: no JSON output, or info lines are filtered out
     factory: Any = None
     processors: Any = None
 
 
-def info(logger: Any, event: str, /, **fields: Any) -> None:
-    """`logger.info(event, **fields)`, for the lines logged on every invocation.
+# The two lines logged for every invocation, as Structs: their keys in the order structlog's
+# line has them (the call's keywords, then event, level, timestamp), encoded without a dict.
+class _Started(msgspec.Struct):
+    invocation_id: str
+    function: str
+    attempt: int
+    event: str
+    level: str
+    timestamp: str
 
-    It renders the same line as structlog would (the same keys in the same order), without
-    structlog's proxy, level filter and processor chain, which cost as much as the rendering.
-    Whenever structlog is configured otherwise (console output, a higher level, tests capturing
-    logs), it is logger.info().
+
+class _Finished(msgspec.Struct):
+    invocation_id: str
+    function: str
+    status: str
+    attempt: int
+    duration_ms: float
+    error_type: str | None
+    event: str
+    level: str
+    timestamp: str
+
+
+def invocation_started(logger: Any, invocation_id: str, function: str, attempt: int) -> None:
+    """logger.info("invocation_started", invocation_id=, function=, attempt=), the same line."""
+    out = _hot_output()
+    if out is None:
+        logger.info("invocation_started", invocation_id=invocation_id, function=function,
+                    attempt=attempt)  # fmt: skip
+        return
+    line = _Started(invocation_id, function, attempt, "invocation_started", "info", _now())
+    out.msg(b"<6>" + _encoder.encode(line))
+
+
+def invocation_finished(logger: Any, invocation_id: str, function: str, status: str,
+                        attempt: int, duration_ms: float, error_type: str | None) -> None:
+    """logger.info("invocation_finished", invocation_id=, function=, status=, attempt=,
+    duration_ms=, error_type=), the same line."""
+    out = _hot_output()
+    if out is None:
+        logger.info("invocation_finished", invocation_id=invocation_id, function=function,
+                    status=status, attempt=attempt, duration_ms=duration_ms,
+                    error_type=error_type)  # fmt: skip
+        return
+    line = _Finished(invocation_id, function, status, attempt, duration_ms, error_type,
+                     "invocation_finished", "info", _now())
+    out.msg(b"<6>" + _encoder.encode(line))
+
+
+def _hot_output() -> _GatheredOutput | None:
+    """The JSON output, if structlog is still configured as configure_logging left it.
+
+    The two per-invocation lines skip structlog's proxy, level filter and processor chain,
+    which cost as much as the rendering. Whenever structlog is configured otherwise (console
+    output, a higher level, tests capturing logs), they go through the logger as any line.
     """
     out = _HotPath.out
-    if out is not None:
-        config = structlog.get_config()
-        processors = _HotPath.processors
-        if (config["logger_factory"] is _HotPath.factory and config["processors"] is processors
-                and processors[-1] is _render_journal):
-            fields["event"] = event
-            fields["level"] = "info"
-            _timestamp(None, "info", fields)
-            out.msg(b"<6>" + _encoder.encode(fields))
-            return
-    logger.info(event, **fields)
+    if out is None:
+        return None
+    config = structlog.get_config()
+    processors = _HotPath.processors
+    if (config["logger_factory"] is _HotPath.factory and config["processors"] is processors
+            and processors[-1] is _render_journal):
+        return out
+    return None
 
 
 def _render_journal(_logger: object, method: str, event_dict: dict[str, Any]) -> bytes:

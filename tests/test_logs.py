@@ -119,27 +119,36 @@ def test_lines_logged_outside_an_event_loop_are_written_at_once():
         assert len(out.writes) == 1 and b'"event":"alone"' in out.writes[0]
 
 
-def test_hot_path_info_writes_the_line_structlog_would_and_steps_aside_otherwise():
+def test_per_invocation_lines_are_the_lines_structlog_would_write_and_step_aside_otherwise():
     from structlog.testing import capture_logs
 
     from daemon import logs
 
     out = io.BytesIO()
-    fields = {"invocation_id": "abc", "function": "f", "attempt": 1, "error_type": None}
+    started = {"invocation_id": "abc", "function": "f\u00e9 \"x\"", "attempt": 1}
+    finished = {"invocation_id": "abc", "function": "f\u00e9 \"x\"", "status": "failed",
+                "attempt": 2, "duration_ms": 0.328, "error_type": "Value\nError"}
     with json_logs(out):
         log = structlog.get_logger("lambdaemon.test")
-        log.info("invocation_finished", **fields)
-        logs.info(log, "invocation_finished", **fields)
+        log.info("invocation_started", **started)
+        logs.invocation_started(log, "abc", "f\u00e9 \"x\"", 1)
+        log.info("invocation_finished", **finished)
+        logs.invocation_finished(log, "abc", "f\u00e9 \"x\"", "failed", 2, 0.328, "Value\nError")
+        logs.invocation_finished(log, "abc", "f", "succeeded", 1, 1.5, None)
         with capture_logs() as captured:  # structlog configured otherwise: it is log.info()
-            logs.info(log, "captured", n=1)
+            logs.invocation_started(log, "abc", "f", 1)
         logs.flush()
-        assert captured == [{"event": "captured", "n": 1, "log_level": "info"}]
+        assert captured == [{"event": "invocation_started", "invocation_id": "abc",
+                             "function": "f", "attempt": 1, "log_level": "info"}]
         configure_logging("warning", json=True, stream=out)  # filtered out as structlog would
-        logs.info(structlog.get_logger("lambdaemon.test"), "too_quiet")
+        logs.invocation_started(structlog.get_logger("lambdaemon.test"), "abc", "f", 1)
         logs.flush()
-    slow, fast = out.getvalue().decode().splitlines()
-    assert slow[:3] == fast[:3] == "<6>"
-    slow_event, fast_event = json.loads(slow[3:]), json.loads(fast[3:])
-    assert list(slow_event) == list(fast_event)  # the same keys in the same order
-    del slow_event["timestamp"], fast_event["timestamp"]
-    assert slow_event == fast_event
+    lines = out.getvalue().decode().splitlines()
+    assert len(lines) == 5, lines
+    for slow, fast in (lines[0:2], lines[2:4]):
+        assert slow[:3] == fast[:3] == "<6>"
+        slow_event, fast_event = json.loads(slow[3:]), json.loads(fast[3:])
+        assert list(slow_event) == list(fast_event)  # the same keys in the same order
+        del slow_event["timestamp"], fast_event["timestamp"]
+        assert slow_event == fast_event
+    assert json.loads(lines[4][3:])["error_type"] is None
