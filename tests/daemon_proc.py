@@ -42,7 +42,8 @@ def write_config(tmp_path: Path, body: str, *, api_port: int | None = None, daem
     return path
 
 
-async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str = "") -> Any:
+async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str = "",
+                interval_s: float = 0.05) -> Any:
     """Poll `predicate` (plain or async) until it returns something truthy; bounded."""
     try:
         async with asyncio.timeout(timeout_s):
@@ -52,7 +53,7 @@ async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str =
                     value = await value
                 if value:
                     return value
-                await asyncio.sleep(0.05)  # polling, bounded by the timeout above
+                await asyncio.sleep(interval_s)  # polling, bounded by the timeout above
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
@@ -69,10 +70,15 @@ class Daemon:
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = config.parent / "daemon.log"
         self.session: aiohttp.ClientSession | None = None
+        # start() hears READY=1 as systemd would: on a datagram socket of our own.
+        self._notify: socket.socket | None = None
+        self._ready = asyncio.Event()
 
     async def spawn(self) -> None:
         """Start the process; return at once (start() also waits until it is healthy)."""
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | self.env
+        if self._notify is not None and "NOTIFY_SOCKET" not in self.env:
+            env["NOTIFY_SOCKET"] = "@" + self._notify.getsockname()[1:].decode()
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config),
@@ -82,17 +88,45 @@ class Daemon:
         self.session = self.session or aiohttp.ClientSession()
 
     async def start(self, timeout_s: float = 20) -> None:
+        """Spawn the daemon and return once it has told "systemd" READY=1 and /health says ok;
+        RuntimeError with its log if it exits first."""
+        own_notify = "NOTIFY_SOCKET" not in self.env  # a test listening itself gets the messages
+        if own_notify and self._notify is None:
+            self._listen_for_ready()
+        self._ready.clear()
         await self.spawn()
         assert self.proc is not None and self.session is not None
         async with asyncio.timeout(timeout_s):
-            while True:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with self.session.get(f"{self.base}/health") as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.05)  # polling the health endpoint, bounded by the timeout
+            if own_notify:
+                ready = asyncio.ensure_future(self._ready.wait())
+                exited = asyncio.ensure_future(self.proc.wait())
+                await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                exited.cancel()
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            await until(self._healthy, timeout_s, "/health to answer 200")
+
+    async def _healthy(self) -> bool:
+        assert self.session is not None
+        with contextlib.suppress(aiohttp.ClientError):
+            async with self.session.get(f"{self.base}/health") as resp:
+                return resp.status == 200
+        return False
+
+    def _listen_for_ready(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.bind(f"\0lambdaemon-test-{os.getpid()}-{id(self)}")  # abstract: nothing to clean up
+        sock.setblocking(False)
+        self._notify = sock
+
+        def receive() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    if sock.recv(4096).startswith(b"READY=1"):
+                        self._ready.set()
+
+        asyncio.get_running_loop().add_reader(sock.fileno(), receive)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -135,6 +169,10 @@ class Daemon:
         if self.session:
             await self.session.close()
             self.session = None
+        if self._notify is not None:
+            asyncio.get_running_loop().remove_reader(self._notify.fileno())
+            self._notify.close()
+            self._notify = None
 
     # --- API helpers ---------------------------------------------------------------------
 
@@ -159,13 +197,9 @@ class Daemon:
         return (await self.get(f"/v1/invocations?limit=1000&{qs}"))["invocations"]
 
     async def wait_for(self, predicate, timeout_s: float = 20, interval_s: float = 0.05):
-        """Poll `await predicate()` until it returns something truthy; bounded."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                value = await predicate()
-                if value:
-                    return value
-                await asyncio.sleep(interval_s)
+        """`until(predicate)`, for the state of this daemon (its records, files, logs)."""
+        what = getattr(predicate, "__name__", "a condition")
+        return await until(predicate, timeout_s, what, interval_s)
 
 
 @contextlib.asynccontextmanager
