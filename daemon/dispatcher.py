@@ -59,9 +59,6 @@ class UnknownFunctionError(LambdaemonError, KeyError):
         super().__init__(f"function {name!r} is not configured")
 
 
-new_invocation_id = new_id  # time-ordered: see daemon/models.py
-
-
 def _log_record_failure(invocation_id: str, recorded: asyncio.Future[None]) -> None:
     # Recorded best effort: the caller already has its answer.
     if not recorded.cancelled() and (exc := recorded.exception()) is not None:
@@ -205,7 +202,7 @@ class Dispatcher:
             raise UnknownFunctionError(function)
         body = to_json(event)
         inv = NewInvocation(
-            id=new_invocation_id(), function=function, function_version=lane.fn.version,
+            id=new_id(), function=function, function_version=lane.fn.version,
             trigger=trigger, invocation_type="async", event=body, queued_at=time.time(),
             trigger_id=trigger_id, dedupe_key=dedupe_key, parent_id=parent_id,
         )
@@ -232,7 +229,7 @@ class Dispatcher:
         if lane is None:
             raise UnknownFunctionError(function)
         await lane.acquire_sync_slot()
-        invocation_id = invocation_id or new_invocation_id()
+        invocation_id = invocation_id or new_id()
         inv = NewInvocation(
             id=invocation_id, function=function, function_version=lane.fn.version,
             trigger=trigger, invocation_type="sync", event=event, queued_at=time.time(),
