@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,25 +64,32 @@ class Mosquitto:
         return conf
 
     def start(self, *, port: int | None = None, timeout_s: float = 10.0) -> None:
-        """Start (on `port` instead of the usual one if given); return once it listens."""
+        """Start (on `port` instead of the usual one if given); return once it listens.
+
+        Mosquitto tells systemd READY=1 once its listeners are open; it tells us the same, on
+        a socket of our own, and a pidfd says if it exits first.
+        """
         assert self.proc is None or self.proc.poll() is not None, "already running"
         port = self.port_in_use = port or self.port
         stderr = self.directory / "mosquitto.stderr"
-        with stderr.open("ab") as err:  # the child keeps its own descriptor
+        with contextlib.ExitStack() as stack:
+            notify = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+            notify.bind(f"\0lambdaemon-test-mosquitto-{id(self)}-{port}")  # abstract
+            err = stack.enter_context(stderr.open("ab"))  # the child keeps its own descriptor
+            env = {**os.environ, "NOTIFY_SOCKET": "@" + notify.getsockname()[1:].decode()}
             self.proc = subprocess.Popen(
-                [MOSQUITTO, "-c", str(self.write_conf(port))], stdout=err, stderr=err
+                [MOSQUITTO, "-c", str(self.write_conf(port))], stdout=err, stderr=err, env=env,
             )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                out = stderr.read_text(errors="replace")
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {out}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            exited = os.pidfd_open(self.proc.pid)
+            stack.callback(os.close, exited)
+            ready, _, _ = select.select([notify, exited], [], [], timeout_s)
+            if notify in ready and notify.recv(4096).startswith(b"READY=1"):
                 return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"mosquitto did not listen on {port} within {timeout_s} s")
-            time.sleep(0.02)  # polling the listener, bounded by the deadline above
+        if self.proc.poll() is not None:
+            out = stderr.read_text(errors="replace")
+            raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {out}")
+        self.kill()
+        raise TimeoutError(f"mosquitto did not listen on {port} within {timeout_s} s")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: Mosquitto writes its persistence file on the way out."""
