@@ -71,7 +71,7 @@ def to_json(event: Any) -> bytes:
 
 
 class Dispatcher:
-    """Owns the path from an accepted event to its final record."""
+    """Owns the path from an accepted event to its final record; made on the loop it serves."""
 
     def __init__(
         self, store: Store, pool: WorkerPool, functions: Mapping[str, FunctionConfig], *,
@@ -80,7 +80,9 @@ class Dispatcher:
         self._store = store
         self._pool = pool
         self._on_outbox = on_outbox  # called when a destination record joins the outbox
-        self._lanes = Lanes(functions, self._start)
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
+        self._lanes = Lanes(functions, self._start, self._loop)
         self._running: set[asyncio.Task[Any]] = set()  # invocations being run, async and sync
         self._in_flight: set[str] = set()  # ids of the async ones
         self._tasks: set[asyncio.Task[Any]] = set()  # their records being written, and the like
@@ -239,11 +241,12 @@ class Dispatcher:
         # still running after VISIBLE_AFTER_S gets its `running` row, so it shows up
         # while it runs and a daemon crash leaves a record of it.
         running: list[asyncio.Future[Any]] = []
-        visible = asyncio.get_running_loop().call_later(
+        visible = self._loop.call_later(
             VISIBLE_AFTER_S, lambda: running.append(self._store.insert_nowait(inv))
         )
         try:
-            request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn, client_context)
+            request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn,
+                                    client_context)
             run = self._spawn(self._run_sync(lane.fn, inv, request, visible, running),
                               self._running)
             try:
@@ -299,7 +302,7 @@ class Dispatcher:
 
     async def wait_final(self, invocation_id: str) -> str:
         """Wait until `invocation_id` reaches a final status and return it."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[str] = self._loop.create_future()
         self._final_waiters.setdefault(invocation_id, []).append(future)
         try:
             await self._store.barrier()
@@ -357,7 +360,7 @@ class Dispatcher:
 
     def _spawn(self, coro: Any, tasks: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
         tasks = self._tasks if tasks is None else tasks
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self._loop.create_task(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         return task
@@ -389,7 +392,7 @@ class Dispatcher:
             pid_mark: list[asyncio.TimerHandle] = []
 
             def on_start(pid: int, started_at: float) -> None:
-                pid_mark.append(asyncio.get_running_loop().call_later(
+                pid_mark.append(self._loop.call_later(
                     VISIBLE_AFTER_S, self._store.mark_running, item.id, attempt,
                     started_at, pid,
                 ))  # fmt: skip

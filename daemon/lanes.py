@@ -35,8 +35,10 @@ class Backlogged(msgspec.Struct, frozen=True):
 class Lane:
     """One function's slots and queues; `start(lane, item)` must take the slot it is given."""
 
-    def __init__(self, fn: FunctionConfig, start: Callable[[Lane, Backlogged], None]) -> None:
+    def __init__(self, fn: FunctionConfig, start: Callable[[Lane, Backlogged], None],
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.fn = fn
+        self.loop = loop
         self.running = 0
         self.paused = False  # set while draining, or once a reload removed the function
         self.refusal: Exception = ShuttingDownError("the daemon is shutting down")
@@ -62,7 +64,7 @@ class Lane:
             return
         if len(self.sync_waiters) >= self.fn.queue_size:
             raise QueueFullError(self.fn.name, self.fn.queue_size)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = self.loop.create_future()
         self.sync_waiters.append(waiter)
         try:
             await waiter
@@ -87,7 +89,7 @@ class Lane:
         if self.paused:
             return  # shutting down: the row is queued in the store and the next start resumes it
         delay_s = max(0.0, at - time.time())
-        self.retry_timers[item.id] = asyncio.get_running_loop().call_later(delay_s, self._due, item)
+        self.retry_timers[item.id] = self.loop.call_later(delay_s, self._due, item)
 
     def _due(self, item: Backlogged) -> None:
         self.retry_timers.pop(item.id, None)
@@ -144,10 +146,11 @@ class Lanes(dict[str, Lane]):
     """
 
     def __init__(self, functions: Mapping[str, FunctionConfig],
-                 start: Callable[[Lane, Backlogged], None]) -> None:  # fmt: skip
-        super().__init__((name, Lane(fn, start)) for name, fn in functions.items())
+                 start: Callable[[Lane, Backlogged], None],
+                 loop: asyncio.AbstractEventLoop) -> None:  # fmt: skip
+        super().__init__((name, Lane(fn, start, loop)) for name, fn in functions.items())
         self.retired: dict[str, Lane] = {}
-        self._start = start
+        self._start, self._loop = start, loop
 
     def reconfigure(self, functions: Mapping[str, FunctionConfig],
                     refusal: Callable[[str], Exception]) -> list[str]:  # fmt: skip
@@ -162,7 +165,7 @@ class Lanes(dict[str, Lane]):
         for name, fn in functions.items():
             if name not in self:
                 reopened = self.retired.pop(name, None)
-                self[name] = reopened if reopened is not None else Lane(fn, self._start)
+                self[name] = reopened if reopened is not None else Lane(fn, self._start, self._loop)
                 opened.append(name)
             self[name].fn = fn
             self[name].resume()  # also starts what a raised concurrency allows now

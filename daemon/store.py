@@ -82,6 +82,7 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # the writer's, once opened (no getpid() per write)
         self._batches: Batches | None = None
         self._growing: asyncio.Future[None] | None = None  # set while a batch waits to grow
         self._grow_until = 0  # queued writes that end the wait
@@ -309,7 +310,8 @@ class Store:
         except BaseException:
             await self._close_connections()
             raise
-        self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
+        self._loop = loop = asyncio.get_running_loop()
+        self._writer_task = loop.create_task(self._write_loop(), name="store-writer")
         log.info("store_opened", path=str(self.path), schema_version=version)
 
     async def _shut_down(self) -> None:
@@ -339,7 +341,7 @@ class Store:
     def _submit(self, op: Write) -> asyncio.Future[Any]:
         if self._writer_task is None or self._closing is not None or self._writer_task.done():
             raise StoreUnavailableError(f"store {self.path} is closed")
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         self._queue.put_nowait((op, future))
         if self._growing is not None and (
             not op.flags & DEFERRABLE or self._queue.qsize() >= self._grow_until
@@ -385,7 +387,7 @@ class Store:
         if len(batch) < GROW_OPS and all(
             item is not None and item[0].flags & DEFERRABLE for item in batch
         ):
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._growing = growing = loop.create_future()
             self._grow_until = GROW_OPS - len(batch)
             timer = loop.call_later(GROW_S, _wake, growing)

@@ -150,7 +150,7 @@ class FastSite(web.BaseSite):
         server, app = self._runner.server, getattr(self._runner, "app", None)
         assert server is not None and isinstance(app, web.Application)
         self._server = await loop.create_server(
-            lambda: FastConnection(self, server, app), self._host, self._port,
+            lambda: FastConnection(self, server, app, loop), self._host, self._port,
             reuse_address=True,
         )
         self._sweeper = loop.create_task(self._sweep(), name="http-keepalive-sweeper")
@@ -188,8 +188,9 @@ class FastSite(web.BaseSite):
 class FastConnection(asyncio.Protocol):
     """One client connection on the fast path, until it is handed to aiohttp."""
 
-    def __init__(self, site: FastSite, server: web.Server, app: web.Application) -> None:
-        self.site, self.server, self.app = site, server, app
+    def __init__(self, site: FastSite, server: web.Server, app: web.Application,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.site, self.server, self.app, self.loop = site, server, app, loop
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.task: asyncio.Task[web.StreamResponse] | None = None  # the request in hand
@@ -305,7 +306,7 @@ class FastConnection(asyncio.Protocol):
             request.content = _Body(bytes(self.buffer[body_at:end]))
         del self.buffer[:end]
         self._path = request.path
-        self.task = task = asyncio.get_running_loop().create_task(handler(request))
+        self.task = task = self.loop.create_task(handler(request))
         task.add_done_callback(self._answer)
 
     def _answer(self, task: asyncio.Task[web.StreamResponse]) -> None:
