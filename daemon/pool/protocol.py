@@ -80,11 +80,12 @@ class InitFailed(_Message):
 class Result(_Message):
     __slots__ = (
         "ok", "payload", "error_type", "error_message", "max_memory_kb", "retire", "rss_kb",
+        "quiet",
     )
 
     def __init__(self, ok: bool, payload: bytes, error_type: str | None = None,
                  error_message: str | None = None, max_memory_kb: int | None = None,
-                 retire: bool = False, rss_kb: int | None = None) -> None:
+                 retire: bool = False, rss_kb: int | None = None, quiet: bool = False) -> None:
         self.ok = ok
         self.payload = payload  # the handler's result JSON, or Lambda's error JSON
         self.error_type = error_type
@@ -92,6 +93,7 @@ class Result(_Message):
         self.max_memory_kb = max_memory_kb  # peak RSS during this invocation
         self.retire = retire  # the worker exits after this reply (out of memory)
         self.rss_kb = rss_kb  # resident memory as the reply is sent: what the worker keeps
+        self.quiet = quiet  # the capture file was empty as the reply was sent: nothing to read
 
 
 FromWorker = Ready | InitFailed | Result
@@ -112,9 +114,9 @@ _READY_FIXED = struct.Struct("!IBd")
 _INIT_FAILED_FIXED = struct.Struct("!IBdIII")
 # flags (below), max_memory_kb, rss_kb; then the lengths of error_type, error_message and payload
 _RESULT_FIXED = struct.Struct("!IBBqqIII")
-_OK, _RETIRE, _HAS_PEAK, _HAS_RSS, _HAS_TYPE, _HAS_MESSAGE = 1, 2, 4, 8, 16, 32
-_KNOWN_FLAGS = 63
-_PLAIN_OK = _OK | _HAS_PEAK | _HAS_RSS  # the usual reply
+_OK, _RETIRE, _HAS_PEAK, _HAS_RSS, _HAS_TYPE, _HAS_MESSAGE, _QUIET = 1, 2, 4, 8, 16, 32, 64
+_KNOWN_FLAGS = 127
+_PLAIN_OK = _OK | _HAS_PEAK | _HAS_RSS  # the usual reply, with or without _QUIET
 _SIZE = struct.Struct("!I")  # cheaper than int.from_bytes()
 
 
@@ -158,7 +160,8 @@ def _encode_init_failed(message: InitFailed) -> bytes:
 def _encode_result(message: Result) -> bytes:
     payload, error_type, error_message = message.payload, message.error_type, message.error_message
     peak_kb, rss_kb = message.max_memory_kb, message.rss_kb
-    flags = (_OK if message.ok else 0) | (_RETIRE if message.retire else 0)
+    flags = (_OK if message.ok else 0) | (_RETIRE if message.retire else 0) | (
+        _QUIET if message.quiet else 0)
     if peak_kb is None:
         peak_kb = 0
     else:
@@ -263,8 +266,8 @@ def _decode_result(frame: bytes) -> Result | None:
     if size + HEADER_BYTES != end:
         return None
     at = _RESULT_FIXED.size
-    if flags == _PLAIN_OK and at + n_payload == end:  # the usual reply: no error strings
-        return Result(True, frame[at:], None, None, peak_kb, False, rss_kb)
+    if flags | _QUIET == _PLAIN_OK | _QUIET and at + n_payload == end:  # no error strings
+        return Result(True, frame[at:], None, None, peak_kb, False, rss_kb, flags != _PLAIN_OK)
     if at + n_type + n_message + n_payload != end:
         raise FrameError("the field lengths do not add up to the frame's size")
     if flags & ~_KNOWN_FLAGS or (n_type and not flags & _HAS_TYPE) or (
@@ -276,7 +279,7 @@ def _decode_result(frame: bytes) -> Result | None:
     return Result(
         flags & _OK != 0, frame[at + n_message :], error_type, error_message,
         peak_kb if flags & _HAS_PEAK else None, flags & _RETIRE != 0,
-        rss_kb if flags & _HAS_RSS else None,
+        rss_kb if flags & _HAS_RSS else None, flags & _QUIET != 0,
     )
 
 

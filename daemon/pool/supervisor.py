@@ -487,7 +487,12 @@ class WorkerPool:
         else:
             outcome = await self._lost(worker, message, request.invocation_id, "Task", fn.timeout_s,
                                        started_at, clock)
-        outcome.logs = worker.read_output(request.invocation_id, self._capture_bytes)
+        if isinstance(message, Result) and message.quiet:
+            # Empty, so the next call need not empty it. Output a thread of the handler's
+            # writes after the reply then lands in the next invocation's logs, not nowhere.
+            worker.fresh_output = True
+        else:
+            outcome.logs = worker.read_output(request.invocation_id, self._capture_bytes)
         outcome.worker_pid = worker.pid
         outcome.init_duration_ms = worker.init_duration_ms if cold else None
         self._release(worker)

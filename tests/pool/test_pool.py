@@ -317,6 +317,16 @@ async def test_pool_keeps_only_the_first_bytes_of_output(make_pool: Any) -> None
     assert next_call.logs == "x" * 99 + "\n"
 
 
+async def test_pool_output_of_one_call_never_reaches_the_next(pool: WorkerPool) -> None:
+    # A call that printed nothing tells the daemon so, which then neither reads nor empties
+    # the capture file: what the calls around it printed must still be theirs alone.
+    fn = function("spam", "handler.spam")
+    logs = [(await pool.invoke(fn, request(fn, b'{"lines": %d}' % n))).logs
+            for n in (2, 0, 0, 1, 0, 3)]
+    line = "x" * 99 + "\n"
+    assert logs == [line * 2, "", "", line, "", line * 3]
+
+
 # --- scale ---------------------------------------------------------------------------------------
 
 

@@ -55,6 +55,8 @@ MESSAGES = [
     Result(False, b"x", None, "a message, no type"),
     Result(False, b"x", "", ""),  # empty strings are not None
     Result(True, BIG, max_memory_kb=2**40, rss_kb=2**40),
+    Result(True, b"{}", None, None, 10, False, 20, quiet=True),  # the usual reply, no output
+    Result(False, b"{}", "ValueError", "boom", 10, False, 20, quiet=True),
 ]
 FROM_WORKER = [message for message in MESSAGES if not isinstance(message, Invoke)]
 
@@ -200,7 +202,7 @@ CORRUPT = {
     "type length past the end": result_frame(
         flags=OK | HAS_TYPE, error_type=b"E", payload=b"", lengths=(2**32 - 1, 0, 0)),
     "lengths short of the end": result_frame(payload=b"abc", lengths=(0, 0, 2)),
-    "unknown flag bit": result_frame(flags=OK | 64),
+    "unknown flag bit": result_frame(flags=OK | 128),
     "a string marked absent": result_frame(flags=OK, error_type=b"E"),
     "error type not UTF-8": result_frame(flags=HAS_TYPE, error_type=b"\xff"),
     "encoded surrogate": result_frame(flags=HAS_MESSAGE, error_message=b"\xed\xb2\x80"),
