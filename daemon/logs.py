@@ -59,6 +59,10 @@ class _GatheredOutput:
         self._lines: list[bytes] = []
         self._size = 0
         self._pending: asyncio.AbstractEventLoop | None = None  # the loop due to flush
+        # The loop last found running, and its thread: asking asyncio for the running loop
+        # costs a getpid() system call on Python 3.11, once per iteration with lines.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._lock = threading.Lock()  # library logging may come from other threads
         atexit.register(self.flush)
 
@@ -69,15 +73,24 @@ class _GatheredOutput:
             if self._size < _FLUSH_AT_BYTES:
                 if self._pending is not None and self._pending.is_running():
                     return  # that loop writes what is gathered at the end of its turn
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:  # no loop in this thread: write now
-                    pass
-                else:
+                loop = self._loop
+                # One thread runs one loop at a time: in its thread, a running loop is the one.
+                if loop is None or threading.get_ident() != self._loop_thread or (
+                        not loop.is_running()):
+                    loop = self._find_loop()
+                if loop is not None:
                     self._pending = loop
                     loop.call_soon(self.flush)
                     return
             self._write()
+
+    def _find_loop(self) -> asyncio.AbstractEventLoop | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: write now
+            return None
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        return loop
 
     def urgent(self, line: bytes) -> None:
         with self._lock:
