@@ -52,7 +52,7 @@ class Worker:
 
     __slots__ = (
         "fn", "key", "proc", "pid", "memfd", "channel", "state", "stop_reason", "stop_detail",
-        "idle_since", "init_duration_ms", "exit_task", "held", "fresh_output", "deadline",
+        "idle_since", "init_duration_ms", "exit_task", "held", "deadline",
         "timer", "guarding", "peak_kb", "invocations", "recycle",
     )
 
@@ -71,7 +71,6 @@ class Worker:
         self.init_duration_ms: float | None = None
         self.exit_task: asyncio.Task[None] | None = None
         self.held = True  # a caller still reads its captured output: it closes the files
-        self.fresh_output = False  # the cold invocation's logs include the init output
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None  # the guard, while one is due
         # What the guard watches: the call in flight (its reply, capture cap, deadline hook).
@@ -157,12 +156,15 @@ class Worker:
         self._arm_guard(loop)
 
     def read_output(self, invocation_id: str | None, capture_bytes: int) -> str:
-        """The captured output, capped, and also logged line by line."""
+        """The captured output, capped, and also logged line by line; the file is emptied.
+
+        Emptied right away, so what is in it when the next call starts belongs to that call:
+        a cold worker's init output, or what a thread of the handler wrote after the reply.
+        """
         data = os.pread(self.memfd, capture_bytes + 1, 0)
         if not data:
             return ""
-        if invocation_id is None:  # init output of a warm start: not part of any invocation
-            os.ftruncate(self.memfd, 0)
+        os.ftruncate(self.memfd, 0)
         text = data[:capture_bytes].decode("utf-8", "replace")
         bound = log.bind(invocation_id=invocation_id, function=self.fn.name)
         for line in text.split("\n"):

@@ -388,7 +388,6 @@ class WorkerPool:
         if isinstance(message, Ready):
             self._warm_failed.pop(fn.name, None)
             worker.init_duration_ms = message.init_duration_ms
-            worker.fresh_output = request is not None
             log.info("worker_started", function=fn.name, pid=worker.pid,
                      init_duration_ms=round(message.init_duration_ms, 3))
             return worker
@@ -456,10 +455,6 @@ class WorkerPool:
                    on_start: Callable[[int, float], None] | None, cold: bool) -> Outcome:
         loop = self._loop
         assert loop is not None
-        if worker.fresh_output:
-            worker.fresh_output = False
-        else:
-            os.ftruncate(worker.memfd, 0)
         started_at = time.time()
         if on_start is not None:
             try:
@@ -487,11 +482,7 @@ class WorkerPool:
         else:
             outcome = await self._lost(worker, message, request.invocation_id, "Task", fn.timeout_s,
                                        started_at, clock)
-        if isinstance(message, Result) and message.quiet:
-            # Empty, so the next call need not empty it. Output a thread of the handler's
-            # writes after the reply then lands in the next invocation's logs, not nowhere.
-            worker.fresh_output = True
-        else:
+        if not (isinstance(message, Result) and message.quiet):  # quiet: nothing to read
             outcome.logs = worker.read_output(request.invocation_id, self._capture_bytes)
         outcome.worker_pid = worker.pid
         outcome.init_duration_ms = worker.init_duration_ms if cold else None
