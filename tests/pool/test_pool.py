@@ -16,6 +16,7 @@ import pytest
 
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
+from tests.daemon_proc import until
 from tests.pool.conftest import BASIC, FUNCTIONS, LogWatch, alive, function, gone, reapable, request
 
 # --- the handler contract ----------------------------------------------------------------------
@@ -325,6 +326,20 @@ async def test_pool_output_of_one_call_never_reaches_the_next(pool: WorkerPool) 
             for n in (2, 0, 0, 1, 0, 3)]
     line = "x" * 99 + "\n"
     assert logs == [line * 2, "", "", line, "", line * 3]
+
+
+async def test_pool_output_a_thread_writes_after_the_reply_goes_to_the_next_call(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    fn = function("late", "handler.late_output")
+    go, done = tmp_path / "go", tmp_path / "done"
+    event = json.dumps({"go": str(go), "done": str(done)}).encode()
+    first = await pool.invoke(fn, request(fn, event))
+    assert first.logs == ""
+    go.touch()  # the handler's thread prints now, between the two calls
+    await until(done.exists, 10, "the handler's thread to print")
+    second = await pool.invoke(fn, request(fn))
+    assert (second.worker_pid, second.logs) == (first.worker_pid, "late line\n")
 
 
 # --- scale ---------------------------------------------------------------------------------------

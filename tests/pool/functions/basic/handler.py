@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 calls = 0
@@ -73,6 +74,21 @@ def spam(event, context):
     for _ in range(event["lines"]):
         sys.stdout.write(line)
     time.sleep(event.get("s", 0))
+    return {"ok": True}
+
+
+def late_output(event, context):
+    """With "go" and "done" paths: a thread prints a line once "go" exists, then makes "done"."""
+    if "go" not in event:
+        return {"ok": True}
+
+    def later():
+        while not os.path.exists(event["go"]):
+            time.sleep(0.005)
+        print("late line")
+        open(event["done"], "w").close()
+
+    threading.Thread(target=later, daemon=True).start()
     return {"ok": True}
 
 
