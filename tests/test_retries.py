@@ -22,7 +22,7 @@ from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.retry import after_failure, backoff_s
 from daemon.store import NewInvocation, Store
-from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
+from tests.daemon_proc import ROOT, Daemon, running_daemon, until, write_config
 
 FLAKY = Path(__file__).resolve().parent / "functions" / "flaky"
 FAST = (0.05, 0.2)  # retry_backoff_s in these tests: first delay and cap
@@ -182,6 +182,48 @@ async def test_sync_invocations_are_never_retried(tmp_path: Path):
     assert record["dead_letter_reason"] is None
     assert len(record["attempts"]) == 1
     assert not [e for e in logs if e["event"] == "invocation_retry_scheduled"]
+
+
+async def test_sync_invocation_cancelled_by_its_caller_is_recorded_and_frees_its_slot(
+    tmp_path: Path,
+):
+    # Cancelling the caller ends the run, which is recorded as interrupted, and the function's
+    # only slot is free for the next call.
+    calls = tmp_path / "calls"
+    async with dispatching(tmp_path / "db", flaky(concurrency=1, timeout_s=30.0)) as (
+            dispatcher, store):
+        hang = json.dumps({"dir": str(calls), "fail": ["hang"]}).encode()
+        caller = asyncio.create_task(
+            dispatcher.invoke_sync("flaky", hang, trigger="test", invocation_id="gone"))
+        await until(lambda: (calls / "gone").exists(), what="the handler running")
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        ok = json.dumps({"dir": str(calls)}).encode()
+        _, outcome = await dispatcher.invoke_sync("flaky", ok, trigger="test")
+        assert outcome.status is Status.SUCCEEDED
+        await dispatcher.drain(5)
+        record = await store.get("gone")
+    assert record is not None
+    assert (record["status"], record["error_type"]) == ("crashed", "Lambdaemon.Interrupted")
+
+
+async def test_drain_interrupts_a_sync_run_and_its_caller_hears_why(tmp_path: Path):
+    calls = tmp_path / "calls"
+    async with dispatching(tmp_path / "db", flaky(concurrency=2, timeout_s=30.0)) as (
+            dispatcher, store):
+        hang = json.dumps({"dir": str(calls), "fail": ["hang"]}).encode()
+        callers = [asyncio.create_task(dispatcher.invoke_sync(
+            "flaky", hang, trigger="test", invocation_id=f"hung{i}")) for i in range(2)]
+        await until(lambda: all((calls / f"hung{i}").exists() for i in range(2)),
+                    what="both handlers running")
+        assert await dispatcher.drain(0.2) == 2
+        answers = await asyncio.gather(*callers)  # answered, not cancelled
+        records = [await store.get(f"hung{i}") for i in range(2)]
+    assert [(i, o.error_type) for i, o in answers] == [
+        ("hung0", "Lambdaemon.Interrupted"), ("hung1", "Lambdaemon.Interrupted")]
+    assert [r["status"] for r in records if r] == ["crashed", "crashed"]
+    assert not any(caller.cancelling() for caller in callers)
 
 
 # --- the real daemon ------------------------------------------------------------------------------
