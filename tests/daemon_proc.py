@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -21,6 +22,25 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class Gate:
+    """A file this process holds locked until the test opens the gate.
+
+    A handler that must wait for the test takes a shared flock() on the file: it blocks in the
+    kernel until release() drops the lock, with no polling, and passes at once from then on
+    (also after a restart). Its function's timeout_s bounds the wait.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # drops the lock
+            self._fd = -1
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
-from tests.daemon_proc import until
+from tests.daemon_proc import Gate, until
 from tests.pool.conftest import BASIC, FUNCTIONS, LogWatch, alive, function, gone, reapable, request
 
 # --- the handler contract ----------------------------------------------------------------------
@@ -332,11 +332,11 @@ async def test_pool_output_a_thread_writes_after_the_reply_goes_to_the_next_call
     pool: WorkerPool, tmp_path: Path
 ) -> None:
     fn = function("late", "handler.late_output")
-    go, done = tmp_path / "go", tmp_path / "done"
-    event = json.dumps({"go": str(go), "done": str(done)}).encode()
+    go, done = Gate(tmp_path / "go"), tmp_path / "done"
+    event = json.dumps({"go": str(go.path), "done": str(done)}).encode()
     first = await pool.invoke(fn, request(fn, event))
     assert first.logs == ""
-    go.touch()  # the handler's thread prints now, between the two calls
+    go.release()  # the handler's thread prints now, between the two calls
     await until(done.exists, 10, "the handler's thread to print")
     second = await pool.invoke(fn, request(fn))
     assert (second.worker_pid, second.logs) == (first.worker_pid, "late line\n")

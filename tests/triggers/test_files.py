@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tests.daemon_proc import Daemon, running_daemon, write_config
+from tests.daemon_proc import Daemon, Gate, running_daemon, write_config
 from triggers.files import SETTLE_S
 
 FUNCS = Path(__file__).resolve().parent / "functions"
@@ -259,13 +259,12 @@ async def test_files_after_delete_removes_successes_and_keeps_failures(tmp_path)
 
 
 async def test_files_namesake_waits_for_the_one_in_flight(tmp_path):
-    inbox, block = tmp_path / "inbox", tmp_path / "block"
-    block.touch()
+    inbox, block = tmp_path / "inbox", Gate(tmp_path / "block")
     body = function(
         "holder",
         "files_block",
         f'path = "{inbox}"',
-        extra=f'concurrency = 2\ntimeout_s = 60\nenv = {{ BLOCK_FILE = "{block}" }}',
+        extra=f'concurrency = 2\ntimeout_s = 60\nenv = {{ BLOCK_FILE = "{block.path}" }}',
     )
     async with running_daemon(tmp_path, body) as daemon:
         drop(inbox, "same.txt", b"first", tmp_path / "staging")
@@ -273,19 +272,18 @@ async def test_files_namesake_waits_for_the_one_in_flight(tmp_path):
         drop(inbox, "same.txt", b"second!", tmp_path / "staging")
         await until(daemon, lambda: events(daemon, "files_deferred", name="same.txt"))
         assert (inbox / ".processing" / "same.txt").read_bytes() == b"first"
-        block.unlink()
+        block.release()
         await until(daemon, lambda: len(list((inbox / "done").glob("*_same.txt"))) == 2)
         assert {r["result"]["size"] for r in await records(daemon, "holder")} == {5, 7}
 
 
 async def test_files_sigkill_mid_invocation_finishes_after_restart_with_one_invocation(tmp_path):
-    inbox, block = tmp_path / "inbox", tmp_path / "block"
-    block.touch()
+    inbox, block = tmp_path / "inbox", Gate(tmp_path / "block")
     body = function(
         "holder",
         "files_block",
         f'path = "{inbox}"\npattern = "*.txt"',
-        extra=f'timeout_s = 60\nenv = {{ BLOCK_FILE = "{block}" }}',
+        extra=f'timeout_s = 60\nenv = {{ BLOCK_FILE = "{block.path}" }}',
     )
     daemon = Daemon(write_config(tmp_path, body))
     try:
@@ -297,7 +295,7 @@ async def test_files_sigkill_mid_invocation_finishes_after_restart_with_one_invo
         # While it is down: one file is dropped, one looks claimed but was never committed.
         drop(inbox, "while_down.txt", b"dropped during downtime", tmp_path / "staging")
         (inbox / ".processing" / "uncommitted.txt").write_bytes(b"renamed, then the power went")
-        block.unlink()
+        block.release()
         await daemon.start()
         names = {"killed.txt", "while_down.txt", "uncommitted.txt"}
         await until(daemon, lambda: finished(inbox).keys() == names)

@@ -24,7 +24,7 @@ from daemon.config import load_config
 from daemon.dispatcher import Dispatcher
 from daemon.pool import WorkerPool
 from daemon.store import Store
-from tests.daemon_proc import ROOT, Daemon, free_port, until, write_config
+from tests.daemon_proc import ROOT, Daemon, Gate, free_port, until, write_config
 from triggers.webhook import WebhookSource
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -114,8 +114,8 @@ triggers = [{{ type = "webhook", path = "/gate" }}]
 class Hooks:
     """The daemon plus a client for its webhook listener."""
 
-    def __init__(self, daemon: Daemon, port: int, gate_dir: Path) -> None:
-        self.daemon, self.base, self.gate_dir = daemon, f"http://127.0.0.1:{port}", gate_dir
+    def __init__(self, daemon: Daemon, port: int, gate: Gate) -> None:
+        self.daemon, self.base, self.gate = daemon, f"http://127.0.0.1:{port}", gate
 
     async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, bytes]:
         assert self.daemon.session is not None
@@ -155,7 +155,8 @@ async def start(tmp: Path) -> Hooks:
     gate_dir = tmp / "gate"
     gate_dir.mkdir()
     port = free_port()
-    hooks = Hooks(Daemon(write_config(tmp, body_toml(port, gate_dir))), port, gate_dir)
+    gate = Gate(gate_dir / "gate")  # shut until a test releases it
+    hooks = Hooks(Daemon(write_config(tmp, body_toml(port, gate_dir))), port, gate)
     try:
         await hooks.daemon.start()  # /health answers before the sources have started
         await hooks.wait_event("webhook_listening")
@@ -321,7 +322,7 @@ async def test_webhook_saturated_function_is_429(hooks: Hooks):
     assert (status, headers["Retry-After"]) == (429, "1")
     assert json.loads(body) == {"message": "Too Many Requests"}
     await until(lambda: rejections(hooks, "queue_full"), what="queue_full logged")
-    (hooks.gate_dir / "release").touch()
+    hooks.gate.release()
     status, _, body = await first
     assert (status, json.loads(body)) == (200, {"released": True})
 
@@ -563,7 +564,7 @@ async def test_webhook_shutdown_finishes_in_flight_and_refuses_new(tmp_path: Pat
             with pytest.raises(aiohttp.ClientConnectorError):
                 async with fresh.post(hooks.base + "/gate", json={}):
                     pass
-        (hooks.gate_dir / "release").touch()
+        hooks.gate.release()
         status, _, body = await in_flight
         assert (status, json.loads(body)) == (200, {"released": True})
         assert await hooks.daemon.wait(20) == 0

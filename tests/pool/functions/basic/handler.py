@@ -3,6 +3,7 @@
 import asyncio
 import ctypes
 import decimal
+import fcntl
 import logging
 import os
 import subprocess
@@ -78,13 +79,15 @@ def spam(event, context):
 
 
 def late_output(event, context):
-    """With "go" and "done" paths: a thread prints a line once "go" exists, then makes "done"."""
+    """With "go" and "done" paths: a thread prints a line once the test opens the gate at "go"
+    (tests/daemon_proc.py, Gate), then makes "done"."""
     if "go" not in event:
         return {"ok": True}
 
     def later():
-        while not os.path.exists(event["go"]):
-            time.sleep(0.005)
+        gate = os.open(event["go"], os.O_RDONLY)
+        fcntl.flock(gate, fcntl.LOCK_SH)  # blocks while the test holds the gate shut
+        os.close(gate)
         print("late line")
         open(event["done"], "w").close()
 
