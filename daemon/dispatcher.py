@@ -24,13 +24,13 @@ import structlog
 
 from daemon import logs
 from daemon.config import FunctionConfig
+from daemon.destinations.routing import Router
 from daemon.errors import LambdaemonError, ShuttingDownError, StoreUnavailableError
 from daemon.lanes import Backlogged, Lane, Lanes
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status, new_id
-from daemon.outbox import Router
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
-from daemon.store import (
+from daemon.store.sqlite import (
     INTERRUPTED_ERROR_TYPE,
     INTERRUPTED_MESSAGE,
     NewInvocation,
@@ -472,7 +472,7 @@ class Dispatcher:
     ) -> None:
         """Record an async attempt: final on success, else a scheduled retry or a dead letter."""
         fn = lane.fn
-        # The destination is written in the same savepoint as the final record (daemon/outbox.py).
+        # The destination is written in the same savepoint as the final record (daemon/destinations/routing.py).
         router = Router(self._function_of)
         if outcome.status is Status.SUCCEEDED:
             await self._store.finish(item.id, attempt, outcome,

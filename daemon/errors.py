@@ -35,3 +35,11 @@ class ListenError(LambdaemonError, OSError):
 
 class ShuttingDownError(LambdaemonError):
     """The daemon is draining: nothing new starts; the caller should retry after the restart."""
+
+
+class MqttPublishError(LambdaemonError, ConnectionError):
+    """A message the broker did not acknowledge; `permanent` when it refused it for good."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -20,18 +20,18 @@ from typing import Any
 
 import structlog
 
-from daemon.admin import RELOAD
 from daemon.config import Config, load_config
-from daemon.destinations import OutboxRelay
+from daemon.destinations.relay import OutboxRelay
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
-from daemon.health import STORE_HEALTH, StoreHealth
-from daemon.http import FAST_ROUTES, LIFECYCLE, MAX_SYNC_PAYLOAD, build_api, start_site
+from daemon.http.admin import RELOAD
+from daemon.http.api import FAST_ROUTES, LIFECYCLE, MAX_SYNC_PAYLOAD, build_api, start_site
 from daemon.pool import WorkerPool
 from daemon.reload import plan_reload, secret_digests
-from daemon.retention import Pruner
 from daemon.sources import TriggerSources
-from daemon.store import Store
+from daemon.store.health import STORE_HEALTH, StoreHealth
+from daemon.store.retention import Pruner
+from daemon.store.sqlite import Store
 from daemon.systemd import notify, reloading_message, run_watchdog, watchdog_interval_s
 from triggers.registry import build_sources
 
@@ -119,7 +119,7 @@ class Service:
             self._watchdog = asyncio.get_running_loop().create_task(run_watchdog(interval))
 
     def _unready_reason(self) -> str | None:
-        """Why /health must not say ok now (None: ready), for daemon/http.py."""
+        """Why /health must not say ok now (None: ready), for daemon/http/api.py."""
         return {
             "starting": "starting: recovering and starting the trigger sources",
             "reloading": "reloading: applying a changed config",

@@ -21,7 +21,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.retry import after_failure, backoff_s
-from daemon.store import NewInvocation, Store
+from daemon.store.sqlite import NewInvocation, Store
 from tests.daemon_proc import ROOT, Daemon, running_daemon, until, write_config
 
 FLAKY = Path(__file__).resolve().parent / "functions" / "flaky"

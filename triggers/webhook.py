@@ -35,9 +35,9 @@ from multidict import CIMultiDict
 from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig, read_secret
 from daemon.dispatcher import UnknownFunctionError
 from daemon.errors import QueueFullError, ShuttingDownError, StoreUnavailableError
-from daemon.http import start_site
+from daemon.http.api import start_site
+from daemon.http.wire import AnyRequest, Handler, WireRequest
 from daemon.models import Outcome, Status, new_id
-from daemon.wire import AnyRequest, Handler, WireRequest
 from triggers.base import Emit
 
 log = structlog.get_logger("lambdaemon.webhook")
@@ -230,7 +230,7 @@ class WebhookSource:
         log.info("webhook_stopped", accepted=self.accepted, rejected=dict(self.rejected))
 
     def _route(self, request: WireRequest) -> Handler | None:
-        # Everything the fast path can frame (daemon/wire.py); a body over today's limit goes
+        # Everything the fast path can frame (daemon/http/wire.py); a body over today's limit goes
         # to aiohttp, which streams it to _handle to be refused without buffering it.
         return self._handle if (request.content_length or 0) <= self.max_body_bytes else None
 
@@ -264,7 +264,7 @@ class WebhookSource:
         limit = self.max_body_bytes  # read per request: a reload may change it in place
         if (request.content_length or 0) > limit:
             return None  # refused before a byte of it is read
-        if isinstance(request, WireRequest):  # framed by daemon/wire.py: all here, length known
+        if isinstance(request, WireRequest):  # framed by daemon/http/wire.py: all here, length known
             return request.content.data
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(64 * 1024):

@@ -25,20 +25,22 @@ import structlog
 
 from daemon.config import FunctionConfig
 from daemon.models import InvokeRequest, Outcome, Status
-from daemon.pool.process import (
-    TIMED_OUT,
-    Key,
-    State,
-    Worker,
+from daemon.pool.outcomes import (
     call_outcome,
-    capture_file,
     crashed,
     error_payload,
     exit_status,
     kb_to_mb,
     peak_memory_kb,
-    start_process,
     timed_out,
+)
+from daemon.pool.process import (
+    TIMED_OUT,
+    Key,
+    State,
+    Worker,
+    capture_file,
+    start_process,
     use_pidfd_child_watcher,
 )
 from daemon.pool.protocol import InitFailed, Invoke, Ready, Result

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from daemon.config import CronTriggerConfig
 from daemon.errors import StoreUnavailableError
-from daemon.store import NewInvocation, Store
+from daemon.store.sqlite import NewInvocation, Store
 from triggers.base import Accepted
 from triggers.cron import MAX_SLEEP_S, CronSource
 

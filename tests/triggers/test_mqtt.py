@@ -28,7 +28,7 @@ from daemon.config import load_config
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.pool import WorkerPool
-from daemon.store import Store
+from daemon.store.sqlite import Store
 from tests.daemon_proc import Daemon, running_daemon, until, write_config
 from tests.mosquitto import Mosquitto, free_port
 from triggers.base import supervise

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from daemon.config import load_config
 from daemon.dispatcher import Dispatcher
 from daemon.pool import WorkerPool
-from daemon.store import Store
+from daemon.store.sqlite import Store
 from tests.daemon_proc import ROOT, Daemon, Gate, free_port, until, write_config
 from triggers.webhook import WebhookSource
 

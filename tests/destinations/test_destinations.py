@@ -24,18 +24,18 @@ from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
 
 from daemon.config import Config, FunctionConfig, load_config
-from daemon.destinations import OutboxRelay
+from daemon.destinations.relay import OutboxRelay
+from daemon.destinations.routing import MAX_HOPS, Router
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.models import Outcome, Status
-from daemon.outbox import MAX_HOPS, Router
 from daemon.pool import WorkerPool
-from daemon.store import NewInvocation, Store
+from daemon.store.sqlite import NewInvocation, Store
 from tests.daemon_proc import Daemon, free_port, until, write_config
 from tests.mosquitto import Mosquitto, running_broker
 from tests.test_retries import FLAKY, dispatching, final, flaky
 
-FUNCTIONS = Path(__file__).resolve().parent / "functions"
+FUNCTIONS = Path(__file__).resolve().parents[1] / "functions"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 V5 = aiomqtt.ProtocolVersion.V5
 

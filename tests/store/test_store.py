@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon import batches
-from daemon import store as store_module
 from daemon.errors import StoreUnavailableError
 from daemon.models import Outcome, Status
 from daemon.retry import Verdict
-from daemon.store import MIGRATIONS, NewInvocation, QueuedInvocation, Store, repeatable
+from daemon.store import batches
+from daemon.store import sqlite as store_module
+from daemon.store.sqlite import MIGRATIONS, NewInvocation, QueuedInvocation, Store, repeatable
 from tests.daemon_proc import until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NORMAL, FULL = 1, 2  # PRAGMA synchronous
 
 
@@ -634,7 +634,7 @@ PRODUCER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from daemon.store import NewInvocation, Store
+    from daemon.store.sqlite import NewInvocation, Store
 
     async def produce(store, n):
         for i in range(10**9):

@@ -19,12 +19,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.errors import StoreUnavailableError
-from daemon.health import StoreHealth
-from daemon.store import NewInvocation, Store
+from daemon.store.health import StoreHealth
+from daemon.store.sqlite import NewInvocation, Store
 from tests.daemon_proc import Daemon, free_port, running_daemon
 from tests.mosquitto import running_broker
 
-FUNCS = Path(__file__).resolve().parent / "functions"
+FUNCS = Path(__file__).resolve().parents[1] / "functions"
 
 
 @contextlib.contextmanager

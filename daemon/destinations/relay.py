@@ -1,4 +1,4 @@
-"""Delivers the outbox's mqtt: and webhook: destination records (daemon/outbox.py writes them).
+"""Delivers the outbox's mqtt: and webhook: destination records (daemon/destinations/routing.py writes them).
 
 Store and forward: a record stays in the outbox until its target has acknowledged it (the
 broker's PUBACK at QoS 1, an HTTP 2xx), so a target that is away for a day gets everything
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # paho loads only once an mqtt: destination has a record to send
-    from triggers.mqtt import MqttPublisher
+    from daemon.destinations.mqtt import MqttPublisher
 
 import asyncio
 import contextlib
@@ -35,10 +35,11 @@ import aiohttp
 import msgspec
 import structlog
 
-from daemon import outbox
 from daemon.config import Config
-from daemon.outbox import OutboxRow
-from daemon.store import Store
+from daemon.destinations import routing as outbox
+from daemon.destinations.routing import OutboxRow
+from daemon.errors import MqttPublishError
+from daemon.store.sqlite import Store
 
 log = structlog.get_logger("lambdaemon.destinations")
 
@@ -179,8 +180,6 @@ class OutboxRelay:
 
     async def _send(self, row: OutboxRow) -> None:
         if row.kind == "mqtt":
-            from triggers.mqtt import MqttPublishError
-
             try:
                 await self._mqtt().publish(row.target, row.record, message_id=row.idempotency_key)
             except MqttPublishError as exc:
@@ -192,7 +191,7 @@ class OutboxRelay:
         if self._publisher is None:
             if self._config.mqtt is None:  # the section went away after the record was made
                 raise _Retry("the config has no [mqtt] section")
-            from triggers.mqtt import MqttPublisher
+            from daemon.destinations.mqtt import MqttPublisher
 
             self._publisher = MqttPublisher(self._config, on_connected=self._mqtt_connected)
             self._spawn(self._publisher.run(), "mqtt-publisher")

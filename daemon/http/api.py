@@ -14,15 +14,15 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from daemon.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.config import Config, FunctionConfig, listen_host, read_secret
 from daemon.dispatcher import Dispatcher, UnknownFunctionError
 from daemon.errors import ListenError, QueueFullError, ShuttingDownError, StoreUnavailableError
-from daemon.health import STORE_HEALTH
-from daemon.idempotency import SyncResultCache
+from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
+from daemon.http.idempotency import SyncResultCache
+from daemon.http.wire import AnyRequest, FastRunner, FastSite, Handler, Router, WireRequest
 from daemon.models import Outcome, Status
-from daemon.store import Store
-from daemon.wire import AnyRequest, FastRunner, FastSite, Handler, Router, WireRequest
+from daemon.store.health import STORE_HEALTH
+from daemon.store.sqlite import Store
 
 log = structlog.get_logger("lambdaemon.api")
 
@@ -33,7 +33,7 @@ _INVOKE_PATH = re.compile(r"/2015-03-31/functions/([^/]+)/invocations")
 _json = msgspec.json.Encoder()
 
 SYNC_RESULTS: web.AppKey[SyncResultCache] = web.AppKey("sync_results", SyncResultCache)
-# What the API listener serves on daemon/wire.py's fast path (start_site's router).
+# What the API listener serves on daemon/http/wire.py's fast path (start_site's router).
 FAST_ROUTES: web.AppKey[Router] = web.AppKey("fast_routes")
 # The service's lifecycle for /health: a reason not to serve ("starting: ..."), or None.
 LIFECYCLE: web.AppKey[Callable[[], str | None]] = web.AppKey("lifecycle")
@@ -264,7 +264,7 @@ def _authorized(request: AnyRequest, expected: bytes) -> bool:
 
 
 def _api_router(token: bytes | None) -> Router:
-    """What daemon/wire.py serves on the API listener: Invoke calls by plain function name, and
+    """What daemon/http/wire.py serves on the API listener: Invoke calls by plain function name, and
     /health, so that a client that checks health first keeps its connection on the fast path."""
 
     def route(request: WireRequest) -> Handler | None:
@@ -304,7 +304,7 @@ async def start_site(app: web.Application, listen: str, key: str, *, drain_s: fl
                      router: Router | None = None, max_body_bytes: int = 0) -> web.AppRunner:
     """Serve `app` on `listen` inside our own lifecycle (not run_app: signals stay ours).
 
-    With a `router`, requests it takes are served on daemon/wire.py's fast path, bodies of up
+    With a `router`, requests it takes are served on daemon/http/wire.py's fast path, bodies of up
     to `max_body_bytes`; aiohttp serves the rest. On cleanup the listener stops accepting and
     in-flight requests get `drain_s` to finish.
     """

@@ -16,12 +16,12 @@ from structlog.testing import capture_logs
 
 from daemon.config import DaemonSettings
 from daemon.models import Outcome, Status
-from daemon.retention import MIB, Pruner
-from daemon.store import NewInvocation, Store
+from daemon.store.retention import MIB, Pruner
+from daemon.store.sqlite import NewInvocation, Store
 from tests.daemon_proc import running_daemon
 
 DAY = 86_400.0
-FUNCS = Path(__file__).resolve().parent / "functions"
+FUNCS = Path(__file__).resolve().parents[1] / "functions"
 
 
 @pytest.fixture

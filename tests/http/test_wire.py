@@ -1,4 +1,4 @@
-"""daemon/wire.py: the fast HTTP path and its hand-off to aiohttp, over real loopback sockets.
+"""daemon/http/wire.py: the fast HTTP path and its hand-off to aiohttp, over real loopback sockets.
 
 Which side answered shows in the `Server` header: aiohttp sends one, the fast path does not.
 """
@@ -14,8 +14,8 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from daemon.http import start_site
-from daemon.wire import FastSite, WireRequest
+from daemon.http.api import start_site
+from daemon.http.wire import FastSite, WireRequest
 
 MAX_BODY = 64 * 1024
 

@@ -12,7 +12,7 @@ commit flushes every earlier frame of the WAL with it, since the WAL is written 
 Bookkeeping that nobody waits on (an outcome, a retry) may also wait up to GROW_S for more
 writes before its batch commits, so that fewer, larger transactions carry it; any other write
 ends that wait as soon as it is queued (Store._next_batch). What runs in the
-database thread (a batch's transaction, migrations) is daemon/batches.py.
+database thread (a batch's transaction, migrations) is daemon/store/batches.py.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from daemon import records
-from daemon.batches import (
+from daemon.errors import StoreUnavailableError
+from daemon.models import FINAL_STATUSES, Outcome
+from daemon.store import records
+from daemon.store.batches import (
     BARRIER,
     BOOKKEEPING,
     BUSY_TIMEOUT_MS,
@@ -44,10 +46,8 @@ from daemon.batches import (
     repeatable,
     write,
 )
-from daemon.errors import StoreUnavailableError
-from daemon.migrations import MIGRATIONS
-from daemon.models import FINAL_STATUSES, Outcome
-from daemon.records import (
+from daemon.store.migrations import MIGRATIONS
+from daemon.store.records import (
     INTERRUPTED_ERROR_TYPE,
     INTERRUPTED_MESSAGE,
     Decide,
@@ -137,7 +137,7 @@ class Store:
 
         With `dead_letter` (a reason), the invocation is also marked dead-lettered.
         `extra_sql(conn)` runs after it, committed with it or not at all (destinations:
-        daemon/outbox.py; see repeatable()).
+        daemon/destinations/routing.py; see repeatable()).
         """
         _require_final(outcome)
         await self._write(records.finish, RELAXED | DEFERRABLE | flags_of(extra_sql), id=id,

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from daemon.store import Store
+from daemon.store.sqlite import Store
 from daemon.systemd import notify
 
 log = structlog.get_logger("lambdaemon.health")

@@ -13,7 +13,7 @@ from aiohttp import web
 from daemon.dispatcher import Dispatcher, UnknownFunctionError
 from daemon.errors import StoreUnavailableError
 from daemon.models import Status
-from daemon.store import Store
+from daemon.store.sqlite import Store
 
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)

@@ -1,8 +1,8 @@
 """The invocation record's rows and SQL. The functions below run in the store's database thread.
 
-daemon/store.py owns the connections and the group-commit writer and re-exports the row types.
+daemon/store/sqlite.py owns the connections and the group-commit writer and re-exports the row types.
 Each write here runs inside the writer's transaction, and may run a second time after that
-transaction was rolled back (daemon/batches.py): so it runs SQL and has no other effects.
+transaction was rolled back (daemon/store/batches.py): so it runs SQL and has no other effects.
 """
 
 from __future__ import annotations

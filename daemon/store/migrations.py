@@ -1,4 +1,4 @@
-"""The store's schema, one entry per version; daemon/store.py applies them in order.
+"""The store's schema, one entry per version; daemon/store/batches.py applies them in order.
 
 Append a new entry for every change; never edit one that has shipped.
 """
@@ -65,7 +65,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE attempts ADD COLUMN logs TEXT",
     ),
     # v3: destinations. `hops` counts the destination hops from the chain's first invocation,
-    # so a function that triggers itself is stopped (daemon/outbox.py). The outbox holds the
+    # so a function that triggers itself is stopped (daemon/destinations/routing.py). The outbox holds the
     # mqtt: and webhook: destination records until their target acknowledges them; a row is
     # written in the same transaction as the invocation's final record and deleted once
     # delivered, or kept as 'failed' when the target refused it for good. No foreign key:

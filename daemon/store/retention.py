@@ -39,7 +39,7 @@ import structlog
 from daemon.config import DaemonSettings
 from daemon.errors import StoreUnavailableError
 from daemon.models import FINAL_STATUSES
-from daemon.store import Store
+from daemon.store.sqlite import Store
 
 log = structlog.get_logger("lambdaemon.retention")
 

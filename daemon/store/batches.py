@@ -2,7 +2,7 @@
 
 A write (Write) is a call on the connection with flags saying what the writer may do with it.
 Batches runs a batch so that each write fails alone, in as few statements as it can; the
-asyncio side (queueing, group commit, who waits for what) is daemon/store.py.
+asyncio side (queueing, group commit, who waits for what) is daemon/store/sqlite.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from daemon import records
 from daemon.errors import StoreUnavailableError
-from daemon.migrations import MIGRATIONS
+from daemon.store import records
+from daemon.store.migrations import MIGRATIONS
 
 C = TypeVar("C", bound=Callable[..., Any])
 Op = Callable[[sqlite3.Connection], Any]
@@ -25,7 +25,7 @@ BUSY_TIMEOUT_MS = 5000
 _REPEATABLE = "_lambdaemon_repeatable"  # the attribute repeatable() sets on a callback
 
 # What the writer may do with a write (its flags):
-RELAXED = 1  # needs no fsync of its own (see daemon/store.py's docstring)
+RELAXED = 1  # needs no fsync of its own (see daemon/store/sqlite.py's docstring)
 REPEATABLE = 2  # may run again after its transaction was rolled back (see Batches)
 DEFERRABLE = 4  # relaxed, and nobody waits on its commit to go on: its batch may wait to grow
 BOOKKEEPING = RELAXED | REPEATABLE | DEFERRABLE
@@ -42,7 +42,7 @@ def repeatable(fn: C) -> C:
     """Mark `fn`, an `extra_sql` callback, safe to run again after its transaction rolled back.
 
     It must only run SQL on the connection, or else undo what it did before when it runs
-    again (as Router does in daemon/outbox.py): the writer may roll a batch back and run it
+    again (as Router does in daemon/destinations/routing.py): the writer may roll a batch back and run it
     again (see Batches). A write with an unmarked callback puts its whole batch on the slower
     path, one savepoint per op, where nothing runs twice. `fn` is a function or a partial.
     """

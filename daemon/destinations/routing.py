@@ -8,7 +8,7 @@ neither lose nor repeat a delivery:
 
 - `function:NAME` becomes a new queued async invocation (trigger `destination`, parent_id the
   source, event the record, hops + 1); after a crash the dispatcher resumes it like any other;
-- `mqtt:TOPIC` and `webhook:URL` become an outbox row, which daemon/destinations.py delivers
+- `mqtt:TOPIC` and `webhook:URL` become an outbox row, which daemon/destinations/relay.py delivers
   and deletes once the target acknowledged it (or marks failed when it refused it for good).
 
 A chain of functions that keeps triggering itself through destinations is stopped after
@@ -28,11 +28,11 @@ from typing import Any
 
 import msgspec
 
-from daemon import records
 from daemon.config import FunctionConfig, parse_destination
 from daemon.models import Status, new_id
-from daemon.records import NewInvocation, QueuedInvocation
-from daemon.store import repeatable
+from daemon.store import records
+from daemon.store.records import NewInvocation, QueuedInvocation
+from daemon.store.sqlite import repeatable
 
 SUCCESS = "Success"
 RECURSIVE_INVOCATION = "RecursiveInvocationException"
@@ -59,7 +59,7 @@ class Routed(msgspec.Struct, frozen=True):
 
 
 class OutboxRow(msgspec.Struct, frozen=True):
-    """A pending destination record, as daemon/destinations.py delivers it."""
+    """A pending destination record, as daemon/destinations/relay.py delivers it."""
 
     id: int
     invocation_id: str
@@ -237,7 +237,7 @@ def _embedded(raw: bytes | None) -> Any:
     return msgspec.Raw(raw)
 
 
-# --- the delivery side: run by daemon/destinations.py -------------------------------------------
+# --- the delivery side: run by daemon/destinations/relay.py -------------------------------------------
 
 DUE_SQL = (
     "SELECT id, invocation_id, attempt, kind, target, record, attempts FROM outbox"

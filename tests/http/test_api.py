@@ -14,7 +14,7 @@ import pytest
 
 from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
 
-FUNCS = Path(__file__).resolve().parent / "functions"
+FUNCS = Path(__file__).resolve().parents[1] / "functions"
 BODY = f"""
 [functions.echo]
 handler = "handler.handler"
@@ -49,7 +49,7 @@ async def test_api_sync_invoke_returns_result_and_headers(daemon: Daemon):
     assert headers["x-amzn-RequestId"] == result["request_id"]
     assert headers["X-Amz-Executed-Version"] == "$LATEST"
     assert "X-Amz-Function-Error" not in headers
-    # daemon/wire.py answered, on the connection the harness used for /health first
+    # daemon/http/wire.py answered, on the connection the harness used for /health first
     assert "Server" not in headers and headers["Date"].endswith(" GMT")
     record = await daemon.get(f"/v1/invocations/{result['request_id']}")
     assert record["status"] == "succeeded"

@@ -1,0 +1,10 @@
+"""The invocation store: the only part of lambdaemon that speaks SQL.
+
+- `sqlite.py`: `Store`, the one interface the rest of the daemon calls: connections, the
+  group-commit writer and every named query;
+- `batches.py`: how a batch of writes runs as one transaction in the database thread;
+- `records.py`: the invocation record's rows and statements;
+- `migrations.py`: the versioned schema, every table the daemon uses;
+- `retention.py`: pruning by age and size, so a small disk never fills;
+- `health.py`: whether the store can take writes now, for /health, the logs and systemd.
+"""
