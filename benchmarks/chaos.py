@@ -39,10 +39,15 @@ async def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lambdaemon-chaos-"))
     try:
         chaos = Chaos(
-            tmp, seconds=args.seconds, kills=args.kills, seed=args.seed,
-            mqtt_rate=args.mqtt_rate, webhook_rate=args.webhook_rate, files_rate=args.files_rate,
+            tmp,
+            seconds=args.seconds,
+            kills=args.kills,
+            seed=args.seed,
+            mqtt_rate=args.mqtt_rate,
+            webhook_rate=args.webhook_rate,
+            files_rate=args.files_rate,
             settle_timeout_s=60,
-        )  # fmt: skip
+        )
         report = await run_chaos(chaos)
     finally:
         if args.keep:
@@ -57,7 +62,7 @@ async def main() -> int:
             "webhook": args.webhook_rate,
             "files": args.files_rate,
             "cron": 1,
-        },  # fmt: skip
+        },
         "events": report.events,
         "events_total": sum(report.events.values()),
         "kills": len(report.kills),
@@ -80,13 +85,16 @@ async def main() -> int:
             "lost": report.lost,
             "duplicates": report.duplicates,
             "not_final": report.not_final[:50],
-        },  # fmt: skip
+        },
     }
     out = HERE / "results" / "chaos.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in results.items() if k not in ("kill_schedule", "details")},
-                     indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {k: v for k, v in results.items() if k not in ("kill_schedule", "details")}, indent=2
+        )
+    )
     print(report.summary())
     return 0 if report.ok else 1
 

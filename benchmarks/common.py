@@ -19,9 +19,18 @@ RESULTS = HERE / "results"
 def loadgen(url: str, connections: int, seconds: float) -> dict:
     """One closed-loop HTTP load run (benchmarks/loadgen.py: wrk when installed)."""
     out = subprocess.run(
-        [sys.executable, str(HERE / "loadgen.py"), url, "--connections", str(connections),
-         "--seconds", str(seconds)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            url,
+            "--connections",
+            str(connections),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -32,13 +41,15 @@ async def bare_aiohttp() -> AsyncIterator[str]:
     from tests.daemon_proc import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(HERE / "bare_aiohttp.py"), str(port)])
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "bare_aiohttp.py"), str(port)
+    )
     try:
         await wait_port(port)
         yield f"http://127.0.0.1:{port}/"
     finally:
         server.terminate()
-        server.wait()
+        await server.wait()
 
 
 async def wait_port(port: int) -> None:
@@ -52,8 +63,9 @@ async def wait_port(port: int) -> None:
                 await asyncio.sleep(0.05)  # polling for the listener, bounded by the timeout
 
 
-async def paired_rounds(url: str, baseline_url: str, connections: int, seconds: float,
-                        rounds: int) -> tuple[dict, dict, float]:
+async def paired_rounds(
+    url: str, baseline_url: str, connections: int, seconds: float, rounds: int
+) -> tuple[dict, dict, float]:
     """Load `url` and the baseline in alternation, `rounds` times each, with both servers up.
 
     This machine is shared and its speed drifts by tens of percent within a minute, so each
@@ -70,12 +82,15 @@ async def paired_rounds(url: str, baseline_url: str, connections: int, seconds: 
 
 
 def _medians(runs: list[dict]) -> dict:
-    out = {key: round(statistics.median(run[key] for run in runs), 2)
-           for key in ("rps", "p50_ms", "p99_ms")}
+    out = {
+        key: round(statistics.median(run[key] for run in runs), 2)
+        for key in ("rps", "p50_ms", "p99_ms")
+    }
     out["errors"] = sum(run["errors"] for run in runs)
     out["tool"] = runs[0]["tool"]
-    out["rounds"] = [{key: run[key] for key in ("rps", "p50_ms", "p99_ms", "requests")}
-                     for run in runs]
+    out["rounds"] = [
+        {key: run[key] for key in ("rps", "p50_ms", "p99_ms", "requests")} for run in runs
+    ]
     return out
 
 

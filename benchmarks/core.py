@@ -59,7 +59,10 @@ async def measure(daemon: Daemon, connections: int, seconds: float, rounds: int)
         status, _, _ = await daemon.invoke(f"cold{i}", {})
         colds.append((time.perf_counter() - started) * 1000)
         assert status == 200
-    results["cold_start_ms"] = {"p50": round(statistics.median(colds), 1), "max": round(max(colds), 1)}
+    results["cold_start_ms"] = {
+        "p50": round(statistics.median(colds), 1),
+        "max": round(max(colds), 1),
+    }
 
     # sequential warm round trips
     await daemon.invoke("noop", {})
@@ -69,20 +72,27 @@ async def measure(daemon: Daemon, connections: int, seconds: float, rounds: int)
         await daemon.invoke("noop", {})
         trips.append((time.perf_counter() - started) * 1000)
     trips.sort()
-    results["warm_round_trip_ms"] = {"p50": round(statistics.median(trips), 3), "p99": round(trips[494], 3)}
+    results["warm_round_trip_ms"] = {
+        "p50": round(statistics.median(trips), 3),
+        "p99": round(trips[494], 3),
+    }
 
     # idle RSS: the daemon and one warm worker of noop (fresh daemon state is not needed)
     _, _, body = await daemon.invoke("noop", {})
     worker_pid = json.loads(body)["pid"]
     results["idle_rss_mb"] = {
-        "daemon": round(rss_mb(daemon.proc.pid), 1), "worker": round(rss_mb(worker_pid), 1),
+        "daemon": round(rss_mb(daemon.proc.pid), 1),
+        "worker": round(rss_mb(worker_pid), 1),
     }
     results["idle_rss_mb"]["total"] = round(sum(results["idle_rss_mb"].values()), 1)
 
     url = f"{daemon.base}/2015-03-31/functions/noop/invocations"
     async with bare_aiohttp() as baseline:
-        results["invoke_api"], results["bare_aiohttp"], results["ratio_vs_bare"] = (
-            await paired_rounds(url, baseline, connections, seconds, rounds))
+        (
+            results["invoke_api"],
+            results["bare_aiohttp"],
+            results["ratio_vs_bare"],
+        ) = await paired_rounds(url, baseline, connections, seconds, rounds)
     unqueued = await asyncio.to_thread(loadgen, url, CONCURRENCY, seconds)
     results["invoke_api_4_connections"] = {k: unqueued[k] for k in ("rps", "p50_ms", "p99_ms")}
     return results

@@ -43,11 +43,16 @@ async def main() -> None:
         finally:
             await daemon.close()
     delays = sorted(
-        (datetime.fromisoformat(r["started_at"]) - datetime.fromisoformat(r["event"]["time"])).total_seconds() * 1000
-        for r in rows if r.get("started_at")
+        (
+            datetime.fromisoformat(r["started_at"]) - datetime.fromisoformat(r["event"]["time"])
+        ).total_seconds()
+        * 1000
+        for r in rows
+        if r.get("started_at")
     )
     results = {
-        "fires": len(delays), "seconds": args.seconds,
+        "fires": len(delays),
+        "seconds": args.seconds,
         "delay_ms": spread_ms(delays),
     }
     results["targets"] = {"p99 <= 20 ms": results["delay_ms"]["p99"] <= 20}

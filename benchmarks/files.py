@@ -35,7 +35,7 @@ async def main() -> None:
         staging.mkdir()
         body = (
             f'[functions.noop]\nhandler = "handler.handler"\ncode = "{HERE / "functions" / "noop"}"\n'
-            f'concurrency = 4\nmin_warm = 4\n'
+            f"concurrency = 4\nmin_warm = 4\n"
             f'[[functions.noop.triggers]]\ntype = "files"\npath = "{inbox}"\npattern = "*.dat"\n'
         )
         daemon = Daemon(write_config(tmp_path, body))
@@ -58,7 +58,8 @@ async def main() -> None:
         for r in records
     )
     results = {
-        "files": len(delays), "gap_ms": args.gap_ms,
+        "files": len(delays),
+        "gap_ms": args.gap_ms,
         "delay_ms": spread_ms(delays),
     }
     results["targets"] = {"p50 <= 100 ms": results["delay_ms"]["p50"] <= 100}

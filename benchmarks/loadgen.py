@@ -23,13 +23,17 @@ import time
 import aiohttp
 
 
-async def run(url: str, connections: int, seconds: float, body: bytes | None, headers: dict[str, str]) -> dict:
+async def run(
+    url: str, connections: int, seconds: float, body: bytes | None, headers: dict[str, str]
+) -> dict:
     latencies: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(limit=connections, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         # one warm-up round so connection set-up isn't measured
-        await asyncio.gather(*(session.post(url, data=body, headers=headers) for _ in range(connections)))
+        await asyncio.gather(
+            *(session.post(url, data=body, headers=headers) for _ in range(connections))
+        )
         deadline = time.perf_counter() + seconds
 
         async def client() -> None:
@@ -50,7 +54,9 @@ async def run(url: str, connections: int, seconds: float, body: bytes | None, he
         elapsed = time.perf_counter() - began
     latencies.sort()
     return {
-        "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 3),
         "rps": round(len(latencies) / elapsed, 1),
         "p50_ms": round(statistics.median(latencies) * 1000, 3),
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3),
@@ -60,15 +66,28 @@ async def run(url: str, connections: int, seconds: float, body: bytes | None, he
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def run_wrk(url: str, connections: int, seconds: float, body: bytes, headers: dict[str, str]) -> dict:
+def run_wrk(
+    url: str, connections: int, seconds: float, body: bytes, headers: dict[str, str]
+) -> dict:
     lua = "wrk.method = 'POST'\nwrk.body = " + json.dumps(body.decode()) + "\n"
     lua += "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(lua)
         script.flush()
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script.name, url],
-            capture_output=True, text=True, check=True,
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
 
     def latency(pct: str) -> float:
@@ -79,10 +98,14 @@ def run_wrk(url: str, connections: int, seconds: float, body: bytes, headers: di
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: .*", out)
     return {
-        "tool": "wrk", "requests": int(requests), "errors": int(errors.group(1)) if errors else 0,
+        "tool": "wrk",
+        "requests": int(requests),
+        "errors": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(0) if socket_errors else None,
-        "seconds": float(elapsed), "rps": round(int(requests) / float(elapsed), 1),
-        "p50_ms": latency(50), "p99_ms": latency(99),
+        "seconds": float(elapsed),
+        "rps": round(int(requests) / float(elapsed), 1),
+        "p50_ms": latency(50),
+        "p99_ms": latency(99),
     }
 
 
@@ -93,13 +116,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--body", default="{}")
     parser.add_argument("--header", action="append", default=[])
-    parser.add_argument("--python", action="store_true", help="use the Python client even if wrk exists")
+    parser.add_argument(
+        "--python", action="store_true", help="use the Python client even if wrk exists"
+    )
     args = parser.parse_args()
     headers = dict(h.split(":", 1) for h in args.header)
     if shutil.which("wrk") and not args.python:
         result = run_wrk(args.url, args.connections, args.seconds, args.body.encode(), headers)
     else:
-        result = asyncio.run(run(args.url, args.connections, args.seconds, args.body.encode(), headers))
+        result = asyncio.run(
+            run(args.url, args.connections, args.seconds, args.body.encode(), headers)
+        )
         result["tool"] = "python"
     print(json.dumps(result))
 

@@ -32,7 +32,7 @@ async def main() -> None:
     body = (
         f'[webhooks]\nlisten = "127.0.0.1:{port}"\n'
         f'[functions.noop]\nhandler = "handler.handler"\ncode = "{HERE / "functions" / "noop"}"\n'
-        'concurrency = 4\nqueue_size = 1000\n'
+        "concurrency = 4\nqueue_size = 1000\n"
         '[[functions.noop.triggers]]\ntype = "webhook"\npath = "/hooks/noop"\nmode = "sync"\n'
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,16 +42,22 @@ async def main() -> None:
             url = f"http://127.0.0.1:{port}/hooks/noop"
             await asyncio.to_thread(loadgen, url, 4, 1)  # warm the workers
             async with bare_aiohttp() as baseline:
-                webhook, bare, ratio = await paired_rounds(url, baseline, args.connections,
-                                                           args.seconds, args.rounds)
+                webhook, bare, ratio = await paired_rounds(
+                    url, baseline, args.connections, args.seconds, args.rounds
+                )
             unqueued = await asyncio.to_thread(loadgen, url, 4, args.seconds)
         finally:
             await daemon.close()
     results = {
-        "webhook_sync": webhook, "bare_aiohttp": bare, "ratio_vs_bare": ratio,
+        "webhook_sync": webhook,
+        "bare_aiohttp": bare,
+        "ratio_vs_bare": ratio,
         "webhook_sync_4_connections": {k: unqueued[k] for k in ("rps", "p50_ms", "p99_ms")},
     }
-    results["targets"] = {"ratio >= 0.3": results["ratio_vs_bare"] >= 0.3, "p99 <= 10 ms": webhook["p99_ms"] <= 10}
+    results["targets"] = {
+        "ratio >= 0.3": results["ratio_vs_bare"] >= 0.3,
+        "p99 <= 10 ms": webhook["p99_ms"] <= 10,
+    }
     report("webhook", results)
 
 

@@ -46,21 +46,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $LAMBDAEMON_CONFIG, else config/example.toml)")
+    common.add_argument(
+        "--config", help="config file (default: $LAMBDAEMON_CONFIG, else config/example.toml)"
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser = argparse.ArgumentParser(prog="lambdaemon", description="A Lambda-grade function runtime for edge hardware.")
+    parser = argparse.ArgumentParser(
+        prog="lambdaemon", description="A Lambda-grade function runtime for edge hardware."
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(command=cmd_run)
-    sub.add_parser("check", parents=[common], help="validate the config and exit").set_defaults(command=cmd_check)
-    sub.add_parser("reload", parents=[common],
-                   help="make the running daemon re-read its config file (as SIGHUP does)",
-                   ).set_defaults(command=cmd_reload)
-    p = sub.add_parser("invoke", parents=[common], help="invoke a function through the running daemon")
+    sub.add_parser("check", parents=[common], help="validate the config and exit").set_defaults(
+        command=cmd_check
+    )
+    sub.add_parser(
+        "reload",
+        parents=[common],
+        help="make the running daemon re-read its config file (as SIGHUP does)",
+    ).set_defaults(command=cmd_reload)
+    p = sub.add_parser(
+        "invoke", parents=[common], help="invoke a function through the running daemon"
+    )
     p.add_argument("name")
-    p.add_argument("payload", nargs="?", default="{}", help="event JSON, or - to read it from stdin")
-    p.add_argument("--async", dest="is_async", action="store_true", help="queue it (Event) and print the id")
+    p.add_argument(
+        "payload", nargs="?", default="{}", help="event JSON, or - to read it from stdin"
+    )
+    p.add_argument(
+        "--async", dest="is_async", action="store_true", help="queue it (Event) and print the id"
+    )
     p.set_defaults(command=cmd_invoke)
-    sub.add_parser("functions", parents=[common], help="list functions").set_defaults(command=cmd_functions)
+    sub.add_parser("functions", parents=[common], help="list functions").set_defaults(
+        command=cmd_functions
+    )
     p = sub.add_parser("invocations", parents=[common], help="list recent invocations")
     p.add_argument("--function")
     p.add_argument("--status")
@@ -69,8 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", parents=[common], help="show one invocation in full")
     p.add_argument("id")
     p.set_defaults(command=cmd_show)
-    p = sub.add_parser("replay", parents=[common],
-                       help="run a recorded invocation's event again, as a new async invocation")
+    p = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="run a recorded invocation's event again, as a new async invocation",
+    )
     p.add_argument("id")
     p.set_defaults(command=cmd_replay)
     _dlq_parser(sub, common)
@@ -89,8 +108,9 @@ def _dlq_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = actions.add_parser("show", parents=[common], help="show one dead letter in full")
     p.add_argument("id")
     p.set_defaults(command=cmd_dlq_show)
-    p = actions.add_parser("redrive", parents=[common],
-                           help="queue dead letters again with a fresh retry budget")
+    p = actions.add_parser(
+        "redrive", parents=[common], help="queue dead letters again with a fresh retry budget"
+    )
     p.add_argument("ids", nargs="*", metavar="ID")
     p.add_argument("--all", action="store_true", help="every dead letter (of --function)")
     p.add_argument("--function", help="with --all: only this function's")
@@ -102,9 +122,12 @@ def _dlq_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps({"config": config.path, "ok": True, "functions": sorted(config.functions)}))
+        print(
+            json.dumps({"config": config.path, "ok": True, "functions": sorted(config.functions)})
+        )
     else:
-        print(f"{config.path}: ok ({len(config.functions)} functions: {', '.join(sorted(config.functions))})")
+        names = ", ".join(sorted(config.functions))
+        print(f"{config.path}: ok ({len(config.functions)} functions: {names})")
     return 0
 
 
@@ -190,8 +213,13 @@ class ApiError(Exception):
     pass
 
 
-def _request(config: Config, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def _request(
+    config: Config,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     host, port = config.api.listen.rsplit(":", 1)
     host = host.strip("[]")
     if host in ("0.0.0.0", "::", ""):
@@ -199,7 +227,9 @@ def _request(config: Config, method: str, path: str, body: bytes | None = None,
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{path}"
     headers = dict(headers or {})
     if config.api.token_file:
-        headers["Authorization"] = "Bearer " + read_secret(config, config.api.token_file, "api.token_file")
+        headers["Authorization"] = "Bearer " + read_secret(
+            config, config.api.token_file, "api.token_file"
+        )
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=960) as resp:
@@ -208,7 +238,9 @@ def _request(config: Config, method: str, path: str, body: bytes | None = None,
         return exc.code, dict(exc.headers), exc.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ApiError(f"cannot reach the daemon at {url}: {reason} (is `lambdaemon run` running?)") from None
+        raise ApiError(
+            f"cannot reach the daemon at {url}: {reason} (is `lambdaemon run` running?)"
+        ) from None
 
 
 def _get_json(config: Config, path: str) -> Any:
@@ -233,7 +265,11 @@ def cmd_invoke(config: Config, args: argparse.Namespace) -> int:
         print(f"lambdaemon: {headers.get('x-amzn-ErrorType', status)}: {message}", file=sys.stderr)
         return 1
     if args.is_async:
-        print(json.dumps({"invocation_id": request_id, "status": "queued"}) if args.json else request_id)
+        print(
+            json.dumps({"invocation_id": request_id, "status": "queued"})
+            if args.json
+            else request_id
+        )
         return 0
     print(body.decode("utf-8", "replace"))
     if "X-Amz-Function-Error" in headers:
@@ -248,7 +284,11 @@ def cmd_functions(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     columns = ["name", "handler", "timeout_s", "memory_mb", "concurrency", "running", "backlog"]
-    _print_table(rows, columns, extra=lambda r: {"triggers": ",".join(t["type"] for t in r["triggers"]) or "-"})
+    _print_table(
+        rows,
+        columns,
+        extra=lambda r: {"triggers": ",".join(t["type"] for t in r["triggers"]) or "-"},
+    )
     return 0
 
 
@@ -262,7 +302,19 @@ def cmd_invocations(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    _print_table(rows, ["id", "function", "trigger", "status", "attempt", "queued_at", "duration_ms", "error_type"])
+    _print_table(
+        rows,
+        [
+            "id",
+            "function",
+            "trigger",
+            "status",
+            "attempt",
+            "queued_at",
+            "duration_ms",
+            "error_type",
+        ],
+    )
     return 0
 
 
@@ -286,8 +338,10 @@ def _show(config: Config, args: argparse.Namespace, path: str) -> int:
     attempts = record.get("attempts") or []
     if len(attempts) > 1:  # a retried invocation: what each attempt came to
         print("            attempts:")
-        _print_table(attempts, ["attempt", "status", "started_at", "duration_ms", "error_type",
-                                "error_message"])  # fmt: skip
+        _print_table(
+            attempts,
+            ["attempt", "status", "started_at", "duration_ms", "error_type", "error_message"],
+        )
     if logs:
         print("                logs:")
         for line in logs.splitlines():
@@ -310,8 +364,18 @@ def cmd_dlq_list(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    _print_table(rows, ["id", "function", "status", "dead_letter_reason", "attempt",
-                        "dead_lettered_at", "error_type"])  # fmt: skip
+    _print_table(
+        rows,
+        [
+            "id",
+            "function",
+            "status",
+            "dead_letter_reason",
+            "attempt",
+            "dead_lettered_at",
+            "error_type",
+        ],
+    )
     return 0
 
 
@@ -335,8 +399,10 @@ def cmd_dlq_redrive(config: Config, args: argparse.Namespace) -> int:
         for invocation_id in data["redriven"]:
             print(invocation_id)
         for invocation_id in data["not_redriven"]:
-            print(f"lambdaemon: {invocation_id} is not a dead letter of a configured function",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"lambdaemon: {invocation_id} is not a dead letter of a configured function",
+                file=sys.stderr,
+            )
     return 1 if data["not_redriven"] else 0
 
 
@@ -357,7 +423,9 @@ def _print_table(rows: list[dict], columns: list[str], extra: Any = None) -> Non
         merged = {**row, **(extra(row) if extra else {})}
         table.append([_cell(merged.get(c)) for c in columns + (["triggers"] if extra else [])])
     header = [c.upper() for c in columns + (["triggers"] if extra else [])]
-    widths = [max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(header)
+    ]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

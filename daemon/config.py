@@ -28,10 +28,18 @@ HANDLER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 # The platform sets these in every worker; a function's env may not override them.
 RESERVED_ENV = frozenset(
     {
-        "_HANDLER", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR", "AWS_LAMBDA_FUNCTION_NAME",
-        "AWS_LAMBDA_FUNCTION_VERSION", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-        "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_REGION",
-        "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "NOTIFY_SOCKET",
+        "_HANDLER",
+        "LAMBDA_TASK_ROOT",
+        "LAMBDA_RUNTIME_DIR",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_EXECUTION_ENV",
+        "NOTIFY_SOCKET",
     }
 )
 
@@ -244,13 +252,19 @@ def _convert(raw: object, kind: type, path: Path, prefix: str):
     if isinstance(raw, dict) and isinstance(raw.get("env"), dict):
         for env_key, value in raw["env"].items():  # msgspec would say env[...]; name the key
             if not isinstance(value, str):
-                raise ConfigError(path, f"{prefix}.env.{env_key}", f"must be a string, got {value!r}")
+                raise ConfigError(
+                    path, f"{prefix}.env.{env_key}", f"must be a string, got {value!r}"
+                )
     try:
         return msgspec.convert(raw, kind, str_keys=True)
     except msgspec.ValidationError as exc:
         key, reason = _split_msgspec_error(str(exc))
         if key.endswith("type") and reason.startswith("Invalid value"):
-            choices = "none, token, basic, hmac" if key.endswith("auth.type") else "cron, mqtt, files, webhook"
+            choices = (
+                "none, token, basic, hmac"
+                if key.endswith("auth.type")
+                else "cron, mqtt, files, webhook"
+            )
             reason = f"unknown type {reason.removeprefix('Invalid value ')} (one of: {choices})"
         if prefix and key:
             key = f"{prefix}{'' if key.startswith('[') else '.'}{key}"
@@ -278,7 +292,9 @@ def _validate(config: Config) -> Config:
         raise ConfigError(path, "daemon.event_loop", "uvloop is not installed (pip install uvloop)")
     if not is_loopback(config.api.listen):
         if config.api.token_file is None:
-            raise ConfigError(path, "api.token_file", "required when api.listen is not a loopback address")
+            raise ConfigError(
+                path, "api.token_file", "required when api.listen is not a loopback address"
+            )
     if config.api.token_file is not None:
         read_secret(config, config.api.token_file, "api.token_file")
     if config.webhooks is not None:
@@ -306,11 +322,16 @@ def _check_unique_routes(config: Config) -> None:
             for method in trigger.methods:
                 other = seen.setdefault((trigger.path, method), key)
                 if other != key:
-                    raise ConfigError(config.path, f"{key}.path",
-                                      f"{method} {trigger.path} is already routed by {other}")
+                    raise ConfigError(
+                        config.path,
+                        f"{key}.path",
+                        f"{method} {trigger.path} is already routed by {other}",
+                    )
 
 
-def _validate_function(config: Config, name: str, fn: FunctionConfig, functions_dir: Path) -> FunctionConfig:
+def _validate_function(
+    config: Config, name: str, fn: FunctionConfig, functions_dir: Path
+) -> FunctionConfig:
     path, key = config.path, f"functions.{name}"
     if not FUNCTION_NAME.match(name):
         raise ConfigError(path, key, "function names are 1-64 letters, digits, '-' or '_'")
@@ -320,19 +341,30 @@ def _validate_function(config: Config, name: str, fn: FunctionConfig, functions_
         raise ConfigError(path, what, f"code folder {code} does not exist")
     check_handler(code, fn.handler, path, f"{key}.handler")
     if fn.min_warm > fn.concurrency:
-        raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than concurrency = {fn.concurrency}")
+        raise ConfigError(
+            path, f"{key}.min_warm", f"{fn.min_warm} is more than concurrency = {fn.concurrency}"
+        )
     if fn.min_warm > config.daemon.max_workers:
         raise ConfigError(path, f"{key}.min_warm", f"{fn.min_warm} is more than daemon.max_workers")
     if fn.max_worker_rss_mb > fn.memory_mb:
-        raise ConfigError(path, f"{key}.max_worker_rss_mb", f"{fn.max_worker_rss_mb} is more than "
-                          f"memory_mb = {fn.memory_mb}: the memory limit stops the worker first")
+        raise ConfigError(
+            path,
+            f"{key}.max_worker_rss_mb",
+            f"{fn.max_worker_rss_mb} is more than "
+            f"memory_mb = {fn.memory_mb}: the memory limit stops the worker first",
+        )
     first_s, cap_s = fn.retry_backoff_s
     if first_s > cap_s:
-        raise ConfigError(path, f"{key}.retry_backoff_s",
-                          f"the first delay ({first_s:g} s) is more than the cap ({cap_s:g} s)")
+        raise ConfigError(
+            path,
+            f"{key}.retry_backoff_s",
+            f"the first delay ({first_s:g} s) is more than the cap ({cap_s:g} s)",
+        )
     for env_key in fn.env:
         if env_key in RESERVED_ENV or env_key.startswith("AWS_LAMBDA_"):
-            raise ConfigError(path, f"{key}.env.{env_key}", "reserved by the runtime; choose another name")
+            raise ConfigError(
+                path, f"{key}.env.{env_key}", "reserved by the runtime; choose another name"
+            )
         if not env_key or "=" in env_key or "\0" in env_key:
             raise ConfigError(path, f"{key}.env.{env_key}", "not a valid environment variable name")
     for i, trigger in enumerate(fn.triggers):
@@ -349,7 +381,9 @@ def _validate_trigger(config: Config, trigger: TriggerConfig, key: str) -> None:
         try:
             zoneinfo.ZoneInfo(trigger.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(path, f"{key}.timezone", f"unknown time zone {trigger.timezone!r}") from None
+            raise ConfigError(
+                path, f"{key}.timezone", f"unknown time zone {trigger.timezone!r}"
+            ) from None
         from triggers.cron import parse_schedule  # apscheduler lives in triggers/cron.py only
 
         try:
@@ -360,11 +394,16 @@ def _validate_trigger(config: Config, trigger: TriggerConfig, key: str) -> None:
         if config.mqtt is None:
             raise ConfigError(path, key, "an mqtt trigger needs an [mqtt] section")
         if not valid_topic_filter(trigger.topic):
-            raise ConfigError(path, f"{key}.topic", f"{trigger.topic!r} is not a valid MQTT topic filter")
+            raise ConfigError(
+                path, f"{key}.topic", f"{trigger.topic!r} is not a valid MQTT topic filter"
+            )
     elif isinstance(trigger, FilesTriggerConfig):
         if "/" in trigger.pattern or not trigger.pattern:
-            raise ConfigError(path, f"{key}.pattern",
-                              f"{trigger.pattern!r}: a pattern matches file names, not paths")
+            raise ConfigError(
+                path,
+                f"{key}.pattern",
+                f"{trigger.pattern!r}: a pattern matches file names, not paths",
+            )
         folder = config.resolve(trigger.path)
         if folder.exists() and not folder.is_dir():
             raise ConfigError(path, f"{key}.path", f"{folder} exists and is not a folder")
@@ -443,7 +482,10 @@ def check_handler(code: Path, handler: str, path: str, key: str) -> None:
 
 def _defines(tree: ast.Module, attr: str) -> bool:
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == attr:
+        if (
+            isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and node.name == attr
+        ):
             return True
         if isinstance(node, ast.Assign | ast.AnnAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -468,7 +510,11 @@ def read_secret(config: Config, value: str, key: str) -> str:
     if value.startswith("credential:"):
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
-            raise ConfigError(config.path, key, f"{value!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+            raise ConfigError(
+                config.path,
+                key,
+                f"{value!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)",
+            )
         file = Path(directory) / value.removeprefix("credential:")
     else:
         file = config.resolve(value)

@@ -74,7 +74,11 @@ class Dispatcher:
     """Owns the path from an accepted event to its final record; made on the loop it serves."""
 
     def __init__(
-        self, store: Store, pool: WorkerPool, functions: Mapping[str, FunctionConfig], *,
+        self,
+        store: Store,
+        pool: WorkerPool,
+        functions: Mapping[str, FunctionConfig],
+        *,
         on_outbox: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
@@ -114,13 +118,20 @@ class Dispatcher:
         router = Router(self._function_of)
         recovery = await self._store.recover(now, self._recovery_policy(now), router)
         for invocation_id, reason in recovery.dead_lettered:
-            log.warning("invocation_dead_lettered", invocation_id=invocation_id, reason=reason,
-                        status=Status.CRASHED.value)  # fmt: skip
+            log.warning(
+                "invocation_dead_lettered",
+                invocation_id=invocation_id,
+                reason=reason,
+                status=Status.CRASHED.value,
+            )
         self._routed(router, enqueue=False)  # its new invocations are queued rows: loaded below
         resumed, orphaned = await self._resume_queued()
         log.info(
-            "dispatcher_recovered", resumed=resumed, requeued_after_crash=len(recovery.requeued),
-            crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered),
+            "dispatcher_recovered",
+            resumed=resumed,
+            requeued_after_crash=len(recovery.requeued),
+            crashed=len(recovery.crashed),
+            dead_lettered=len(recovery.dead_lettered),
             retrying=sum(len(lane.retry_timers) for lane in self._lanes.values()),
             orphaned=orphaned,
         )
@@ -131,8 +142,9 @@ class Dispatcher:
             lane = self._lanes.get(function)
             if lane is None:  # stays queued, and runs if the function is configured again
                 return Verdict(next_attempt_at=now)
-            return after_failure(lane.fn, attempt=attempt, retry_base=retry_base,
-                                 age_from=age_from, now=now)  # fmt: skip
+            return after_failure(
+                lane.fn, attempt=attempt, retry_base=retry_base, age_from=age_from, now=now
+            )
 
         return decide
 
@@ -141,9 +153,7 @@ class Dispatcher:
         if lane is None:
             log.warning("invocation_orphaned", invocation_id=row.id, function=row.function)
             return False
-        item = Backlogged(
-            row.id, row.event, row.attempt, row.trigger, row.retry_base, row.age_from
-        )
+        item = Backlogged(row.id, row.event, row.attempt, row.trigger, row.retry_base, row.age_from)
         if row.next_attempt_at is not None and row.next_attempt_at > time.time():
             lane.push_at(item, row.next_attempt_at)
         else:
@@ -168,8 +178,9 @@ class Dispatcher:
             # Running, in a backlog or on a retry timer: a second copy would run it twice.
             held = self._in_flight | self._lanes.holding(functions) if functions else set()
             for row in page:
-                if functions is not None and (row.function not in functions
-                                              or row.queued_at >= opened_at or row.id in held):
+                if functions is not None and (
+                    row.function not in functions or row.queued_at >= opened_at or row.id in held
+                ):
                     continue
                 if self._enqueue(row):
                     resumed += 1
@@ -194,8 +205,14 @@ class Dispatcher:
     # --- intake -------------------------------------------------------------------------------
 
     async def __call__(
-        self, function: str, event: Any, *, trigger: str, trigger_id: str,
-        dedupe_key: str | None = None, extra_sql: Callable[..., None] | None = None,
+        self,
+        function: str,
+        event: Any,
+        *,
+        trigger: str,
+        trigger_id: str,
+        dedupe_key: str | None = None,
+        extra_sql: Callable[..., None] | None = None,
         parent_id: str | None = None,
     ) -> Accepted:
         """Emit: commit an asynchronous invocation, then hand it to its lane."""
@@ -204,22 +221,36 @@ class Dispatcher:
             raise UnknownFunctionError(function)
         body = to_json(event)
         inv = NewInvocation(
-            id=new_id(), function=function, function_version=lane.fn.version,
-            trigger=trigger, invocation_type="async", event=body, queued_at=time.time(),
-            trigger_id=trigger_id, dedupe_key=dedupe_key, parent_id=parent_id,
+            id=new_id(),
+            function=function,
+            function_version=lane.fn.version,
+            trigger=trigger,
+            invocation_type="async",
+            event=body,
+            queued_at=time.time(),
+            trigger_id=trigger_id,
+            dedupe_key=dedupe_key,
+            parent_id=parent_id,
         )
         invocation_id, created = await self._store.insert(inv, extra_sql)
         if created:
-            log.debug("invocation_queued", invocation_id=invocation_id, function=function,
-                      trigger=trigger)  # fmt: skip
+            log.debug(
+                "invocation_queued", invocation_id=invocation_id, function=function, trigger=trigger
+            )
             lane.push(Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at))
         return Accepted(invocation_id=invocation_id, created=created)
 
     accept = __call__
 
     async def invoke_sync(
-        self, function: str, event: bytes, *, trigger: str, invoked_arn: str | None = None,
-        client_context: str | None = None, trigger_id: str | None = None,
+        self,
+        function: str,
+        event: bytes,
+        *,
+        trigger: str,
+        invoked_arn: str | None = None,
+        client_context: str | None = None,
+        trigger_id: str | None = None,
         invocation_id: str | None = None,
     ) -> tuple[str, Outcome]:
         """Run one synchronous invocation and return (id, outcome); the caller owns retries.
@@ -233,9 +264,17 @@ class Dispatcher:
         await lane.acquire_sync_slot()
         invocation_id = invocation_id or new_id()
         inv = NewInvocation(
-            id=invocation_id, function=function, function_version=lane.fn.version,
-            trigger=trigger, invocation_type="sync", event=event, queued_at=time.time(),
-            trigger_id=trigger_id, status=Status.RUNNING, attempt=1, started_at=time.time(),
+            id=invocation_id,
+            function=function,
+            function_version=lane.fn.version,
+            trigger=trigger,
+            invocation_type="sync",
+            event=event,
+            queued_at=time.time(),
+            trigger_id=trigger_id,
+            status=Status.RUNNING,
+            attempt=1,
+            started_at=time.time(),
         )
         # Most sync calls finish in milliseconds: they are written once, finished. A call
         # still running after VISIBLE_AFTER_S gets its `running` row, so it shows up
@@ -245,10 +284,12 @@ class Dispatcher:
             VISIBLE_AFTER_S, lambda: running.append(self._store.insert_nowait(inv))
         )
         try:
-            request = InvokeRequest(invocation_id, event, invoked_arn or lane.fn.arn,
-                                    client_context)
-            run = self._spawn(self._run_sync(lane.fn, inv, request, visible, running),
-                              self._running)
+            request = InvokeRequest(
+                invocation_id, event, invoked_arn or lane.fn.arn, client_context
+            )
+            run = self._spawn(
+                self._run_sync(lane.fn, inv, request, visible, running), self._running
+            )
             try:
                 outcome = await run  # cancelling the caller cancels the run too
             except asyncio.CancelledError:
@@ -263,16 +304,26 @@ class Dispatcher:
             lane.release()
 
     async def _run_sync(
-        self, fn: FunctionConfig, inv: NewInvocation, request: InvokeRequest,
-        visible: asyncio.TimerHandle, running: list[asyncio.Future[Any]],
+        self,
+        fn: FunctionConfig,
+        inv: NewInvocation,
+        request: InvokeRequest,
+        visible: asyncio.TimerHandle,
+        running: list[asyncio.Future[Any]],
     ) -> Outcome:
         try:
             outcome = await self._run(fn, request, attempt=1, on_start=None)
         except asyncio.CancelledError:
             visible.cancel()
             outcome = self._interrupted(inv.started_at or inv.queued_at)
-            log.warning("invocation_interrupted", invocation_id=inv.id, function=fn.name,
-                        attempt=1, invocation_type="sync", error_message=outcome.error_message)
+            log.warning(
+                "invocation_interrupted",
+                invocation_id=inv.id,
+                function=fn.name,
+                attempt=1,
+                invocation_type="sync",
+                error_message=outcome.error_message,
+            )
             # Shielded: recorded as crashed, not left `running` (or missing) for the next start.
             await asyncio.shield(self._record_sync(inv, running[0] if running else None, outcome))
             raise
@@ -329,8 +380,12 @@ class Dispatcher:
         """
         rows = await self._store.redrive(ids, function, list(self._lanes))
         for row in rows:
-            log.info("invocation_redriven", invocation_id=row.id, function=row.function,
-                     attempt=row.attempt)  # fmt: skip
+            log.info(
+                "invocation_redriven",
+                invocation_id=row.id,
+                function=row.function,
+                attempt=row.attempt,
+            )
             self._enqueue(row)
         return [row.id for row in rows]
 
@@ -345,11 +400,18 @@ class Dispatcher:
         if record is None:
             raise KeyError(invocation_id)
         accepted = await self.accept(
-            record["function"], bytes(record["event"]), trigger="replay",
-            trigger_id=record["trigger_id"] or record["trigger"], parent_id=invocation_id,
+            record["function"],
+            bytes(record["event"]),
+            trigger="replay",
+            trigger_id=record["trigger_id"] or record["trigger"],
+            parent_id=invocation_id,
         )
-        log.info("invocation_replayed", invocation_id=accepted.invocation_id,
-                 parent_id=invocation_id, function=record["function"])  # fmt: skip
+        log.info(
+            "invocation_replayed",
+            invocation_id=accepted.invocation_id,
+            parent_id=invocation_id,
+            function=record["function"],
+        )
         return accepted
 
     # --- lanes --------------------------------------------------------------------------------
@@ -374,9 +436,11 @@ class Dispatcher:
             if item.attempt > item.retry_base and too_old(fn, item.age_from, time.time()):
                 # A retry that came due too late (the daemon was down, or the lane was busy).
                 router = Router(self._function_of)
-                status = await asyncio.shield(self._store.dead_letter_waiting(
-                    item.id, EVENT_AGE_EXCEEDED, router.sql(item.id, fresh_result=False)
-                ))  # fmt: skip
+                status = await asyncio.shield(
+                    self._store.dead_letter_waiting(
+                        item.id, EVENT_AGE_EXCEEDED, router.sql(item.id, fresh_result=False)
+                    )
+                )
                 self._dead_lettered(fn, item.id, item.attempt, status, EVENT_AGE_EXCEEDED)
                 self._routed(router)
                 return
@@ -392,25 +456,35 @@ class Dispatcher:
             pid_mark: list[asyncio.TimerHandle] = []
 
             def on_start(pid: int, started_at: float) -> None:
-                pid_mark.append(self._loop.call_later(
-                    VISIBLE_AFTER_S, self._store.mark_running, item.id, attempt,
-                    started_at, pid,
-                ))  # fmt: skip
+                pid_mark.append(
+                    self._loop.call_later(
+                        VISIBLE_AFTER_S,
+                        self._store.mark_running,
+                        item.id,
+                        attempt,
+                        started_at,
+                        pid,
+                    )
+                )
 
             try:
                 await asyncio.shield(marked)
             except StoreUnavailableError as exc:
                 # Never started: back into the lane once the store may take writes again.
                 delay = _store_backoff(item.attempt)
-                log.error("invocation_start_not_recorded", invocation_id=item.id,
-                          function=fn.name, error=str(exc), retry_in_s=delay)  # fmt: skip
+                log.error(
+                    "invocation_start_not_recorded",
+                    invocation_id=item.id,
+                    function=fn.name,
+                    error=str(exc),
+                    retry_in_s=delay,
+                )
                 lane.push_at(item, time.time() + delay)
                 return
             try:
                 # lane.fn: a reload while the row was being marked applies to this attempt too.
                 try:
-                    outcome = await self._run(lane.fn, request, attempt=attempt,
-                                              on_start=on_start)  # fmt: skip
+                    outcome = await self._run(lane.fn, request, attempt=attempt, on_start=on_start)
                 finally:
                     for timer in pid_mark:
                         timer.cancel()
@@ -418,8 +492,13 @@ class Dispatcher:
                 # The drain ran out of time: the attempt is recorded as interrupted and retried
                 # by the policy after the next start, not left `running` for it to guess about.
                 outcome = self._interrupted(started_at)
-                log.warning("invocation_interrupted", invocation_id=item.id, function=fn.name,
-                            attempt=attempt, invocation_type="async")  # fmt: skip
+                log.warning(
+                    "invocation_interrupted",
+                    invocation_id=item.id,
+                    function=fn.name,
+                    attempt=attempt,
+                    invocation_type="async",
+                )
                 await asyncio.shield(self._settle(lane, item, attempt, outcome))
                 raise
             # The handler is done: its slot goes to the next invocation while this outcome
@@ -431,8 +510,9 @@ class Dispatcher:
             raise
         except Exception as exc:
             # The row stays queued or running; the next start recovers it. Say so loudly.
-            log.error("invocation_not_recorded", invocation_id=item.id, function=fn.name,
-                      error=str(exc))  # fmt: skip
+            log.error(
+                "invocation_not_recorded", invocation_id=item.id, function=fn.name, error=str(exc)
+            )
         finally:
             if not released:
                 lane.release()
@@ -453,64 +533,107 @@ class Dispatcher:
                 return
             except StoreUnavailableError as exc:
                 delay = _store_backoff(tries)
-                log.error("invocation_outcome_not_recorded", invocation_id=item.id,
-                          function=lane.fn.name, status=outcome.status.value, error=str(exc),
-                          retry_in_s=delay)  # fmt: skip
+                log.error(
+                    "invocation_outcome_not_recorded",
+                    invocation_id=item.id,
+                    function=lane.fn.name,
+                    status=outcome.status.value,
+                    error=str(exc),
+                    retry_in_s=delay,
+                )
                 await asyncio.sleep(delay)
 
     def _interrupted(self, started_at: float) -> Outcome:
         """A cancelled attempt's outcome: crashed, as the next start would record it otherwise."""
         message = INTERRUPTED_MESSAGE if self._stopping else "cancelled: its caller went away"
         now = time.time()
-        payload = _json.encode({"errorMessage": message, "errorType": INTERRUPTED_ERROR_TYPE,
-                                "stackTrace": []})  # fmt: skip
-        return Outcome(Status.CRASHED, payload, started_at, now, (now - started_at) * 1000,
-                       error_type=INTERRUPTED_ERROR_TYPE, error_message=message)  # fmt: skip
+        payload = _json.encode(
+            {"errorMessage": message, "errorType": INTERRUPTED_ERROR_TYPE, "stackTrace": []}
+        )
+        return Outcome(
+            Status.CRASHED,
+            payload,
+            started_at,
+            now,
+            (now - started_at) * 1000,
+            error_type=INTERRUPTED_ERROR_TYPE,
+            error_message=message,
+        )
 
-    async def _settle(
-        self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome
-    ) -> None:
+    async def _settle(self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome) -> None:
         """Record an async attempt: final on success, else a scheduled retry or a dead letter."""
         fn = lane.fn
-        # The destination is written in the same savepoint as the final record (daemon/destinations/routing.py).
+        # The destination is written in the same savepoint as the final record
+        # (daemon/destinations/routing.py).
         router = Router(self._function_of)
         if outcome.status is Status.SUCCEEDED:
-            await self._store.finish(item.id, attempt, outcome,
-                                     extra_sql=router.sql(item.id, fresh_result=True))
+            await self._store.finish(
+                item.id, attempt, outcome, extra_sql=router.sql(item.id, fresh_result=True)
+            )
             self._resolve_final(item.id, outcome.status.value)
             self._routed(router)
             return
         now = time.time()
-        verdict = after_failure(fn, attempt=attempt, retry_base=item.retry_base,
-                                age_from=item.age_from, now=now)  # fmt: skip
+        verdict = after_failure(
+            fn, attempt=attempt, retry_base=item.retry_base, age_from=item.age_from, now=now
+        )
         if verdict.next_attempt_at is None:
-            await self._store.finish(item.id, attempt, outcome, dead_letter=verdict.dead_letter,
-                                     extra_sql=router.sql(item.id, fresh_result=True))
+            await self._store.finish(
+                item.id,
+                attempt,
+                outcome,
+                dead_letter=verdict.dead_letter,
+                extra_sql=router.sql(item.id, fresh_result=True),
+            )
             self._dead_lettered(fn, item.id, attempt, outcome.status.value, verdict.dead_letter)
             self._routed(router)
             return
         await self._store.requeue(item.id, attempt, outcome, verdict.next_attempt_at)
         at = verdict.next_attempt_at
         log.info(
-            "invocation_retry_scheduled", invocation_id=item.id, function=fn.name,
-            attempt=attempt, status=outcome.status.value, delay_s=round(at - now, 3),
+            "invocation_retry_scheduled",
+            invocation_id=item.id,
+            function=fn.name,
+            attempt=attempt,
+            status=outcome.status.value,
+            delay_s=round(at - now, 3),
             next_attempt_at=at,
         )
         lane.push_at(msgspec.structs.replace(item, attempt=attempt), at)
 
-    def _dead_lettered(self, fn: FunctionConfig, invocation_id: str, attempt: int, status: str,
-                       reason: str | None) -> None:  # fmt: skip
-        log.warning("invocation_dead_lettered", invocation_id=invocation_id, function=fn.name,
-                    reason=reason, attempt=attempt, status=status)  # fmt: skip
+    def _dead_lettered(
+        self, fn: FunctionConfig, invocation_id: str, attempt: int, status: str, reason: str | None
+    ) -> None:
+        log.warning(
+            "invocation_dead_lettered",
+            invocation_id=invocation_id,
+            function=fn.name,
+            reason=reason,
+            attempt=attempt,
+            status=status,
+        )
         self._resolve_final(invocation_id, status)
 
-    async def _run(self, fn: FunctionConfig, request: InvokeRequest, *, attempt: int,
-                   on_start: Callable[[int, float], None] | None) -> Outcome:
+    async def _run(
+        self,
+        fn: FunctionConfig,
+        request: InvokeRequest,
+        *,
+        attempt: int,
+        on_start: Callable[[int, float], None] | None,
+    ) -> Outcome:
         invocation_id = request.invocation_id
         logs.invocation_started(log, invocation_id, fn.name, attempt)
         outcome = await self._pool.invoke(fn, request, on_start)
-        logs.invocation_finished(log, invocation_id, fn.name, outcome.status.value, attempt,
-                                 round(outcome.duration_ms, 3), outcome.error_type)
+        logs.invocation_finished(
+            log,
+            invocation_id,
+            fn.name,
+            outcome.status.value,
+            attempt,
+            round(outcome.duration_ms, 3),
+            outcome.error_type,
+        )
         return outcome
 
     def _function_of(self, name: str) -> FunctionConfig | None:
@@ -522,13 +645,25 @@ class Dispatcher:
         """Log where final outcomes went; run function destinations; wake the outbox."""
         for r in router.routed:
             if r.kind == "stopped":
-                log.warning("invocation_chain_stopped", invocation_id=r.invocation_id,
-                            function=r.function, hops=r.hops, chain_root=r.chain_root,
-                            destination=r.destination, dead_letter_id=r.dead_letter_id)  # fmt: skip
+                log.warning(
+                    "invocation_chain_stopped",
+                    invocation_id=r.invocation_id,
+                    function=r.function,
+                    hops=r.hops,
+                    chain_root=r.chain_root,
+                    destination=r.destination,
+                    dead_letter_id=r.dead_letter_id,
+                )
                 continue
-            log.info("destination_queued", invocation_id=r.invocation_id, function=r.function,
-                     condition=r.condition, destination=r.destination, outbox_id=r.outbox_id,
-                     child_id=r.child.id if r.child else None)  # fmt: skip
+            log.info(
+                "destination_queued",
+                invocation_id=r.invocation_id,
+                function=r.function,
+                condition=r.condition,
+                destination=r.destination,
+                outbox_id=r.outbox_id,
+                child_id=r.child.id if r.child else None,
+            )
             if r.child is not None and enqueue:
                 self._enqueue(r.child)
             elif r.outbox_id is not None and self._on_outbox is not None:

@@ -26,7 +26,9 @@ class QueueFullError(LambdaemonError):
     def __init__(self, function: str, limit: int) -> None:
         self.function = function
         self.limit = limit
-        super().__init__(f"function {function!r} is at its concurrency limit and {limit} callers wait")
+        super().__init__(
+            f"function {function!r} is at its concurrency limit and {limit} callers wait"
+        )
 
 
 class ListenError(LambdaemonError, OSError):

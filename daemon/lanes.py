@@ -35,8 +35,12 @@ class Backlogged(msgspec.Struct, frozen=True):
 class Lane:
     """One function's slots and queues; `start(lane, item)` must take the slot it is given."""
 
-    def __init__(self, fn: FunctionConfig, start: Callable[[Lane, Backlogged], None],
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        fn: FunctionConfig,
+        start: Callable[[Lane, Backlogged], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.fn = fn
         self.loop = loop
         self.running = 0
@@ -48,8 +52,12 @@ class Lane:
         self._start = start
 
     def stats(self) -> dict[str, int]:
-        return {"running": self.running, "waiting": len(self.sync_waiters),
-                "backlog": len(self.backlog), "retrying": len(self.retry_timers)}  # fmt: skip
+        return {
+            "running": self.running,
+            "waiting": len(self.sync_waiters),
+            "backlog": len(self.backlog),
+            "retrying": len(self.retry_timers),
+        }
 
     async def acquire_sync_slot(self) -> None:
         """Take a slot for a synchronous caller, waiting in line; QueueFullError if it is full.
@@ -145,15 +153,19 @@ class Lanes(dict[str, Lane]):
     settle into it, and a reload that brings the function back reopens it.
     """
 
-    def __init__(self, functions: Mapping[str, FunctionConfig],
-                 start: Callable[[Lane, Backlogged], None],
-                 loop: asyncio.AbstractEventLoop) -> None:  # fmt: skip
+    def __init__(
+        self,
+        functions: Mapping[str, FunctionConfig],
+        start: Callable[[Lane, Backlogged], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         super().__init__((name, Lane(fn, start, loop)) for name, fn in functions.items())
         self.retired: dict[str, Lane] = {}
         self._start, self._loop = start, loop
 
-    def reconfigure(self, functions: Mapping[str, FunctionConfig],
-                    refusal: Callable[[str], Exception]) -> list[str]:  # fmt: skip
+    def reconfigure(
+        self, functions: Mapping[str, FunctionConfig], refusal: Callable[[str], Exception]
+    ) -> list[str]:
         """Adopt new settings in place; retire removed functions (refused with `refusal(name)`).
 
         Returns the names of the lanes opened (new functions, or returning ones).

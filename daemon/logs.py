@@ -24,9 +24,22 @@ from typing import Any, BinaryIO
 import msgspec
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 # journald reads a leading <N> as the syslog priority, so `journalctl -p warning` works.
-_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
+_PRIORITY = {
+    "debug": 7,
+    "info": 6,
+    "warning": 4,
+    "warn": 4,
+    "error": 3,
+    "critical": 2,
+    "exception": 3,
+}
 _encoder = msgspec.json.Encoder(enc_hook=str)  # anything exotic (paths, exceptions) as text
 
 
@@ -75,8 +88,11 @@ class _GatheredOutput:
                     return  # that loop writes what is gathered at the end of its turn
                 loop = self._loop
                 # One thread runs one loop at a time: in its thread, a running loop is the one.
-                if loop is None or threading.get_ident() != self._loop_thread or (
-                        not loop.is_running()):
+                if (
+                    loop is None
+                    or threading.get_ident() != self._loop_thread
+                    or (not loop.is_running())
+                ):
                     loop = self._find_loop()
                 if loop is not None:
                     self._pending = loop
@@ -161,25 +177,48 @@ def invocation_started(logger: Any, invocation_id: str, function: str, attempt: 
     """logger.info("invocation_started", invocation_id=, function=, attempt=), the same line."""
     out = _hot_output()
     if out is None:
-        logger.info("invocation_started", invocation_id=invocation_id, function=function,
-                    attempt=attempt)  # fmt: skip
+        logger.info(
+            "invocation_started", invocation_id=invocation_id, function=function, attempt=attempt
+        )
         return
     line = _Started(invocation_id, function, attempt, "invocation_started", "info", _now())
     out.msg(b"<6>" + _encoder.encode(line))
 
 
-def invocation_finished(logger: Any, invocation_id: str, function: str, status: str,
-                        attempt: int, duration_ms: float, error_type: str | None) -> None:
+def invocation_finished(
+    logger: Any,
+    invocation_id: str,
+    function: str,
+    status: str,
+    attempt: int,
+    duration_ms: float,
+    error_type: str | None,
+) -> None:
     """logger.info("invocation_finished", invocation_id=, function=, status=, attempt=,
     duration_ms=, error_type=), the same line."""
     out = _hot_output()
     if out is None:
-        logger.info("invocation_finished", invocation_id=invocation_id, function=function,
-                    status=status, attempt=attempt, duration_ms=duration_ms,
-                    error_type=error_type)  # fmt: skip
+        logger.info(
+            "invocation_finished",
+            invocation_id=invocation_id,
+            function=function,
+            status=status,
+            attempt=attempt,
+            duration_ms=duration_ms,
+            error_type=error_type,
+        )
         return
-    line = _Finished(invocation_id, function, status, attempt, duration_ms, error_type,
-                     "invocation_finished", "info", _now())
+    line = _Finished(
+        invocation_id,
+        function,
+        status,
+        attempt,
+        duration_ms,
+        error_type,
+        "invocation_finished",
+        "info",
+        _now(),
+    )
     out.msg(b"<6>" + _encoder.encode(line))
 
 
@@ -195,8 +234,11 @@ def _hot_output() -> _GatheredOutput | None:
         return None
     config = structlog.get_config()
     processors = _HotPath.processors
-    if (config["logger_factory"] is _HotPath.factory and config["processors"] is processors
-            and processors[-1] is _render_journal):
+    if (
+        config["logger_factory"] is _HotPath.factory
+        and config["processors"] is processors
+        and processors[-1] is _render_journal
+    ):
         return out
     return None
 
@@ -220,8 +262,9 @@ class _ForeignHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None,
-                      stream: BinaryIO | None = None) -> None:
+def configure_logging(
+    level: str = "info", *, json: bool | None = None, stream: BinaryIO | None = None
+) -> None:
     """Configure structlog, and route stdlib logging from libraries through it."""
     if json is None:
         json = not sys.stdout.isatty()

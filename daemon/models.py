@@ -36,7 +36,7 @@ def _random_bytes(n: int) -> bytes:
             _random_pool, _random_at = os.urandom(_RANDOM_POOL_BYTES), 0
         start = _random_at
         _random_at += n
-        return _random_pool[start:start + n]
+        return _random_pool[start : start + n]
 
 
 def _forget_random_pool() -> None:

@@ -29,13 +29,15 @@ from daemon.errors import ConfigError
 
 # Settings that take effect on reload (whole sections when named alone). The functions table is
 # compared function by function; `path` is the file itself.
-LIVE = frozenset({
-    "daemon.functions_dir",  # code folders: compared as part of each function
-    "daemon.region",  # part of each function, and of cron events
-    "daemon.shutdown_timeout_s",  # read when the shutdown starts
-    "mqtt",  # the MQTT source reconnects with it
-    "webhooks",  # in place, or a rebind for `listen`
-})  # fmt: skip
+LIVE = frozenset(
+    {
+        "daemon.functions_dir",  # code folders: compared as part of each function
+        "daemon.region",  # part of each function, and of cron events
+        "daemon.shutdown_timeout_s",  # read when the shutdown starts
+        "mqtt",  # the MQTT source reconnects with it
+        "webhooks",  # in place, or a rebind for `listen`
+    }
+)
 NOT_SETTINGS = ("functions", "path")
 
 
@@ -56,14 +58,16 @@ class ReloadPlan(msgspec.Struct, frozen=True, kw_only=True):
     def summary(self) -> dict[str, Any]:
         """For the config_reloaded log line and the reload API's answer."""
         return {
-            "functions_added": self.added, "functions_removed": self.removed,
+            "functions_added": self.added,
+            "functions_removed": self.removed,
             "functions_changed": self.changed,
             "sources_restarted": sorted(set(self.stop) & set(self.start)),
             "sources_stopped": sorted(set(self.stop) - set(self.start)),
             "sources_started": sorted(set(self.start) - set(self.stop)),
-            "sources_updated": self.update, "settings": self.settings,
+            "sources_updated": self.update,
+            "settings": self.settings,
             "needs_restart": self.needs_restart,
-        }  # fmt: skip
+        }
 
 
 def plan_reload(running: Config, new: Config, secrets: dict[str, str]) -> ReloadPlan:
@@ -77,10 +81,12 @@ def plan_reload(running: Config, new: Config, secrets: dict[str, str]) -> Reload
     config = _keep(running, new, needs_restart)
     if token in needs_restart:  # still the running one's
         fresh = {k: v for k, v in fresh.items() if k != token} | (
-            {token: secrets[token]} if token in secrets else {})
+            {token: secrets[token]} if token in secrets else {}
+        )
     if _publishes_to_mqtt(config):  # the outbox's publisher keeps its connection settings
-        needs_restart += [f"{k} (mqtt: destinations)" for k in changed_settings
-                          if k.split(".", 1)[0] == "mqtt"]  # fmt: skip
+        needs_restart += [
+            f"{k} (mqtt: destinations)" for k in changed_settings if k.split(".", 1)[0] == "mqtt"
+        ]
     old_fns, new_fns = running.functions, config.functions
     stop, start, update = [], [], []
     for kind in sorted(_kinds(running) | _kinds(config)):
@@ -100,10 +106,13 @@ def plan_reload(running: Config, new: Config, secrets: dict[str, str]) -> Reload
         added=sorted(set(new_fns) - set(old_fns)),
         removed=sorted(set(old_fns) - set(new_fns)),
         changed=sorted(n for n in set(old_fns) & set(new_fns) if old_fns[n] != new_fns[n]),
-        stop=stop, start=start, update=update,
-        settings=sorted(set(changed_settings) - set(needs_restart)), needs_restart=needs_restart,
+        stop=stop,
+        start=start,
+        update=update,
+        settings=sorted(set(changed_settings) - set(needs_restart)),
+        needs_restart=needs_restart,
         secrets=fresh,
-    )  # fmt: skip
+    )
 
 
 def secret_digests(config: Config) -> dict[str, str]:
@@ -111,8 +120,10 @@ def secret_digests(config: Config) -> dict[str, str]:
     plans are logged). Taken when a config is loaded, so a reload sees a rotated secret."""
     files = {"api.token_file": config.api.token_file}
     if config.mqtt is not None:
-        files |= {"mqtt.password_file": config.mqtt.password_file,
-                  "mqtt.ca_file": config.mqtt.ca_file}  # fmt: skip
+        files |= {
+            "mqtt.password_file": config.mqtt.password_file,
+            "mqtt.ca_file": config.mqtt.ca_file,
+        }
     for name, fn in config.functions.items():
         for index, trigger in enumerate(fn.triggers):
             auth = getattr(trigger, "auth", None)

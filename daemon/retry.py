@@ -39,7 +39,12 @@ def backoff_s(fn: FunctionConfig, retry: int, rand: Callable[[], float] = random
 
 
 def after_failure(
-    fn: FunctionConfig, *, attempt: int, retry_base: int, age_from: float, now: float,
+    fn: FunctionConfig,
+    *,
+    attempt: int,
+    retry_base: int,
+    age_from: float,
+    now: float,
     rand: Callable[[], float] = random.random,
 ) -> Verdict:
     """The verdict on an async invocation whose attempt number `attempt` just failed."""

@@ -75,8 +75,9 @@ class Service:
             stack.push_async_callback(pool.close)
             stack.callback(self._stop_watchdog)  # this late: the pings go on through the drain
             await pool.start(config.functions)
-            dispatcher = self.dispatcher = Dispatcher(store, pool, config.functions,
-                                                      on_outbox=outbox.wake)
+            dispatcher = self.dispatcher = Dispatcher(
+                store, pool, config.functions, on_outbox=outbox.wake
+            )
             stack.push_async_callback(self._finish_drain, dispatcher)  # a failed start, too
             await dispatcher.recover()
             health = StoreHealth(store)
@@ -86,9 +87,14 @@ class Service:
             app[STORE_HEALTH] = health
             app[LIFECYCLE] = self._unready_reason
             app[RELOAD] = self.request_reload
-            api = await start_site(app, config.api.listen, "api.listen",
-                                   drain_s=config.daemon.shutdown_timeout_s,
-                                   router=app[FAST_ROUTES], max_body_bytes=MAX_SYNC_PAYLOAD)
+            api = await start_site(
+                app,
+                config.api.listen,
+                "api.listen",
+                drain_s=config.daemon.shutdown_timeout_s,
+                router=app[FAST_ROUTES],
+                max_body_bytes=MAX_SYNC_PAYLOAD,
+            )
             stack.push_async_callback(api.cleanup)
             # Awaited before the API closes, so /health answers "draining" meanwhile.
             stack.push_async_callback(self._finish_drain, dispatcher)
@@ -106,8 +112,11 @@ class Service:
         assert self._sources is not None
         self.phase = "ready"
         log.info(
-            "daemon_ready", functions=len(self.config.functions), sources=self._sources.names,
-            api=self.config.api.listen, startup_ms=round((time.monotonic() - started) * 1000, 1),
+            "daemon_ready",
+            functions=len(self.config.functions),
+            sources=self._sources.names,
+            api=self.config.api.listen,
+            startup_ms=round((time.monotonic() - started) * 1000, 1),
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         self.ready.set()

@@ -115,8 +115,16 @@ async def run_chaos(chaos: Chaos) -> Report:
             kills = await _kill_repeatedly(chaos, daemon)
             stop.set()
         settled = await _settle(chaos, daemon, accepted)
-        run = Run(workdir, chaos.seconds, accepted, first_marker, cron_marker(daemon),
-                  datetime.now(UTC), kills, settled)  # fmt: skip
+        run = Run(
+            workdir,
+            chaos.seconds,
+            accepted,
+            first_marker,
+            cron_marker(daemon),
+            datetime.now(UTC),
+            kills,
+            settled,
+        )
         await daemon.stop()
         report = audit(daemon, run)
         report.wall_s = round(time.monotonic() - wall, 1)
@@ -130,8 +138,9 @@ async def run_chaos(chaos: Chaos) -> Report:
 
 
 @contextlib.asynccontextmanager
-async def _producers(chaos: Chaos, broker: Mosquitto, webhook_port: int, accepted: Accepted,
-                     stop: asyncio.Event) -> AsyncIterator[None]:  # fmt: skip
+async def _producers(
+    chaos: Chaos, broker: Mosquitto, webhook_port: int, accepted: Accepted, stop: asyncio.Event
+) -> AsyncIterator[None]:
     """Run the three producers until `stop` is set; on exit each has finished its last event."""
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(_publish_mqtt(chaos, broker.port, accepted, stop))
@@ -154,8 +163,9 @@ async def _paced(rate: float, stop: asyncio.Event, burst: int = 1) -> AsyncItera
 
 async def _publish_mqtt(chaos: Chaos, port: int, accepted: Accepted, stop: asyncio.Event) -> None:
     v5 = aiomqtt.ProtocolVersion.V5
-    client = aiomqtt.Client("127.0.0.1", port, identifier="chaos-publisher", protocol=v5,
-                            max_inflight_messages=100)  # fmt: skip
+    client = aiomqtt.Client(
+        "127.0.0.1", port, identifier="chaos-publisher", protocol=v5, max_inflight_messages=100
+    )
     client.pending_calls_threshold = 10_000  # many publishes in flight is the point: no warning
     async with client:
 
@@ -173,8 +183,7 @@ async def _publish_mqtt(chaos: Chaos, port: int, accepted: Accepted, stop: async
                 publishes.create_task(publish(seq))
 
 
-async def _post_webhooks(chaos: Chaos, port: int, accepted: Accepted,
-                         stop: asyncio.Event) -> None:  # fmt: skip
+async def _post_webhooks(chaos: Chaos, port: int, accepted: Accepted, stop: asyncio.Event) -> None:
     url = f"http://127.0.0.1:{port}/hooks/chaos"
     # A new connection per post, as most webhook senders do: no keep-alive to a killed daemon.
     connector = aiohttp.TCPConnector(force_close=True)
@@ -237,9 +246,14 @@ async def _kill_repeatedly(chaos: Chaos, daemon: Daemon) -> list[dict[str, Any]]
             if not starting.cancelled():
                 starting.result()  # a start that failed on its own is the scenario's failure
         await daemon.kill()
-        kills.append({"at_s": round(loop.time() - began, 2), "during_start": during_start,
-                      "uptime_s": round(loop.time() - up_since, 2),
-                      "downtime_s": round(downtime_s, 2)})  # fmt: skip
+        kills.append(
+            {
+                "at_s": round(loop.time() - began, 2),
+                "during_start": during_start,
+                "uptime_s": round(loop.time() - up_since, 2),
+                "downtime_s": round(downtime_s, 2),
+            }
+        )
         await asyncio.sleep(downtime_s)  # part of the schedule: the sources pile up meanwhile
         up_since = loop.time()
         # Not awaited: the next kill may land while this start is still recovering.
@@ -269,10 +283,10 @@ async def _settle(chaos: Chaos, daemon: Daemon, accepted: Accepted) -> float | N
     inbox = chaos.workdir / "inbox"
 
     async def settled() -> bool:
-        counts = dict(query(daemon, "SELECT function, COUNT(*) FROM invocations"
-                                    " GROUP BY function"))  # fmt: skip
-        waiting = query(daemon, "SELECT COUNT(*) FROM invocations"
-                                " WHERE status IN ('queued', 'running')")[0][0]  # fmt: skip
+        counts = dict(query(daemon, "SELECT function, COUNT(*) FROM invocations GROUP BY function"))
+        waiting = query(
+            daemon, "SELECT COUNT(*) FROM invocations WHERE status IN ('queued', 'running')"
+        )[0][0]
         return (
             waiting == 0
             and counts.get("chaos_mqtt", 0) >= len(accepted.mqtt)

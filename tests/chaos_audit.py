@@ -74,10 +74,14 @@ class Report:
     @property
     def ok(self) -> bool:
         return not (
-            any(self.lost.values()) or any(self.duplicates.values()) or self.not_final
-            or self.unrecorded_runs or self.wrong_ids or self.misplaced_files
+            any(self.lost.values())
+            or any(self.duplicates.values())
+            or self.not_final
+            or self.unrecorded_runs
+            or self.wrong_ids
+            or self.misplaced_files
             or self.settled_s is None
-        )  # fmt: skip
+        )
 
     @property
     def lost_total(self) -> int:
@@ -195,9 +199,10 @@ def _unfinished(records: Records, settled_marker: str | None) -> tuple[list[str]
 def _wrong_ids(accepted: Accepted, records: Records) -> list[int]:
     hooks = records["webhook"]
     return sorted(
-        n for n, inv_id in accepted.webhook.items()
+        n
+        for n, inv_id in accepted.webhook.items()
         if n in hooks and inv_id not in {row[0] for row in hooks[n]}
-    )  # fmt: skip
+    )
 
 
 def _misplaced(workdir: Path, records: Records, claimed: set[Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """The real daemon as a subprocess, for end-to-end, crash and signal tests.
 
-    async with running_daemon(tmp_path, functions_toml) as d:
-        status, body = await d.invoke("hello", {"name": "x"})
+async with running_daemon(tmp_path, functions_toml) as d:
+    status, body = await d.invoke("hello", {"name": "x"})
 """
 
 from __future__ import annotations
@@ -49,21 +49,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp_path: Path, body: str, *, api_port: int | None = None, daemon: str = "",
-                 shutdown_timeout_s: float = 5) -> Path:
+def write_config(
+    tmp_path: Path,
+    body: str,
+    *,
+    api_port: int | None = None,
+    daemon: str = "",
+    shutdown_timeout_s: float = 5,
+) -> Path:
     """A config in tmp_path: data in tmp_path/var, API on a free port, then `body` (TOML)."""
     api_port = api_port or free_port()
     path = tmp_path / "lambdaemon.toml"
     path.write_text(
         f'[daemon]\ndata_dir = "var"\nfunctions_dir = "{ROOT / "functions"}"\n'
-        f'shutdown_timeout_s = {shutdown_timeout_s}\n{daemon}\n'
+        f"shutdown_timeout_s = {shutdown_timeout_s}\n{daemon}\n"
         f'[api]\nlisten = "127.0.0.1:{api_port}"\n\n{body}\n'
     )
     return path
 
 
-async def until(predicate: Callable[[], Any], timeout_s: float = 15, what: str = "",
-                interval_s: float = 0.05) -> Any:
+async def until(
+    predicate: Callable[[], Any], timeout_s: float = 15, what: str = "", interval_s: float = 0.05
+) -> Any:
     """Poll `predicate` (plain or async) until it returns something truthy; bounded."""
     try:
         async with asyncio.timeout(timeout_s):
@@ -101,8 +108,16 @@ class Daemon:
             env["NOTIFY_SOCKET"] = "@" + self._notify.getsockname()[1:].decode()
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config),
-            stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=str(ROOT),
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "run",
+            "--config",
+            str(self.config),
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            cwd=str(ROOT),
         )
         log.close()
         self.session = self.session or aiohttp.ClientSession()
@@ -196,8 +211,15 @@ class Daemon:
 
     # --- API helpers ---------------------------------------------------------------------
 
-    async def invoke(self, name: str, event: Any = None, *, kind: str = "RequestResponse",
-                     headers: dict[str, str] | None = None, raw: bytes | None = None):
+    async def invoke(
+        self,
+        name: str,
+        event: Any = None,
+        *,
+        kind: str = "RequestResponse",
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ):
         """POST the Invoke API; returns (status, headers, body bytes)."""
         assert self.session is not None
         body = raw if raw is not None else json.dumps(event if event is not None else {}).encode()

@@ -78,7 +78,10 @@ class Mosquitto:
             err = stack.enter_context(stderr.open("ab"))  # the child keeps its own descriptor
             env = {**os.environ, "NOTIFY_SOCKET": "@" + notify.getsockname()[1:].decode()}
             self.proc = subprocess.Popen(
-                [MOSQUITTO, "-c", str(self.write_conf(port))], stdout=err, stderr=err, env=env,
+                [MOSQUITTO, "-c", str(self.write_conf(port))],
+                stdout=err,
+                stderr=err,
+                env=env,
             )
             exited = os.pidfd_open(self.proc.pid)
             stack.callback(os.close, exited)

@@ -32,7 +32,7 @@ def test_config_example_loads():
 @pytest.mark.parametrize(
     ("body", "key", "reason"),
     [
-        ("[daemon]\nmax_workers = \"four\"\n", "daemon.max_workers", "Expected `int`, got `str`"),
+        ('[daemon]\nmax_workers = "four"\n', "daemon.max_workers", "Expected `int`, got `str`"),
         ("[daemon]\nmax_workers = 0\n", "daemon.max_workers", ">= 1"),
         ("[daemon]\nbogus = 1\n", "daemon.bogus", "unknown key"),
         ("[bogus]\nx = 1\n", "bogus", "unknown key"),
@@ -40,7 +40,11 @@ def test_config_example_loads():
         (FN + "memory_mb = 1\n", "functions.a.memory_mb", ">= 16"),
         (FN + "colour = 1\n", "functions.a.colour", "unknown key"),
         (FN + "env = { PORT = 80 }\n", "functions.a.env.PORT", "must be a string"),
-        (FN + "env = { AWS_LAMBDA_FUNCTION_NAME = \"x\" }\n", "functions.a.env.AWS_LAMBDA_FUNCTION_NAME", "reserved"),
+        (
+            FN + 'env = { AWS_LAMBDA_FUNCTION_NAME = "x" }\n',
+            "functions.a.env.AWS_LAMBDA_FUNCTION_NAME",
+            "reserved",
+        ),
         (FN + "min_warm = 3\nconcurrency = 2\n", "functions.a.min_warm", "more than concurrency"),
         (FN + "retries = 11\n", "functions.a.retries", "<= 10"),
         (FN + "retries = -1\n", "functions.a.retries", ">= 0"),
@@ -48,33 +52,84 @@ def test_config_example_loads():
         (FN + "retry_backoff_s = [0, 1]\n", "functions.a.retry_backoff_s[0]", "> 0"),
         (FN + "retry_backoff_s = [1]\n", "functions.a.retry_backoff_s", "length 2"),
         (FN + "max_event_age_s = 0.5\n", "functions.a.max_event_age_s", ">= 1"),
-        (f'[functions.a]\nhandler = "handler.nope"\ncode = "{HELLO}"\n', "functions.a.handler", "defines no 'nope'"),
-        (f'[functions.a]\nhandler = "missing.handler"\ncode = "{HELLO}"\n', "functions.a.handler", "module 'missing' not found"),
-        (f'[functions.a]\nhandler = "handler"\ncode = "{HELLO}"\n', "functions.a.handler", "module.function"),
-        ('[functions.a]\nhandler = "handler.handler"\ncode = "/nonexistent"\n', "functions.a.code", "does not exist"),
+        (
+            f'[functions.a]\nhandler = "handler.nope"\ncode = "{HELLO}"\n',
+            "functions.a.handler",
+            "defines no 'nope'",
+        ),
+        (
+            f'[functions.a]\nhandler = "missing.handler"\ncode = "{HELLO}"\n',
+            "functions.a.handler",
+            "module 'missing' not found",
+        ),
+        (
+            f'[functions.a]\nhandler = "handler"\ncode = "{HELLO}"\n',
+            "functions.a.handler",
+            "module.function",
+        ),
+        (
+            '[functions.a]\nhandler = "handler.handler"\ncode = "/nonexistent"\n',
+            "functions.a.code",
+            "does not exist",
+        ),
         (f'[functions.a]\ncode = "{HELLO}"\n', "functions.a.handler", "required key is missing"),
         ('[functions."bad name"]\nhandler = "h.h"\n', "functions.bad name", "function names"),
-        ('[api]\nlisten = "0.0.0.0:9070"\n', "api.token_file", "required when api.listen is not a loopback"),
+        (
+            '[api]\nlisten = "0.0.0.0:9070"\n',
+            "api.token_file",
+            "required when api.listen is not a loopback",
+        ),
         ('[api]\nlisten = "nowhere"\n', "api.listen", "is not host:port"),
         ('[api]\ntoken_file = "missing.token"\n', "api.token_file", "cannot read"),
-        (FN + '[[functions.a.triggers]]\ntype = "kafka"\n', "functions.a.triggers[0].type", "unknown type 'kafka'"),
-        (FN + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "61 * * * *"\n',
-         "functions.a.triggers[0].schedule", "61"),
-        (FN + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "* * * * *"\ntimezone = "Mars/Olympus"\n',
-         "functions.a.triggers[0].timezone", "unknown time zone"),
-        (FN + '[[functions.a.triggers]]\ntype = "mqtt"\ntopic = "a/b"\n', "functions.a.triggers[0]", "[mqtt] section"),
-        (FN + '[mqtt]\n[[functions.a.triggers]]\ntype = "mqtt"\ntopic = "a/#/b"\n',
-         "functions.a.triggers[0].topic", "not a valid MQTT topic filter"),
-        (FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nauth = { type = "hmac" }\n',
-         "functions.a.triggers[0].auth.secret_file", "required key is missing"),
+        (
+            FN + '[[functions.a.triggers]]\ntype = "kafka"\n',
+            "functions.a.triggers[0].type",
+            "unknown type 'kafka'",
+        ),
+        (
+            FN + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "61 * * * *"\n',
+            "functions.a.triggers[0].schedule",
+            "61",
+        ),
+        (
+            FN
+            + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "* * * * *"\ntimezone = "Mars/Olympus"\n',
+            "functions.a.triggers[0].timezone",
+            "unknown time zone",
+        ),
+        (
+            FN + '[[functions.a.triggers]]\ntype = "mqtt"\ntopic = "a/b"\n',
+            "functions.a.triggers[0]",
+            "[mqtt] section",
+        ),
+        (
+            FN + '[mqtt]\n[[functions.a.triggers]]\ntype = "mqtt"\ntopic = "a/#/b"\n',
+            "functions.a.triggers[0].topic",
+            "not a valid MQTT topic filter",
+        ),
+        (
+            FN
+            + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nauth = { type = "hmac" }\n',
+            "functions.a.triggers[0].auth.secret_file",
+            "required key is missing",
+        ),
         (FN + '[mqtt]\nurl = "http://broker"\n', "mqtt.url", "is not mqtt://host"),
-        (FN + '[[functions.a.triggers]]\ntype = "files"\npath = "in"\npattern = "sub/*.txt"\n',
-         "functions.a.triggers[0].pattern", "matches file names, not paths"),
-        (FN + f'[[functions.a.triggers]]\ntype = "files"\npath = "{HELLO / "handler.py"}"\n',
-         "functions.a.triggers[0].path", "is not a folder"),
-        (FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\n'
-         '[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nmethods = ["GET", "POST"]\n',
-         "functions.a.triggers[1].path", "POST /x is already routed by functions.a.triggers[0]"),
+        (
+            FN + '[[functions.a.triggers]]\ntype = "files"\npath = "in"\npattern = "sub/*.txt"\n',
+            "functions.a.triggers[0].pattern",
+            "matches file names, not paths",
+        ),
+        (
+            FN + f'[[functions.a.triggers]]\ntype = "files"\npath = "{HELLO / "handler.py"}"\n',
+            "functions.a.triggers[0].path",
+            "is not a folder",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\n'
+            '[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nmethods = ["GET", "POST"]\n',
+            "functions.a.triggers[1].path",
+            "POST /x is already routed by functions.a.triggers[0]",
+        ),
     ],
 )
 def test_config_error_names_key_and_reason(tmp_path, body, key, reason):
@@ -96,18 +151,28 @@ def test_config_invalid_toml_names_line(tmp_path):
 
 def test_config_relative_paths_resolve_against_config_folder(tmp_path):
     (tmp_path / "fns" / "a").mkdir(parents=True)
-    (tmp_path / "fns" / "a" / "main.py").write_text("async def run(event, context):\n    return 1\n")
+    (tmp_path / "fns" / "a" / "main.py").write_text(
+        "async def run(event, context):\n    return 1\n"
+    )
     path = tmp_path / "sub" / "c.toml"
     path.parent.mkdir()
-    path.write_text('[daemon]\ndata_dir = "data"\nfunctions_dir = "../fns"\n[functions.a]\nhandler = "main.run"\n')
+    path.write_text(
+        '[daemon]\ndata_dir = "data"\nfunctions_dir = "../fns"\n[functions.a]\nhandler = "main.run"\n'
+    )
     config = load_config(path)
     assert config.data_dir == tmp_path / "sub" / "data"
     assert Path(config.functions["a"].code) == tmp_path / "fns" / "a"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
 
 
 def test_cli_check_and_run_exit_78_on_bad_config(tmp_path):

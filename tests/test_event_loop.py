@@ -60,8 +60,10 @@ async def test_the_daemon_serves_on_either_event_loop(tmp_path: Path, choice: st
 
         await daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
-        await until(lambda: any(e.get("event") == "daemon_stopped" for e in daemon.log_events()),
-                    what="daemon_stopped logged")
+        await until(
+            lambda: any(e.get("event") == "daemon_stopped" for e in daemon.log_events()),
+            what="daemon_stopped logged",
+        )
     finally:
         await daemon.close()
 

@@ -47,9 +47,15 @@ async def test_example_config_runs_every_trigger_kind(tmp_path):
         assert status == 200 and json.loads(body)["message"] == "hello, edge!"
 
         # cron: the heartbeat handler with the event its schedule produces
-        event = {"version": "0", "id": "x", "detail-type": "Scheduled Event", "source": "aws.events",
-                 "time": "2026-01-01T00:00:00Z", "resources": ["arn:aws:events:us-east-1:000000000000:rule/heartbeat#0"],
-                 "detail": {}}
+        event = {
+            "version": "0",
+            "id": "x",
+            "detail-type": "Scheduled Event",
+            "source": "aws.events",
+            "time": "2026-01-01T00:00:00Z",
+            "resources": ["arn:aws:events:us-east-1:000000000000:rule/heartbeat#0"],
+            "detail": {},
+        }
         status, _, body = await daemon.invoke("heartbeat", event)
         assert status == 200 and json.loads(body)["scheduled"] == "2026-01-01T00:00:00Z"
 
@@ -57,8 +63,19 @@ async def test_example_config_runs_every_trigger_kind(tmp_path):
         await daemon.wait_for(lambda: _logged(daemon, "mqtt_subscribed"))
         await asyncio.to_thread(
             subprocess.run,
-            ["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t", "sensors/kitchen/temperature",
-             "-m", '{"celsius": 31.5}'], check=True, timeout=30,
+            [
+                "mosquitto_pub",
+                "-p",
+                str(broker.port),
+                "-q",
+                "1",
+                "-t",
+                "sensors/kitchen/temperature",
+                "-m",
+                '{"celsius": 31.5}',
+            ],
+            check=True,
+            timeout=30,
         )
         alert = await daemon.wait_for(lambda: _final(daemon, "sensor_alert"))
         assert alert["status"] == "succeeded", alert
@@ -79,7 +96,12 @@ async def test_example_config_runs_every_trigger_kind(tmp_path):
             async with http.post(f"http://127.0.0.1:{webhook_port}/echo?x=1", data=b"hi") as resp:
                 assert resp.status == 200
                 echo = await resp.json()
-        assert (echo["method"], echo["path"], echo["query"], echo["body"]) == ("POST", "/echo", {"x": "1"}, "hi")
+        assert (echo["method"], echo["path"], echo["query"], echo["body"]) == (
+            "POST",
+            "/echo",
+            {"x": "1"},
+            "hi",
+        )
     finally:
         await daemon.close()
         broker.stop()
@@ -99,10 +121,12 @@ async def _logged(daemon: Daemon, event: str) -> bool:
 
 async def _final(daemon: Daemon, function: str):
     rows = await daemon.invocations(function=function)
-    return next((r for r in rows if r["status"] in ("succeeded", "failed", "timed_out", "crashed")), None)
+    return next(
+        (r for r in rows if r["status"] in ("succeeded", "failed", "timed_out", "crashed")), None
+    )
 
 
-async def _exists(path: Path) -> bool:
+def _exists(path: Path) -> bool:
     return path.is_dir()
 
 

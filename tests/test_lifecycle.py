@@ -86,8 +86,15 @@ async def health(daemon: Daemon) -> tuple[int, dict[str, Any]] | None:
 
 async def run_cli(daemon: Daemon, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon.cli", *args, "--config", str(daemon.config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(ROOT),
+        sys.executable,
+        "-m",
+        "daemon.cli",
+        *args,
+        "--config",
+        str(daemon.config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(ROOT),
     )
     async with asyncio.timeout(30):
         out, err = await proc.communicate()
@@ -127,8 +134,11 @@ async def test_sigterm_finishes_in_flight_work_and_leaves_queued_rows_queued(tmp
 
     await daemon.start()  # the next start runs what was left queued
     try:
-        await until(lambda: all(status_is(daemon, i, "succeeded")() for i in (*ids, late)),
-                    timeout_s=20, what="the queued rows to run after the restart")
+        await until(
+            lambda: all(status_is(daemon, i, "succeeded")() for i in (*ids, late)),
+            timeout_s=20,
+            what="the queued rows to run after the restart",
+        )
     finally:
         await daemon.close()
 
@@ -140,17 +150,23 @@ async def _unhealthy(daemon: Daemon) -> tuple[int, dict[str, Any]] | None:
 
 async def test_sigterm_past_the_shutdown_timeout_records_interrupted_attempts(tmp_path: Path):
     calls = tmp_path / "calls"
-    body = (fn_toml("flaky", FUNCS / "flaky", timeout_s=30, retries=2, retry_backoff_s=[1, 1])
-            + fn_toml("slow", FUNCS / "slow", timeout_s=30))
+    body = fn_toml(
+        "flaky", FUNCS / "flaky", timeout_s=30, retries=2, retry_backoff_s=[1, 1]
+    ) + fn_toml("slow", FUNCS / "slow", timeout_s=30)
     daemon = Daemon(write_config(tmp_path, body, shutdown_timeout_s=1))
     await daemon.start()
     try:
         async_id = await queue(daemon, "flaky", {"dir": str(calls), "fail": ["hang"]})
         sync_call = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 25}))
         await until(status_is(daemon, async_id, "running"), what="the async one running")
-        await until(lambda: [r for r in records(daemon).values()
-                             if r["function"] == "slow" and r["status"] == "running"],
-                    what="the sync one running")
+        await until(
+            lambda: [
+                r
+                for r in records(daemon).values()
+                if r["function"] == "slow" and r["status"] == "running"
+            ],
+            what="the sync one running",
+        )
         started = time.monotonic()
         await daemon.signal(signal.SIGTERM)
         assert await daemon.wait(15) == 0
@@ -181,12 +197,15 @@ async def test_sigterm_past_the_shutdown_timeout_records_interrupted_attempts(tm
         await daemon.close()
     row = records(daemon)[async_id]
     assert [(a["attempt"], a["status"], a["error_type"]) for a in row["attempts"]] == [
-        (1, "crashed", INTERRUPTED), (2, "succeeded", None)]
+        (1, "crashed", INTERRUPTED),
+        (2, "succeeded", None),
+    ]
 
 
 async def test_a_second_sigterm_skips_the_drain(tmp_path: Path):
-    daemon = Daemon(write_config(tmp_path, fn_toml("slow", FUNCS / "slow", timeout_s=60),
-                                 shutdown_timeout_s=60))
+    daemon = Daemon(
+        write_config(tmp_path, fn_toml("slow", FUNCS / "slow", timeout_s=60), shutdown_timeout_s=60)
+    )
     await daemon.start()
     try:
         invocation_id = await queue(daemon, "slow", {"sleep_s": 50})
@@ -224,10 +243,12 @@ async def test_sighup_swaps_functions_without_dropping_queued_or_in_flight_work(
     try:
         before = json.loads((await daemon.invoke("env"))[2])
         # The first of each is in flight across the reload, the others wait in the backlog.
-        slow_ids = [await queue(daemon, "slow", {"sleep_s": 1 if n == 0 else 0.2})
-                    for n in range(3)]
-        gone_ids = [await queue(daemon, "gone", {"sleep_s": 1 if n == 0 else 0.2})
-                    for n in range(3)]
+        slow_ids = [
+            await queue(daemon, "slow", {"sleep_s": 1 if n == 0 else 0.2}) for n in range(3)
+        ]
+        gone_ids = [
+            await queue(daemon, "gone", {"sleep_s": 1 if n == 0 else 0.2}) for n in range(3)
+        ]
         await until(status_is(daemon, slow_ids[0], "running"), what="slow running")
         await until(status_is(daemon, gone_ids[0], "running"), what="gone running")
 
@@ -244,11 +265,16 @@ async def test_sighup_swaps_functions_without_dropping_queued_or_in_flight_work(
         assert (await daemon.invoke("gone", {}))[0] == 404
         # Nothing of slow is dropped: in-flight, queued before and after the reload all run.
         slow_ids.append(await queue(daemon, "slow", {"n": "after"}))
-        await until(lambda: all(status_is(daemon, i, "succeeded")() for i in slow_ids),
-                    timeout_s=20, what="every slow invocation")
+        await until(
+            lambda: all(status_is(daemon, i, "succeeded")() for i in slow_ids),
+            timeout_s=20,
+            what="every slow invocation",
+        )
         # gone's in-flight one finishes; what had not started stays queued in the store.
-        await until(lambda: not [i for i in gone_ids if status_is(daemon, i, "running")()],
-                    what="gone's in-flight invocation to finish")
+        await until(
+            lambda: not [i for i in gone_ids if status_is(daemon, i, "running")()],
+            what="gone's in-flight invocation to finish",
+        )
         statuses = [records(daemon)[i]["status"] for i in gone_ids]
         assert "queued" in statuses and set(statuses) <= {"succeeded", "queued"}
 
@@ -257,8 +283,11 @@ async def test_sighup_swaps_functions_without_dropping_queued_or_in_flight_work(
         await daemon.signal(signal.SIGHUP)
         await until(lambda: len(events(daemon, "config_reloaded")) == 2, what="the 2nd reload")
         assert events(daemon, "config_reloaded")[1]["functions_added"] == ["gone"]
-        await until(lambda: all(status_is(daemon, i, "succeeded")() for i in gone_ids),
-                    timeout_s=20, what="gone's queued rows")
+        await until(
+            lambda: all(status_is(daemon, i, "succeeded")() for i in gone_ids),
+            timeout_s=20,
+            what="gone's queued rows",
+        )
     finally:
         await daemon.close()
     assert after["env"]["AWS_LAMBDA_FUNCTION_NAME"] == "env"
@@ -283,8 +312,12 @@ async def test_reload_refuses_an_invalid_config_and_reports_restart_only_setting
         assert (await health(daemon)) is not None and (await health(daemon))[0] == 200
 
         # A setting that cannot change live is reported, not silently ignored.
-        write_config(tmp_path, echo + fn_toml("more", FUNCS / "echo"), api_port=daemon.api_port,
-                     daemon="max_workers = 3")
+        write_config(
+            tmp_path,
+            echo + fn_toml("more", FUNCS / "echo"),
+            api_port=daemon.api_port,
+            daemon="max_workers = 3",
+        )
         code, out, err = await run_cli(daemon, "reload", "--json")
         assert code == 0, (out, err)
         report = json.loads(out)
@@ -315,9 +348,13 @@ async def test_reload_restarts_only_the_sources_whose_config_changed(tmp_path: P
             return resp.status
 
     def mqtt_rows(topic: str) -> list[dict[str, Any]]:
-        return [r for r in records(daemon).values()
-                if r["function"] == "rec" and r["status"] == "succeeded"
-                and json.loads(r["event"])["topic"] == topic]
+        return [
+            r
+            for r in records(daemon).values()
+            if r["function"] == "rec"
+            and r["status"] == "succeeded"
+            and json.loads(r["event"])["topic"] == topic
+        ]
 
     with running_broker(tmp_path / "broker") as broker:
         daemon = Daemon(write_config(tmp_path, config("a/#", "/one", hook_port)))
@@ -374,8 +411,11 @@ async def test_health_is_503_until_the_trigger_sources_have_started(tmp_path: Pa
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    body = (f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n' + fn_toml("rec", RECORD)
-            + '[[functions.rec.triggers]]\ntype = "mqtt"\ntopic = "a/#"\n')
+    body = (
+        f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n'
+        + fn_toml("rec", RECORD)
+        + '[[functions.rec.triggers]]\ntype = "mqtt"\ntopic = "a/#"\n'
+    )
     daemon = Daemon(write_config(tmp_path, body))
     try:
         await daemon.spawn()
@@ -432,8 +472,10 @@ async def test_sd_notify_ready_after_recovery_stopping_reloading_and_watchdog(tm
             assert events(daemon, "dispatcher_recovered")[-1]["resumed"] == 2
             assert len(events(daemon, "daemon_ready")) == 2
             assert await _healthy(daemon)
-            await until(lambda: all(status_is(daemon, i, "succeeded")() for i in ids),
-                        what="the resumed rows")
+            await until(
+                lambda: all(status_is(daemon, i, "succeeded")() for i in ids),
+                what="the resumed rows",
+            )
 
             assert [await _next(messages) for _ in range(2)] == ["WATCHDOG=1"] * 2
             worker_env = json.loads((await daemon.invoke("env"))[2])["env"]

@@ -31,8 +31,9 @@ def json_logs(stream):
 def test_logs_json_lines_with_priority_for_ours_and_stdlib():
     out = io.BytesIO()
     with json_logs(out):
-        structlog.get_logger("lambdaemon.test").info("invocation_finished", invocation_id="abc",
-                                                     duration_ms=1.5, path=io)  # fmt: skip
+        structlog.get_logger("lambdaemon.test").info(
+            "invocation_finished", invocation_id="abc", duration_ms=1.5, path=io
+        )
         structlog.get_logger("lambdaemon.test").debug("too_quiet")
         logging.getLogger("aiohttp.server").warning("peer %s went away", "1.2.3.4")
     lines = out.getvalue().decode().splitlines()
@@ -92,7 +93,8 @@ async def test_lines_from_other_threads_join_a_pending_write_and_a_stopped_loop_
         asyncio.get_running_loop().call_soon(after_flush.set_result, None)
         await asyncio.wait_for(after_flush, timeout=5)
         assert len(out.writes) == 1 and out.writes[0].index(b"on_the_loop") < out.writes[0].index(
-            b"from_a_thread")
+            b"from_a_thread"
+        )
 
         def on_a_loop_that_stops() -> None:
             async def log_and_interrupt() -> None:
@@ -125,21 +127,34 @@ def test_per_invocation_lines_are_the_lines_structlog_would_write_and_step_aside
     from daemon import logs
 
     out = io.BytesIO()
-    started = {"invocation_id": "abc", "function": "f\u00e9 \"x\"", "attempt": 1}
-    finished = {"invocation_id": "abc", "function": "f\u00e9 \"x\"", "status": "failed",
-                "attempt": 2, "duration_ms": 0.328, "error_type": "Value\nError"}
+    started = {"invocation_id": "abc", "function": 'f\u00e9 "x"', "attempt": 1}
+    finished = {
+        "invocation_id": "abc",
+        "function": 'f\u00e9 "x"',
+        "status": "failed",
+        "attempt": 2,
+        "duration_ms": 0.328,
+        "error_type": "Value\nError",
+    }
     with json_logs(out):
         log = structlog.get_logger("lambdaemon.test")
         log.info("invocation_started", **started)
-        logs.invocation_started(log, "abc", "f\u00e9 \"x\"", 1)
+        logs.invocation_started(log, "abc", 'f\u00e9 "x"', 1)
         log.info("invocation_finished", **finished)
-        logs.invocation_finished(log, "abc", "f\u00e9 \"x\"", "failed", 2, 0.328, "Value\nError")
+        logs.invocation_finished(log, "abc", 'f\u00e9 "x"', "failed", 2, 0.328, "Value\nError")
         logs.invocation_finished(log, "abc", "f", "succeeded", 1, 1.5, None)
         with capture_logs() as captured:  # structlog configured otherwise: it is log.info()
             logs.invocation_started(log, "abc", "f", 1)
         logs.flush()
-        assert captured == [{"event": "invocation_started", "invocation_id": "abc",
-                             "function": "f", "attempt": 1, "log_level": "info"}]
+        assert captured == [
+            {
+                "event": "invocation_started",
+                "invocation_id": "abc",
+                "function": "f",
+                "attempt": 1,
+                "log_level": "info",
+            }
+        ]
         configure_logging("warning", json=True, stream=out)  # filtered out as structlog would
         logs.invocation_started(structlog.get_logger("lambdaemon.test"), "abc", "f", 1)
         logs.flush()

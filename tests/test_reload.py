@@ -12,9 +12,17 @@ from daemon.reload import plan_reload, secret_digests
 ECHO = Path(__file__).resolve().parent / "functions" / "echo"
 
 
-def config_text(*, schedule: str = "* * * * *", topic: str = "a/#", route: str = "/hook",
-                webhook_listen: str = "127.0.0.1:8081", api_listen: str = "127.0.0.1:9071",
-                max_workers: int = 4, keepalive_s: int = 30, on_failure: str = "") -> str:
+def config_text(
+    *,
+    schedule: str = "* * * * *",
+    topic: str = "a/#",
+    route: str = "/hook",
+    webhook_listen: str = "127.0.0.1:8081",
+    api_listen: str = "127.0.0.1:9071",
+    max_workers: int = 4,
+    keepalive_s: int = 30,
+    on_failure: str = "",
+) -> str:
     return f"""
 [daemon]
 max_workers = {max_workers}

@@ -63,9 +63,17 @@ def events(logs: list[dict[str, Any]], name: str, invocation_id: str) -> list[di
 
 @pytest.mark.parametrize(
     ("retry", "rand", "delay_s"),
-    [(1, 0.0, 1.0), (1, 0.999, 1.4995), (2, 0.0, 2.0), (3, 0.5, 5.0), (6, 0.0, 32.0),
-     (7, 0.0, 60.0), (7, 0.999, 60.0), (500, 0.3, 60.0)],
-)  # fmt: skip
+    [
+        (1, 0.0, 1.0),
+        (1, 0.999, 1.4995),
+        (2, 0.0, 2.0),
+        (3, 0.5, 5.0),
+        (6, 0.0, 32.0),
+        (7, 0.0, 60.0),
+        (7, 0.999, 60.0),
+        (500, 0.3, 60.0),
+    ],
+)
 def test_retry_backoff_doubles_with_upward_jitter_up_to_the_cap(retry, rand, delay_s):
     fn = flaky(retry_backoff_s=(1.0, 60.0))
     assert backoff_s(fn, retry, lambda: rand) == pytest.approx(delay_s)
@@ -76,7 +84,8 @@ def test_retry_verdicts_count_from_the_redrive_and_bound_the_age():
     at = after_failure(fn, attempt=2, retry_base=0, age_from=0.0, now=50.0, rand=lambda: 0.0)
     assert (at.next_attempt_at, at.dead_letter) == (60.0, None)
     assert after_failure(fn, attempt=3, retry_base=0, age_from=0.0, now=50.0).dead_letter == (
-        "RetriesExhausted")  # fmt: skip
+        "RetriesExhausted"
+    )
     assert after_failure(fn, attempt=3, retry_base=2, age_from=0.0, now=50.0).next_attempt_at
     # a retry that would only come due after the age limit is not waited for
     late = after_failure(fn, attempt=1, retry_base=0, age_from=0.0, now=95.0, rand=lambda: 0.0)
@@ -90,9 +99,11 @@ async def test_retry_then_success_on_the_same_invocation(tmp_path: Path):
     async with dispatching(tmp_path / "db", flaky(retries=2)) as (dispatcher, store):
         with capture_logs() as logs:
             accepted = await dispatcher.accept(
-                "flaky", {"dir": str(tmp_path / "calls"), "fail": ["raise"]},
-                trigger="test", trigger_id="test#0",
-            )  # fmt: skip
+                "flaky",
+                {"dir": str(tmp_path / "calls"), "fail": ["raise"]},
+                trigger="test",
+                trigger_id="test#0",
+            )
             # Waiting from before the first attempt ends: the failed attempt must not wake it.
             status = await final(dispatcher, accepted.invocation_id)
         record = await store.get(accepted.invocation_id)
@@ -100,7 +111,10 @@ async def test_retry_then_success_on_the_same_invocation(tmp_path: Path):
     assert record is not None and (record["status"], record["attempt"]) == ("succeeded", 2)
     first, second = record["attempts"]
     assert (first["status"], first["error_type"], second["status"]) == (
-        "failed", "RuntimeError", "succeeded")  # fmt: skip
+        "failed",
+        "RuntimeError",
+        "succeeded",
+    )
     assert "attempt 1 fails by raise" in first["logs"] and "attempt 2 succeeds" in second["logs"]
     [retry] = events(logs, "invocation_retry_scheduled", accepted.invocation_id)
     assert retry["attempt"] == 1 and FAST[0] <= retry["delay_s"] <= FAST[1]
@@ -116,9 +130,11 @@ async def test_retries_exhausted_dead_letters_with_every_attempt_recorded(tmp_pa
     async with dispatching(tmp_path / "db", fn) as (dispatcher, store):
         with capture_logs() as logs:
             accepted = await dispatcher.accept(
-                "flaky", {"dir": str(tmp_path / "calls"), "fail": ["raise", "exit", "hang"]},
-                trigger="test", trigger_id="test#0",
-            )  # fmt: skip
+                "flaky",
+                {"dir": str(tmp_path / "calls"), "fail": ["raise", "exit", "hang"]},
+                trigger="test",
+                trigger_id="test#0",
+            )
             status = await final(dispatcher, accepted.invocation_id)
         record = await store.get(accepted.invocation_id)
         dead = await store.list_dead_letters()
@@ -127,7 +143,10 @@ async def test_retries_exhausted_dead_letters_with_every_attempt_recorded(tmp_pa
     assert record is not None
     assert [a["status"] for a in record["attempts"]] == ["failed", "crashed", "timed_out"]
     assert (record["status"], record["attempt"], record["dead_letter_reason"]) == (
-        "timed_out", 3, "RetriesExhausted")  # fmt: skip
+        "timed_out",
+        3,
+        "RetriesExhausted",
+    )
     assert [d["id"] for d in dead] == [accepted.invocation_id]
     retries = events(logs, "invocation_retry_scheduled", record["id"])
     assert [e["attempt"] for e in retries] == [1, 2]
@@ -140,9 +159,11 @@ async def test_max_event_age_dead_letters_instead_of_retrying(tmp_path: Path):
     fn = flaky(retries=2, retry_backoff_s=(2.0, 2.0), max_event_age_s=1.0)
     async with dispatching(tmp_path / "db", fn) as (dispatcher, store):
         accepted = await dispatcher.accept(
-            "flaky", {"dir": str(tmp_path / "calls"), "fail": ["raise"]},
-            trigger="test", trigger_id="test#0",
-        )  # fmt: skip
+            "flaky",
+            {"dir": str(tmp_path / "calls"), "fail": ["raise"]},
+            trigger="test",
+            trigger_id="test#0",
+        )
         assert await final(dispatcher, accepted.invocation_id) == "failed"
         record = await store.get(accepted.invocation_id)
     assert record is not None
@@ -153,11 +174,17 @@ async def test_retry_due_while_down_but_too_old_is_dead_lettered_unrun(tmp_path:
     db, calls = tmp_path / "db", tmp_path / "calls"
     now = time.time()
     async with Store.open(db) as store:  # what a previous run left: a failed attempt, a retry
-        await store.insert(NewInvocation(
-            id="old", function="flaky", function_version="$LATEST", trigger="test",
-            invocation_type="async", event=json.dumps({"dir": str(calls)}).encode(),
-            queued_at=now - 120,
-        ))  # fmt: skip
+        await store.insert(
+            NewInvocation(
+                id="old",
+                function="flaky",
+                function_version="$LATEST",
+                trigger="test",
+                invocation_type="async",
+                event=json.dumps({"dir": str(calls)}).encode(),
+                queued_at=now - 120,
+            )
+        )
         store.mark_running("old", 1, now - 119, None)
         failed = Outcome(Status.FAILED, b"{}", now - 119, now - 118, 1000.0, error_type="E")
         await store.requeue("old", 1, failed, next_attempt_at=now - 60)
@@ -191,10 +218,13 @@ async def test_sync_invocation_cancelled_by_its_caller_is_recorded_and_frees_its
     # only slot is free for the next call.
     calls = tmp_path / "calls"
     async with dispatching(tmp_path / "db", flaky(concurrency=1, timeout_s=30.0)) as (
-            dispatcher, store):
+        dispatcher,
+        store,
+    ):
         hang = json.dumps({"dir": str(calls), "fail": ["hang"]}).encode()
         caller = asyncio.create_task(
-            dispatcher.invoke_sync("flaky", hang, trigger="test", invocation_id="gone"))
+            dispatcher.invoke_sync("flaky", hang, trigger="test", invocation_id="gone")
+        )
         await until(lambda: (calls / "gone").exists(), what="the handler running")
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -211,17 +241,27 @@ async def test_sync_invocation_cancelled_by_its_caller_is_recorded_and_frees_its
 async def test_drain_interrupts_a_sync_run_and_its_caller_hears_why(tmp_path: Path):
     calls = tmp_path / "calls"
     async with dispatching(tmp_path / "db", flaky(concurrency=2, timeout_s=30.0)) as (
-            dispatcher, store):
+        dispatcher,
+        store,
+    ):
         hang = json.dumps({"dir": str(calls), "fail": ["hang"]}).encode()
-        callers = [asyncio.create_task(dispatcher.invoke_sync(
-            "flaky", hang, trigger="test", invocation_id=f"hung{i}")) for i in range(2)]
-        await until(lambda: all((calls / f"hung{i}").exists() for i in range(2)),
-                    what="both handlers running")
+        callers = [
+            asyncio.create_task(
+                dispatcher.invoke_sync("flaky", hang, trigger="test", invocation_id=f"hung{i}")
+            )
+            for i in range(2)
+        ]
+        await until(
+            lambda: all((calls / f"hung{i}").exists() for i in range(2)),
+            what="both handlers running",
+        )
         assert await dispatcher.drain(0.2) == 2
         answers = await asyncio.gather(*callers)  # answered, not cancelled
         records = [await store.get(f"hung{i}") for i in range(2)]
     assert [(i, o.error_type) for i, o in answers] == [
-        ("hung0", "Lambdaemon.Interrupted"), ("hung1", "Lambdaemon.Interrupted")]
+        ("hung0", "Lambdaemon.Interrupted"),
+        ("hung1", "Lambdaemon.Interrupted"),
+    ]
     assert [r["status"] for r in records if r] == ["crashed", "crashed"]
     assert not any(caller.cancelling() for caller in callers)
 
@@ -276,7 +316,9 @@ async def test_retry_pending_across_sigkill_runs_on_time_after_restart(tmp_path:
     assert started >= scheduled["next_attempt_at"] - 0.01  # waited for its time, not the restart
     # the attempt the kill interrupted is crashed, and with no retries left, dead-lettered
     assert (hung_record["status"], hung_record["dead_letter_reason"]) == (
-        "crashed", "RetriesExhausted")  # fmt: skip
+        "crashed",
+        "RetriesExhausted",
+    )
     assert hung_record["attempts"][0]["error_type"] == "Lambdaemon.Interrupted"
     recovered = [e for e in daemon.log_events() if e["event"] == "dispatcher_recovered"][-1]
     assert recovered["dead_lettered"] == 1
@@ -294,16 +336,21 @@ def _epoch(iso: str) -> float:
 def _cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "daemon.cli", *args, "--config", str(daemon.config)],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
     body = _fn_toml("once", retries=0) + _fn_toml("other", retries=0)
     async with running_daemon(tmp_path, body) as daemon:
         calls = str(tmp_path / "calls")
-        ids = [await _accept(daemon, "once", {"dir": calls, "fail": ["raise"], "n": n})
-               for n in range(3)]  # fmt: skip
+        ids = [
+            await _accept(daemon, "once", {"dir": calls, "fail": ["raise"], "n": n})
+            for n in range(3)
+        ]
         other = await _accept(daemon, "other", {"dir": calls, "fail": ["raise"]})
 
         async def dead(function: str, count: int) -> list[dict[str, Any]] | None:
@@ -314,7 +361,8 @@ async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
         await daemon.wait_for(lambda: dead("other", 1))
         assert {r["id"] for r in rows} == set(ids)
         assert {(r["status"], r["dead_letter_reason"], r["attempt"]) for r in rows} == {
-            ("failed", "RetriesExhausted", 1)}  # fmt: skip
+            ("failed", "RetriesExhausted", 1)
+        }
 
         listed = await asyncio.to_thread(_cli, daemon, "dlq", "list", "--function", "once")
         assert listed.returncode == 0 and all(i in listed.stdout for i in ids)
@@ -334,8 +382,9 @@ async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
         assert "attempts:" in shown.stdout and "RuntimeError" in shown.stdout
 
         # redrive all of one function: the other function's dead letter stays
-        everything = await asyncio.to_thread(_cli, daemon, "dlq", "redrive", "--all",
-                                             "--function", "once", "--json")  # fmt: skip
+        everything = await asyncio.to_thread(
+            _cli, daemon, "dlq", "redrive", "--all", "--function", "once", "--json"
+        )
         assert sorted(json.loads(everything.stdout)["redriven"]) == sorted(ids[1:])
         for invocation_id in ids[1:]:
             record = await daemon.wait_for(lambda i=invocation_id: _final(daemon, i))
@@ -367,15 +416,16 @@ async def test_dead_letter_api_validates_its_input(tmp_path: Path):
     async with running_daemon(tmp_path, _fn_toml("once", retries=0)) as daemon:
         assert daemon.session is not None
         for payload in ({}, {"ids": ["a"], "all": True}, {"ids": []}, {"all": "yes"}, {"x": 1}):
-            async with daemon.session.post(f"{daemon.base}/v1/dead-letters/redrive",
-                                           json=payload) as resp:  # fmt: skip
+            async with daemon.session.post(
+                f"{daemon.base}/v1/dead-letters/redrive", json=payload
+            ) as resp:
                 assert resp.status == 400, payload
-        async with daemon.session.post(f"{daemon.base}/v1/dead-letters/redrive",
-                                       json={"ids": ["nope"]}) as resp:  # fmt: skip
+        async with daemon.session.post(
+            f"{daemon.base}/v1/dead-letters/redrive", json={"ids": ["nope"]}
+        ) as resp:
             answer = await resp.json()
             assert (resp.status, answer) == (200, {"redriven": [], "not_redriven": ["nope"]})
         async with daemon.session.post(f"{daemon.base}/v1/invocations/nope/replay") as resp:
             assert resp.status == 404
         async with daemon.session.get(f"{daemon.base}/v1/dead-letters?limit=0") as resp:
             assert resp.status == 400
-

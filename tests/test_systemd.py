@@ -17,7 +17,9 @@ def test_systemd_unit_security_score_is_ok():
     assert analyze, "systemd-analyze is part of Debian's systemd package"
     result = subprocess.run(
         [analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr

@@ -46,7 +46,12 @@ class Emit(Protocol):
         ...
 
     async def invoke_sync(
-        self, function: str, event: bytes, *, trigger: str, trigger_id: str | None = None,
+        self,
+        function: str,
+        event: bytes,
+        *,
+        trigger: str,
+        trigger_id: str | None = None,
     ) -> tuple[str, Any]:
         """Run a synchronous invocation now; return (invocation id, daemon.models.Outcome).
 

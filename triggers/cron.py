@@ -46,9 +46,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger("lambdaemon.triggers.cron")
 
 ALIASES = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
-}  # fmt: skip
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 MAX_SLEEP_S = 30.0  # asyncio sleeps on the monotonic clock, cron lives on the wall clock
 MAX_WALK = 1000  # fires walked per catch-up step, so a year of downtime cannot stall the loop
 RETRY_S = (0.5, 30.0)  # backoff of a fire whose commit failed: first, cap
@@ -137,8 +142,13 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {timezone!r}") from None
-    checks = (("second", second, _NUM), ("minute", minute, _NUM), ("hour", hour, _NUM),
-              ("day-of-month", day, _NUM), ("month", month, _MONTH))  # fmt: skip
+    checks = (
+        ("second", second, _NUM),
+        ("minute", minute, _NUM),
+        ("hour", hour, _NUM),
+        ("day-of-month", day, _NUM),
+        ("month", month, _MONTH),
+    )
     for name, value, item in checks:
         if not re.fullmatch(f"{item}(?:,{item})*", value, re.IGNORECASE):
             raise ValueError(
@@ -150,8 +160,13 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
             reason = re.sub(r"^Error validating expression '[^']*': ", "", str(exc))
             raise ValueError(f"{name} field {value!r}: {reason}") from None
     days = _weekdays(dow)
-    common = {"second": second, "minute": minute, "hour": hour, "month": month.lower(),
-              "timezone": UTC}  # fmt: skip
+    common = {
+        "second": second,
+        "minute": minute,
+        "hour": hour,
+        "month": month.lower(),
+        "timezone": UTC,
+    }
     parts: tuple[dict[str, str], ...] = ({"day": day, "day_of_week": days},)
     if day[0] != "*" and dow[0] != "*":  # cron fires on a day matching either field
         parts = ({"day": day, "day_of_week": "*"}, {"day": "*", "day_of_week": days})

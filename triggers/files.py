@@ -182,9 +182,12 @@ class FilesSource:
         claimed = sum(self._consider(folder, name, st) for _, name, st in sorted(found))
         quiet = reason in ("periodic", "recheck") and not claimed
         (log.debug if quiet else log.info)(
-            "files_rescanned", folder=str(folder.path), reason=reason,
-            candidates=len(found), claimed=claimed,
-        )  # fmt: skip
+            "files_rescanned",
+            folder=str(folder.path),
+            reason=reason,
+            candidates=len(found),
+            claimed=claimed,
+        )
 
     def _consider(
         self, folder: _Folder, name: str, st: os.stat_result | None, signalled: bool = False
@@ -236,14 +239,21 @@ class FilesSource:
                 folder.waiting.discard(name)
                 folder.request_scan("recheck")
 
-    async def _invoke(self, folder: _Folder, name: str, match: tuple[str, str, FilesTriggerConfig],
-                      event: dict[str, Any], key: str) -> None:  # fmt: skip
+    async def _invoke(
+        self,
+        folder: _Folder,
+        name: str,
+        match: tuple[str, str, FilesTriggerConfig],
+        event: dict[str, Any],
+        key: str,
+    ) -> None:
         function, trigger_id, cfg = match
         emit = self._emit
         accepted = await _retrying(
-            "files_commit_failed", name,
+            "files_commit_failed",
+            name,
             lambda: emit(function, event, trigger="files", trigger_id=trigger_id, dedupe_key=key),
-        )  # fmt: skip
+        )
         invocation_id = accepted.invocation_id
         bound = log.bind(function=function, name=name, invocation_id=invocation_id)
         bound.info("files_claimed", folder=str(folder.path), created=accepted.created)
@@ -254,9 +264,10 @@ class FilesSource:
             sidecar.update(trigger_id=trigger_id, **await self._error_of(invocation_id, status))
         delete = status == "succeeded" and cfg.after == "delete"
         target = await _retrying(
-            "files_move_failed", name,
+            "files_move_failed",
+            name,
             lambda: asyncio.to_thread(_finish, folder, name, invocation_id, sidecar, delete),
-        )  # fmt: skip
+        )
         if sidecar is None:
             bound.info("files_done", status=status, moved_to=target)
         else:
@@ -344,15 +355,25 @@ def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
     _fsync_dir(folder.processing)  # the claim survives a power cut before we commit it
     _fsync_dir(folder.path)
     mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC).isoformat(timespec="microseconds")
-    event = {"path": str(path), "name": name, "size": st.st_size,
-             "mtime": mtime.replace("+00:00", "Z"), "sha256": sha256}  # fmt: skip
+    event = {
+        "path": str(path),
+        "name": name,
+        "size": st.st_size,
+        "mtime": mtime.replace("+00:00", "Z"),
+        "sha256": sha256,
+    }
     identity = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, sha256, name)
     key = "files:" + ":".join(map(str, identity))
     return event, key
 
 
-_KINDS = {stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
-          stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}  # fmt: skip
+_KINDS = {
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
 
 
 def _finish(

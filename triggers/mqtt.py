@@ -284,8 +284,9 @@ class MqttSource:
         if len(targets) == 1:  # the usual case: no task per target
             ((fn, tid),) = targets
             try:
-                results = [await emit(fn, body, trigger="mqtt", trigger_id=tid,
-                                      dedupe_key=keys[tid])]  # fmt: skip
+                results = [
+                    await emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
+                ]
             except Exception as exc:
                 results = [exc]
         else:

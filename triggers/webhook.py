@@ -44,7 +44,10 @@ log = structlog.get_logger("lambdaemon.webhook")
 
 # Headers by which senders name one delivery; a re-sent delivery keeps it, so it is deduplicated.
 DELIVERY_HEADERS = (
-    "Idempotency-Key", "X-GitHub-Delivery", "X-Gitea-Delivery", "X-Gitlab-Event-UUID",
+    "Idempotency-Key",
+    "X-GitHub-Delivery",
+    "X-Gitea-Delivery",
+    "X-Gitlab-Event-UUID",
 )
 # Bodies of these types reach the handler as text; any other body is base64 (as Function URLs do).
 TEXT_TYPES = re.compile(
@@ -145,7 +148,8 @@ class HmacCheck:
 
 # auth config type -> (check class, the field naming its secret)
 CHECKS: dict[type, tuple[type, str]] = {
-    TokenAuth: (TokenCheck, "token_file"), BasicAuth: (BasicCheck, "password_file"),
+    TokenAuth: (TokenCheck, "token_file"),
+    BasicAuth: (BasicCheck, "password_file"),
     HmacAuth: (HmacCheck, "secret_file"),
 }
 
@@ -169,8 +173,9 @@ class WebhookSource:
 
     name = "webhook"
 
-    def __init__(self, config: Config, store: Any,
-                 triggers: list[tuple[str, str, WebhookTriggerConfig]]) -> None:
+    def __init__(
+        self, config: Config, store: Any, triggers: list[tuple[str, str, WebhookTriggerConfig]]
+    ) -> None:
         settings = config.webhooks
         assert settings is not None  # config validation requires it with any webhook trigger
         self.listen, self.max_body_bytes = settings.listen, settings.max_body_bytes
@@ -199,12 +204,19 @@ class WebhookSource:
         self._emit, self._draining = emit, False
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._handle)  # our own table decides 404/405
-        runner = await start_site(app, self.listen, "webhooks.listen", drain_s=self.drain_s,
-                                  router=self._route, max_body_bytes=self.max_body_bytes)
+        runner = await start_site(
+            app,
+            self.listen,
+            "webhooks.listen",
+            drain_s=self.drain_s,
+            router=self._route,
+            max_body_bytes=self.max_body_bytes,
+        )
         try:
             self.port = runner.addresses[0][1]
-            log.info("webhook_listening", listen=self.listen, port=self.port,
-                     routes=sorted(self.routes))
+            log.info(
+                "webhook_listening", listen=self.listen, port=self.port, routes=sorted(self.routes)
+            )
             self.listening.set()
             await asyncio.get_running_loop().create_future()  # serve until cancelled
         finally:
@@ -219,8 +231,9 @@ class WebhookSource:
         """
         self.routes, self._allow = new.routes, new._allow
         self.max_body_bytes, self.drain_s = new.max_body_bytes, new.drain_s
-        log.info("webhook_routes_updated", routes=sorted(self.routes),
-                 max_body_bytes=self.max_body_bytes)
+        log.info(
+            "webhook_routes_updated", routes=sorted(self.routes), max_body_bytes=self.max_body_bytes
+        )
 
     async def _stop(self, runner: web.AppRunner) -> None:
         for site in list(runner.sites):
@@ -241,8 +254,9 @@ class WebhookSource:
         route = by_method.get(request.method)
         if route is None:
             allow = {"Allow": self._allow[request.path]}
-            return self._reject(request, None, "method_not_allowed", 405, "Method Not Allowed",
-                                allow)
+            return self._reject(
+                request, None, "method_not_allowed", 405, "Method Not Allowed", allow
+            )
         if self._draining:
             busy = {"Retry-After": "5", "Connection": "close"}
             return self._reject(request, route, "draining", 503, "Service Unavailable", busy)
@@ -264,7 +278,9 @@ class WebhookSource:
         limit = self.max_body_bytes  # read per request: a reload may change it in place
         if (request.content_length or 0) > limit:
             return None  # refused before a byte of it is read
-        if isinstance(request, WireRequest):  # framed by daemon/http/wire.py: all here, length known
+        if isinstance(
+            request, WireRequest
+        ):  # framed by daemon/http/wire.py: all here, length known
             return request.content.data
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(64 * 1024):
@@ -281,51 +297,99 @@ class WebhookSource:
             delivery = hashlib.sha256(_utf8(delivery)).hexdigest()
         try:
             accepted = await self._emit(
-                route.function, event, trigger="webhook", trigger_id=route.trigger_id,
+                route.function,
+                event,
+                trigger="webhook",
+                trigger_id=route.trigger_id,
                 dedupe_key=f"webhook:{route.trigger_id}:{delivery}" if delivery else None,
             )
         except StoreUnavailableError as exc:
             log.error("webhook_store_unavailable", route=route.path, error=str(exc))
-            return self._reject(request, route, "store_unavailable", 503, "Service Unavailable",
-                                {"Retry-After": "5"})
+            return self._reject(
+                request,
+                route,
+                "store_unavailable",
+                503,
+                "Service Unavailable",
+                {"Retry-After": "5"},
+            )
         except UnknownFunctionError:  # a reload removed it; the route goes with the next update
-            return self._reject(request, route, "reloading", 503, "Service Unavailable",
-                                {"Retry-After": "1"})
+            return self._reject(
+                request, route, "reloading", 503, "Service Unavailable", {"Retry-After": "1"}
+            )
         self.accepted += 1
-        log.info("webhook_accepted", route=route.path, function=route.function, mode="async",
-                 invocation_id=accepted.invocation_id, duplicate=not accepted.created)
+        log.info(
+            "webhook_accepted",
+            route=route.path,
+            function=route.function,
+            mode="async",
+            invocation_id=accepted.invocation_id,
+            duplicate=not accepted.created,
+        )
         body = {"invocation_id": accepted.invocation_id, "duplicate": not accepted.created}
-        return web.Response(status=202, body=_encode(body), content_type="application/json",
-                            headers={"x-amzn-RequestId": accepted.invocation_id})
+        return web.Response(
+            status=202,
+            body=_encode(body),
+            content_type="application/json",
+            headers={"x-amzn-RequestId": accepted.invocation_id},
+        )
 
     async def _invoke(self, request: AnyRequest, route: Route, event: bytes) -> web.Response:
         assert self._emit is not None
         try:
             invocation_id, outcome = await self._emit.invoke_sync(
-                route.function, event, trigger="webhook", trigger_id=route.trigger_id)
+                route.function, event, trigger="webhook", trigger_id=route.trigger_id
+            )
         except QueueFullError:
-            return self._reject(request, route, "queue_full", 429, "Too Many Requests",
-                                {"Retry-After": "1"})
+            return self._reject(
+                request, route, "queue_full", 429, "Too Many Requests", {"Retry-After": "1"}
+            )
         except ShuttingDownError:  # it never started: the sender retries after the restart
-            return self._reject(request, route, "draining", 503, "Service Unavailable",
-                                {"Retry-After": "5", "Connection": "close"})
+            return self._reject(
+                request,
+                route,
+                "draining",
+                503,
+                "Service Unavailable",
+                {"Retry-After": "5", "Connection": "close"},
+            )
         except UnknownFunctionError:
-            return self._reject(request, route, "reloading", 503, "Service Unavailable",
-                                {"Retry-After": "1"})
+            return self._reject(
+                request, route, "reloading", 503, "Service Unavailable", {"Retry-After": "1"}
+            )
         self.accepted += 1
         response = to_response(invocation_id, outcome)
         # Debug: the dispatcher's invocation_finished already says it, on the hot path.
-        log.debug("webhook_accepted", route=route.path, function=route.function, mode="sync",
-                  invocation_id=invocation_id, status=response.status)
+        log.debug(
+            "webhook_accepted",
+            route=route.path,
+            function=route.function,
+            mode="sync",
+            invocation_id=invocation_id,
+            status=response.status,
+        )
         return response
 
-    def _reject(self, request: AnyRequest, route: Route | None, reason: str, status: int,
-                message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    def _reject(
+        self,
+        request: AnyRequest,
+        route: Route | None,
+        reason: str,
+        status: int,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
         self.rejected[reason] += 1
         emit_log = log.warning if reason.startswith("auth_") else log.info
         where = route.path if route else request.path[:200]
-        emit_log("webhook_rejected", reason=reason, route=where, remote=request.remote,
-                 status=status, count=self.rejected[reason])
+        emit_log(
+            "webhook_rejected",
+            reason=reason,
+            route=where,
+            remote=request.remote,
+            status=status,
+            count=self.rejected[reason],
+        )
         return _message(status, message, headers)
 
 
@@ -337,8 +401,9 @@ def _build_check(config: Config, auth: Any, key: str) -> Any:
     return cls(auth, read_secret(config, getattr(auth, field), f"{key}.{field}"))
 
 
-def build_event(request: AnyRequest, body: bytes, port: int | None,
-                redact: str | None = None) -> dict[str, Any]:
+def build_event(
+    request: AnyRequest, body: bytes, port: int | None, redact: str | None = None
+) -> dict[str, Any]:
     """The Lambda Function URL (payload v2.0) event for `request`, without header `redact`.
 
     The checked credential stays out of the event, so records and replays never hold it.
@@ -364,17 +429,29 @@ def build_event(request: AnyRequest, body: bytes, port: int | None,
     now = time.time()
     version = request.version
     context = {
-        "accountId": "000000000000", "apiId": "lambdaemon", "domainName": domain,
+        "accountId": "000000000000",
+        "apiId": "lambdaemon",
+        "domainName": domain,
         "domainPrefix": domain.split(".", 1)[0],
-        "http": {"method": request.method, "path": raw_path,
-                 "protocol": f"HTTP/{version.major}.{version.minor}",
-                 "sourceIp": remote, "userAgent": headers.get("user-agent", "")},
-        "requestId": new_id(), "routeKey": "$default", "stage": "$default",
+        "http": {
+            "method": request.method,
+            "path": raw_path,
+            "protocol": f"HTTP/{version.major}.{version.minor}",
+            "sourceIp": remote,
+            "userAgent": headers.get("user-agent", ""),
+        },
+        "requestId": new_id(),
+        "routeKey": "$default",
+        "stage": "$default",
         "time": _request_time(int(now)),
         "timeEpoch": int(now * 1000),  # a JSON number: Go's int64
     }
-    event: dict[str, Any] = {"version": "2.0", "routeKey": "$default", "rawPath": raw_path,
-                             "rawQueryString": raw_query}
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": raw_path,
+        "rawQueryString": raw_query,
+    }
     if cookies:
         event["cookies"] = cookies
     event["headers"] = headers
@@ -395,8 +472,11 @@ def _request_time(second: int) -> str:
     """requestContext.time (CLF, as Function URLs write it), formatted once a second."""
     if _clf_second[0] != second:
         t = time.gmtime(second)
-        _clf_second[:] = [second, f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
-                                  f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"]
+        _clf_second[:] = [
+            second,
+            f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000",
+        ]
     return _clf_second[1]  # type: ignore[no-any-return]
 
 
@@ -426,8 +506,9 @@ def to_response(invocation_id: str, outcome: Outcome) -> web.Response:
     except (ValueError, TypeError) as exc:  # msgspec.DecodeError is a ValueError
         log.warning("webhook_bad_response", invocation_id=invocation_id, error=str(exc)[:200])
         return _message(502, "Internal Server Error", request_id)
-    return web.Response(status=200, body=outcome.payload, content_type="application/json",
-                        headers=request_id)
+    return web.Response(
+        status=200, body=outcome.payload, content_type="application/json", headers=request_id
+    )
 
 
 def _structured(result: dict[str, Any], invocation_id: str) -> web.Response:
@@ -471,5 +552,9 @@ def _safe(text: Any) -> str:
 
 
 def _message(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=_encode({"message": message}),
-                        content_type="application/json", headers=headers)
+    return web.Response(
+        status=status,
+        body=_encode({"message": message}),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -59,16 +59,25 @@ class MqttPublisher:
         delay = BACKOFF_S[0]
         while True:
             client = _PublishingClient(
-                self._host, self._port, identifier=self.client_id,
-                username=self._settings.username, password=self._password,
-                protocol=aiomqtt.ProtocolVersion.V5, clean_start=True,
-                keepalive=self._settings.keepalive_s, tls_context=self._tls,
-            )  # fmt: skip
+                self._host,
+                self._port,
+                identifier=self.client_id,
+                username=self._settings.username,
+                password=self._password,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=True,
+                keepalive=self._settings.keepalive_s,
+                tls_context=self._tls,
+            )
             try:
                 async with client:
                     self._client, delay = client, BACKOFF_S[0]
-                    log.info("mqtt_publisher_connected", host=self._host, port=self._port,
-                             client_id=self.client_id)  # fmt: skip
+                    log.info(
+                        "mqtt_publisher_connected",
+                        host=self._host,
+                        port=self._port,
+                        client_id=self.client_id,
+                    )
                     if self._on_connected is not None:
                         self._on_connected()
                     # Nothing is subscribed: reading is only how a broken connection shows up.

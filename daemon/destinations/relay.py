@@ -1,4 +1,4 @@
-"""Delivers the outbox's mqtt: and webhook: destination records (daemon/destinations/routing.py writes them).
+"""Delivers the outbox's mqtt: and webhook: destination records (routing.py writes them).
 
 Store and forward: a record stays in the outbox until its target has acknowledged it (the
 broker's PUBACK at QoS 1, an HTTP 2xx), so a target that is away for a day gets everything
@@ -138,20 +138,31 @@ class OutboxRelay:
     async def _deliver(self, rows: list[OutboxRow], writes: list[asyncio.Future[Any]]) -> None:
         """One channel's records in order; stop at the first that must wait."""
         for row in rows:
-            bound = log.bind(outbox_id=row.id, invocation_id=row.invocation_id, kind=row.kind,
-                             target=row.target, attempt=row.attempts + 1)  # fmt: skip
+            bound = log.bind(
+                outbox_id=row.id,
+                invocation_id=row.invocation_id,
+                kind=row.kind,
+                target=row.target,
+                attempt=row.attempts + 1,
+            )
             try:
                 await self._send(row)
             except _Refused as exc:
-                writes.append(self._write(outbox.attempted, id=row.id, error=str(exc),
-                                          now=time.time(), final=True))  # fmt: skip
+                writes.append(
+                    self._write(
+                        outbox.attempted, id=row.id, error=str(exc), now=time.time(), final=True
+                    )
+                )
                 bound.error("destination_failed", error=str(exc))
                 continue
             except Exception as exc:
                 retry = exc if isinstance(exc, _Retry) else _Retry(repr(exc))
                 delay_s = self._hold(row.channel, retry.retry_after_s)
-                writes.append(self._write(outbox.attempted, id=row.id, error=str(retry),
-                                          now=time.time(), final=False))  # fmt: skip
+                writes.append(
+                    self._write(
+                        outbox.attempted, id=row.id, error=str(retry), now=time.time(), final=False
+                    )
+                )
                 bound.warning("destination_retry", error=str(retry), retry_in_s=round(delay_s, 2))
                 return
             self._blocked.pop(row.channel, None)
@@ -207,8 +218,9 @@ class OutboxRelay:
         body = io.BytesIO(row.record) if len(row.record) > _STREAMED_BYTES else row.record
         try:
             # Redirects are not followed: a POST turned into a GET would "deliver" nothing.
-            async with self._session.post(row.target, data=body, headers=headers,
-                                          allow_redirects=False) as resp:  # fmt: skip
+            async with self._session.post(
+                row.target, data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 if 200 <= resp.status < 300:
                     return
                 detail = (await resp.content.read(200)).decode("utf-8", "replace").strip()

@@ -117,7 +117,11 @@ class Router:
 
 
 def route(
-    conn: sqlite3.Connection, invocation_id: str, lookup: Lookup, *, fresh_result: bool,
+    conn: sqlite3.Connection,
+    invocation_id: str,
+    lookup: Lookup,
+    *,
+    fresh_result: bool,
     now: float | None = None,
 ) -> Routed | None:
     """Write the destination of `invocation_id`'s final outcome, if it has one."""
@@ -146,8 +150,9 @@ def route(
     base = Routed(kind, invocation_id, function, condition, destination)
     if kind == "function":
         field = "on_success" if condition == SUCCESS else "on_failure"
-        return _queue_function(conn, base, target, record, f"{function}:{field}", attempt,
-                               hops, lookup, now)  # fmt: skip
+        return _queue_function(
+            conn, base, target, record, f"{function}:{field}", attempt, hops, lookup, now
+        )
     cur = conn.execute(
         "INSERT INTO outbox (invocation_id, attempt, condition, kind, target, record, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (invocation_id, attempt) DO NOTHING",
@@ -159,57 +164,99 @@ def route(
 
 
 def build_record(
-    invocation_id: str, fn: FunctionConfig, condition: str, attempt: int, status: str,
-    event: bytes, response: Any, now: float,
+    invocation_id: str,
+    fn: FunctionConfig,
+    condition: str,
+    attempt: int,
+    status: str,
+    event: bytes,
+    response: Any,
+    now: float,
 ) -> bytes:
     """Lambda's destination record (lambda-compat.md 5.2) as JSON bytes."""
     context: dict[str, Any] = {"statusCode": 200, "executedVersion": fn.version}
     if status != Status.SUCCEEDED:
         context["functionError"] = "Unhandled"
     stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
-    return _json.encode({
-        "version": "1.0",
-        "timestamp": stamp.replace("+00:00", "Z"),
-        "requestContext": {
-            "requestId": invocation_id,
-            "functionArn": f"{fn.arn}:{fn.version}",  # always qualified, as Lambda does
-            "condition": condition,
-            "approximateInvokeCount": attempt,
-        },
-        "requestPayload": _embedded(event),
-        "responseContext": context,
-        "responsePayload": response,
-    })  # fmt: skip
+    return _json.encode(
+        {
+            "version": "1.0",
+            "timestamp": stamp.replace("+00:00", "Z"),
+            "requestContext": {
+                "requestId": invocation_id,
+                "functionArn": f"{fn.arn}:{fn.version}",  # always qualified, as Lambda does
+                "condition": condition,
+                "approximateInvokeCount": attempt,
+            },
+            "requestPayload": _embedded(event),
+            "responseContext": context,
+            "responsePayload": response,
+        }
+    )
 
 
 def _queue_function(
-    conn: sqlite3.Connection, base: Routed, target: str, record: bytes, trigger_id: str,
-    attempt: int, hops: int, lookup: Lookup, now: float,
+    conn: sqlite3.Connection,
+    base: Routed,
+    target: str,
+    record: bytes,
+    trigger_id: str,
+    attempt: int,
+    hops: int,
+    lookup: Lookup,
+    now: float,
 ) -> Routed | None:
     target_fn = lookup(target)  # None after a reload removed it: queued, runs if it returns
     child = NewInvocation(
-        id=new_id(), function=target, trigger=TRIGGER, trigger_id=trigger_id,
+        id=new_id(),
+        function=target,
+        trigger=TRIGGER,
+        trigger_id=trigger_id,
         function_version=target_fn.version if target_fn else "$LATEST",
-        invocation_type="async", event=record, queued_at=now, hops=hops + 1,
-        dedupe_key=f"{TRIGGER}:{base.invocation_id}:{attempt}", parent_id=base.invocation_id,
+        invocation_type="async",
+        event=record,
+        queued_at=now,
+        hops=hops + 1,
+        dedupe_key=f"{TRIGGER}:{base.invocation_id}:{attempt}",
+        parent_id=base.invocation_id,
         status=Status.FAILED if hops >= MAX_HOPS else Status.QUEUED,
-    )  # fmt: skip
+    )
     _, created = records.insert(conn, child, None)
     if not created:
         return None
     if hops < MAX_HOPS:
-        queued = QueuedInvocation(id=child.id, function=target, invocation_type="async",
-                                  trigger=TRIGGER, event=record, attempt=0, queued_at=now,
-                                  next_attempt_at=None, retry_base=0, age_from=now)  # fmt: skip
+        queued = QueuedInvocation(
+            id=child.id,
+            function=target,
+            invocation_type="async",
+            trigger=TRIGGER,
+            event=record,
+            attempt=0,
+            queued_at=now,
+            next_attempt_at=None,
+            retry_base=0,
+            age_from=now,
+        )
         return msgspec.structs.replace(base, hops=child.hops, child=queued)
     conn.execute(
         "UPDATE invocations SET ended_at = ?, error_type = ?, error_message = ?,"
         " dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
-        (now, RECURSIVE_INVOCATION, f"not run: the chain reached {MAX_HOPS} destination hops",
-         RECURSIVE_INVOCATION, now, child.id),
-    )  # fmt: skip
-    return msgspec.structs.replace(base, kind="stopped", hops=hops, dead_letter_id=child.id,
-                                   chain_root=_chain_root(conn, base.invocation_id))  # fmt: skip
+        (
+            now,
+            RECURSIVE_INVOCATION,
+            f"not run: the chain reached {MAX_HOPS} destination hops",
+            RECURSIVE_INVOCATION,
+            now,
+            child.id,
+        ),
+    )
+    return msgspec.structs.replace(
+        base,
+        kind="stopped",
+        hops=hops,
+        dead_letter_id=child.id,
+        chain_root=_chain_root(conn, base.invocation_id),
+    )
 
 
 def _chain_root(conn: sqlite3.Connection, invocation_id: str) -> str:
@@ -237,7 +284,7 @@ def _embedded(raw: bytes | None) -> Any:
     return msgspec.Raw(raw)
 
 
-# --- the delivery side: run by daemon/destinations/relay.py -------------------------------------------
+# --- the delivery side: run by relay.py ---------------------------------------------------------
 
 DUE_SQL = (
     "SELECT id, invocation_id, attempt, kind, target, record, attempts FROM outbox"

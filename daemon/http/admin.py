@@ -49,12 +49,22 @@ async def list_functions(request: web.Request) -> web.Response:
     stats = dispatcher.stats()
     rows = [
         {
-            "name": fn.name, "handler": fn.handler, "code": fn.code, "version": fn.version,
-            "timeout_s": fn.timeout_s, "memory_mb": fn.memory_mb, "concurrency": fn.concurrency,
-            "min_warm": fn.min_warm, "idle_timeout_s": fn.idle_timeout_s, "retries": fn.retries,
-            "retry_backoff_s": list(fn.retry_backoff_s), "max_event_age_s": fn.max_event_age_s,
-            "on_success": fn.on_success, "on_failure": fn.on_failure,
-            "triggers": [msgspec.to_builtins(t) for t in fn.triggers], **stats[fn.name],
+            "name": fn.name,
+            "handler": fn.handler,
+            "code": fn.code,
+            "version": fn.version,
+            "timeout_s": fn.timeout_s,
+            "memory_mb": fn.memory_mb,
+            "concurrency": fn.concurrency,
+            "min_warm": fn.min_warm,
+            "idle_timeout_s": fn.idle_timeout_s,
+            "retries": fn.retries,
+            "retry_backoff_s": list(fn.retry_backoff_s),
+            "max_event_age_s": fn.max_event_age_s,
+            "on_success": fn.on_success,
+            "on_failure": fn.on_failure,
+            "triggers": [msgspec.to_builtins(t) for t in fn.triggers],
+            **stats[fn.name],
         }
         for fn in dispatcher.functions.values()
     ]
@@ -93,8 +103,11 @@ async def replay_invocation(request: web.Request) -> web.Response:
         return _error(404, f"no invocation {invocation_id}")
     except StoreUnavailableError as exc:
         return _error(503, f"cannot store the event: {exc}")
-    return web.json_response({"invocation_id": accepted.invocation_id, "parent_id": invocation_id},
-                             status=202, dumps=_dumps)  # fmt: skip
+    return web.json_response(
+        {"invocation_id": accepted.invocation_id, "parent_id": invocation_id},
+        status=202,
+        dumps=_dumps,
+    )
 
 
 async def reload_config(request: web.Request) -> web.Response:
@@ -171,8 +184,14 @@ def _error(status: int, message: str) -> web.Response:
 def _present(row: dict[str, Any]) -> dict[str, Any]:
     """A record for JSON: times as ISO 8601, event and result decoded."""
     out = dict(row)
-    for key in ("queued_at", "started_at", "ended_at", "next_attempt_at", "dead_lettered_at",
-                "redriven_at"):  # fmt: skip
+    for key in (
+        "queued_at",
+        "started_at",
+        "ended_at",
+        "next_attempt_at",
+        "dead_lettered_at",
+        "redriven_at",
+    ):
         if key in out:
             out[key] = iso(out[key])
     for key in ("event", "result"):

@@ -39,8 +39,14 @@ FAST_ROUTES: web.AppKey[Router] = web.AppKey("fast_routes")
 LIFECYCLE: web.AppKey[Callable[[], str | None]] = web.AppKey("lifecycle")
 
 
-def lambda_error(status: int, code: str, message: str, *, kind: str = "User",
-                 headers: dict[str, str] | None = None) -> web.Response:
+def lambda_error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    kind: str = "User",
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     """An error as botocore reads it: the code in x-amzn-ErrorType, message in the body."""
     body = {"__type": code, "Type": kind, "Message": message, "message": message}
     return web.json_response(
@@ -95,7 +101,9 @@ def tail_log(invocation_id: str, fn: FunctionConfig, outcome: Outcome) -> str:
 async def invoke(request: web.Request) -> web.StreamResponse:
     dispatcher = request.app[DISPATCHER]
     try:
-        name, qualifier = parse_function_name(request.match_info["name"], request.query.get("Qualifier"))
+        name, qualifier = parse_function_name(
+            request.match_info["name"], request.query.get("Qualifier")
+        )
     except ValueError as exc:
         return lambda_error(400, "InvalidParameterValueException", str(exc))
     try:
@@ -103,10 +111,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     except UnknownFunctionError:
         return lambda_error(404, "ResourceNotFoundException", f"Function not found: {name}")
     if qualifier not in (None, fn.version):
-        return lambda_error(404, "ResourceNotFoundException", f"Function not found: {fn.arn}:{qualifier}")
+        return lambda_error(
+            404, "ResourceNotFoundException", f"Function not found: {fn.arn}:{qualifier}"
+        )
     kind = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
     if kind not in ("RequestResponse", "Event", "DryRun"):
-        return lambda_error(400, "InvalidParameterValueException", f"unknown X-Amz-Invocation-Type {kind!r}")
+        return lambda_error(
+            400, "InvalidParameterValueException", f"unknown X-Amz-Invocation-Type {kind!r}"
+        )
     limit = MAX_ASYNC_PAYLOAD if kind == "Event" else MAX_SYNC_PAYLOAD
     if request.content_length is not None and request.content_length > limit:
         return _too_large(request.content_length, limit)
@@ -120,8 +132,9 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     try:
         msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
-        return lambda_error(400, "InvalidRequestContentException",
-                            f"Could not parse request body into json: {exc}")
+        return lambda_error(
+            400, "InvalidRequestContentException", f"Could not parse request body into json: {exc}"
+        )
     if kind == "DryRun":
         return web.Response(status=204)
     if kind == "Event":
@@ -130,32 +143,51 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 
 
 def _too_large(size: int, limit: int) -> web.Response:
-    return lambda_error(413, "RequestTooLargeException",
-                        f"Request must be smaller than {limit} bytes for the invoke operation (got {size})")
+    return lambda_error(
+        413,
+        "RequestTooLargeException",
+        f"Request must be smaller than {limit} bytes for the invoke operation (got {size})",
+    )
 
 
-async def _invoke_async(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
-                        request: web.Request) -> web.Response:
+async def _invoke_async(
+    dispatcher: Dispatcher, fn: FunctionConfig, body: bytes, request: web.Request
+) -> web.Response:
     sdk_id = request.headers.get("amz-sdk-invocation-id")
     try:
         accepted = await dispatcher.accept(
-            fn.name, body, trigger="api", trigger_id="api",
+            fn.name,
+            body,
+            trigger="api",
+            trigger_id="api",
             dedupe_key=f"api:{sdk_id}" if sdk_id else None,
         )
     except StoreUnavailableError as exc:
-        return lambda_error(503, "ServiceException", f"cannot store the event: {exc}", kind="Service")
+        return lambda_error(
+            503, "ServiceException", f"cannot store the event: {exc}", kind="Service"
+        )
     except UnknownFunctionError:  # a reload removed it since it was looked up
         return lambda_error(404, "ResourceNotFoundException", f"Function not found: {fn.name}")
     return web.Response(status=202, headers={"x-amzn-RequestId": accepted.invocation_id})
 
 
-async def _invoke_sync(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
-                       request: web.Request, qualifier: str | None) -> web.Response:
+async def _invoke_sync(
+    dispatcher: Dispatcher,
+    fn: FunctionConfig,
+    body: bytes,
+    request: web.Request,
+    qualifier: str | None,
+) -> web.Response:
     arn = f"{fn.arn}:{qualifier}" if qualifier else fn.arn
 
     def call() -> Awaitable[tuple[str, Outcome]]:
-        return dispatcher.invoke_sync(fn.name, body, trigger="api", invoked_arn=arn,
-                                      client_context=request.headers.get("X-Amz-Client-Context"))
+        return dispatcher.invoke_sync(
+            fn.name,
+            body,
+            trigger="api",
+            invoked_arn=arn,
+            client_context=request.headers.get("X-Amz-Client-Context"),
+        )
 
     sdk_id = request.headers.get("amz-sdk-invocation-id")
     try:
@@ -164,15 +196,20 @@ async def _invoke_sync(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
             key = cache.key(fn.name, sdk_id, body)
             (invocation_id, outcome), repeat = await cache.run(key, call)
             if repeat:
-                log.info("invocation_deduplicated", invocation_id=invocation_id, function=fn.name,
-                         sdk_invocation_id=sdk_id)
+                log.info(
+                    "invocation_deduplicated",
+                    invocation_id=invocation_id,
+                    function=fn.name,
+                    sdk_invocation_id=sdk_id,
+                )
         else:
             invocation_id, outcome = await call()
     except QueueFullError as exc:
         return lambda_error(429, "TooManyRequestsException", str(exc), headers={"Retry-After": "1"})
     except ShuttingDownError as exc:  # it never started; boto3 retries a 503
-        return lambda_error(503, "ServiceException", str(exc), kind="Service",
-                            headers={"Retry-After": "5"})
+        return lambda_error(
+            503, "ServiceException", str(exc), kind="Service", headers={"Retry-After": "5"}
+        )
     except UnknownFunctionError:
         return lambda_error(404, "ResourceNotFoundException", f"Function not found: {fn.name}")
     headers = {
@@ -192,18 +229,27 @@ async def _invoke_sync(dispatcher: Dispatcher, fn: FunctionConfig, body: bytes,
 
 def function_configuration(fn: FunctionConfig) -> dict[str, Any]:
     return {
-        "FunctionName": fn.name, "FunctionArn": fn.arn, "Runtime": "python3.11",
-        "Handler": fn.handler, "Role": "arn:aws:iam::000000000000:role/lambdaemon",
-        "Timeout": fn.timeout_s, "MemorySize": fn.memory_mb, "Version": fn.version,
-        "Environment": {"Variables": dict(fn.env)}, "State": "Active",
-        "LastUpdateStatus": "Successful", "PackageType": "Zip",
+        "FunctionName": fn.name,
+        "FunctionArn": fn.arn,
+        "Runtime": "python3.11",
+        "Handler": fn.handler,
+        "Role": "arn:aws:iam::000000000000:role/lambdaemon",
+        "Timeout": fn.timeout_s,
+        "MemorySize": fn.memory_mb,
+        "Version": fn.version,
+        "Environment": {"Variables": dict(fn.env)},
+        "State": "Active",
+        "LastUpdateStatus": "Successful",
+        "PackageType": "Zip",
         "LoggingConfig": {"LogFormat": "Text", "LogGroup": fn.log_group},
     }
 
 
 async def list_functions_aws(request: web.Request) -> web.Response:
     functions = request.app[DISPATCHER].functions.values()
-    return web.json_response({"Functions": [function_configuration(f) for f in functions]}, dumps=_dumps)
+    return web.json_response(
+        {"Functions": [function_configuration(f) for f in functions]}, dumps=_dumps
+    )
 
 
 async def get_function_aws(request: web.Request) -> web.Response:
@@ -215,7 +261,10 @@ async def get_function_aws(request: web.Request) -> web.Response:
     config = function_configuration(fn)
     if request.path.endswith("/configuration"):
         return web.json_response(config, dumps=_dumps)
-    body = {"Configuration": config, "Concurrency": {"ReservedConcurrentExecutions": fn.concurrency}}
+    body = {
+        "Configuration": config,
+        "Concurrency": {"ReservedConcurrentExecutions": fn.concurrency},
+    }
     return web.json_response(body, dumps=_dumps)
 
 
@@ -300,8 +349,15 @@ def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Appli
     return app
 
 
-async def start_site(app: web.Application, listen: str, key: str, *, drain_s: float = 1.0,
-                     router: Router | None = None, max_body_bytes: int = 0) -> web.AppRunner:
+async def start_site(
+    app: web.Application,
+    listen: str,
+    key: str,
+    *,
+    drain_s: float = 1.0,
+    router: Router | None = None,
+    max_body_bytes: int = 0,
+) -> web.AppRunner:
     """Serve `app` on `listen` inside our own lifecycle (not run_app: signals stay ours).
 
     With a `router`, requests it takes are served on daemon/http/wire.py's fast path, bodies of up
@@ -315,8 +371,9 @@ async def start_site(app: web.Application, listen: str, key: str, *, drain_s: fl
     if router is None:
         site = web.TCPSite(runner, host, port, reuse_address=True)
     else:
-        site = FastSite(runner, host, port, router=router, max_body_bytes=max_body_bytes,
-                        drain_s=drain_s)
+        site = FastSite(
+            runner, host, port, router=router, max_body_bytes=max_body_bytes, drain_s=drain_s
+        )
     try:
         await site.start()
     except OSError as exc:

@@ -24,8 +24,9 @@ Result = tuple[str, Outcome]  # (invocation id, outcome)
 class SyncResultCache:
     """In-flight and recent synchronous results by (function, SDK invocation id, body hash)."""
 
-    def __init__(self, ttl_s: float = 600.0, max_entries: int = 1000,
-                 max_bytes: int = 16 * 1024 * 1024) -> None:  # fmt: skip
+    def __init__(
+        self, ttl_s: float = 600.0, max_entries: int = 1000, max_bytes: int = 16 * 1024 * 1024
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.max_bytes = max_bytes
@@ -39,8 +40,9 @@ class SyncResultCache:
         # of its own rather than somebody else's answer.
         return function, sdk_invocation_id, hashlib.blake2b(body, digest_size=16).digest()
 
-    async def run(self, key: tuple[str, str, bytes],
-                  call: Callable[[], Awaitable[Result]]) -> tuple[Result, bool]:  # fmt: skip
+    async def run(
+        self, key: tuple[str, str, bytes], call: Callable[[], Awaitable[Result]]
+    ) -> tuple[Result, bool]:
         """`call()` once per key; returns (its result, whether this caller was a repeat).
 
         Exceptions (a full queue) are passed to every waiter and not cached.

@@ -73,19 +73,37 @@ class _Chunks:
         if at >= len(self._data):
             raise StopAsyncIteration
         self._at = at + self._size
-        return self._data[at:at + self._size]
+        return self._data[at : at + self._size]
 
 
 class WireRequest:
     """The parts of aiohttp's `web.Request` that the handlers served here read."""
 
-    __slots__ = ("app", "method", "raw_path", "path", "headers", "content_length", "content",
-                 "remote", "match_info", "_query_string", "_query")
+    __slots__ = (
+        "app",
+        "method",
+        "raw_path",
+        "path",
+        "headers",
+        "content_length",
+        "content",
+        "remote",
+        "match_info",
+        "_query_string",
+        "_query",
+    )
     version = HttpVersion11
     scheme = "http"
 
-    def __init__(self, app: web.Application, method: str, target: str,
-                 headers: CIMultiDict[str], content_length: int | None, remote: str | None) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        content_length: int | None,
+        remote: str | None,
+    ) -> None:
         self.app, self.method, self.raw_path, self.headers = app, method, target, headers
         self.path, _, self._query_string = target.partition("?")
         self.content_length, self.remote = content_length, remote
@@ -131,8 +149,16 @@ class FastSite(web.BaseSite):
     __slots__ = ("_host", "_port", "_router", "_max_body", "_drain_s", "_connections", "_sweeper")
     keepalive_s = KEEPALIVE_S
 
-    def __init__(self, runner: FastRunner, host: str, port: int, *, router: Router,
-                 max_body_bytes: int, drain_s: float) -> None:
+    def __init__(
+        self,
+        runner: FastRunner,
+        host: str,
+        port: int,
+        *,
+        router: Router,
+        max_body_bytes: int,
+        drain_s: float,
+    ) -> None:
         super().__init__(runner)
         runner.fast_sites.append(self)
         self._host, self._port, self._router = host, port, router
@@ -150,7 +176,9 @@ class FastSite(web.BaseSite):
         server, app = self._runner.server, getattr(self._runner, "app", None)
         assert server is not None and isinstance(app, web.Application)
         self._server = await loop.create_server(
-            lambda: FastConnection(self, server, app, loop), self._host, self._port,
+            lambda: FastConnection(self, server, app, loop),
+            self._host,
+            self._port,
             reuse_address=True,
         )
         self._sweeper = loop.create_task(self._sweep(), name="http-keepalive-sweeper")
@@ -188,8 +216,13 @@ class FastSite(web.BaseSite):
 class FastConnection(asyncio.Protocol):
     """One client connection on the fast path, until it is handed to aiohttp."""
 
-    def __init__(self, site: FastSite, server: web.Server, app: web.Application,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        site: FastSite,
+        server: web.Server,
+        app: web.Application,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.site, self.server, self.app, self.loop = site, server, app, loop
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -266,16 +299,21 @@ class FastConnection(asyncio.Protocol):
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             return False if len(buffer) > MAX_HEAD_BYTES else None
-        head = bytes(buffer[:end + 2])
+        head = bytes(buffer[: end + 2])
         if end > MAX_HEAD_BYTES or not head.isascii():
             return False
         line_end = head.find(b"\r\n")
         request_line = head[:line_end].decode("ascii")
-        fields = head[line_end + 2:].decode("ascii")
+        fields = head[line_end + 2 :].decode("ascii")
         parts = request_line.split(" ")
-        if (len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in _METHODS
-                or not _TARGET.fullmatch(parts[1]) or "/." in parts[1]
-                or not _HEAD.fullmatch(fields)):
+        if (
+            len(parts) != 3
+            or parts[2] != "HTTP/1.1"
+            or parts[0] not in _METHODS
+            or not _TARGET.fullmatch(parts[1])
+            or "/." in parts[1]
+            or not _HEAD.fullmatch(fields)
+        ):
             return False
         headers: CIMultiDict[str] = CIMultiDict()
         length: int | None = None

@@ -49,13 +49,35 @@ class Worker:
     """One worker process of one function configuration (`key`), and the files it shares."""
 
     __slots__ = (
-        "fn", "key", "proc", "pid", "memfd", "channel", "state", "stop_reason", "stop_detail",
-        "idle_since", "init_duration_ms", "exit_task", "held", "deadline",
-        "timer", "guarding", "peak_kb", "invocations", "recycle",
+        "fn",
+        "key",
+        "proc",
+        "pid",
+        "memfd",
+        "channel",
+        "state",
+        "stop_reason",
+        "stop_detail",
+        "idle_since",
+        "init_duration_ms",
+        "exit_task",
+        "held",
+        "deadline",
+        "timer",
+        "guarding",
+        "peak_kb",
+        "invocations",
+        "recycle",
     )
 
-    def __init__(self, fn: FunctionConfig, key: Key, proc: asyncio.subprocess.Process, memfd: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        fn: FunctionConfig,
+        key: Key,
+        proc: asyncio.subprocess.Process,
+        memfd: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.fn = fn
         self.key = key
         self.proc = proc
@@ -101,15 +123,27 @@ class Worker:
         nobody, the new limits apply from the next release on).
         """
         if fn.max_invocations_per_worker and self.invocations >= fn.max_invocations_per_worker:
-            self.recycle = {"why": "max_invocations", "invocations": self.invocations,
-                            "max_invocations_per_worker": fn.max_invocations_per_worker}
+            self.recycle = {
+                "why": "max_invocations",
+                "invocations": self.invocations,
+                "max_invocations_per_worker": fn.max_invocations_per_worker,
+            }
         elif fn.max_worker_rss_mb and rss_kb is not None and rss_kb >= fn.max_worker_rss_mb * 1024:
-            self.recycle = {"why": "rss", "rss_mb": kb_to_mb(rss_kb),
-                            "max_worker_rss_mb": fn.max_worker_rss_mb,
-                            "invocations": self.invocations}
+            self.recycle = {
+                "why": "rss",
+                "rss_mb": kb_to_mb(rss_kb),
+                "max_worker_rss_mb": fn.max_worker_rss_mb,
+                "invocations": self.invocations,
+            }
 
-    async def call(self, loop: asyncio.AbstractEventLoop, invoke: Invoke, timeout_s: float,
-                   capture_bytes: int, on_deadline: Callable[[Worker], None]) -> Any:
+    async def call(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        invoke: Invoke,
+        timeout_s: float,
+        capture_bytes: int,
+        on_deadline: Callable[[Worker], None],
+    ) -> Any:
         """Send one invocation; the reply, None when the worker died, TIMED_OUT at the deadline.
 
         `on_deadline(worker)` runs from the deadline timer, before the call returns.
@@ -173,15 +207,24 @@ class Worker:
         return text
 
 
-async def start_process(fn: FunctionConfig, child_sock: socket.socket, memfd: int,
-                        on_demand: bool) -> asyncio.subprocess.Process:
+async def start_process(
+    fn: FunctionConfig, child_sock: socket.socket, memfd: int, on_demand: bool
+) -> asyncio.subprocess.Process:
     """Exec `python -m daemon.pool.worker` for `fn`: own session, clean env, output on `memfd`."""
     assert fn.code is not None
     fd, daemon_pid = str(child_sock.fileno()), str(os.getpid())
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon.pool.worker", fd, daemon_pid,
-        stdin=asyncio.subprocess.DEVNULL, stdout=memfd, stderr=memfd,
-        pass_fds=(child_sock.fileno(),), start_new_session=True, cwd=fn.code,
+        sys.executable,
+        "-m",
+        "daemon.pool.worker",
+        fd,
+        daemon_pid,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=memfd,
+        stderr=memfd,
+        pass_fds=(child_sock.fileno(),),
+        start_new_session=True,
+        cwd=fn.code,
         env=environment(fn, "on-demand" if on_demand else "provisioned-concurrency"),
     )
 
@@ -199,21 +242,23 @@ def environment(fn: FunctionConfig, initialization: str) -> dict[str, str]:
     env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": os.environ.get("LANG", "C.UTF-8")}
     env.update(fn.env)
     stream = f"{time.strftime('%Y/%m/%d', time.gmtime())}/[{fn.version}]{os.urandom(16).hex()}"
-    env.update({
-        "_HANDLER": fn.handler,
-        "LAMBDA_TASK_ROOT": str(fn.code),
-        "LAMBDA_RUNTIME_DIR": _ROOT,
-        "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info[0]}.{sys.version_info[1]}",
-        "AWS_LAMBDA_FUNCTION_NAME": fn.name,
-        "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_mb),
-        "AWS_LAMBDA_LOG_GROUP_NAME": fn.log_group,
-        "AWS_LAMBDA_LOG_STREAM_NAME": stream,
-        "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
-        "AWS_REGION": fn.region,
-        "AWS_DEFAULT_REGION": fn.region,
-        "TZ": "UTC",
-    })
+    env.update(
+        {
+            "_HANDLER": fn.handler,
+            "LAMBDA_TASK_ROOT": str(fn.code),
+            "LAMBDA_RUNTIME_DIR": _ROOT,
+            "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info[0]}.{sys.version_info[1]}",
+            "AWS_LAMBDA_FUNCTION_NAME": fn.name,
+            "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_mb),
+            "AWS_LAMBDA_LOG_GROUP_NAME": fn.log_group,
+            "AWS_LAMBDA_LOG_STREAM_NAME": stream,
+            "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
+            "AWS_REGION": fn.region,
+            "AWS_DEFAULT_REGION": fn.region,
+            "TZ": "UTC",
+        }
+    )
     # The worker must import `daemon` from this very tree, installed or not; it removes this
     # entry again before importing the handler.
     user_path = fn.env.get("PYTHONPATH")
@@ -255,8 +300,13 @@ class _PidfdChildWatcher(asyncio.AbstractChildWatcher):
         loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
 
     @staticmethod
-    def _reap(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int,
-              callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+    def _reap(
+        loop: asyncio.AbstractEventLoop,
+        pid: int,
+        pidfd: int,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+    ) -> None:
         loop.remove_reader(pidfd)
         os.close(pidfd)
         try:

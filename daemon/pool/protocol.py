@@ -50,8 +50,14 @@ class _Message:
 class Invoke(_Message):
     __slots__ = ("invocation_id", "event", "invoked_arn", "deadline_ms", "client_context")
 
-    def __init__(self, invocation_id: str, event: bytes, invoked_arn: str, deadline_ms: int,
-                 client_context: str | None = None) -> None:
+    def __init__(
+        self,
+        invocation_id: str,
+        event: bytes,
+        invoked_arn: str,
+        deadline_ms: int,
+        client_context: str | None = None,
+    ) -> None:
         self.invocation_id = invocation_id
         self.event = event  # JSON text; empty means `{}`
         self.invoked_arn = invoked_arn
@@ -69,8 +75,9 @@ class Ready(_Message):
 class InitFailed(_Message):
     __slots__ = ("error_type", "error_message", "payload", "init_duration_ms")
 
-    def __init__(self, error_type: str, error_message: str, payload: bytes,
-                 init_duration_ms: float) -> None:
+    def __init__(
+        self, error_type: str, error_message: str, payload: bytes, init_duration_ms: float
+    ) -> None:
         self.error_type = error_type
         self.error_message = error_message
         self.payload = payload  # Lambda's error JSON
@@ -79,13 +86,27 @@ class InitFailed(_Message):
 
 class Result(_Message):
     __slots__ = (
-        "ok", "payload", "error_type", "error_message", "max_memory_kb", "retire", "rss_kb",
+        "ok",
+        "payload",
+        "error_type",
+        "error_message",
+        "max_memory_kb",
+        "retire",
+        "rss_kb",
         "quiet",
     )
 
-    def __init__(self, ok: bool, payload: bytes, error_type: str | None = None,
-                 error_message: str | None = None, max_memory_kb: int | None = None,
-                 retire: bool = False, rss_kb: int | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        ok: bool,
+        payload: bytes,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        max_memory_kb: int | None = None,
+        retire: bool = False,
+        rss_kb: int | None = None,
+        quiet: bool = False,
+    ) -> None:
         self.ok = ok
         self.payload = payload  # the handler's result JSON, or Lambda's error JSON
         self.error_type = error_type
@@ -136,8 +157,14 @@ def _encode_invoke(message: Invoke) -> bytes:
     context_bytes = b"" if context is None else context.encode("utf-8", "backslashreplace")
     n_id, n_event, n_arn, n_context = len(id_bytes), len(event), len(arn_bytes), len(context_bytes)
     fixed = _INVOKE_FIXED.pack(
-        _INVOKE_FIXED.size - HEADER_BYTES + n_id + n_event + n_arn + n_context, _INVOKE,
-        context is not None, message.deadline_ms, n_id, n_event, n_arn, n_context,
+        _INVOKE_FIXED.size - HEADER_BYTES + n_id + n_event + n_arn + n_context,
+        _INVOKE,
+        context is not None,
+        message.deadline_ms,
+        n_id,
+        n_event,
+        n_arn,
+        n_context,
     )
     return b"".join((fixed, id_bytes, event, arn_bytes, context_bytes))
 
@@ -150,9 +177,16 @@ def _encode_init_failed(message: InitFailed) -> bytes:
     error_type, error_message = _utf8(message.error_type), _utf8(message.error_message)
     payload = message.payload
     fixed = _INIT_FAILED_FIXED.pack(
-        _INIT_FAILED_FIXED.size - HEADER_BYTES + len(error_type) + len(error_message)
+        _INIT_FAILED_FIXED.size
+        - HEADER_BYTES
+        + len(error_type)
+        + len(error_message)
         + len(payload),
-        _INIT_FAILED, message.init_duration_ms, len(error_type), len(error_message), len(payload),
+        _INIT_FAILED,
+        message.init_duration_ms,
+        len(error_type),
+        len(error_message),
+        len(payload),
     )
     return b"".join((fixed, error_type, error_message, payload))
 
@@ -160,8 +194,11 @@ def _encode_init_failed(message: InitFailed) -> bytes:
 def _encode_result(message: Result) -> bytes:
     payload, error_type, error_message = message.payload, message.error_type, message.error_message
     peak_kb, rss_kb = message.max_memory_kb, message.rss_kb
-    flags = (_OK if message.ok else 0) | (_RETIRE if message.retire else 0) | (
-        _QUIET if message.quiet else 0)
+    flags = (
+        (_OK if message.ok else 0)
+        | (_RETIRE if message.retire else 0)
+        | (_QUIET if message.quiet else 0)
+    )
     if peak_kb is None:
         peak_kb = 0
     else:
@@ -171,10 +208,19 @@ def _encode_result(message: Result) -> bytes:
     else:
         flags |= _HAS_RSS
     if error_type is None and error_message is None:  # a handler's result
-        return _RESULT_FIXED.pack(
-            _RESULT_FIXED.size - HEADER_BYTES + len(payload), _RESULT, flags, peak_kb, rss_kb,
-            0, 0, len(payload),
-        ) + payload
+        return (
+            _RESULT_FIXED.pack(
+                _RESULT_FIXED.size - HEADER_BYTES + len(payload),
+                _RESULT,
+                flags,
+                peak_kb,
+                rss_kb,
+                0,
+                0,
+                len(payload),
+            )
+            + payload
+        )
     type_bytes = message_bytes = b""
     if error_type is not None:
         type_bytes, flags = _utf8(error_type), flags | _HAS_TYPE
@@ -182,13 +228,21 @@ def _encode_result(message: Result) -> bytes:
         message_bytes, flags = _utf8(error_message), flags | _HAS_MESSAGE
     fixed = _RESULT_FIXED.pack(
         _RESULT_FIXED.size - HEADER_BYTES + len(type_bytes) + len(message_bytes) + len(payload),
-        _RESULT, flags, peak_kb, rss_kb, len(type_bytes), len(message_bytes), len(payload),
+        _RESULT,
+        flags,
+        peak_kb,
+        rss_kb,
+        len(type_bytes),
+        len(message_bytes),
+        len(payload),
     )
     return b"".join((fixed, type_bytes, message_bytes, payload))
 
 
 _ENCODERS: dict[type, Callable[[Any], bytes]] = {
-    Invoke: _encode_invoke, Ready: _encode_ready, InitFailed: _encode_init_failed,
+    Invoke: _encode_invoke,
+    Ready: _encode_ready,
+    InitFailed: _encode_init_failed,
     Result: _encode_result,
 }
 
@@ -270,16 +324,24 @@ def _decode_result(frame: bytes) -> Result | None:
         return Result(True, frame[at:], None, None, peak_kb, False, rss_kb, flags != _PLAIN_OK)
     if at + n_type + n_message + n_payload != end:
         raise FrameError("the field lengths do not add up to the frame's size")
-    if flags & ~_KNOWN_FLAGS or (n_type and not flags & _HAS_TYPE) or (
-            n_message and not flags & _HAS_MESSAGE):
+    if (
+        flags & ~_KNOWN_FLAGS
+        or (n_type and not flags & _HAS_TYPE)
+        or (n_message and not flags & _HAS_MESSAGE)
+    ):
         raise FrameError("unknown flags, or a string marked absent")
     error_type = frame[at : at + n_type].decode() if flags & _HAS_TYPE else None
     at += n_type
     error_message = frame[at : at + n_message].decode() if flags & _HAS_MESSAGE else None
     return Result(
-        flags & _OK != 0, frame[at + n_message :], error_type, error_message,
-        peak_kb if flags & _HAS_PEAK else None, flags & _RETIRE != 0,
-        rss_kb if flags & _HAS_RSS else None, flags & _QUIET != 0,
+        flags & _OK != 0,
+        frame[at + n_message :],
+        error_type,
+        error_message,
+        peak_kb if flags & _HAS_PEAK else None,
+        flags & _RETIRE != 0,
+        rss_kb if flags & _HAS_RSS else None,
+        flags & _QUIET != 0,
     )
 
 
@@ -290,7 +352,9 @@ def _finite(value: float) -> float:
 
 
 _FROM_WORKER: dict[int, Callable[[bytes], Any]] = {
-    _READY: _decode_ready, _INIT_FAILED: _decode_init_failed, _RESULT: _decode_result,
+    _READY: _decode_ready,
+    _INIT_FAILED: _decode_init_failed,
+    _RESULT: _decode_result,
 }
 _TO_WORKER: dict[int, Callable[[bytes], Any]] = {_INVOKE: _decode_invoke}
 _DECODERS = {**_TO_WORKER, **_FROM_WORKER}

@@ -116,8 +116,12 @@ class WorkerPool:
         if starting := self._ensure_warm():
             await asyncio.wait(starting)
 
-    async def invoke(self, fn: FunctionConfig, request: InvokeRequest,
-                     on_start: Callable[[int, float], None] | None = None) -> Outcome:
+    async def invoke(
+        self,
+        fn: FunctionConfig,
+        request: InvokeRequest,
+        on_start: Callable[[int, float], None] | None = None,
+    ) -> Outcome:
         """Run one invocation on a worker of `fn`; handler failures come back as the Outcome."""
         if self._loop is None or self._closed:
             raise RuntimeError("the worker pool is not running")
@@ -328,8 +332,15 @@ class WorkerPool:
             worker.close_files()
         exit_code, signum = exit_status(returncode)
         emit = log.warning if worker.stop_reason == "crashed" else log.info
-        emit("worker_stopped", function=name, pid=worker.pid, reason=worker.stop_reason,
-             exit_code=exit_code, signal=signum, **worker.stop_detail)
+        emit(
+            "worker_stopped",
+            function=name,
+            pid=worker.pid,
+            reason=worker.stop_reason,
+            exit_code=exit_code,
+            signal=signum,
+            **worker.stop_detail,
+        )
         if not self._closed:
             self._pump()
             self._ensure_warm()
@@ -350,8 +361,12 @@ class WorkerPool:
             key = self._keys[name][1]
             if fn.min_warm == 0 or self._warm_failed.get(name) == key:
                 continue
-            while (self._counts.get(name, 0) < fn.min_warm and self._slots < self._max_workers
-                   and not self._waiters and not self._closed):
+            while (
+                self._counts.get(name, 0) < fn.min_warm
+                and self._slots < self._max_workers
+                and not self._waiters
+                and not self._closed
+            ):
                 self._reserve(name)
                 starting.append(self._spawn_task(self._warm(fn, key), "pool-warm-start"))
         return starting
@@ -364,8 +379,9 @@ class WorkerPool:
         started.read_output(None, self._capture_bytes)
         self._release(started)
 
-    async def _start_worker(self, fn: FunctionConfig, key: Key,
-                            request: InvokeRequest | None) -> Worker | Outcome:
+    async def _start_worker(
+        self, fn: FunctionConfig, key: Key, request: InvokeRequest | None
+    ) -> Worker | Outcome:
         """Spawn a worker into a reserved slot and wait for its init; an Outcome if that fails."""
         assert self._loop is not None
         started_at, clock = time.time(), time.perf_counter()
@@ -373,8 +389,9 @@ class WorkerPool:
             worker = await self._spawn(fn, key, request is not None)
         except OSError as exc:
             error_type, error = "Runtime.InvalidEntrypoint", f"Cannot start a worker: {exc}"
-            log.error("worker_init_failed", function=fn.name, error_type=error_type,
-                      error_message=error)
+            log.error(
+                "worker_init_failed", function=fn.name, error_type=error_type, error_message=error
+            )
             payload = error_payload(error_type, error)
             return call_outcome(Status.FAILED, payload, started_at, clock, error_type, error)
         message: Any
@@ -390,8 +407,12 @@ class WorkerPool:
         if isinstance(message, Ready):
             self._warm_failed.pop(fn.name, None)
             worker.init_duration_ms = message.init_duration_ms
-            log.info("worker_started", function=fn.name, pid=worker.pid,
-                     init_duration_ms=round(message.init_duration_ms, 3))
+            log.info(
+                "worker_started",
+                function=fn.name,
+                pid=worker.pid,
+                init_duration_ms=round(message.init_duration_ms, 3),
+            )
             return worker
         try:
             return await self._init_failure(worker, message, request, started_at, clock)
@@ -431,30 +452,54 @@ class WorkerPool:
             raise
         return worker
 
-    async def _init_failure(self, worker: Worker, message: Any, request: InvokeRequest | None,
-                            started_at: float, clock: float) -> Outcome:
+    async def _init_failure(
+        self,
+        worker: Worker,
+        message: Any,
+        request: InvokeRequest | None,
+        started_at: float,
+        clock: float,
+    ) -> Outcome:
         request_id = request.invocation_id if request else ""
         # min_warm stops restarting this code until it changes or a cold start gets through.
         self._warm_failed[worker.fn.name] = worker.key
         if isinstance(message, InitFailed):
             self._kill(worker, "init_failed")
             await worker.wait_exit(_EXIT_WAIT_S)
-            outcome = call_outcome(Status.FAILED, message.payload, started_at, clock,
-                                   message.error_type, message.error_message)
+            outcome = call_outcome(
+                Status.FAILED,
+                message.payload,
+                started_at,
+                clock,
+                message.error_type,
+                message.error_message,
+            )
             outcome.init_duration_ms = message.init_duration_ms
         else:
-            outcome = await self._lost(worker, message, request_id, "Init", self.init_timeout_s,
-                                       started_at, clock)
+            outcome = await self._lost(
+                worker, message, request_id, "Init", self.init_timeout_s, started_at, clock
+            )
         outcome.logs = worker.read_output(request_id or None, self._capture_bytes)
         outcome.worker_pid = worker.pid
-        log.warning("worker_init_failed", function=worker.fn.name, pid=worker.pid,
-                    error_type=outcome.error_type, error_message=outcome.error_message)
+        log.warning(
+            "worker_init_failed",
+            function=worker.fn.name,
+            pid=worker.pid,
+            error_type=outcome.error_type,
+            error_message=outcome.error_message,
+        )
         return outcome
 
     # --- one invocation ----------------------------------------------------------------------
 
-    async def _run(self, worker: Worker, fn: FunctionConfig, request: InvokeRequest,
-                   on_start: Callable[[int, float], None] | None, cold: bool) -> Outcome:
+    async def _run(
+        self,
+        worker: Worker,
+        fn: FunctionConfig,
+        request: InvokeRequest,
+        on_start: Callable[[int, float], None] | None,
+        cold: bool,
+    ) -> Outcome:
         loop = self._loop
         assert loop is not None
         started_at = time.time()
@@ -466,15 +511,21 @@ class WorkerPool:
                 raise
         clock = time.perf_counter()
         invoke = Invoke(
-            request.invocation_id, request.event, request.invoked_arn,
-            int((started_at + fn.timeout_s) * 1000), request.client_context,
+            request.invocation_id,
+            request.event,
+            request.invoked_arn,
+            int((started_at + fn.timeout_s) * 1000),
+            request.client_context,
         )
-        message = await worker.call(loop, invoke, fn.timeout_s, self._capture_bytes,
-                                    self._time_out)
+        message = await worker.call(loop, invoke, fn.timeout_s, self._capture_bytes, self._time_out)
         if isinstance(message, Result):
             outcome = call_outcome(
-                Status.SUCCEEDED if message.ok else Status.FAILED, message.payload, started_at,
-                clock, message.error_type, message.error_message,
+                Status.SUCCEEDED if message.ok else Status.FAILED,
+                message.payload,
+                started_at,
+                clock,
+                message.error_type,
+                message.error_message,
             )
             outcome.max_memory_mb = kb_to_mb(message.max_memory_kb)
             if message.retire:
@@ -482,8 +533,9 @@ class WorkerPool:
             else:
                 worker.check_recycle(fn, message.rss_kb)
         else:
-            outcome = await self._lost(worker, message, request.invocation_id, "Task", fn.timeout_s,
-                                       started_at, clock)
+            outcome = await self._lost(
+                worker, message, request.invocation_id, "Task", fn.timeout_s, started_at, clock
+            )
         if not (isinstance(message, Result) and message.quiet):  # quiet: nothing to read
             outcome.logs = worker.read_output(request.invocation_id, self._capture_bytes)
         outcome.worker_pid = worker.pid
@@ -491,8 +543,16 @@ class WorkerPool:
         self._release(worker)
         return outcome
 
-    async def _lost(self, worker: Worker, message: Any, request_id: str, phase: str,
-                    timeout_s: float, started_at: float, clock: float) -> Outcome:
+    async def _lost(
+        self,
+        worker: Worker,
+        message: Any,
+        request_id: str,
+        phase: str,
+        timeout_s: float,
+        started_at: float,
+        clock: float,
+    ) -> Outcome:
         """The Outcome when no reply came: the deadline passed, or the worker died."""
         if message is TIMED_OUT:
             self._time_out(worker)

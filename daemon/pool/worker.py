@@ -52,7 +52,11 @@ class _Identity:
 
 class _Client:
     __slots__ = (
-        "installation_id", "app_title", "app_version_name", "app_version_code", "app_package_name",
+        "installation_id",
+        "app_title",
+        "app_version_name",
+        "app_version_code",
+        "app_package_name",
     )
 
 
@@ -73,7 +77,11 @@ class LambdaContext:
     """The `context` argument, with the attributes and types of AWS's Python runtime client."""
 
     __slots__ = (
-        "aws_request_id", "invoked_function_arn", "client_context", "identity", "tenant_id",
+        "aws_request_id",
+        "invoked_function_arn",
+        "client_context",
+        "identity",
+        "tenant_id",
         "_deadline_ms",
     )
     # Set once at start from the reserved variables (class attributes: the same for every call).
@@ -152,7 +160,10 @@ def _unencodable(value: Any) -> Any:
 
 
 _ENCODER = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_unencodable,
+    ensure_ascii=False,
+    allow_nan=False,
+    separators=(",", ":"),
+    default=_unencodable,
 )
 
 
@@ -191,7 +202,16 @@ def _encode_with_decimals(value: Any) -> str:
         return float.__repr__(value)
 
     chunks = json.encoder._make_iterencode(  # type: ignore[attr-defined]
-        {}, default, json.encoder.encode_basestring, None, number, ":", ",", False, False, True,
+        {},
+        default,
+        json.encoder.encode_basestring,
+        None,
+        number,
+        ":",
+        ",",
+        False,
+        False,
+        True,
     )
     return "".join(chunks(value, 0))
 
@@ -368,7 +388,9 @@ def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Res
 
 def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) -> Result:
     body = {
-        "errorMessage": message, "errorType": error_type, "requestId": invoke.invocation_id,
+        "errorMessage": message,
+        "errorType": error_type,
+        "requestId": invoke.invocation_id,
         "stackTrace": stack,
     }
     _log_error(error_type, message, stack)
@@ -379,8 +401,9 @@ def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) ->
 def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:
     _relax_memory_limit()
     limit = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "?")
-    message = (f"RequestId: {invoke.invocation_id} Error: handler exceeded the memory limit of "
-               f"{limit} MB")
+    message = (
+        f"RequestId: {invoke.invocation_id} Error: handler exceeded the memory limit of {limit} MB"
+    )
     _log_error("Runtime.OutOfMemory", message, _user_stack(exc))
     body = _to_json({"errorType": "Runtime.OutOfMemory", "errorMessage": message})
     peak_kb = _status_kb(b"VmHWM:")
@@ -389,7 +412,8 @@ def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:
 
 def _user_stack(exc: BaseException) -> list[str]:
     frames = [
-        frame for frame in traceback.extract_tb(exc.__traceback__)
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
         if frame.filename != __file__ and not frame.filename.startswith("<frozen importlib")
     ]
     while frames and frames[0].filename.startswith(_ASYNCIO_DIR):

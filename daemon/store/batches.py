@@ -31,19 +31,29 @@ DEFERRABLE = 4  # relaxed, and nobody waits on its commit to go on: its batch ma
 BOOKKEEPING = RELAXED | REPEATABLE | DEFERRABLE
 # These say the database cannot take writes right now, not that one operation is wrong. SQLite
 # may already have rolled the whole transaction back, so they fail the whole batch.
-_UNAVAILABLE_CODES = frozenset({
-    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
-    sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL,
-    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB,
-})  # fmt: skip
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
 
 
 def repeatable(fn: C) -> C:
     """Mark `fn`, an `extra_sql` callback, safe to run again after its transaction rolled back.
 
     It must only run SQL on the connection, or else undo what it did before when it runs
-    again (as Router does in daemon/destinations/routing.py): the writer may roll a batch back and run it
-    again (see Batches). A write with an unmarked callback puts its whole batch on the slower
+    again (as daemon/destinations/routing.py's Router does): the writer may roll a batch back and
+    run it again (see Batches). A write with an unmarked callback puts its whole batch on the slower
     path, one savepoint per op, where nothing runs twice. `fn` is a function or a partial.
     """
     setattr(fn, _REPEATABLE, True)
@@ -162,8 +172,9 @@ def _run_bare_batch(conn: sqlite3.Connection, ops: list[Write]) -> list[tuple[bo
             while end < len(ops) and ops[end].func is records.insert_finished:
                 end += 1
             pairs = [(o.keywords["inv"], o.keywords["o"]) for o in ops[start:end]]
-            results += [(True, _run_bare(conn, partial(records.insert_finished_many,
-                                                       finished=pairs)))] * (end - start)
+            results += [
+                (True, _run_bare(conn, partial(records.insert_finished_many, finished=pairs)))
+            ] * (end - start)
         else:
             results.append((True, _run_bare(conn, op)))
         start = end

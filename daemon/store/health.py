@@ -39,10 +39,13 @@ LOW_DISK_BYTES = 16 * 1024 * 1024  # below this much free space a warning comes 
 MIB = 1024 * 1024
 
 _REASONS = {
-    sqlite3.SQLITE_FULL: "disk_full", sqlite3.SQLITE_READONLY: "read_only",
-    sqlite3.SQLITE_IOERR: "io_error", sqlite3.SQLITE_BUSY: "locked",
-    sqlite3.SQLITE_LOCKED: "locked", sqlite3.SQLITE_CANTOPEN: "read_only",
-}  # fmt: skip
+    sqlite3.SQLITE_FULL: "disk_full",
+    sqlite3.SQLITE_READONLY: "read_only",
+    sqlite3.SQLITE_IOERR: "io_error",
+    sqlite3.SQLITE_BUSY: "locked",
+    sqlite3.SQLITE_LOCKED: "locked",
+    sqlite3.SQLITE_CANTOPEN: "read_only",
+}
 
 
 class StoreHealth:
@@ -102,8 +105,13 @@ class StoreHealth:
         }
         if self.reason is None:
             return {"status": "ok", "store": store}
-        return {"status": "degraded", "reason": self.reason, "error": self.error,
-                "since": self._since, "store": store}
+        return {
+            "status": "degraded",
+            "reason": self.reason,
+            "error": self.error,
+            "since": self._since,
+            "store": store,
+        }
 
     async def _probe(self) -> tuple[str | None, str]:
         try:
@@ -130,8 +138,14 @@ class StoreHealth:
             self._logged_at = now
             # Loud on purpose: events are refused (webhooks 503, MQTT unacked, files and cron
             # retried) until someone frees space or fixes the disk.
-            log.error("store_degraded", reason=reason, error=error, data_dir=str(self._dir),
-                      for_s=round(now - self._since, 1), **self._disk_figures())
+            log.error(
+                "store_degraded",
+                reason=reason,
+                error=error,
+                data_dir=str(self._dir),
+                for_s=round(now - self._since, 1),
+                **self._disk_figures(),
+            )
             notify(f"STATUS=degraded: store {reason}: {error}")
         self.reason, self.error = reason, error
 
@@ -141,7 +155,8 @@ class StoreHealth:
         low = disk.f_bavail * disk.f_frsize < LOW_DISK_BYTES
         if low != self._low_disk:
             (log.warning if low else log.info)(
-                "disk_space_low" if low else "disk_space_ok", data_dir=str(self._dir),
+                "disk_space_low" if low else "disk_space_ok",
+                data_dir=str(self._dir),
                 **self._disk_figures(),
             )
         self._low_disk = low
@@ -150,8 +165,10 @@ class StoreHealth:
         disk = _statvfs(self._dir)
         if disk is None:
             return {}
-        return {"disk_free_mb": round(disk.f_bavail * disk.f_frsize / MIB, 3),
-                "disk_size_mb": round(disk.f_blocks * disk.f_frsize / MIB, 1)}
+        return {
+            "disk_free_mb": round(disk.f_bavail * disk.f_frsize / MIB, 3),
+            "disk_size_mb": round(disk.f_blocks * disk.f_frsize / MIB, 1),
+        }
 
 
 STORE_HEALTH: web.AppKey[StoreHealth] = web.AppKey("store_health", StoreHealth)
@@ -160,10 +177,15 @@ STORE_HEALTH: web.AppKey[StoreHealth] = web.AppKey("store_health", StoreHealth)
 def _probe_write(conn: sqlite3.Connection) -> None:
     # One small row rewritten in place: a real page write through the WAL, like an event's,
     # without growing anything. Created here, like cron's table, so no migration is needed.
-    conn.execute("CREATE TABLE IF NOT EXISTS store_probe"
-                 " (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)")
-    conn.execute("INSERT INTO store_probe VALUES (1, ?)"
-                 " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at", (time.time(),))
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS store_probe"
+        " (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)"
+    )
+    conn.execute(
+        "INSERT INTO store_probe VALUES (1, ?)"
+        " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
+        (time.time(),),
+    )
 
 
 def _reason(exc: BaseException) -> str:

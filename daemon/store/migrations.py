@@ -65,9 +65,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE attempts ADD COLUMN logs TEXT",
     ),
     # v3: destinations. `hops` counts the destination hops from the chain's first invocation,
-    # so a function that triggers itself is stopped (daemon/destinations/routing.py). The outbox holds the
-    # mqtt: and webhook: destination records until their target acknowledges them; a row is
-    # written in the same transaction as the invocation's final record and deleted once
+    # so a function that triggers itself is stopped (daemon/destinations/routing.py). The outbox
+    # holds the mqtt: and webhook: destination records until their target acknowledges them; a
+    # row is written in the same transaction as the invocation's final record and deleted once
     # delivered, or kept as 'failed' when the target refused it for good. No foreign key:
     # pruning an old invocation must never take an undelivered record with it.
     (

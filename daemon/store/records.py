@@ -1,6 +1,6 @@
 """The invocation record's rows and SQL. The functions below run in the store's database thread.
 
-daemon/store/sqlite.py owns the connections and the group-commit writer and re-exports the row types.
+sqlite.py owns the connections and the group-commit writer and re-exports the row types.
 Each write here runs inside the writer's transaction, and may run a second time after that
 transaction was rolled back (daemon/store/batches.py): so it runs SQL and has no other effects.
 """
@@ -88,10 +88,24 @@ def insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Any) -> tupl
         " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
         " parent_id, hops, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (dedupe_key) DO NOTHING",
-        (inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
-         inv.invocation_type, str(inv.status), inv.attempt, inv.dedupe_key, inv.queued_at,
-         inv.started_at, inv.worker_pid, inv.parent_id, inv.hops, inv.event),
-    )  # fmt: skip
+        (
+            inv.id,
+            inv.function,
+            inv.function_version,
+            inv.trigger,
+            inv.trigger_id,
+            inv.invocation_type,
+            str(inv.status),
+            inv.attempt,
+            inv.dedupe_key,
+            inv.queued_at,
+            inv.started_at,
+            inv.worker_pid,
+            inv.parent_id,
+            inv.hops,
+            inv.event,
+        ),
+    )
     if cur.rowcount == 0:
         row = conn.execute(
             "SELECT id FROM invocations WHERE dedupe_key = ?", (inv.dedupe_key,)
@@ -121,12 +135,31 @@ def insert_finished_many(
         params: list[Any] = []
         for inv, o in rows:
             params += (
-                inv.id, inv.function, inv.function_version, inv.trigger, inv.trigger_id,
-                inv.invocation_type, str(o.status), inv.attempt, inv.queued_at, o.started_at,
-                o.ended_at, o.duration_ms, o.billed_duration_ms, o.init_duration_ms,
-                o.max_memory_mb, o.error_type, o.error_message, o.exit_code, o.signal,
-                o.worker_pid, inv.parent_id, inv.event, o.payload, o.logs,
-            )  # fmt: skip
+                inv.id,
+                inv.function,
+                inv.function_version,
+                inv.trigger,
+                inv.trigger_id,
+                inv.invocation_type,
+                str(o.status),
+                inv.attempt,
+                inv.queued_at,
+                o.started_at,
+                o.ended_at,
+                o.duration_ms,
+                o.billed_duration_ms,
+                o.init_duration_ms,
+                o.max_memory_mb,
+                o.error_type,
+                o.error_message,
+                o.exit_code,
+                o.signal,
+                o.worker_pid,
+                inv.parent_id,
+                inv.event,
+                o.payload,
+                o.logs,
+            )
         conn.execute(_FINISHED[n], params)
         params = []
         for inv, o in rows:  # the row's pid is the outcome's: no lookup of the row needed
@@ -148,8 +181,13 @@ def mark_running(
 
 
 def finish(
-    conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, dead_letter: str | None,
-    now: float, extra_sql: Any = None,
+    conn: sqlite3.Connection,
+    id: str,
+    attempt: int,
+    o: Outcome,
+    dead_letter: str | None,
+    now: float,
+    extra_sql: Any = None,
 ) -> None:
     _update_one(
         conn,
@@ -158,11 +196,27 @@ def finish(
         " init_duration_ms = ?, max_memory_mb = ?, error_type = ?, error_message = ?,"
         " exit_code = ?, signal = ?, worker_pid = COALESCE(?, worker_pid), result = ?,"
         " logs = ?, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
-        (str(o.status), attempt, o.started_at, o.ended_at, o.duration_ms,
-         o.billed_duration_ms, o.init_duration_ms, o.max_memory_mb, o.error_type,
-         o.error_message, o.exit_code, o.signal, o.worker_pid, o.payload, o.logs,
-         dead_letter, now if dead_letter else None, id),
-    )  # fmt: skip
+        (
+            str(o.status),
+            attempt,
+            o.started_at,
+            o.ended_at,
+            o.duration_ms,
+            o.billed_duration_ms,
+            o.init_duration_ms,
+            o.max_memory_mb,
+            o.error_type,
+            o.error_message,
+            o.exit_code,
+            o.signal,
+            o.worker_pid,
+            o.payload,
+            o.logs,
+            dead_letter,
+            now if dead_letter else None,
+            id,
+        ),
+    )
     _record_attempt(conn, id, attempt, o)
     if extra_sql is not None:
         extra_sql(conn)
@@ -177,9 +231,18 @@ def requeue(
         "UPDATE invocations SET status = 'queued', attempt = ?, next_attempt_at = ?,"
         " error_type = ?, error_message = ?, exit_code = ?, signal = ?,"
         " worker_pid = COALESCE(?, worker_pid), logs = ? WHERE id = ?",
-        (attempt, next_attempt_at, o.error_type, o.error_message, o.exit_code, o.signal,
-         o.worker_pid, o.logs, id),
-    )  # fmt: skip
+        (
+            attempt,
+            next_attempt_at,
+            o.error_type,
+            o.error_message,
+            o.exit_code,
+            o.signal,
+            o.worker_pid,
+            o.logs,
+            id,
+        ),
+    )
     _record_attempt(conn, id, attempt, o)
 
 
@@ -208,8 +271,11 @@ def dead_letter_waiting(
 
 
 def redrive(
-    conn: sqlite3.Connection, ids: list[str] | None, function: str | None,
-    functions: list[str], now: float,
+    conn: sqlite3.Connection,
+    ids: list[str] | None,
+    function: str | None,
+    functions: list[str],
+    now: float,
 ) -> list[QueuedInvocation]:
     """Queue dead letters again, of configured functions only, with a fresh budget and age."""
     sql = (
@@ -245,8 +311,19 @@ def _record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome)
 
 def _attempt_values(id: str, attempt: int, o: Outcome) -> tuple[Any, ...]:
     """An attempts row in _ATTEMPT's column order, but for the last one (worker_pid)."""
-    return (id, attempt, str(o.status), o.started_at, o.ended_at, o.duration_ms, o.error_type,
-            o.error_message, o.exit_code, o.signal, o.logs)  # fmt: skip
+    return (
+        id,
+        attempt,
+        str(o.status),
+        o.started_at,
+        o.ended_at,
+        o.duration_ms,
+        o.error_type,
+        o.error_message,
+        o.exit_code,
+        o.signal,
+        o.logs,
+    )
 
 
 def _values(width: int, rows: int) -> str:
@@ -279,7 +356,9 @@ def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> 
 
 
 def recover_running(
-    conn: sqlite3.Connection, now: float, decide: Decide,
+    conn: sqlite3.Connection,
+    now: float,
+    decide: Decide,
     final_sql: Callable[[sqlite3.Connection, str], None] | None = None,
 ) -> Recovery:
     """Record each interrupted attempt as crashed, then retry or dead-letter it by the policy.
@@ -296,9 +375,17 @@ def recover_running(
         conn.execute(
             "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
             " ended_at, error_type, error_message, worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (id, attempt, Status.CRASHED.value, started_at, now, INTERRUPTED_ERROR_TYPE,
-             INTERRUPTED_MESSAGE, worker_pid),
-        )  # fmt: skip
+            (
+                id,
+                attempt,
+                Status.CRASHED.value,
+                started_at,
+                now,
+                INTERRUPTED_ERROR_TYPE,
+                INTERRUPTED_MESSAGE,
+                worker_pid,
+            ),
+        )
         # The same policy as any failed attempt, so an event that keeps taking the daemon down
         # stops after its retries instead of looping forever.
         verdict = decide(function, attempt, retry_base, age_from) if kind == "async" else Verdict()
@@ -307,10 +394,17 @@ def recover_running(
             "UPDATE invocations SET status = ?, recoveries = recoveries + 1,"
             " next_attempt_at = ?, ended_at = ?, error_type = ?, error_message = ?,"
             " dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
-            (Status.QUEUED.value if again else Status.CRASHED.value, verdict.next_attempt_at,
-             None if again else now, INTERRUPTED_ERROR_TYPE, INTERRUPTED_MESSAGE,
-             verdict.dead_letter, now if verdict.dead_letter else None, id),
-        )  # fmt: skip
+            (
+                Status.QUEUED.value if again else Status.CRASHED.value,
+                verdict.next_attempt_at,
+                None if again else now,
+                INTERRUPTED_ERROR_TYPE,
+                INTERRUPTED_MESSAGE,
+                verdict.dead_letter,
+                now if verdict.dead_letter else None,
+                id,
+            ),
+        )
         if again:
             recovery.requeued.append(id)
         elif verdict.dead_letter:

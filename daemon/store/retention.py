@@ -58,15 +58,29 @@ INCREMENTAL = 2  # PRAGMA auto_vacuum
 _LIVE_PAGES = "SELECT * FROM pragma_page_count(), pragma_freelist_count()"
 _FINAL = "status IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES)))
 # (table, where, order): each batch deletes the first rows of one of these.
-_BY_AGE = ("invocations", f"{_FINAL} AND queued_at < :cutoff"
-           " AND COALESCE(ended_at, dead_lettered_at, queued_at) < :cutoff", "queued_at")
-_BY_SIZE = ("invocations", f"{_FINAL} AND dead_letter_reason IS NULL"
-            " AND COALESCE(ended_at, queued_at) < :keep", "queued_at")
-_DEAD_BY_SIZE = ("invocations", f"{_FINAL} AND dead_letter_reason IS NOT NULL"
-                 " AND COALESCE(dead_lettered_at, ended_at, queued_at) < :keep", "dead_lettered_at")
+_BY_AGE = (
+    "invocations",
+    f"{_FINAL} AND queued_at < :cutoff"
+    " AND COALESCE(ended_at, dead_lettered_at, queued_at) < :cutoff",
+    "queued_at",
+)
+_BY_SIZE = (
+    "invocations",
+    f"{_FINAL} AND dead_letter_reason IS NULL AND COALESCE(ended_at, queued_at) < :keep",
+    "queued_at",
+)
+_DEAD_BY_SIZE = (
+    "invocations",
+    f"{_FINAL} AND dead_letter_reason IS NOT NULL"
+    " AND COALESCE(dead_lettered_at, ended_at, queued_at) < :keep",
+    "dead_lettered_at",
+)
 # Destination records their target refused for good; pending ones are never touched.
-_OUTBOX_BY_AGE = ("outbox", "status = 'failed' AND COALESCE(last_attempt_at, created_at) < :cutoff",
-                  "id")
+_OUTBOX_BY_AGE = (
+    "outbox",
+    "status = 'failed' AND COALESCE(last_attempt_at, created_at) < :cutoff",
+    "id",
+)
 
 
 class Pruner:
@@ -99,8 +113,12 @@ class Pruner:
         disk = os.statvfs(self._path.parent)
         room = disk.f_bavail * disk.f_frsize + self.disk_bytes()
         if room < self._max_db_mb * MIB:
-            log.warning("store_limit_above_disk", max_db_mb=self._max_db_mb,
-                        room_mb=round(room / MIB, 1), data_dir=str(self._path.parent))
+            log.warning(
+                "store_limit_above_disk",
+                max_db_mb=self._max_db_mb,
+                room_mb=round(room / MIB, 1),
+                data_dir=str(self._path.parent),
+            )
 
     async def run(self) -> None:
         """Prune at once, then by size whenever needed and by age every AGE_EVERY_S."""
@@ -140,7 +158,10 @@ class Pruner:
         if await self._file_bytes() > self._db_bytes:
             await self._shrink()
         report = {
-            "rows": aged + sized, "by_age": aged, "by_size": sized, "outbox": outbox,
+            "rows": aged + sized,
+            "by_age": aged,
+            "by_size": sized,
+            "outbox": outbox,
             "bytes": max(0, live_before - live),
             "released_bytes": disk_before - self.disk_bytes(),
             "db_mb": round(self.disk_bytes() / MIB, 2),
@@ -153,9 +174,12 @@ class Pruner:
     def _report_over_limit(self, live: int) -> None:
         over = live > HIGH * self._db_bytes
         if over and not self._over:  # once per episode, not every SIZE_EVERY_S
-            log.warning("store_over_limit", live_mb=round(live / MIB, 2),
-                        max_db_mb=self._max_db_mb,
-                        reason="the rest is queued, running or ended in the last minute")
+            log.warning(
+                "store_over_limit",
+                live_mb=round(live / MIB, 2),
+                max_db_mb=self._max_db_mb,
+                reason="the rest is queued, running or ended in the last minute",
+            )
         elif self._over and not over:
             log.info("store_within_limit", live_mb=round(live / MIB, 2), max_db_mb=self._max_db_mb)
         self._over = over
@@ -166,8 +190,9 @@ class Pruner:
 
     # --- deleting ------------------------------------------------------------------------------
 
-    async def _delete(self, rule: tuple[str, str, str], params: dict[str, float],
-                      target: int) -> tuple[int, int]:
+    async def _delete(
+        self, rule: tuple[str, str, str], params: dict[str, float], target: int
+    ) -> tuple[int, int]:
         """Delete batches by `rule` until none is left or the live data is under `target`.
 
         Returns (rows deleted, live bytes after).
@@ -175,8 +200,14 @@ class Pruner:
         table, where, order = rule
         deleted, live = 0, await self._live_bytes()
         while live > target:
-            op = partial(_delete_batch, table=table, where=where, order=order, params=params,
-                         limit=self._batch)
+            op = partial(
+                _delete_batch,
+                table=table,
+                where=where,
+                order=order,
+                params=params,
+                limit=self._batch,
+            )
             rows, live_pages, held_s = await self._store.transaction(op)
             live = live_pages * self._page_size
             deleted += rows
@@ -229,10 +260,11 @@ class Pruner:
         # VACUUM writes a copy of the database (through the WAL) before it replaces it.
         if db_bytes > CONVERT_MAX_MB * MIB or disk.f_bavail * disk.f_frsize < 3 * db_bytes:
             log.warning(
-                "store_auto_vacuum_off", db_mb=round(db_bytes / MIB, 1),
+                "store_auto_vacuum_off",
+                db_mb=round(db_bytes / MIB, 1),
                 effect="free pages are reused but the file never shrinks",
                 fix=f"stop the daemon, then: sqlite3 {self._path}"
-                    " 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;'",
+                " 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;'",
             )
             return 0
         started = time.perf_counter()
@@ -241,8 +273,11 @@ class Pruner:
         except sqlite3.Error as exc:  # busy, or no room after all: the next start tries again
             log.warning("store_auto_vacuum_off", db_mb=round(db_bytes / MIB, 1), error=str(exc))
             return 0
-        log.info("store_auto_vacuum_enabled", db_mb=round(db_bytes / MIB, 2),
-                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        log.info(
+            "store_auto_vacuum_enabled",
+            db_mb=round(db_bytes / MIB, 2),
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         return mode
 
 
@@ -256,8 +291,14 @@ def _size(path: Path) -> int:
 # --- run in the store's database thread (inside the writer's transaction) ---------------------
 
 
-def _delete_batch(conn: sqlite3.Connection, table: str, where: str, order: str,
-                  params: dict[str, float], limit: int) -> tuple[int, int, float]:
+def _delete_batch(
+    conn: sqlite3.Connection,
+    table: str,
+    where: str,
+    order: str,
+    params: dict[str, float],
+    limit: int,
+) -> tuple[int, int, float]:
     started = time.perf_counter()
     # Attempts go with their invocation (ON DELETE CASCADE; the writer has foreign_keys on).
     rows = conn.execute(

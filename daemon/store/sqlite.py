@@ -57,8 +57,14 @@ from daemon.store.records import (
 )
 
 __all__ = [
-    "INTERRUPTED_ERROR_TYPE", "INTERRUPTED_MESSAGE", "MIGRATIONS", "NewInvocation",
-    "QueuedInvocation", "Recovery", "Store", "repeatable",
+    "INTERRUPTED_ERROR_TYPE",
+    "INTERRUPTED_MESSAGE",
+    "MIGRATIONS",
+    "NewInvocation",
+    "QueuedInvocation",
+    "Recovery",
+    "Store",
+    "repeatable",
 ]
 
 log = structlog.get_logger("lambdaemon.store")
@@ -70,6 +76,7 @@ MAX_BATCH_OPS = 512
 # GROW_OPS (see Store._next_batch).
 GROW_S = 0.002
 GROW_OPS = 32
+
 
 class Store:
     """The one owner of the SQLite file: a group-commit writer plus a read-only connection."""
@@ -109,8 +116,7 @@ class Store:
         `extra_sql` runs with it, only when the row is new: the row and the source's own state
         (a cron fire marker) are committed together or not at all (see repeatable()).
         """
-        return await self._write(records.insert, flags_of(extra_sql), inv=inv,
-                                 extra_sql=extra_sql)  # fmt: skip
+        return await self._write(records.insert, flags_of(extra_sql), inv=inv, extra_sql=extra_sql)
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
@@ -123,14 +129,25 @@ class Store:
     ) -> asyncio.Future[None]:
         """Enqueue the start of an attempt; awaiting the returned future is optional."""
         # Not deferrable: the attempt's handler starts once this is committed.
-        op = write(records.mark_running, RELAXED | REPEATABLE, id=id, attempt=attempt,
-                 started_at=started_at, worker_pid=worker_pid)  # fmt: skip
+        op = write(
+            records.mark_running,
+            RELAXED | REPEATABLE,
+            id=id,
+            attempt=attempt,
+            started_at=started_at,
+            worker_pid=worker_pid,
+        )
         future = self._submit(op)
         future.add_done_callback(partial(_log_unawaited_failure, id, "mark_running"))
         return future
 
     async def finish(
-        self, id: str, attempt: int, outcome: Outcome, *, dead_letter: str | None = None,
+        self,
+        id: str,
+        attempt: int,
+        outcome: Outcome,
+        *,
+        dead_letter: str | None = None,
         extra_sql: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         """Record the final attempt: the invocation's final fields plus its attempts row.
@@ -140,9 +157,16 @@ class Store:
         daemon/destinations/routing.py; see repeatable()).
         """
         _require_final(outcome)
-        await self._write(records.finish, RELAXED | DEFERRABLE | flags_of(extra_sql), id=id,
-                          attempt=attempt, o=outcome, dead_letter=dead_letter, now=time.time(),
-                          extra_sql=extra_sql)  # fmt: skip
+        await self._write(
+            records.finish,
+            RELAXED | DEFERRABLE | flags_of(extra_sql),
+            id=id,
+            attempt=attempt,
+            o=outcome,
+            dead_letter=dead_letter,
+            now=time.time(),
+            extra_sql=extra_sql,
+        )
 
     async def record_finished(self, inv: NewInvocation, outcome: Outcome) -> None:
         """Insert a whole finished invocation (and its attempts row) in one statement pair.
@@ -161,11 +185,19 @@ class Store:
     ) -> None:
         """Record a failed attempt that will be retried; the row is queued again."""
         _require_final(outcome)
-        await self._write(records.requeue, BOOKKEEPING, id=id, attempt=attempt, o=outcome,
-                          next_attempt_at=next_attempt_at)  # fmt: skip
+        await self._write(
+            records.requeue,
+            BOOKKEEPING,
+            id=id,
+            attempt=attempt,
+            o=outcome,
+            next_attempt_at=next_attempt_at,
+        )
 
     async def dead_letter_waiting(
-        self, id: str, reason: str,
+        self,
+        id: str,
+        reason: str,
         extra_sql: Callable[[sqlite3.Connection], None] | None = None,
     ) -> str:
         """Dead-letter a queued retry without running it; return the status it keeps.
@@ -173,8 +205,12 @@ class Store:
         `extra_sql(conn)` runs after it, committed with it or not at all (see repeatable()).
         """
         status: str = await self._write(
-            records.dead_letter_waiting, flags_of(extra_sql), id=id, reason=reason,
-            now=time.time(), extra_sql=extra_sql,
+            records.dead_letter_waiting,
+            flags_of(extra_sql),
+            id=id,
+            reason=reason,
+            now=time.time(),
+            extra_sql=extra_sql,
         )
         return status
 
@@ -183,7 +219,11 @@ class Store:
     ) -> list[QueuedInvocation]:
         """Queue dead letters of `functions` again (all, or `ids`, or one `function`'s)."""
         rows: list[QueuedInvocation] = await self._write(
-            records.redrive, REPEATABLE, ids=ids, function=function, functions=functions,
+            records.redrive,
+            REPEATABLE,
+            ids=ids,
+            function=function,
+            functions=functions,
             now=time.time(),
         )
         return rows
@@ -202,7 +242,9 @@ class Store:
         return result
 
     async def recover(
-        self, now: float, decide: Decide,
+        self,
+        now: float,
+        decide: Decide,
         final_sql: Callable[[sqlite3.Connection, str], None] | None = None,
     ) -> Recovery:
         """Settle the rows a dead daemon left 'running'; call once at start, before dispatching.
@@ -215,8 +257,12 @@ class Store:
         recovery: Recovery = await self._write(
             records.recover_running, 0, now=now, decide=decide, final_sql=final_sql
         )
-        log.info("store_recovered", requeued=len(recovery.requeued),
-                 crashed=len(recovery.crashed), dead_lettered=len(recovery.dead_lettered))
+        log.info(
+            "store_recovered",
+            requeued=len(recovery.requeued),
+            crashed=len(recovery.crashed),
+            dead_lettered=len(recovery.dead_lettered),
+        )
         return recovery
 
     @property
@@ -273,8 +319,9 @@ class Store:
         if function is not None:
             sql += " AND function = ?"
             params = (function,)
-        rows = await self.query(sql + " ORDER BY dead_lettered_at DESC, id DESC LIMIT ?",
-                                (*params, limit))  # fmt: skip
+        rows = await self.query(
+            sql + " ORDER BY dead_lettered_at DESC, id DESC LIMIT ?", (*params, limit)
+        )
         return [dict(row) for row in rows]
 
     async def status_of(self, id: str) -> str | None:
@@ -394,8 +441,11 @@ class Store:
             try:
                 await growing
             except asyncio.CancelledError:
-                _fail_all([item for item in batch if item is not None], "the store writer was"
-                          " cancelled", None)  # fmt: skip
+                _fail_all(
+                    [item for item in batch if item is not None],
+                    "the store writer was cancelled",
+                    None,
+                )
                 raise
             finally:
                 timer.cancel()

@@ -41,8 +41,9 @@ V5 = aiomqtt.ProtocolVersion.V5
 
 
 def fn(name: str, folder: str, **settings: Any) -> FunctionConfig:
-    return FunctionConfig(handler="handler.handler", name=name, code=str(FUNCTIONS / folder),
-                          **settings)  # fmt: skip
+    return FunctionConfig(
+        handler="handler.handler", name=name, code=str(FUNCTIONS / folder), **settings
+    )
 
 
 async def child_of(store: Store, parent_id: str) -> dict[str, Any]:
@@ -144,12 +145,15 @@ async def serving(config: Config, *, relay: bool = True) -> AsyncIterator[tuple[
 
 @pytest.mark.parametrize(
     ("value", "reason"),
-    [("archive", "is not function:NAME"), ("sqs:queue", "is not function:NAME"),
-     ("function:nope", "no function 'nope' is configured"),
-     ("mqtt:alerts/x", "needs an [mqtt] section"),
-     ("webhook:ftp://host/x", "is not an http:// or https:// URL"),
-     ("webhook:http://host:99999/x", "invalid port")],
-)  # fmt: skip
+    [
+        ("archive", "is not function:NAME"),
+        ("sqs:queue", "is not function:NAME"),
+        ("function:nope", "no function 'nope' is configured"),
+        ("mqtt:alerts/x", "needs an [mqtt] section"),
+        ("webhook:ftp://host/x", "is not an http:// or https:// URL"),
+        ("webhook:http://host:99999/x", "invalid port"),
+    ],
+)
 def test_destination_config_names_key_and_reason(tmp_path: Path, value: str, reason: str):
     with pytest.raises(ConfigError) as caught:
         config_with(tmp_path, fn_toml("sensor", on_failure=value))
@@ -171,12 +175,16 @@ async def test_function_destination_on_success_gets_the_record(tmp_path: Path):
         child = await child_of(store, accepted.invocation_id)
         assert await final(dispatcher, child["id"]) == "succeeded"
         # sync invocations have no destinations, as in Lambda
-        sync_id, _ = await dispatcher.invoke_sync("sensor", json.dumps(event).encode(),
-                                                  trigger="test")  # fmt: skip
+        sync_id, _ = await dispatcher.invoke_sync(
+            "sensor", json.dumps(event).encode(), trigger="test"
+        )
         await dispatcher.drain(5)
         assert not await store.query("SELECT id FROM invocations WHERE parent_id = ?", (sync_id,))
     assert (child["function"], child["trigger"], child["invocation_type"]) == (
-        "archive", "destination", "async")  # fmt: skip
+        "archive",
+        "destination",
+        "async",
+    )
     assert (child["parent_id"], child["hops"]) == (accepted.invocation_id, 1)
     record = json.loads(child["event"])
     assert ISO_MS.match(record.pop("timestamp"))
@@ -201,15 +209,28 @@ async def test_a_rerun_final_write_routes_its_outcome_once(tmp_path: Path):
     now = time.time()
 
     def new(id: str) -> NewInvocation:
-        return NewInvocation(id=id, function="src", function_version="$LATEST", trigger="test",
-                             invocation_type="async", event=b"{}", queued_at=now)  # fmt: skip
+        return NewInvocation(
+            id=id,
+            function="src",
+            function_version="$LATEST",
+            trigger="test",
+            invocation_type="async",
+            event=b"{}",
+            queued_at=now,
+        )
 
     async with Store.open(tmp_path / "db" / "lambdaemon.db") as store:
         await store.insert(new("a"))
         await store.insert(new("taken"))
         router = Router(lookup)
-        done = Outcome(status=Status.SUCCEEDED, payload=b'"ok"', started_at=now, ended_at=now,
-                       duration_ms=1.0, worker_pid=1)  # fmt: skip
+        done = Outcome(
+            status=Status.SUCCEEDED,
+            payload=b'"ok"',
+            started_at=now,
+            ended_at=now,
+            duration_ms=1.0,
+            worker_pid=1,
+        )
         reruns = store.reruns
         results = await asyncio.gather(
             store.finish("a", 1, done, extra_sql=router.sql("a", fresh_result=True)),
@@ -227,19 +248,29 @@ async def test_a_rerun_final_write_routes_its_outcome_once(tmp_path: Path):
 async def test_on_failure_after_retries_exhausted_and_event_age(tmp_path: Path):
     failing = flaky("sensor", retries=1, on_failure="function:archive")
     # the first retry would come 2 s after a 1 s age limit: dead-lettered for its age
-    aging = flaky("aging", retries=2, retry_backoff_s=(2.0, 2.0), max_event_age_s=1.0,
-                  on_failure="function:archive", on_success="function:archive")  # fmt: skip
+    aging = flaky(
+        "aging",
+        retries=2,
+        retry_backoff_s=(2.0, 2.0),
+        max_event_age_s=1.0,
+        on_failure="function:archive",
+        on_success="function:archive",
+    )
     functions = (failing, aging, fn("archive", "echo"))
     async with dispatching(tmp_path / "db", *functions) as (dispatcher, store):
         calls = str(tmp_path / "calls")
-        exhausted = await dispatcher.accept("sensor", {"dir": calls, "fail": ["raise", "exit"]},
-                                            trigger="test", trigger_id="t#0")  # fmt: skip
-        too_old = await dispatcher.accept("aging", {"dir": calls, "fail": ["raise"]},
-                                          trigger="test", trigger_id="t#1")  # fmt: skip
+        exhausted = await dispatcher.accept(
+            "sensor", {"dir": calls, "fail": ["raise", "exit"]}, trigger="test", trigger_id="t#0"
+        )
+        too_old = await dispatcher.accept(
+            "aging", {"dir": calls, "fail": ["raise"]}, trigger="test", trigger_id="t#1"
+        )
         assert await final(dispatcher, exhausted.invocation_id) == "crashed"
         assert await final(dispatcher, too_old.invocation_id) == "failed"
-        records = [json.loads((await child_of(store, i.invocation_id))["event"])
-                   for i in (exhausted, too_old)]  # fmt: skip
+        records = [
+            json.loads((await child_of(store, i.invocation_id))["event"])
+            for i in (exhausted, too_old)
+        ]
     first, second = records
     assert first["requestContext"]["condition"] == "RetriesExhausted"
     assert first["requestContext"]["approximateInvokeCount"] == 2
@@ -253,10 +284,17 @@ async def test_on_failure_after_retries_exhausted_and_event_age(tmp_path: Path):
 async def test_dead_letter_found_at_recovery_goes_to_on_failure(tmp_path: Path):
     db = tmp_path / "db"
     async with Store.open(db) as store:  # a daemon died during the only allowed attempt
-        await store.insert(NewInvocation(
-            id="interrupted", function="sensor", function_version="$LATEST", trigger="test",
-            invocation_type="async", event=b'{"n": 1}', queued_at=time.time() - 5,
-        ))  # fmt: skip
+        await store.insert(
+            NewInvocation(
+                id="interrupted",
+                function="sensor",
+                function_version="$LATEST",
+                trigger="test",
+                invocation_type="async",
+                event=b'{"n": 1}',
+                queued_at=time.time() - 5,
+            )
+        )
         await store.mark_running("interrupted", 1, time.time() - 4, None)
     functions = (flaky("sensor", retries=0, on_failure="function:archive"), fn("archive", "echo"))
     async with dispatching(db, *functions) as (dispatcher, store):
@@ -271,7 +309,7 @@ async def test_self_triggering_chain_stops_after_16_hops(tmp_path: Path):
     loop = fn("loop", "ok", on_success="function:loop")
     async with dispatching(tmp_path / "db", loop) as (dispatcher, store):
         with capture_logs() as logs:
-            root = (await dispatcher.accept("loop", {}, trigger="test", trigger_id="t#0"))
+            root = await dispatcher.accept("loop", {}, trigger="test", trigger_id="t#0")
             invocation_id, chain = root.invocation_id, []
             for _ in range(MAX_HOPS + 1):  # the root and 16 hops run
                 assert await final(dispatcher, invocation_id) == "succeeded"
@@ -283,10 +321,16 @@ async def test_self_triggering_chain_stops_after_16_hops(tmp_path: Path):
     # the 17th hop is not run: it is a dead letter, like Lambda's RecursiveInvocationException
     assert stopped is not None and stopped["attempts"] == []
     assert (stopped["status"], stopped["dead_letter_reason"], stopped["hops"]) == (
-        "failed", "RecursiveInvocationException", MAX_HOPS + 1)  # fmt: skip
+        "failed",
+        "RecursiveInvocationException",
+        MAX_HOPS + 1,
+    )
     [line] = [e for e in logs if e["event"] == "invocation_chain_stopped"]
     assert (line["hops"], line["chain_root"], line["invocation_id"]) == (
-        MAX_HOPS, root.invocation_id, chain[-1])  # fmt: skip
+        MAX_HOPS,
+        root.invocation_id,
+        chain[-1],
+    )
     assert line["dead_letter_id"] == invocation_id
 
 
@@ -295,26 +339,33 @@ async def test_self_triggering_chain_stops_after_16_hops(tmp_path: Path):
 
 async def test_mqtt_and_webhook_destinations_are_delivered(tmp_path: Path, broker: Mosquitto):
     async with receiving(Receiver()) as receiver:
-        config = config_with(tmp_path, (
-            f'[mqtt]\nurl = "{broker.url}"\nclient_id = "edge-1"\n'
-            + fn_toml("alarm", retries=0, on_failure="mqtt:alerts/sensor")
-            + fn_toml("notify", on_success=f"webhook:{receiver.url}")
-        ))  # fmt: skip
+        config = config_with(
+            tmp_path,
+            (
+                f'[mqtt]\nurl = "{broker.url}"\nclient_id = "edge-1"\n'
+                + fn_toml("alarm", retries=0, on_failure="mqtt:alerts/sensor")
+                + fn_toml("notify", on_success=f"webhook:{receiver.url}")
+            ),
+        )
         v5 = {"protocol": V5, "identifier": "watcher"}
         async with aiomqtt.Client("127.0.0.1", broker.port, **v5) as watcher:  # type: ignore[arg-type]
             await watcher.subscribe("alerts/#", qos=1)
             with capture_logs() as logs:
                 async with serving(config) as (dispatcher, store):
                     calls = str(tmp_path / "calls")
-                    alarm = await dispatcher.accept("alarm", {"dir": calls, "fail": ["raise"]},
-                                                    trigger="test", trigger_id="t#0")  # fmt: skip
-                    notify = await dispatcher.accept("notify", {"dir": calls},
-                                                     trigger="test", trigger_id="t#1")  # fmt: skip
+                    alarm = await dispatcher.accept(
+                        "alarm", {"dir": calls, "fail": ["raise"]}, trigger="test", trigger_id="t#0"
+                    )
+                    notify = await dispatcher.accept(
+                        "notify", {"dir": calls}, trigger="test", trigger_id="t#1"
+                    )
                     async with asyncio.timeout(15):
                         message = await anext(aiter(watcher.messages))
                         posted = await receiver.arrived.get()
-                    await until(lambda: not outbox_rows(config.data_dir / "lambdaemon.db"),
-                                what="the outbox to empty")  # fmt: skip
+                    await until(
+                        lambda: not outbox_rows(config.data_dir / "lambdaemon.db"),
+                        what="the outbox to empty",
+                    )
     mqtt_record = json.loads(message.payload)  # type: ignore[arg-type]
     assert (str(message.topic), message.qos) == ("alerts/sensor", 1)
     assert mqtt_record["requestContext"]["requestId"] == alarm.invocation_id
@@ -365,14 +416,20 @@ async def test_store_and_forward_across_sigkill_delivers_exactly_once(
     tmp_path: Path, broker: Mosquitto
 ):
     receiver = Receiver()  # not listening until the end
-    session = {"identifier": "watcher", "protocol": V5, "clean_start": False,
-               "properties": _session_expiry(3600)}  # fmt: skip
+    session = {
+        "identifier": "watcher",
+        "protocol": V5,
+        "clean_start": False,
+        "properties": _session_expiry(3600),
+    }
     async with aiomqtt.Client("127.0.0.1", broker.port, **session) as watcher:  # type: ignore[arg-type]
         await watcher.subscribe("alerts/#", qos=1)  # the broker keeps this session while away
     broker.stop()
-    body = (f'[mqtt]\nurl = "{broker.url}"\nclient_id = "edge-1"\n'
-            + fn_toml("alarm", retries=0, on_failure="mqtt:alerts/sensor")
-            + fn_toml("notify", on_success=f"webhook:{receiver.url}"))  # fmt: skip
+    body = (
+        f'[mqtt]\nurl = "{broker.url}"\nclient_id = "edge-1"\n'
+        + fn_toml("alarm", retries=0, on_failure="mqtt:alerts/sensor")
+        + fn_toml("notify", on_success=f"webhook:{receiver.url}")
+    )
     daemon = Daemon(write_config(tmp_path, body))
     db = tmp_path / "var" / "lambdaemon.db"
     await daemon.start()  # with the broker down
@@ -380,10 +437,16 @@ async def test_store_and_forward_across_sigkill_delivers_exactly_once(
         listed = {f["name"]: f for f in (await daemon.get("/v1/functions"))["functions"]}
         assert listed["alarm"]["on_failure"] == "mqtt:alerts/sensor"
         calls = str(tmp_path / "calls")
-        ids = [await _accept(daemon, "alarm", {"dir": calls, "fail": ["raise"]}),
-               await _accept(daemon, "notify", {"dir": calls})]  # fmt: skip
-        await until(lambda: {e["kind"] for e in _events(daemon, "destination_retry")}
-                    == {"mqtt", "webhook"}, what="both targets tried")  # fmt: skip
+        ids = [
+            await _accept(daemon, "alarm", {"dir": calls, "fail": ["raise"]}),
+            await _accept(daemon, "notify", {"dir": calls}),
+        ]
+        await until(
+            lambda: (
+                {e["kind"] for e in _events(daemon, "destination_retry")} == {"mqtt", "webhook"}
+            ),
+            what="both targets tried",
+        )
 
         def stored() -> bool:  # destination_retry is logged before its attempt is committed
             rows = outbox_rows(db)
@@ -394,14 +457,17 @@ async def test_store_and_forward_across_sigkill_delivers_exactly_once(
         pending = outbox_rows(db)
         # One row each; their order is the order the two concurrent functions finished in.
         assert sorted((r["invocation_id"], r["status"]) for r in pending) == sorted(
-            [(ids[0], "pending"), (ids[1], "pending")])  # fmt: skip
+            [(ids[0], "pending"), (ids[1], "pending")]
+        )
         assert all(r["attempts"] >= 1 and r["last_error"] for r in pending)
 
         await daemon.start()
         broker.start()
         async with receiving(receiver):
-            await until(lambda: len(_events(daemon, "destination_delivered")) == 2 and
-                        not outbox_rows(db), what="both delivered")  # fmt: skip
+            await until(
+                lambda: len(_events(daemon, "destination_delivered")) == 2 and not outbox_rows(db),
+                what="both delivered",
+            )
             await daemon.stop()
         async with aiomqtt.Client("127.0.0.1", broker.port, **session) as watcher:  # type: ignore[arg-type]
             # Our own message after the queued ones: when it arrives, every copy has arrived.
@@ -434,4 +500,3 @@ async def _accept(daemon: Daemon, name: str, event: Any) -> str:
     status, headers, _ = await daemon.invoke(name, event, kind="Event")
     assert status == 202
     return str(headers["x-amzn-RequestId"])
-

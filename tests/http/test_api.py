@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,16 @@ FUNCS = Path(__file__).resolve().parents[1] / "functions"
 BODY = f"""
 [functions.echo]
 handler = "handler.handler"
-code = "{FUNCS / 'echo'}"
+code = "{FUNCS / "echo"}"
 concurrency = 2
 
 [functions.boom]
 handler = "handler.handler"
-code = "{FUNCS / 'boom'}"
+code = "{FUNCS / "boom"}"
 
 [functions.slow]
 handler = "handler.handler"
-code = "{FUNCS / 'slow'}"
+code = "{FUNCS / "slow"}"
 concurrency = 1
 queue_size = 1
 timeout_s = 10
@@ -102,10 +101,12 @@ async def test_api_async_attempt_shows_its_worker_while_it_runs(daemon: Daemon):
         return record if predicate(record) else None
 
     running = await daemon.wait_for(
-        lambda: record_if(lambda r: r["status"] == "running" and r["worker_pid"]), timeout_s=10)
+        lambda: record_if(lambda r: r["status"] == "running" and r["worker_pid"]), timeout_s=10
+    )
     assert running["worker_pid"] != daemon.proc.pid
-    done = await daemon.wait_for(lambda: record_if(lambda r: r["status"] == "succeeded"),
-                                 timeout_s=15)
+    done = await daemon.wait_for(
+        lambda: record_if(lambda r: r["status"] == "succeeded"), timeout_s=15
+    )
     assert done["worker_pid"] == running["worker_pid"]
     assert [a["worker_pid"] for a in done["attempts"]] == [running["worker_pid"]]
 
@@ -159,7 +160,11 @@ async def test_api_queue_full_is_429(daemon: Daemon):
     second = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 0}))
     await daemon.wait_for(lambda: _waiting(daemon, "slow"))
     status, headers, _ = await daemon.invoke("slow", {"sleep_s": 0})
-    assert (status, headers["x-amzn-ErrorType"], headers["Retry-After"]) == (429, "TooManyRequestsException", "1")
+    assert (status, headers["x-amzn-ErrorType"], headers["Retry-After"]) == (
+        429,
+        "TooManyRequestsException",
+        "1",
+    )
     assert (await first)[0] == 200
     assert (await second)[0] == 200
 
@@ -191,8 +196,11 @@ async def test_api_boto3_invoke(daemon: Daemon):
 
     def call():
         client = boto3.client(
-            "lambda", endpoint_url=daemon.base, region_name="us-east-1",
-            aws_access_key_id="x", aws_secret_access_key="x",
+            "lambda",
+            endpoint_url=daemon.base,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
             config=BotoConfig(retries={"max_attempts": 1}),
         )
         ok = client.invoke(FunctionName="echo", Payload=b'{"from": "boto3"}', LogType="Tail")
@@ -204,7 +212,15 @@ async def test_api_boto3_invoke(daemon: Daemon):
         except client.exceptions.ResourceNotFoundException as exc:
             missing = exc
         config = client.get_function_configuration(FunctionName="echo")
-        return ok, json.loads(ok["Payload"].read()), failed, json.loads(failed["Payload"].read()), queued, missing, config
+        return (
+            ok,
+            json.loads(ok["Payload"].read()),
+            failed,
+            json.loads(failed["Payload"].read()),
+            queued,
+            missing,
+            config,
+        )
 
     ok, ok_body, failed, failed_body, queued, missing, config = await asyncio.to_thread(call)
     assert ok["StatusCode"] == 200 and ok_body["event"] == {"from": "boto3"}
@@ -219,7 +235,11 @@ async def test_api_boto3_invoke(daemon: Daemon):
 def _cli(daemon: Daemon, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "daemon.cli", *args, "--config", str(daemon.config)],
-        capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        cwd=ROOT,
+        timeout=60,
     )
 
 
@@ -248,8 +268,13 @@ async def test_cli_invoke_functions_invocations_show(daemon: Daemon):
 
 def test_cli_reports_unreachable_daemon(tmp_path):
     config = write_config(tmp_path, "")
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "functions", "--config", str(config)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "functions", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 69
     assert "cannot reach the daemon" in result.stderr
 
@@ -257,7 +282,9 @@ def test_cli_reports_unreachable_daemon(tmp_path):
 async def test_api_token_enforced_when_configured(tmp_path):
     token = tmp_path / "api.token"
     token.write_text("s3cret\n")
-    config = write_config(tmp_path, f'[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n')
+    config = write_config(
+        tmp_path, f'[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n'
+    )
     config.write_text(config.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token}"\n'))
     d = Daemon(config)
     await d.start()
@@ -292,7 +319,9 @@ async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
     finally:
         await daemon.close()
     assert {r["id"] for r in records} == set(accepted)
-    assert all(r["status"] == "succeeded" for r in records), [(r["id"], r["status"]) for r in records]
+    assert all(r["status"] == "succeeded" for r in records), [
+        (r["id"], r["status"]) for r in records
+    ]
     # the one that was running at the kill was recovered as a crashed attempt and run again
     assert max(r["attempt"] for r in records) == 2
     recovered = [e for e in daemon.log_events() if e.get("event") == "dispatcher_recovered"]
@@ -301,7 +330,10 @@ async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
 
 async def _all_final(daemon: Daemon, ids: list[str]):
     rows = {r["id"]: r for r in await daemon.invocations(function="slow")}
-    if all(rows.get(i, {}).get("status") in ("succeeded", "failed", "crashed", "timed_out") for i in ids):
+    if all(
+        rows.get(i, {}).get("status") in ("succeeded", "failed", "crashed", "timed_out")
+        for i in ids
+    ):
         return [rows[i] for i in ids]
     return None
 
@@ -319,15 +351,16 @@ async def test_sigterm_drains_and_exits_zero(tmp_path):
         assert await daemon.wait(20) == 0
     finally:
         await daemon.close()
-    assert os.path.exists(tmp_path / "var" / "lambdaemon.db")
+    assert (tmp_path / "var" / "lambdaemon.db").exists()
 
 
 async def test_api_repeated_sdk_invocation_id_runs_once(daemon: Daemon):
     repeat = {"amz-sdk-invocation-id": "0d4f5c1e-sdk-retry"}
     event = {"sleep_s": 0.5, "n": 1}
     # a repeat while the first call runs waits for it and answers the same
-    first, second = await asyncio.gather(daemon.invoke("slow", event, headers=repeat),
-                                         daemon.invoke("slow", event, headers=repeat))
+    first, second = await asyncio.gather(
+        daemon.invoke("slow", event, headers=repeat), daemon.invoke("slow", event, headers=repeat)
+    )
     assert first[0] == second[0] == 200 and first[2] == second[2]
     request_id = first[1]["x-amzn-RequestId"]
     assert second[1]["x-amzn-RequestId"] == request_id
@@ -353,8 +386,11 @@ async def test_api_boto3_retry_after_read_timeout_is_not_run_twice(daemon: Daemo
 
     def call():
         client = boto3.client(
-            "lambda", endpoint_url=daemon.base, region_name="us-east-1",
-            aws_access_key_id="x", aws_secret_access_key="x",
+            "lambda",
+            endpoint_url=daemon.base,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
             config=BotoConfig(read_timeout=1, retries={"max_attempts": 4, "mode": "standard"}),
         )
         return client.invoke(FunctionName="slow", Payload=b'{"sleep_s": 1.5}')

@@ -37,8 +37,12 @@ class Handlers:
         chunks = [chunk async for chunk in request.content.iter_chunked(1000)]
         body = b"".join(chunks)
         self.order.append(f"echo:{body.decode()}")
-        headers = {"X-Path": request.path, "X-Query": request.query.get("q", ""),
-                   "X-Type": request.content_type, "X-Length": str(request.content_length)}
+        headers = {
+            "X-Path": request.path,
+            "X-Query": request.query.get("q", ""),
+            "X-Type": request.content_type,
+            "X-Length": str(request.content_length),
+        }
         return web.Response(body=body, headers=headers)
 
     async def slow(self, request: web.Request | WireRequest) -> web.Response:
@@ -64,14 +68,21 @@ class Handlers:
 
 
 @contextlib.asynccontextmanager
-async def serving(handlers: Handlers,
-                  drain_s: float = 5.0) -> AsyncIterator[tuple[int, web.AppRunner]]:
+async def serving(
+    handlers: Handlers, drain_s: float = 5.0
+) -> AsyncIterator[tuple[int, web.AppRunner]]:
     app = web.Application()
     for name in ("echo", "slow", "boom", "teapot", "empty"):
         app.router.add_route("*", f"/fast/{name}", getattr(handlers, name))
     app.router.add_route("*", "/other", handlers.echo)
-    runner = await start_site(app, "127.0.0.1:0", "test.listen", drain_s=drain_s,
-                              router=handlers.route, max_body_bytes=MAX_BODY)
+    runner = await start_site(
+        app,
+        "127.0.0.1:0",
+        "test.listen",
+        drain_s=drain_s,
+        router=handlers.route,
+        max_body_bytes=MAX_BODY,
+    )
     try:
         yield runner.addresses[0][1], runner
     finally:
@@ -111,8 +122,14 @@ async def _wire_serves_routed_requests_on_one_kept_connection():
     handlers = Handlers()
     async with serving(handlers) as (port, _), connection(port) as (reader, writer):
         for i in range(3):
-            writer.write(request("POST", f"/fast/echo?q={i}", f"body{i}".encode(),
-                                 "Content-Type: text/plain; charset=utf-8\r\n"))
+            writer.write(
+                request(
+                    "POST",
+                    f"/fast/echo?q={i}",
+                    f"body{i}".encode(),
+                    "Content-Type: text/plain; charset=utf-8\r\n",
+                )
+            )
             async with asyncio.timeout(5):
                 status, headers, body = await read_response(reader)
             assert (status, body) == (200, f"body{i}".encode())
@@ -163,20 +180,38 @@ async def _wire_hands_what_it_does_not_frame_to_aiohttp(raw, expect_status, expe
                 assert (await read_response(reader))[2] == b"after"
 
 
-@pytest.mark.parametrize("raw, expect_status, expect_body", [
-    (b"POST /fast/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 200, b"abcde"),
-    (b"POST /fast/echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
-     200, b"hi"),
-    (request("POST", "/other", b"elsewhere"), 200, b"elsewhere"),
-    (request("POST", "/fast/%65cho", b"encoded"), 200, b"encoded"),
-    (request("POST", "/fast/echo", b"x" * (MAX_BODY + 1)), 200, b"x" * (MAX_BODY + 1)),
-    (request("POST", "/fast/echo", b"utf8").replace(b"Host: test", "Host: caf\u00e9".encode()),
-     200, b"utf8"),
-    (b"POST /fast/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nz",
-     400, None),
-    (b"GET /fast/echo HTTP/1.1\r\nbad header line\r\n\r\n", 400, None),
-])
+@pytest.mark.parametrize(
+    "raw, expect_status, expect_body",
+    [
+        (
+            b"POST /fast/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            200,
+            b"abcde",
+        ),
+        (
+            b"POST /fast/echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
+            200,
+            b"hi",
+        ),
+        (request("POST", "/other", b"elsewhere"), 200, b"elsewhere"),
+        (request("POST", "/fast/%65cho", b"encoded"), 200, b"encoded"),
+        (request("POST", "/fast/echo", b"x" * (MAX_BODY + 1)), 200, b"x" * (MAX_BODY + 1)),
+        (
+            request("POST", "/fast/echo", b"utf8").replace(
+                b"Host: test", "Host: caf\u00e9".encode()
+            ),
+            200,
+            b"utf8",
+        ),
+        (
+            b"POST /fast/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nz",
+            400,
+            None,
+        ),
+        (b"GET /fast/echo HTTP/1.1\r\nbad header line\r\n\r\n", 400, None),
+    ],
+)
 def test_wire_hands_what_it_does_not_frame_to_aiohttp(run, raw, expect_status, expect_body):
     run(_wire_hands_what_it_does_not_frame_to_aiohttp(raw, expect_status, expect_body))
 
@@ -210,7 +245,7 @@ async def _wire_waits_for_a_body_that_arrives_in_pieces():
     raw = request("POST", "/fast/echo", body)
     async with serving(handlers) as (port, _), connection(port) as (reader, writer):
         for start in range(0, len(raw), 97):
-            writer.write(raw[start:start + 97])
+            writer.write(raw[start : start + 97])
             await writer.drain()
         async with asyncio.timeout(5):
             status, headers, answer = await read_response(reader)
@@ -251,8 +286,10 @@ def test_wire_closes_after_connection_close_and_renders_errors(run):
 async def _wire_stop_closes_idle_connections_and_lets_busy_ones_answer():
     handlers = Handlers()
     async with serving(handlers) as (port, runner):
-        async with connection(port) as (idle_reader, idle_writer), \
-                connection(port) as (busy_reader, busy_writer):
+        async with (
+            connection(port) as (idle_reader, idle_writer),
+            connection(port) as (busy_reader, busy_writer),
+        ):
             idle_writer.write(request("POST", "/fast/echo", b"warm"))
             async with asyncio.timeout(5):
                 await read_response(idle_reader)
@@ -321,7 +358,7 @@ async def _wire_survives_damaged_requests():
                 if choice < 0.4:
                     raw[at] = rng.choice(b"\x00\t\r\n :%/.?#\x7f\xc3abcXYZ0129")
                 elif choice < 0.7:
-                    del raw[at:at + rng.randint(1, 8)]
+                    del raw[at : at + rng.randint(1, 8)]
                 else:
                     insert = [b"\r\n", b" ", b"Content-Length: 99\r\n", b"\xe9", b":"]
                     raw[at:at] = rng.choice(insert)

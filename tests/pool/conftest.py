@@ -118,8 +118,11 @@ async def make_pool(logs: LogWatch) -> AsyncIterator[Callable[..., Any]]:
     """Start pools on demand; every one is closed at the end, and leaves no process behind."""
     pools: list[WorkerPool] = []
 
-    async def make(max_workers: int = 4, functions: Mapping[str, FunctionConfig] | None = None,
-                   log_capture_bytes: int = 65536) -> WorkerPool:
+    async def make(
+        max_workers: int = 4,
+        functions: Mapping[str, FunctionConfig] | None = None,
+        log_capture_bytes: int = 65536,
+    ) -> WorkerPool:
         pool = WorkerPool(max_workers, log_capture_bytes)
         pools.append(pool)
         await pool.start(functions or {})

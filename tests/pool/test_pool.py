@@ -64,18 +64,35 @@ async def test_pool_reports_handler_exception_in_lambda_shape(pool: WorkerPool) 
 @pytest.mark.parametrize(
     ("code", "handler", "error_type", "message"),
     [
-        ("import_error", "handler.handler", "Runtime.ImportModuleError",
-         "Unable to import module 'handler': No module named 'module_that_does_not_exist'"),
-        (None, "handler.handler", "Runtime.UserCodeSyntaxError",
-         "Syntax error in module 'handler'"),
-        ("basic", "handler.missing", "Runtime.HandlerNotFound",
-         "Handler 'missing' missing on module 'handler'"),
+        (
+            "import_error",
+            "handler.handler",
+            "Runtime.ImportModuleError",
+            "Unable to import module 'handler': No module named 'module_that_does_not_exist'",
+        ),
+        (
+            None,
+            "handler.handler",
+            "Runtime.UserCodeSyntaxError",
+            "Syntax error in module 'handler'",
+        ),
+        (
+            "basic",
+            "handler.missing",
+            "Runtime.HandlerNotFound",
+            "Handler 'missing' missing on module 'handler'",
+        ),
         ("init_raises", "handler.handler", "RuntimeError", "init went wrong"),
     ],
 )
 async def test_pool_reports_init_errors_and_drops_the_worker(
-    pool: WorkerPool, logs: LogWatch, tmp_path: Path, code: str | None, handler: str,
-    error_type: str, message: str,
+    pool: WorkerPool,
+    logs: LogWatch,
+    tmp_path: Path,
+    code: str | None,
+    handler: str,
+    error_type: str,
+    message: str,
 ) -> None:
     if code is None:  # kept out of the repository, where linters would trip over it
         (tmp_path / "handler.py").write_text("def handler(event, context)\n    return {}\n")
@@ -172,7 +189,7 @@ async def test_pool_marshals_decimals_text_and_floats_strictly(pool: WorkerPool)
 
 
 async def test_pool_reports_an_exception_message_that_is_not_valid_unicode(
-    pool: WorkerPool
+    pool: WorkerPool,
 ) -> None:
     fn = function("surrogate", "handler.fail_surrogate")
     outcome = await pool.invoke(fn, request(fn))
@@ -322,8 +339,9 @@ async def test_pool_output_of_one_call_never_reaches_the_next(pool: WorkerPool) 
     # A call that printed nothing tells the daemon so, which then neither reads nor empties
     # the capture file: what the calls around it printed must still be theirs alone.
     fn = function("spam", "handler.spam")
-    logs = [(await pool.invoke(fn, request(fn, b'{"lines": %d}' % n))).logs
-            for n in (2, 0, 0, 1, 0, 3)]
+    logs = [
+        (await pool.invoke(fn, request(fn, b'{"lines": %d}' % n))).logs for n in (2, 0, 0, 1, 0, 3)
+    ]
     line = "x" * 99 + "\n"
     assert logs == [line * 2, "", "", line, "", line * 3]
 
@@ -367,6 +385,7 @@ async def test_pool_waits_in_arrival_order_when_every_worker_is_busy(make_pool: 
         def on_start(pid: int, started_at: float) -> None:
             order.append(label)
             running.set()
+
         return on_start
 
     first = asyncio.create_task(pool.invoke(slow, request(slow, b'{"s": 0.3}'), starting("first")))
@@ -469,8 +488,11 @@ async def test_pool_workers_die_with_a_killed_daemon(tmp_path: Path) -> None:
     script = tmp_path / "mini_daemon.py"
     script.write_text(MINI_DAEMON.format(code=str(BASIC)))
     daemon = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), cwd=Path(__file__).parents[2],
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        str(script),
+        cwd=Path(__file__).parents[2],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     assert daemon.stdout is not None
     try:

@@ -44,8 +44,12 @@ MESSAGES = [
     Invoke("big", BIG, ARN, -1, ""),
     Ready(12.5),
     Ready(0.0),
-    InitFailed("Runtime.ImportModuleError", "Unable to import 'x': ✓ 日本 😀",
-               b'{"errorType":"Runtime.ImportModuleError"}', 3.25),
+    InitFailed(
+        "Runtime.ImportModuleError",
+        "Unable to import 'x': ✓ 日本 😀",
+        b'{"errorType":"Runtime.ImportModuleError"}',
+        3.25,
+    ),
     InitFailed("", "", b"", 0.0),
     Result(True, b'{"ok":true}', max_memory_kb=15000, rss_kb=15000),
     Result(True, b""),
@@ -61,9 +65,14 @@ MESSAGES = [
 FROM_WORKER = [message for message in MESSAGES if not isinstance(message, Invoke)]
 
 
-def result_frame(flags: int = OK | HAS_PEAK | HAS_RSS, error_type: bytes = b"",
-                 error_message: bytes = b"", payload: bytes = b"{}",
-                 lengths: tuple[int, int, int] | None = None, size: int | None = None) -> bytes:
+def result_frame(
+    flags: int = OK | HAS_PEAK | HAS_RSS,
+    error_type: bytes = b"",
+    error_message: bytes = b"",
+    payload: bytes = b"{}",
+    lengths: tuple[int, int, int] | None = None,
+    size: int | None = None,
+) -> bytes:
     """A Result frame built by hand; `lengths` and `size` may lie about what follows."""
     n_type, n_message, n_payload = lengths or (len(error_type), len(error_message), len(payload))
     body = error_type + error_message + payload
@@ -129,7 +138,7 @@ def test_surrogates_arrive_as_backslash_text() -> None:
 
 
 async def test_frames_split_and_joined_arrive_whole_and_in_order(
-    channel: SupervisorChannel
+    channel: SupervisorChannel,
 ) -> None:
     ready, result = encode_frame(Ready(2.0)), encode_frame(MESSAGES[7])
     channel.data_received(ready + result[:3])  # one frame and a bit, then the rest byte by byte
@@ -155,7 +164,7 @@ async def connected() -> AsyncIterator[tuple[SupervisorChannel, WorkerChannel, s
 
 
 async def test_both_ends_over_a_real_socket(
-    connected: tuple[SupervisorChannel, WorkerChannel, socket.socket]
+    connected: tuple[SupervisorChannel, WorkerChannel, socket.socket],
 ) -> None:
     supervisor, worker, _ = connected
     for message in FROM_WORKER:
@@ -170,7 +179,7 @@ async def test_both_ends_over_a_real_socket(
 
 
 async def test_worker_end_sees_eof_in_the_middle_of_a_frame(
-    connected: tuple[SupervisorChannel, WorkerChannel, socket.socket]
+    connected: tuple[SupervisorChannel, WorkerChannel, socket.socket],
 ) -> None:
     supervisor, worker, _ = connected
     assert supervisor.transport is not None
@@ -180,7 +189,7 @@ async def test_worker_end_sees_eof_in_the_middle_of_a_frame(
 
 
 async def test_corrupt_reply_over_a_real_socket_hangs_up(
-    connected: tuple[SupervisorChannel, WorkerChannel, socket.socket]
+    connected: tuple[SupervisorChannel, WorkerChannel, socket.socket],
 ) -> None:
     supervisor, _, child = connected
     reply = supervisor.receive()
@@ -200,7 +209,8 @@ CORRUPT = {
     "truncated, header adjusted": with_size(result_frame(payload=b"x" * 100)[:-1]),
     "payload length past the end": result_frame(payload=b"abc", lengths=(0, 0, 4)),
     "type length past the end": result_frame(
-        flags=OK | HAS_TYPE, error_type=b"E", payload=b"", lengths=(2**32 - 1, 0, 0)),
+        flags=OK | HAS_TYPE, error_type=b"E", payload=b"", lengths=(2**32 - 1, 0, 0)
+    ),
     "lengths short of the end": result_frame(payload=b"abc", lengths=(0, 0, 2)),
     "unknown flag bit": result_frame(flags=OK | 128),
     "a string marked absent": result_frame(flags=OK, error_type=b"E"),

@@ -80,11 +80,12 @@ async def test_recycle_refills_min_warm(make_pool: Any, logs: LogWatch) -> None:
     assert pool.stats() == {"kept": {"idle": 1, "busy": 0}}
 
 
-
 def test_recycle_rss_cap_above_memory_mb_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "lambdaemon.toml"
-    path.write_text(f'[functions.f]\nhandler = "handler.count"\ncode = "{BASIC}"\n'
-                    "memory_mb = 128\nmax_worker_rss_mb = 200\n")
+    path.write_text(
+        f'[functions.f]\nhandler = "handler.count"\ncode = "{BASIC}"\n'
+        "memory_mb = 128\nmax_worker_rss_mb = 200\n"
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.key == "functions.f.max_worker_rss_mb"

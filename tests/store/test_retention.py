@@ -30,12 +30,26 @@ async def store(tmp_path: Path):
         yield store
 
 
-async def add(store: Store, *, age_s: float, status: Status, dead_letter: str | None = None,
-              function: str = "f", logs: str = "") -> str:
+async def add(
+    store: Store,
+    *,
+    age_s: float,
+    status: Status,
+    dead_letter: str | None = None,
+    function: str = "f",
+    logs: str = "",
+) -> str:
     """One async invocation accepted `age_s` ago and taken to `status` through the store's API."""
     at = time.time() - age_s
-    inv = NewInvocation(id=str(uuid.uuid4()), function=function, function_version="$LATEST",
-                        trigger="test", invocation_type="async", event=b"{}", queued_at=at)
+    inv = NewInvocation(
+        id=str(uuid.uuid4()),
+        function=function,
+        function_version="$LATEST",
+        trigger="test",
+        invocation_type="async",
+        event=b"{}",
+        queued_at=at,
+    )
     id, _ = await store.insert(inv)
     if status is Status.QUEUED:
         return id
@@ -46,8 +60,9 @@ async def add(store: Store, *, age_s: float, status: Status, dead_letter: str | 
     return id
 
 
-async def seed_old_rows(store: Store, rows: int, *, age_s: float, dead: bool = False,
-                        row_bytes: int = 4096) -> None:
+async def seed_old_rows(
+    store: Store, rows: int, *, age_s: float, dead: bool = False, row_bytes: int = 4096
+) -> None:
     """Bulk history: final rows (each with an attempt) of `row_bytes` logs, `age_s` old."""
     at = time.time() - age_s
 
@@ -59,11 +74,20 @@ async def seed_old_rows(store: Store, rows: int, *, age_s: float, dead: bool = F
                 " invocation_type, status, attempt, queued_at, ended_at, event, logs,"
                 " dead_letter_reason, dead_lettered_at) VALUES"
                 " (?, 'old', '$LATEST', 'test', 'async', 'failed', 1, ?, ?, x'7b7d', ?, ?, ?)",
-                (id, when, when, "x" * row_bytes, "retries exhausted" if dead else None,
-                 when if dead else None),
+                (
+                    id,
+                    when,
+                    when,
+                    "x" * row_bytes,
+                    "retries exhausted" if dead else None,
+                    when if dead else None,
+                ),
             )
-            conn.execute("INSERT INTO attempts (invocation_id, attempt, status, logs)"
-                         " VALUES (?, 1, 'failed', ?)", (id, "y" * 256))
+            conn.execute(
+                "INSERT INTO attempts (invocation_id, attempt, status, logs)"
+                " VALUES (?, 1, 'failed', ?)",
+                (id, "y" * 256),
+            )
 
     for first in range(0, rows, 500):  # a few transactions, so the seeding itself stays quick
         await store.transaction(partial(insert, first=first, count=min(500, rows - first)))
@@ -92,17 +116,22 @@ async def test_retention_by_age_keeps_queued_running_and_recent_rows(store: Stor
         await add(store, age_s=old, status=Status.RUNNING),
         await add(store, age_s=DAY / 2, status=Status.SUCCEEDED),
     }
-    await store.transaction(lambda conn: conn.execute(
-        "CREATE TABLE IF NOT EXISTS cron_fires (trigger_id TEXT PRIMARY KEY, last_nominal TEXT)"))
-    await store.transaction(lambda conn: conn.execute(
-        "INSERT INTO cron_fires VALUES ('f#0', '2020-01-01T00:00:00Z')"))
+    await store.transaction(
+        lambda conn: conn.execute(
+            "CREATE TABLE IF NOT EXISTS cron_fires (trigger_id TEXT PRIMARY KEY, last_nominal TEXT)"
+        )
+    )
+    await store.transaction(
+        lambda conn: conn.execute("INSERT INTO cron_fires VALUES ('f#0', '2020-01-01T00:00:00Z')")
+    )
     p = pruner(store, retention_days=1)
     await p.prepare()
     with capture_logs() as logs:
         report = await p.prune(time.time())
     assert await ids(store) == kept
     assert not await store.query(
-        "SELECT 1 FROM attempts WHERE invocation_id NOT IN (SELECT id FROM invocations)")
+        "SELECT 1 FROM attempts WHERE invocation_id NOT IN (SELECT id FROM invocations)"
+    )
     assert len(await store.query("SELECT * FROM cron_fires")) == 1  # other tables: untouched
     assert (report["rows"], report["by_age"], report["by_size"]) == (3, 3, 0)
     (pruned,) = [entry for entry in logs if entry["event"] == "store_pruned"]
@@ -152,10 +181,12 @@ async def test_retention_by_size_shrinks_the_file_below_max_db_mb_while_intake_g
     # Intake went on during the whole round, each insert waiting at most about one batch (the
     # bound here is loose on purpose: timing goals live in benchmarks/).
     assert len(accepted) >= 10 and max(waits) < 1.0
-    print(f"\npruned {report['rows']} rows in {report['duration_ms']} ms "
-          f"({report['rows'] / report['duration_ms'] * 1000:.0f} rows/s), "
-          f"{before / MIB:.1f} -> {after / MIB:.2f} MB; {len(accepted)} inserts meanwhile, "
-          f"slowest {max(waits) * 1000:.1f} ms")
+    print(
+        f"\npruned {report['rows']} rows in {report['duration_ms']} ms "
+        f"({report['rows'] / report['duration_ms'] * 1000:.0f} rows/s), "
+        f"{before / MIB:.1f} -> {after / MIB:.2f} MB; {len(accepted)} inserts meanwhile, "
+        f"slowest {max(waits) * 1000:.1f} ms"
+    )
 
 
 async def test_retention_by_size_takes_dead_letters_last(store: Store) -> None:
@@ -170,8 +201,9 @@ async def test_retention_by_size_takes_dead_letters_last(store: Store) -> None:
 
 
 async def test_retention_by_size_keeps_rows_that_just_ended(store: Store) -> None:
-    recent = {await add(store, age_s=0, status=Status.SUCCEEDED, logs="z" * 100_000)
-              for _ in range(40)}  # ~4 MB, all ended this minute
+    recent = {
+        await add(store, age_s=0, status=Status.SUCCEEDED, logs="z" * 100_000) for _ in range(40)
+    }  # ~4 MB, all ended this minute
     p = pruner(store, max_db_mb=2)
     await p.prepare()
     with capture_logs() as logs:
@@ -187,8 +219,9 @@ async def test_retention_daemon_prunes_at_start_and_keeps_accepting(tmp_path: Pa
     async with Store.open(tmp_path / "var" / "lambdaemon.db") as store:
         await pruner(store).prepare()  # as the daemon's first start did, on the empty file
         await seed_old_rows(store, 5000, age_s=DAY)  # ~25 MB of history
-        orphans = {await add(store, age_s=2 * DAY, status=Status.QUEUED, function="gone")
-                   for _ in range(2)}  # queued for a function no longer configured: kept
+        orphans = {
+            await add(store, age_s=2 * DAY, status=Status.QUEUED, function="gone") for _ in range(2)
+        }  # queued for a function no longer configured: kept
     body = f'[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n'
     async with running_daemon(tmp_path, body, daemon="max_db_mb = 4") as daemon:
         accepted: list[str] = []
@@ -221,8 +254,13 @@ async def test_retention_daemon_prunes_at_start_and_keeps_accepting(tmp_path: Pa
         # Some of them were accepted while the round ran (it starts before the API listens).
         ended = datetime.fromisoformat(event["timestamp"]).timestamp()
         began = ended - event["duration_ms"] / 1000
-        during = [r for r in await daemon.invocations(function="echo")
-                  if began <= datetime.fromisoformat(r["queued_at"]).timestamp() <= ended]
+        during = [
+            r
+            for r in await daemon.invocations(function="echo")
+            if began <= datetime.fromisoformat(r["queued_at"]).timestamp() <= ended
+        ]
         assert during
-        print(f"\ndaemon pruned {event['rows']} rows in {event['duration_ms']} ms, store now "
-              f"{size / MIB:.2f} MB; {len(during)} of {len(accepted)} events accepted meanwhile")
+        print(
+            f"\ndaemon pruned {event['rows']} rows in {event['duration_ms']} ms, store now "
+            f"{size / MIB:.2f} MB; {len(during)} of {len(accepted)} events accepted meanwhile"
+        )

@@ -188,10 +188,12 @@ async def test_store_batch_without_a_failure_commits_in_one_pass(store: Store) -
     before, reruns = store.commits, store.reruns
     done = outcome(Status.SUCCEEDED, worker_pid=5)
     await asyncio.gather(
-        store.insert(new("b")), store.finish("a", 1, done),
+        store.insert(new("b")),
+        store.finish("a", 1, done),
         store.record_finished(new("c", invocation_type="sync"), done),
-        store.requeue("b", 1, outcome(Status.FAILED), next_attempt_at=2000.0), store.barrier(),
-    )  # fmt: skip
+        store.requeue("b", 1, outcome(Status.FAILED), next_attempt_at=2000.0),
+        store.barrier(),
+    )
     assert store.commits - before == 1 and store.reruns == reruns
     rows = await store.query("SELECT id, status FROM invocations ORDER BY id")
     assert [tuple(r) for r in rows] == [("a", "succeeded"), ("b", "queued"), ("c", "succeeded")]
@@ -202,29 +204,57 @@ async def test_store_run_of_finished_sync_calls_is_recorded_as_one_by_one(store:
 
     def finished(n: int) -> Outcome:
         if n % 3 == 0:
-            return outcome(Status.FAILED, payload=b'{"errorType": "E"}', error_type="E",
-                           error_message=f"bad {n}", logs=f"log {n}\n", exit_code=None)
-        return outcome(Status.SUCCEEDED, payload=f'"ok {n}"'.encode(), duration_ms=float(n),
-                       worker_pid=None if n % 5 == 0 else 1000 + n)  # fmt: skip
+            return outcome(
+                Status.FAILED,
+                payload=b'{"errorType": "E"}',
+                error_type="E",
+                error_message=f"bad {n}",
+                logs=f"log {n}\n",
+                exit_code=None,
+            )
+        return outcome(
+            Status.SUCCEEDED,
+            payload=f'"ok {n}"'.encode(),
+            duration_ms=float(n),
+            worker_pid=None if n % 5 == 0 else 1000 + n,
+        )
 
     before, reruns = store.commits, store.reruns
     # 100 around an insert: runs of 70 (64 + 4 + 2 rows a statement) and 30 (16 + 8 + 4 + 2).
-    writes = [store.record_finished(new(f"s{n:03}", invocation_type="sync", attempt=1,
-                                        event=f'{{"n": {n}}}'.encode()), finished(n))
-              for n in range(100)]  # fmt: skip
+    writes = [
+        store.record_finished(
+            new(f"s{n:03}", invocation_type="sync", attempt=1, event=f'{{"n": {n}}}'.encode()),
+            finished(n),
+        )
+        for n in range(100)
+    ]
     await asyncio.gather(*writes[:70], store.insert(new("q")), *writes[70:])
     assert store.commits - before == 1 and store.reruns == reruns
     for n in range(100):
         record = await store.get(f"s{n:03}")
         assert record is not None
         o = finished(n)
-        assert (record["status"], record["error_message"], record["result"], record["logs"],
-                record["duration_ms"], record["worker_pid"], record["event"]) == (
-                o.status, o.error_message, o.payload, o.logs, o.duration_ms, o.worker_pid,
-                f'{{"n": {n}}}'.encode())  # fmt: skip
-        assert [(a["attempt"], a["status"], a["worker_pid"], a["error_type"], a["logs"])
-                for a in record["attempts"]] == [(1, o.status, o.worker_pid, o.error_type,
-                                                  o.logs)]  # fmt: skip
+        assert (
+            record["status"],
+            record["error_message"],
+            record["result"],
+            record["logs"],
+            record["duration_ms"],
+            record["worker_pid"],
+            record["event"],
+        ) == (
+            o.status,
+            o.error_message,
+            o.payload,
+            o.logs,
+            o.duration_ms,
+            o.worker_pid,
+            f'{{"n": {n}}}'.encode(),
+        )
+        assert [
+            (a["attempt"], a["status"], a["worker_pid"], a["error_type"], a["logs"])
+            for a in record["attempts"]
+        ] == [(1, o.status, o.worker_pid, o.error_type, o.logs)]
     assert await store.status_of("q") == "queued"
 
 
@@ -232,10 +262,12 @@ async def test_store_failing_row_in_a_run_fails_alone(store: Store) -> None:
     await store.record_finished(new("taken", invocation_type="sync"), outcome(Status.SUCCEEDED))
     reruns = store.reruns
     results = await asyncio.gather(
-        *(store.record_finished(new(i, invocation_type="sync"), outcome(Status.SUCCEEDED))
-          for i in ("a", "b", "taken", "c")),
+        *(
+            store.record_finished(new(i, invocation_type="sync"), outcome(Status.SUCCEEDED))
+            for i in ("a", "b", "taken", "c")
+        ),
         return_exceptions=True,
-    )  # fmt: skip
+    )
     assert results[:2] == [None, None] and results[3] is None
     assert isinstance(results[2], sqlite3.IntegrityError)
     assert store.reruns - reruns == 1
@@ -257,9 +289,10 @@ async def test_store_rerun_batch_runs_a_repeatable_callback_again_but_commits_it
 
     reruns = store.reruns
     results = await asyncio.gather(
-        store.insert(new("a"), extra_sql=mark), store.insert(new("taken")),
+        store.insert(new("a"), extra_sql=mark),
+        store.insert(new("taken")),
         return_exceptions=True,
-    )  # fmt: skip
+    )
     assert results[0] == ("a", True) and isinstance(results[1], sqlite3.IntegrityError)
     assert store.reruns - reruns == 1 and len(calls) == 2
     assert [tuple(r) for r in await store.query("SELECT key FROM marks")] == [("a",)]
@@ -278,11 +311,13 @@ async def test_store_unmarked_callback_runs_once_even_when_another_op_fails(
 
     before, reruns = store.commits, store.reruns
     results = await asyncio.gather(
-        store.insert(new("a")), store.transaction(remember),
+        store.insert(new("a")),
+        store.transaction(remember),
         store.insert(new("b"), extra_sql=lambda conn: seen.append("extra")),
-        store.insert(new("taken")), store.insert(new("c")),
+        store.insert(new("taken")),
+        store.insert(new("c")),
         return_exceptions=True,
-    )  # fmt: skip
+    )
     assert results[0] == ("a", True) and results[1] == "value" and results[2] == ("b", True)
     assert isinstance(results[3], sqlite3.IntegrityError) and results[4] == ("c", True)
     assert seen == ["ran", "extra"]
@@ -323,8 +358,9 @@ async def test_store_bookkeeping_waits_to_grow_and_any_other_write_ends_the_wait
     monkeypatch.setattr(store_module, "GROW_OPS", 4)
     async with asyncio.timeout(10):
         before = store.commits
-        alone = store.record_finished_nowait(new("alone", invocation_type="sync"),
-                                             outcome(Status.FAILED))
+        alone = store.record_finished_nowait(
+            new("alone", invocation_type="sync"), outcome(Status.FAILED)
+        )
         await until(lambda: store.queued == 0, 5, "the writer to take the write")
         assert not alone.done()  # alone too: under load the next comes within microseconds
         await store.barrier()
@@ -405,9 +441,12 @@ async def test_store_requeue_then_finish_keeps_each_attempt(store: Store) -> Non
     await store.insert(new("a"))
     store.mark_running("a", 1, 1001.0, 111)
     failed = outcome(
-        Status.FAILED, payload=b'{"errorType": "ValueError"}', error_type="ValueError",
-        error_message="bad input", logs="traceback...",
-    )  # fmt: skip
+        Status.FAILED,
+        payload=b'{"errorType": "ValueError"}',
+        error_type="ValueError",
+        error_message="bad input",
+        logs="traceback...",
+    )
     await store.requeue("a", 1, failed, next_attempt_at=1060.0)
     waiting = await store.get("a")
     assert waiting is not None
@@ -417,9 +456,15 @@ async def test_store_requeue_then_finish_keeps_each_attempt(store: Store) -> Non
 
     store.mark_running("a", 2, 1060.5, 222)
     done = outcome(
-        Status.SUCCEEDED, started_at=1060.5, ended_at=1060.6, duration_ms=100.3,
-        init_duration_ms=80.0, max_memory_mb=31.5, logs="hello\n", worker_pid=223,
-    )  # fmt: skip
+        Status.SUCCEEDED,
+        started_at=1060.5,
+        ended_at=1060.6,
+        duration_ms=100.3,
+        init_duration_ms=80.0,
+        max_memory_mb=31.5,
+        logs="hello\n",
+        worker_pid=223,
+    )
     await store.finish("a", 2, done)
     record = await store.get("a")
     assert record is not None
@@ -470,8 +515,13 @@ async def test_store_recover_follows_the_retry_policy_then_dead_letters(store: S
     with capture_logs() as logs:
         first = await store.recover(2000.0, retry_twice(2000.0))
     assert (first.requeued, first.crashed, first.dead_lettered) == (["async1"], ["sync1"], [])
-    assert {"event": "store_recovered", "requeued": 1, "crashed": 1, "dead_lettered": 0,
-            "log_level": "info"} in logs  # fmt: skip
+    assert {
+        "event": "store_recovered",
+        "requeued": 1,
+        "crashed": 1,
+        "dead_lettered": 0,
+        "log_level": "info",
+    } in logs
     row = await store.get("async1")
     assert row is not None
     assert (row["status"], row["recoveries"], row["next_attempt_at"]) == ("queued", 1, 2005.0)
@@ -492,12 +542,19 @@ async def test_store_recover_follows_the_retry_policy_then_dead_letters(store: S
     row = await store.get("async1")
     assert row is not None
     assert (row["status"], row["dead_letter_reason"], row["dead_lettered_at"]) == (
-        "crashed", "RetriesExhausted", 4000.0)  # fmt: skip
+        "crashed",
+        "RetriesExhausted",
+        4000.0,
+    )
     assert row["recoveries"] == 3
     assert [(a["attempt"], a["status"]) for a in row["attempts"]] == [
-        (1, "crashed"), (2, "crashed"), (3, "crashed")]  # fmt: skip
+        (1, "crashed"),
+        (2, "crashed"),
+        (3, "crashed"),
+    ]
     assert (await store.recover(5000.0, retry_twice(5000.0))) == store_module.Recovery(
-        requeued=[], crashed=[])  # fmt: skip
+        requeued=[], crashed=[]
+    )
     assert [r["id"] for r in await store.list_dead_letters()] == ["async1"]
 
 
@@ -516,10 +573,19 @@ async def test_store_dead_letter_keeps_status_and_redrive_restarts_the_budget(st
 
     # Only dead letters of configured functions come back, with a fresh budget and age.
     assert await store.redrive(["a", "b", "missing"], None, ["hello"]) == [
-        QueuedInvocation(id="a", function="hello", invocation_type="async", trigger="mqtt",
-                         event=b'{"n": 1}', attempt=1, queued_at=1000.0, next_attempt_at=None,
-                         retry_base=1, age_from=pytest.approx(time.time(), abs=5))
-    ]  # fmt: skip
+        QueuedInvocation(
+            id="a",
+            function="hello",
+            invocation_type="async",
+            trigger="mqtt",
+            event=b'{"n": 1}',
+            attempt=1,
+            queued_at=1000.0,
+            next_attempt_at=None,
+            retry_base=1,
+            age_from=pytest.approx(time.time(), abs=5),
+        )
+    ]
     record = await store.get("a")
     assert record is not None
     assert (record["status"], record["dead_letter_reason"]) == ("queued", None)
@@ -536,7 +602,10 @@ async def test_store_dead_letter_waiting_takes_the_last_attempts_status(store: S
     record = await store.get("a")
     assert record is not None
     assert (record["status"], record["dead_letter_reason"], record["ended_at"]) == (
-        "crashed", "EventAgeExceeded", 1001.5)  # fmt: skip
+        "crashed",
+        "EventAgeExceeded",
+        1001.5,
+    )
     with pytest.raises(LookupError):  # only a queued row can be dead-lettered this way
         await store.dead_letter_waiting("a", "EventAgeExceeded")
 
@@ -550,15 +619,22 @@ async def test_store_upgrades_a_version_1_database_in_place(
             pass
     assert raw(db, "PRAGMA user_version") == [(1,)]
     # A retry waiting in a version-1 database, as the previous release wrote it.
-    raw(db, "INSERT INTO invocations (id, function, function_version, trigger, invocation_type,"
-            " status, attempt, queued_at, next_attempt_at, event)"
-            " VALUES ('a', 'hello', '1', 'mqtt', 'async', 'queued', 1, 1000.0, 1060.0, '{}')")
+    raw(
+        db,
+        "INSERT INTO invocations (id, function, function_version, trigger, invocation_type,"
+        " status, attempt, queued_at, next_attempt_at, event)"
+        " VALUES ('a', 'hello', '1', 'mqtt', 'async', 'queued', 1, 1000.0, 1060.0, '{}')",
+    )
     raw(db, "INSERT INTO attempts (invocation_id, attempt, status) VALUES ('a', 1, 'failed')")
     async with Store.open(db) as store:
         [queued] = await store.load_queued()
         record = await store.get("a")
     assert (queued.attempt, queued.next_attempt_at, queued.retry_base, queued.age_from) == (
-        1, 1060.0, 0, 1000.0)  # fmt: skip
+        1,
+        1060.0,
+        0,
+        1000.0,
+    )
     assert record is not None and record["dead_letter_reason"] is None
     assert record["attempts"][0]["logs"] is None
     assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
@@ -655,10 +731,15 @@ PRODUCER = textwrap.dedent(
 
 async def test_store_keeps_every_acknowledged_insert_across_sigkill(db: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", PRODUCER, str(db),
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+        sys.executable,
+        "-c",
+        PRODUCER,
+        str(db),
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     acked: list[str] = []
     try:

@@ -69,10 +69,17 @@ async def test_store_health_sees_a_full_disk_and_its_end(tmp_path: Path) -> None
             filler = fill(small)
             with pytest.raises(StoreUnavailableError):
                 for _ in range(100):  # until the WAL needs a page the disk does not have
-                    await store.insert(NewInvocation(
-                        id=str(uuid.uuid4()), function="f", function_version="$LATEST",
-                        trigger="test", invocation_type="async", event=b'"' + b"x" * 8192 + b'"',
-                        queued_at=time.time()))
+                    await store.insert(
+                        NewInvocation(
+                            id=str(uuid.uuid4()),
+                            function="f",
+                            function_version="$LATEST",
+                            trigger="test",
+                            invocation_type="async",
+                            event=b'"' + b"x" * 8192 + b'"',
+                            queued_at=time.time(),
+                        )
+                    )
             with capture_logs() as logs:
                 await health.check()
             report = health.report()
@@ -101,7 +108,7 @@ listen = "127.0.0.1:{hook_port}"
 
 [functions.echo]
 handler = "handler.handler"
-code = "{FUNCS / 'echo'}"
+code = "{FUNCS / "echo"}"
 concurrency = 2
 
 [[functions.echo.triggers]]
@@ -152,10 +159,13 @@ async def test_store_full_disk_refuses_instead_of_acknowledging_then_recovers(
     tmp_path: Path,
 ) -> None:
     inbox, hook_port = tmp_path / "inbox", free_port()
-    with (small_filesystem(tmp_path / "var", 4096) as var,
-          running_broker(tmp_path / "mosquitto") as broker):
-        async with running_daemon(tmp_path, body(broker.port, hook_port, inbox),
-                                  daemon="max_db_mb = 8") as daemon:
+    with (
+        small_filesystem(tmp_path / "var", 4096) as var,
+        running_broker(tmp_path / "mosquitto") as broker,
+    ):
+        async with running_daemon(
+            tmp_path, body(broker.port, hook_port, inbox), daemon="max_db_mb = 8"
+        ) as daemon:
             for ready in ("webhook_listening", "mqtt_subscribed", "files_rescanned", "cron_fired"):
                 await logged(daemon, ready)
             filler = fill(var)
@@ -179,8 +189,9 @@ async def test_store_full_disk_refuses_instead_of_acknowledging_then_recovers(
 
             # MQTT: the broker took it (it acked our publisher), the daemon does not ack it.
             marker = {"marker": "published while the disk was full"}
-            async with aiomqtt.Client("127.0.0.1", broker.port,
-                                      protocol=aiomqtt.ProtocolVersion.V5) as publisher:
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5
+            ) as publisher:
                 await publisher.publish("disk/sensor", json.dumps(marker), qos=1)
             await logged(daemon, "mqtt_message_not_stored")
             # Files: claimed, not committed: it waits in the inbox's .processing/ and is retried.
@@ -209,11 +220,16 @@ async def test_store_full_disk_refuses_instead_of_acknowledging_then_recovers(
             record = await daemon.get(f"/v1/invocations/{mqtt[0]['id']}")
             assert record["event"]["payload"] == marker
             assert len([r for r in rows if r["trigger"] == "webhook"]) == accepted + 1
-            fired = [e for e in events(daemon, "cron_fired", mark)
-                     if e["nominal"] == failed_fire["nominal"]]
+            fired = [
+                e
+                for e in events(daemon, "cron_fired", mark)
+                if e["nominal"] == failed_fire["nominal"]
+            ]
             assert fired, "the failed cron fire was retried until it committed"
-            print(f"\n{accepted} webhooks accepted before the disk was full; degraded for "
-                  f"{events(daemon, 'store_restored', mark)[0]['after_s']} s")
+            print(
+                f"\n{accepted} webhooks accepted before the disk was full; degraded for "
+                f"{events(daemon, 'store_restored', mark)[0]['after_s']} s"
+            )
 
 
 async def test_store_full_disk_mid_invocation_finishes_once_there_is_room(tmp_path: Path) -> None:

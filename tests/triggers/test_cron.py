@@ -80,7 +80,7 @@ def fires_between(expression: str, tz: str, start: str, end: str) -> list[str]:
         ("0 0 * * *", "Asia/Kathmandu", "01-01T00:00", ["01-01T18:15"]),
         ("0 0 * * 1", "Pacific/Auckland", "01-01T00:00", ["01-05T11:00"]),  # Mon, NZDT
     ],
-)  # fmt: skip
+)
 def test_next_fire_table(expression, tz, after, expected):
     assert fires(expression, tz, after, len(expected)) == expected
 
@@ -92,43 +92,99 @@ def test_next_fire_table(expression, tz, after, expected):
     ("expression", "tz", "start", "end", "expected"),
     [
         # A fixed time in the skipped hour runs once, at the first instant after the gap ...
-        ("30 2 * * *", "Europe/Berlin", "03-28T12:00", "03-31T12:00",
-         ["03-29T01:30", "03-30T01:00", "03-31T00:30"]),
-        ("30 2 * * *", "America/New_York", "03-08T12:00", "03-10T12:00",
-         ["03-09T07:00", "03-10T06:30"]),
+        (
+            "30 2 * * *",
+            "Europe/Berlin",
+            "03-28T12:00",
+            "03-31T12:00",
+            ["03-29T01:30", "03-30T01:00", "03-31T00:30"],
+        ),
+        (
+            "30 2 * * *",
+            "America/New_York",
+            "03-08T12:00",
+            "03-10T12:00",
+            ["03-09T07:00", "03-10T06:30"],
+        ),
         # ... several skipped times (and a fire at the gap's end itself) make one fire ...
         ("0,30 2 * * *", "Europe/Berlin", "03-29T12:00", "03-30T12:00", ["03-30T01:00"]),
         ("0 2,3 * * *", "Europe/Berlin", "03-29T12:00", "03-30T12:00", ["03-30T01:00"]),
         # ... including a midnight that does not exist (Havana moves 00:00 to 01:00) and a
         # half-hour shift (Lord Howe moves 02:00 to 02:30).
-        ("@daily", "America/Havana", "03-08T12:00", "03-10T12:00",
-         ["03-09T05:00", "03-10T04:00"]),
-        ("15 2 * * *", "Australia/Lord_Howe", "10-04T00:00", "10-05T23:00",
-         ["10-04T15:30", "10-05T15:15"]),
+        ("@daily", "America/Havana", "03-08T12:00", "03-10T12:00", ["03-09T05:00", "03-10T04:00"]),
+        (
+            "15 2 * * *",
+            "Australia/Lord_Howe",
+            "10-04T00:00",
+            "10-05T23:00",
+            ["10-04T15:30", "10-05T15:15"],
+        ),
         # A fixed time in the repeated hour runs once, on its first occurrence.
-        ("30 2 * * *", "Europe/Berlin", "10-24T12:00", "10-27T12:00",
-         ["10-25T00:30", "10-26T00:30", "10-27T01:30"]),
-        ("30 1 * * *", "America/New_York", "11-01T12:00", "11-03T12:00",
-         ["11-02T05:30", "11-03T06:30"]),
-        ("0 1-3 * * *", "America/New_York", "11-02T04:00", "11-02T09:00",
-         ["11-02T05:00", "11-02T07:00", "11-02T08:00"]),
+        (
+            "30 2 * * *",
+            "Europe/Berlin",
+            "10-24T12:00",
+            "10-27T12:00",
+            ["10-25T00:30", "10-26T00:30", "10-27T01:30"],
+        ),
+        (
+            "30 1 * * *",
+            "America/New_York",
+            "11-01T12:00",
+            "11-03T12:00",
+            ["11-02T05:30", "11-03T06:30"],
+        ),
+        (
+            "0 1-3 * * *",
+            "America/New_York",
+            "11-02T04:00",
+            "11-02T09:00",
+            ["11-02T05:00", "11-02T07:00", "11-02T08:00"],
+        ),
         # Times next to the change are untouched.
         ("15 1 * * *", "America/New_York", "03-08T12:00", "03-09T12:00", ["03-09T06:15"]),
         ("0 3 * * *", "Europe/Berlin", "10-25T12:00", "10-26T12:00", ["10-26T02:00"]),
         # Wildcard schedules follow elapsed time: never a gap, never two at once.
-        ("*/30 * * * *", "Europe/Berlin", "03-30T00:00", "03-30T02:00",
-         ["03-30T00:30", "03-30T01:00", "03-30T01:30", "03-30T02:00"]),
-        ("*/30 * * * *", "America/New_York", "11-02T04:00", "11-02T07:00",
-         ["11-02T04:30", "11-02T05:00", "11-02T05:30", "11-02T06:00",
-          "11-02T06:30", "11-02T07:00"]),
+        (
+            "*/30 * * * *",
+            "Europe/Berlin",
+            "03-30T00:00",
+            "03-30T02:00",
+            ["03-30T00:30", "03-30T01:00", "03-30T01:30", "03-30T02:00"],
+        ),
+        (
+            "*/30 * * * *",
+            "America/New_York",
+            "11-02T04:00",
+            "11-02T07:00",
+            [
+                "11-02T04:30",
+                "11-02T05:00",
+                "11-02T05:30",
+                "11-02T06:00",
+                "11-02T06:30",
+                "11-02T07:00",
+            ],
+        ),
         # The repeated hour's second pass comes after the first, even when a later wall time
         # of the first pass maps to an earlier instant.
-        ("10,50 * * * *", "Europe/Berlin", "10-26T00:00", "10-26T02:59",
-         ["10-26T00:10", "10-26T00:50", "10-26T01:10", "10-26T01:50",
-          "10-26T02:10", "10-26T02:50"]),
+        (
+            "10,50 * * * *",
+            "Europe/Berlin",
+            "10-26T00:00",
+            "10-26T02:59",
+            [
+                "10-26T00:10",
+                "10-26T00:50",
+                "10-26T01:10",
+                "10-26T01:50",
+                "10-26T02:10",
+                "10-26T02:50",
+            ],
+        ),
         ("10,50 * * * *", "Europe/Berlin", "10-26T00:50", "10-26T01:10", ["10-26T01:10"]),
     ],
-)  # fmt: skip
+)
 def test_dst_table(expression, tz, start, end, expected):
     assert fires_between(expression, tz, start, end) == expected
 
@@ -218,17 +274,26 @@ def test_missed_policy_table(policy, now, grace_s, run, skipped):
         # Two days of a 5-minute job: only the latest runs, 575 are counted as skipped.
         ("*/5 * * * *", timedelta(days=2), "run_once", 3600, ["2025-01-03T12:00Z"], 575, False),
         ("*/5 * * * *", timedelta(days=2), "skip", 3600, [], 576, False),
-        ("*/5 * * * *", timedelta(days=2), "run_all", 1800, [f"2025-01-03T11:{m}Z" for m in
-         ("30", "35", "40", "45", "50", "55")] + ["2025-01-03T12:00Z"], 569, False),
+        (
+            "*/5 * * * *",
+            timedelta(days=2),
+            "run_all",
+            1800,
+            [f"2025-01-03T11:{m}Z" for m in ("30", "35", "40", "45", "50", "55")]
+            + ["2025-01-03T12:00Z"],
+            569,
+            False,
+        ),
         # A year of a daily job, run_once: found without walking the whole year.
         ("0 6 * * *", timedelta(days=365), "run_once", 86400, ["2026-01-01T06:00Z"], 364, False),
         # Past MAX_WALK, the count is a lower bound.
         ("* * * * *", timedelta(days=10), "skip", 3600, [], MAX_WALK, True),
         ("* * * * *", timedelta(days=10), "run_once", 3600, ["2025-01-11T12:00Z"], MAX_WALK, True),
     ],
-)  # fmt: skip
-def test_missed_policy_long_downtime_table(expression, downtime, policy, grace_s, run, skipped,
-                                           capped):  # fmt: skip
+)
+def test_missed_policy_long_downtime_table(
+    expression, downtime, policy, grace_s, run, skipped, capped
+):
     after = utc("2025-01-01T12:00Z")
     plan = plan_missed(parse_schedule(expression, "UTC"), after, after + downtime, policy, grace_s)
     assert [f.strftime("%Y-%m-%dT%H:%MZ") for f in plan.run] == run
@@ -289,13 +354,21 @@ def fires_s(expression: str, tz: str, after: str, count: int) -> list[str]:
         ("*/2 * * * * *", "UTC", "01-01T12:00:58", ["01-01T12:01:00", "01-01T12:01:02"]),
         ("*/7 * * * * *", "UTC", "01-01T12:00:50", ["01-01T12:00:56", "01-01T12:01:00"]),
         ("0,30 * * * * *", "UTC", "01-01T12:00:00", ["01-01T12:00:30", "01-01T12:01:00"]),
-        ("10-20/5 * * * * *", "UTC", "01-01T12:00:00",
-         ["01-01T12:00:10", "01-01T12:00:15", "01-01T12:00:20", "01-01T12:01:10"]),
+        (
+            "10-20/5 * * * * *",
+            "UTC",
+            "01-01T12:00:00",
+            ["01-01T12:00:10", "01-01T12:00:15", "01-01T12:00:20", "01-01T12:01:10"],
+        ),
         # The other fields keep their 5-field meaning, one place to the right.
         ("30 0 * * * *", "UTC", "01-01T12:00:30", ["01-01T13:00:30", "01-01T14:00:30"]),
         ("15 30 9 * * *", "UTC", "01-01T00:00", ["01-01T09:30:15", "01-02T09:30:15"]),
-        ("*/20 59 23 31 12 *", "UTC", "01-01T00:00",
-         ["12-31T23:59:00", "12-31T23:59:20", "12-31T23:59:40"]),
+        (
+            "*/20 59 23 31 12 *",
+            "UTC",
+            "01-01T00:00",
+            ["12-31T23:59:00", "12-31T23:59:20", "12-31T23:59:40"],
+        ),
         ("0 0 0 * * 0", "UTC", "01-01T00:00", ["01-05T00:00:00", "01-12T00:00:00"]),  # Sundays
         ("0 0 9 * * mon-fri", "UTC", "01-03T10:00", ["01-06T09:00:00"]),
         ("45 0 9 * * *", "Europe/Berlin", "01-01T00:00", ["01-01T08:00:45"]),
@@ -303,7 +376,7 @@ def fires_s(expression: str, tz: str, after: str, count: int) -> list[str]:
         # A leading 0 is the 5-field form written out.
         ("0 */5 * * * *", "UTC", "01-01T12:03", ["01-01T12:05:00", "01-01T12:10:00"]),
     ],
-)  # fmt: skip
+)
 def test_next_fire_with_seconds_table(expression, tz, after, expected):
     assert fires_s(expression, tz, after, len(expected)) == expected
 
@@ -318,8 +391,11 @@ def test_next_fire_with_seconds_table(expression, tz, after, expected):
     ],
 )
 def test_seconds_zero_fires_like_the_five_field_form(five, six):
-    for tz, after in (("UTC", "01-01T12:00"), ("Europe/Berlin", "03-29T12:00"),
-                      ("Europe/Berlin", "10-25T12:00")):  # fmt: skip
+    for tz, after in (
+        ("UTC", "01-01T12:00"),
+        ("Europe/Berlin", "03-29T12:00"),
+        ("Europe/Berlin", "10-25T12:00"),
+    ):
         assert fires(five, tz, after, 30) == fires(six, tz, after, 30)
 
 
@@ -332,12 +408,20 @@ def test_seconds_zero_fires_like_the_five_field_form(five, six):
         # A fixed time in the repeated hour: first occurrence only.
         ("10 30 2 * * *", "10-26T00:00", "10-26T02:00", ["10-26T00:30:10"]),
         # Wildcard schedules follow elapsed time: 30 s apart straight through both changes.
-        ("*/30 * * * * *", "03-30T00:59", "03-30T01:01",
-         ["03-30T00:59:30", "03-30T01:00:00", "03-30T01:00:30", "03-30T01:01:00"]),
-        ("*/30 * * * * *", "10-26T00:59", "10-26T01:01",
-         ["10-26T00:59:30", "10-26T01:00:00", "10-26T01:00:30", "10-26T01:01:00"]),
+        (
+            "*/30 * * * * *",
+            "03-30T00:59",
+            "03-30T01:01",
+            ["03-30T00:59:30", "03-30T01:00:00", "03-30T01:00:30", "03-30T01:01:00"],
+        ),
+        (
+            "*/30 * * * * *",
+            "10-26T00:59",
+            "10-26T01:01",
+            ["10-26T00:59:30", "10-26T01:00:00", "10-26T01:00:30", "10-26T01:01:00"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_seconds_dst_table(expression, start, end, expected):
     schedule, at, out = parse_schedule(expression, "Europe/Berlin"), utc(start), []
     while (nxt := schedule.next_after(at)) is not None and nxt <= utc(end):

@@ -182,13 +182,16 @@ class AckDroppingProxy:
 async def test_mqtt_routes_each_message_to_every_matching_trigger_once(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    body = mqtt_toml(mosquitto.url, {
-        "temp": [("sensors/+/temp", 1)],
-        "temp_too": [("sensors/+/temp", 1)],  # same filter, second function: one subscription
-        "everything": [("sensors/#", 1)],  # overlaps: Mosquitto sends a copy per subscription
-        "fire_and_forget": [("q0/#", 0)],
-        "elsewhere": [("elsewhere/x", 1)],
-    })  # fmt: skip
+    body = mqtt_toml(
+        mosquitto.url,
+        {
+            "temp": [("sensors/+/temp", 1)],
+            "temp_too": [("sensors/+/temp", 1)],  # same filter, second function: one subscription
+            "everything": [("sensors/#", 1)],  # overlaps: Mosquitto sends a copy per subscription
+            "fire_and_forget": [("q0/#", 0)],
+            "elsewhere": [("elsewhere/x", 1)],
+        },
+    )
     async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon, 4)
         await publish(
@@ -207,8 +210,11 @@ async def test_mqtt_routes_each_message_to_every_matching_trigger_once(
         for row in records(daemon):
             by_function.setdefault(row["function"], []).append(row["event"])
         assert {k: len(v) for k, v in by_function.items()} == {
-            "temp": 1, "temp_too": 1, "everything": 3, "fire_and_forget": 1,
-        }  # fmt: skip
+            "temp": 1,
+            "temp_too": 1,
+            "everything": 3,
+            "fire_and_forget": 1,
+        }
         temp = by_function["temp"][0]
         assert temp["topic"] == "sensors/a/temp" and temp["payload"] == {"celsius": 21.5}
         assert (temp["qos"], temp["retain"], temp["dup"]) == (1, False, False)
@@ -394,8 +400,9 @@ async def test_mqtt_publisher_message_id_is_the_idempotency_key(
         await until(lambda: len(records(daemon)) == 2, what="two records")
         await until(lambda: len(events(daemon, "mqtt_redelivery_matched")) == 1, what="the retry")
         assert [r["event"]["properties"]["user"]["message-id"] for r in records(daemon)] == [
-            "m-1", "m-2",
-        ]  # fmt: skip
+            "m-1",
+            "m-2",
+        ]
 
 
 async def test_mqtt_commit_failure_is_not_acked_and_the_message_comes_back(
@@ -449,28 +456,72 @@ def tls(tmp_path: Path) -> dict[str, Path]:
     d = {n: tmp_path / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")}
     (tmp_path / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
     openssl = [
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-         "-keyout", d["ca.key"], "-out", d["ca.crt"]],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-         "-keyout", d["server.key"], "-out", d["server.csr"]],
-        ["x509", "-req", "-in", d["server.csr"], "-CA", d["ca.crt"], "-CAkey", d["ca.key"],
-         "-CAcreateserial", "-days", "1", "-out", d["server.crt"],
-         "-extfile", tmp_path / "san.ext"],
-    ]  # fmt: skip
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            d["ca.key"],
+            "-out",
+            d["ca.crt"],
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            d["server.key"],
+            "-out",
+            d["server.csr"],
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            d["server.csr"],
+            "-CA",
+            d["ca.crt"],
+            "-CAkey",
+            d["ca.key"],
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            d["server.crt"],
+            "-extfile",
+            tmp_path / "san.ext",
+        ],
+    ]
     for args in openssl:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
     d["passwd"] = tmp_path / "broker.passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(d["passwd"]), "edge", "s3cret"],
-                   check=True, capture_output=True, timeout=30)  # fmt: skip
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(d["passwd"]), "edge", "s3cret"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return d
 
 
 async def test_mqtt_tls_with_username_and_password(tmp_path: Path, tls: dict[str, Path]) -> None:
     (tmp_path / "mqtt.password").write_text("s3cret\n")
-    broker = Mosquitto(tmp_path / "mosquitto", extra_conf=(
-        f"cafile {tls['ca.crt']}\ncertfile {tls['server.crt']}\n"
-        f"keyfile {tls['server.key']}\npassword_file {tls['passwd']}\nallow_anonymous false\n"
-    ))  # fmt: skip
+    broker = Mosquitto(
+        tmp_path / "mosquitto",
+        extra_conf=(
+            f"cafile {tls['ca.crt']}\ncertfile {tls['server.crt']}\n"
+            f"keyfile {tls['server.key']}\npassword_file {tls['passwd']}\nallow_anonymous false\n"
+        ),
+    )
     broker.start()
     try:
         extra = f'username = "edge"\npassword_file = "mqtt.password"\nca_file = "{tls["ca.crt"]}"'
@@ -478,8 +529,9 @@ async def test_mqtt_tls_with_username_and_password(tmp_path: Path, tls: dict[str
         async with running_daemon(tmp_path, body) as daemon:
             await subscribed(daemon)
             context = ssl.create_default_context(cafile=str(tls["ca.crt"]))
-            await publish(broker.port, ("t/1", b"ok"), tls_context=context, username="edge",
-                          password="s3cret")  # fmt: skip
+            await publish(
+                broker.port, ("t/1", b"ok"), tls_context=context, username="edge", password="s3cret"
+            )
             rows = await until(lambda: records(daemon), what="the record over TLS")
             assert rows[0]["event"]["payload"] == "ok"
             with pytest.raises(aiomqtt.MqttError):  # the credentials were really needed

@@ -42,7 +42,7 @@ max_body_bytes = {MAX_BODY}
 
 [functions.mirror]
 handler = "handler.handler"
-code = "{FUNCS / 'webhook_mirror'}"
+code = "{FUNCS / "webhook_mirror"}"
 concurrency = 2
 
 [[functions.mirror.triggers]]
@@ -86,23 +86,23 @@ auth.timestamp_header = "X-Slack-Request-Timestamp"
 
 [functions.respond]
 handler = "handler.handler"
-code = "{FUNCS / 'webhook_respond'}"
+code = "{FUNCS / "webhook_respond"}"
 triggers = [{{ type = "webhook", path = "/respond" }}]
 
 [functions.echo]
 handler = "handler.handler"
-code = "{ROOT / 'functions' / 'webhook_echo'}"
+code = "{ROOT / "functions" / "webhook_echo"}"
 triggers = [{{ type = "webhook", path = "/echo", methods = ["GET", "POST"] }}]
 
 [functions.fail]
 handler = "handler.handler"
-code = "{FUNCS / 'webhook_fail'}"
+code = "{FUNCS / "webhook_fail"}"
 timeout_s = 0.5
 triggers = [{{ type = "webhook", path = "/fail" }}, {{ type = "webhook", path = "/fail/hang" }}]
 
 [functions.gate]
 handler = "handler.handler"
-code = "{FUNCS / 'webhook_gate'}"
+code = "{FUNCS / "webhook_gate"}"
 concurrency = 1
 queue_size = 0
 timeout_s = 30
@@ -123,8 +123,11 @@ class Hooks:
             return resp.status, resp.headers, await resp.read()
 
     def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self.daemon.log_events()
-                if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]
+        return [
+            e
+            for e in self.daemon.log_events()
+            if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+        ]
 
     async def wait_event(self, name: str, **match: Any) -> list[dict[str, Any]]:
         async def seen():
@@ -134,6 +137,7 @@ class Hooks:
 
     async def wait_gate_busy(self) -> None:
         """Until the gate function's only slot is taken."""
+
         async def busy():
             rows = (await self.daemon.get("/v1/functions"))["functions"]
             return any(r["name"] == "gate" and r["running"] == 1 for r in rows)
@@ -142,6 +146,7 @@ class Hooks:
 
     async def record(self, invocation_id: str) -> dict[str, Any]:
         """The invocation's record once it has a final status."""
+
         async def final():
             record = await self.daemon.get(f"/v1/invocations/{invocation_id}")
             return record if record.get("status") not in (None, "queued", "running") else None
@@ -182,10 +187,18 @@ async def hooks(tmp_path_factory):
 
 
 async def test_webhook_event_is_function_url_v2(hooks: Hooks):
-    headers = CIMultiDict([("X-Multi", "one"), ("X-Multi", "two"), ("Cookie", "k1=v1; k2=v2"),
-                           ("User-Agent", "tester/1"), ("Content-Type", "application/json")])
+    headers = CIMultiDict(
+        [
+            ("X-Multi", "one"),
+            ("X-Multi", "two"),
+            ("Cookie", "k1=v1; k2=v2"),
+            ("User-Agent", "tester/1"),
+            ("Content-Type", "application/json"),
+        ]
+    )
     status, resp_headers, body = await hooks.request(
-        "POST", "/mirror?a=1&a=2&b=x%20y&flag", headers=headers, data=b'{"hello": "world"}')
+        "POST", "/mirror?a=1&a=2&b=x%20y&flag", headers=headers, data=b'{"hello": "world"}'
+    )
     assert status == 200
     out = json.loads(body)
     event, request_id = out["event"], out["request_id"]
@@ -201,8 +214,13 @@ async def test_webhook_event_is_function_url_v2(hooks: Hooks):
     assert event["headers"]["x-forwarded-for"] == "127.0.0.1"
     assert event["body"] == '{"hello": "world"}' and event["isBase64Encoded"] is False
     ctx = event["requestContext"]
-    assert ctx["http"] == {"method": "POST", "path": "/mirror", "protocol": "HTTP/1.1",
-                           "sourceIp": "127.0.0.1", "userAgent": "tester/1"}
+    assert ctx["http"] == {
+        "method": "POST",
+        "path": "/mirror",
+        "protocol": "HTTP/1.1",
+        "sourceIp": "127.0.0.1",
+        "userAgent": "tester/1",
+    }
     assert ctx["routeKey"] == "$default" and ctx["stage"] == "$default"
     assert ctx["domainName"] == "127.0.0.1" and ctx["domainPrefix"] == "127"
     assert isinstance(ctx["accountId"], str) and isinstance(ctx["apiId"], str)
@@ -233,10 +251,12 @@ async def test_webhook_event_without_body_or_query_omits_them(hooks: Hooks):
         ("application/x-www-form-urlencoded", b"a=1&b=2", True),
     ],
 )
-async def test_webhook_event_body_encoding(hooks: Hooks, content_type: str, payload: bytes,
-                                           is_text: bool):
-    status, _, body = await hooks.request("PUT", "/mirror", data=payload,
-                                          headers={"Content-Type": content_type})
+async def test_webhook_event_body_encoding(
+    hooks: Hooks, content_type: str, payload: bytes, is_text: bool
+):
+    status, _, body = await hooks.request(
+        "PUT", "/mirror", data=payload, headers={"Content-Type": content_type}
+    )
     event = json.loads(body)["event"]
     assert status == 200
     assert event["isBase64Encoded"] is (not is_text)
@@ -259,8 +279,12 @@ async def test_webhook_echo_example_returns_a_structured_response(hooks: Hooks):
 
 
 async def test_webhook_structured_response_maps_status_headers_cookies_body(hooks: Hooks):
-    result = {"statusCode": 201, "headers": {"Content-Type": "text/plain", "X-A": "1", "X-N": 7},
-              "cookies": ["a=1", "b=2; Path=/; Secure"], "body": "created"}
+    result = {
+        "statusCode": 201,
+        "headers": {"Content-Type": "text/plain", "X-A": "1", "X-N": 7},
+        "cookies": ["a=1", "b=2; Path=/; Secure"],
+        "body": "created",
+    }
     status, headers, body = await hooks.request("POST", "/respond", json=result)
     assert (status, body) == (201, b"created")
     assert headers["Content-Type"] == "text/plain"
@@ -270,8 +294,12 @@ async def test_webhook_structured_response_maps_status_headers_cookies_body(hook
 
 async def test_webhook_structured_response_base64_body_is_decoded(hooks: Hooks):
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(200))
-    result = {"statusCode": 200, "headers": {"content-type": "image/png"},
-              "body": base64.b64encode(png).decode(), "isBase64Encoded": True}
+    result = {
+        "statusCode": 200,
+        "headers": {"content-type": "image/png"},
+        "body": base64.b64encode(png).decode(),
+        "isBase64Encoded": True,
+    }
     status, headers, body = await hooks.request("POST", "/respond", json=result)
     assert (status, body, headers["Content-Type"]) == (200, png, "image/png")
 
@@ -287,15 +315,22 @@ async def test_webhook_structured_response_base64_body_is_decoded(hooks: Hooks):
     ],
 )
 async def test_webhook_other_results_are_200_json(hooks: Hooks, result: Any, expected: bytes):
-    status, headers, body = await hooks.request("POST", "/respond", data=json.dumps(result),
-                                                headers={"Content-Type": "application/json"})
+    status, headers, body = await hooks.request(
+        "POST", "/respond", data=json.dumps(result), headers={"Content-Type": "application/json"}
+    )
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == json.loads(expected)
 
 
-@pytest.mark.parametrize("result", [{"statusCode": "200"}, {"statusCode": 101},
-                                    {"statusCode": 200, "headers": {"x": "a\r\nb"}},
-                                    {"statusCode": 200, "body": "!!", "isBase64Encoded": True}])
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"statusCode": "200"},
+        {"statusCode": 101},
+        {"statusCode": 200, "headers": {"x": "a\r\nb"}},
+        {"statusCode": 200, "body": "!!", "isBase64Encoded": True},
+    ],
+)
 async def test_webhook_unusable_structured_response_is_502(hooks: Hooks, result: Any):
     status, _, body = await hooks.request("POST", "/respond", json=result)
     assert (status, json.loads(body)) == (502, {"message": "Internal Server Error"})
@@ -340,16 +375,23 @@ async def test_webhook_async_answers_202_after_commit_and_runs(hooks: Hooks):
     assert record["invocation_type"] == "async" and record["trigger_id"] == "mirror#1"
     assert record["event"]["rawPath"] == "/async"
     assert json.loads(record["event"]["body"]) == {"job": 1}
-    accepted = [e for e in hooks.daemon.log_events() if e.get("event") == "webhook_accepted"
-                and e.get("invocation_id") == answer["invocation_id"]]
+    accepted = [
+        e
+        for e in hooks.daemon.log_events()
+        if e.get("event") == "webhook_accepted"
+        and e.get("invocation_id") == answer["invocation_id"]
+    ]
     assert accepted and accepted[0]["mode"] == "async"
 
 
 async def test_webhook_async_redelivery_is_deduplicated(hooks: Hooks):
     async def deliver(delivery: str) -> dict[str, Any]:
         payload = b'{"action": "opened"}'
-        headers = {"X-GitHub-Delivery": delivery, "Content-Type": "application/json",
-                   "X-Hub-Signature-256": "sha256=" + _mac(payload)}
+        headers = {
+            "X-GitHub-Delivery": delivery,
+            "Content-Type": "application/json",
+            "X-Hub-Signature-256": "sha256=" + _mac(payload),
+        }
         status, _, body = await hooks.request("POST", "/github", data=payload, headers=headers)
         assert status == 202
         return json.loads(body)
@@ -360,8 +402,9 @@ async def test_webhook_async_redelivery_is_deduplicated(hooks: Hooks):
     assert again == {"invocation_id": first["invocation_id"], "duplicate": True}
     assert first["duplicate"] is False and other["duplicate"] is False
     assert other["invocation_id"] != first["invocation_id"]
-    status, _, body = await hooks.request("POST", "/async", json={},
-                                          headers={"Idempotency-Key": delivery})
+    status, _, body = await hooks.request(
+        "POST", "/async", json={}, headers={"Idempotency-Key": delivery}
+    )
     assert json.loads(body)["invocation_id"] != first["invocation_id"]  # keys are per route
 
 
@@ -370,11 +413,16 @@ async def test_webhook_async_redelivery_is_deduplicated(hooks: Hooks):
 
 @pytest.mark.parametrize(
     ("method", "path", "status", "allow"),
-    [("GET", "/respond", 405, "POST"), ("DELETE", "/mirror", 405, "GET, POST, PUT"),
-     ("POST", "/nope", 404, None), ("POST", "/mirror/", 404, None)],
+    [
+        ("GET", "/respond", 405, "POST"),
+        ("DELETE", "/mirror", 405, "GET, POST, PUT"),
+        ("POST", "/nope", 404, None),
+        ("POST", "/mirror/", 404, None),
+    ],
 )
-async def test_webhook_unknown_path_and_method(hooks: Hooks, method: str, path: str, status: int,
-                                               allow: str | None):
+async def test_webhook_unknown_path_and_method(
+    hooks: Hooks, method: str, path: str, status: int, allow: str | None
+):
     got, headers, _ = await hooks.request(method, path)
     assert got == status and headers.get("Allow") == allow
 
@@ -416,6 +464,7 @@ BODY = b'{"text": "hi"}'
 
 def slack(sign_stamp: str | None, sent_stamp: str | None, prefix: str = "v0=") -> Any:
     """Headers built at request time: "now" means the moment of sending."""
+
     def build() -> dict[str, str]:
         now = str(int(time.time()))
         signed = now if sign_stamp == "now" else sign_stamp
@@ -441,8 +490,13 @@ AUTH_CASES = [
     ("/basic", {"Authorization": _basic("mallory", PASSWORD)}, BODY, 401, "auth_invalid"),
     ("/basic", {"Authorization": "Basic !!notbase64"}, BODY, 401, "auth_malformed"),
     ("/basic", {"Authorization": f"Bearer {TOKEN}"}, BODY, 401, "auth_malformed"),
-    ("/basic", {"Authorization": "Basic " + base64.b64encode(b"alice").decode()}, BODY, 401,
-     "auth_invalid"),
+    (
+        "/basic",
+        {"Authorization": "Basic " + base64.b64encode(b"alice").decode()},
+        BODY,
+        401,
+        "auth_invalid",
+    ),
     ("/basic", {}, BODY, 401, "auth_missing"),
     ("/github", {"X-Hub-Signature-256": "sha256=" + _mac(BODY)}, BODY, 202, None),
     ("/github", {"X-Hub-Signature-256": "sha256=" + _mac(BODY).upper()}, BODY, 202, None),
@@ -462,12 +516,14 @@ AUTH_CASES = [
 
 
 @pytest.mark.parametrize(("path", "headers", "body", "status", "reason"), AUTH_CASES)
-async def test_webhook_auth(hooks: Hooks, path: str, headers: Any, body: bytes, status: int,
-                            reason: str | None):
+async def test_webhook_auth(
+    hooks: Hooks, path: str, headers: Any, body: bytes, status: int, reason: str | None
+):
     headers = headers() if callable(headers) else headers
     before = len(rejections(hooks, reason)) if reason else 0
     got, resp_headers, resp_body = await hooks.request(
-        "POST", path, data=body, headers={"Content-Type": "application/json", **headers})
+        "POST", path, data=body, headers={"Content-Type": "application/json", **headers}
+    )
     assert got == status
     if reason is None:
         return
@@ -480,13 +536,20 @@ async def test_webhook_auth(hooks: Hooks, path: str, headers: Any, body: bytes, 
     assert events[-1]["status"] == 401 and events[-1]["count"] == len(events)
 
 
-@pytest.mark.parametrize(("path", "header", "value"), [
-    ("/token", "authorization", f"Bearer {TOKEN}"), ("/gitlab", "x-gitlab-token", TOKEN),
-    ("/basic", "authorization", _basic("alice", PASSWORD))])
-async def test_webhook_credential_stays_out_of_the_event(hooks: Hooks, path: str, header: str,
-                                                        value: str):
-    status, headers, body = await hooks.request("POST", path, data=BODY,
-                                                headers={header: value, "X-Other": "kept"})
+@pytest.mark.parametrize(
+    ("path", "header", "value"),
+    [
+        ("/token", "authorization", f"Bearer {TOKEN}"),
+        ("/gitlab", "x-gitlab-token", TOKEN),
+        ("/basic", "authorization", _basic("alice", PASSWORD)),
+    ],
+)
+async def test_webhook_credential_stays_out_of_the_event(
+    hooks: Hooks, path: str, header: str, value: str
+):
+    status, headers, body = await hooks.request(
+        "POST", path, data=BODY, headers={header: value, "X-Other": "kept"}
+    )
     event = json.loads(body)["event"]
     assert status == 200 and header not in event["headers"]
     assert event["headers"]["x-other"] == "kept"
@@ -499,14 +562,19 @@ async def test_webhook_credential_stays_out_of_the_event(hooks: Hooks, path: str
 
 def _config(tmp_path: Path, triggers: str) -> Any:
     (tmp_path / "token").write_text(TOKEN)
-    return load_config(write_config(tmp_path, f"""
+    return load_config(
+        write_config(
+            tmp_path,
+            f"""
 [webhooks]
 listen = "127.0.0.1:0"
 [functions.mirror]
 handler = "handler.handler"
-code = "{FUNCS / 'webhook_mirror'}"
+code = "{FUNCS / "webhook_mirror"}"
 triggers = [{triggers}]
-"""))
+""",
+        )
+    )
 
 
 def _triggers(config: Any) -> list[tuple[str, str, Any]]:
@@ -514,8 +582,10 @@ def _triggers(config: Any) -> list[tuple[str, str, Any]]:
 
 
 async def test_webhook_source_counts_on_itself_and_logs_without_secrets(tmp_path: Path):
-    config = _config(tmp_path, '{ type = "webhook", path = "/t", '
-                               'auth = { type = "token", token_file = "token" } }')
+    config = _config(
+        tmp_path,
+        '{ type = "webhook", path = "/t", auth = { type = "token", token_file = "token" } }',
+    )
     source = WebhookSource(config, None, _triggers(config))
     pool = WorkerPool(2)
     async with Store.open(tmp_path / "db.sqlite") as store:
@@ -544,8 +614,11 @@ async def test_webhook_source_counts_on_itself_and_logs_without_secrets(tmp_path
     assert source.auth_failures == 3 and source.accepted == 1
     rejected = [e for e in logs if e["event"] == "webhook_rejected"]
     assert [(e["reason"], e["count"], e["log_level"]) for e in rejected] == [
-        ("auth_missing", 1, "warning"), ("auth_invalid", 1, "warning"),
-        ("auth_invalid", 2, "warning"), ("not_found", 1, "info")]
+        ("auth_missing", 1, "warning"),
+        ("auth_invalid", 1, "warning"),
+        ("auth_invalid", 2, "warning"),
+        ("not_found", 1, "info"),
+    ]
     assert all(e["remote"] == "127.0.0.1" for e in rejected)
     assert TOKEN not in repr(logs)
 

@@ -110,8 +110,12 @@ def describe_context(event, context):
         "log_group_name": context.log_group_name,
         "log_stream_name": context.log_stream_name,
         "identity": [identity.cognito_identity_id, identity.cognito_identity_pool_id],
-        "client_context": None if cc is None else {
-            "custom": cc.custom, "env": cc.env, "installation_id": cc.client.installation_id,
+        "client_context": None
+        if cc is None
+        else {
+            "custom": cc.custom,
+            "env": cc.env,
+            "installation_id": cc.client.installation_id,
         },
         "remaining_ms": context.get_remaining_time_in_millis(),
     }
