@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             return EX_CONFIG
         config = fallback
     try:
-        return args.command(config, args)
+        code: int = args.command(config, args)
+        return code
     except ApiError as exc:
         print(f"lambdaemon: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -154,7 +155,7 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
         import uvloop
     except ImportError:
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 async def _serve(config: Config) -> None:
@@ -417,7 +418,7 @@ def _post_json(config: Config, path: str, payload: dict[str, Any]) -> Any:
     return data
 
 
-def _print_table(rows: list[dict], columns: list[str], extra: Any = None) -> None:
+def _print_table(rows: list[dict[str, Any]], columns: list[str], extra: Any = None) -> None:
     table = []
     for row in rows:
         merged = {**row, **(extra(row) if extra else {})}

@@ -14,7 +14,7 @@ import re
 import tomllib
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -53,7 +53,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class DaemonSettings(_Section):
+class DaemonSettings(_Section, frozen=True):
     data_dir: str = "var"
     functions_dir: str = "../functions"
     max_workers: Annotated[int, Meta(ge=1, le=1024)] = 4
@@ -70,12 +70,12 @@ class DaemonSettings(_Section):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
-class ApiSettings(_Section):
+class ApiSettings(_Section, frozen=True):
     listen: str = "127.0.0.1:9070"
     token_file: str | None = None
 
 
-class MqttSettings(_Section):
+class MqttSettings(_Section, frozen=True):
     url: str = "mqtt://127.0.0.1:1883"
     client_id: Annotated[str, Meta(min_length=1, max_length=128)] = "lambdaemon"
     username: str | None = None
@@ -85,7 +85,7 @@ class MqttSettings(_Section):
     session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
 
 
-class WebhookSettings(_Section):
+class WebhookSettings(_Section, frozen=True):
     listen: str = "0.0.0.0:8080"
     max_body_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
 
@@ -93,23 +93,23 @@ class WebhookSettings(_Section):
 # --- triggers: a tagged union on `type` ------------------------------------------------------
 
 
-class _Trigger(_Section, tag_field="type"):
+class _Trigger(_Section, tag_field="type", frozen=True):
     pass
 
 
-class CronTriggerConfig(_Trigger, tag="cron"):
+class CronTriggerConfig(_Trigger, tag="cron", frozen=True):
     schedule: str
     timezone: str = "UTC"
     missed: Literal["skip", "run_once", "run_all"] = "run_once"
     grace_s: NonNegative = 3600.0
 
 
-class MqttTriggerConfig(_Trigger, tag="mqtt"):
+class MqttTriggerConfig(_Trigger, tag="mqtt", frozen=True):
     topic: Annotated[str, Meta(min_length=1)]
     qos: Literal[0, 1] = 1
 
 
-class FilesTriggerConfig(_Trigger, tag="files"):
+class FilesTriggerConfig(_Trigger, tag="files", frozen=True):
     path: str
     pattern: str = "*"
     after: Literal["move", "delete"] = "move"
@@ -117,25 +117,25 @@ class FilesTriggerConfig(_Trigger, tag="files"):
     poll: bool = False  # scan only, for network filesystems where inotify sees nothing
 
 
-class _Auth(_Section, tag_field="type"):
+class _Auth(_Section, tag_field="type", frozen=True):
     pass
 
 
-class NoAuth(_Auth, tag="none"):
+class NoAuth(_Auth, tag="none", frozen=True):
     pass
 
 
-class TokenAuth(_Auth, tag="token"):
+class TokenAuth(_Auth, tag="token", frozen=True):
     token_file: str
     header: str = "Authorization"
 
 
-class BasicAuth(_Auth, tag="basic"):
+class BasicAuth(_Auth, tag="basic", frozen=True):
     username: str
     password_file: str
 
 
-class HmacAuth(_Auth, tag="hmac"):
+class HmacAuth(_Auth, tag="hmac", frozen=True):
     secret_file: str
     header: str = "X-Hub-Signature-256"
     timestamp_header: str | None = None
@@ -145,7 +145,7 @@ class HmacAuth(_Auth, tag="hmac"):
 AuthConfig = NoAuth | TokenAuth | BasicAuth | HmacAuth
 
 
-class WebhookTriggerConfig(_Trigger, tag="webhook"):
+class WebhookTriggerConfig(_Trigger, tag="webhook", frozen=True):
     path: Annotated[str, Meta(pattern=r"^/")]
     methods: list[str] = msgspec.field(default_factory=lambda: ["POST"])
     mode: Literal["sync", "async"] = "sync"
@@ -155,7 +155,7 @@ class WebhookTriggerConfig(_Trigger, tag="webhook"):
 TriggerConfig = CronTriggerConfig | MqttTriggerConfig | FilesTriggerConfig | WebhookTriggerConfig
 
 
-class FunctionConfig(_Section):
+class FunctionConfig(_Section, frozen=True):
     """One function: where its code is and how it runs. `name` and `code` are filled in."""
 
     handler: str
@@ -194,7 +194,7 @@ class FunctionConfig(_Section):
         return f"/aws/lambda/{self.name}"
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     daemon: DaemonSettings = DaemonSettings()
     api: ApiSettings = ApiSettings()
     mqtt: MqttSettings | None = None
@@ -248,7 +248,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return _validate(config)
 
 
-def _convert(raw: object, kind: type, path: Path, prefix: str):
+def _convert(raw: object, kind: type, path: Path, prefix: str) -> Any:
     if isinstance(raw, dict) and isinstance(raw.get("env"), dict):
         for env_key, value in raw["env"].items():  # msgspec would say env[...]; name the key
             if not isinstance(value, str):
@@ -498,8 +498,8 @@ def _defines(tree: ast.Module, attr: str) -> bool:
         if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
             return True
         if isinstance(node, ast.If | ast.Try):  # conditional definitions: be lenient
-            inner = ast.Module(body=[*ast.iter_child_nodes(node)], type_ignores=[])
-            inner.body = [n for n in inner.body if isinstance(n, ast.stmt)]
+            body = [n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt)]
+            inner = ast.Module(body=body, type_ignores=[])
             if _defines(inner, attr):
                 return True
     return False

@@ -44,7 +44,7 @@ log = structlog.get_logger("lambdaemon.dispatcher")
 
 def _store_backoff(tries: int) -> float:
     """Seconds before writing to a store that failed again: 0.5 s doubling up to 15 s."""
-    return min(15.0, 0.5 * 2 ** min(tries, 5))
+    return min(15.0, 0.5 * 2.0 ** min(tries, 5))
 
 
 # A sync call's `running` row, and an async attempt's worker pid, are written only for an

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
@@ -233,7 +234,7 @@ async def _first(*awaitables: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _background(coroutine: Any, name: str):
+async def _background(coroutine: Any, name: str) -> AsyncIterator[asyncio.Task[Any]]:
     """Run `coroutine` as a task for the duration of the block; cancelled on the way out."""
     task = asyncio.get_running_loop().create_task(coroutine, name=name)
     try:

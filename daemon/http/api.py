@@ -292,7 +292,9 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     expected = token.encode()
 
     @web.middleware
-    async def check(request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]):
+    async def check(
+        request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if request.path == "/health" or _authorized(request, expected):
             return await handler(request)
         log.warning("api_unauthorized", path=request.path, remote=request.remote)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiohttp import HttpVersion11, web
@@ -30,7 +30,7 @@ from yarl import URL
 
 log = structlog.get_logger("lambdaemon.http")
 
-Handler = Callable[[Any], Awaitable[web.StreamResponse]]
+Handler = Callable[[Any], Coroutine[Any, Any, web.StreamResponse]]
 # Takes a parsed request; the handler that serves it here, or None: aiohttp serves it.
 Router = Callable[["WireRequest"], Handler | None]
 
@@ -292,7 +292,7 @@ class FastConnection(asyncio.Protocol):
         self._head = None
         self._start(request, handler, end)
 
-    def _parse_head(self) -> tuple[WireRequest, Handler, int] | bool | None:
+    def _parse_head(self) -> tuple[WireRequest, Handler, int] | Literal[False] | None:
         """(request, handler, end of its body) for a request served here; False: hand it off;
         None: the head is incomplete."""
         buffer = self.buffer

@@ -35,7 +35,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 class _Message:
     """Equality and repr field by field (plain classes: cheaper to build than a NamedTuple)."""
 
-    __slots__ = ()
+    __slots__: tuple[str, ...] = ()
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(

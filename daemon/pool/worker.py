@@ -62,6 +62,9 @@ class _Client:
 
 class _ClientContext:
     __slots__ = ("custom", "env", "client")
+    custom: Any
+    env: Any
+    client: _Client | None
 
 
 def _from_dict(cls: Any, data: Any) -> Any:
@@ -122,7 +125,7 @@ def _decode_client_context(encoded: str | None) -> _ClientContext | None:
     if not encoded:
         return None
     data = json.loads(binascii.a2b_base64(encoded))
-    context = _from_dict(_ClientContext, data)
+    context: _ClientContext | None = _from_dict(_ClientContext, data)
     if context is not None:
         context.client = _from_dict(_Client, context.client)
     return context

@@ -335,7 +335,10 @@ def _vacuum_mode(path: Path) -> tuple[int, int]:
     # A fresh connection: one that has cached the header may not see another one's VACUUM.
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        return conn.execute("SELECT * FROM pragma_auto_vacuum(), pragma_page_size()").fetchone()
+        row: tuple[int, int] = conn.execute(
+            "SELECT * FROM pragma_auto_vacuum(), pragma_page_size()"
+        ).fetchone()
+        return row
     finally:
         conn.close()
 

@@ -116,7 +116,10 @@ class Store:
         `extra_sql` runs with it, only when the row is new: the row and the source's own state
         (a cron fire marker) are committed together or not at all (see repeatable()).
         """
-        return await self._write(records.insert, flags_of(extra_sql), inv=inv, extra_sql=extra_sql)
+        found: tuple[str, bool] = await self._write(
+            records.insert, flags_of(extra_sql), inv=inv, extra_sql=extra_sql
+        )
+        return found
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
@@ -291,7 +294,7 @@ class Store:
 
     async def get(self, id: str) -> dict[str, Any] | None:
         """The full record (event and result as bytes, logs) with its "attempts" list."""
-        return await self._read(partial(records.fetch_record, id=id))  # type: ignore[no-any-return]
+        return await self._read(partial(records.fetch_record, id=id))
 
     async def list_invocations(
         self, function: str | None = None, status: str | None = None, limit: int = 50
