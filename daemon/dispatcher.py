@@ -25,7 +25,7 @@ import structlog
 from daemon import logs
 from daemon.config import FunctionConfig
 from daemon.destinations.routing import Router
-from daemon.errors import LambdaemonError, ShuttingDownError, StoreUnavailableError
+from daemon.errors import ShuttingDownError, StoreUnavailableError, UnknownFunctionError
 from daemon.lanes import Backlogged, Lane, Lanes
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status, new_id
 from daemon.pool import WorkerPool
@@ -51,12 +51,6 @@ def _store_backoff(tries: int) -> float:
 # invocation still running after this long: most finish first and are written once, finished.
 VISIBLE_AFTER_S = 0.25
 _json = msgspec.json.Encoder()
-
-
-class UnknownFunctionError(LambdaemonError, KeyError):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"function {name!r} is not configured")
 
 
 def _log_record_failure(invocation_id: str, recorded: asyncio.Future[None]) -> None:

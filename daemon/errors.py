@@ -20,6 +20,14 @@ class StoreUnavailableError(LambdaemonError, OSError):
     """The invocation store cannot accept writes (disk full, read-only, closed)."""
 
 
+class UnknownFunctionError(LambdaemonError, KeyError):
+    """No function of that name is configured (or a reload removed it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"function {name!r} is not configured")
+
+
 class QueueFullError(LambdaemonError):
     """A function's bounded wait queue is full; the caller should retry later."""
 

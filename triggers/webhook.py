@@ -33,8 +33,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig, read_secret
-from daemon.dispatcher import UnknownFunctionError
-from daemon.errors import QueueFullError, ShuttingDownError, StoreUnavailableError
+from daemon.errors import (
+    QueueFullError,
+    ShuttingDownError,
+    StoreUnavailableError,
+    UnknownFunctionError,
+)
 from daemon.http.api import start_site
 from daemon.http.wire import AnyRequest, Handler, WireRequest
 from daemon.models import Outcome, Status, new_id

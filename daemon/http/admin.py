@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from daemon.dispatcher import Dispatcher, UnknownFunctionError
-from daemon.errors import StoreUnavailableError
+from daemon.dispatcher import Dispatcher
+from daemon.errors import StoreUnavailableError, UnknownFunctionError
 from daemon.models import Status
 from daemon.store.sqlite import Store
 

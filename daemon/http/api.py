@@ -15,8 +15,14 @@ import structlog
 from aiohttp import web
 
 from daemon.config import Config, FunctionConfig, listen_host, read_secret
-from daemon.dispatcher import Dispatcher, UnknownFunctionError
-from daemon.errors import ListenError, QueueFullError, ShuttingDownError, StoreUnavailableError
+from daemon.dispatcher import Dispatcher
+from daemon.errors import (
+    ListenError,
+    QueueFullError,
+    ShuttingDownError,
+    StoreUnavailableError,
+    UnknownFunctionError,
+)
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.idempotency import SyncResultCache
 from daemon.http.wire import AnyRequest, FastRunner, FastSite, Handler, Router, WireRequest
