@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from daemon.config import ApiSettings, Config, config_path, load_config, read_secret
-from daemon.errors import ConfigError, LambdaemonError
+from daemon.errors import ApiError, ConfigError, LambdaemonError
 
 EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
 
@@ -208,10 +208,6 @@ def _api_settings_only(path: Any) -> Config | None:
 
 
 # --- talking to the running daemon ----------------------------------------------------------
-
-
-class ApiError(Exception):
-    pass
 
 
 def _request(

@@ -47,6 +47,10 @@ class ShuttingDownError(LambdaemonError):
     """The daemon is draining: nothing new starts; the caller should retry after the restart."""
 
 
+class ApiError(LambdaemonError):
+    """A CLI command's request to the running daemon failed: unreachable, or refused (4xx/5xx)."""
+
+
 class MqttPublishError(LambdaemonError, ConnectionError):
     """A message the broker did not acknowledge; `permanent` when it refused it for good."""
 
