@@ -47,6 +47,10 @@ class ShuttingDownError(LambdaemonError):
     """The daemon is draining: nothing new starts; the caller should retry after the restart."""
 
 
+class PoolClosedError(LambdaemonError, RuntimeError):
+    """The worker pool is not running (not started yet, or closed): nothing more runs on it."""
+
+
 class ApiError(LambdaemonError):
     """A CLI command's request to the running daemon failed: unreachable, or refused (4xx/5xx)."""
 

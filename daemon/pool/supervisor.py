@@ -24,6 +24,7 @@ from typing import Any, cast
 import structlog
 
 from daemon.config import FunctionConfig
+from daemon.errors import PoolClosedError
 from daemon.models import InvokeRequest, Outcome, Status
 from daemon.pool.outcomes import (
     call_outcome,
@@ -124,7 +125,7 @@ class WorkerPool:
     ) -> Outcome:
         """Run one invocation on a worker of `fn`; handler failures come back as the Outcome."""
         if self._loop is None or self._closed:
-            raise RuntimeError("the worker pool is not running")
+            raise PoolClosedError("the worker pool is not running")
         key = self._key(fn)
         worker = await self._acquire(fn, key)
         cold = worker is None
@@ -151,7 +152,7 @@ class WorkerPool:
         self._closed = True
         for waiter in self._waiters:
             if not waiter.future.done():
-                waiter.future.set_exception(RuntimeError("the worker pool is closed"))
+                waiter.future.set_exception(PoolClosedError("the worker pool is closed"))
         self._waiters.clear()
         for task in [self._reaper, *self._tasks]:
             if task is not None and task.get_name() != "pool-worker-exit":
@@ -426,7 +427,7 @@ class WorkerPool:
         self._spawning += 1
         try:
             if self._closed:
-                raise RuntimeError("the worker pool is closed")
+                raise PoolClosedError("the worker pool is closed")
             proc = await start_process(fn, child_sock, memfd, on_demand)
         except BaseException:
             parent_sock.close()
