@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +44,15 @@ STARTUP_WAIT_S = 15.0  # for the sources to start (a broker that never answers: 
 RELOAD_WAIT_S = 5.0  # for restarted sources, to report one that does not come up
 
 
+class Phase(enum.StrEnum):
+    """Where the daemon is in its lifecycle (see the module doc); a reload refusal names it."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RELOADING = "reloading"
+    DRAINING = "draining"
+
+
 class Service:
     """One running daemon. `run()` serves until `stop` is set, then shuts down in order."""
 
@@ -51,7 +61,7 @@ class Service:
         self.ready = asyncio.Event()
         self.dispatcher: Dispatcher | None = None
         self.skip_drain = asyncio.Event()  # a second signal: don't wait for in-flight work
-        self.phase = "starting"  # starting | ready | reloading | draining
+        self.phase = Phase.STARTING
         self._deadline = 0.0
         self._draining: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -111,7 +121,7 @@ class Service:
 
     def _become_ready(self, started: float) -> None:
         assert self._sources is not None
-        self.phase = "ready"
+        self.phase = Phase.READY
         log.info(
             "daemon_ready",
             functions=len(self.config.functions),
@@ -131,9 +141,9 @@ class Service:
     def _unready_reason(self) -> str | None:
         """Why /health must not say ok now (None: ready), for daemon/http/api.py."""
         return {
-            "starting": "starting: recovering and starting the trigger sources",
-            "reloading": "reloading: applying a changed config",
-            "draining": "draining: shutting down, in-flight invocations are finishing",
+            Phase.STARTING: "starting: recovering and starting the trigger sources",
+            Phase.RELOADING: "reloading: applying a changed config",
+            Phase.DRAINING: "draining: shutting down, in-flight invocations are finishing",
         }.get(self.phase)
 
     def _stop_watchdog(self) -> None:
@@ -143,7 +153,7 @@ class Service:
     # --- shutdown -------------------------------------------------------------------------------
 
     async def _begin_shutdown(self, dispatcher: Dispatcher) -> None:
-        self.phase = "draining"
+        self.phase = Phase.DRAINING
         self._deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
         notify("STOPPING=1\nSTATUS=draining")
         log.info("daemon_stopping")
@@ -184,17 +194,17 @@ class Service:
     async def _reload(self) -> dict[str, Any]:
         path = self.config.path
         async with self._reload_lock:
-            if self.phase != "ready":
+            if self.phase is not Phase.READY:
                 reason = f"the daemon is {self.phase}"
                 log.warning("config_reload_refused", config=path, reason=reason)
                 return {"reloaded": False, "config": path, "error": reason}
-            self.phase = "reloading"
+            self.phase = Phase.RELOADING
             notify(reloading_message())
             try:
                 return await self._apply_reload(path)
             finally:
-                if self.phase == "reloading":  # not once a shutdown has begun
-                    self.phase = "ready"
+                if self.phase is Phase.RELOADING:  # not once a shutdown has begun
+                    self.phase = Phase.READY
                     notify(f"READY=1\nSTATUS=serving {len(self.config.functions)} functions")
 
     async def _apply_reload(self, path: str) -> dict[str, Any]:
