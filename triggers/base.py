@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any, Protocol
 
 import msgspec
 import structlog
+
+from daemon.backoff import Backoff
 
 log = structlog.get_logger("lambdaemon.triggers")
 
@@ -70,7 +71,7 @@ class TriggerSource(Protocol):
 
 async def supervise(source: TriggerSource, emit: Emit, *, max_backoff_s: float = 60.0) -> None:
     """Run `source` until cancelled; restart it with capped, jittered backoff when it fails."""
-    delay = 1.0
+    backoff = Backoff(1.0, max_backoff_s, jitter=(0.5, 1.0))
     while True:
         started = asyncio.get_running_loop().time()
         try:
@@ -81,8 +82,7 @@ async def supervise(source: TriggerSource, emit: Emit, *, max_backoff_s: float =
         except Exception as exc:
             log.error("trigger_source_failed", source=source.name, error=repr(exc), exc_info=True)
         if asyncio.get_running_loop().time() - started > 60:
-            delay = 1.0  # it ran fine for a while: start the backoff over
-        wait = delay * (0.5 + random.random() / 2)
+            backoff.reset()  # it ran fine for a while: start the backoff over
+        wait = backoff.next()
         log.info("trigger_source_restarting", source=source.name, in_s=round(wait, 2))
         await asyncio.sleep(wait)
-        delay = min(delay * 2, max_backoff_s)
