@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import random
 import ssl
 import zlib
 from collections import deque
@@ -53,6 +52,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from daemon.backoff import Backoff
 from daemon.config import Config, MqttTriggerConfig, read_secret
 from daemon.errors import ConfigError
 from triggers.base import Emit
@@ -175,7 +175,7 @@ class MqttSource:
     async def run(self, emit: Emit) -> None:
         client = self._client()
         self._seq = await self._last_seq()
-        delay = BACKOFF_S[0]
+        backoff = Backoff(*BACKOFF_S, jitter=(0.5, 1.0))
         while True:
             try:
                 async with client:
@@ -189,7 +189,7 @@ class MqttSource:
                     await self._subscribe(client)
                     self.started.set()
                     if not self._store_trouble:
-                        delay = BACKOFF_S[0]
+                        backoff.reset()
                     await self._consume(client, emit)
                 reason = "stopped"
             except aiomqtt.MqttError as exc:
@@ -197,10 +197,9 @@ class MqttSource:
             except _NotStoredError as exc:
                 reason, self._store_trouble = str(exc), True
             self.started.set()
-            wait = delay * (0.5 + random.random() / 2)
+            wait = backoff.next()
             log.warning("mqtt_disconnected", reason=reason, retry_in_s=round(wait, 2))
             await asyncio.sleep(wait)
-            delay = min(delay * 2, BACKOFF_S[1])
 
     def _client(self) -> _Client:
         s = self._settings

@@ -6,7 +6,6 @@ The connection settings are the [mqtt] section's, read the same way as the MQTT 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from daemon.backoff import Backoff
 from daemon.config import Config
 from daemon.errors import ConfigError, MqttPublishError
 from triggers.mqtt import BACKOFF_S, MESSAGE_ID, connection
@@ -56,7 +56,7 @@ class MqttPublisher:
         self._lock = asyncio.Lock()  # one message in flight: its PUBACK is the next one
 
     async def run(self) -> None:
-        delay = BACKOFF_S[0]
+        backoff = Backoff(*BACKOFF_S, jitter=(0.5, 1.0))
         while True:
             client = _PublishingClient(
                 self._host,
@@ -71,7 +71,8 @@ class MqttPublisher:
             )
             try:
                 async with client:
-                    self._client, delay = client, BACKOFF_S[0]
+                    self._client = client
+                    backoff.reset()
                     log.info(
                         "mqtt_publisher_connected",
                         host=self._host,
@@ -88,10 +89,9 @@ class MqttPublisher:
                 reason = str(exc) + (f": {exc.__cause__}" if exc.__cause__ else "")
             finally:
                 self._client = None
-            wait = delay * (0.5 + random.random() / 2)
+            wait = backoff.next()
             log.warning("mqtt_publisher_disconnected", reason=reason, retry_in_s=round(wait, 2))
             await asyncio.sleep(wait)
-            delay = min(delay * 2, BACKOFF_S[1])
 
     async def publish(
         self, topic: str, payload: bytes, *, message_id: str, timeout_s: float = 10.0
