@@ -39,6 +39,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 
+from daemon.backoff import Backoff
+
 if TYPE_CHECKING:
     from daemon.config import Config, CronTriggerConfig
     from triggers.base import Accepted, Emit
@@ -411,7 +413,7 @@ class CronSource:
     async def _fire(self, emit: Emit, t: _Trigger, nominal: datetime) -> None:
         delay_ms = round((self._clock.now() - nominal).total_seconds() * 1000, 1)
         event = scheduled_event(t.trigger_id, nominal, self._region)
-        retry_s = RETRY_S[0]
+        backoff = Backoff(*RETRY_S)
         while True:
             committing = asyncio.ensure_future(
                 emit(
@@ -434,6 +436,7 @@ class CronSource:
                 raise
             except Exception as exc:
                 # Not marked, so not lost: the same nominal fire is retried until it commits.
+                retry_s = backoff.next()
                 log.error(
                     "cron_fire_failed",
                     trigger_id=t.trigger_id,
@@ -442,7 +445,6 @@ class CronSource:
                     retry_in_s=retry_s,
                 )
                 await self._clock.sleep(retry_s)
-                retry_s = min(retry_s * 2, RETRY_S[1])
         self._log_fired(t, nominal, delay_ms, accepted)
 
     def _log_fired(
