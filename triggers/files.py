@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from asyncinotify import Inotify, Mask
 
+from daemon.backoff import Backoff
 from daemon.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -294,16 +295,16 @@ class FilesSource:
 
 async def _retrying(event: str, name: str, attempt: Any) -> Any:
     """Retry transient store or disk trouble with capped backoff; the file waits in .processing."""
-    delay = RETRY_S[0]
+    backoff = Backoff(*RETRY_S)
     while True:
         try:
             return await attempt()
         except FileNotFoundError:
             raise
         except (StoreUnavailableError, OSError) as exc:
+            delay = backoff.next()
             log.error(event, name=name, error=str(exc), retry_in_s=delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_S[1])
+            await asyncio.sleep(delay)
 
 
 def _complete(folder: _Folder, name: str, st: os.stat_result, signalled: bool) -> bool:
