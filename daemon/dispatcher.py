@@ -23,6 +23,7 @@ import msgspec
 import structlog
 
 from daemon import logs
+from daemon.backoff import Backoff
 from daemon.config import FunctionConfig
 from daemon.destinations.routing import Router
 from daemon.errors import ShuttingDownError, StoreUnavailableError, UnknownFunctionError
@@ -42,9 +43,8 @@ from triggers.base import Accepted
 log = structlog.get_logger("lambdaemon.dispatcher")
 
 
-def _store_backoff(tries: int) -> float:
-    """Seconds before writing to a store that failed again: 0.5 s doubling up to 15 s."""
-    return min(15.0, 0.5 * 2.0 ** min(tries, 5))
+# Seconds before writing to a store that failed again, by tries: 0.5 s doubling up to 15 s.
+_STORE_BACKOFF = Backoff(0.5, 15.0)
 
 
 # A sync call's `running` row, and an async attempt's worker pid, are written only for an
@@ -465,7 +465,7 @@ class Dispatcher:
                 await asyncio.shield(marked)
             except StoreUnavailableError as exc:
                 # Never started: back into the lane once the store may take writes again.
-                delay = _store_backoff(item.attempt)
+                delay = _STORE_BACKOFF.delay_s(item.attempt)
                 log.error(
                     "invocation_start_not_recorded",
                     invocation_id=item.id,
@@ -526,7 +526,7 @@ class Dispatcher:
                 await asyncio.shield(self._settle(lane, item, attempt, outcome))
                 return
             except StoreUnavailableError as exc:
-                delay = _store_backoff(tries)
+                delay = _STORE_BACKOFF.delay_s(tries)
                 log.error(
                     "invocation_outcome_not_recorded",
                     invocation_id=item.id,
