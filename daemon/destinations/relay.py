@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import io
 import json
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -35,6 +34,7 @@ import aiohttp
 import msgspec
 import structlog
 
+from daemon.backoff import Backoff
 from daemon.config import Config
 from daemon.destinations import routing as outbox
 from daemon.destinations.routing import OutboxRow
@@ -49,6 +49,8 @@ MAX_RETRY_AFTER_S = 3600.0  # the most a target's Retry-After header may hold a 
 WEBHOOK_TIMEOUT_S = 10.0
 STORE_RETRY_S = 5.0  # after the outbox could not be read
 _STREAMED_BYTES = 512 * 1024  # larger bodies go as a stream (aiohttp warns about big bytes)
+# Jitter only lengthens the delay, so channels that failed together spread out.
+_CHANNEL_BACKOFF = Backoff(*BACKOFF_S, jitter=(1.0, 1.5))
 
 
 class _Retry(Exception):
@@ -63,7 +65,7 @@ class _Refused(Exception):
     """The target refused the record for good."""
 
 
-class _Backoff(msgspec.Struct, frozen=True):
+class _Hold(msgspec.Struct, frozen=True):
     failures: int
     until: float  # time.monotonic()
 
@@ -75,7 +77,7 @@ class OutboxRelay:
         self._config = config
         self._store = store
         self._wake = asyncio.Event()
-        self._blocked: dict[str, _Backoff] = {}  # channel -> its backoff after a failure
+        self._blocked: dict[str, _Hold] = {}  # channel -> its backoff after a failure
         self._session: aiohttp.ClientSession | None = None
         self._publisher: MqttPublisher | None = None  # connected on the first mqtt: record
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -172,12 +174,10 @@ class OutboxRelay:
     def _hold(self, channel: str, retry_after_s: float | None) -> float:
         """Back the channel off after a failure; return the delay."""
         failures = self._blocked[channel].failures + 1 if channel in self._blocked else 1
-        first_s, cap_s = BACKOFF_S
-        # Jitter only lengthens the delay, so channels that failed together spread out.
-        delay_s = min(cap_s, first_s * 2.0 ** min(failures - 1, 20) * (1 + random.random() / 2))
+        delay_s = _CHANNEL_BACKOFF.delay_s(failures - 1)
         if retry_after_s is not None:
             delay_s = max(delay_s, min(retry_after_s, MAX_RETRY_AFTER_S))
-        self._blocked[channel] = _Backoff(failures, time.monotonic() + delay_s)
+        self._blocked[channel] = _Hold(failures, time.monotonic() + delay_s)
         return delay_s
 
     async def _sleep(self) -> None:
