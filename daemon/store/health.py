@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from daemon.backoff import Backoff
 from daemon.store.sqlite import Store
 from daemon.systemd import notify
 
@@ -37,6 +38,7 @@ PROBE_TIMEOUT_S = 10.0  # a write that has not committed by then counts as a fai
 REPEAT_S = 60.0
 LOW_DISK_BYTES = 16 * 1024 * 1024  # below this much free space a warning comes first
 MIB = 1024 * 1024
+_PROBE_BACKOFF = Backoff(PROBE_S, MAX_PROBE_S)  # by failed probes in a row
 
 _REASONS = {
     sqlite3.SQLITE_FULL: "disk_full",
@@ -56,7 +58,7 @@ class StoreHealth:
         self._dir = store.path.parent
         self._seen_failures = store.write_failures
         self._seen_commits = store.commits
-        self._probe_in_s = PROBE_S
+        self._failed_probes = 0
         self._probe_at = 0.0  # while degraded: when the next probe is due
         self.reason: str | None = None  # None: healthy
         self.error = ""
@@ -87,8 +89,8 @@ class StoreHealth:
         self._seen_failures = failures
         reason, error = await self._probe()
         self._seen_commits = self._store.commits
-        self._probe_in_s = min(self._probe_in_s * 2, MAX_PROBE_S) if reason else PROBE_S
-        self._probe_at = time.monotonic() + self._probe_in_s
+        self._failed_probes = self._failed_probes + 1 if reason else 0
+        self._probe_at = time.monotonic() + _PROBE_BACKOFF.delay_s(self._failed_probes)
         if reason is None and read_only:  # the probe may have fit in what SQLite had cached
             reason, error = "read_only", f"the filesystem holding {self._dir} is mounted read-only"
         self._set(reason, error)
