@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from daemon.backoff import Backoff
 from daemon.config import FunctionConfig
 
 RETRIES_EXHAUSTED = "RetriesExhausted"
@@ -34,8 +35,7 @@ def backoff_s(fn: FunctionConfig, retry: int, rand: Callable[[], float] = random
     spread out, yet the configured first delay stays a floor and the cap a ceiling.
     """
     first_s, cap_s = fn.retry_backoff_s
-    nominal = first_s * 2.0 ** min(max(retry - 1, 0), 40)
-    return min(cap_s, nominal * (1.0 + rand() / 2))
+    return Backoff(first_s, cap_s, jitter=(1.0, 1.5), rand=rand).delay_s(max(retry - 1, 0))
 
 
 def after_failure(
