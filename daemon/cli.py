@@ -16,7 +16,8 @@ from typing import Any
 
 import msgspec
 
-from daemon.config import ApiSettings, Config, config_path, load_config, read_secret
+from daemon.config import ApiSettings, Config, config_path, load_config
+from daemon.credentials import read_secret
 from daemon.errors import ApiError, ConfigError, LambdaemonError
 
 EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
+from daemon.credentials import mqtt_connection, read_secret
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/example.toml")
@@ -300,9 +301,7 @@ def _validate(config: Config) -> Config:
     if config.webhooks is not None:
         listen_host(config.webhooks.listen, path, "webhooks.listen")
     if config.mqtt is not None:
-        from triggers.mqtt import check_settings  # paho lives in triggers/mqtt.py only
-
-        check_settings(config)
+        mqtt_connection(config)
     functions_dir = config.resolve(config.daemon.functions_dir)
     functions = {}
     for name, fn in config.functions.items():
@@ -503,28 +502,6 @@ def _defines(tree: ast.Module, attr: str) -> bool:
             if _defines(inner, attr):
                 return True
     return False
-
-
-def read_secret(config: Config, value: str, key: str) -> str:
-    """A secret file's stripped content; `credential:NAME` reads $CREDENTIALS_DIRECTORY/NAME."""
-    if value.startswith("credential:"):
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise ConfigError(
-                config.path,
-                key,
-                f"{value!r} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)",
-            )
-        file = Path(directory) / value.removeprefix("credential:")
-    else:
-        file = config.resolve(value)
-    try:
-        secret = file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(config.path, key, f"cannot read {file}: {exc.strerror or exc}") from None
-    if not secret:
-        raise ConfigError(config.path, key, f"{file} is empty")
-    return secret
 
 
 def listen_host(listen: str, path: str, key: str) -> tuple[str, int]:

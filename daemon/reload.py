@@ -24,7 +24,8 @@ from typing import Any
 
 import msgspec
 
-from daemon.config import Config, read_secret
+from daemon.config import Config
+from daemon.credentials import read_secret
 from daemon.errors import ConfigError
 
 # Settings that take effect on reload (whole sections when named alone). The functions table is

@@ -36,13 +36,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import ssl
 import zlib
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiomqtt
 import msgspec
@@ -53,7 +52,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.backoff import Backoff
-from daemon.config import Config, MqttTriggerConfig, read_secret
+from daemon.config import Config, MqttTriggerConfig
+from daemon.credentials import mqtt_connection
 from daemon.errors import ConfigError
 from triggers.base import Emit
 
@@ -161,7 +161,7 @@ class MqttSource:
             raise ConfigError(config.path, "mqtt", "an mqtt trigger needs an [mqtt] section")
         self._settings = settings = config.mqtt
         self._store = store
-        self._host, self._port, self._tls, self._password = connection(config)
+        self._host, self._port, self._tls, self._password = mqtt_connection(config)
         self._subscriptions = _subscriptions(triggers)
         self._by_id = {s.id: s for s in self._subscriptions}
         self._prefix = f"mqtt:{quote(settings.client_id, safe='')}:"
@@ -376,47 +376,6 @@ def _subscriptions(triggers: list[tuple[str, str, Any]]) -> list[_Subscription]:
         qos = max(t.qos for _, _, t in group)
         subs.append(_Subscription(topic, qos, sub_id, tuple((fn, tid) for fn, tid, _ in group)))
     return subs
-
-
-def check_settings(config: Config) -> None:
-    """Raise ConfigError naming the key when the [mqtt] connection settings cannot work."""
-    if config.mqtt is not None:
-        connection(config)
-
-
-def connection(config: Config) -> tuple[str, int, ssl.SSLContext | None, str | None]:
-    """(host, port, TLS context, password) from the [mqtt] section; ConfigError if invalid."""
-    assert config.mqtt is not None
-    settings = config.mqtt
-    host, port, tls = _parse_url(config, settings.url, settings.ca_file)
-    password = None
-    if settings.password_file:
-        password = read_secret(config, settings.password_file, "mqtt.password_file")
-    return host, port, tls, password
-
-
-def _parse_url(
-    config: Config, url: str, ca_file: str | None
-) -> tuple[str, int, ssl.SSLContext | None]:
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == -1:
-        reason = f"{url!r} is not mqtt://host[:port] or mqtts://host[:port]"
-        raise ConfigError(config.path, "mqtt.url", reason)
-    if parts.scheme == "mqtt":
-        if ca_file is not None:
-            raise ConfigError(config.path, "mqtt.ca_file", "needs an mqtts:// url")
-        return parts.hostname, port or 1883, None
-    try:
-        context = ssl.create_default_context(
-            cafile=str(config.resolve(ca_file)) if ca_file else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(config.path, "mqtt.ca_file", f"cannot load {ca_file}: {exc}") from None
-    return parts.hostname, port or 8883, context
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -32,7 +32,8 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig, read_secret
+from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig
+from daemon.credentials import read_secret
 from daemon.errors import (
     QueueFullError,
     ShuttingDownError,

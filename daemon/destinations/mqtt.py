@@ -16,8 +16,9 @@ from paho.mqtt.properties import Properties
 
 from daemon.backoff import Backoff
 from daemon.config import Config
+from daemon.credentials import mqtt_connection
 from daemon.errors import ConfigError, MqttPublishError
-from triggers.mqtt import BACKOFF_S, MESSAGE_ID, connection
+from triggers.mqtt import BACKOFF_S, MESSAGE_ID
 
 log = structlog.get_logger("lambdaemon.destinations.mqtt")
 
@@ -49,7 +50,7 @@ class MqttPublisher:
         if config.mqtt is None:
             raise ConfigError(config.path, "mqtt", "an mqtt: destination needs an [mqtt] section")
         self._settings = config.mqtt
-        self._host, self._port, self._tls, self._password = connection(config)
+        self._host, self._port, self._tls, self._password = mqtt_connection(config)
         self.client_id = f"{config.mqtt.client_id}-out"
         self._on_connected = on_connected
         self._client: _PublishingClient | None = None  # set while connected

@@ -14,7 +14,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from daemon.config import Config, FunctionConfig, listen_host, read_secret
+from daemon.config import Config, FunctionConfig, listen_host
+from daemon.credentials import read_secret
 from daemon.dispatcher import Dispatcher
 from daemon.errors import (
     ListenError,

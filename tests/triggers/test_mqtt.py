@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
 
 from daemon.config import load_config
+from daemon.credentials import mqtt_connection
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.pool import WorkerPool
@@ -32,7 +33,7 @@ from daemon.store.sqlite import Store
 from tests.daemon_proc import Daemon, running_daemon, until, write_config
 from tests.mosquitto import Mosquitto, free_port
 from triggers.base import supervise
-from triggers.mqtt import MqttSource, check_settings
+from triggers.mqtt import MqttSource
 
 RECORD = Path(__file__).resolve().parent / "functions" / "mqtt_record"
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -557,7 +558,7 @@ def test_mqtt_bad_connection_settings_name_their_key(
     with pytest.raises(ConfigError) as info:  # `lambdaemon check` and every start refuse it
         load_config(write_config(tmp_path, body.replace('url = "mqtt://unused"', settings)))
     assert info.value.key == key
-    # The source and check_settings() name the key too, given those settings unvalidated.
+    # The source and mqtt_connection() name the key too, given those settings unvalidated.
     valid = load_config(write_config(tmp_path, body))
     assert valid.mqtt is not None
     bad = msgspec.structs.replace(valid.mqtt, **tomllib.loads(settings))
@@ -567,5 +568,5 @@ def test_mqtt_bad_connection_settings_name_their_key(
         MqttSource(config, store=None, triggers=triggers)
     assert info.value.key == key
     with pytest.raises(ConfigError) as info:  # what `lambdaemon check` can call
-        check_settings(config)
+        mqtt_connection(config)
     assert info.value.key == key
