@@ -1,7 +1,8 @@
 """TOML configuration -> frozen, typed settings.
 
 Every error is a ConfigError naming the file, the key path (``functions.hello.timeout_s``) and
-the reason. Relative paths are resolved against the folder of the config file.
+the reason. Relative paths are resolved against the folder of the config file. A trigger table
+becomes the settings of the kind its `type` names (triggers/registry.py), which checks itself.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import ipaddress
 import os
 import re
 import tomllib
-import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -22,6 +22,8 @@ from msgspec import Meta
 
 from daemon.credentials import mqtt_connection, read_secret
 from daemon.errors import ConfigError
+from triggers import registry
+from triggers.base import TriggerSettings
 
 DEFAULT_CONFIG = Path("config/example.toml")
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -44,7 +46,6 @@ RESERVED_ENV = frozenset(
     }
 )
 
-Positive = Annotated[float, Meta(gt=0)]
 NonNegative = Annotated[float, Meta(ge=0)]
 # Retry delays: above zero, at most a day (a longer wait is better served by a redrive).
 BackoffSeconds = Annotated[float, Meta(gt=0, le=86_400)]
@@ -91,71 +92,6 @@ class WebhookSettings(_Section, frozen=True):
     max_body_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
 
 
-# --- triggers: a tagged union on `type` ------------------------------------------------------
-
-
-class _Trigger(_Section, tag_field="type", frozen=True):
-    pass
-
-
-class CronTriggerConfig(_Trigger, tag="cron", frozen=True):
-    schedule: str
-    timezone: str = "UTC"
-    missed: Literal["skip", "run_once", "run_all"] = "run_once"
-    grace_s: NonNegative = 3600.0
-
-
-class MqttTriggerConfig(_Trigger, tag="mqtt", frozen=True):
-    topic: Annotated[str, Meta(min_length=1)]
-    qos: Literal[0, 1] = 1
-
-
-class FilesTriggerConfig(_Trigger, tag="files", frozen=True):
-    path: str
-    pattern: str = "*"
-    after: Literal["move", "delete"] = "move"
-    rescan_s: Positive = 60.0
-    poll: bool = False  # scan only, for network filesystems where inotify sees nothing
-
-
-class _Auth(_Section, tag_field="type", frozen=True):
-    pass
-
-
-class NoAuth(_Auth, tag="none", frozen=True):
-    pass
-
-
-class TokenAuth(_Auth, tag="token", frozen=True):
-    token_file: str
-    header: str = "Authorization"
-
-
-class BasicAuth(_Auth, tag="basic", frozen=True):
-    username: str
-    password_file: str
-
-
-class HmacAuth(_Auth, tag="hmac", frozen=True):
-    secret_file: str
-    header: str = "X-Hub-Signature-256"
-    timestamp_header: str | None = None
-    replay_window_s: Positive = 300.0
-
-
-AuthConfig = NoAuth | TokenAuth | BasicAuth | HmacAuth
-
-
-class WebhookTriggerConfig(_Trigger, tag="webhook", frozen=True):
-    path: Annotated[str, Meta(pattern=r"^/")]
-    methods: list[str] = msgspec.field(default_factory=lambda: ["POST"])
-    mode: Literal["sync", "async"] = "sync"
-    auth: AuthConfig = NoAuth()
-
-
-TriggerConfig = CronTriggerConfig | MqttTriggerConfig | FilesTriggerConfig | WebhookTriggerConfig
-
-
 class FunctionConfig(_Section, frozen=True):
     """One function: where its code is and how it runs. `name` and `code` are filled in."""
 
@@ -181,7 +117,8 @@ class FunctionConfig(_Section, frozen=True):
     on_success: str | None = None
     on_failure: str | None = None
     env: dict[str, str] = msgspec.field(default_factory=dict)
-    triggers: list[TriggerConfig] = msgspec.field(default_factory=list)
+    # Each table converted into its kind's settings class (triggers/registry.py).
+    triggers: list[TriggerSettings] = msgspec.field(default_factory=list)
     name: str = ""
     version: str = "$LATEST"
     region: str = "us-east-1"
@@ -244,12 +181,32 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         if isinstance(fn, dict) and ("name" in fn or "region" in fn or "version" in fn):
             bad = next(k for k in ("name", "region", "version") if k in fn)
             raise ConfigError(path, f"functions.{name}.{bad}", "unknown key")
-        functions[name] = _convert(fn, FunctionConfig, path, f"functions.{name}")
+        functions[name] = _convert_function(fn, path, f"functions.{name}")
     config = msgspec.structs.replace(config, path=str(path.resolve()), functions=functions)
     return _validate(config)
 
 
-def _convert(raw: object, kind: type, path: Path, prefix: str) -> Any:
+def _convert_function(raw: object, path: Path, key: str) -> FunctionConfig:
+    tables = raw.pop("triggers", []) if isinstance(raw, dict) else []
+    fn: FunctionConfig = _convert(raw, FunctionConfig, path, key)
+    tables = _convert(tables, list[dict[str, Any]], path, f"{key}.triggers")
+    triggers = [_convert_trigger(t, path, f"{key}.triggers[{i}]") for i, t in enumerate(tables)]
+    return msgspec.structs.replace(fn, triggers=triggers)
+
+
+def _convert_trigger(table: dict[str, Any], path: Path, key: str) -> TriggerSettings:
+    """A trigger table as the settings of the kind its `type` names."""
+    if "type" not in table:
+        raise ConfigError(path, f"{key}.type", "required key is missing")
+    kind = _convert(table["type"], str, path, f"{key}.type")
+    if kind not in registry.KINDS:
+        choices = ", ".join(registry.KINDS)
+        raise ConfigError(path, f"{key}.type", f"unknown type {kind!r} (one of: {choices})")
+    settings: TriggerSettings = _convert(table, registry.kind(kind).settings, path, key)
+    return settings
+
+
+def _convert(raw: object, kind: Any, path: Path, prefix: str) -> Any:
     if isinstance(raw, dict) and isinstance(raw.get("env"), dict):
         for env_key, value in raw["env"].items():  # msgspec would say env[...]; name the key
             if not isinstance(value, str):
@@ -260,16 +217,24 @@ def _convert(raw: object, kind: type, path: Path, prefix: str) -> Any:
         return msgspec.convert(raw, kind, str_keys=True)
     except msgspec.ValidationError as exc:
         key, reason = _split_msgspec_error(str(exc))
-        if key.endswith("type") and reason.startswith("Invalid value"):
-            choices = (
-                "none, token, basic, hmac"
-                if key.endswith("auth.type")
-                else "cron, mqtt, files, webhook"
-            )
+        if key.endswith("type") and reason.startswith("Invalid value"):  # a tagged union's
+            choices = ", ".join(_tags(kind, key))
             reason = f"unknown type {reason.removeprefix('Invalid value ')} (one of: {choices})"
         if prefix and key:
             key = f"{prefix}{'' if key.startswith('[') else '.'}{key}"
         raise ConfigError(path, key or prefix, reason) from None
+
+
+def _tags(kind: Any, key: str) -> list[str]:
+    """The `type` values the tagged union at `key` (`auth.type`) of `kind` accepts."""
+    info = msgspec.inspect.type_info(kind)
+    for name in re.sub(r"\[\d+\]", "", key).split(".")[:-1]:
+        while isinstance(info, msgspec.inspect.ListType | msgspec.inspect.DictType):
+            info = info.item_type if isinstance(info, msgspec.inspect.ListType) else info.value_type
+        if isinstance(info, msgspec.inspect.StructType):
+            info = next(f.type for f in info.fields if f.encode_name == name)
+    types = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    return [str(t.tag) for t in types if isinstance(t, msgspec.inspect.StructType)]
 
 
 def _split_msgspec_error(message: str) -> tuple[str, str]:
@@ -306,26 +271,9 @@ def _validate(config: Config) -> Config:
     functions = {}
     for name, fn in config.functions.items():
         functions[name] = _validate_function(config, name, fn, functions_dir)
-    _check_unique_routes(config)
+    for kind, triggers in registry.triggers_by_kind(config).items():
+        registry.kind(kind).settings.check_all(config, triggers)
     return msgspec.structs.replace(config, functions=functions)
-
-
-def _check_unique_routes(config: Config) -> None:
-    """Two webhook triggers may not answer the same path and method."""
-    seen: dict[tuple[str, str], str] = {}
-    for name, fn in config.functions.items():
-        for i, trigger in enumerate(fn.triggers):
-            if not isinstance(trigger, WebhookTriggerConfig):
-                continue
-            key = f"functions.{name}.triggers[{i}]"
-            for method in trigger.methods:
-                other = seen.setdefault((trigger.path, method), key)
-                if other != key:
-                    raise ConfigError(
-                        config.path,
-                        f"{key}.path",
-                        f"{method} {trigger.path} is already routed by {other}",
-                    )
 
 
 def _validate_function(
@@ -367,55 +315,13 @@ def _validate_function(
         if not env_key or "=" in env_key or "\0" in env_key:
             raise ConfigError(path, f"{key}.env.{env_key}", "not a valid environment variable name")
     for i, trigger in enumerate(fn.triggers):
-        _validate_trigger(config, trigger, f"{key}.triggers[{i}]")
+        trigger.check(config, f"{key}.triggers[{i}]")
+        for field, value in trigger.secret_files().items():
+            read_secret(config, value, f"{key}.triggers[{i}].{field}")
     for field in ("on_success", "on_failure"):
         if (destination := getattr(fn, field)) is not None:
             _validate_destination(config, destination, f"{key}.{field}")
     return msgspec.structs.replace(fn, name=name, code=str(code), region=config.daemon.region)
-
-
-def _validate_trigger(config: Config, trigger: TriggerConfig, key: str) -> None:
-    path = config.path
-    if isinstance(trigger, CronTriggerConfig):
-        try:
-            zoneinfo.ZoneInfo(trigger.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(
-                path, f"{key}.timezone", f"unknown time zone {trigger.timezone!r}"
-            ) from None
-        from triggers.cron import parse_schedule  # apscheduler lives in triggers/cron.py only
-
-        try:
-            parse_schedule(trigger.schedule, trigger.timezone)
-        except ValueError as exc:
-            raise ConfigError(path, f"{key}.schedule", f"{trigger.schedule!r}: {exc}") from None
-    elif isinstance(trigger, MqttTriggerConfig):
-        if config.mqtt is None:
-            raise ConfigError(path, key, "an mqtt trigger needs an [mqtt] section")
-        if not valid_topic_filter(trigger.topic):
-            raise ConfigError(
-                path, f"{key}.topic", f"{trigger.topic!r} is not a valid MQTT topic filter"
-            )
-    elif isinstance(trigger, FilesTriggerConfig):
-        if "/" in trigger.pattern or not trigger.pattern:
-            raise ConfigError(
-                path,
-                f"{key}.pattern",
-                f"{trigger.pattern!r}: a pattern matches file names, not paths",
-            )
-        folder = config.resolve(trigger.path)
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(path, f"{key}.path", f"{folder} exists and is not a folder")
-    elif isinstance(trigger, WebhookTriggerConfig):
-        if config.webhooks is None:
-            raise ConfigError(path, key, "a webhook trigger needs a [webhooks] section")
-        for method in trigger.methods:
-            if not re.match(r"^[A-Z]+$", method):
-                raise ConfigError(path, f"{key}.methods", f"{method!r} is not an HTTP method")
-        auth = trigger.auth
-        for field in ("token_file", "password_file", "secret_file"):
-            if hasattr(auth, field):
-                read_secret(config, getattr(auth, field), f"{key}.auth.{field}")
 
 
 DESTINATION_KINDS = ("function", "mqtt", "webhook")
@@ -450,16 +356,6 @@ def _validate_destination(config: Config, value: str, key: str) -> None:
             raise ConfigError(path, key, f"{target!r} has an invalid port") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(path, key, f"{target!r} is not an http:// or https:// URL")
-
-
-def valid_topic_filter(topic: str) -> bool:
-    levels = topic.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return "\0" not in topic
 
 
 def check_handler(code: Path, handler: str, path: str, key: str) -> None:

@@ -31,18 +31,22 @@ import asyncio
 import contextlib
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from msgspec import Meta
 
 from daemon.backoff import Backoff
+from daemon.errors import ConfigError
+from triggers.base import Inputs, Placed, TriggerSettings
 
 if TYPE_CHECKING:
-    from daemon.config import Config, CronTriggerConfig
+    from daemon.config import Config
     from triggers.base import Accepted, Emit
 
 log = structlog.get_logger("lambdaemon.triggers.cron")
@@ -67,6 +71,25 @@ _DOW_ITEM = re.compile(r"\*(?:/(\d+))?|(\w+)(?:-(\w+)(?:/(\d+))?)?")
 _ID_NAMESPACE = uuid.UUID("6f1c1a52-0d3e-5d5e-9b7a-6c616d626461")
 
 Policy = Literal["skip", "run_once", "run_all"]
+
+
+class CronTriggerConfig(TriggerSettings, tag="cron", frozen=True):
+    schedule: str
+    timezone: str = "UTC"
+    missed: Policy = "run_once"
+    grace_s: Annotated[float, Meta(ge=0)] = 3600.0
+
+    def check(self, config: Config, key: str) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            reason = f"unknown time zone {self.timezone!r}"
+            raise ConfigError(config.path, f"{key}.timezone", reason) from None
+        try:
+            parse_schedule(self.schedule, self.timezone)
+        except ValueError as exc:
+            reason = f"{self.schedule!r}: {exc}"
+            raise ConfigError(config.path, f"{key}.schedule", reason) from None
 
 
 @dataclass(frozen=True)
@@ -332,9 +355,10 @@ def _marker(trigger_id: str, nominal: datetime) -> Any:
 
 
 class CronSource:
-    """Fires every cron trigger of the config; built by the registry like every source."""
+    """Fires every cron trigger of the config (`config` may be None: region us-east-1)."""
 
     name = "cron"
+    settings = CronTriggerConfig
 
     def __init__(
         self,
@@ -351,8 +375,14 @@ class CronSource:
             _Trigger(fn, tid, cfg, parse_schedule(cfg.schedule, cfg.timezone))
             for fn, tid, cfg in triggers
         ]
+        self.started = asyncio.Event()
+
+    @staticmethod
+    def inputs(config: Config, triggers: list[Placed], secrets: Mapping[str, str]) -> Inputs:
+        return Inputs(restart=(triggers, config.daemon.region))
 
     async def run(self, emit: Emit) -> None:
+        self.started.set()  # nothing outside to wait for; the fire markers load meanwhile
         await self._store.transaction(_create_table)
         async with asyncio.TaskGroup() as tasks:
             for trigger in self._triggers:

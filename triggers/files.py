@@ -45,19 +45,22 @@ import signal
 import stat
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import structlog
 from asyncinotify import Inotify, Mask
+from msgspec import Meta
 
 from daemon.backoff import Backoff
-from daemon.errors import StoreUnavailableError
+from daemon.errors import ConfigError, StoreUnavailableError
+from triggers.base import Inputs, Placed, TriggerSettings
 
 if TYPE_CHECKING:
-    from daemon.config import Config, FilesTriggerConfig
+    from daemon.config import Config
     from triggers.base import Emit
 
 log = structlog.get_logger("lambdaemon.triggers.files")
@@ -66,6 +69,22 @@ SETTLE_S = 2.0  # stability window for files the kernel cannot vouch for
 RETRY_S = (0.5, 30.0)  # backoff of a commit or a final move that failed: first, cap
 IGNORED_SUFFIXES = ("~", ".tmp", ".part", ".partial", ".crdownload")
 WATCH_MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.ONLYDIR  # Q_OVERFLOW, IGNORED always come
+
+
+class FilesTriggerConfig(TriggerSettings, tag="files", frozen=True):
+    path: str
+    pattern: str = "*"
+    after: Literal["move", "delete"] = "move"
+    rescan_s: Annotated[float, Meta(gt=0)] = 60.0
+    poll: bool = False  # scan only, for network filesystems where inotify sees nothing
+
+    def check(self, config: Config, key: str) -> None:
+        if "/" in self.pattern or not self.pattern:
+            reason = f"{self.pattern!r}: a pattern matches file names, not paths"
+            raise ConfigError(config.path, f"{key}.pattern", reason)
+        folder = config.resolve(self.path)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(config.path, f"{key}.path", f"{folder} exists and is not a folder")
 
 
 class _Rejected(Exception):
@@ -103,9 +122,11 @@ class FilesSource:
     """Serves every `files` trigger: one watch and scan loop per folder, one task per file."""
 
     name = "files"
+    settings = FilesTriggerConfig
 
     def __init__(self, config: Config, store: Any, triggers: list[tuple[str, str, Any]]) -> None:
         self._store = store
+        self.started = asyncio.Event()
         by_path: dict[Path, list[tuple[str, str, FilesTriggerConfig]]] = {}
         for function, trigger_id, cfg in triggers:
             by_path.setdefault(config.resolve(cfg.path), []).append((function, trigger_id, cfg))
@@ -114,8 +135,13 @@ class FilesSource:
             for path, ts in by_path.items()
         ]
 
+    @staticmethod
+    def inputs(config: Config, triggers: list[Placed], secrets: Mapping[str, str]) -> Inputs:
+        return Inputs(restart=(triggers, config.base_dir))  # paths are relative to it
+
     async def run(self, emit: Emit) -> None:
         self._emit = emit
+        self.started.set()  # each folder's watch and first scan follow in its own task
         async with asyncio.TaskGroup() as self._tasks:
             for folder in self._folders:
                 self._tasks.create_task(self._serve(folder))

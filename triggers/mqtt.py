@@ -38,24 +38,28 @@ import base64
 import hashlib
 import zlib
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import quote
 
 import aiomqtt
 import msgspec
 import structlog
+from msgspec import Meta
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.backoff import Backoff
-from daemon.config import Config, MqttTriggerConfig
 from daemon.credentials import mqtt_connection
 from daemon.errors import ConfigError
-from triggers.base import Emit
+from triggers.base import Emit, Inputs, Placed, TriggerSettings
+
+if TYPE_CHECKING:
+    from daemon.config import Config
 
 log = structlog.get_logger("lambdaemon.triggers.mqtt")
 
@@ -64,6 +68,28 @@ WINDOW = 4096  # arrivals searched for a first delivery: far below the 65535 pac
 BACKOFF_S = (0.5, 30.0)  # reconnect delay: first, cap (jittered)
 MESSAGE_ID = "message-id"  # user property a publisher may set as the event's idempotency key
 _json = msgspec.json.Encoder()
+
+
+class MqttTriggerConfig(TriggerSettings, tag="mqtt", frozen=True):
+    topic: Annotated[str, Meta(min_length=1)]
+    qos: Literal[0, 1] = 1
+
+    def check(self, config: Config, key: str) -> None:
+        if config.mqtt is None:
+            raise ConfigError(config.path, key, "an mqtt trigger needs an [mqtt] section")
+        if not valid_topic_filter(self.topic):
+            reason = f"{self.topic!r} is not a valid MQTT topic filter"
+            raise ConfigError(config.path, f"{key}.topic", reason)
+
+
+def valid_topic_filter(topic: str) -> bool:
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return "\0" not in topic
 
 
 class _NotStoredError(Exception):
@@ -155,6 +181,7 @@ class MqttSource:
     """Serves every `mqtt` trigger over one persistent-session client (see the module doc)."""
 
     name = "mqtt"
+    settings = MqttTriggerConfig
 
     def __init__(self, config: Config, store: Any, triggers: list[tuple[str, str, Any]]) -> None:
         if config.mqtt is None:
@@ -171,6 +198,11 @@ class MqttSource:
         # Set once the first connection is subscribed, or has failed (it is retried in the
         # background): the daemon reports ready after that, never waiting on a broker.
         self.started = asyncio.Event()
+
+    @staticmethod
+    def inputs(config: Config, triggers: list[Placed], secrets: Mapping[str, str]) -> Inputs:
+        files = (secrets.get("mqtt.password_file"), secrets.get("mqtt.ca_file"))
+        return Inputs(restart=(triggers, config.mqtt, files))
 
     async def run(self, emit: Emit) -> None:
         client = self._client()

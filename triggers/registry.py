@@ -1,40 +1,45 @@
-"""Config trigger `type` -> the source that serves every trigger of that kind."""
+"""Config trigger `type` -> the module and class of that kind (see triggers/base.py).
+
+A kind's module is imported the first time a config uses it, so its library (apscheduler,
+aiomqtt, asyncinotify, aiohttp) loads only then.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from daemon.config import (
-    Config,
-    CronTriggerConfig,
-    FilesTriggerConfig,
-    MqttTriggerConfig,
-    WebhookTriggerConfig,
-)
-from triggers.base import TriggerSource
+from triggers.base import Placed, TriggerKind, TriggerSource
 
-# Each source kind is imported only when a config uses it, so its library loads only then.
-SOURCES: dict[type, tuple[str, str]] = {
-    CronTriggerConfig: ("triggers.cron", "CronSource"),
-    MqttTriggerConfig: ("triggers.mqtt", "MqttSource"),
-    FilesTriggerConfig: ("triggers.files", "FilesSource"),
-    WebhookTriggerConfig: ("triggers.webhook", "WebhookSource"),
+if TYPE_CHECKING:
+    from daemon.config import Config
+
+KINDS: dict[str, str] = {
+    "cron": "triggers.cron:CronSource",
+    "mqtt": "triggers.mqtt:MqttSource",
+    "files": "triggers.files:FilesSource",
+    "webhook": "triggers.webhook:WebhookSource",
 }
 
 
-def build_sources(config: Config, store: Any) -> list[TriggerSource]:
-    """One source per kind in use, each serving all triggers of its kind.
+def kind(name: str) -> TriggerKind:
+    """The source class of kind `name`, imported on first use; KeyError for an unknown kind."""
+    module, _, cls = KINDS[name].partition(":")
+    return cast(TriggerKind, getattr(importlib.import_module(module), cls))
 
-    A source is built as `Source(config, store, triggers)`, where `triggers` lists
-    (function name, trigger id `name#index`, trigger config) in config order.
-    """
-    by_kind: dict[type, list[tuple[str, str, Any]]] = {}
+
+def triggers_by_kind(config: Config) -> dict[str, list[Placed]]:
+    """Every trigger of `config` as (function, trigger id `name#index`, settings), by kind, in
+    config order."""
+    by_kind: dict[str, list[Placed]] = {}
     for name, fn in config.functions.items():
         for index, trigger in enumerate(fn.triggers):
-            by_kind.setdefault(type(trigger), []).append((name, f"{name}#{index}", trigger))
-    sources: list[TriggerSource] = []
-    for kind, triggers in by_kind.items():
-        module, cls = SOURCES[kind]
-        sources.append(getattr(importlib.import_module(module), cls)(config, store, triggers))
-    return sources
+            by_kind.setdefault(trigger.kind(), []).append((name, f"{name}#{index}", trigger))
+    return by_kind
+
+
+def build_sources(config: Config, store: Any) -> list[TriggerSource]:
+    """One source per kind in use, each serving all triggers of its kind."""
+    return [
+        kind(name)(config, store, triggers) for name, triggers in triggers_by_kind(config).items()
+    ]

@@ -24,17 +24,18 @@ import re
 import time
 from binascii import b2a_base64
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import structlog
 from aiohttp import web
+from msgspec import Meta
 from multidict import CIMultiDict
 
-from daemon.config import BasicAuth, Config, HmacAuth, TokenAuth, WebhookTriggerConfig
 from daemon.credentials import read_secret
 from daemon.errors import (
+    ConfigError,
     QueueFullError,
     ShuttingDownError,
     StoreUnavailableError,
@@ -43,7 +44,10 @@ from daemon.errors import (
 from daemon.http.api import start_site
 from daemon.http.wire import AnyRequest, Handler, WireRequest
 from daemon.models import Outcome, Status, new_id
-from triggers.base import Emit
+from triggers.base import Emit, Inputs, Placed, TriggerSettings, trigger_key
+
+if TYPE_CHECKING:
+    from daemon.config import Config
 
 log = structlog.get_logger("lambdaemon.webhook")
 
@@ -66,6 +70,69 @@ _NOT_FORWARDED = frozenset({"content-length", "transfer-encoding", "connection"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.decode
+
+
+class _Auth(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"
+):
+    pass
+
+
+class NoAuth(_Auth, tag="none", frozen=True):
+    pass
+
+
+class TokenAuth(_Auth, tag="token", frozen=True):
+    token_file: str
+    header: str = "Authorization"
+
+
+class BasicAuth(_Auth, tag="basic", frozen=True):
+    username: str
+    password_file: str
+
+
+class HmacAuth(_Auth, tag="hmac", frozen=True):
+    secret_file: str
+    header: str = "X-Hub-Signature-256"
+    timestamp_header: str | None = None
+    replay_window_s: Annotated[float, Meta(gt=0)] = 300.0
+
+
+AuthConfig = NoAuth | TokenAuth | BasicAuth | HmacAuth
+
+
+class WebhookTriggerConfig(TriggerSettings, tag="webhook", frozen=True):
+    path: Annotated[str, Meta(pattern=r"^/")]
+    methods: list[str] = msgspec.field(default_factory=lambda: ["POST"])
+    mode: Literal["sync", "async"] = "sync"
+    auth: AuthConfig = NoAuth()
+
+    def check(self, config: Config, key: str) -> None:
+        if config.webhooks is None:
+            raise ConfigError(config.path, key, "a webhook trigger needs a [webhooks] section")
+        for method in self.methods:
+            if not re.match(r"^[A-Z]+$", method):
+                raise ConfigError(
+                    config.path, f"{key}.methods", f"{method!r} is not an HTTP method"
+                )
+
+    def secret_files(self) -> dict[str, str]:
+        if type(self.auth) not in CHECKS:
+            return {}  # auth "none"
+        field = CHECKS[type(self.auth)][1]
+        return {f"auth.{field}": getattr(self.auth, field)}
+
+    @classmethod
+    def check_all(cls, config: Config, triggers: Sequence[Placed]) -> None:
+        seen: dict[tuple[str, str], str] = {}  # no two triggers answer the same path and method
+        for _, trigger_id, trigger in triggers:
+            key = trigger_key(trigger_id)
+            for method in trigger.methods:
+                other = seen.setdefault((trigger.path, method), key)
+                if other != key:
+                    reason = f"{method} {trigger.path} is already routed by {other}"
+                    raise ConfigError(config.path, f"{key}.path", reason)
 
 
 def _utf8(text: str) -> bytes:
@@ -177,6 +244,7 @@ class WebhookSource:
     """
 
     name = "webhook"
+    settings = WebhookTriggerConfig
 
     def __init__(
         self, config: Config, store: Any, triggers: list[tuple[str, str, WebhookTriggerConfig]]
@@ -187,8 +255,7 @@ class WebhookSource:
         self.drain_s = config.daemon.shutdown_timeout_s
         self.routes: dict[str, dict[str, Route]] = {}
         for function, trigger_id, trigger in triggers:
-            key = f"functions.{function}.triggers[{trigger_id.rpartition('#')[2]}]"
-            check = _build_check(config, trigger.auth, f"{key}.auth")
+            check = _build_check(config, trigger.auth, f"{trigger_key(trigger_id)}.auth")
             by_method = self.routes.setdefault(trigger.path, {})
             for method in trigger.methods:  # config validation refuses duplicate routes
                 by_method[method] = Route(function, trigger_id, trigger.path, trigger.mode, check)
@@ -200,6 +267,15 @@ class WebhookSource:
         self.started = self.listening  # what the daemon waits for before it reports ready
         self._emit: Emit | None = None
         self._draining = False
+
+    @staticmethod
+    def inputs(config: Config, triggers: list[Placed], secrets: Mapping[str, str]) -> Inputs:
+        # Routes, limits and secrets change in place; only a new address needs a new socket.
+        assert config.webhooks is not None
+        keys = tuple(f"{trigger_key(trigger_id)}." for _, trigger_id, _ in triggers)
+        auth = sorted((k, v) for k, v in secrets.items() if k.startswith(keys))
+        live = (triggers, config.webhooks, config.daemon.shutdown_timeout_s, auth)
+        return Inputs(restart=config.webhooks.listen, update=live)
 
     @property
     def auth_failures(self) -> int:

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.config import CronTriggerConfig
 from daemon.errors import StoreUnavailableError
 from daemon.store.sqlite import NewInvocation, Store
 from triggers.base import Accepted
-from triggers.cron import MAX_SLEEP_S, CronSource
+from triggers.cron import MAX_SLEEP_S, CronSource, CronTriggerConfig
 
 
 def utc(text: str) -> datetime:
