@@ -9,8 +9,9 @@ validated) one and has no side effects; service.py applies the plan:
 - trigger sources, one per kind: a kind is restarted when its triggers or the settings it reads
   changed, secret files' content included (a rotated MQTT password or webhook secret applies on
   reload: `secrets` are the running config's secret_digests(), taken when it was loaded); the
-  others keep running untouched. The webhook listener takes new routes and limits
-  in place and rebinds only when `webhooks.listen` changes;
+  others keep running untouched. Each kind's `inputs()` (triggers/base.py) says what it reads
+  and what its source can take in place: the webhook listener takes new routes and limits in
+  place and rebinds only when `webhooks.listen` changes;
 - settings: those in LIVE apply; any other one (data_dir, max_workers, [api], ...) keeps its
   running value and is reported as needing a restart, never silently ignored. New settings
   count as restart-only until they are listed here. [mqtt] applies to the MQTT source at
@@ -27,6 +28,8 @@ import msgspec
 from daemon.config import Config
 from daemon.credentials import read_secret
 from daemon.errors import ConfigError
+from triggers import registry
+from triggers.base import Inputs
 
 # Settings that take effect on reload (whole sections when named alone). The functions table is
 # compared function by function; `path` is the file itself.
@@ -90,13 +93,15 @@ def plan_reload(running: Config, new: Config, secrets: dict[str, str]) -> Reload
         ]
     old_fns, new_fns = running.functions, config.functions
     stop, start, update = [], [], []
-    for kind in sorted(_kinds(running) | _kinds(config)):
-        before = _source_inputs(running, kind, secrets)
-        after = _source_inputs(config, kind, fresh)
+    old_triggers = registry.triggers_by_kind(running)
+    new_triggers = registry.triggers_by_kind(config)
+    for kind in sorted(old_triggers.keys() | new_triggers.keys()):
+        before = _source_inputs(running, kind, old_triggers, secrets)
+        after = _source_inputs(config, kind, new_triggers, fresh)
         if before == after:
             continue
-        if before is not None and after is not None and _in_place(kind, running, config):
-            update.append(kind)
+        if before is not None and after is not None and before.restart == after.restart:
+            update.append(kind)  # its source takes the change in place
             continue
         if before is not None:
             stop.append(kind)
@@ -127,10 +132,8 @@ def secret_digests(config: Config) -> dict[str, str]:
         }
     for name, fn in config.functions.items():
         for index, trigger in enumerate(fn.triggers):
-            auth = getattr(trigger, "auth", None)
-            for field in ("token_file", "password_file", "secret_file"):
-                key = f"functions.{name}.triggers[{index}].auth.{field}"
-                files[key] = getattr(auth, field, None)
+            for field, value in trigger.secret_files().items():
+                files[f"functions.{name}.triggers[{index}].{field}"] = value
     return {key: _digest(config, value) for key, value in files.items() if value is not None}
 
 
@@ -168,43 +171,13 @@ def _publishes_to_mqtt(config: Config) -> bool:
     return any(t is not None and t.startswith("mqtt:") for t in targets)
 
 
-def _kinds(config: Config) -> set[str]:
-    return {_kind(t) for fn in config.functions.values() for t in fn.triggers}
-
-
-def _kind(trigger: msgspec.Struct) -> str:
-    return str(type(trigger).__struct_config__.tag)  # the config's `type`: cron, mqtt, ...
-
-
-def _source_inputs(config: Config, kind: str, secrets: dict[str, str]) -> tuple[Any, ...] | None:
-    """Everything the source of `kind` is built from; None when no trigger needs one."""
-    triggers = tuple(
-        (name, index, trigger)  # the trigger id is name#index: the position counts too
-        for name, fn in config.functions.items()
-        for index, trigger in enumerate(fn.triggers)
-        if _kind(trigger) == kind
-    )
-    if not triggers:
+def _source_inputs(
+    config: Config, kind: str, triggers: dict[str, list[Any]], secrets: dict[str, str]
+) -> Inputs | None:
+    """What the source of `kind` is built from (triggers/base.py); None when none is needed."""
+    if kind not in triggers:
         return None
-    if kind == "cron":
-        return triggers, config.daemon.region
-    if kind == "mqtt":
-        files = (secrets.get("mqtt.password_file"), secrets.get("mqtt.ca_file"))
-        return triggers, config.mqtt, files
-    if kind == "webhook":
-        auth = sorted((k, v) for k, v in secrets.items() if ".auth." in k)
-        return triggers, config.webhooks, config.daemon.shutdown_timeout_s, auth
-    return triggers, config.base_dir  # files: paths are relative to the config's folder
-
-
-def _in_place(kind: str, running: Config, new: Config) -> bool:
-    # The webhook source swaps routes and limits live; only a new address needs a new socket.
-    return (
-        kind == "webhook"
-        and running.webhooks is not None
-        and new.webhooks is not None
-        and running.webhooks.listen == new.webhooks.listen
-    )
+    return registry.kind(kind).inputs(config, triggers[kind], secrets)
 
 
 def _digest(config: Config, value: str) -> str:

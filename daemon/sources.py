@@ -1,10 +1,8 @@
 """The running trigger sources: started together, stopped first, restarted one kind at a time.
 
-Each source runs under triggers.base.supervise() in a task of its own, keyed by its name (its
-kind: cron, mqtt, files, webhook), so a reload can stop and start one kind and leave the others
-serving. A source may carry `started: asyncio.Event`, set once it serves (listening,
-subscribed) or has made its first attempt and keeps retrying in the background; the daemon
-reports ready only after that (a source without one counts as started once its task runs).
+Each source (a triggers.base.TriggerSource) runs under triggers.base.supervise() in a task of
+its own, keyed by its name (its kind), so a reload can stop and start one kind and leave the
+others serving. The daemon reports ready only once every source's `started` is set.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from collections.abc import Iterable
 
 import structlog
 
-from triggers.base import Emit, TriggerSource, supervise
+from triggers.base import Emit, TriggerSource, UpdatableSource, supervise
 
 log = structlog.get_logger("lambdaemon.sources")
 
@@ -46,16 +44,16 @@ class TriggerSources:
     def update(self, source: TriggerSource) -> None:
         """Hand a freshly built source's config to the running one of its name, in place."""
         running = self.get(source.name)
-        assert running is not None and hasattr(running, "update"), source.name
+        assert isinstance(running, UpdatableSource), source.name
+        assert isinstance(source, type(running)), source.name
         running.update(source)
 
     async def wait_started(self, timeout_s: float, names: Iterable[str] | None = None) -> list[str]:
         """Wait up to `timeout_s` for the sources to start; return the names still not started."""
         waits: dict[str, asyncio.Future[bool]] = {}
         for name in self.names if names is None else names:
-            started = getattr(self.get(name), "started", None)
-            if isinstance(started, asyncio.Event):
-                waits[name] = asyncio.ensure_future(started.wait())
+            if (source := self.get(name)) is not None:
+                waits[name] = asyncio.ensure_future(source.started.wait())
         try:
             if waits:
                 await asyncio.wait(waits.values(), timeout=timeout_s)
