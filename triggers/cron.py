@@ -336,13 +336,6 @@ class _Trigger:
     schedule: Schedule
 
 
-def _create_table(conn: Any) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS cron_fires"
-        " (trigger_id TEXT PRIMARY KEY, last_nominal TEXT NOT NULL)"
-    )
-
-
 def _marker(trigger_id: str, nominal: datetime) -> Any:
     def mark(conn: Any) -> None:
         conn.execute(
@@ -383,7 +376,6 @@ class CronSource:
 
     async def run(self, emit: Emit) -> None:
         self.started.set()  # nothing outside to wait for; the fire markers load meanwhile
-        await self._store.transaction(_create_table)
         async with asyncio.TaskGroup() as tasks:
             for trigger in self._triggers:
                 tasks.create_task(

@@ -178,11 +178,7 @@ STORE_HEALTH: web.AppKey[StoreHealth] = web.AppKey("store_health", StoreHealth)
 
 def _probe_write(conn: sqlite3.Connection) -> None:
     # One small row rewritten in place: a real page write through the WAL, like an event's,
-    # without growing anything. Created here, like cron's table, so no migration is needed.
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS store_probe"
-        " (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)"
-    )
+    # without growing anything (the table comes from the migrations).
     conn.execute(
         "INSERT INTO store_probe VALUES (1, ?)"
         " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",

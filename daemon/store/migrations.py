@@ -89,4 +89,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending'",
     ),
+    # v4: the tables the cron trigger and the store health probe used to create on first use.
+    # `cron_fires` holds each cron trigger's last nominal fire, committed with its invocation;
+    # `store_probe` is the one row the health probe rewrites. IF NOT EXISTS: a database that an
+    # earlier release gave them already keeps them (and their rows) as they are.
+    (
+        "CREATE TABLE IF NOT EXISTS cron_fires"
+        " (trigger_id TEXT PRIMARY KEY, last_nominal TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS store_probe"
+        " (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)",
+    ),
 )

@@ -640,6 +640,38 @@ async def test_store_upgrades_a_version_1_database_in_place(
     assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
 
 
+async def test_store_migrates_a_database_whose_cron_and_probe_tables_exist(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before version 4, cron and the health probe created their tables themselves."""
+    with monkeypatch.context() as patch:
+        patch.setattr(batches, "MIGRATIONS", MIGRATIONS[:3])
+        async with Store.open(db):
+            pass
+    raw(db, "CREATE TABLE cron_fires (trigger_id TEXT PRIMARY KEY, last_nominal TEXT NOT NULL)")
+    raw(db, "INSERT INTO cron_fires VALUES ('report#0', '2025-06-01T12:00:00Z')")
+    raw(
+        db,
+        "CREATE TABLE store_probe"
+        " (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)",
+    )
+    async with Store.open(db):
+        pass
+    assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert raw(db, "SELECT * FROM cron_fires") == [("report#0", "2025-06-01T12:00:00Z")]
+
+
+async def test_store_migrations_create_every_table_the_daemon_uses(store: Store) -> None:
+    rows = await store.query("SELECT name FROM sqlite_master WHERE type = 'table'")
+    assert {r[0] for r in rows} == {
+        "invocations",
+        "attempts",
+        "outbox",
+        "cron_fires",
+        "store_probe",
+    }
+
+
 # --- queries ------------------------------------------------------------------------------------
 
 
