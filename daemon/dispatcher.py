@@ -206,7 +206,7 @@ class Dispatcher:
         trigger: str,
         trigger_id: str,
         dedupe_key: str | None = None,
-        extra_sql: Callable[..., None] | None = None,
+        cron_fire: tuple[str, str] | None = None,
         parent_id: str | None = None,
     ) -> Accepted:
         """Emit: commit an asynchronous invocation, then hand it to its lane."""
@@ -226,7 +226,7 @@ class Dispatcher:
             dedupe_key=dedupe_key,
             parent_id=parent_id,
         )
-        invocation_id, created = await self._store.insert(inv, extra_sql)
+        invocation_id, created = await self._store.insert(inv, cron_fire=cron_fire)
         if created:
             log.debug(
                 "invocation_queued", invocation_id=invocation_id, function=function, trigger=trigger

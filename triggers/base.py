@@ -94,14 +94,15 @@ class Emit(Protocol):
         trigger: str,
         trigger_id: str,
         dedupe_key: str | None = None,
-        extra_sql: Any = None,
+        cron_fire: tuple[str, str] | None = None,
     ) -> Accepted:
         """Commit `event` (JSON-able, or JSON bytes) as a queued async invocation of `function`.
 
         `trigger` is the source kind (cron, mqtt, files, webhook); `trigger_id` names the
         trigger (`function#index`). A `dedupe_key` already stored returns the existing id with
-        created=False. `extra_sql(conn)` runs inside the same transaction (cron marks its fire
-        there). Raises StoreUnavailableError when nothing can be stored: do not acknowledge.
+        created=False. `cron_fire` (trigger_id, nominal fire time) is marked in the same
+        transaction, only when the invocation is new. Raises StoreUnavailableError when nothing
+        can be stored: do not acknowledge.
         """
         ...
 

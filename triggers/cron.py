@@ -336,17 +336,6 @@ class _Trigger:
     schedule: Schedule
 
 
-def _marker(trigger_id: str, nominal: datetime) -> Any:
-    def mark(conn: Any) -> None:
-        conn.execute(
-            "INSERT INTO cron_fires (trigger_id, last_nominal) VALUES (?, ?)"
-            " ON CONFLICT (trigger_id) DO UPDATE SET last_nominal = excluded.last_nominal",
-            (trigger_id, iso(nominal)),
-        )
-
-    return mark
-
-
 class CronSource:
     """Fires every cron trigger of the config (`config` may be None: region us-east-1)."""
 
@@ -409,26 +398,22 @@ class CronSource:
                 await self._fire(emit, t, nominal)
 
     async def _start(self, t: _Trigger) -> tuple[datetime, bool]:
-        rows = await self._store.query(
-            "SELECT last_nominal FROM cron_fires WHERE trigger_id = ?", (t.trigger_id,)
-        )
+        marked = await self._store.last_cron_fire(t.trigger_id)
         now = self._clock.now()
-        if not rows:
+        if marked is None:
             # First start: nothing to catch up. Remember since when the trigger is watched, so
             # a fire missed before its first fire is still caught up after a restart.
-            await self._store.transaction(_marker(t.trigger_id, now.replace(microsecond=0)))
+            await self._store.mark_cron_fire(t.trigger_id, iso(now))
             log.info(
                 "cron_started", trigger_id=t.trigger_id, schedule=t.config.schedule, first=True
             )
             return now, False
-        last = datetime.strptime(rows[0][0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        log.info(
-            "cron_started", trigger_id=t.trigger_id, schedule=t.config.schedule, last=rows[0][0]
-        )
+        last = datetime.strptime(marked, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        log.info("cron_started", trigger_id=t.trigger_id, schedule=t.config.schedule, last=marked)
         if last > now:
             # The clock went back (or was wrong when the marker was written); waiting for it
             # would stall the trigger, and dedupe keys stop an already-fired time firing twice.
-            log.warning("cron_clock_behind", trigger_id=t.trigger_id, last=rows[0][0], now=iso(now))
+            log.warning("cron_clock_behind", trigger_id=t.trigger_id, last=marked, now=iso(now))
             return now, False
         return last, True
 
@@ -444,7 +429,7 @@ class CronSource:
                     trigger="cron",
                     trigger_id=t.trigger_id,
                     dedupe_key=dedupe_key(t.trigger_id, nominal),
-                    extra_sql=_marker(t.trigger_id, nominal),
+                    cron_fire=(t.trigger_id, iso(nominal)),
                 )
             )
             try:

@@ -221,7 +221,7 @@ def _queue_function(
         parent_id=base.invocation_id,
         status=Status.FAILED if hops >= MAX_HOPS else Status.QUEUED,
     )
-    _, created = records.insert(conn, child, None)
+    _, created = records.insert(conn, child)
     if not created:
         return None
     if hops < MAX_HOPS:

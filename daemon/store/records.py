@@ -82,7 +82,7 @@ Decide = Callable[[str, int, int, float], Verdict]
 # --- writes --------------------------------------------------------------------------------
 
 
-def insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Any) -> tuple[str, bool]:
+def insert(conn: sqlite3.Connection, inv: NewInvocation) -> tuple[str, bool]:
     cur = conn.execute(
         "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
         " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
@@ -111,8 +111,6 @@ def insert(conn: sqlite3.Connection, inv: NewInvocation, extra_sql: Any) -> tupl
             "SELECT id FROM invocations WHERE dedupe_key = ?", (inv.dedupe_key,)
         ).fetchone()
         return row[0], False
-    if extra_sql is not None:
-        extra_sql(conn)
     return inv.id, True
 
 

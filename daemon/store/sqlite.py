@@ -31,7 +31,7 @@ import structlog
 
 from daemon.errors import StoreUnavailableError
 from daemon.models import FINAL_STATUSES, Outcome
-from daemon.store import records
+from daemon.store import cron, records
 from daemon.store.batches import (
     BARRIER,
     BOOKKEEPING,
@@ -46,6 +46,7 @@ from daemon.store.batches import (
     repeatable,
     write,
 )
+from daemon.store.cron import CronFire
 from daemon.store.migrations import MIGRATIONS
 from daemon.store.records import (
     INTERRUPTED_ERROR_TYPE,
@@ -109,21 +110,23 @@ class Store:
     # --- writes ----------------------------------------------------------------------------
 
     async def insert(
-        self, inv: NewInvocation, extra_sql: Callable[[sqlite3.Connection], None] | None = None
+        self, inv: NewInvocation, *, cron_fire: CronFire | None = None
     ) -> tuple[str, bool]:
         """Commit a new invocation; (existing_id, False) if its dedupe_key is already stored.
 
-        `extra_sql` runs with it, only when the row is new: the row and the source's own state
-        (a cron fire marker) are committed together or not at all (see repeatable()).
+        `cron_fire` (trigger_id, nominal) marks that cron fire, only when the row is new: the
+        row and its mark are committed together or not at all (daemon/store/cron.py).
         """
-        found: tuple[str, bool] = await self._write(
-            records.insert, flags_of(extra_sql), inv=inv, extra_sql=extra_sql
-        )
-        return found
+        inserted: tuple[str, bool]
+        if cron_fire is None:
+            inserted = await self._write(records.insert, REPEATABLE, inv=inv)
+        else:
+            inserted = await self._write(cron.insert_fire, REPEATABLE, inv=inv, fire=cron_fire)
+        return inserted
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:
         """Enqueue an insert now (writes commit in the order they are enqueued); await later."""
-        future = self._submit(write(records.insert, BOOKKEEPING, inv=inv, extra_sql=None))
+        future = self._submit(write(records.insert, BOOKKEEPING, inv=inv))
         future.add_done_callback(partial(_log_unawaited_failure, inv.id, "insert"))
         return future
 
@@ -231,17 +234,27 @@ class Store:
         )
         return rows
 
+    async def mark_cron_fire(self, trigger_id: str, nominal: str) -> None:
+        """Commit `trigger_id`'s last fire without an invocation (a trigger's first start)."""
+        await self._write(cron.mark_fire, REPEATABLE, fire=(trigger_id, nominal))
+
     async def barrier(self) -> None:
         """Return once every write enqueued before this call is committed (or has failed)."""
         await self._wait(self._submit(BARRIER))
 
-    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in the writer thread inside the next group commit, in its own savepoint.
+    async def transaction(
+        self, fn: Callable[[sqlite3.Connection], T], *, repeatable: bool = False
+    ) -> T:
+        """Run `fn` in the writer thread inside the next group commit.
 
-        `fn` runs in the database thread: it must be quick, must not touch the event loop, and
-        must not BEGIN, COMMIT or ROLLBACK (an exception it raises rolls back its savepoint).
+        For the store's own modules (retention, health), tests and audits; the rest of the
+        daemon calls named methods. `fn` runs in the database thread: it must be quick, must not
+        touch the event loop, and must not BEGIN, COMMIT or ROLLBACK (an exception it raises
+        rolls back what it wrote). `repeatable`: `fn` only runs SQL, so the writer may run it
+        again after rolling its batch back (daemon/store/batches.py); otherwise its batch runs
+        with one savepoint per op, where nothing runs twice.
         """
-        result: T = await self._wait(self._submit(write(fn, 0)))
+        result: T = await self._wait(self._submit(write(fn, REPEATABLE if repeatable else 0)))
         return result
 
     async def recover(
@@ -327,12 +340,20 @@ class Store:
         )
         return [dict(row) for row in rows]
 
+    async def last_cron_fire(self, trigger_id: str) -> str | None:
+        """The nominal time of `trigger_id`'s last committed fire, as mark_cron_fire wrote it."""
+        rows = await self.query(cron.LAST_FIRE, (trigger_id,))
+        return rows[0][0] if rows else None
+
     async def status_of(self, id: str) -> str | None:
         rows = await self.query("SELECT status FROM invocations WHERE id = ?", (id,))
         return rows[0]["status"] if rows else None
 
     async def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
-        """Run a read on the read-only connection; it sees every write committed before."""
+        """Run a read on the read-only connection; it sees every write committed before.
+
+        For the store's own modules, tests and audits: the rest of the daemon calls named methods.
+        """
         reader = self._require(self._reader)
         return list(await reader.execute_fetchall(sql, params))
 

@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 from daemon.errors import StoreUnavailableError
 from daemon.models import Outcome, Status
 from daemon.retry import Verdict
-from daemon.store import batches
+from daemon.store import batches, records
 from daemon.store import sqlite as store_module
-from daemon.store.sqlite import MIGRATIONS, NewInvocation, QueuedInvocation, Store, repeatable
+from daemon.store.sqlite import MIGRATIONS, NewInvocation, QueuedInvocation, Store
 from tests.daemon_proc import until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,10 +131,11 @@ async def test_store_cancelled_caller_still_gets_its_write_committed(store: Stor
     loop = asyncio.get_running_loop()
     in_db_thread = asyncio.Event()
 
-    def signal_reached(conn: sqlite3.Connection) -> None:
+    def insert_signalling(conn: sqlite3.Connection) -> tuple[str, bool]:
         loop.call_soon_threadsafe(in_db_thread.set)
+        return records.insert(conn, new("a"))
 
-    task = asyncio.create_task(store.insert(new("a"), extra_sql=signal_reached))
+    task = asyncio.create_task(store.transaction(insert_signalling))
     async with asyncio.timeout(5):
         await in_db_thread.wait()
     task.cancel()
@@ -282,14 +283,15 @@ async def test_store_rerun_batch_runs_a_repeatable_callback_again_but_commits_it
     await store.insert(new("taken"))
     calls = []
 
-    @repeatable
-    def mark(conn: sqlite3.Connection) -> None:
+    def insert_and_mark(conn: sqlite3.Connection) -> tuple[str, bool]:
         calls.append(1)
+        inserted = records.insert(conn, new("a"))
         conn.execute("INSERT INTO marks VALUES ('a')")
+        return inserted
 
     reruns = store.reruns
     results = await asyncio.gather(
-        store.insert(new("a"), extra_sql=mark),
+        store.transaction(insert_and_mark, repeatable=True),
         store.insert(new("taken")),
         return_exceptions=True,
     )
@@ -309,11 +311,16 @@ async def test_store_unmarked_callback_runs_once_even_when_another_op_fails(
         seen.append("ran")
         return "value"
 
+    def insert_remembering(conn: sqlite3.Connection) -> tuple[str, bool]:
+        inserted = records.insert(conn, new("b"))
+        seen.append("extra")
+        return inserted
+
     before, reruns = store.commits, store.reruns
     results = await asyncio.gather(
         store.insert(new("a")),
         store.transaction(remember),
-        store.insert(new("b"), extra_sql=lambda conn: seen.append("extra")),
+        store.transaction(insert_remembering),
         store.insert(new("taken")),
         store.insert(new("c")),
         return_exceptions=True,
@@ -406,23 +413,19 @@ async def test_store_writer_keeps_temporary_files_in_memory(store: Store) -> Non
     assert await store.transaction(lambda c: c.execute("PRAGMA temp_store").fetchone()[0]) == 2
 
 
-async def test_store_extra_sql_commits_with_the_row_or_not_at_all(store: Store) -> None:
-    await store.transaction(lambda c: c.execute("CREATE TABLE fires (key TEXT PRIMARY KEY)"))
-
-    def mark(key: str, fail: bool = False):  # noqa: ANN202
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO fires VALUES (?)", (key,))
-            if fail:
-                raise RuntimeError("the marker could not be computed")
-
-        return run
-
-    assert await store.insert(new("a", dedupe_key="cron@1"), extra_sql=mark("1")) == ("a", True)
-    with pytest.raises(RuntimeError):
-        await store.insert(new("b", dedupe_key="cron@2"), extra_sql=mark("2", fail=True))
-    # A duplicate does not run it: its marker was committed with the original row.
-    assert await store.insert(new("c", dedupe_key="cron@1"), extra_sql=mark("1")) == ("a", False)
-    assert [r[0] for r in await store.query("SELECT key FROM fires")] == ["1"]
+async def test_store_cron_fire_commits_with_the_row_or_not_at_all(store: Store) -> None:
+    assert await store.insert(new("a", dedupe_key="cron@1"), cron_fire=("t#0", "1")) == (
+        "a",
+        True,
+    )
+    with pytest.raises(sqlite3.IntegrityError):  # the mark cannot be written: nor is the row
+        await store.insert(new("b", dedupe_key="cron@2"), cron_fire=("t#0", None))  # type: ignore[arg-type]
+    # A duplicate does not mark: its fire's mark was committed with the original row.
+    assert await store.insert(new("c", dedupe_key="cron@1"), cron_fire=("t#0", "3")) == (
+        "a",
+        False,
+    )
+    assert await store.last_cron_fire("t#0") == "1"
     assert await store.status_of("b") is None
 
 

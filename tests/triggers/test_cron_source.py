@@ -86,7 +86,7 @@ class StoreEmit:
         trigger: str,
         trigger_id: str,
         dedupe_key: str | None = None,
-        extra_sql: Any = None,
+        cron_fire: tuple[str, str] | None = None,
     ) -> Accepted:
         self.calls.append(str(dedupe_key))
         if self.failures:
@@ -103,7 +103,7 @@ class StoreEmit:
             trigger_id=trigger_id,
             dedupe_key=dedupe_key,
         )
-        invocation_id, created = await self.store.insert(inv, extra_sql)
+        invocation_id, created = await self.store.insert(inv, cron_fire=cron_fire)
         return Accepted(invocation_id=invocation_id, created=created)
 
 
