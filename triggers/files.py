@@ -312,10 +312,7 @@ class FilesSource:
         )
 
     async def _error_of(self, invocation_id: str, status: str) -> dict[str, Any]:
-        rows = await self._store.query(
-            "SELECT error_type, error_message FROM invocations WHERE id = ?", (invocation_id,)
-        )
-        row = dict(rows[0]) if rows else {}
+        row = await self._store.error_of(invocation_id) or {}
         return {"status": status, "reason": row.get("error_message") or status, **row}
 
 

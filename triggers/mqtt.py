@@ -374,23 +374,18 @@ class MqttSource:
     async def _recent(self, seq_at_connect: int) -> dict[int, tuple[int, str]]:
         """Packet id -> (arrival, digest) of its newest arrival among the last WINDOW ones."""
         low = max(seq_at_connect - WINDOW, 0) + 1
-        rows = await self._store.query(
-            "SELECT dedupe_key FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?",
-            (f"{self._seq_prefix}{low:012d}", f"{self._seq_prefix}{seq_at_connect + 1:012d}"),
+        keys = await self._store.dedupe_keys_in(
+            f"{self._seq_prefix}{low:012d}", f"{self._seq_prefix}{seq_at_connect + 1:012d}"
         )
         recent: dict[int, tuple[int, str]] = {}
-        for (key,) in rows:  # in key order, so in arrival order: the newest one wins
+        for key in keys:  # in key order, so in arrival order: the newest one wins
             seq, mid, digest = key[len(self._seq_prefix) :].split(":", 3)[:3]
             recent[int(mid)] = (int(seq), digest)
         return recent
 
     async def _last_seq(self) -> int:
         # ';' sorts right after ':', so the range is exactly the keys under the prefix.
-        rows = await self._store.query(
-            "SELECT MAX(dedupe_key) FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?",
-            (self._seq_prefix, self._seq_prefix[:-1] + ";"),
-        )
-        last = rows[0][0] if rows else None
+        last = await self._store.last_dedupe_key_in(self._seq_prefix, self._seq_prefix[:-1] + ";")
         return int(last[len(self._seq_prefix) :].split(":", 1)[0]) if last else 0
 
 

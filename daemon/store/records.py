@@ -32,6 +32,17 @@ QUEUED_COLUMNS = (
 )
 
 
+# Dedupe keys from `low` (included) to `high` (excluded), in key order (the UNIQUE index's).
+DEDUPE_KEYS_IN = (
+    "SELECT dedupe_key FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?"
+    " ORDER BY dedupe_key"
+)
+LAST_DEDUPE_KEY_IN = (
+    "SELECT MAX(dedupe_key) FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?"
+)
+ERROR_OF = "SELECT error_type, error_message FROM invocations WHERE id = ?"
+
+
 class NewInvocation(msgspec.Struct, frozen=True):
     """An invocation as first written: queued, or already running (a sync call started at once)."""
 

@@ -340,6 +340,20 @@ class Store:
         )
         return [dict(row) for row in rows]
 
+    async def error_of(self, id: str) -> dict[str, str | None] | None:
+        """The invocation's `error_type` and `error_message` (None for an unknown id)."""
+        rows = await self.query(records.ERROR_OF, (id,))
+        return dict(rows[0]) if rows else None
+
+    async def dedupe_keys_in(self, low: str, high: str) -> list[str]:
+        """The stored dedupe keys from `low` (included) to `high` (excluded), in key order."""
+        return [row[0] for row in await self.query(records.DEDUPE_KEYS_IN, (low, high))]
+
+    async def last_dedupe_key_in(self, low: str, high: str) -> str | None:
+        """The greatest stored dedupe key from `low` (included) to `high` (excluded)."""
+        rows = await self.query(records.LAST_DEDUPE_KEY_IN, (low, high))
+        return rows[0][0] if rows else None
+
     async def last_cron_fire(self, trigger_id: str) -> str | None:
         """The nominal time of `trigger_id`'s last committed fire, as mark_cron_fire wrote it."""
         rows = await self.query(cron.LAST_FIRE, (trigger_id,))
