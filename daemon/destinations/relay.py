@@ -24,10 +24,8 @@ if TYPE_CHECKING:  # paho loads only once an mqtt: destination has a record to s
 import asyncio
 import contextlib
 import io
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -36,9 +34,8 @@ import structlog
 
 from daemon.backoff import Backoff
 from daemon.config import Config
-from daemon.destinations import routing as outbox
-from daemon.destinations.routing import OutboxRow
 from daemon.errors import MqttPublishError
+from daemon.store.outbox import OutboxRow
 from daemon.store.sqlite import Store
 
 log = structlog.get_logger("lambdaemon.destinations")
@@ -87,8 +84,7 @@ class OutboxRelay:
     async def open(cls, config: Config, store: Store) -> AsyncIterator[OutboxRelay]:
         """Deliver while the block runs; on exit stop (what is pending waits for the next start)."""
         relay = cls(config, store)
-        rows = await store.query("SELECT status, COUNT(*) FROM outbox GROUP BY status")
-        counts = {status: count for status, count in rows}
+        counts = await store.count_outbox()
         log.info("outbox_opened", pending=counts.get("pending", 0), failed=counts.get("failed", 0))
         relay._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S),
@@ -122,12 +118,11 @@ class OutboxRelay:
     async def _deliver_due(self) -> bool:
         now = time.monotonic()
         blocked = [channel for channel, b in self._blocked.items() if b.until > now]
-        found = await self._store.query(outbox.DUE_SQL, (json.dumps(blocked), BATCH))
+        found = await self._store.load_due_outbox(blocked, BATCH)
         if not found:
             return False
         channels: dict[str, list[OutboxRow]] = {}
-        for raw in found:
-            row = OutboxRow(**dict(raw))
+        for row in found:
             channels.setdefault(row.channel, []).append(row)
         writes: list[asyncio.Future[Any]] = []
         await asyncio.gather(*(self._deliver(rows, writes) for rows in channels.values()))
@@ -151,8 +146,10 @@ class OutboxRelay:
                 await self._send(row)
             except _Refused as exc:
                 writes.append(
-                    self._write(
-                        outbox.attempted, id=row.id, error=str(exc), now=time.time(), final=True
+                    _spawned(
+                        self._store.record_delivery_failure(
+                            row.id, str(exc), time.time(), final=True
+                        )
                     )
                 )
                 bound.error("destination_failed", error=str(exc))
@@ -161,14 +158,16 @@ class OutboxRelay:
                 retry = exc if isinstance(exc, _Retry) else _Retry(repr(exc))
                 delay_s = self._hold(row.channel, retry.retry_after_s)
                 writes.append(
-                    self._write(
-                        outbox.attempted, id=row.id, error=str(retry), now=time.time(), final=False
+                    _spawned(
+                        self._store.record_delivery_failure(
+                            row.id, str(retry), time.time(), final=False
+                        )
                     )
                 )
                 bound.warning("destination_retry", error=str(retry), retry_in_s=round(delay_s, 2))
                 return
             self._blocked.pop(row.channel, None)
-            writes.append(self._write(outbox.delivered, id=row.id))
+            writes.append(_spawned(self._store.delete_delivered(row.id)))
             bound.info("destination_delivered")
 
     def _hold(self, channel: str, retry_after_s: float | None) -> float:
@@ -233,9 +232,6 @@ class OutboxRelay:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def _write(self, op: Callable[..., None], **kwargs: Any) -> asyncio.Future[Any]:
-        return asyncio.ensure_future(self._store.transaction(partial(op, **kwargs)))
-
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
@@ -248,6 +244,11 @@ class OutboxRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+
+def _spawned(write: Awaitable[None]) -> asyncio.Future[None]:
+    # Started now, so the writes queue in delivery order; awaited together after the look.
+    return asyncio.ensure_future(write)
 
 
 def _seconds(value: str | None) -> float | None:

@@ -58,28 +58,6 @@ class Routed(msgspec.Struct, frozen=True):
     outbox_id: int | None = None  # mqtt, webhook
 
 
-class OutboxRow(msgspec.Struct, frozen=True):
-    """A pending destination record, as daemon/destinations/relay.py delivers it."""
-
-    id: int
-    invocation_id: str
-    attempt: int
-    kind: str
-    target: str
-    record: bytes
-    attempts: int  # delivery attempts so far
-
-    @property
-    def channel(self) -> str:
-        # One broker serves every topic, so one outage blocks them all; webhooks go by URL.
-        return "mqtt" if self.kind == "mqtt" else self.target
-
-    @property
-    def idempotency_key(self) -> str:
-        """The same for every delivery of this record, so a receiver can drop repeats."""
-        return f"{self.invocation_id}:{self.attempt}"
-
-
 class Router:
     """Routes final outcomes inside their final write; `routed` holds the result afterwards.
 
@@ -282,25 +260,3 @@ def _embedded(raw: bytes | None) -> Any:
     except msgspec.DecodeError:
         return raw.decode("utf-8", "replace")
     return msgspec.Raw(raw)
-
-
-# --- the delivery side: run by relay.py ---------------------------------------------------------
-
-DUE_SQL = (
-    "SELECT id, invocation_id, attempt, kind, target, record, attempts FROM outbox"
-    " WHERE status = 'pending' AND (CASE kind WHEN 'mqtt' THEN 'mqtt' ELSE target END)"
-    " NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?"
-)
-
-
-def delivered(conn: sqlite3.Connection, id: int) -> None:
-    conn.execute("DELETE FROM outbox WHERE id = ?", (id,))
-
-
-def attempted(conn: sqlite3.Connection, id: int, error: str, now: float, *, final: bool) -> None:
-    """Count a delivery attempt that did not succeed; `final` keeps it as failed for good."""
-    conn.execute(
-        "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ?, last_error = ?,"
-        " status = CASE WHEN ? THEN 'failed' ELSE status END WHERE id = ?",
-        (now, error[:2000], final, id),
-    )

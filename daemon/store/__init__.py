@@ -5,6 +5,7 @@
 - `batches.py`: how a batch of writes runs as one transaction in the database thread;
 - `records.py`: the invocation record's rows and statements;
 - `cron.py`: the cron trigger's last fires, marked in the transaction of their invocations;
+- `outbox.py`: the mqtt: and webhook: destination records waiting for delivery;
 - `migrations.py`: the versioned schema, every table the daemon uses;
 - `retention.py`: pruning by age and size, so a small disk never fills;
 - `health.py`: whether the store can take writes now, for /health, the logs and systemd.

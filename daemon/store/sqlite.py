@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,7 @@ import structlog
 
 from daemon.errors import StoreUnavailableError
 from daemon.models import FINAL_STATUSES, Outcome
-from daemon.store import cron, records
+from daemon.store import cron, outbox, records
 from daemon.store.batches import (
     BARRIER,
     BOOKKEEPING,
@@ -48,6 +49,7 @@ from daemon.store.batches import (
 )
 from daemon.store.cron import CronFire
 from daemon.store.migrations import MIGRATIONS
+from daemon.store.outbox import OutboxRow
 from daemon.store.records import (
     INTERRUPTED_ERROR_TYPE,
     INTERRUPTED_MESSAGE,
@@ -238,6 +240,18 @@ class Store:
         """Commit `trigger_id`'s last fire without an invocation (a trigger's first start)."""
         await self._write(cron.mark_fire, REPEATABLE, fire=(trigger_id, nominal))
 
+    async def delete_delivered(self, outbox_id: int) -> None:
+        """Remove an outbox record its target has acknowledged."""
+        await self._write(outbox.delivered, REPEATABLE, id=outbox_id)
+
+    async def record_delivery_failure(
+        self, outbox_id: int, error: str, now: float, *, final: bool
+    ) -> None:
+        """Count a delivery attempt that failed; `final` keeps the record as failed for good."""
+        await self._write(
+            outbox.attempted, REPEATABLE, id=outbox_id, error=error, now=now, final=final
+        )
+
     async def barrier(self) -> None:
         """Return once every write enqueued before this call is committed (or has failed)."""
         await self._wait(self._submit(BARRIER))
@@ -339,6 +353,15 @@ class Store:
             sql + " ORDER BY dead_lettered_at DESC, id DESC LIMIT ?", (*params, limit)
         )
         return [dict(row) for row in rows]
+
+    async def count_outbox(self) -> dict[str, int]:
+        """Outbox records by status (pending, failed)."""
+        return {status: count for status, count in await self.query(outbox.COUNTS)}
+
+    async def load_due_outbox(self, blocked: list[str], limit: int) -> list[OutboxRow]:
+        """Pending outbox records, oldest first, but for those of the `blocked` channels."""
+        rows = await self.query(outbox.DUE, (json.dumps(blocked), limit))
+        return [OutboxRow(**dict(row)) for row in rows]
 
     async def error_of(self, id: str) -> dict[str, str | None] | None:
         """The invocation's `error_type` and `error_message` (None for an unknown id)."""
