@@ -31,6 +31,7 @@ from daemon.lanes import Backlogged, Lane, Lanes
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status, new_id
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
+from daemon.store.settle import Routed
 from daemon.store.sqlite import (
     INTERRUPTED_ERROR_TYPE,
     INTERRUPTED_MESSAGE,
@@ -81,6 +82,8 @@ class Dispatcher:
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
         self._lanes = Lanes(functions, self._start, self._loop)
+        # Where final outcomes go; the store calls it inside their final writes.
+        self._router = Router(self._function_of)
         self._running: set[asyncio.Task[Any]] = set()  # invocations being run, async and sync
         self._in_flight: set[str] = set()  # ids of the async ones
         self._tasks: set[asyncio.Task[Any]] = set()  # their records being written, and the like
@@ -109,8 +112,7 @@ class Dispatcher:
         slot is free; later ones wait for their timer.
         """
         now = time.time()
-        router = Router(self._function_of)
-        recovery = await self._store.recover(now, self._recovery_policy(now), router)
+        recovery = await self._store.recover(now, self._recovery_policy(now), self._router)
         for invocation_id, reason in recovery.dead_lettered:
             log.warning(
                 "invocation_dead_lettered",
@@ -118,7 +120,8 @@ class Dispatcher:
                 reason=reason,
                 status=Status.CRASHED.value,
             )
-        self._routed(router, enqueue=False)  # its new invocations are queued rows: loaded below
+        for routed in recovery.routed:  # its new invocations are queued rows: loaded below
+            self._routed(routed, enqueue=False)
         resumed, orphaned = await self._resume_queued()
         log.info(
             "dispatcher_recovered",
@@ -429,14 +432,11 @@ class Dispatcher:
         try:
             if item.attempt > item.retry_base and too_old(fn, item.age_from, time.time()):
                 # A retry that came due too late (the daemon was down, or the lane was busy).
-                router = Router(self._function_of)
-                status = await asyncio.shield(
-                    self._store.dead_letter_waiting(
-                        item.id, EVENT_AGE_EXCEEDED, router.sql(item.id, fresh_result=False)
-                    )
+                settled = await asyncio.shield(
+                    self._store.dead_letter_waiting(item.id, EVENT_AGE_EXCEEDED, route=self._router)
                 )
-                self._dead_lettered(fn, item.id, item.attempt, status, EVENT_AGE_EXCEEDED)
-                self._routed(router)
+                self._dead_lettered(fn, item.id, item.attempt, settled.status, EVENT_AGE_EXCEEDED)
+                self._routed(settled.routed)
                 return
             request = InvokeRequest(item.id, item.event, fn.arn)
             started_at = time.time()
@@ -557,30 +557,22 @@ class Dispatcher:
     async def _settle(self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome) -> None:
         """Record an async attempt: final on success, else a scheduled retry or a dead letter."""
         fn = lane.fn
-        # The destination is written in the same savepoint as the final record
-        # (daemon/destinations/routing.py).
-        router = Router(self._function_of)
+        # The store writes the final record and its destination in one transaction.
         if outcome.status is Status.SUCCEEDED:
-            await self._store.finish(
-                item.id, attempt, outcome, extra_sql=router.sql(item.id, fresh_result=True)
-            )
-            self._resolve_final(item.id, outcome.status.value)
-            self._routed(router)
+            settled = await self._store.settle(item.id, attempt, outcome, self._router)
+            self._resolve_final(item.id, settled.status)
+            self._routed(settled.routed)
             return
         now = time.time()
         verdict = after_failure(
             fn, attempt=attempt, retry_base=item.retry_base, age_from=item.age_from, now=now
         )
         if verdict.next_attempt_at is None:
-            await self._store.finish(
-                item.id,
-                attempt,
-                outcome,
-                dead_letter=verdict.dead_letter,
-                extra_sql=router.sql(item.id, fresh_result=True),
+            settled = await self._store.settle(
+                item.id, attempt, outcome, self._router, dead_letter=verdict.dead_letter
             )
-            self._dead_lettered(fn, item.id, attempt, outcome.status.value, verdict.dead_letter)
-            self._routed(router)
+            self._dead_lettered(fn, item.id, attempt, settled.status, verdict.dead_letter)
+            self._routed(settled.routed)
             return
         await self._store.requeue(item.id, attempt, outcome, verdict.next_attempt_at)
         at = verdict.next_attempt_at
@@ -635,33 +627,34 @@ class Dispatcher:
         lane = self._lanes.get(name)
         return lane.fn if lane is not None else None
 
-    def _routed(self, router: Router, *, enqueue: bool = True) -> None:
-        """Log where final outcomes went; run function destinations; wake the outbox."""
-        for r in router.routed:
-            if r.kind == "stopped":
-                log.warning(
-                    "invocation_chain_stopped",
-                    invocation_id=r.invocation_id,
-                    function=r.function,
-                    hops=r.hops,
-                    chain_root=r.chain_root,
-                    destination=r.destination,
-                    dead_letter_id=r.dead_letter_id,
-                )
-                continue
-            log.info(
-                "destination_queued",
+    def _routed(self, r: Routed | None, *, enqueue: bool = True) -> None:
+        """Log where a final outcome went; run a function destination; wake the outbox."""
+        if r is None:
+            return
+        if r.kind == "stopped":
+            log.warning(
+                "invocation_chain_stopped",
                 invocation_id=r.invocation_id,
                 function=r.function,
-                condition=r.condition,
+                hops=r.hops,
+                chain_root=r.chain_root,
                 destination=r.destination,
-                outbox_id=r.outbox_id,
-                child_id=r.child.id if r.child else None,
+                dead_letter_id=r.dead_letter_id,
             )
-            if r.child is not None and enqueue:
-                self._enqueue(r.child)
-            elif r.outbox_id is not None and self._on_outbox is not None:
-                self._on_outbox()
+            return
+        log.info(
+            "destination_queued",
+            invocation_id=r.invocation_id,
+            function=r.function,
+            condition=r.condition,
+            destination=r.destination,
+            outbox_id=r.outbox_id,
+            child_id=r.child.id if r.child else None,
+        )
+        if r.child is not None and enqueue:
+            self._enqueue(r.child)
+        elif r.outbox_id is not None and self._on_outbox is not None:
+            self._on_outbox()
 
     def _resolve_final(self, invocation_id: str, status: str) -> None:
         # Called only once nothing more will happen to it: success, or a dead letter.

@@ -4,6 +4,7 @@
   group-commit writer and every named query;
 - `batches.py`: how a batch of writes runs as one transaction in the database thread;
 - `records.py`: the invocation record's rows and statements;
+- `settle.py`: the final record of an invocation, written with the destination it routes to;
 - `cron.py`: the cron trigger's last fires, marked in the transaction of their invocations;
 - `outbox.py`: the mqtt: and webhook: destination records waiting for delivery;
 - `migrations.py`: the versioned schema, every table the daemon uses;

@@ -12,21 +12,23 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from daemon.errors import StoreUnavailableError
 from daemon.store import records
 from daemon.store.migrations import MIGRATIONS
 
-C = TypeVar("C", bound=Callable[..., Any])
 Op = Callable[[sqlite3.Connection], Any]
 
 BUSY_TIMEOUT_MS = 5000
-_REPEATABLE = "_lambdaemon_repeatable"  # the attribute repeatable() sets on a callback
 
 # What the writer may do with a write (its flags):
 RELAXED = 1  # needs no fsync of its own (see daemon/store/sqlite.py's docstring)
-REPEATABLE = 2  # may run again after its transaction was rolled back (see Batches)
+# May run again after its transaction was rolled back (see Batches): the write only runs SQL,
+# or any Python it runs only decides and returns (a Route, daemon/store/settle.py). A write
+# without it puts its whole batch on the slower path, one savepoint per op, where nothing runs
+# twice.
+REPEATABLE = 2
 DEFERRABLE = 4  # relaxed, and nobody waits on its commit to go on: its batch may wait to grow
 BOOKKEEPING = RELAXED | REPEATABLE | DEFERRABLE
 # These say the database cannot take writes right now, not that one operation is wrong. SQLite
@@ -46,22 +48,6 @@ _UNAVAILABLE_CODES = frozenset(
         sqlite3.SQLITE_NOTADB,
     }
 )
-
-
-def repeatable(fn: C) -> C:
-    """Mark `fn`, an `extra_sql` callback, safe to run again after its transaction rolled back.
-
-    It must only run SQL on the connection, or else undo what it did before when it runs
-    again (as daemon/destinations/routing.py's Router does): the writer may roll a batch back and
-    run it again (see Batches). A write with an unmarked callback puts its whole batch on the slower
-    path, one savepoint per op, where nothing runs twice. `fn` is a function or a partial.
-    """
-    setattr(fn, _REPEATABLE, True)
-    return fn
-
-
-def flags_of(callback: Callable[..., Any] | None) -> int:
-    return REPEATABLE if callback is None or getattr(callback, _REPEATABLE, False) else 0
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """The outbox: mqtt: and webhook: destination records waiting for their targets.
 
-A row is written in the transaction of the invocation's final record, where
-daemon/destinations/routing.py routes it, and deleted once its target acknowledged it, or kept
-as 'failed' when the target refused it for good; daemon/destinations/relay.py delivers them.
+A row is written in the transaction of the invocation's final record (daemon/store/settle.py)
+and deleted once its target acknowledged it, or kept as 'failed' when the target refused it for
+good; daemon/destinations/relay.py delivers them.
 """
 
 from __future__ import annotations
@@ -41,6 +41,25 @@ DUE = (
     " WHERE status = 'pending' AND (CASE kind WHEN 'mqtt' THEN 'mqtt' ELSE target END)"
     " NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?"
 )
+
+
+def add(
+    conn: sqlite3.Connection,
+    invocation_id: str,
+    attempt: int,
+    condition: str,
+    kind: str,
+    target: str,
+    record: bytes,
+    now: float,
+) -> int | None:
+    """Queue a destination record; its id, or None if that attempt's is there already."""
+    cur = conn.execute(
+        "INSERT INTO outbox (invocation_id, attempt, condition, kind, target, record, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (invocation_id, attempt) DO NOTHING",
+        (invocation_id, attempt, condition, kind, target, record, now),
+    )
+    return cur.lastrowid if cur.rowcount else None
 
 
 def delivered(conn: sqlite3.Connection, id: int) -> None:

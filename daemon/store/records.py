@@ -1,6 +1,7 @@
 """The invocation record's rows and SQL. The functions below run in the store's database thread.
 
-sqlite.py owns the connections and the group-commit writer and re-exports the row types.
+sqlite.py owns the connections and the group-commit writer and re-exports the row types;
+settle.py writes final records, with their destinations.
 Each write here runs inside the writer's transaction, and may run a second time after that
 transaction was rolled back (daemon/store/batches.py): so it runs SQL and has no other effects.
 """
@@ -8,16 +9,12 @@ transaction was rolled back (daemon/store/batches.py): so it runs SQL and has no
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
 from daemon.models import Outcome, Status
-from daemon.retry import Verdict
-
-INTERRUPTED_ERROR_TYPE = "Lambdaemon.Interrupted"
-INTERRUPTED_MESSAGE = "the daemon stopped while this attempt was running"
 
 SUMMARY_COLUMNS = (
     "id, function, function_version, trigger, trigger_id, invocation_type, status, attempt,"
@@ -76,18 +73,6 @@ class QueuedInvocation(msgspec.Struct, frozen=True):
     next_attempt_at: float | None  # a retry waits until then; None: run when a slot is free
     retry_base: int  # the retry budget counts attempts after this one (a redrive moves it)
     age_from: float  # the event's age counts from here: accepted, or last redriven
-
-
-class Recovery(msgspec.Struct, frozen=True):
-    """What recover() did with the rows a dead daemon left 'running'."""
-
-    requeued: list[str]  # async with budget left: the attempt is recorded crashed, the row queued
-    crashed: list[str]  # sync rows: crashed for good (the caller owns retries)
-    dead_lettered: list[tuple[str, str]] = msgspec.field(default_factory=list)  # (id, reason)
-
-
-# (function, attempt that was interrupted, retry_base, age_from) -> what to do with the row
-Decide = Callable[[str, int, int, float], Verdict]
 
 
 # --- writes --------------------------------------------------------------------------------
@@ -181,7 +166,7 @@ def insert_finished_many(
 def mark_running(
     conn: sqlite3.Connection, id: str, attempt: int, started_at: float, worker_pid: int | None
 ) -> None:
-    _update_one(
+    update_one(
         conn,
         "UPDATE invocations SET status = 'running', attempt = ?, started_at = ?,"
         " worker_pid = ?, next_attempt_at = NULL WHERE id = ?",
@@ -189,53 +174,11 @@ def mark_running(
     )
 
 
-def finish(
-    conn: sqlite3.Connection,
-    id: str,
-    attempt: int,
-    o: Outcome,
-    dead_letter: str | None,
-    now: float,
-    extra_sql: Any = None,
-) -> None:
-    _update_one(
-        conn,
-        "UPDATE invocations SET status = ?, attempt = ?, started_at = ?, ended_at = ?,"
-        " next_attempt_at = NULL, duration_ms = ?, billed_duration_ms = ?,"
-        " init_duration_ms = ?, max_memory_mb = ?, error_type = ?, error_message = ?,"
-        " exit_code = ?, signal = ?, worker_pid = COALESCE(?, worker_pid), result = ?,"
-        " logs = ?, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
-        (
-            str(o.status),
-            attempt,
-            o.started_at,
-            o.ended_at,
-            o.duration_ms,
-            o.billed_duration_ms,
-            o.init_duration_ms,
-            o.max_memory_mb,
-            o.error_type,
-            o.error_message,
-            o.exit_code,
-            o.signal,
-            o.worker_pid,
-            o.payload,
-            o.logs,
-            dead_letter,
-            now if dead_letter else None,
-            id,
-        ),
-    )
-    _record_attempt(conn, id, attempt, o)
-    if extra_sql is not None:
-        extra_sql(conn)
-
-
 def requeue(
     conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, next_attempt_at: float
 ) -> None:
     # The failed attempt's error stays visible on the row while it waits for the retry.
-    _update_one(
+    update_one(
         conn,
         "UPDATE invocations SET status = 'queued', attempt = ?, next_attempt_at = ?,"
         " error_type = ?, error_message = ?, exit_code = ?, signal = ?,"
@@ -252,31 +195,7 @@ def requeue(
             id,
         ),
     )
-    _record_attempt(conn, id, attempt, o)
-
-
-def dead_letter_waiting(
-    conn: sqlite3.Connection, id: str, reason: str, now: float, extra_sql: Any = None
-) -> str:
-    """Dead-letter a queued retry without running it; it keeps its last attempt's status."""
-    last = conn.execute(
-        "SELECT a.status, a.ended_at, a.duration_ms FROM invocations i LEFT JOIN attempts a"
-        " ON a.invocation_id = i.id AND a.attempt = i.attempt"
-        " WHERE i.id = ? AND i.status = 'queued'",
-        (id,),
-    ).fetchone()
-    if last is None:
-        raise LookupError(f"no queued invocation {id!r}")
-    status = last[0] or Status.FAILED.value  # every retry follows a recorded attempt
-    _update_one(
-        conn,
-        "UPDATE invocations SET status = ?, ended_at = ?, duration_ms = ?,"
-        " next_attempt_at = NULL, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
-        (status, last[1], last[2], reason, now, id),
-    )
-    if extra_sql is not None:
-        extra_sql(conn)
-    return str(status)
+    record_attempt(conn, id, attempt, o)
 
 
 def redrive(
@@ -307,7 +226,7 @@ def redrive(
     return sorted(rows, key=lambda q: (q.queued_at, q.id))
 
 
-def _record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
+def record_attempt(conn: sqlite3.Connection, id: str, attempt: int, o: Outcome) -> None:
     # REPLACE: a write repeated after an ambiguous commit failure stays idempotent. Without a
     # pid in the outcome, it falls back to the one mark_running stored, which the caller just
     # copied into the row; with one (nearly always), the row need not be looked up.
@@ -359,70 +278,9 @@ _ATTEMPT_PID_FROM_ROW = (
 )
 
 
-def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
+def update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
     if conn.execute(sql, params).rowcount != 1:
         raise LookupError(f"no invocation {params[-1]!r}")
-
-
-def recover_running(
-    conn: sqlite3.Connection,
-    now: float,
-    decide: Decide,
-    final_sql: Callable[[sqlite3.Connection, str], None] | None = None,
-) -> Recovery:
-    """Record each interrupted attempt as crashed, then retry or dead-letter it by the policy.
-
-    `final_sql(conn, id)` runs after each dead letter's update, in the same transaction.
-    """
-    rows = conn.execute(
-        "SELECT id, function, invocation_type, attempt, started_at, worker_pid, retry_base,"
-        " COALESCE(redriven_at, queued_at) FROM invocations WHERE status = 'running'"
-        " ORDER BY queued_at, id"
-    ).fetchall()
-    recovery = Recovery(requeued=[], crashed=[])
-    for id, function, kind, attempt, started_at, worker_pid, retry_base, age_from in rows:
-        conn.execute(
-            "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
-            " ended_at, error_type, error_message, worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                id,
-                attempt,
-                Status.CRASHED.value,
-                started_at,
-                now,
-                INTERRUPTED_ERROR_TYPE,
-                INTERRUPTED_MESSAGE,
-                worker_pid,
-            ),
-        )
-        # The same policy as any failed attempt, so an event that keeps taking the daemon down
-        # stops after its retries instead of looping forever.
-        verdict = decide(function, attempt, retry_base, age_from) if kind == "async" else Verdict()
-        again = verdict.next_attempt_at is not None
-        conn.execute(
-            "UPDATE invocations SET status = ?, recoveries = recoveries + 1,"
-            " next_attempt_at = ?, ended_at = ?, error_type = ?, error_message = ?,"
-            " dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
-            (
-                Status.QUEUED.value if again else Status.CRASHED.value,
-                verdict.next_attempt_at,
-                None if again else now,
-                INTERRUPTED_ERROR_TYPE,
-                INTERRUPTED_MESSAGE,
-                verdict.dead_letter,
-                now if verdict.dead_letter else None,
-                id,
-            ),
-        )
-        if again:
-            recovery.requeued.append(id)
-        elif verdict.dead_letter:
-            recovery.dead_lettered.append((id, verdict.dead_letter))
-            if final_sql is not None:
-                final_sql(conn, id)
-        else:
-            recovery.crashed.append(id)
-    return recovery
 
 
 # --- reads (on the read-only connection) ------------------------------------------------------

@@ -32,7 +32,7 @@ import structlog
 
 from daemon.errors import StoreUnavailableError
 from daemon.models import FINAL_STATUSES, Outcome
-from daemon.store import cron, outbox, records
+from daemon.store import cron, outbox, records, settle
 from daemon.store.batches import (
     BARRIER,
     BOOKKEEPING,
@@ -42,21 +42,20 @@ from daemon.store.batches import (
     REPEATABLE,
     Batches,
     Write,
-    flags_of,
     prepare_writer,
-    repeatable,
     write,
 )
 from daemon.store.cron import CronFire
 from daemon.store.migrations import MIGRATIONS
 from daemon.store.outbox import OutboxRow
-from daemon.store.records import (
+from daemon.store.records import NewInvocation, QueuedInvocation
+from daemon.store.settle import (
     INTERRUPTED_ERROR_TYPE,
     INTERRUPTED_MESSAGE,
     Decide,
-    NewInvocation,
-    QueuedInvocation,
     Recovery,
+    Route,
+    Settled,
 )
 
 __all__ = [
@@ -66,8 +65,8 @@ __all__ = [
     "NewInvocation",
     "QueuedInvocation",
     "Recovery",
+    "Settled",
     "Store",
-    "repeatable",
 ]
 
 log = structlog.get_logger("lambdaemon.store")
@@ -150,31 +149,52 @@ class Store:
         return future
 
     async def finish(
+        self, id: str, attempt: int, outcome: Outcome, *, dead_letter: str | None = None
+    ) -> None:
+        """Record the final attempt: the invocation's final fields plus its attempts row.
+
+        With `dead_letter` (a reason), the invocation is also marked dead-lettered. Routes no
+        destination: for sync invocations, whose caller has the outcome (else see settle()).
+        """
+        await self._finish(id, attempt, outcome, dead_letter, None)
+
+    async def settle(
         self,
         id: str,
         attempt: int,
         outcome: Outcome,
+        route: Route,
         *,
         dead_letter: str | None = None,
-        extra_sql: Callable[[sqlite3.Connection], None] | None = None,
-    ) -> None:
-        """Record the final attempt: the invocation's final fields plus its attempts row.
+    ) -> Settled:
+        """finish() an async invocation and route its outcome's destination, in one transaction.
 
-        With `dead_letter` (a reason), the invocation is also marked dead-lettered.
-        `extra_sql(conn)` runs after it, committed with it or not at all (destinations:
-        daemon/destinations/routing.py; see repeatable()).
+        `route` decides where the outcome goes (daemon/destinations/routing.py); a new queued
+        invocation or an outbox row is committed with the final record or not at all
+        (daemon/store/settle.py). Returns where it went, for the caller to run or deliver.
         """
+        return await self._finish(id, attempt, outcome, dead_letter, route)
+
+    async def _finish(
+        self,
+        id: str,
+        attempt: int,
+        outcome: Outcome,
+        dead_letter: str | None,
+        route: Route | None,
+    ) -> Settled:
         _require_final(outcome)
-        await self._write(
-            records.finish,
-            RELAXED | DEFERRABLE | flags_of(extra_sql),
+        settled: Settled = await self._write(
+            settle.finish,
+            RELAXED | DEFERRABLE | REPEATABLE,
             id=id,
             attempt=attempt,
             o=outcome,
             dead_letter=dead_letter,
             now=time.time(),
-            extra_sql=extra_sql,
+            route=route,
         )
+        return settled
 
     async def record_finished(self, inv: NewInvocation, outcome: Outcome) -> None:
         """Insert a whole finished invocation (and its attempts row) in one statement pair.
@@ -203,24 +223,21 @@ class Store:
         )
 
     async def dead_letter_waiting(
-        self,
-        id: str,
-        reason: str,
-        extra_sql: Callable[[sqlite3.Connection], None] | None = None,
-    ) -> str:
-        """Dead-letter a queued retry without running it; return the status it keeps.
+        self, id: str, reason: str, *, route: Route | None = None
+    ) -> Settled:
+        """Dead-letter a queued retry without running it; it keeps its last attempt's status.
 
-        `extra_sql(conn)` runs after it, committed with it or not at all (see repeatable()).
+        With `route`, its destination is routed in the same transaction, as by settle().
         """
-        status: str = await self._write(
-            records.dead_letter_waiting,
-            flags_of(extra_sql),
+        settled: Settled = await self._write(
+            settle.dead_letter_waiting,
+            REPEATABLE,
             id=id,
             reason=reason,
             now=time.time(),
-            extra_sql=extra_sql,
+            route=route,
         )
-        return status
+        return settled
 
     async def redrive(
         self, ids: list[str] | None, function: str | None, functions: list[str]
@@ -257,7 +274,11 @@ class Store:
         await self._wait(self._submit(BARRIER))
 
     async def transaction(
-        self, fn: Callable[[sqlite3.Connection], T], *, repeatable: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        repeatable: bool = False,
+        relaxed: bool = False,
     ) -> T:
         """Run `fn` in the writer thread inside the next group commit.
 
@@ -266,26 +287,23 @@ class Store:
         touch the event loop, and must not BEGIN, COMMIT or ROLLBACK (an exception it raises
         rolls back what it wrote). `repeatable`: `fn` only runs SQL, so the writer may run it
         again after rolling its batch back (daemon/store/batches.py); otherwise its batch runs
-        with one savepoint per op, where nothing runs twice.
+        with one savepoint per op, where nothing runs twice. `relaxed`: it needs no fsync of its
+        own, like the bookkeeping of accepted invocations (see the module doc).
         """
-        result: T = await self._wait(self._submit(write(fn, REPEATABLE if repeatable else 0)))
+        flags = (REPEATABLE if repeatable else 0) | (RELAXED if relaxed else 0)
+        result: T = await self._wait(self._submit(write(fn, flags)))
         return result
 
-    async def recover(
-        self,
-        now: float,
-        decide: Decide,
-        final_sql: Callable[[sqlite3.Connection, str], None] | None = None,
-    ) -> Recovery:
+    async def recover(self, now: float, decide: Decide, route: Route | None = None) -> Recovery:
         """Settle the rows a dead daemon left 'running'; call once at start, before dispatching.
 
         Each interrupted attempt is recorded as crashed; `decide(function, attempt, retry_base,
         age_from)` (run in the database thread) says whether an async row is retried or
-        dead-lettered. Sync rows end crashed: their caller owns retries. `final_sql(conn, id)`
-        runs in the same transaction after each dead letter.
+        dead-lettered. Sync rows end crashed: their caller owns retries. With `route`, each
+        dead letter's destination is routed in the same transaction, as by settle().
         """
         recovery: Recovery = await self._write(
-            records.recover_running, 0, now=now, decide=decide, final_sql=final_sql
+            settle.recover_running, 0, now=now, decide=decide, route=route
         )
         log.info(
             "store_recovered",

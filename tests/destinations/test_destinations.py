@@ -30,7 +30,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
-from daemon.store.sqlite import NewInvocation, Store
+from daemon.store.sqlite import NewInvocation, Settled, Store
 from tests.daemon_proc import Daemon, free_port, until, write_config
 from tests.mosquitto import Mosquitto, running_broker
 from tests.test_retries import FLAKY, dispatching, final, flaky
@@ -204,7 +204,7 @@ async def test_function_destination_on_success_gets_the_record(tmp_path: Path):
 
 async def test_a_rerun_final_write_routes_its_outcome_once(tmp_path: Path):
     """The store reruns a batch op by op when one op fails: the destination is written once,
-    and the Router reports the child that was committed, not the rolled-back one."""
+    and the store reports the child that was committed, not the rolled-back one."""
     lookup = {"src": fn("src", "ok", on_success="function:dst"), "dst": fn("dst", "ok")}.get
     now = time.time()
 
@@ -233,14 +233,14 @@ async def test_a_rerun_final_write_routes_its_outcome_once(tmp_path: Path):
         )
         reruns = store.reruns
         results = await asyncio.gather(
-            store.finish("a", 1, done, extra_sql=router.sql("a", fresh_result=True)),
+            store.settle("a", 1, done, router),
             store.insert(new("taken")),  # fails: the batch is rolled back and run op by op
             return_exceptions=True,
         )
-        assert results[0] is None and isinstance(results[1], sqlite3.IntegrityError)
+        assert isinstance(results[0], Settled) and isinstance(results[1], sqlite3.IntegrityError)
         assert store.reruns - reruns == 1
-        [routed] = router.routed
-        assert routed.child is not None
+        routed = results[0].routed
+        assert routed is not None and routed.child is not None
         children = await store.query("SELECT id FROM invocations WHERE parent_id = 'a'")
         assert [r["id"] for r in children] == [routed.child.id]
 

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
@@ -338,14 +338,18 @@ async def test_store_sets_synchronous_by_what_each_batch_holds(store: Store) -> 
     def level(conn: sqlite3.Connection) -> None:
         levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
 
+    def finish(id: str) -> Awaitable[object]:
+        # Enqueued together, so in one batch: `level` sees what the finish's batch commits with.
+        return asyncio.gather(store.finish(id, 1, done), store.transaction(level, relaxed=True))
+
     await asyncio.gather(*(store.insert(new(f"r{n}")) for n in range(4)))
     done = outcome(Status.SUCCEEDED)
-    await store.finish("r0", 1, done, extra_sql=level)  # relaxed alone: NORMAL
-    await store.finish("r1", 1, done, extra_sql=level)  # relaxed again: stays NORMAL
+    await finish("r0")  # relaxed alone: NORMAL
+    await finish("r1")  # relaxed again: stays NORMAL
     await store.transaction(level)  # not relaxed: FULL again after relaxed batches
-    await store.finish("r2", 1, done, extra_sql=level)
+    await finish("r2")
     # One batch: relaxed bookkeeping beside an accepting insert commits with FULL.
-    await asyncio.gather(store.finish("r3", 1, done, extra_sql=level), store.insert(new("x")))
+    await asyncio.gather(finish("r3"), store.insert(new("x")))
     await store.record_finished(new("y", invocation_type="sync"), done)
     await store.transaction(level)
     assert levels == [NORMAL, NORMAL, FULL, NORMAL, FULL, FULL]
@@ -601,7 +605,7 @@ async def test_store_dead_letter_waiting_takes_the_last_attempts_status(store: S
     await store.insert(new("a"))
     store.mark_running("a", 1, 1001.0, 7)
     await store.requeue("a", 1, outcome(Status.CRASHED, signal=9), next_attempt_at=1002.0)
-    assert await store.dead_letter_waiting("a", "EventAgeExceeded") == "crashed"
+    assert (await store.dead_letter_waiting("a", "EventAgeExceeded")).status == "crashed"
     record = await store.get("a")
     assert record is not None
     assert (record["status"], record["dead_letter_reason"], record["ended_at"]) == (
