@@ -1,0 +1,174 @@
+"""What lambdaemon's speed tricks and library workarounds rely on is still there.
+
+Each test stands for a reliance listed in docs/performance.md: a library's internals with the
+shape our code needs, or a condition a trick needs to stay true. They fail on a library version
+that moved an internal before the daemon would fail on it, or before a shortcut is quietly lost
+(the structlog hot path, the worker's small imports, SCHED_BATCH under systemd). When one fails
+after a version bump, re-check the code that relies on it as the doc says, then move the pin in
+pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json.encoder
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiomqtt
+import aiosqlite
+import structlog
+from aiohttp import web
+from paho.mqtt.client import ConnectFlags, MQTTMessage
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from daemon.destinations.mqtt import _PublishingClient
+from daemon.http.api import start_site
+from daemon.http.wire import FastSite
+from triggers.mqtt import _Client
+
+
+async def test_aiosqlite_runs_a_callable_in_its_own_thread_on_its_sqlite3_connection(
+    tmp_path: Path,
+) -> None:
+    # daemon/store/sqlite.py: one _execute() hop per batch, on _conn; close() joins _thread.
+    conn = await aiosqlite.connect(tmp_path / "reliance.db", isolation_level=None)
+    try:
+        assert isinstance(conn._conn, sqlite3.Connection)
+        assert isinstance(conn._thread, threading.Thread) and conn._thread.is_alive()
+
+        def where(db: sqlite3.Connection, value: int) -> tuple[int, sqlite3.Connection, int]:
+            return threading.get_ident(), db, value
+
+        ident, db, value = await conn._execute(where, conn._conn, 7)
+        assert (ident, db, value) == (conn._thread.ident, conn._conn, 7)
+    finally:
+        await conn.close()
+    conn._thread.join(timeout=5)
+    assert not conn._thread.is_alive()
+
+
+async def test_aiohttp_base_site_and_server_have_what_fast_site_fills_in() -> None:
+    # daemon/http/wire.py: FastSite sets BaseSite._server (BaseSite.stop() closes it, and
+    # BaseRunner.addresses lists its sockets) and hands a connection off to runner.server().
+    assert {"_runner", "_server"} <= set(web.BaseSite.__slots__)
+    runner = await start_site(
+        web.Application(), "127.0.0.1:0", "test.listen", router=lambda _: None, max_body_bytes=1
+    )
+    try:
+        (site,) = runner.sites
+        assert isinstance(site, FastSite) and site._runner is runner
+        assert runner.addresses == [sock.getsockname() for sock in site._server.sockets]
+        assert runner.server is not None
+        protocol = runner.server()
+        assert isinstance(protocol, web.RequestHandler) and isinstance(protocol, asyncio.Protocol)
+    finally:
+        await runner.cleanup()
+
+
+def test_structlog_get_config_hands_back_the_configured_objects_themselves() -> None:
+    # daemon/logs.py: the per-invocation lines skip structlog only while get_config() returns
+    # the very objects configure_logging installed; a copy would silently turn the shortcut off.
+    processors = [structlog.processors.add_log_level, structlog.processors.JSONRenderer()]
+    factory = structlog.PrintLoggerFactory()
+    try:
+        structlog.configure(processors=processors, logger_factory=factory)
+        config = structlog.get_config()
+        assert config["processors"] is processors and config["logger_factory"] is factory
+        assert structlog.get_config()["processors"] is config["processors"]
+    finally:
+        structlog.reset_defaults()
+
+
+def test_json_make_iterencode_takes_the_arguments_the_worker_passes() -> None:
+    # daemon/pool/worker.py: _encode_with_decimals calls it with these ten, by position.
+    params = list(inspect.signature(json.encoder._make_iterencode).parameters)  # type: ignore[attr-defined]
+    assert params[:10] == [
+        "markers",
+        "_default",
+        "_encoder",
+        "_indent",
+        "_floatstr",
+        "_key_separator",
+        "_item_separator",
+        "_sort_keys",
+        "_skipkeys",
+        "_one_shot",
+    ]
+
+
+def _subscriber() -> _Client:
+    return _Client("127.0.0.1", 1883, identifier="reliance", protocol=aiomqtt.ProtocolVersion.V5)
+
+
+async def test_aiomqtt_client_state_the_mqtt_trigger_resets_and_reads() -> None:
+    # triggers/mqtt.py: _Client.__aenter__ empties _queue and replaces a stale _connected while
+    # _lock is free; _client is the paho client whose manual acks the trigger drives.
+    client = _subscriber()
+    assert isinstance(client._queue, asyncio.Queue)
+    assert isinstance(client._connected, asyncio.Future) and not client._connected.done()
+    assert isinstance(client._lock, asyncio.Lock) and not client._lock.locked()
+    assert callable(client._client.manual_ack_set) and callable(client._client.ack)
+
+
+async def test_aiomqtt_calls_the_trigger_overrides_with_paho_arguments() -> None:
+    # paho calls aiomqtt's _on_connect/_on_message through the callbacks aiomqtt registered in
+    # its __init__: our overrides must be those, and take the arguments paho passes.
+    client = _subscriber()
+    paho = client._client
+    props = Properties(PacketTypes.CONNACK)
+    props.SubscriptionIdentifierAvailable = 0
+    paho.on_connect(
+        paho, None, ConnectFlags(session_present=True), ReasonCode(PacketTypes.CONNACK), props
+    )
+    assert client.session_present is True and client.subscription_ids is False
+    assert client._connected.done() and client._connected.exception() is None
+
+    message = MQTTMessage(mid=7, topic=b"sensors/1")
+    message.payload, message.qos, message.dup = b"21.5", 1, True
+    paho.on_message(paho, None, message)
+    received = client._queue.get_nowait()
+    assert isinstance(received, aiomqtt.Message)
+    assert (received.topic.value, received.payload, received.mid) == ("sensors/1", b"21.5", 7)
+    assert received.dup is True  # type: ignore[attr-defined]
+
+
+async def test_aiomqtt_calls_the_publisher_override_with_the_puback_reason() -> None:
+    # daemon/destinations/mqtt.py: _PublishingClient._on_publish keeps the PUBACK reason code.
+    client = _PublishingClient(
+        "127.0.0.1", 1883, identifier="reliance-out", protocol=aiomqtt.ProtocolVersion.V5
+    )
+    quota = ReasonCode(PacketTypes.PUBACK, "Quota exceeded")
+    client._client.on_publish(client._client, None, 3, quota, Properties(PacketTypes.PUBACK))
+    assert client.puback is quota
+
+
+def test_the_worker_imports_neither_typing_nor_msgspec_nor_asyncio() -> None:
+    # daemon/pool/protocol.py, worker.py, __init__.py: each warm worker's RSS and start-up time
+    # depend on this (TYPE_CHECKING = False instead of typing's; stdlib json; no asyncio).
+    code = "import sys, daemon.pool.worker; print(*sorted(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    assert "daemon.pool.worker" in loaded
+    assert not {"typing", "msgspec", "asyncio"} & set(loaded)
+
+
+def test_the_service_unit_lets_workers_switch_to_sched_batch() -> None:
+    # daemon/pool/worker.py: _yield_to_the_daemon; ~@resources alone answers it with EPERM and
+    # the workers would silently stay SCHED_OTHER.
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "lambdaemon.service"
+    filters = [
+        line.split("=", 1)[1].split()
+        for line in unit.read_text().splitlines()
+        if line.startswith("SystemCallFilter=")
+    ]
+    denied = next(i for i, names in enumerate(filters) if names[0].startswith("~"))
+    assert "@resources" in " ".join(filters[denied])
+    assert any(names == ["sched_setscheduler"] for names in filters[denied + 1 :])
