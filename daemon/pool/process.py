@@ -286,7 +286,14 @@ def use_pidfd_child_watcher() -> None:
     asyncio.set_child_watcher(_PidfdChildWatcher())
 
 
-class _PidfdChildWatcher(asyncio.AbstractChildWatcher):
+# Child watchers are deprecated from 3.12 (gone in 3.14), where this class is never used.
+if sys.version_info >= (3, 12):
+    _ChildWatcher = object
+else:
+    _ChildWatcher = asyncio.AbstractChildWatcher
+
+
+class _PidfdChildWatcher(_ChildWatcher):
     """3.12's pidfd watcher for 3.11, whose own one is bound to a single event loop.
 
     This one serves whichever loop is running, so it is safe as the process-wide watcher.
