@@ -1,7 +1,8 @@
 """Config trigger `type` -> the module and class of that kind (see triggers/base.py).
 
 A kind's module is imported the first time a config uses it, so its library (apscheduler,
-aiomqtt, asyncinotify, aiohttp) loads only then.
+aiomqtt, asyncinotify) loads only then; the webhook kind's HTTP serving (daemon/http/webhooks.py,
+aiohttp) loads only when its source runs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,404 @@
+"""Webhook serving: the HTTP side of the webhook trigger kind (triggers/webhook.py).
+
+One aiohttp app on `webhooks.listen` answers every request by the source's route table. A request
+is matched on its exact path, then its method, held to `max_body_bytes`, checked by its route's
+auth and turned into a Lambda Function URL event (payload v2.0). `mode = "sync"` runs the function
+now and maps its result to the response by Lambda's rules; `mode = "async"` answers 202 only once
+the event is committed. A refused request is counted in the source's `rejected` and logged
+without any secret.
+
+The webhook source imports this module only when it runs, so loading a config never loads aiohttp
+or the daemon's HTTP stack.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+from binascii import b2a_base64
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from daemon.errors import (
+    QueueFullError,
+    ShuttingDownError,
+    StoreUnavailableError,
+    UnknownFunctionError,
+)
+from daemon.http.api import start_site
+from daemon.http.wire import AnyRequest, Handler, WireRequest
+from daemon.models import Outcome, Status, new_id
+from triggers.base import Emit
+
+if TYPE_CHECKING:
+    from triggers.webhook import Route, WebhookSource
+
+log = structlog.get_logger("lambdaemon.webhook")
+
+# Headers by which senders name one delivery; a re-sent delivery keeps it, so it is deduplicated.
+DELIVERY_HEADERS = (
+    "Idempotency-Key",
+    "X-GitHub-Delivery",
+    "X-Gitea-Delivery",
+    "X-Gitlab-Event-UUID",
+)
+# Bodies of these types reach the handler as text; any other body is base64 (as Function URLs do).
+TEXT_TYPES = re.compile(
+    r"text/.+|application/(?:[\w.+-]+\+)?(?:json|xml)"
+    r"|application/(?:x-www-form-urlencoded|javascript|x-ndjson|graphql)"
+)
+_UNSAFE_HEADER = re.compile(r"[\r\n\0]")
+_NOT_FORWARDED = frozenset({"content-length", "transfer-encoding", "connection"})
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+
+
+class WebhookServer:
+    """The listener of one run of `source`: its routes, limits and counters are the source's,
+    read per request, so a reload's `update()` takes effect at once on the same socket."""
+
+    def __init__(self, source: WebhookSource, emit: Emit) -> None:
+        self.source, self.emit = source, emit
+        self.draining = False  # once set, requests that still slip in get 503
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> int:
+        """Listen on the source's `listen`; return the bound port (`listen` may say 0)."""
+        source = self.source
+        app = web.Application(client_max_size=source.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self._handle)  # our own table decides 404/405
+        self._runner = await start_site(
+            app,
+            source.listen,
+            "webhooks.listen",
+            drain_s=source.drain_s,
+            router=self._route,
+            max_body_bytes=source.max_body_bytes,
+        )
+        port: int = self._runner.addresses[0][1]
+        return port
+
+    async def stop(self) -> None:
+        """Take no new connections and refuse new requests; in-flight ones get `drain_s`."""
+        self.draining = True
+        if self._runner is None:
+            return
+        for site in list(self._runner.sites):
+            await site.stop()  # no new connections from here on
+        log.info("webhook_draining", drain_s=self.source.drain_s)
+        await self._runner.cleanup()  # in-flight requests get up to drain_s to finish
+
+    def _route(self, request: WireRequest) -> Handler | None:
+        # Everything the fast path can frame (daemon/http/wire.py); a body over today's limit goes
+        # to aiohttp, which streams it to _handle to be refused without buffering it.
+        return self._handle if (request.content_length or 0) <= self.source.max_body_bytes else None
+
+    async def _handle(self, request: AnyRequest) -> web.StreamResponse:
+        by_method = self.source.routes.get(request.path)
+        if by_method is None:
+            return self._reject(request, None, "not_found", 404, "Not Found")
+        route = by_method.get(request.method)
+        if route is None:
+            allow = {"Allow": self.source.allow[request.path]}
+            return self._reject(
+                request, None, "method_not_allowed", 405, "Method Not Allowed", allow
+            )
+        if self.draining:
+            busy = {"Retry-After": "5", "Connection": "close"}
+            return self._reject(request, route, "draining", 503, "Service Unavailable", busy)
+        check = route.check
+        # Header-only checks run before the body is read: strangers cannot make us buffer it.
+        if not check.needs_body and (reason := check.check(request.headers, b"")):
+            return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
+        body = await self._read_body(request)
+        if body is None:
+            return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
+        if check.needs_body and (reason := check.check(request.headers, body)):
+            return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
+        event = _encode(build_event(request, body, self.source.port, check.redact))
+        if route.mode == "async":
+            return await self._accept(request, route, event)
+        return await self._invoke(request, route, event)
+
+    async def _read_body(self, request: AnyRequest) -> bytes | None:
+        limit = self.source.max_body_bytes  # read per request: a reload may change it in place
+        if (request.content_length or 0) > limit:
+            return None  # refused before a byte of it is read
+        if isinstance(
+            request, WireRequest
+        ):  # framed by daemon/http/wire.py: all here, length known
+            return request.content.data
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:  # a chunked body: stop reading at the limit, not after it
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _accept(self, request: AnyRequest, route: Route, event: bytes) -> web.Response:
+        delivery = next((d for h in DELIVERY_HEADERS if (d := request.headers.get(h))), None)
+        if delivery is not None and len(delivery) > 128:  # the key is stored: bound its size
+            delivery = hashlib.sha256(delivery.encode("utf-8", "surrogateescape")).hexdigest()
+        try:
+            accepted = await self.emit(
+                route.function,
+                event,
+                trigger="webhook",
+                trigger_id=route.trigger_id,
+                dedupe_key=f"webhook:{route.trigger_id}:{delivery}" if delivery else None,
+            )
+        except StoreUnavailableError as exc:
+            log.error("webhook_store_unavailable", route=route.path, error=str(exc))
+            return self._reject(
+                request,
+                route,
+                "store_unavailable",
+                503,
+                "Service Unavailable",
+                {"Retry-After": "5"},
+            )
+        except UnknownFunctionError:  # a reload removed it; the route goes with the next update
+            return self._reject(
+                request, route, "reloading", 503, "Service Unavailable", {"Retry-After": "1"}
+            )
+        self.source.accepted += 1
+        log.info(
+            "webhook_accepted",
+            route=route.path,
+            function=route.function,
+            mode="async",
+            invocation_id=accepted.invocation_id,
+            duplicate=not accepted.created,
+        )
+        body = {"invocation_id": accepted.invocation_id, "duplicate": not accepted.created}
+        return web.Response(
+            status=202,
+            body=_encode(body),
+            content_type="application/json",
+            headers={"x-amzn-RequestId": accepted.invocation_id},
+        )
+
+    async def _invoke(self, request: AnyRequest, route: Route, event: bytes) -> web.Response:
+        try:
+            invocation_id, outcome = await self.emit.invoke_sync(
+                route.function, event, trigger="webhook", trigger_id=route.trigger_id
+            )
+        except QueueFullError:
+            return self._reject(
+                request, route, "queue_full", 429, "Too Many Requests", {"Retry-After": "1"}
+            )
+        except ShuttingDownError:  # it never started: the sender retries after the restart
+            return self._reject(
+                request,
+                route,
+                "draining",
+                503,
+                "Service Unavailable",
+                {"Retry-After": "5", "Connection": "close"},
+            )
+        except UnknownFunctionError:
+            return self._reject(
+                request, route, "reloading", 503, "Service Unavailable", {"Retry-After": "1"}
+            )
+        self.source.accepted += 1
+        response = to_response(invocation_id, outcome)
+        # Debug: the dispatcher's invocation_finished already says it, on the hot path.
+        log.debug(
+            "webhook_accepted",
+            route=route.path,
+            function=route.function,
+            mode="sync",
+            invocation_id=invocation_id,
+            status=response.status,
+        )
+        return response
+
+    def _reject(
+        self,
+        request: AnyRequest,
+        route: Route | None,
+        reason: str,
+        status: int,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        self.source.rejected[reason] += 1
+        emit_log = log.warning if reason.startswith("auth_") else log.info
+        where = route.path if route else request.path[:200]
+        emit_log(
+            "webhook_rejected",
+            reason=reason,
+            route=where,
+            remote=request.remote,
+            status=status,
+            count=self.source.rejected[reason],
+        )
+        return _message(status, message, headers)
+
+
+def build_event(
+    request: AnyRequest, body: bytes, port: int | None, redact: str | None = None
+) -> dict[str, Any]:
+    """The Lambda Function URL (payload v2.0) event for `request`, without header `redact`.
+
+    The checked credential stays out of the event, so records and replays never hold it.
+    """
+    headers: dict[str, str] = {}
+    cookies: list[str] = []
+    for name, value in request.headers.items():
+        key = name.lower()
+        if key == redact:
+            continue
+        if key == "cookie":
+            cookies.extend(c for c in (part.strip() for part in value.split(";")) if c)
+        else:
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    remote = request.remote or ""
+    headers.setdefault("x-forwarded-for", remote)  # a proxy in front keeps its own
+    headers.setdefault("x-forwarded-proto", request.scheme)
+    if port is not None:
+        headers.setdefault("x-forwarded-port", str(port))
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    host = headers.get("host", "")
+    domain = host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
+    now = time.time()
+    version = request.version
+    context = {
+        "accountId": "000000000000",
+        "apiId": "lambdaemon",
+        "domainName": domain,
+        "domainPrefix": domain.split(".", 1)[0],
+        "http": {
+            "method": request.method,
+            "path": raw_path,
+            "protocol": f"HTTP/{version.major}.{version.minor}",
+            "sourceIp": remote,
+            "userAgent": headers.get("user-agent", ""),
+        },
+        "requestId": new_id(),
+        "routeKey": "$default",
+        "stage": "$default",
+        "time": _request_time(int(now)),
+        "timeEpoch": int(now * 1000),  # a JSON number: Go's int64
+    }
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": raw_path,
+        "rawQueryString": raw_query,
+    }
+    if cookies:
+        event["cookies"] = cookies
+    event["headers"] = headers
+    if raw_query:
+        params: dict[str, str] = {}
+        for name, value in request.query.items():
+            params[name] = f"{params[name]},{value}" if name in params else value
+        event["queryStringParameters"] = params
+    event["requestContext"] = context
+    text = _as_text(request.content_type, body) if body else None
+    if body:
+        event["body"] = text if text is not None else b2a_base64(body, newline=False).decode()
+    event["isBase64Encoded"] = bool(body) and text is None
+    return event
+
+
+def _request_time(second: int) -> str:
+    """requestContext.time (CLF, as Function URLs write it), formatted once a second."""
+    if _clf_second[0] != second:
+        t = time.gmtime(second)
+        _clf_second[:] = [
+            second,
+            f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000",
+        ]
+    return _clf_second[1]  # type: ignore[no-any-return]
+
+
+_clf_second: list[Any] = [-1, ""]
+
+
+def _as_text(content_type: str, body: bytes) -> str | None:
+    if not TEXT_TYPES.fullmatch(content_type):
+        return None
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        return None  # labelled text but is not UTF-8: base64 keeps it intact
+
+
+def to_response(invocation_id: str, outcome: Outcome) -> web.Response:
+    """A sync invocation's outcome as the HTTP response, by Function URL rules (see module doc)."""
+    request_id = {"x-amzn-RequestId": invocation_id}
+    if outcome.status is Status.TIMED_OUT:
+        return _message(504, "Endpoint request timed out", request_id)
+    if outcome.status is not Status.SUCCEEDED:
+        return _message(502, "Internal Server Error", request_id)  # the error stays in the record
+    try:
+        result = _decode(outcome.payload)
+        if isinstance(result, dict) and "statusCode" in result:
+            return _structured(result, invocation_id)
+    except (ValueError, TypeError) as exc:  # msgspec.DecodeError is a ValueError
+        log.warning("webhook_bad_response", invocation_id=invocation_id, error=str(exc)[:200])
+        return _message(502, "Internal Server Error", request_id)
+    return web.Response(
+        status=200, body=outcome.payload, content_type="application/json", headers=request_id
+    )
+
+
+def _structured(result: dict[str, Any], invocation_id: str) -> web.Response:
+    status = result["statusCode"]
+    if type(status) is not int or not 200 <= status <= 599:  # a 1xx cannot end a response
+        raise ValueError(f"statusCode {status!r} is not a final HTTP status")
+    given, cookies = result.get("headers") or {}, result.get("cookies") or []
+    if not isinstance(given, dict) or not isinstance(cookies, list):
+        raise TypeError("headers must be an object and cookies a list")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in given.items():
+        if name.lower() not in _NOT_FORWARDED:
+            headers.add(_safe(name), _safe(_scalar(value)))
+    for cookie in cookies:
+        headers.add("Set-Cookie", _safe(cookie))
+    headers.setdefault("Content-Type", "application/json")
+    headers["x-amzn-RequestId"] = invocation_id
+    body = result.get("body")
+    if body is None:
+        data = b""
+    elif isinstance(body, str):
+        binary = result.get("isBase64Encoded") is True
+        data = base64.b64decode(body, validate=True) if binary else body.encode()
+    else:
+        data = _encode(body)  # lenient: a non-string body goes out as its JSON
+    return web.Response(status=status, body=data, headers=headers)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise TypeError(f"header value {value!r} is not a string")
+
+
+def _safe(text: Any) -> str:
+    if not isinstance(text, str) or _UNSAFE_HEADER.search(text):
+        raise ValueError(f"{text!r} cannot go into an HTTP header")
+    return text
+
+
+def _message(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=_encode({"message": message}),
+        content_type="application/json",
+        headers=headers,
+    )
