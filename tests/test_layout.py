@@ -1,8 +1,12 @@
-"""The package layout: no module imports a module that imports it back."""
+"""The package layout: no module imports a module that imports it back, and loading a config
+imports no part of the running daemon."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from triggers import registry
@@ -90,3 +94,20 @@ def test_import_statements_form_no_cycle():
     for name in sorted(graph):
         visit(name)
     assert cycles == []
+
+
+def test_loading_a_config_imports_no_http_stack():
+    # Every CLI command loads the config: a webhook trigger's settings must not bring in aiohttp
+    # or the parts that serve it (the HTTP listeners, dispatcher, store, pool), which load only
+    # when the daemon runs. A fresh interpreter: this one has imported them all already.
+    code = (
+        "import json, sys\n"
+        "from daemon.config import load_config\n"
+        f"load_config({str(ROOT / 'config' / 'example.toml')!r})\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=True)
+    loaded = json.loads(run.stdout)
+    assert "triggers.webhook" in loaded  # the example has a webhook trigger, and its kind loaded
+    serving = ("aiohttp", "daemon.http", "daemon.dispatcher", "daemon.store", "daemon.pool")
+    assert [m for m in loaded if any(m == s or m.startswith(f"{s}.") for s in serving)] == []
