@@ -15,11 +15,13 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests.waits import until, until_changed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,23 +70,6 @@ def write_config(
     return path
 
 
-async def until(
-    predicate: Callable[[], Any], timeout_s: float = 15, what: str = "", interval_s: float = 0.05
-) -> Any:
-    """Poll `predicate` (plain or async) until it returns something truthy; bounded."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                value = predicate()
-                if isinstance(value, Awaitable):
-                    value = await value
-                if value:
-                    return value
-                await asyncio.sleep(interval_s)  # polling, bounded by the timeout above
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
-
-
 class Daemon:
     """A `lambdaemon run` subprocess and an HTTP client for its admin API."""
 
@@ -100,6 +85,10 @@ class Daemon:
         # start() hears READY=1 as systemd would: on a datagram socket of our own.
         self._notify: socket.socket | None = None
         self._ready = asyncio.Event()
+        # The log parsed so far: log_path is read from _log_read on, up to its last full line.
+        self._events: list[dict[str, Any]] = []
+        self._log_read = 0
+        self._log_tail = b""
 
     async def spawn(self) -> None:
         """Start the process; return at once (start() also waits until it is healthy)."""
@@ -140,6 +129,8 @@ class Daemon:
                 exited.cancel()
             if self.proc.returncode is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            # After READY=1 the first look answers 200; a test that listens for READY=1 itself
+            # keeps it from us, and nothing else says when /health turns 200.
             await until(self._healthy, timeout_s, "/health to answer 200")
 
     async def _healthy(self) -> bool:
@@ -168,12 +159,68 @@ class Daemon:
 
     def log_events(self) -> list[dict[str, Any]]:
         """The daemon's JSON log lines, parsed (the `<N>` journald prefix removed)."""
-        events = []
-        for line in self.logs().splitlines():
-            if line.startswith("<") and ">{" in line[:4]:
+        self._read_log()
+        return list(self._events)
+
+    def log_mark(self) -> int:
+        """A position in the log, for `wait_log(..., since=...)`."""
+        self._read_log()
+        return len(self._events)
+
+    async def wait_log(
+        self, event: str, count: int = 1, *, since: int = 0, timeout_s: float = 20, **keys: Any
+    ) -> list[dict[str, Any]]:
+        """The log lines of `event` with these keys, once there are `count` of them after
+        position `since` (0: the whole log, earlier runs included), logged already or not.
+
+        Woken by the daemon's writes to its log (inotify), bounded by `timeout_s`.
+        """
+        found: list[dict[str, Any]] = []
+        at = since
+
+        def enough() -> list[dict[str, Any]] | None:
+            nonlocal at
+            self._read_log()
+            found.extend(e for e in self._events[at:] if _matches(e, event, keys))
+            at = len(self._events)
+            return found if len(found) >= count else None
+
+        what = f"{count} x {event} {keys or ''} in the daemon's log"
+        return await until_changed(self.log_path, enough, timeout_s, what)  # type: ignore[no-any-return]
+
+    async def wait_logged(
+        self, check: Callable[[], Any], timeout_s: float = 20, what: str = ""
+    ) -> Any:
+        """`check()`'s first truthy value, tried now and each time the daemon writes its log:
+        for a condition on its log lines, or on state it changes before logging a line."""
+        return await until_changed(self.log_path, check, timeout_s, what or "a logged condition")
+
+    async def finished(self, invocation_id: str, timeout_s: float = 20, **keys: Any) -> Any:
+        """The record of `invocation_id` once an attempt of it has logged invocation_finished
+        (with these keys, e.g. status="succeeded").
+
+        The line is logged before the outcome is written, but the write is enqueued before
+        the daemon serves another request, and the admin API reads after a store barrier: the
+        record returned has the outcome.
+        """
+        await self.wait_log(
+            "invocation_finished", invocation_id=invocation_id, timeout_s=timeout_s, **keys
+        )
+        return await self.get(f"/v1/invocations/{invocation_id}")
+
+    def _read_log(self) -> None:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_read)
+                data = log.read()
+        except FileNotFoundError:
+            return
+        self._log_read += len(data)
+        *lines, self._log_tail = (self._log_tail + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"<") and b">{" in line[:4]:
                 with contextlib.suppress(ValueError):
-                    events.append(json.loads(line[line.index(">") + 1 :]))
-        return events
+                    self._events.append(json.loads(line[line.index(b">") + 1 :]))
 
     async def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -238,10 +285,14 @@ class Daemon:
         qs = "&".join(f"{k}={v}" for k, v in query.items())
         return (await self.get(f"/v1/invocations?limit=1000&{qs}"))["invocations"]
 
-    async def wait_for(self, predicate, timeout_s: float = 20, interval_s: float = 0.05):
-        """`until(predicate)`, for the state of this daemon (its records, files, logs)."""
+    async def wait_for(self, predicate, timeout_s: float = 20, interval_s: float = 0.01):
+        """`until(predicate)`: polling, for state of this daemon that nothing announces."""
         what = getattr(predicate, "__name__", "a condition")
         return await until(predicate, timeout_s, what, interval_s)
+
+
+def _matches(entry: dict[str, Any], event: str, keys: dict[str, Any]) -> bool:
+    return entry.get("event") == event and all(entry.get(k) == v for k, v in keys.items())
 
 
 @contextlib.asynccontextmanager

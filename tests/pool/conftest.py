@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from daemon.config import FunctionConfig
 from daemon.models import InvokeRequest
 from daemon.pool import WorkerPool
+from tests.waits import LogWatch, watch_logs
 
 FUNCTIONS = Path(__file__).parent / "functions"
 BASIC = FUNCTIONS / "basic"
@@ -62,54 +62,9 @@ async def gone(pid: int, timeout_s: float = 5.0) -> bool:
     return True
 
 
-class LogWatch:
-    """Log events as data, and a bounded wait for one that has not happened yet."""
-
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
-        self._waiters: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
-
-    def __call__(
-        self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        self.entries.append(dict(event_dict))
-        for fields, future in self._waiters:
-            if not future.done() and _matches(event_dict, fields):
-                future.set_result(dict(event_dict))
-        return event_dict
-
-    def mark(self) -> int:
-        """A position in the log, for `wait_for(..., since=...)`."""
-        return len(self.entries)
-
-    def find(self, event: str, since: int = 0, **fields: Any) -> list[dict[str, Any]]:
-        wanted = {"event": event, **fields}
-        return [entry for entry in self.entries[since:] if _matches(entry, wanted)]
-
-    async def wait_for(
-        self, event: str, timeout_s: float = 10.0, since: int = 0, **fields: Any
-    ) -> dict[str, Any]:
-        """The first matching event logged after position `since`, past or future."""
-        if found := self.find(event, since, **fields):
-            return found[0]
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        entry = ({"event": event, **fields}, future)
-        self._waiters.append(entry)
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await future
-        finally:
-            self._waiters.remove(entry)
-
-
-def _matches(entry: Mapping[str, Any], fields: Mapping[str, Any]) -> bool:
-    return all(entry.get(key) == value for key, value in fields.items())
-
-
 @pytest.fixture
 def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    with structlog.testing.capture_logs(processors=[watch]):
+    with watch_logs() as watch:
         yield watch
 
 

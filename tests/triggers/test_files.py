@@ -1,6 +1,7 @@
 """The files source inside the real daemon: real folders, real inotify, real workers, SIGKILL.
 
-Every wait is a condition polled with a bound (Daemon.wait_for); nothing sleeps to synchronise.
+Every wait is bounded and on the daemon's log: files_done and files_failed are logged once the
+file is in its final place; nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
@@ -47,13 +48,6 @@ def finished(folder: Path, kind: str = "done") -> dict[str, str]:
     return out
 
 
-async def until(daemon: Daemon, condition, timeout_s: float = 20):
-    async def check():
-        return condition()
-
-    return await daemon.wait_for(check, timeout_s=timeout_s)
-
-
 async def records(daemon: Daemon, function: str) -> list[dict]:
     """Full records (event and result included) of every invocation of `function`."""
     rows = await daemon.invocations(function=function)
@@ -78,7 +72,7 @@ async def test_files_many_at_once_each_run_exactly_once(tmp_path):
                 drop(inbox, f"f{i:03}.txt", f"file {i}\n".encode() * i, tmp_path / "staging")
             else:
                 (inbox / f"f{i:03}.txt").write_bytes(f"file {i}\n".encode() * i)
-        await until(daemon, lambda: len(finished(inbox)) == 200, timeout_s=40)
+        await daemon.wait_log("files_done", 200, timeout_s=40)
         rows, done = await records(daemon, "reader"), finished(inbox)
         assert len(rows) == 200
         assert {r["id"] for r in rows} == set(done.values())
@@ -103,18 +97,19 @@ async def test_files_slow_writer_is_claimed_only_after_close(tmp_path):
     early.flush()
     async with running_daemon(tmp_path, body) as daemon:
         # /health answers before the sources start: wait for the start scan itself.
-        start = await until(daemon, lambda: events(daemon, "files_rescanned", reason="start"))
+        start = await daemon.wait_log("files_rescanned", reason="start")
         assert start[0]["candidates"] == 1 and start[0]["claimed"] == 0
         late = (inbox / "late.txt").open("wb")  # opened while the watch is live
         late.write(b"late part one, ")
         late.flush()
         drop(inbox, "marker.txt", b"x", tmp_path / "staging")
-        await until(daemon, lambda: "marker.txt" in finished(inbox))
+        await daemon.wait_log("files_done", name="marker.txt")
         assert (inbox / "early.txt").exists() and (inbox / "late.txt").exists()
         for file, rest in ((early, b"early part two"), (late, b"late part two")):
             file.write(rest)
             file.close()
-        await until(daemon, lambda: {"early.txt", "late.txt"} <= finished(inbox).keys())
+        await daemon.wait_log("files_done", name="early.txt")
+        await daemon.wait_log("files_done", name="late.txt")
         for name, text in (
             ("early", "early part one, early part two"),
             ("late", "late part one, late part two"),
@@ -139,9 +134,9 @@ async def test_files_start_scan_pattern_ignored_names_and_nested_folders(tmp_pat
         f'path = "{texts}"\npattern = "*.txt"\nrescan_s = 0.2',
     )
     async with running_daemon(tmp_path, body, daemon='log_level = "debug"') as daemon:
-        await until(daemon, lambda: finished(everything).keys() == {"a.txt", "b.jpg"})
-        await until(daemon, lambda: finished(texts).keys() == {"a.txt"})
-        await until(daemon, lambda: len(events(daemon, "files_rescanned", reason="periodic")) >= 4)
+        await daemon.wait_logged(lambda: finished(everything).keys() == {"a.txt", "b.jpg"})
+        await daemon.wait_logged(lambda: finished(texts).keys() == {"a.txt"})
+        await daemon.wait_log("files_rescanned", 4, reason="periodic")
         assert sorted(os.listdir(texts)) == sorted(
             [
                 ".processing",
@@ -192,8 +187,8 @@ async def test_files_odd_entries_are_rejected_to_failed_with_reason(tmp_path):
             os.mkfifo(inbox / "later.txt")  # no inotify event for a FIFO: a periodic scan finds it
             drop(inbox, "fine.txt", b"a regular file", tmp_path / "staging")
             odd = {"pipe.txt", "dangling.txt", "link.txt", "sock.txt", "later.txt"}
-            await until(daemon, lambda: finished(inbox, "failed").keys() == odd)
-            await until(daemon, lambda: "fine.txt" in finished(inbox))
+            await daemon.wait_logged(lambda: finished(inbox, "failed").keys() == odd)
+            await daemon.wait_log("files_done", name="fine.txt")
             kinds = {
                 "pipe.txt": "fifo",
                 "later.txt": "fifo",
@@ -207,11 +202,8 @@ async def test_files_odd_entries_are_rejected_to_failed_with_reason(tmp_path):
                 assert sidecar["reason"] == f"not a regular file ({kinds[name]})"
                 assert sidecar["invocation_id"] is None
 
-            def rejected() -> list[dict]:  # each is logged once its move is done
-                lines = events(daemon, "files_rejected")
-                return lines if len(lines) >= len(odd) else []
-
-            assert {e["name"] for e in await until(daemon, rejected)} == odd
+            rejected = await daemon.wait_log("files_rejected", len(odd))  # once each is moved
+            assert {e["name"] for e in rejected} == odd
             assert (tmp_path / "outside.txt").read_text() == "outside the folder"
             assert [r["event"]["name"] for r in await records(daemon, "reader")] == ["fine.txt"]
     finally:
@@ -223,18 +215,17 @@ async def test_files_failing_handler_goes_to_failed_and_can_be_replayed(tmp_path
     body = function("breaker", "files_fail", f'path = "{inbox}"\npattern = "*.csv"')
     async with running_daemon(tmp_path, body) as daemon:
         drop(inbox, "bad.csv", b"1,2,3\n", tmp_path / "staging")
-        await until(daemon, lambda: "bad.csv" in finished(inbox, "failed"))
+        await daemon.wait_log("files_failed", name="bad.csv")
         first = finished(inbox, "failed")["bad.csv"]
         sidecar = json.loads((inbox / "failed" / f"{first}_bad.csv.error").read_text())
         assert sidecar["invocation_id"] == first and sidecar["function"] == "breaker"
         assert (sidecar["status"], sidecar["error_type"]) == ("failed", "ValueError")
         assert sidecar["error_message"] == "cannot process bad.csv"
-        # files_failed is logged once the move is done: wait for the line, not just the file.
-        [failed] = await until(daemon, lambda: events(daemon, "files_failed", name="bad.csv"))
+        [failed] = events(daemon, "files_failed", name="bad.csv")
         assert failed["invocation_id"] == first
         # Moving it back in is a replay: a new claim, so a new invocation, not the old one's result.
         os.rename(inbox / "failed" / f"{first}_bad.csv", inbox / "bad.csv")
-        await until(daemon, lambda: "bad.csv" in finished(inbox, "failed"))
+        await daemon.wait_log("files_failed", 2, name="bad.csv")
         rows = await daemon.invocations(function="breaker")
         assert len(rows) == 2 and all(r["status"] == "failed" for r in rows)
         assert finished(inbox, "failed")["bad.csv"] in {r["id"] for r in rows} - {first}
@@ -248,8 +239,8 @@ async def test_files_after_delete_removes_successes_and_keeps_failures(tmp_path)
     async with running_daemon(tmp_path, body) as daemon:
         drop(good, "ok.bin", b"\x00\x01", tmp_path / "staging")
         drop(bad, "ko.bin", b"\x02", tmp_path / "staging")
-        await until(daemon, lambda: events(daemon, "files_done", name="ok.bin"))
-        await until(daemon, lambda: "ko.bin" in finished(bad, "failed"))
+        await daemon.wait_log("files_done", name="ok.bin")
+        await daemon.wait_log("files_failed", name="ko.bin")
         assert sorted(os.listdir(good)) == [".processing"]
         assert os.listdir(good / ".processing") == []
         kept = bad / "failed" / f"{finished(bad, 'failed')['ko.bin']}_ko.bin"
@@ -268,12 +259,12 @@ async def test_files_namesake_waits_for_the_one_in_flight(tmp_path):
     )
     async with running_daemon(tmp_path, body) as daemon:
         drop(inbox, "same.txt", b"first", tmp_path / "staging")
-        await until(daemon, lambda: (inbox / ".processing" / "same.txt").exists())
+        await daemon.wait_log("files_claimed", name="same.txt")  # in .processing/, committed
         drop(inbox, "same.txt", b"second!", tmp_path / "staging")
-        await until(daemon, lambda: events(daemon, "files_deferred", name="same.txt"))
+        await daemon.wait_log("files_deferred", name="same.txt")
         assert (inbox / ".processing" / "same.txt").read_bytes() == b"first"
         block.release()
-        await until(daemon, lambda: len(list((inbox / "done").glob("*_same.txt"))) == 2)
+        await daemon.wait_log("files_done", 2, name="same.txt")
         assert {r["result"]["size"] for r in await records(daemon, "holder")} == {5, 7}
 
 
@@ -289,7 +280,8 @@ async def test_files_sigkill_mid_invocation_finishes_after_restart_with_one_invo
     try:
         await daemon.start()
         drop(inbox, "killed.txt", b"in flight at the kill", tmp_path / "staging")
-        rows = await daemon.wait_for(lambda: daemon.invocations(status="running"))
+        await daemon.wait_log("invocation_started", function="holder")  # marked running first
+        rows = await daemon.invocations(status="running")
         await daemon.kill()
         assert (inbox / ".processing" / "killed.txt").exists()
         # While it is down: one file is dropped, one looks claimed but was never committed.
@@ -298,7 +290,7 @@ async def test_files_sigkill_mid_invocation_finishes_after_restart_with_one_invo
         block.release()
         await daemon.start()
         names = {"killed.txt", "while_down.txt", "uncommitted.txt"}
-        await until(daemon, lambda: finished(inbox).keys() == names)
+        await daemon.wait_logged(lambda: finished(inbox).keys() == names)
         after = await records(daemon, "holder")
         assert sorted(r["event"]["name"] for r in after) == sorted(names)  # one each, no twin
         assert finished(inbox)["killed.txt"] == rows[0]["id"]  # the same invocation, carried on
@@ -319,14 +311,14 @@ async def test_files_poll_mode_waits_for_stable_files(tmp_path):
         writer.flush()
         dropped = time.time()
         drop(inbox, "still.txt", b"complete", tmp_path / "staging")
-        await until(daemon, lambda: "still.txt" in finished(inbox))
+        await daemon.wait_log("files_done", name="still.txt")
         claimed = events(daemon, "files_claimed", name="still.txt")[0]["timestamp"]
         # No inotify here: only two looks at least SETTLE_S apart let a scanned file in.
         assert datetime.fromisoformat(claimed).timestamp() - dropped >= SETTLE_S
         assert (inbox / "growing.txt").exists()  # stable for longer than still.txt, but open
         writer.write(b" and ended")
         writer.close()
-        await until(daemon, lambda: "growing.txt" in finished(inbox))
+        await daemon.wait_log("files_done", name="growing.txt")
         done = inbox / "done" / f"{finished(inbox)['growing.txt']}_growing.txt"
         assert done.read_bytes() == b"begun and ended"
 
@@ -336,8 +328,8 @@ async def test_files_folder_removed_while_running_is_recreated_and_watched_again
     body = function("reader", "files_read", f'path = "{inbox}"')
     async with running_daemon(tmp_path, body) as daemon:
         drop(inbox, "before.txt", b"1", tmp_path / "staging")
-        await until(daemon, lambda: "before.txt" in finished(inbox))
+        await daemon.wait_log("files_done", name="before.txt")
         shutil.rmtree(inbox)  # the watch dies with the folder (IGNORED)
-        await until(daemon, lambda: events(daemon, "files_rescanned", reason="rewatch"))
+        await daemon.wait_log("files_rescanned", reason="rewatch")
         drop(inbox, "after.txt", b"2", tmp_path / "staging")
-        await until(daemon, lambda: "after.txt" in finished(inbox))
+        await daemon.wait_log("files_done", name="after.txt")
