@@ -16,8 +16,9 @@ import pytest
 
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
-from tests.daemon_proc import Gate, until
-from tests.pool.conftest import BASIC, FUNCTIONS, LogWatch, alive, function, gone, reapable, request
+from tests.daemon_proc import Gate
+from tests.pool.conftest import BASIC, FUNCTIONS, alive, function, gone, reapable, request
+from tests.waits import LogWatch, until_changed
 
 # --- the handler contract ----------------------------------------------------------------------
 
@@ -355,7 +356,7 @@ async def test_pool_output_a_thread_writes_after_the_reply_goes_to_the_next_call
     first = await pool.invoke(fn, request(fn, event))
     assert first.logs == ""
     go.release()  # the handler's thread prints now, between the two calls
-    await until(done.exists, 10, "the handler's thread to print")
+    await until_changed(done, done.exists, 10, "the handler's thread to print")
     second = await pool.invoke(fn, request(fn))
     assert (second.worker_pid, second.logs) == (first.worker_pid, "late line\n")
 
