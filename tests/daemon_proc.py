@@ -195,13 +195,31 @@ class Daemon:
         for a condition on its log lines, or on state it changes before logging a line."""
         return await until_changed(self.log_path, check, timeout_s, what or "a logged condition")
 
+    async def wait_stored(
+        self, check: Callable[[], Any], timeout_s: float = 20, what: str = ""
+    ) -> Any:
+        """`check()`'s first truthy value, tried now and after each write to the daemon's log,
+        each time once the store has committed the writes the daemon had enqueued by then: for
+        the database as an invocation's lines describe it (see finished())."""
+
+        async def committed() -> Any:
+            await self.barrier()
+            return check()
+
+        return await self.wait_logged(committed, timeout_s, what or "a stored condition")
+
+    async def barrier(self) -> None:
+        """Return once the daemon's store has committed every write enqueued before this call
+        (the admin API reads after a store barrier)."""
+        await self.get("/v1/invocations?limit=1")
+
     async def finished(self, invocation_id: str, timeout_s: float = 20, **keys: Any) -> Any:
         """The record of `invocation_id` once an attempt of it has logged invocation_finished
         (with these keys, e.g. status="succeeded").
 
-        The line is logged before the outcome is written, but the write is enqueued before
-        the daemon serves another request, and the admin API reads after a store barrier: the
-        record returned has the outcome.
+        The line is logged just before the outcome is written, but that write is enqueued
+        before the daemon serves another request, and the admin API reads after a store
+        barrier: the record returned has the outcome.
         """
         await self.wait_log(
             "invocation_finished", invocation_id=invocation_id, timeout_s=timeout_s, **keys

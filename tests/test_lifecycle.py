@@ -1,7 +1,8 @@
 """The daemon as a systemd service: graceful shutdown, reload, /health and sd_notify.
 
 Every test runs the real daemon as a subprocess and reads its records straight from its SQLite
-file (read-only), so they can be checked while it is down. Every wait is bounded.
+file (read-only), so they can be checked while it is down. Every wait is bounded, and on what the
+daemon logs (Daemon.wait_log), sd_notify or the store's barrier; one polls (said where).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 
 import aiohttp
 
-from tests.daemon_proc import ROOT, Daemon, free_port, write_config
+from tests.daemon_proc import ROOT, Daemon, free_port, until, write_config
 from tests.mosquitto import running_broker
-from tests.triggers.test_mqtt import publish, until
+from tests.triggers.test_mqtt import publish
 
 FUNCS = ROOT / "tests" / "functions"
 BASIC = ROOT / "tests" / "pool" / "functions" / "basic"
@@ -74,6 +75,11 @@ def status_is(daemon: Daemon, invocation_id: str, status: str) -> Callable[[], b
     return lambda: records(daemon).get(invocation_id, {}).get("status") == status
 
 
+async def running(daemon: Daemon, invocation_id: str) -> None:
+    """Until the invocation's attempt runs (its row is marked running before that is logged)."""
+    await daemon.wait_log("invocation_started", invocation_id=invocation_id)
+
+
 async def health(daemon: Daemon) -> tuple[int, dict[str, Any]] | None:
     """(status, body) of GET /health, or None while nothing listens."""
     assert daemon.session is not None
@@ -111,11 +117,12 @@ async def test_sigterm_finishes_in_flight_work_and_leaves_queued_rows_queued(tmp
     await daemon.start()
     try:
         ids = [await queue(daemon, "slow", {"sleep_s": 2 if n == 0 else 0.2}) for n in range(3)]
-        await until(status_is(daemon, ids[0], "running"), what="the first one running")
+        await running(daemon, ids[0])
         await daemon.signal(signal.SIGTERM)
 
         # While it drains: /health says so, nothing new starts, an accepted event is kept.
-        draining = await until(lambda: _unhealthy(daemon), what="/health 503")
+        await daemon.wait_log("daemon_stopping")  # logged once /health says draining
+        draining = await _unhealthy(daemon)
         assert draining == (503, {"status": "draining", "reason": draining[1]["reason"]})
         status, headers, _ = await daemon.invoke("slow", {"sleep_s": 0})
         assert status == 503 and headers["x-amzn-ErrorType"] == "ServiceException"
@@ -134,7 +141,7 @@ async def test_sigterm_finishes_in_flight_work_and_leaves_queued_rows_queued(tmp
 
     await daemon.start()  # the next start runs what was left queued
     try:
-        await until(
+        await daemon.wait_stored(
             lambda: all(status_is(daemon, i, "succeeded")() for i in (*ids, late)),
             timeout_s=20,
             what="the queued rows to run after the restart",
@@ -158,7 +165,8 @@ async def test_sigterm_past_the_shutdown_timeout_records_interrupted_attempts(tm
     try:
         async_id = await queue(daemon, "flaky", {"dir": str(calls), "fail": ["hang"]})
         sync_call = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 25}))
-        await until(status_is(daemon, async_id, "running"), what="the async one running")
+        await running(daemon, async_id)
+        # Polled: a sync call's running row is written VISIBLE_AFTER_S in, and nothing logs it.
         await until(
             lambda: [
                 r
@@ -192,7 +200,7 @@ async def test_sigterm_past_the_shutdown_timeout_records_interrupted_attempts(tm
 
     await daemon.start()  # its retry runs after the restart, and succeeds
     try:
-        await until(status_is(daemon, async_id, "succeeded"), timeout_s=20, what="the retry")
+        await daemon.wait_stored(status_is(daemon, async_id, "succeeded"), 20, "the retry")
     finally:
         await daemon.close()
     row = records(daemon)[async_id]
@@ -209,9 +217,9 @@ async def test_a_second_sigterm_skips_the_drain(tmp_path: Path):
     await daemon.start()
     try:
         invocation_id = await queue(daemon, "slow", {"sleep_s": 50})
-        await until(status_is(daemon, invocation_id, "running"), what="it running")
+        await running(daemon, invocation_id)
         await daemon.signal(signal.SIGTERM)
-        await until(lambda: events(daemon, "dispatcher_draining"), what="the drain")
+        await daemon.wait_log("dispatcher_draining")
         started = time.monotonic()
         await daemon.signal(signal.SIGTERM)
         assert await daemon.wait(10) == 0
@@ -249,12 +257,12 @@ async def test_sighup_swaps_functions_without_dropping_queued_or_in_flight_work(
         gone_ids = [
             await queue(daemon, "gone", {"sleep_s": 1 if n == 0 else 0.2}) for n in range(3)
         ]
-        await until(status_is(daemon, slow_ids[0], "running"), what="slow running")
-        await until(status_is(daemon, gone_ids[0], "running"), what="gone running")
+        await running(daemon, slow_ids[0])
+        await running(daemon, gone_ids[0])
 
         write_config(tmp_path, config("b", 11, gone=False, added=True), api_port=daemon.api_port)
         await daemon.signal(signal.SIGHUP)
-        [reloaded] = await until(lambda: events(daemon, "config_reloaded"), what="the reload")
+        [reloaded] = await daemon.wait_log("config_reloaded")
         assert reloaded["functions_changed"] == ["env", "slow"]
         assert (reloaded["functions_added"], reloaded["functions_removed"]) == (["added"], ["gone"])
         assert reloaded["needs_restart"] == [] and reloaded["sources_restarted"] == []
@@ -265,13 +273,13 @@ async def test_sighup_swaps_functions_without_dropping_queued_or_in_flight_work(
         assert (await daemon.invoke("gone", {}))[0] == 404
         # Nothing of slow is dropped: in-flight, queued before and after the reload all run.
         slow_ids.append(await queue(daemon, "slow", {"n": "after"}))
-        await until(
+        await daemon.wait_stored(
             lambda: all(status_is(daemon, i, "succeeded")() for i in slow_ids),
             timeout_s=20,
             what="every slow invocation",
         )
         # gone's in-flight one finishes; what had not started stays queued in the store.
-        await until(
+        await daemon.wait_stored(
             lambda: not [i for i in gone_ids if status_is(daemon, i, "running")()],
             what="gone's in-flight invocation to finish",
         )
@@ -281,9 +289,9 @@ async def test_sighup_swaps_functions_without_dropping_queued_or_in_flight_work(
         # Configured again, the function resumes its queued rows.
         write_config(tmp_path, config("b", 11, gone=True, added=True), api_port=daemon.api_port)
         await daemon.signal(signal.SIGHUP)
-        await until(lambda: len(events(daemon, "config_reloaded")) == 2, what="the 2nd reload")
+        await daemon.wait_log("config_reloaded", 2)
         assert events(daemon, "config_reloaded")[1]["functions_added"] == ["gone"]
-        await until(
+        await daemon.wait_stored(
             lambda: all(status_is(daemon, i, "succeeded")() for i in gone_ids),
             timeout_s=20,
             what="gone's queued rows",
@@ -371,7 +379,9 @@ async def test_reload_restarts_only_the_sources_whose_config_changed(tmp_path: P
             assert len(events(daemon, "webhook_listening")) == 1
             assert not events(daemon, "trigger_source_stopped")
             await publish(broker.port, ("a/x", b"1"))
-            await until(lambda: mqtt_rows("a/x"), what="a message on the untouched session")
+            await daemon.wait_stored(
+                lambda: mqtt_rows("a/x"), what="a message on the untouched session"
+            )
 
             # A new topic: MQTT reconnects (its session kept); the webhook listener stays.
             write_config(tmp_path, config("b/#", "/two", hook_port), api_port=daemon.api_port)
@@ -381,7 +391,7 @@ async def test_reload_restarts_only_the_sources_whose_config_changed(tmp_path: P
             assert [e["source"] for e in events(daemon, "trigger_source_stopped")] == ["mqtt"]
             assert events(daemon, "mqtt_connected")[-1]["session_present"] is True
             await publish(broker.port, ("b/y", b"2"))
-            await until(lambda: mqtt_rows("b/y"), what="a message on the new topic")
+            await daemon.wait_stored(lambda: mqtt_rows("b/y"), what="a message on the new topic")
             assert len(events(daemon, "webhook_listening")) == 1
 
             # A new address: only now does the webhook listener rebind.
@@ -421,13 +431,15 @@ async def test_health_is_503_until_the_trigger_sources_have_started(tmp_path: Pa
         await daemon.spawn()
         async with asyncio.timeout(10):
             await connected.wait()
-        starting = await until(lambda: health(daemon), what="the API")
+        await daemon.wait_log("listener_started", key="api.listen")
+        starting = await health(daemon)
         assert starting[0] == 503 and starting[1]["status"] == "starting"
         assert not events(daemon, "daemon_ready")
 
         for writer in peers:  # CONNACK "not authorized": it fails, retried in the background
             writer.write(b"\x20\x03\x00\x87\x00")
-        await until(lambda: _healthy(daemon), what="/health 200")
+        await daemon.wait_log("daemon_ready")  # logged once /health says ok
+        assert await _healthy(daemon)
         names = [e["event"] for e in daemon.log_events()]
         assert names.index("mqtt_disconnected") < names.index("daemon_ready")
     finally:
@@ -450,7 +462,7 @@ async def test_sd_notify_ready_after_recovery_stopping_reloading_and_watchdog(tm
     await daemon.start()  # first run, without systemd: leave two rows queued
     try:
         ids = [await queue(daemon, "slow", {"sleep_s": 0.5, "n": n}) for n in range(3)]
-        await until(status_is(daemon, ids[0], "running"), what="the first one running")
+        await running(daemon, ids[0])
         await daemon.signal(signal.SIGTERM)
         assert await daemon.wait(20) == 0
     finally:
@@ -472,7 +484,7 @@ async def test_sd_notify_ready_after_recovery_stopping_reloading_and_watchdog(tm
             assert events(daemon, "dispatcher_recovered")[-1]["resumed"] == 2
             assert len(events(daemon, "daemon_ready")) == 2
             assert await _healthy(daemon)
-            await until(
+            await daemon.wait_stored(
                 lambda: all(status_is(daemon, i, "succeeded")() for i in ids),
                 what="the resumed rows",
             )
