@@ -1,7 +1,8 @@
 """The MQTT source against a real Mosquitto: mostly inside the real daemon (a subprocess).
 
 Records are read straight from the daemon's SQLite file (read-only), so they can be counted
-while the daemon is down or after a SIGKILL; every wait is bounded.
+while the daemon is down or after a SIGKILL. Every wait is bounded, and woken by what the
+daemon logs: a stored message's row is committed before its invocation_started line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import msgspec
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from structlog.testing import capture_logs
 
 from daemon.config import load_config
 from daemon.credentials import mqtt_connection
@@ -30,8 +30,9 @@ from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.pool import WorkerPool
 from daemon.store.sqlite import Store
-from tests.daemon_proc import Daemon, running_daemon, until, write_config
+from tests.daemon_proc import Daemon, running_daemon, write_config
 from tests.mosquitto import Mosquitto, free_port
+from tests.waits import watch_logs
 from triggers.base import supervise
 from triggers.mqtt import MqttSource
 
@@ -72,6 +73,23 @@ def records(daemon: Daemon, function: str | None = None) -> list[dict[str, Any]]
     ]
 
 
+def count(daemon: Daemon) -> int:
+    """len(records(daemon)), without reading the rows."""
+    db = daemon.config.parent / "var" / "lambdaemon.db"
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM invocations").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def stored(daemon: Daemon, check: Any, what: str, timeout_s: float = 20) -> Any:
+    """`check()` once true, tried each time the daemon logs (a row is committed, then logged)."""
+    return await daemon.wait_logged(check, timeout_s, what)
+
+
 def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     return [e for e in daemon.log_events() if e.get("event") == name]
 
@@ -97,7 +115,7 @@ async def publish(
 
 
 async def subscribed(daemon: Daemon, times: int = 1) -> None:
-    await until(lambda: len(events(daemon, "mqtt_subscribed")) >= times, what="mqtt_subscribed")
+    await daemon.wait_log("mqtt_subscribed", times)
 
 
 class AckDroppingProxy:
@@ -113,6 +131,7 @@ class AckDroppingProxy:
         self.drop_acks = False
         self.acks_dropped = 0
         self.acks_forwarded = 0
+        self._acked = asyncio.Event()  # set on every PUBACK, dropped or forwarded
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -128,6 +147,21 @@ class AckDroppingProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def acks(
+        self, *, dropped: int | None = None, forwarded: int | None = None, what: str = ""
+    ) -> None:
+        """Wait (bounded) until this many PUBACKs have been dropped and forwarded."""
+        try:
+            async with asyncio.timeout(15):
+                while (dropped, forwarded) != (
+                    self.acks_dropped if dropped is not None else None,
+                    self.acks_forwarded if forwarded is not None else None,
+                ):
+                    self._acked.clear()
+                    await self._acked.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}") from None
 
     def cut(self) -> None:
         for writer in list(self._writers):
@@ -169,6 +203,7 @@ class AckDroppingProxy:
                         break
                 packet = header + await src.readexactly(length)
                 if packet[0] >> 4 == 4:  # PUBACK
+                    self._acked.set()
                     if self.drop_acks:
                         self.acks_dropped += 1
                         continue
@@ -205,7 +240,7 @@ async def test_mqtt_routes_each_message_to_every_matching_trigger_once(
             ("unrelated/topic", b"{}"),
         )
         await publish(mosquitto.port, ("q0/x", b"[1, 2]"), qos=0)
-        await until(lambda: len(records(daemon)) >= 6, what="6 records")
+        await stored(daemon, lambda: count(daemon) >= 6, what="6 records")
 
         by_function: dict[str, list[dict[str, Any]]] = {}
         for row in records(daemon):
@@ -229,11 +264,8 @@ async def test_mqtt_routes_each_message_to_every_matching_trigger_once(
         assert by_function["fire_and_forget"][0]["qos"] == 0
 
         # The handler got exactly that event.
-        async def finished() -> Any:
-            rows = await daemon.invocations(function="temp")
-            return rows if rows and rows[0]["status"] == "succeeded" else None
-
-        (row,) = await until(finished, what="temp's invocation to succeed")
+        await daemon.wait_log("invocation_finished", function="temp", status="succeeded")
+        (row,) = await daemon.invocations(function="temp")  # read after its outcome's write
         record = await daemon.get(f"/v1/invocations/{row['id']}")
         assert record["result"]["event"] == temp
         rejected = [e["topic"] for e in events(daemon, "mqtt_message_rejected")]
@@ -248,7 +280,7 @@ async def test_mqtt_broker_down_at_start_is_retried_while_the_daemon_serves(tmp_
     body = mqtt_toml(broker.url, {"temp": [("sensors/+/temp", 1)]})
     try:
         async with running_daemon(tmp_path, body) as daemon:
-            down = await until(lambda: events(daemon, "mqtt_disconnected"), what="a failed connect")
+            down = await daemon.wait_log("mqtt_disconnected")  # a failed connect
             assert "refused" in down[0]["reason"].lower()
             assert await daemon.get("/health")  # the daemon is up and answering meanwhile
             status, _, answer = await daemon.invoke("temp", {"direct": True})
@@ -257,7 +289,7 @@ async def test_mqtt_broker_down_at_start_is_retried_while_the_daemon_serves(tmp_
             broker.start()
             await subscribed(daemon)
             await publish(broker.port, ("sensors/a/temp", b"19"))
-            rows = await until(lambda: records(daemon, "temp")[1:], what="the mqtt record")
+            rows = await stored(daemon, lambda: records(daemon, "temp")[1:], "the mqtt record")
             assert rows[0]["event"]["payload"] == 19
     finally:
         broker.close()
@@ -270,10 +302,10 @@ async def test_mqtt_broker_restart_keeps_the_session_across_the_reconnect(
     async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
         await publish(mosquitto.port, ("sensors/a/temp", b'{"n": 0}'))
-        await until(lambda: records(daemon), what="the first record")
+        await stored(daemon, lambda: records(daemon), "the first record")
 
         mosquitto.stop()
-        await until(lambda: events(daemon, "mqtt_disconnected"), what="the disconnect")
+        await daemon.wait_log("mqtt_disconnected")
         # Queue messages into the daemon's session while it surely cannot connect: the same
         # broker state served on another port. They arrive only if the reconnect resumes the
         # session (Clean Start = 0 with an expiry), not if it starts a new one.
@@ -284,11 +316,11 @@ async def test_mqtt_broker_restart_keeps_the_session_across_the_reconnect(
         mosquitto.stop()
         mosquitto.start()
 
-        await until(lambda: len(records(daemon)) >= 4, what="the queued messages")
+        await stored(daemon, lambda: count(daemon) >= 4, "the queued messages")
         reconnect = events(daemon, "mqtt_connected")[-1]
         assert reconnect["session_present"] is True
         await publish(mosquitto.port, ("sensors/c/temp", b'{"n": 4}'))
-        await until(lambda: len(records(daemon)) >= 5, what="a message after the restart")
+        await stored(daemon, lambda: count(daemon) >= 5, "a message after the restart")
         assert [r["event"]["payload"]["n"] for r in records(daemon)] == [0, 1, 2, 3, 4]
         assert len(events(daemon, "mqtt_subscribed")) >= 2  # re-subscribed on the reconnect
 
@@ -302,12 +334,12 @@ async def test_mqtt_messages_published_while_the_daemon_is_stopped_arrive_after_
     try:
         await daemon.start()
         await subscribed(daemon)
-        await until(lambda: records(daemon), what="the retained message")
+        await stored(daemon, lambda: records(daemon), "the retained message")
         assert await daemon.stop() == 0
 
         await publish(mosquitto.port, *(("sensors/a/temp", f"[{i}]") for i in range(20)))
         await daemon.start()
-        await until(lambda: len(records(daemon)) >= 21, what="the backlog")
+        await stored(daemon, lambda: count(daemon) >= 21, "the backlog")
         await subscribed(daemon, 2)
     finally:
         await daemon.close()
@@ -334,11 +366,11 @@ async def test_mqtt_sigkill_mid_stream_keeps_every_message_exactly_once(
             publish(mosquitto.port, *(("sensors/a/temp", f'{{"n": {i}}}') for i in range(total)))
         )
         for at in (200, 700):  # killed twice while messages stream in, with commits in flight
-            await until(lambda at=at: len(records(daemon)) >= at, what=f"{at} records")
+            await stored(daemon, lambda at=at: count(daemon) >= at, f"{at} records")
             await daemon.kill()
             await daemon.start()
         await asyncio.wait_for(publisher, 30)  # every message has been acked to the publisher
-        await until(lambda: len(records(daemon)) >= total, timeout_s=30, what="all records")
+        await stored(daemon, lambda: count(daemon) >= total, "all records", timeout_s=30)
     finally:
         await daemon.close()
     numbers = sorted(r["event"]["payload"]["n"] for r in records(daemon))
@@ -360,27 +392,27 @@ async def test_mqtt_redelivery_after_commit_maps_to_the_same_invocation(
             proxy.drop_acks = True
             same, other = ("sensors/a/temp", b"same"), ("sensors/a/temp", b"other")
             await publish(mosquitto.port, same, same, other)
-            await until(lambda: proxy.acks_dropped == 3, what="3 commits acked (and dropped)")
+            await proxy.acks(dropped=3, what="3 commits acked (and dropped)")
             assert len(records(daemon)) == 3
             proxy.drop_acks = False
             proxy.cut()
-            await until(lambda: proxy.acks_forwarded == 3, what="the redeliveries acked")
+            await proxy.acks(forwarded=3, what="the redeliveries acked")
             assert len(events(daemon, "mqtt_redelivery_matched")) == 3
             assert len(records(daemon)) == 3
 
             # 2. Committed, then SIGKILL before the PUBACK: the redelivery goes to the next run.
             proxy.drop_acks = True
             await publish(mosquitto.port, same)
-            await until(lambda: proxy.acks_dropped == 4, what="a 4th commit (same payload)")
+            await proxy.acks(dropped=4, what="a 4th commit (same payload)")
             await daemon.kill()
             proxy.drop_acks = False
             await daemon.start()
-            await until(lambda: proxy.acks_forwarded == 4, what="the redelivery after the restart")
+            await proxy.acks(forwarded=4, what="the redelivery after the restart")
             assert len(events(daemon, "mqtt_redelivery_matched")) == 4
 
             # 3. The same payload published again is a new event, not a redelivery.
             await publish(mosquitto.port, same)
-            await until(lambda: proxy.acks_forwarded == 5, what="a 5th message")
+            await proxy.acks(forwarded=5, what="a 5th message")
         finally:
             await daemon.close()
     rows = records(daemon)
@@ -398,8 +430,8 @@ async def test_mqtt_publisher_message_id_is_the_idempotency_key(
         for _ in range(2):  # a publisher retrying after a lost PUBACK of its own
             await publish(mosquitto.port, ("sensors/a/temp", b"1"), user={"message-id": "m-1"})
         await publish(mosquitto.port, ("sensors/a/temp", b"1"), user={"message-id": "m-2"})
-        await until(lambda: len(records(daemon)) == 2, what="two records")
-        await until(lambda: len(events(daemon, "mqtt_redelivery_matched")) == 1, what="the retry")
+        await stored(daemon, lambda: count(daemon) == 2, "two records")
+        await daemon.wait_log("mqtt_redelivery_matched")  # the retry
         assert [r["event"]["properties"]["user"]["message-id"] for r in records(daemon)] == [
             "m-1",
             "m-2",
@@ -415,17 +447,14 @@ async def test_mqtt_commit_failure_is_not_acked_and_the_message_comes_back(
     async with Store.open(tmp_path / "db.sqlite") as store:
         await pool.start(config.functions)
         dispatcher = Dispatcher(store, pool, config.functions)
-        with capture_logs() as logs:
+        with watch_logs() as logs:
             task = asyncio.create_task(supervise(MqttSource(config, store, triggers), dispatcher))
             try:
-                await until(lambda: [e for e in logs if e["event"] == "mqtt_subscribed"])
+                await logs.wait_for("mqtt_subscribed", timeout_s=15)
                 # A full disk for real: the database may not grow by a single page.
                 await store.transaction(lambda c: c.execute("PRAGMA max_page_count = 1").fetchone())
                 await publish(mosquitto.port, ("a/big", b"x" * 300_000))
-                await until(
-                    lambda: [e for e in logs if e["event"] == "mqtt_disconnected"],
-                    what="the source to drop the connection",
-                )
+                await logs.wait_for("mqtt_disconnected", timeout_s=15)  # the source drops it
                 assert (
                     "not stored"
                     in [e for e in logs if e["event"] == "mqtt_disconnected"][0]["reason"]
@@ -436,9 +465,9 @@ async def test_mqtt_commit_failure_is_not_acked_and_the_message_comes_back(
                 await store.transaction(
                     lambda c: c.execute("PRAGMA max_page_count = 1073741823").fetchone()
                 )
-                rows = await until(
-                    lambda: store.query("SELECT event FROM invocations"), what="the redelivery"
-                )
+                # The redelivery: its row is committed before it is started.
+                await logs.wait_for("invocation_started", function="temp", timeout_s=15)
+                rows = await store.query("SELECT event FROM invocations")
                 assert len(rows) == 1 and json.loads(rows[0][0])["payload"] == "x" * 300_000
                 assert task.done() is False  # the source never gave up
             finally:
@@ -533,7 +562,7 @@ async def test_mqtt_tls_with_username_and_password(tmp_path: Path, tls: dict[str
             await publish(
                 broker.port, ("t/1", b"ok"), tls_context=context, username="edge", password="s3cret"
             )
-            rows = await until(lambda: records(daemon), what="the record over TLS")
+            rows = await stored(daemon, lambda: records(daemon), "the record over TLS")
             assert rows[0]["event"]["payload"] == "ok"
             with pytest.raises(aiomqtt.MqttError):  # the credentials were really needed
                 await publish(broker.port, ("t/1", b"anonymous"), tls_context=context)
