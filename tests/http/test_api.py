@@ -77,12 +77,7 @@ async def test_api_async_invoke_is_202_then_runs(daemon: Daemon):
     status, headers, _ = await daemon.invoke("echo", {"n": 7}, kind="Event")
     assert status == 202
     invocation_id = headers["x-amzn-RequestId"]
-
-    async def finished():
-        record = await daemon.get(f"/v1/invocations/{invocation_id}")
-        return record if record.get("status") == "succeeded" else None
-
-    record = await daemon.wait_for(finished)
+    record = await daemon.finished(invocation_id, status="succeeded")
     assert record["invocation_type"] == "async"
     assert record["result"]["event"] == {"n": 7}
     assert record["attempt"] == 1
@@ -100,13 +95,12 @@ async def test_api_async_attempt_shows_its_worker_while_it_runs(daemon: Daemon):
         record = await daemon.get(f"/v1/invocations/{invocation_id}")
         return record if predicate(record) else None
 
+    # Polled: the pid of a running attempt is written VISIBLE_AFTER_S in, and nothing logs it.
     running = await daemon.wait_for(
         lambda: record_if(lambda r: r["status"] == "running" and r["worker_pid"]), timeout_s=10
     )
     assert running["worker_pid"] != daemon.proc.pid
-    done = await daemon.wait_for(
-        lambda: record_if(lambda r: r["status"] == "succeeded"), timeout_s=15
-    )
+    done = await daemon.finished(invocation_id, status="succeeded", timeout_s=15)
     assert done["worker_pid"] == running["worker_pid"]
     assert [a["worker_pid"] for a in done["attempts"]] == [running["worker_pid"]]
 
@@ -156,8 +150,9 @@ async def test_api_log_tail_has_report_line(daemon: Daemon):
 async def test_api_queue_full_is_429(daemon: Daemon):
     # slow: concurrency 1, queue_size 1 -> a third concurrent caller is turned away.
     first = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 2}))
-    await daemon.wait_for(lambda: _running(daemon, "slow"))
+    await daemon.wait_log("invocation_started", function="slow")
     second = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 0}))
+    # Polled: nothing logs a caller waiting for a slot.
     await daemon.wait_for(lambda: _waiting(daemon, "slow"))
     status, headers, _ = await daemon.invoke("slow", {"sleep_s": 0})
     assert (status, headers["x-amzn-ErrorType"], headers["Retry-After"]) == (
@@ -167,11 +162,6 @@ async def test_api_queue_full_is_429(daemon: Daemon):
     )
     assert (await first)[0] == 200
     assert (await second)[0] == 200
-
-
-async def _running(daemon: Daemon, name: str) -> bool:
-    fns = {f["name"]: f for f in (await daemon.get("/v1/functions"))["functions"]}
-    return fns[name]["running"] >= 1
 
 
 async def _waiting(daemon: Daemon, name: str) -> bool:
@@ -312,10 +302,10 @@ async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
             status, headers, _ = await daemon.invoke("slow", {"sleep_s": 0.3, "n": n}, kind="Event")
             assert status == 202
             accepted.append(headers["x-amzn-RequestId"])
-        await daemon.wait_for(lambda: _running(daemon, "slow"))
+        await daemon.wait_log("invocation_started", function="slow")
         await daemon.kill()
         await daemon.start()
-        records = await daemon.wait_for(lambda: _all_final(daemon, accepted), timeout_s=30)
+        records = await daemon.wait_logged(lambda: _all_final(daemon, accepted), timeout_s=30)
     finally:
         await daemon.close()
     assert {r["id"] for r in records} == set(accepted)
@@ -329,6 +319,7 @@ async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
 
 
 async def _all_final(daemon: Daemon, ids: list[str]):
+    # Read through the admin API, after the store's barrier: re-checked as the daemon logs.
     rows = {r["id"]: r for r in await daemon.invocations(function="slow")}
     if all(
         rows.get(i, {}).get("status") in ("succeeded", "failed", "crashed", "timed_out")
@@ -344,7 +335,7 @@ async def test_sigterm_drains_and_exits_zero(tmp_path):
     await daemon.start()
     try:
         call = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 1}))
-        await daemon.wait_for(lambda: _running(daemon, "slow"))
+        await daemon.wait_log("invocation_started", function="slow")
         await daemon.signal(__import__("signal").SIGTERM)
         status, _, body_bytes = await call
         assert status == 200 and json.loads(body_bytes)["slept"] == 1
