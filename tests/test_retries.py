@@ -22,7 +22,8 @@ from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.retry import after_failure, backoff_s
 from daemon.store.sqlite import NewInvocation, Store
-from tests.daemon_proc import ROOT, Daemon, running_daemon, until, write_config
+from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
+from tests.waits import until_changed
 
 FLAKY = Path(__file__).resolve().parent / "functions" / "flaky"
 FAST = (0.05, 0.2)  # retry_backoff_s in these tests: first delay and cap
@@ -225,7 +226,7 @@ async def test_sync_invocation_cancelled_by_its_caller_is_recorded_and_frees_its
         caller = asyncio.create_task(
             dispatcher.invoke_sync("flaky", hang, trigger="test", invocation_id="gone")
         )
-        await until(lambda: (calls / "gone").exists(), what="the handler running")
+        await until_changed(calls / "gone", (calls / "gone").exists, what="the handler running")
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
@@ -251,7 +252,8 @@ async def test_drain_interrupts_a_sync_run_and_its_caller_hears_why(tmp_path: Pa
             )
             for i in range(2)
         ]
-        await until(
+        await until_changed(
+            calls,
             lambda: all((calls / f"hung{i}").exists() for i in range(2)),
             what="both handlers running",
         )
@@ -276,6 +278,8 @@ def _fn_toml(name: str, **settings: Any) -> str:
 
 
 async def _record(daemon: Daemon, invocation_id: str) -> dict[str, Any]:
+    # The admin API reads after the store's barrier: a check on records made of these holds
+    # once the daemon has logged what leads to it (Daemon.wait_logged).
     return await daemon.get(f"/v1/invocations/{invocation_id}")  # type: ignore[no-any-return]
 
 
@@ -298,16 +302,12 @@ async def test_retry_pending_across_sigkill_runs_on_time_after_restart(tmp_path:
             r, h = await _record(daemon, retried), await _record(daemon, hung)
             return r["status"] == "queued" and r["attempt"] == 1 and h["status"] == "running"
 
-        await daemon.wait_for(both_waiting)
+        await daemon.wait_logged(both_waiting)
         await daemon.kill()
         [scheduled] = [e for e in daemon.log_events() if e["event"] == "invocation_retry_scheduled"]
         await daemon.start()
 
-        async def succeeded() -> dict[str, Any] | None:
-            record = await _record(daemon, retried)
-            return record if record["status"] == "succeeded" else None
-
-        record = await daemon.wait_for(succeeded)
+        record = await daemon.finished(retried, status="succeeded")
         hung_record = await _record(daemon, hung)
     finally:
         await daemon.close()
@@ -357,8 +357,8 @@ async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
             rows = (await daemon.get(f"/v1/dead-letters?function={function}"))["dead_letters"]
             return rows if len(rows) == count else None
 
-        rows = await daemon.wait_for(lambda: dead("once", 3))
-        await daemon.wait_for(lambda: dead("other", 1))
+        rows = await daemon.wait_logged(lambda: dead("once", 3))
+        await daemon.wait_logged(lambda: dead("other", 1))
         assert {r["id"] for r in rows} == set(ids)
         assert {(r["status"], r["dead_letter_reason"], r["attempt"]) for r in rows} == {
             ("failed", "RetriesExhausted", 1)
@@ -375,7 +375,7 @@ async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
         # redrive one by id: a fresh budget on the same id, and this time it succeeds
         redriven = await asyncio.to_thread(_cli, daemon, "dlq", "redrive", ids[0])
         assert (redriven.returncode, redriven.stdout.split()) == (0, [ids[0]])
-        record = await daemon.wait_for(lambda: _final(daemon, ids[0]))
+        record = await daemon.wait_logged(lambda: _final(daemon, ids[0]))
         assert (record["status"], record["attempt"], record["redrives"]) == ("succeeded", 2, 1)
         assert record["dead_letter_reason"] is None
         shown = await asyncio.to_thread(_cli, daemon, "show", ids[0])
@@ -387,7 +387,7 @@ async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
         )
         assert sorted(json.loads(everything.stdout)["redriven"]) == sorted(ids[1:])
         for invocation_id in ids[1:]:
-            record = await daemon.wait_for(lambda i=invocation_id: _final(daemon, i))
+            record = await daemon.wait_logged(lambda i=invocation_id: _final(daemon, i))
             assert record["attempt"] == 2
         assert [r["id"] for r in (await daemon.get("/v1/dead-letters"))["dead_letters"]] == [other]
 
@@ -395,7 +395,7 @@ async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
         replayed = await asyncio.to_thread(_cli, daemon, "replay", ids[0])
         assert replayed.returncode == 0, replayed.stderr
         new_id = replayed.stdout.strip()
-        new = await daemon.wait_for(lambda: _final(daemon, new_id))
+        new = await daemon.wait_logged(lambda: _final(daemon, new_id))
         old = await _record(daemon, ids[0])
         assert (new["parent_id"], new["event"], new["trigger"]) == (ids[0], old["event"], "replay")
         assert new_id != ids[0] and new["invocation_type"] == "async"

@@ -22,6 +22,7 @@ from asyncinotify import Inotify, Mask
 
 # What a change to a watched file (its writes) or folder (its entries) looks like to inotify.
 CHANGES = Mask.MODIFY | Mask.CLOSE_WRITE | Mask.CREATE | Mask.DELETE | Mask.MOVE | Mask.ATTRIB
+APPEARS = Mask.CREATE | Mask.MOVED_TO
 
 
 async def until(
@@ -48,7 +49,7 @@ async def until_changed(
     """`check()`'s first truthy value, tried now and after each change the kernel reports to
     `path` (a file's writes, a folder's entries); bounded. `check` may be async.
 
-    A `path` that does not exist yet is waited for in its parent folder, which must exist.
+    A `path` that does not exist yet is waited for in the folders above it.
     """
     try:
         async with asyncio.timeout(timeout_s):
@@ -63,15 +64,21 @@ async def until_changed(
 
 
 def _watch(inotify: Inotify, path: Path) -> bool:
-    """Watch `path`, or its parent while it is missing; True once `path` itself is watched."""
-    with contextlib.suppress(FileNotFoundError):
-        inotify.add_watch(path, CHANGES)
-        return True
-    inotify.add_watch(path.parent, Mask.CREATE | Mask.MOVED_TO)
-    with contextlib.suppress(FileNotFoundError):  # created between the two calls
-        inotify.add_watch(path, CHANGES)
-        return True
-    return False
+    """Watch `path`; while it is missing, the nearest folder above it that exists, which tells
+    when the next one down appears. True once `path` itself is watched."""
+    missing = []
+    for folder in (path, *path.parents):
+        try:
+            inotify.add_watch(folder, CHANGES if folder == path else APPEARS)
+            break
+        except FileNotFoundError:
+            missing.append(folder)
+    for folder in reversed(missing):  # any created meanwhile, from the top down
+        try:
+            inotify.add_watch(folder, CHANGES if folder == path else APPEARS)
+        except FileNotFoundError:
+            return False
+    return True
 
 
 async def _value(value: Any) -> Any:
