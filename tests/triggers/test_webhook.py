@@ -24,7 +24,7 @@ from daemon.config import load_config
 from daemon.dispatcher import Dispatcher
 from daemon.pool import WorkerPool
 from daemon.store.sqlite import Store
-from tests.daemon_proc import ROOT, Daemon, Gate, free_port, until, write_config
+from tests.daemon_proc import ROOT, Daemon, Gate, free_port, write_config
 from triggers.webhook import WebhookSource
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -129,29 +129,21 @@ class Hooks:
             if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
         ]
 
-    async def wait_event(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        async def seen():
-            return self.events(name, **match)
+    async def wait_event(self, name: str, count: int = 1, **match: Any) -> list[dict[str, Any]]:
+        return await self.daemon.wait_log(name, count, timeout_s=10, **match)
 
-        return await self.daemon.wait_for(seen, timeout_s=10)
-
-    async def wait_gate_busy(self) -> None:
-        """Until the gate function's only slot is taken."""
-
-        async def busy():
-            rows = (await self.daemon.get("/v1/functions"))["functions"]
-            return any(r["name"] == "gate" and r["running"] == 1 for r in rows)
-
-        await self.daemon.wait_for(busy, timeout_s=10)
+    async def wait_gate_busy(self, since: int = 0) -> None:
+        """Until the gate function's only slot is taken (after log position `since`)."""
+        await self.daemon.wait_log("invocation_started", function="gate", since=since, timeout_s=10)
 
     async def record(self, invocation_id: str) -> dict[str, Any]:
         """The invocation's record once it has a final status."""
 
-        async def final():
+        async def final():  # the admin API reads after the store's barrier
             record = await self.daemon.get(f"/v1/invocations/{invocation_id}")
             return record if record.get("status") not in (None, "queued", "running") else None
 
-        return await self.daemon.wait_for(final, timeout_s=10)
+        return await self.daemon.wait_logged(final, timeout_s=10)
 
 
 async def start(tmp: Path) -> Hooks:
@@ -351,12 +343,13 @@ async def test_webhook_timeout_is_504(hooks: Hooks):
 
 
 async def test_webhook_saturated_function_is_429(hooks: Hooks):
+    mark = hooks.daemon.log_mark()
     first = asyncio.ensure_future(hooks.request("POST", "/gate", json={}))
-    await hooks.wait_gate_busy()  # concurrency 1, queue_size 0: the next caller cannot wait
+    await hooks.wait_gate_busy(mark)  # concurrency 1, queue_size 0: the next caller cannot wait
     status, headers, body = await hooks.request("POST", "/gate", json={})
     assert (status, headers["Retry-After"]) == (429, "1")
     assert json.loads(body) == {"message": "Too Many Requests"}
-    await until(lambda: rejections(hooks, "queue_full"), what="queue_full logged")
+    await hooks.wait_event("webhook_rejected", reason="queue_full")
     hooks.gate.release()
     status, _, body = await first
     assert (status, json.loads(body)) == (200, {"released": True})
@@ -438,7 +431,7 @@ async def test_webhook_body_over_the_limit_is_413(hooks: Hooks):
 
     status, _, _ = await hooks.request("PUT", "/mirror", data=chunks())
     assert status == 413
-    await until(lambda: len(rejections(hooks, "too_large")) == before + 2, what="413s logged")
+    await hooks.wait_event("webhook_rejected", before + 2, reason="too_large")  # the 413s
     status, _, body = await hooks.request("PUT", "/mirror", data=b"z" * MAX_BODY)
     assert status == 200 and base64.b64decode(json.loads(body)["event"]["body"]) == b"z" * MAX_BODY
 
