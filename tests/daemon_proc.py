@@ -215,16 +215,24 @@ class Daemon:
 
     async def finished(self, invocation_id: str, timeout_s: float = 20, **keys: Any) -> Any:
         """The record of `invocation_id` once an attempt of it has logged invocation_finished
-        (with these keys, e.g. status="succeeded").
+        (with these keys, e.g. status="succeeded") and the record shows that outcome.
 
         The line is logged just before the outcome is written, but that write is enqueued
         before the daemon serves another request, and the admin API reads after a store
-        barrier: the record returned has the outcome.
+        barrier: the first read after the line normally has it.
         """
         await self.wait_log(
             "invocation_finished", invocation_id=invocation_id, timeout_s=timeout_s, **keys
         )
-        return await self.get(f"/v1/invocations/{invocation_id}")
+        wanted = keys.get("status")
+
+        async def recorded() -> Any:
+            record = await self.get(f"/v1/invocations/{invocation_id}")
+            status = record.get("status")
+            done = status == wanted if wanted else status not in (None, "queued", "running")
+            return record if done else None
+
+        return await self.wait_logged(recorded, timeout_s, f"the outcome of {invocation_id}")
 
     def _read_log(self) -> None:
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_proc import ROOT, Daemon, until, write_config
+from tests.daemon_proc import ROOT, Daemon, write_config
 
 BASIC = ROOT / "tests" / "pool" / "functions" / "basic"
 
@@ -53,17 +53,14 @@ async def test_the_daemon_serves_on_either_event_loop(tmp_path: Path, choice: st
         assert status == 202
         queued = headers["x-amzn-RequestId"]
 
-        async def succeeded() -> bool:
+        async def succeeded() -> bool:  # the admin API reads after the store's barrier
             return (await daemon.get(f"/v1/invocations/{queued}")).get("status") == "succeeded"
 
-        await daemon.wait_for(succeeded)
+        await daemon.wait_logged(succeeded)
 
         await daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
-        await until(
-            lambda: any(e.get("event") == "daemon_stopped" for e in daemon.log_events()),
-            what="daemon_stopped logged",
-        )
+        await daemon.wait_log("daemon_stopped")
     finally:
         await daemon.close()
 

@@ -16,6 +16,7 @@ import aiohttp
 
 from tests.daemon_proc import ROOT, Daemon, free_port
 from tests.mosquitto import Mosquitto
+from tests.waits import until_changed
 
 EXAMPLE = ROOT / "config" / "example.toml"
 
@@ -60,7 +61,7 @@ async def test_example_config_runs_every_trigger_kind(tmp_path):
         assert status == 200 and json.loads(body)["scheduled"] == "2026-01-01T00:00:00Z"
 
         # mqtt: a hot reading raises an alert
-        await daemon.wait_for(lambda: _logged(daemon, "mqtt_subscribed"))
+        await daemon.wait_log("mqtt_subscribed")
         await asyncio.to_thread(
             subprocess.run,
             [
@@ -77,19 +78,19 @@ async def test_example_config_runs_every_trigger_kind(tmp_path):
             check=True,
             timeout=30,
         )
-        alert = await daemon.wait_for(lambda: _final(daemon, "sensor_alert"))
+        alert = await daemon.wait_logged(lambda: _final(daemon, "sensor_alert"))
         assert alert["status"] == "succeeded", alert
 
         # files: a dropped text file is summarised and moved to done/
         inbox = tmp_path / "inbox"
-        await daemon.wait_for(lambda: _exists(inbox))
+        await until_changed(inbox, lambda: _exists(inbox), what="the inbox")
         (tmp_path / "report.txt").write_text("one two\nthree\n")
         (tmp_path / "report.txt").rename(inbox / "report.txt")
-        drop = await daemon.wait_for(lambda: _final(daemon, "file_drop"))
+        drop = await daemon.wait_logged(lambda: _final(daemon, "file_drop"))
         assert drop["status"] == "succeeded", drop
         summary = json.loads((tmp_path / "out" / "report.txt.json").read_text())
         assert (summary["words"], summary["lines"]) == (3, 2)
-        await daemon.wait_for(lambda: _done_files(inbox))
+        await daemon.wait_logged(lambda: _done_files(inbox))  # moved, then files_done
 
         # webhook: the echo route answers with a structured response
         async with aiohttp.ClientSession() as http:
@@ -115,11 +116,8 @@ def test_readme_commands_exist_as_shown():
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("./tests/run")
 
 
-async def _logged(daemon: Daemon, event: str) -> bool:
-    return any(e.get("event") == event for e in daemon.log_events())
-
-
 async def _final(daemon: Daemon, function: str):
+    # Read through the admin API, after the store's barrier: re-checked as the daemon logs.
     rows = await daemon.invocations(function=function)
     return next(
         (r for r in rows if r["status"] in ("succeeded", "failed", "timed_out", "crashed")), None
@@ -130,5 +128,5 @@ def _exists(path: Path) -> bool:
     return path.is_dir()
 
 
-async def _done_files(inbox: Path) -> list[Path]:
+def _done_files(inbox: Path) -> list[Path]:
     return list((inbox / "done").glob("*report.txt")) if (inbox / "done").is_dir() else []

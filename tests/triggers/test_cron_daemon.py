@@ -61,17 +61,17 @@ async def test_cron_catches_up_in_order_and_never_refires_across_sigkill(tmp_pat
     db = tmp_path / "var" / "lambdaemon.db"
     try:
         await daemon.start()
-        await daemon.wait_for(lambda: _logged(daemon, "cron_started"))
+        await daemon.wait_log("cron_started")
         await daemon.kill()
         write_config(tmp_path, BODY, api_port=daemon.api_port)
         first = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=4)
         set_marker(db, first - timedelta(minutes=1))  # as if down since just after that fire
 
         await daemon.start()
-        runs = await daemon.wait_for(lambda: _final(daemon, 5), timeout_s=30)
+        runs = await daemon.wait_logged(lambda: _final(daemon, 5), timeout_s=30)
         await daemon.kill()
         await daemon.start()  # the restart must not offer any of those fires again
-        await daemon.wait_for(lambda: _logged(daemon, "cron_started", 3))
+        await daemon.wait_log("cron_started", 3)
     finally:
         await daemon.close()
     # A minute may roll over during the test: every minute up to now once, none twice.
@@ -98,11 +98,8 @@ def stored_keys(db: Path) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def _logged(daemon: Daemon, event: str, count: int = 1) -> bool:
-    return len([e for e in daemon.log_events() if e.get("event") == event]) >= count
-
-
 async def _final(daemon: Daemon, count: int) -> list[dict] | None:
+    # Read through the admin API, after the store's barrier: re-checked as the daemon logs.
     runs = await cron_runs(daemon)
     done = [r for r in runs if r["status"] in ("succeeded", "failed", "crashed", "timed_out")]
     return runs if len(done) >= count and len(done) == len(runs) else None
