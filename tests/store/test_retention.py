@@ -241,11 +241,11 @@ async def test_retention_daemon_prunes_at_start_and_keeps_accepting(tmp_path: Pa
         # The file was made incremental before: this start saw that and left it alone.
         assert not [e for e in daemon.log_events() if e["event"].startswith("store_auto_vacuum")]
 
-        async def all_succeeded() -> bool:
+        async def all_succeeded() -> bool:  # the admin API reads after the store's barrier
             rows = await daemon.invocations(function="echo")
             return sorted(r["id"] for r in rows if r["status"] == "succeeded") == sorted(accepted)
 
-        await daemon.wait_for(all_succeeded)
+        await daemon.wait_logged(all_succeeded)
         db = tmp_path / "var" / "lambdaemon.db"
         size = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
         assert size <= 4 * MIB

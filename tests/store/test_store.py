@@ -23,7 +23,7 @@ from daemon.retry import Verdict
 from daemon.store import batches, records
 from daemon.store import sqlite as store_module
 from daemon.store.sqlite import MIGRATIONS, NewInvocation, QueuedInvocation, Store
-from tests.daemon_proc import until
+from tests.waits import until
 
 REPO = Path(__file__).resolve().parents[2]
 NORMAL, FULL = 1, 2  # PRAGMA synchronous
@@ -358,6 +358,7 @@ async def test_store_sets_synchronous_by_what_each_batch_holds(store: Store) -> 
 async def held(store: Store, *ids: str) -> list[asyncio.Future[tuple[str, bool]]]:
     """Enqueue bookkeeping (visible rows of sync calls); return once the writer has them."""
     writes = [store.insert_nowait(new(i, invocation_type="sync")) for i in ids]
+    # Polled: the writer takes writes off its queue without telling anyone.
     await until(lambda: store.queued == 0, 5, "the writer to take the writes")
     return writes
 
@@ -372,6 +373,7 @@ async def test_store_bookkeeping_waits_to_grow_and_any_other_write_ends_the_wait
         alone = store.record_finished_nowait(
             new("alone", invocation_type="sync"), outcome(Status.FAILED)
         )
+        # Polled: the writer takes writes off its queue without telling anyone.
         await until(lambda: store.queued == 0, 5, "the writer to take the write")
         assert not alone.done()  # alone too: under load the next comes within microseconds
         await store.barrier()

@@ -136,11 +136,7 @@ def events(daemon: Daemon, name: str, since: int = 0) -> list[dict[str, Any]]:
 
 async def logged(daemon: Daemon, name: str, since: int = 0) -> list[dict[str, Any]]:
     """Wait (bounded) until the daemon has logged `name` after position `since`."""
-
-    async def found() -> list[dict[str, Any]]:
-        return events(daemon, name, since)
-
-    return await daemon.wait_for(found)  # type: ignore[no-any-return]
+    return await daemon.wait_log(name, since=since)
 
 
 async def health(daemon: Daemon) -> tuple[int, dict[str, Any]]:
@@ -182,7 +178,7 @@ async def test_store_full_disk_refuses_instead_of_acknowledging_then_recovers(
                 status, report = await health(daemon)
                 return report if status == 503 else None
 
-            report = await daemon.wait_for(degraded)
+            report = await daemon.wait_logged(degraded)  # store_degraded comes with it
             assert (report["status"], report["reason"]) == ("degraded", "disk_full")
             (loud, *_) = events(daemon, "store_degraded")
             assert loud["level"] == "error" and loud["reason"] == "disk_full"
@@ -208,14 +204,14 @@ async def test_store_full_disk_refuses_instead_of_acknowledging_then_recovers(
             assert (await health(daemon))[0] == 200
             assert await post(daemon, hook_port, {"after": True}) == 202
 
-            async def delivered() -> Any:
+            async def delivered() -> Any:  # records after the store's barrier; files_done
                 rows = await daemon.invocations(function="echo")
                 mqtt = [r for r in rows if r["trigger"] == "mqtt"]
                 files = list((inbox / "done").glob("*drop.json"))
                 done = mqtt and all(r["status"] == "succeeded" for r in mqtt) and files
                 return (mqtt, rows) if done else None
 
-            mqtt, rows = await daemon.wait_for(delivered, timeout_s=40)
+            mqtt, rows = await daemon.wait_logged(delivered, timeout_s=40)
             assert len(mqtt) == 1  # redelivered by the broker once there was room: stored once
             record = await daemon.get(f"/v1/invocations/{mqtt[0]['id']}")
             assert record["event"]["payload"] == marker
@@ -252,4 +248,5 @@ async def test_store_full_disk_mid_invocation_finishes_once_there_is_room(tmp_pa
                 rows = await daemon.invocations(function="slow")
                 return {r["id"] for r in rows if r["status"] == "succeeded"} == set(ids)
 
+            # Polled: the first outcome's retried write logs nothing when it lands.
             await daemon.wait_for(final, timeout_s=8)  # healthy, this takes ~1.5 s
