@@ -1,7 +1,9 @@
 """Destinations: Lambda's record, function/mqtt/webhook targets, the outbox, the 16-hop stop.
 
 Real parts throughout: Store, WorkerPool, Dispatcher and OutboxRelay in-process, or the daemon
-as a subprocess; a private Mosquitto; an aiohttp receiver on loopback. Every wait is bounded.
+as a subprocess; a private Mosquitto; an aiohttp receiver on loopback. Every wait is bounded,
+and on what the parts signal: the relay logs each delivery after enqueueing its outbox write, so
+the outbox is read after a store barrier.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from daemon.errors import ConfigError
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.store.sqlite import NewInvocation, Settled, Store
-from tests.daemon_proc import Daemon, free_port, until, write_config
+from tests.daemon_proc import Daemon, free_port, write_config
 from tests.mosquitto import Mosquitto, running_broker
 from tests.test_retries import FLAKY, dispatching, final, flaky
+from tests.waits import watch_logs
 
 FUNCTIONS = Path(__file__).resolve().parents[1] / "functions"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -350,7 +353,7 @@ async def test_mqtt_and_webhook_destinations_are_delivered(tmp_path: Path, broke
         v5 = {"protocol": V5, "identifier": "watcher"}
         async with aiomqtt.Client("127.0.0.1", broker.port, **v5) as watcher:  # type: ignore[arg-type]
             await watcher.subscribe("alerts/#", qos=1)
-            with capture_logs() as logs:
+            with watch_logs() as logs:
                 async with serving(config) as (dispatcher, store):
                     calls = str(tmp_path / "calls")
                     alarm = await dispatcher.accept(
@@ -362,10 +365,10 @@ async def test_mqtt_and_webhook_destinations_are_delivered(tmp_path: Path, broke
                     async with asyncio.timeout(15):
                         message = await anext(aiter(watcher.messages))
                         posted = await receiver.arrived.get()
-                    await until(
-                        lambda: not outbox_rows(config.data_dir / "lambdaemon.db"),
-                        what="the outbox to empty",
-                    )
+                    await logs.wait_for("destination_delivered", kind="mqtt")
+                    await logs.wait_for("destination_delivered", kind="webhook")
+                    await store.barrier()  # their outbox writes were enqueued before the lines
+                    assert not outbox_rows(config.data_dir / "lambdaemon.db")  # the outbox empties
     mqtt_record = json.loads(message.payload)  # type: ignore[arg-type]
     assert (str(message.topic), message.qos) == ("alerts/sensor", 1)
     assert mqtt_record["requestContext"]["requestId"] == alarm.invocation_id
@@ -393,15 +396,13 @@ async def test_permanent_4xx_is_kept_as_failed_and_does_not_block_others(tmp_pat
                 ids.append(accepted.invocation_id)
         db = config.data_dir / "lambdaemon.db"
         assert [r["invocation_id"] for r in outbox_rows(db)] == ids  # the refused one first
-        with capture_logs() as logs:
-            async with serving(config):
-
-                def settled() -> list[dict[str, Any]] | None:
-                    rows = outbox_rows(db)
-                    done = len(receiver.requests) == 2 and [r["status"] for r in rows] == ["failed"]
-                    return rows if done else None
-
-                rows = await until(settled, what="one record failed, the other delivered")
+        with watch_logs() as logs:
+            async with serving(config) as (_, store):
+                # One record failed, the other delivered: each outbox write is enqueued first.
+                await logs.wait_for("destination_failed", invocation_id=ids[0])
+                await logs.wait_for("destination_delivered", invocation_id=ids[1])
+                await store.barrier()
+                rows = outbox_rows(db)
     [kept] = rows
     assert (kept["invocation_id"], kept["status"], kept["attempts"]) == (ids[0], "failed", 1)
     assert kept["last_error"] == "HTTP 422: not this one"
@@ -441,18 +442,14 @@ async def test_store_and_forward_across_sigkill_delivers_exactly_once(
             await _accept(daemon, "alarm", {"dir": calls, "fail": ["raise"]}),
             await _accept(daemon, "notify", {"dir": calls}),
         ]
-        await until(
-            lambda: (
-                {e["kind"] for e in _events(daemon, "destination_retry")} == {"mqtt", "webhook"}
-            ),
-            what="both targets tried",
-        )
+        await daemon.wait_log("destination_retry", kind="mqtt")  # both targets tried
+        await daemon.wait_log("destination_retry", kind="webhook")
 
         def stored() -> bool:  # destination_retry is logged before its attempt is committed
             rows = outbox_rows(db)
             return len(rows) == 2 and all(r["attempts"] >= 1 and r["last_error"] for r in rows)
 
-        await until(stored, what="both failed attempts committed")
+        await daemon.wait_stored(stored, what="both failed attempts committed")
         await daemon.kill()
         pending = outbox_rows(db)
         # One row each; their order is the order the two concurrent functions finished in.
@@ -464,7 +461,7 @@ async def test_store_and_forward_across_sigkill_delivers_exactly_once(
         await daemon.start()
         broker.start()
         async with receiving(receiver):
-            await until(
+            await daemon.wait_stored(
                 lambda: len(_events(daemon, "destination_delivered")) == 2 and not outbox_rows(db),
                 what="both delivered",
             )
