@@ -107,7 +107,7 @@ async def run_chaos(chaos: Chaos) -> Report:
     )
     try:
         await daemon.start()
-        await daemon.wait_for(lambda: _ready_for_load(daemon), timeout_s=20)
+        await daemon.wait_logged(lambda: _ready_for_load(daemon), timeout_s=20)
         first_marker = cron_marker(daemon)
         accepted = Accepted()
         stop = asyncio.Event()
@@ -267,8 +267,9 @@ async def _kill_repeatedly(chaos: Chaos, daemon: Daemon) -> list[dict[str, Any]]
 # --- readiness and settling --------------------------------------------------------------------
 
 
-async def _ready_for_load(daemon: Daemon) -> bool:
+def _ready_for_load(daemon: Daemon) -> bool:
     # The persistent session must exist before the first publish, or the broker drops it.
+    # The cron marker is committed before cron_started is logged.
     logged = {e.get("event") for e in daemon.log_events()}
     needed = {"mqtt_subscribed", "webhook_listening", "files_rescanned", "cron_started"}
     return needed <= logged and cron_marker(daemon) is not None
@@ -297,6 +298,9 @@ async def _settle(chaos: Chaos, daemon: Daemon, accepted: Accepted) -> float | N
         )
 
     try:
+        # Polled: settling is the state of every source at once, and the last change (a final
+        # record's write) comes after its line; re-checking on every line would add a store
+        # barrier per line under load.
         await daemon.wait_for(settled, timeout_s=chaos.settle_timeout_s, interval_s=0.2)
     except AssertionError:  # until()'s word for "timed out": not settled
         return None
