@@ -118,6 +118,7 @@ class Daemon:
         if own_notify and self._notify is None:
             self._listen_for_ready()
         self._ready.clear()
+        mark = self.log_mark()
         await self.spawn()
         assert self.proc is not None and self.session is not None
         async with asyncio.timeout(timeout_s):
@@ -129,9 +130,10 @@ class Daemon:
                 exited.cancel()
             if self.proc.returncode is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
-            # After READY=1 the first look answers 200; a test that listens for READY=1 itself
-            # keeps it from us, and nothing else says when /health turns 200.
-            await until(self._healthy, timeout_s, "/health to answer 200")
+            # Logged once /health says ok, and before READY=1 is sent.
+            await self.wait_log("daemon_ready", since=mark, timeout_s=timeout_s)
+            if not await self._healthy():
+                raise RuntimeError(f"daemon_ready logged, but /health is not ok:\n{self.logs()}")
 
     async def _healthy(self) -> bool:
         assert self.session is not None
