@@ -223,9 +223,6 @@ class Daemon:
         before the daemon serves another request, and the admin API reads after a store
         barrier: the first read after the line normally has it.
         """
-        await self.wait_log(
-            "invocation_finished", invocation_id=invocation_id, timeout_s=timeout_s, **keys
-        )
         wanted = keys.get("status")
 
         async def recorded() -> Any:
@@ -234,7 +231,11 @@ class Daemon:
             done = status == wanted if wanted else status not in (None, "queued", "running")
             return record if done else None
 
-        return await self.wait_logged(recorded, timeout_s, f"the outcome of {invocation_id}")
+        async with asyncio.timeout(timeout_s):  # one bound for both
+            await self.wait_log(
+                "invocation_finished", invocation_id=invocation_id, timeout_s=timeout_s, **keys
+            )
+            return await self.wait_logged(recorded, timeout_s, f"the outcome of {invocation_id}")
 
     def _read_log(self) -> None:
         try:
