@@ -74,6 +74,7 @@ class OutboxRelay:
         self._config = config
         self._store = store
         self._wake = asyncio.Event()
+        self._looked_at = 0.0
         self._blocked: dict[str, _Hold] = {}  # channel -> its backoff after a failure
         self._session: aiohttp.ClientSession | None = None
         self._publisher: MqttPublisher | None = None  # connected on the first mqtt: record
@@ -116,7 +117,7 @@ class OutboxRelay:
     # --- one look at the outbox ---------------------------------------------------------------
 
     async def _deliver_due(self) -> bool:
-        now = time.monotonic()
+        now = self._looked_at = time.monotonic()
         blocked = [channel for channel, b in self._blocked.items() if b.until > now]
         found = await self._store.load_due_outbox(blocked, BATCH)
         if not found:
@@ -181,9 +182,11 @@ class OutboxRelay:
 
     async def _sleep(self) -> None:
         now = time.monotonic()
-        waits = [b.until - now for b in self._blocked.values() if b.until > now]
+        # Every hold the last look left out, even one that ran out during that look (timers may
+        # fire a little early): dropping it would sleep without a timeout and never retry it.
+        waits = [b.until - now for b in self._blocked.values() if b.until > self._looked_at]
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(waits) if waits else None):
+            async with asyncio.timeout(max(0.0, min(waits)) if waits else None):
                 await self._wake.wait()
 
     # --- the targets ------------------------------------------------------------------------
