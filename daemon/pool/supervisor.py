@@ -5,9 +5,14 @@ process is process.py, the child side worker.py, the frames protocol.py). Everyt
 daemon's event loop: no threads, one guard timer per busy worker, one small task per worker
 waiting for its exit.
 
+Slots: a call or a min_warm start reserves a slot before its worker exists; from then on every
+way out gives it back: a start that fails before the process exists unreserves it at once (and the
+call gets an Outcome, see starts.py), and a process, once it exists, frees it when it is reaped.
+
 Log events: worker_started, worker_init_failed, handler_output (one per captured line) and
 worker_stopped with reason idle | evicted | timeout | crashed | retired | recycled | closed |
-cancelled | init_failed | out_of_memory (recycled also says why: max_invocations or rss).
+cancelled | init_failed | out_of_memory (recycled also says why: max_invocations or rss); and
+starts.py's worker_start_failed, pool_degraded and pool_restored.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from daemon.pool.process import (
     use_pidfd_child_watcher,
 )
 from daemon.pool.protocol import InitFailed, Invoke, Ready, Result
+from daemon.pool.starts import WORKER_START_FAILED, StartHealth, start_error
 
 log = structlog.get_logger("lambdaemon.pool")
 
@@ -92,6 +98,8 @@ class WorkerPool:
         self._reaper: asyncio.Task[None] | None = None
         self._reaper_wake = asyncio.Event()
         self._reaper_at: float | None = None
+        self.start_health = StartHealth()
+        self._start_retry: asyncio.TimerHandle | None = None  # while degraded: a start of its own
         self._closed = False
 
     # --- public API ------------------------------------------------------------------------
@@ -150,6 +158,8 @@ class WorkerPool:
             self._closed = True
             return
         self._closed = True
+        if self._start_retry is not None:
+            self._start_retry.cancel()
         for waiter in self._waiters:
             if not waiter.future.done():
                 waiter.future.set_exception(PoolClosedError("the worker pool is closed"))
@@ -388,13 +398,22 @@ class WorkerPool:
         started_at, clock = time.time(), time.perf_counter()
         try:
             worker = await self._spawn(fn, key, request is not None)
-        except OSError as exc:
-            error_type, error = "Runtime.InvalidEntrypoint", f"Cannot start a worker: {exc}"
-            log.error(
-                "worker_init_failed", function=fn.name, error_type=error_type, error_message=error
-            )
+        except PoolClosedError:
+            raise
+        except Exception as exc:  # the slot is free again (_spawn): the next call tries anew
+            error_type, error = start_error(fn.name, exc)
+            if error_type == WORKER_START_FAILED:
+                self._retry_start_in(self.start_health.failed(fn.name, error), fn.name)
+            else:
+                log.error(
+                    "worker_init_failed",
+                    function=fn.name,
+                    error_type=error_type,
+                    error_message=error,
+                )
             payload = error_payload(error_type, error)
             return call_outcome(Status.FAILED, payload, started_at, clock, error_type, error)
+        self.start_health.succeeded()  # the process runs: whatever its init does, starts work
         message: Any
         try:
             async with asyncio.timeout(self.init_timeout_s):
@@ -421,24 +440,21 @@ class WorkerPool:
             self._drop(worker)
 
     async def _spawn(self, fn: FunctionConfig, key: Key, on_demand: bool) -> Worker:
+        """The started worker in the reserved slot; on any failure before the process exists,
+        the slot and every descriptor taken so far are given back before the exception goes on
+        (each of these steps fails with EMFILE when descriptors run out)."""
         assert self._loop is not None and fn.code is not None
-        parent_sock, child_sock = socket.socketpair()
-        memfd = capture_file(fn.name)
-        self._spawning += 1
-        try:
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._unreserve, fn.name)
             if self._closed:
                 raise PoolClosedError("the worker pool is closed")
-            proc = await start_process(fn, child_sock, memfd, on_demand)
-        except BaseException:
-            parent_sock.close()
-            os.close(memfd)
-            self._unreserve(fn.name)
-            raise
-        finally:
-            child_sock.close()
-            self._spawning -= 1
-            if not self._spawning and self._spawned is not None and not self._spawned.done():
-                self._spawned.set_result(None)
+            parent_sock, child_sock = socket.socketpair()
+            undo.callback(parent_sock.close)
+            with child_sock:  # the child's end: open in the child only, once it is started
+                memfd = capture_file(fn.name)
+                undo.callback(os.close, memfd)
+                proc = await self._start_process(fn, child_sock, memfd, on_demand)
+            undo.pop_all()  # the process holds the slot now; its exit gives it back
         worker = Worker(fn, key, proc, memfd, self._loop)
         self._workers.add(worker)
         worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
@@ -452,6 +468,35 @@ class WorkerPool:
             self._drop(worker)
             raise
         return worker
+
+    async def _start_process(
+        self, fn: FunctionConfig, child_sock: socket.socket, memfd: int, on_demand: bool
+    ) -> asyncio.subprocess.Process:
+        self._spawning += 1
+        try:
+            return await start_process(fn, child_sock, memfd, on_demand)
+        finally:
+            self._spawning -= 1
+            if not self._spawning and self._spawned is not None and not self._spawned.done():
+                self._spawned.set_result(None)
+
+    def _retry_start_in(self, delay_s: float, name: str) -> None:
+        """While starts fail, try one of `name`'s after `delay_s`, even when no call needs it."""
+        if self._start_retry is None and not self._closed:
+            assert self._loop is not None
+            self._start_retry = self._loop.call_later(delay_s, self._retry_start, name)
+
+    def _retry_start(self, name: str) -> None:
+        self._start_retry = None
+        fn = self._settings(name) or next(iter(self._functions.values()), None)
+        if self._closed or not self.start_health.degraded or fn is None:
+            return
+        if self._slots >= self._max_workers or self._waiters:  # calls will try starts anyway
+            self._retry_start_in(self.start_health.retry_delay_s(), name)
+            return
+        # A warm start: the worker it brings up serves the next call, or idles out.
+        self._reserve(fn.name)
+        self._spawn_task(self._warm(fn, self._key(fn)), "pool-retry-start")
 
     async def _init_failure(
         self,

@@ -1,0 +1,94 @@
+"""Worker starts that fail for want of descriptors: the slot comes back, the call fails at once,
+the pool says it is degraded and recovers by itself. Real worker processes, real EMFILE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+from collections.abc import Iterator
+from typing import Any
+
+from daemon.models import Status
+from daemon.pool import WorkerPool
+from tests.pool.conftest import function, request
+from tests.waits import LogWatch
+
+START_FAILED = "Lambdaemon.WorkerStartFailed"
+
+
+@contextlib.contextmanager
+def descriptors_exhausted() -> Iterator[None]:
+    """This process at its NOFILE soft limit (lowered for the block): the next open() is EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+    filler: list[int] = []
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def invoke(pool: WorkerPool, name: str) -> Any:
+    fn = function(name)
+    # Bounded: a slot lost by a failed start makes the next call wait for it forever.
+    async with asyncio.timeout(10):
+        return await pool.invoke(fn, request(fn))
+
+
+async def test_pool_gives_the_slot_back_when_a_start_runs_out_of_descriptors(
+    make_pool: Any, logs: LogWatch
+) -> None:
+    pool = await make_pool(max_workers=1)
+    with descriptors_exhausted():
+        # One slot in all: each call after a lost slot would wait forever.
+        outcomes = [await invoke(pool, "count") for _ in range(3)]
+        assert pool.start_health.degraded
+    for outcome in outcomes:
+        assert outcome.status is Status.FAILED and outcome.error_type == START_FAILED
+        assert outcome.error_message.endswith("[Errno 24] Too many open files")
+        assert json.loads(outcome.payload)["errorType"] == START_FAILED
+    assert pool.stats() == {}
+    assert len(logs.find("worker_start_failed", function="count")) == 3
+    assert len(logs.find("pool_degraded")) == 1  # loud once, not once per call
+    report = pool.start_health.report()
+    assert report["status"] == "degraded" and report["reason"] == "workers_cannot_start"
+    assert report["failed_starts"] == 3 and "Too many open files" in report["error"]
+
+    outcome = await invoke(pool, "count")
+    assert outcome.status is Status.SUCCEEDED, outcome.payload
+    assert not pool.start_health.degraded and pool.start_health.report()["status"] == "ok"
+    await logs.wait_for("pool_restored")
+    assert pool.stats() == {"count": {"idle": 1, "busy": 0}}
+
+
+async def test_pool_recovers_by_itself_once_descriptors_are_back(
+    make_pool: Any, logs: LogWatch
+) -> None:
+    pool = await make_pool(max_workers=2)
+    with descriptors_exhausted():
+        outcome = await invoke(pool, "count")
+    assert outcome.error_type == START_FAILED and pool.start_health.degraded
+    # No call comes: the pool's own retry starts a worker, which then idles.
+    restored = await logs.wait_for("pool_restored", timeout_s=10)
+    assert restored["failures"] == 1
+    await logs.wait_for("worker_started", function="count")
+    assert not pool.start_health.degraded
+
+
+async def test_pool_keeps_serving_waiters_when_a_start_fails(make_pool: Any) -> None:
+    # Calls queued behind a failing start each get the failure, none waits on a lost slot.
+    pool = await make_pool(max_workers=1)
+    with descriptors_exhausted():
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(*(invoke(pool, f"fn{i % 2}") for i in range(6)))
+    assert {outcome.error_type for outcome in outcomes} == {START_FAILED}
+    assert (await invoke(pool, "fn0")).status is Status.SUCCEEDED
