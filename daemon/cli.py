@@ -135,8 +135,10 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from daemon.logs import configure_logging
+    from daemon.resources import raise_nofile_limit
 
     configure_logging(config.daemon.log_level)
+    raise_nofile_limit()  # before anything opens descriptors; logs the limits once
     try:
         with asyncio.Runner(loop_factory=_loop_factory(config.daemon.event_loop)) as runner:
             runner.run(_serve(config))
@@ -160,11 +162,14 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 
 async def _serve(config: Config) -> None:
+    from daemon.resources import LoopExceptionHandler
     from daemon.service import Service
 
     service = Service(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # accept() failing for want of descriptors: one quiet line, not a traceback per connection
+    loop.set_exception_handler(LoopExceptionHandler())
 
     def on_signal(signum: int) -> None:
         if stop.is_set():

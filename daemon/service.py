@@ -27,7 +27,14 @@ from daemon.destinations.relay import OutboxRelay
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError
 from daemon.http.admin import RELOAD
-from daemon.http.api import FAST_ROUTES, LIFECYCLE, MAX_SYNC_PAYLOAD, build_api, start_site
+from daemon.http.api import (
+    FAST_ROUTES,
+    LIFECYCLE,
+    MAX_SYNC_PAYLOAD,
+    POOL_HEALTH,
+    build_api,
+    start_site,
+)
 from daemon.pool import WorkerPool
 from daemon.reload import plan_reload, secret_digests
 from daemon.sources import TriggerSources
@@ -96,6 +103,7 @@ class Service:
             await stack.enter_async_context(_background(pruner.run(), "store-pruner"))
             app = build_api(config, dispatcher, store)
             app[STORE_HEALTH] = health
+            app[POOL_HEALTH] = pool.start_health
             app[LIFECYCLE] = self._unready_reason
             app[RELOAD] = self.request_reload
             api = await start_site(

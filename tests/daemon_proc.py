@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -73,9 +75,12 @@ def write_config(
 class Daemon:
     """A `lambdaemon run` subprocess and an HTTP client for its admin API."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, env: dict[str, str] | None = None, *, nofile: int | None = None
+    ) -> None:
         self.config = config
         self.env = env or {}  # added to the daemon's environment (NOTIFY_SOCKET, ...)
+        self.nofile = nofile  # RLIMIT_NOFILE, soft and hard, for the daemon (None: inherited)
         text = config.read_text()
         self.api_port = int(text.split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
         self.base = f"http://127.0.0.1:{self.api_port}"
@@ -96,6 +101,11 @@ class Daemon:
         if self._notify is not None and "NOTIFY_SOCKET" not in self.env:
             env["NOTIFY_SOCKET"] = "@" + self._notify.getsockname()[1:].decode()
         log = self.log_path.open("ab")
+        limit = None
+        if self.nofile is not None:  # both: the daemon raises its soft limit to the hard one
+            limit = functools.partial(
+                resource.setrlimit, resource.RLIMIT_NOFILE, (self.nofile, self.nofile)
+            )
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -107,6 +117,7 @@ class Daemon:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             cwd=str(ROOT),
+            preexec_fn=limit,
         )
         log.close()
         self.session = self.session or aiohttp.ClientSession()

@@ -37,3 +37,5 @@ def test_systemd_unit_contract():
     assert "LoadCredential" in settings and "StateDirectory" in settings
     stop_s = int(settings["TimeoutStopSec"].rstrip("s"))
     assert stop_s > DaemonSettings().shutdown_timeout_s
+    # 1024 (systemd's default) runs out under a thousand idle connections
+    assert int(settings["LimitNOFILE"]) >= 65536

@@ -28,6 +28,7 @@ from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.idempotency import SyncResultCache
 from daemon.http.wire import AnyRequest, FastRunner, FastSite, Handler, Router, WireRequest
 from daemon.models import Outcome, Status
+from daemon.pool.starts import StartHealth
 from daemon.store.health import STORE_HEALTH
 from daemon.store.sqlite import Store
 
@@ -44,6 +45,8 @@ SYNC_RESULTS: web.AppKey[SyncResultCache] = web.AppKey("sync_results", SyncResul
 FAST_ROUTES: web.AppKey[Router] = web.AppKey("fast_routes")
 # The service's lifecycle for /health: a reason not to serve ("starting: ..."), or None.
 LIFECYCLE: web.AppKey[Callable[[], str | None]] = web.AppKey("lifecycle")
+# Whether the worker pool can start workers, for /health (daemon/pool/starts.py).
+POOL_HEALTH: web.AppKey[StartHealth] = web.AppKey("pool_health", StartHealth)
 
 
 def lambda_error(
@@ -279,8 +282,9 @@ async def get_function_aws(request: web.Request) -> web.Response:
 
 
 async def health(request: AnyRequest) -> web.Response:
-    """200 with the store's figures; 503 with the reason while starting, reloading or draining
-    (the service's lifecycle), or while the store cannot take writes."""
+    """200 with the store's and the pool's figures; 503 with the reason while starting,
+    reloading or draining (the service's lifecycle), while the store cannot take writes, or
+    while the pool cannot start workers (the store's reason first when both are degraded)."""
     lifecycle = request.app.get(LIFECYCLE)
     if lifecycle is not None and (reason := lifecycle()) is not None:
         state = reason.partition(":")[0]
@@ -289,7 +293,13 @@ async def health(request: AnyRequest) -> web.Response:
     if monitor is None:  # an API built without the service (tests of the handlers alone)
         return web.json_response({"status": "ok"})
     body = monitor.report()
-    return web.json_response(body, status=503 if monitor.degraded else 200, dumps=_dumps)
+    degraded = monitor.degraded
+    if (starts := request.app.get(POOL_HEALTH)) is not None:
+        pool = body["pool"] = starts.report()
+        if starts.degraded and not degraded:
+            degraded = True
+            body.update({key: pool[key] for key in ("status", "reason", "error", "since")})
+    return web.json_response(body, status=503 if degraded else 200, dumps=_dumps)
 
 
 # --- the app --------------------------------------------------------------------------------
