@@ -303,8 +303,31 @@ class _PidfdChildWatcher(_ChildWatcher):
         self, pid: int, callback: Callable[..., object], *args: Any
     ) -> None:
         loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # EMFILE: the child runs, but nothing could ever tell of its exit
+            self._kill_and_reap(loop, pid, callback, args)
+            return
         loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+
+    @staticmethod
+    def _kill_and_reap(
+        loop: asyncio.AbstractEventLoop,
+        pid: int,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+    ) -> None:
+        """End a child that cannot be watched at once: to its caller it died starting (the pool
+        reads that as a crash in init), rather than living on unreaped with its slot."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        try:
+            _, status = os.waitpid(pid, 0)  # brief: SIGKILL is not blocked by anything
+        except ChildProcessError:
+            returncode = 255
+        else:
+            returncode = os.waitstatus_to_exitcode(status)
+        loop.call_soon(callback, pid, returncode, *args)
 
     @staticmethod
     def _reap(

@@ -4,37 +4,19 @@ the pool says it is degraded and recovers by itself. Real worker processes, real
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import resource
-from collections.abc import Iterator
+import signal
+import subprocess
 from typing import Any
 
 from daemon.models import Status
 from daemon.pool import WorkerPool
-from tests.pool.conftest import function, request
+from daemon.pool.process import _PidfdChildWatcher
+from tests.pool.conftest import descriptors_exhausted, function, request
 from tests.waits import LogWatch
 
 START_FAILED = "Lambdaemon.WorkerStartFailed"
-
-
-@contextlib.contextmanager
-def descriptors_exhausted() -> Iterator[None]:
-    """This process at its NOFILE soft limit (lowered for the block): the next open() is EMFILE."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
-    filler: list[int] = []
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                filler.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-        yield
-    finally:
-        for fd in filler:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def invoke(pool: WorkerPool, name: str) -> Any:
@@ -92,3 +74,23 @@ async def test_pool_keeps_serving_waiters_when_a_start_fails(make_pool: Any) -> 
             outcomes = await asyncio.gather(*(invoke(pool, f"fn{i % 2}") for i in range(6)))
     assert {outcome.error_type for outcome in outcomes} == {START_FAILED}
     assert (await invoke(pool, "fn0")).status is Status.SUCCEEDED
+
+
+def test_pidfd_watcher_ends_a_child_it_cannot_watch() -> None:
+    # A child whose pidfd cannot be opened (EMFILE) would live on unreaped, its exit unheard.
+    child = subprocess.Popen(["sleep", "60"])
+    exits: list[tuple[int, int]] = []
+    loop = asyncio.new_event_loop()
+    try:
+        with descriptors_exhausted():
+            loop.run_until_complete(_watch(child.pid, exits))
+        loop.run_until_complete(asyncio.sleep(0))  # the callback is scheduled, not called inline
+    finally:
+        loop.close()
+    assert exits == [(child.pid, -signal.SIGKILL)]
+    assert not os.path.exists(f"/proc/{child.pid}")  # reaped, not a zombie
+    child.returncode = -signal.SIGKILL  # Popen must not wait for it again
+
+
+async def _watch(pid: int, exits: list[tuple[int, int]]) -> None:
+    _PidfdChildWatcher().add_child_handler(pid, lambda *exit: exits.append(exit))
