@@ -386,9 +386,10 @@ class WorkerPool:
         started = await self._start_worker(fn, key, None)
         if isinstance(started, Outcome):
             return
-        # Module-level output goes to the daemon log only.
-        started.read_output(None, self._capture_bytes)
-        self._release(started)
+        try:  # module-level output goes to the daemon log only
+            started.read_output(None, self._capture_bytes)
+        finally:
+            self._release(started)
 
     async def _start_worker(
         self, fn: FunctionConfig, key: Key, request: InvokeRequest | None
@@ -413,9 +414,9 @@ class WorkerPool:
                 )
             payload = error_payload(error_type, error)
             return call_outcome(Status.FAILED, payload, started_at, clock, error_type, error)
-        self.start_health.succeeded()  # the process runs: whatever its init does, starts work
         message: Any
         try:
+            self.start_health.succeeded()  # the process runs: whatever its init does, starts work
             async with asyncio.timeout(self.init_timeout_s):
                 message = await worker.channel.receive()
         except TimeoutError:
@@ -436,6 +437,9 @@ class WorkerPool:
             return worker
         try:
             return await self._init_failure(worker, message, request, started_at, clock)
+        except BaseException:  # cancelled while it waited for the exit: do not wait for it
+            self._kill(worker, "cancelled")
+            raise
         finally:
             self._drop(worker)
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from daemon.models import Status
@@ -74,6 +75,21 @@ async def test_pool_keeps_serving_waiters_when_a_start_fails(make_pool: Any) -> 
             outcomes = await asyncio.gather(*(invoke(pool, f"fn{i % 2}") for i in range(6)))
     assert {outcome.error_type for outcome in outcomes} == {START_FAILED}
     assert (await invoke(pool, "fn0")).status is Status.SUCCEEDED
+
+
+async def test_pool_gives_the_slot_back_when_a_worker_dies_during_init(
+    make_pool: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "handler.py").write_text("import os\nos._exit(3)\n")
+    fn = function("dies", "handler.handler", code=tmp_path)
+    pool = await make_pool(max_workers=1)
+    for _ in range(2):  # one slot: a lost one makes the second call wait forever
+        async with asyncio.timeout(10):
+            outcome = await pool.invoke(fn, request(fn))
+        assert outcome.status is Status.CRASHED and outcome.error_type == "Runtime.ExitError"
+        assert outcome.exit_code == 3
+    assert not pool.start_health.degraded  # the process started: the function is at fault
+    assert (await invoke(pool, "count")).status is Status.SUCCEEDED
 
 
 def test_pidfd_watcher_ends_a_child_it_cannot_watch() -> None:
