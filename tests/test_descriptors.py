@@ -65,7 +65,10 @@ async def health(session: aiohttp.ClientSession, daemon: Daemon) -> tuple[int, d
 async def test_daemon_out_of_descriptors_fails_calls_clearly_and_recovers(
     tmp_path: Any, event_loop: str
 ) -> None:
-    body = f'[functions.echo]\nhandler = "handler.handler"\ncode = "{ECHO}"\n'
+    body = (
+        f'[functions.echo]\nhandler = "handler.handler"\ncode = "{ECHO}"\n'
+        "retries = 10\nretry_backoff_s = [0.2, 0.5]\n"
+    )
     config = write_config(tmp_path, body, daemon=f'event_loop = "{event_loop}"\nmax_workers = 1')
     daemon = Daemon(config, nofile=NOFILE)
     await daemon.start()
@@ -86,6 +89,14 @@ async def test_daemon_out_of_descriptors_fails_calls_clearly_and_recovers(
                 status, error = await call(kept, daemon)
                 assert status == 200 and error["errorType"] == START_FAILED, error
                 assert "Too many open files" in error["errorMessage"]
+            # An async call is stored, fails its attempt the same way, and waits for a retry.
+            async with asyncio.timeout(10):
+                url = f"{daemon.base}/2015-03-31/functions/echo/invocations"
+                headers = {"X-Amz-Invocation-Type": "Event"}
+                async with kept.post(url, data=b'{"n": 2}', headers=headers) as resp:
+                    assert resp.status == 202
+                    queued = resp.headers["x-amzn-RequestId"]
+            await daemon.wait_log("invocation_retry_scheduled", invocation_id=queued, attempt=1)
             status, report = await health(kept, daemon)
             assert status == 503, report
             assert report["status"] == "degraded" and report["reason"] == "workers_cannot_start"
@@ -101,6 +112,8 @@ async def test_daemon_out_of_descriptors_fails_calls_clearly_and_recovers(
             status, report = await health(fresh, daemon)
             assert status == 200 and report["pool"]["status"] == "ok", report
         await daemon.wait_log("pool_restored", since=mark)
+        record = await daemon.finished(queued, status="succeeded")
+        assert record["attempts"][0]["error_type"] == START_FAILED, record
         events = daemon.log_events()[mark:]
         # Loud once, and no traceback for the accept() failures (asyncio's pauses are logged
         # quietly; uvloop logs none).
