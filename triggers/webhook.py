@@ -12,6 +12,8 @@ Auth (a failure is 401, counted in `rejected` and logged without any secret):
   `timestamp_header`, that header holds Unix seconds that must lie within `replay_window_s` of
   now, and the MAC covers `v0:<timestamp>:<raw body>` (Slack's base string; a `v0=<hex>`
   signature is accepted too, so Slack works as is). Digests are compared in constant time.
+  A signature accepted within that window is remembered until the window ends: the same signed
+  request sent again is refused with 409 (`auth_replayed`), see ReplayGuard.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -41,6 +43,7 @@ log = structlog.get_logger("lambdaemon.webhook")
 
 _SIGNATURE = re.compile(r"(?:sha256|v0)=([0-9a-fA-F]{64})")
 _STAMP = re.compile(r"[0-9]{1,12}")  # Unix seconds; the bound keeps int() cheap and safe
+REPLAY_MAX_ENTRIES = 20_000  # ~4 MB; past it the oldest signatures are forgotten first
 
 
 class _Auth(
@@ -118,8 +121,56 @@ class NoCheck:
     def check(self, headers: Mapping[str, str], body: bytes) -> str | None:
         return None
 
+    def forget(self, headers: Mapping[str, str]) -> None:
+        """The request that passed check() was not taken (refused, or the queue was full): a
+        check that remembers requests lets the same one through again."""
 
-class TokenCheck:
+
+class ReplayGuard:
+    """The signatures accepted by time-stamped HMAC routes, each kept until its replay window
+    ends, so that a captured request cannot be sent again within the window.
+
+    Bounded by `max_entries`: once full, the oldest signature is forgotten for each new one
+    (counted in `evicted`, logged). New requests are never refused for want of room; only an
+    evicted signature could be replayed, and only until its own window ends. The memory is the
+    process's: a restart forgets it.
+    """
+
+    def __init__(self, max_entries: int = REPLAY_MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self.evicted = 0
+        self._until: OrderedDict[str, float] = OrderedDict()  # signature -> Unix s, by arrival
+
+    def claim(self, signature: str, until_s: float) -> bool:
+        """Remember `signature` until `until_s`; False if it is remembered already."""
+        seen = self._until
+        now = time.time()
+        # Arrival order is nearly expiry order; one that outlives its window here is stale by
+        # its timestamp anyway, so it only takes room until those before it have gone.
+        while seen and next(iter(seen.values())) < now:
+            seen.popitem(last=False)
+        if signature in seen:
+            return False
+        seen[signature] = until_s
+        if len(seen) > self.max_entries:
+            seen.popitem(last=False)
+            self.evicted += 1
+            if self.evicted % 1000 == 1:
+                log.warning("webhook_replay_memory_full", entries=len(seen), evicted=self.evicted)
+        return True
+
+    def release(self, signature: str) -> None:
+        self._until.pop(signature, None)
+
+    def adopt(self, old: ReplayGuard) -> None:
+        """Take over what `old` remembers (a reload builds new routes; replays stay refused)."""
+        self._until, self.evicted = old._until, old.evicted
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+class TokenCheck(NoCheck):
     needs_body = False
 
     def __init__(self, auth: TokenAuth, secret: str) -> None:
@@ -139,7 +190,7 @@ class TokenCheck:
         return None if hmac.compare_digest(_utf8(value.strip()), self.expected) else "auth_invalid"
 
 
-class BasicCheck:
+class BasicCheck(NoCheck):
     needs_body, redact = False, "authorization"
     challenge = {"WWW-Authenticate": 'Basic realm="lambdaemon", charset="UTF-8"'}
 
@@ -164,13 +215,14 @@ class BasicCheck:
         return None if colon and good else "auth_invalid"
 
 
-class HmacCheck:
+class HmacCheck(NoCheck):
     needs_body, redact = True, None  # a signature is no secret; handlers may check it again
-    challenge: dict[str, str] = {}
 
-    def __init__(self, auth: HmacAuth, secret: str) -> None:
+    def __init__(self, auth: HmacAuth, secret: str, replays: ReplayGuard | None = None) -> None:
         self.header, self.timestamp_header = auth.header, auth.timestamp_header
         self.window_s, self.key = auth.replay_window_s, _utf8(secret)
+        # Without a timestamp a signature never expires: nothing bounded could remember it.
+        self.replays = replays if self.timestamp_header else None
 
     def check(self, headers: Mapping[str, str], body: bytes) -> str | None:
         signature = headers.get(self.header)
@@ -186,7 +238,21 @@ class HmacCheck:
                 return "auth_stale"
             mac.update(f"v0:{stamp}:".encode())
         mac.update(body)  # in two steps: no copy of a large body
-        return None if hmac.compare_digest(mac.hexdigest(), match[1].lower()) else "auth_invalid"
+        signature = match[1].lower()
+        if not hmac.compare_digest(mac.hexdigest(), signature):
+            return "auth_invalid"
+        # Only a valid signature is remembered: strangers cannot fill the memory.
+        if self.replays is not None and not self.replays.claim(
+            signature, int(stamp) + self.window_s
+        ):
+            return "auth_replayed"
+        return None
+
+    def forget(self, headers: Mapping[str, str]) -> None:
+        if self.replays is not None and (
+            match := _SIGNATURE.fullmatch(headers[self.header].strip())
+        ):
+            self.replays.release(match[1].lower())
 
 
 # auth config type -> (check class, the field naming its secret)
@@ -210,9 +276,10 @@ class WebhookSource:
     daemon/http/webhooks.py's WebhookServer, while the source runs).
 
     `rejected` counts refused requests by reason (`auth_missing`, `auth_malformed`,
-    `auth_invalid`, `auth_stale`, `not_found`, `method_not_allowed`, `too_large`,
-    `queue_full`, `store_unavailable`, `draining`, `reloading`); `accepted` counts dispatched
-    ones. A reload swaps routes and limits in place (`update`); only a new `listen` rebinds.
+    `auth_invalid`, `auth_stale`, `auth_replayed`, `not_found`, `method_not_allowed`,
+    `too_large`, `bad_request`, `queue_full`, `store_unavailable`, `draining`, `reloading`);
+    `accepted` counts dispatched ones. A reload swaps routes and limits in place (`update`);
+    only a new `listen` rebinds.
     """
 
     name = "webhook"
@@ -226,8 +293,10 @@ class WebhookSource:
         self.listen, self.max_body_bytes = settings.listen, settings.max_body_bytes
         self.drain_s = config.daemon.shutdown_timeout_s
         self.routes: dict[str, dict[str, Route]] = {}
+        self.replays = ReplayGuard()  # one for all routes: a signature is refused on any of them
         for function, trigger_id, trigger in triggers:
-            check = _build_check(config, trigger.auth, f"{trigger_key(trigger_id)}.auth")
+            key = f"{trigger_key(trigger_id)}.auth"
+            check = _build_check(config, trigger.auth, key, self.replays)
             by_method = self.routes.setdefault(trigger.path, {})
             for method in trigger.methods:  # config validation refuses duplicate routes
                 by_method[method] = Route(function, trigger_id, trigger.path, trigger.mode, check)
@@ -275,15 +344,18 @@ class WebhookSource:
         A request already routed finishes under the route it matched.
         """
         self.routes, self.allow = new.routes, new.allow
+        new.replays.adopt(self.replays)  # the new routes' checks remember what these accepted
+        self.replays = new.replays
         self.max_body_bytes, self.drain_s = new.max_body_bytes, new.drain_s
         log.info(
             "webhook_routes_updated", routes=sorted(self.routes), max_body_bytes=self.max_body_bytes
         )
 
 
-def _build_check(config: Config, auth: Any, key: str) -> Any:
+def _build_check(config: Config, auth: Any, key: str, replays: ReplayGuard) -> Any:
     if type(auth) not in CHECKS:
         return NoCheck()  # auth "none"
     cls, field = CHECKS[type(auth)]
     # Read once, here: no file access on the request path.
-    return cls(auth, read_secret(config, getattr(auth, field), f"{key}.{field}"))
+    secret = read_secret(config, getattr(auth, field), f"{key}.{field}")
+    return HmacCheck(auth, secret, replays) if cls is HmacCheck else cls(auth, secret)

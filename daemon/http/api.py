@@ -31,12 +31,14 @@ from daemon.models import Outcome, Status
 from daemon.pool.starts import StartHealth
 from daemon.store.health import STORE_HEALTH
 from daemon.store.sqlite import Store
+from daemon.untrusted import MAX_JSON_DEPTH, is_utf8, json_too_deep
 
 log = structlog.get_logger("lambdaemon.api")
 
 MAX_SYNC_PAYLOAD = 6 * 1024 * 1024
 MAX_ASYNC_PAYLOAD = 1024 * 1024
 TAIL_BYTES = 4096
+MAX_CLIENT_CONTEXT = 3583  # bytes of base64, Lambda's limit
 _INVOKE_PATH = re.compile(r"/2015-03-31/functions/([^/]+)/invocations")
 _json = msgspec.json.Encoder()
 
@@ -129,6 +131,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         return lambda_error(
             400, "InvalidParameterValueException", f"unknown X-Amz-Invocation-Type {kind!r}"
         )
+    if problem := _header_problem(request, kind):
+        return lambda_error(400, "InvalidRequestContentException", problem)
     limit = MAX_ASYNC_PAYLOAD if kind == "Event" else MAX_SYNC_PAYLOAD
     if request.content_length is not None and request.content_length > limit:
         return _too_large(request.content_length, limit)
@@ -139,17 +143,51 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             return _too_large(size, limit)
         chunks.append(chunk)
     body = b"".join(chunks).strip() or b"{}"
-    try:
-        msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    if problem := _json_problem(body):
         return lambda_error(
-            400, "InvalidRequestContentException", f"Could not parse request body into json: {exc}"
+            400,
+            "InvalidRequestContentException",
+            f"Could not parse request body into json: {problem}",
         )
     if kind == "DryRun":
         return web.Response(status=204)
     if kind == "Event":
         return await _invoke_async(dispatcher, fn, body, request)
     return await _invoke_sync(dispatcher, fn, body, request, qualifier)
+
+
+def _json_problem(raw: bytes) -> str | None:
+    """Why `raw` is not a JSON document the daemon takes, or None."""
+    if json_too_deep(raw):
+        return f"nested deeper than {MAX_JSON_DEPTH} levels"
+    try:
+        msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        return str(exc)
+    except RecursionError:  # only if the depth bound and the stack disagree: still the caller's
+        return f"nested deeper than {MAX_JSON_DEPTH} levels"
+    return None
+
+
+def _header_problem(request: AnyRequest, kind: str) -> str | None:
+    """What is wrong with a header the daemon uses: one it stores or passes on must be UTF-8
+    (aiohttp keeps other bytes as lone surrogates, which no encoder takes)."""
+    sdk_id = request.headers.get("amz-sdk-invocation-id")
+    if sdk_id is not None and not is_utf8(sdk_id):
+        return "header amz-sdk-invocation-id is not valid UTF-8"
+    context = request.headers.get("X-Amz-Client-Context")
+    if not context or kind != "RequestResponse":  # Lambda passes it on sync calls only
+        return None
+    if len(context) > MAX_CLIENT_CONTEXT:
+        return f"X-Amz-Client-Context is longer than {MAX_CLIENT_CONTEXT} bytes"
+    try:
+        decoded = base64.b64decode(context.encode("ascii"))  # as lenient as the worker
+    except ValueError:  # UnicodeEncodeError and binascii.Error are ValueErrors
+        return "X-Amz-Client-Context is not base64"
+    problem = _json_problem(decoded)
+    if problem is None and not decoded.lstrip().startswith(b"{"):
+        problem = "not a JSON object"
+    return f"X-Amz-Client-Context is not base64 of a JSON object: {problem}" if problem else None
 
 
 def _too_large(size: int, limit: int) -> web.Response:
@@ -323,12 +361,16 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
 def _authorized(request: AnyRequest, expected: bytes) -> bool:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        return hmac.compare_digest(header[7:].strip().encode(), expected)
+        return hmac.compare_digest(_utf8(header[7:].strip()), expected)
     # boto3 signs with SigV4 and cannot send a bearer token: accept the token as access key id.
     if header.startswith("AWS4-HMAC-SHA256") and "Credential=" in header:
         key_id = header.split("Credential=", 1)[1].split("/", 1)[0]
-        return hmac.compare_digest(key_id.encode(), expected)
+        return hmac.compare_digest(_utf8(key_id), expected)
     return False
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # aiohttp keeps undecodable header bytes so
 
 
 def _api_router(token: bytes | None) -> Router:

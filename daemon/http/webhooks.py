@@ -35,6 +35,7 @@ from daemon.errors import (
 from daemon.http.api import start_site
 from daemon.http.wire import AnyRequest, Handler, WireRequest
 from daemon.models import Outcome, Status, new_id
+from daemon.untrusted import MAX_JSON_DEPTH, is_utf8, json_too_deep
 from triggers.base import Emit
 
 if TYPE_CHECKING:
@@ -54,8 +55,16 @@ TEXT_TYPES = re.compile(
     r"text/.+|application/(?:[\w.+-]+\+)?(?:json|xml)"
     r"|application/(?:x-www-form-urlencoded|javascript|x-ndjson|graphql)"
 )
-_UNSAFE_HEADER = re.compile(r"[\r\n\0]")
-_NOT_FORWARDED = frozenset({"content-length", "transfer-encoding", "connection"})
+JSON_TYPES = re.compile(r"application/(?:[\w.+-]+\+)?json")
+# What a handler's response may put in a header (RFC 9110): a token as name, no control character
+# but tab in a value. Anything else would let a handler's output write the head itself.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
+# Framing and hop-by-hop headers are the server's own; a handler's are dropped.
+_NOT_FORWARDED = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "trailer"}
+)
+_NO_BODY = frozenset({204, 304})  # a body after these heads would be read as the next response
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.decode
@@ -122,11 +131,25 @@ class WebhookServer:
         if body is None:
             return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
         if check.needs_body and (reason := check.check(request.headers, body)):
+            if reason == "auth_replayed":
+                return self._reject(request, route, reason, 409, _REPLAYED)
             return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
-        event = _encode(build_event(request, body, self.source.port, check.redact))
-        if route.mode == "async":
-            return await self._accept(request, route, event)
-        return await self._invoke(request, route, event)
+        problem = _body_problem(request, body)
+        try:
+            event = _encode(build_event(request, body, self.source.port, check.redact))
+        except UnicodeEncodeError:  # bytes that are not UTF-8: say where, without parsing twice
+            problem = problem or _undecodable(request, check.redact)
+        if problem is None:
+            if route.mode == "async":
+                response = await self._accept(request, route, event)
+            else:
+                response = await self._invoke(request, route, event)
+            if response.status not in _NOT_TAKEN:
+                return response
+        else:
+            response = self._reject(request, route, "bad_request", 400, f"Bad Request: {problem}")
+        check.forget(request.headers)  # refused: the sender may send the same signature again
+        return response
 
     async def _read_body(self, request: AnyRequest) -> bytes | None:
         limit = self.source.max_body_bytes  # read per request: a reload may change it in place
@@ -146,7 +169,8 @@ class WebhookServer:
 
     async def _accept(self, request: AnyRequest, route: Route, event: bytes) -> web.Response:
         delivery = next((d for h in DELIVERY_HEADERS if (d := request.headers.get(h))), None)
-        if delivery is not None and len(delivery) > 128:  # the key is stored: bound its size
+        # The key is stored: bound its size, and keep bytes that are not UTF-8 out of the store.
+        if delivery is not None and (len(delivery) > 128 or not is_utf8(delivery)):
             delivery = hashlib.sha256(delivery.encode("utf-8", "surrogateescape")).hexdigest()
         try:
             accepted = await self.emit(
@@ -243,6 +267,36 @@ class WebhookServer:
             count=self.source.rejected[reason],
         )
         return _message(status, message, headers)
+
+
+_REPLAYED = "Conflict: this signed request was received before"
+# Statuses of a request the daemon did not take (queue full, draining, store down).
+_NOT_TAKEN = frozenset({429, 503})
+
+
+def _body_problem(request: AnyRequest, body: bytes) -> str | None:
+    """Why the daemon refuses `body` before any handler sees it, or None.
+
+    A route passes the body on as text and does not parse it, but a handler that does would
+    fail on JSON nested past what Python's stack allows (see daemon/untrusted.py).
+    """
+    if body and JSON_TYPES.fullmatch(request.content_type) and json_too_deep(body):
+        return f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels"
+    return None
+
+
+def _undecodable(request: AnyRequest, redact: str | None) -> str:
+    """Which part of `request` holds bytes that are not UTF-8 (kept by aiohttp as surrogates)."""
+    for name, value in request.headers.items():
+        if not is_utf8(name):
+            return "a header name is not valid UTF-8"
+        if name.lower() != redact and not is_utf8(value):
+            return f"header {name} is not valid UTF-8"
+    if not is_utf8(request.raw_path):
+        return "the path or query string is not valid UTF-8"
+    if not all(is_utf8(name) and is_utf8(value) for name, value in request.query.items()):
+        return "the query string is not valid UTF-8 once decoded"
+    return "the request is not valid UTF-8"
 
 
 def build_event(
@@ -344,10 +398,13 @@ def to_response(invocation_id: str, outcome: Outcome) -> web.Response:
     if outcome.status is not Status.SUCCEEDED:
         return _message(502, "Internal Server Error", request_id)  # the error stays in the record
     try:
+        if json_too_deep(outcome.payload):  # the daemon's own stack is at stake here
+            raise ValueError(f"the result is nested deeper than {MAX_JSON_DEPTH} levels")
         result = _decode(outcome.payload)
         if isinstance(result, dict) and "statusCode" in result:
             return _structured(result, invocation_id)
     except (ValueError, TypeError) as exc:  # msgspec.DecodeError is a ValueError
+        # As API Gateway answers a malformed proxy response; the reason is for the operator.
         log.warning("webhook_bad_response", invocation_id=invocation_id, error=str(exc)[:200])
         return _message(502, "Internal Server Error", request_id)
     return web.Response(
@@ -359,26 +416,44 @@ def _structured(result: dict[str, Any], invocation_id: str) -> web.Response:
     status = result["statusCode"]
     if type(status) is not int or not 200 <= status <= 599:  # a 1xx cannot end a response
         raise ValueError(f"statusCode {status!r} is not a final HTTP status")
-    given, cookies = result.get("headers") or {}, result.get("cookies") or []
-    if not isinstance(given, dict) or not isinstance(cookies, list):
-        raise TypeError("headers must be an object and cookies a list")
+    given, multi = result.get("headers") or {}, result.get("multiValueHeaders") or {}
+    cookies = result.get("cookies") or []
+    if not isinstance(given, dict) or not isinstance(multi, dict) or not isinstance(cookies, list):
+        raise TypeError("headers and multiValueHeaders must be objects and cookies a list")
     headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in given.items():
-        if name.lower() not in _NOT_FORWARDED:
-            headers.add(_safe(name), _safe(_scalar(value)))
+    for name, values in multi.items():  # API Gateway's REST shape: each name with a list
+        if not isinstance(values, list):
+            raise TypeError(f"multiValueHeaders[{name!r}] is not a list")
+        for value in values:
+            _add_header(headers, name, value)
+    for name, value in given.items():  # merged with those, a pair given in both only once
+        if _scalar(value) not in headers.getall(name, ()):
+            _add_header(headers, name, value)
     for cookie in cookies:
-        headers.add("Set-Cookie", _safe(cookie))
-    headers.setdefault("Content-Type", "application/json")
-    headers["x-amzn-RequestId"] = invocation_id
+        _add_header(headers, "Set-Cookie", cookie)
     body = result.get("body")
-    if body is None:
-        data = b""
+    if body is None or status in _NO_BODY:
+        data = b""  # dropped after a 204/304 head, as aiohttp does: nothing frames it
     elif isinstance(body, str):
         binary = result.get("isBase64Encoded") is True
         data = base64.b64decode(body, validate=True) if binary else body.encode()
     else:
         data = _encode(body)  # lenient: a non-string body goes out as its JSON
+    if status not in _NO_BODY:
+        headers.setdefault("Content-Type", "application/json")
+    headers["x-amzn-RequestId"] = invocation_id
     return web.Response(status=status, body=data, headers=headers)
+
+
+def _add_header(headers: CIMultiDict[str], name: Any, value: Any) -> None:
+    """Add a header from a handler's response, or raise ValueError if it is not one."""
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+        raise ValueError(f"header name {name!r:.100} is not an HTTP token")
+    text = _scalar(value)
+    if not _FIELD_VALUE.fullmatch(text):
+        raise ValueError(f"header {name}: {text!r:.100} holds a control character")
+    if name.lower() not in _NOT_FORWARDED:
+        headers.add(name, text)
 
 
 def _scalar(value: Any) -> str:
@@ -386,13 +461,7 @@ def _scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str | int | float):
         return str(value)
-    raise TypeError(f"header value {value!r} is not a string")
-
-
-def _safe(text: Any) -> str:
-    if not isinstance(text, str) or _UNSAFE_HEADER.search(text):
-        raise ValueError(f"{text!r} cannot go into an HTTP header")
-    return text
+    raise TypeError(f"header value {value!r:.100} is not a string")
 
 
 def _message(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -453,15 +453,18 @@ def _basic(user: str, password: str) -> str:
 
 
 BODY = b'{"text": "hi"}'
+BODY2 = b'{"text": "hi again"}'
 
 
-def slack(sign_stamp: str | None, sent_stamp: str | None, prefix: str = "v0=") -> Any:
+def slack(
+    sign_stamp: str | None, sent_stamp: str | None, prefix: str = "v0=", body: bytes = BODY
+) -> Any:
     """Headers built at request time: "now" means the moment of sending."""
 
     def build() -> dict[str, str]:
         now = str(int(time.time()))
         signed = now if sign_stamp == "now" else sign_stamp
-        headers = {"X-Slack-Signature": prefix + _mac(BODY, signed)}
+        headers = {"X-Slack-Signature": prefix + _mac(body, signed)}
         if sent_stamp is not None:
             headers["X-Slack-Request-Timestamp"] = now if sent_stamp == "now" else sent_stamp
         return headers
@@ -499,7 +502,8 @@ AUTH_CASES = [
     ("/github", {"X-Hub-Signature-256": "sha1=" + "0" * 40}, BODY, 401, "auth_malformed"),
     ("/github", {"X-Hub-Signature-256": "sha256=xyz"}, BODY, 401, "auth_malformed"),
     ("/slack", slack("now", "now"), BODY, 200, None),
-    ("/slack", slack("now", "now", prefix="sha256="), BODY, 200, None),
+    # (another body: the same signature again would be a replay, refused with 409)
+    ("/slack", slack("now", "now", prefix="sha256=", body=BODY2), BODY2, 200, None),
     ("/slack", slack(None, "now"), BODY, 401, "auth_invalid"),  # the timestamp is in the MAC
     ("/slack", slack("1000", "1000"), BODY, 401, "auth_stale"),  # well signed, but long ago
     ("/slack", slack("now", None), BODY, 401, "auth_missing"),
