@@ -30,6 +30,7 @@ from daemon.config import FunctionConfig, parse_destination
 from daemon.models import Status, new_id
 from daemon.store.records import NewInvocation
 from daemon.store.settle import Destination, FinalRecord
+from daemon.untrusted import json_too_deep
 
 SUCCESS = "Success"
 RECURSIVE_INVOCATION = "RecursiveInvocationException"
@@ -134,6 +135,8 @@ def _embedded(raw: bytes | None) -> Any:
         return None
     raw = bytes(raw)
     try:
+        if json_too_deep(raw):  # a handler's result may nest past what a parser's stack allows
+            raise msgspec.DecodeError("nested too deep")
         msgspec.json.decode(raw)
     except msgspec.DecodeError:
         return raw.decode("utf-8", "replace")

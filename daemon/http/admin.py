@@ -14,6 +14,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.errors import StoreUnavailableError, UnknownFunctionError
 from daemon.models import Status
 from daemon.store.sqlite import Store
+from daemon.untrusted import json_too_deep
 
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
@@ -198,6 +199,9 @@ def _present(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), bytes | memoryview):
             raw = bytes(out[key])
             try:
+                # A handler may return JSON deeper than a parser's stack allows: shown as text.
+                if json_too_deep(raw):
+                    raise msgspec.DecodeError("nested too deep")
                 out[key] = msgspec.json.decode(raw)
             except msgspec.DecodeError:
                 out[key] = raw.decode("utf-8", "replace")
