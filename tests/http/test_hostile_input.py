@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ MAX_JSON_DEPTH = (
 )
 
 
-def body_toml(port: int) -> str:
+def body_toml(port: int, max_body_bytes: int = 65536) -> str:
     signed = (
         'auth = {{ type = "hmac", secret_file = "secret", header = "X-Signature", '
         'timestamp_header = "X-Timestamp" }}'
@@ -39,6 +40,7 @@ def body_toml(port: int) -> str:
     return f"""
 [webhooks]
 listen = "127.0.0.1:{port}"
+max_body_bytes = {max_body_bytes}
 
 [functions.mirror]
 handler = "handler.handler"
@@ -439,3 +441,24 @@ async def test_webhook_signed_request_refused_after_the_check_may_be_sent_again(
     assert status == 200
     status, _, _, _ = await listeners.hook("POST", "/signed", headers, body)
     assert status == 409
+
+
+async def test_webhook_replay_memory_outlives_a_reload(tmp_path: Path):
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    port = free_port()
+    daemon = Daemon(write_config(tmp_path, body_toml(port)))
+    await daemon.start()
+    try:
+        await daemon.wait_log("webhook_listening")
+        body = b'{"nonce": "reload"}'
+        headers = signed(body)
+        status, _, _, _ = await send(port, request("POST", "/signed", headers, body))
+        assert status == 200
+        # new routes and limits on the same listener: every check is built anew
+        write_config(tmp_path, body_toml(port, 65537), api_port=daemon.api_port)
+        await daemon.signal(signal.SIGHUP)
+        await daemon.wait_log("webhook_routes_updated")
+        status, _, _, _ = await send(port, request("POST", "/signed", headers, body))
+        assert status == 409
+    finally:
+        await daemon.close()
