@@ -39,7 +39,7 @@ from daemon.store.sqlite import (
     QueuedInvocation,
     Store,
 )
-from triggers.base import Accepted
+from triggers.base import EVENT_REJECTED, Accepted, rejected_event
 
 log = structlog.get_logger("lambdaemon.dispatcher")
 
@@ -238,6 +238,48 @@ class Dispatcher:
         return Accepted(invocation_id=invocation_id, created=created)
 
     accept = __call__
+
+    async def reject(
+        self,
+        function: str,
+        raw: bytes,
+        *,
+        trigger: str,
+        trigger_id: str,
+        error: str,
+        dedupe_key: str | None = None,
+        cron_fire: tuple[str, str] | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> Accepted:
+        """Emit.reject: commit the input as a failed, dead-lettered invocation that never ran."""
+        lane = self._lanes.get(function)
+        inv = NewInvocation(
+            id=new_id(),
+            function=function,
+            function_version=lane.fn.version if lane is not None else "$LATEST",
+            trigger=trigger,
+            invocation_type="async",
+            event=rejected_event(raw, details),
+            queued_at=time.time(),
+            trigger_id=trigger_id,
+            dedupe_key=dedupe_key,
+            status=Status.FAILED,
+        )
+        result = _json.encode({"errorMessage": error, "errorType": EVENT_REJECTED})
+        invocation_id, created = await self._store.insert_rejected(
+            inv, EVENT_REJECTED, error, result, cron_fire=cron_fire
+        )
+        log.warning(
+            "event_rejected",
+            invocation_id=invocation_id,
+            function=function,
+            trigger=trigger,
+            trigger_id=trigger_id,
+            error=error,
+            raw_bytes=len(raw),
+            created=created,
+        )
+        return Accepted(invocation_id=invocation_id, created=created)
 
     async def invoke_sync(
         self,

@@ -16,6 +16,10 @@ class ConfigError(LambdaemonError, ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+class EventRejectedError(LambdaemonError, ValueError):
+    """An input a trigger source cannot turn into an event; the message says why."""
+
+
 class StoreUnavailableError(LambdaemonError, OSError):
     """The invocation store cannot accept writes (disk full, read-only, closed)."""
 

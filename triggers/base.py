@@ -17,13 +17,16 @@ kind by name.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import base64
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, runtime_checkable
 
 import msgspec
 import structlog
 
 from daemon.backoff import Backoff
+from daemon.errors import EventRejectedError
+from daemon.models import MAX_JSON_DEPTH
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -83,6 +86,89 @@ class Accepted(msgspec.Struct, frozen=True):
     created: bool  # False when the dedupe key matched an existing invocation
 
 
+EVENT_REJECTED = "EventRejected"  # error type and dead-letter reason of a rejected input
+MAX_REJECTED_RAW_BYTES = 64 * 1024  # of a rejected input's bytes, kept with its record
+_json = msgspec.json.Encoder()
+
+
+def encode_event(build: Callable[[], Any]) -> bytes:
+    """The JSON of the event `build()` returns; EventRejectedError when there can be none.
+
+    Whatever fails while the event is built or encoded (a payload nested too deep, text that
+    is not valid Unicode, a value JSON cannot hold) is a fault of that one input, never of the
+    source: it becomes the rejection's reason, and the source goes on.
+    """
+    try:
+        return _json.encode(build())
+    except EventRejectedError:
+        raise
+    except RecursionError:
+        raise EventRejectedError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except Exception as exc:
+        raise EventRejectedError(f"cannot build the event: {exc}") from exc
+
+
+async def emit_built(
+    emit: Emit,
+    function: str,
+    build: Callable[[], Any],
+    *,
+    raw: Callable[[], bytes],
+    trigger: str,
+    trigger_id: str,
+    dedupe_key: str | None = None,
+    cron_fire: tuple[str, str] | None = None,
+    details: Callable[[], Mapping[str, Any]] | None = None,
+) -> Accepted:
+    """Emit the event `build()` returns, or, when it cannot be built, `emit.reject()` the input
+    (`raw()` its bytes, `details()` what identifies it) with the reason: the source acknowledges
+    either, so one bad input never holds up the ones behind it. Raises what `emit` raises."""
+    try:
+        body = encode_event(build)
+    except EventRejectedError as exc:
+        return await emit.reject(
+            function,
+            raw(),
+            trigger=trigger,
+            trigger_id=trigger_id,
+            error=str(exc),
+            dedupe_key=dedupe_key,
+            cron_fire=cron_fire,
+            details=details() if details is not None else None,
+        )
+    return await emit(
+        function,
+        body,
+        trigger=trigger,
+        trigger_id=trigger_id,
+        dedupe_key=dedupe_key,
+        cron_fire=cron_fire,
+    )
+
+
+def rejected_event(raw: bytes, details: Mapping[str, Any] | None) -> bytes:
+    """The event a rejected input is recorded with: `details` plus its first bytes, base64."""
+    kept = raw[:MAX_REJECTED_RAW_BYTES]
+    about = {str(k): _printable(v) for k, v in (details or {}).items()}
+    event = {
+        "raw": base64.b64encode(kept).decode("ascii"),
+        "raw_encoding": "base64",
+        "raw_bytes": len(raw),
+        "raw_truncated": len(kept) < len(raw),
+    }
+    try:
+        return _json.encode({**about, **event})
+    except Exception:  # details that cannot be JSON: keep their text only
+        return _json.encode({**{k: repr(v) for k, v in about.items()}, **event})
+
+
+def _printable(value: Any) -> Any:
+    # A str from outside may hold lone surrogates (a file name that is not UTF-8): kept escaped.
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 class Emit(Protocol):
     """What a source hands its events to. Every method returns only after the commit."""
 
@@ -103,6 +189,28 @@ class Emit(Protocol):
         created=False. `cron_fire` (trigger_id, nominal fire time) is marked in the same
         transaction, only when the invocation is new. Raises StoreUnavailableError when nothing
         can be stored: do not acknowledge.
+        """
+        ...
+
+    async def reject(
+        self,
+        function: str,
+        raw: bytes,
+        *,
+        trigger: str,
+        trigger_id: str,
+        error: str,
+        dedupe_key: str | None = None,
+        cron_fire: tuple[str, str] | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> Accepted:
+        """Commit an input that cannot become an event (see `emit_built`) instead of it.
+
+        Recorded as a failed, dead-lettered invocation of `function` that never ran, with the
+        error and an event that holds `details` (JSON-able: topic, file name) and `raw` (the
+        input's bytes, base64, cut at MAX_REJECTED_RAW_BYTES). Committed like `__call__`
+        (same dedupe and cron_fire rules, StoreUnavailableError when nothing can be stored),
+        so the source acknowledges the input and goes on with the next one.
         """
         ...
 

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -55,8 +56,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.backoff import Backoff
 from daemon.credentials import mqtt_connection
-from daemon.errors import ConfigError
-from triggers.base import Emit, Inputs, Placed, TriggerSettings
+from daemon.errors import ConfigError, EventRejectedError
+from daemon.models import MAX_JSON_DEPTH, json_depth_exceeds
+from triggers.base import Accepted, Emit, Inputs, Placed, TriggerSettings, emit_built
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -310,23 +312,32 @@ class MqttSource:
             log.warning("mqtt_message_rejected", topic=msg.topic.value, reason="no trigger matches")
             return
         keys = await self._dedupe_keys(msg, targets, window)
-        body = _json.encode(_event(msg))
+        # Built once for every target; a message that cannot become an event is recorded as
+        # rejected and acked like any other, so it never holds up the messages behind it.
+        event = functools.cache(lambda: msgspec.Raw(_json.encode(_event(msg))))
+
+        def accept(fn: str, tid: str) -> Awaitable[Accepted]:
+            return emit_built(
+                emit,
+                fn,
+                event,
+                raw=lambda: _payload(msg),
+                trigger="mqtt",
+                trigger_id=tid,
+                dedupe_key=keys[tid],
+                details=lambda: {"topic": msg.topic.value, "qos": msg.qos},
+            )
+
         results: list[Any]
         if len(targets) == 1:  # the usual case: no task per target
             ((fn, tid),) = targets
             try:
-                results = [
-                    await emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
-                ]
+                results = [await accept(fn, tid)]
             except Exception as exc:
                 results = [exc]
         else:
             results = await asyncio.gather(
-                *(
-                    emit(fn, body, trigger="mqtt", trigger_id=tid, dedupe_key=keys[tid])
-                    for fn, tid in targets
-                ),
-                return_exceptions=True,
+                *(accept(fn, tid) for fn, tid in targets), return_exceptions=True
             )
         for (fn, tid), result in zip(targets, results, strict=True):
             if isinstance(result, BaseException):
@@ -427,7 +438,9 @@ def _event(msg: aiomqtt.Message) -> dict[str, Any]:
         "dup": msg.dup,  # type: ignore[attr-defined]
         "received_at": now,
     }
-    payload = bytes(msg.payload) if not isinstance(msg.payload, bytes) else msg.payload
+    payload = _payload(msg)
+    if json_depth_exceeds(payload):
+        raise EventRejectedError(f"payload JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         event["payload"] = msgspec.json.decode(payload)
     except msgspec.DecodeError:
@@ -440,6 +453,10 @@ def _event(msg: aiomqtt.Message) -> dict[str, Any]:
     if properties:
         event["properties"] = properties
     return event
+
+
+def _payload(msg: aiomqtt.Message) -> bytes:
+    return bytes(msg.payload) if not isinstance(msg.payload, bytes) else msg.payload
 
 
 def _properties(props: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import structlog
 
 from daemon.errors import StoreUnavailableError
 from daemon.models import FINAL_STATUSES, Outcome
-from daemon.store import cron, outbox, records, settle
+from daemon.store import cron, outbox, records, rejections, settle
 from daemon.store.batches import (
     BARRIER,
     BOOKKEEPING,
@@ -123,6 +123,28 @@ class Store:
             inserted = await self._write(records.insert, REPEATABLE, inv=inv)
         else:
             inserted = await self._write(cron.insert_fire, REPEATABLE, inv=inv, fire=cron_fire)
+        return inserted
+
+    async def insert_rejected(
+        self,
+        inv: NewInvocation,
+        error_type: str,
+        error_message: str,
+        result: bytes,
+        *,
+        cron_fire: CronFire | None = None,
+    ) -> tuple[str, bool]:
+        """Commit an input that could not become an event as a failed, dead-lettered invocation
+        that never ran (daemon/store/rejections.py); deduplicated and durable like insert()."""
+        inserted: tuple[str, bool] = await self._write(
+            rejections.insert_rejected,
+            REPEATABLE,
+            inv=inv,
+            error_type=error_type,
+            error_message=error_message,
+            result=result,
+            fire=cron_fire,
+        )
         return inserted
 
     def insert_nowait(self, inv: NewInvocation) -> asyncio.Future[tuple[str, bool]]:

@@ -1,0 +1,55 @@
+"""One input a source cannot turn into an event affects only itself: it is recorded as a
+rejected invocation (failed, dead-lettered `EventRejected`, never run) with its raw bytes and
+the reason, acknowledged, and the inputs behind it are served as usual. Real daemon, real
+Mosquitto, real folders."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from daemon.models import MAX_JSON_DEPTH
+from tests.daemon_proc import Daemon, running_daemon
+from tests.mosquitto import Mosquitto
+from tests.triggers.test_mqtt import count, events, mqtt_toml, publish, stored, subscribed
+
+DEEP = b"[" * 1000 + b"]" * 1000  # msgspec raises RecursionError on this
+UNCLOSED = b"{" * 5000  # not JSON at all, but a decoder would recurse before it found out
+
+
+async def rejected(daemon: Daemon, n: int) -> list[dict[str, Any]]:
+    """The `n` dead letters the daemon logged as rejected inputs, as the admin API shows them."""
+    lines = await daemon.wait_log("event_rejected", n)
+    return [await daemon.get(f"/v1/invocations/{line['invocation_id']}") for line in lines]
+
+
+async def test_mqtt_poison_messages_are_recorded_rejected_and_the_stream_goes_on(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    body = mqtt_toml(mosquitto.url, {"temp": [("sensors/+/temp", 1)]})
+    async with running_daemon(tmp_path, body) as daemon:
+        await subscribed(daemon)
+        await publish(mosquitto.port, ("sensors/bad/temp", DEEP), ("sensors/worse/temp", UNCLOSED))
+        await publish(mosquitto.port, *(("sensors/a/temp", f'{{"n": {i}}}') for i in range(50)))
+        await stored(daemon, lambda: count(daemon) >= 52, "52 records")
+        await daemon.wait_log("invocation_finished", 50, function="temp", status="succeeded")
+
+        deep, unclosed = await rejected(daemon, 2)
+        for record, topic, raw in ((deep, "bad", DEEP), (unclosed, "worse", UNCLOSED)):
+            assert record["status"] == "failed" and record["attempt"] == 0
+            assert record["dead_letter_reason"] == "EventRejected"
+            assert record["error_type"] == "EventRejected"
+            assert f"deeper than {MAX_JSON_DEPTH} levels" in record["error_message"]
+            event = record["event"]
+            assert event["topic"] == f"sensors/{topic}/temp" and event["qos"] == 1
+            assert base64.b64decode(event["raw"]) == raw and event["raw_bytes"] == len(raw)
+            assert event["raw_truncated"] is False
+        dead = (await daemon.get("/v1/dead-letters"))["dead_letters"]
+        assert {d["id"] for d in dead} == {deep["id"], unclosed["id"]}
+
+        # Acked once: never redelivered, the connection never dropped, nothing ran them.
+        assert count(daemon) == 52
+        assert len(events(daemon, "mqtt_connected")) == 1
+        assert events(daemon, "mqtt_disconnected") == []
+        assert len(events(daemon, "invocation_started")) == 50
