@@ -244,7 +244,21 @@ def _hot_output() -> _GatheredOutput | None:
 
 
 def _render_journal(_logger: object, method: str, event_dict: dict[str, Any]) -> bytes:
-    return b"<%d>%s" % (_PRIORITY.get(method, 6), _encoder.encode(event_dict))
+    try:
+        line = _encoder.encode(event_dict)
+    except UnicodeEncodeError:  # text from outside that is not Unicode (a file name's bytes)
+        line = _encoder.encode({k: _escaped(v) for k, v in event_dict.items()})
+    return b"<%d>%s" % (_PRIORITY.get(method, 6), line)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, int | float) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")  # as enc_hook would
 
 
 class _ForeignHandler(logging.Handler):

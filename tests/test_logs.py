@@ -7,7 +7,9 @@ import contextlib
 import io
 import json
 import logging
+import os
 import threading
+from pathlib import Path
 
 import structlog
 
@@ -44,6 +46,19 @@ def test_logs_json_lines_with_priority_for_ours_and_stdlib():
     assert ours["level"] == "info" and ours["timestamp"].endswith("Z")
     assert "module 'io'" in ours["path"]  # unserialisable values are logged as text
     assert theirs["event"] == "peer 1.2.3.4 went away" and theirs["level"] == "warning"
+
+
+def test_logs_text_that_is_not_unicode_is_escaped_not_raised():
+    out = io.BytesIO()
+    name = os.fsdecode(b"caf\xe9.txt")  # a file name that is not UTF-8: a lone surrogate
+    with json_logs(out):
+        structlog.get_logger("lambdaemon.test").info(
+            "files_claimed", name=name, path=Path("/in") / name, size=3, names=[name]
+        )
+    (line,) = out.getvalue().decode().splitlines()
+    logged = json.loads(line[3:])
+    assert logged["name"] == "caf\\udce9.txt" and logged["names"] == ["caf\\udce9.txt"]
+    assert logged["path"] == "/in/caf\\udce9.txt" and logged["size"] == 3
 
 
 class _Writes(io.BytesIO):

@@ -149,7 +149,7 @@ async def emit_built(
 def rejected_event(raw: bytes, details: Mapping[str, Any] | None) -> bytes:
     """The event a rejected input is recorded with: `details` plus its first bytes, base64."""
     kept = raw[:MAX_REJECTED_RAW_BYTES]
-    about = {str(k): _printable(v) for k, v in (details or {}).items()}
+    about = {str(k): printable(v) for k, v in (details or {}).items()}
     event = {
         "raw": base64.b64encode(kept).decode("ascii"),
         "raw_encoding": "base64",
@@ -162,8 +162,9 @@ def rejected_event(raw: bytes, details: Mapping[str, Any] | None) -> bytes:
         return _json.encode({**{k: repr(v) for k, v in about.items()}, **event})
 
 
-def _printable(value: Any) -> Any:
-    # A str from outside may hold lone surrogates (a file name that is not UTF-8): kept escaped.
+def printable(value: Any) -> Any:
+    """`value`, but a str with lone surrogates (a file name that is not UTF-8) `\\udcXX`-escaped:
+    valid for JSON and SQLite, and unchanged when it already was."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value

@@ -57,7 +57,7 @@ from msgspec import Meta
 
 from daemon.backoff import Backoff
 from daemon.errors import ConfigError, StoreUnavailableError
-from triggers.base import Inputs, Placed, TriggerSettings
+from triggers.base import Inputs, Placed, TriggerSettings, emit_built, printable
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -253,9 +253,10 @@ class FilesSource:
                     raise _Rejected("no files trigger of this folder matches the name any more")
                 event, key = await asyncio.to_thread(_describe, folder, name)
             except _Rejected as exc:
-                return await self._reject(folder, name, str(exc))
+                return await self._reject(folder, name, str(exc), match)
             except OSError as exc:
-                return await self._reject(folder, name, f"cannot read: {exc.strerror or exc}")
+                reason = f"cannot read: {exc.strerror or exc}"
+                return await self._reject(folder, name, reason, match)
             await self._invoke(folder, name, match, event, key)
         except Exception as exc:  # it stays claimed; the next start carries on with it
             log.error(
@@ -279,7 +280,16 @@ class FilesSource:
         accepted = await _retrying(
             "files_commit_failed",
             name,
-            lambda: emit(function, event, trigger="files", trigger_id=trigger_id, dedupe_key=key),
+            lambda: emit_built(
+                emit,
+                function,
+                lambda: event,  # an event that cannot be JSON is recorded as rejected
+                raw=lambda: os.fsencode(name),
+                trigger="files",
+                trigger_id=trigger_id,
+                dedupe_key=key,
+                details=lambda: _about(folder, name),
+            ),
         )
         invocation_id = accepted.invocation_id
         bound = log.bind(function=function, name=name, invocation_id=invocation_id)
@@ -300,15 +310,46 @@ class FilesSource:
         else:
             bound.warning("files_failed", status=status, moved_to=target, reason=sidecar["reason"])
 
-    async def _reject(self, folder: _Folder, name: str, reason: str) -> None:
-        sidecar = {"name": name, "invocation_id": None, "status": "rejected", "reason": reason}
-        prefix = f"rejected-{uuid.uuid4().hex[:12]}"
+    async def _reject(
+        self,
+        folder: _Folder,
+        name: str,
+        reason: str,
+        match: tuple[str, str, FilesTriggerConfig] | None,
+    ) -> None:
+        """Record (when a trigger matches) and move to failed/ a file that cannot be an event."""
+        invocation_id = None
+        if match is not None:
+            function, trigger_id, _ = match
+            emit, key = self._emit, _rejected_key(folder, name)
+            accepted = await _retrying(
+                "files_commit_failed",
+                name,
+                lambda: emit.reject(
+                    function,
+                    os.fsencode(name),
+                    trigger="files",
+                    trigger_id=trigger_id,
+                    error=reason,
+                    dedupe_key=key,
+                    details=_about(folder, name),
+                ),
+            )
+            invocation_id = accepted.invocation_id
+        sidecar = {"name": name, "invocation_id": invocation_id, "status": "rejected"}
+        sidecar["reason"] = reason
+        prefix = f"rejected-{invocation_id or uuid.uuid4().hex[:12]}"
         try:
             target = await asyncio.to_thread(_finish, folder, name, prefix, sidecar, False)
         except OSError as exc:  # gone already: nothing left to keep
             target, reason = None, f"{reason}; not moved: {exc.strerror or exc}"
         log.warning(
-            "files_rejected", folder=str(folder.path), name=name, reason=reason, moved_to=target
+            "files_rejected",
+            folder=str(folder.path),
+            name=name,
+            reason=reason,
+            moved_to=target,
+            invocation_id=invocation_id,
         )
 
     async def _error_of(self, invocation_id: str, status: str) -> dict[str, Any]:
@@ -367,6 +408,8 @@ def _writer_open(path: Path) -> bool | None:
 def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
     """The event and dedupe key of a claimed file (runs in a thread: hashing blocks)."""
     path = folder.processing / name
+    if printable(name) != name:
+        raise _Rejected(f"the file name is not valid UTF-8 ({printable(name)})")
     kind = stat.S_IFMT(os.lstat(path).st_mode)
     if kind != stat.S_IFREG:
         raise _Rejected(f"not a regular file ({_KINDS.get(kind, 'unknown type')})")
@@ -389,6 +432,20 @@ def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
     identity = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, sha256, name)
     key = "files:" + ":".join(map(str, identity))
     return event, key
+
+
+def _about(folder: _Folder, name: str) -> dict[str, str]:
+    """What a rejection record says of the file (as text, even for a name that is not UTF-8)."""
+    return {"folder": str(folder.path), "name": printable(name)}
+
+
+def _rejected_key(folder: _Folder, name: str) -> str | None:
+    """The dedupe key of a rejected claim, so a restart before its move records it once."""
+    try:
+        st = os.lstat(folder.processing / name)
+    except OSError:
+        return None
+    return f"files-rejected:{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}:{printable(name)}"
 
 
 _KINDS = {

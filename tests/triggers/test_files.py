@@ -196,16 +196,24 @@ async def test_files_odd_entries_are_rejected_to_failed_with_reason(tmp_path):
                 "dangling.txt": "symlink",
                 "link.txt": "symlink",
             }
-            for name, prefix in finished(inbox, "failed").items():
-                assert prefix.startswith("rejected-")
-                sidecar = json.loads((inbox / "failed" / f"{prefix}_{name}.error").read_text())
-                assert sidecar["reason"] == f"not a regular file ({kinds[name]})"
-                assert sidecar["invocation_id"] is None
-
             rejected = await daemon.wait_log("files_rejected", len(odd))  # once each is moved
             assert {e["name"] for e in rejected} == odd
+            ids = {}
+            for name, prefix in finished(inbox, "failed").items():
+                sidecar = json.loads((inbox / "failed" / f"{prefix}_{name}.error").read_text())
+                assert sidecar["reason"] == f"not a regular file ({kinds[name]})"
+                assert prefix == f"rejected-{sidecar['invocation_id']}"
+                ids[sidecar["invocation_id"]] = name
             assert (tmp_path / "outside.txt").read_text() == "outside the folder"
-            assert [r["event"]["name"] for r in await records(daemon, "reader")] == ["fine.txt"]
+            # Each is also recorded: a dead letter that never ran, with the reason.
+            by_id = {r["id"]: r for r in await records(daemon, "reader")}
+            assert {by_id[i]["event"]["name"] for i in ids} == odd
+            for i, name in ids.items():
+                assert by_id[i]["status"] == "failed" and by_id[i]["attempt"] == 0
+                assert by_id[i]["dead_letter_reason"] == "EventRejected"
+                assert by_id[i]["error_message"] == f"not a regular file ({kinds[name]})"
+            ran = [r["event"]["name"] for r in by_id.values() if r["attempt"]]
+            assert ran == ["fine.txt"]
     finally:
         listener.close()
 

@@ -6,6 +6,7 @@ Mosquitto, real folders."""
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from tests.daemon_proc import Daemon, running_daemon
 from tests.mosquitto import Mosquitto
 from tests.triggers.test_mqtt import count, events, mqtt_toml, publish, stored, subscribed
 
+FUNCS = Path(__file__).resolve().parent / "functions"
 DEEP = b"[" * 1000 + b"]" * 1000  # msgspec raises RecursionError on this
 UNCLOSED = b"{" * 5000  # not JSON at all, but a decoder would recurse before it found out
 
@@ -53,3 +55,45 @@ async def test_mqtt_poison_messages_are_recorded_rejected_and_the_stream_goes_on
         assert len(events(daemon, "mqtt_connected")) == 1
         assert events(daemon, "mqtt_disconnected") == []
         assert len(events(daemon, "invocation_started")) == 50
+
+
+async def test_files_bad_names_and_entries_are_rejected_alone_among_good_files(
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    bad_name = os.fsdecode(b"caf\xe9.txt")  # Latin-1 bytes: not a UTF-8 name
+    body = (
+        f'[functions.reader]\nhandler = "handler.handler"\ncode = "{FUNCS / "files_read"}"\n'
+        f'[[functions.reader.triggers]]\ntype = "files"\npath = "{inbox}"\npattern = "*.txt"\n'
+        "rescan_s = 0.2\n"
+    )
+    async with running_daemon(tmp_path, body) as daemon:
+        (inbox / bad_name).write_bytes(b"content of a badly named file")
+        os.mkfifo(inbox / "pipe.txt")
+        for i in range(20):
+            (inbox / f"good{i:02}.txt").write_bytes(f"file {i}".encode())
+        await daemon.wait_log("files_done", 20)
+        lines = await daemon.wait_log("files_rejected", 2)
+
+        reasons = {line["name"]: line["reason"] for line in lines}
+        assert reasons == {
+            "caf\\udce9.txt": "the file name is not valid UTF-8 (caf\\udce9.txt)",
+            "pipe.txt": "not a regular file (fifo)",
+        }
+        failed = sorted(os.listdir(inbox / "failed"))
+        assert len(failed) == 4  # each file and its .error sidecar
+        kept = next(n for n in failed if n.endswith("_" + bad_name))
+        assert (inbox / "failed" / kept).read_bytes() == b"content of a badly named file"
+        assert len(os.listdir(inbox / "done")) == 20 and os.listdir(inbox / ".processing") == []
+
+        records = await rejected(daemon, 2)
+        by_name = {r["event"]["name"]: r for r in records}
+        assert by_name.keys() == {"caf\\udce9.txt", "pipe.txt"}
+        record = by_name["caf\\udce9.txt"]
+        assert base64.b64decode(record["event"]["raw"]) == b"caf\xe9.txt"
+        assert record["error_message"] == reasons["caf\\udce9.txt"]
+        assert record["status"] == "failed" and record["dead_letter_reason"] == "EventRejected"
+        assert daemon.log_events() and not [
+            e for e in daemon.log_events() if e.get("event") == "files_processing_failed"
+        ]
