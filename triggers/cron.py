@@ -43,7 +43,7 @@ from msgspec import Meta
 
 from daemon.backoff import Backoff
 from daemon.errors import ConfigError
-from triggers.base import Inputs, Placed, TriggerSettings
+from triggers.base import Inputs, Placed, TriggerSettings, emit_built
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -419,17 +419,21 @@ class CronSource:
 
     async def _fire(self, emit: Emit, t: _Trigger, nominal: datetime) -> None:
         delay_ms = round((self._clock.now() - nominal).total_seconds() * 1000, 1)
-        event = scheduled_event(t.trigger_id, nominal, self._region)
         backoff = Backoff(*RETRY_S)
         while True:
+            # A fire whose event cannot be built is recorded as rejected (and marked), so it
+            # neither stops this trigger nor is retried for ever.
             committing = asyncio.ensure_future(
-                emit(
+                emit_built(
+                    emit,
                     t.function,
-                    event,
+                    lambda: scheduled_event(t.trigger_id, nominal, self._region),
+                    raw=lambda: iso(nominal).encode(),
                     trigger="cron",
                     trigger_id=t.trigger_id,
                     dedupe_key=dedupe_key(t.trigger_id, nominal),
                     cron_fire=(t.trigger_id, iso(nominal)),
+                    details=lambda: {"nominal": iso(nominal), "schedule": t.config.schedule},
                 )
             )
             try:
