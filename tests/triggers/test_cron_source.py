@@ -98,7 +98,7 @@ class StoreEmit:
             function_version="$LATEST",
             trigger=trigger,
             invocation_type="async",
-            event=json.dumps(event).encode(),
+            event=event if isinstance(event, bytes) else json.dumps(event).encode(),
             queued_at=time.time(),
             trigger_id=trigger_id,
             dedupe_key=dedupe_key,
