@@ -18,9 +18,9 @@ import msgspec
 
 from daemon.config import ApiSettings, Config, config_path, load_config
 from daemon.credentials import read_secret
-from daemon.errors import ApiError, ConfigError, LambdaemonError
+from daemon.errors import ApiError, ConfigError, LambdaemonError, StoreOpenError
 
-EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
+EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 65, 69, 70, 78
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +142,12 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory(config.daemon.event_loop)) as runner:
             runner.run(_serve(config))
+    except ConfigError as exc:  # the data_dir it names cannot be used (daemon/datadir.py)
+        print(f"lambdaemon: config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except StoreOpenError as exc:
+        print(f"lambdaemon: {exc}", file=sys.stderr)
+        return EX_DATAERR
     except LambdaemonError as exc:
         print(f"lambdaemon: {exc}", file=sys.stderr)
         return EX_SOFTWARE

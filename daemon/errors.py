@@ -24,6 +24,14 @@ class StoreUnavailableError(LambdaemonError, OSError):
     """The invocation store cannot accept writes (disk full, read-only, closed)."""
 
 
+class StoreOpenError(LambdaemonError, OSError):
+    """The database file exists but cannot be used as the store (not a database, corrupt)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: cannot be opened as lambdaemon's database: {reason}")
+
+
 class UnknownFunctionError(LambdaemonError, KeyError):
     """No function of that name is configured (or a reload removed it)."""
 

@@ -16,16 +16,19 @@ import asyncio
 import contextlib
 import enum
 import gc
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from daemon.config import Config, load_config
+from daemon.datadir import check_data_dir
 from daemon.destinations.relay import OutboxRelay
 from daemon.dispatcher import Dispatcher
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, StoreOpenError, StoreUnavailableError
 from daemon.http.admin import RELOAD
 from daemon.http.api import (
     FAST_ROUTES,
@@ -82,8 +85,9 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
         started = time.monotonic()
+        db = check_data_dir(config, DB_FILE)  # before anything starts: a clear reason, exit 78
         async with contextlib.AsyncExitStack() as stack:
-            store = await stack.enter_async_context(Store.open(config.data_dir / DB_FILE))
+            store = await _open_store(stack, db)
             self._store = store
             pruner = Pruner(store, config.daemon)
             await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
@@ -261,3 +265,12 @@ async def _background(coroutine: Any, name: str) -> AsyncIterator[asyncio.Task[A
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _open_store(stack: contextlib.AsyncExitStack, db: Path) -> Store:
+    """Store.open, entered on `stack`; a database file SQLite cannot use (not a database, a
+    newer schema) is a StoreOpenError: exit 65 with the reason, not a traceback."""
+    try:
+        return await stack.enter_async_context(Store.open(db))
+    except (sqlite3.DatabaseError, StoreUnavailableError) as exc:
+        raise StoreOpenError(db, str(exc)) from exc

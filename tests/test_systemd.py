@@ -32,7 +32,7 @@ def test_systemd_unit_contract():
         line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
     )
     assert settings["Type"] == "notify"
-    assert settings["RestartPreventExitStatus"] == "78"
+    assert settings["RestartPreventExitStatus"].split() == ["65", "78"]  # config, data
     assert settings["Restart"] == "on-failure"
     assert "LoadCredential" in settings and "StateDirectory" in settings
     stop_s = int(settings["TimeoutStopSec"].rstrip("s"))
