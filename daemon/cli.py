@@ -60,11 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="validate the config and exit").set_defaults(
         command=cmd_check
     )
-    sub.add_parser(
+    p = sub.add_parser(
         "reload",
         parents=[common],
         help="make the running daemon re-read its config file (as SIGHUP does)",
-    ).set_defaults(command=cmd_reload)
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="apply a config that would be refused as an accident (empty, no functions left)",
+    )
+    p.set_defaults(command=cmd_reload)
     p = sub.add_parser(
         "invoke", parents=[common], help="invoke a function through the running daemon"
     )
@@ -190,7 +196,8 @@ async def _serve(config: Config) -> None:
 
 def cmd_reload(config: Config, args: argparse.Namespace) -> int:
     headers = {"Content-Type": "application/json"}
-    status, _, body = _request(config, "POST", "/v1/reload", b"{}", headers)
+    payload = json.dumps({"force": True} if args.force else {}).encode()
+    status, _, body = _request(config, "POST", "/v1/reload", payload, headers)
     try:
         data = json.loads(body or b"{}")
     except ValueError:

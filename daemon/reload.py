@@ -16,11 +16,18 @@ validated) one and has no side effects; service.py applies the plan:
   running value and is reported as needing a restart, never silently ignored. New settings
   count as restart-only until they are listed here. [mqtt] applies to the MQTT source at
   once, and to the outbox's publisher (mqtt: destinations) from the next start.
+
+A reload that looks like an accident is refused unless forced (needs_force): a file with no
+settings at all (an editor truncates it while saving) that would change the running config, or
+a config that removes every function. `lambdaemon reload --force` applies it anyway; a SIGHUP
+cannot be forced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -119,6 +126,34 @@ def plan_reload(running: Config, new: Config, secrets: dict[str, str]) -> Reload
         needs_restart=needs_restart,
         secrets=fresh,
     )
+
+
+def needs_force(running: Config, plan: ReloadPlan, *, blank_file: bool) -> str | None:
+    """Why applying `plan` is refused unless forced, or None: see the module doc."""
+    summary = plan.summary()
+    if blank_file and any(summary.values()):
+        return (
+            f"{running.path} has no settings at all (is an editor saving it?); applying it"
+            f" would {_effect(running, plan)}"
+        )
+    if running.functions and not plan.config.functions:
+        return f"the new config removes every function ({', '.join(sorted(running.functions))})"
+    return None
+
+
+def _effect(running: Config, plan: ReloadPlan) -> str:
+    if plan.removed and len(plan.removed) == len(running.functions):
+        return f"remove every function ({', '.join(plan.removed)})"
+    changes = [k for k, v in plan.summary().items() if v]
+    return "change " + ", ".join(k.replace("_", " ") for k in changes)
+
+
+def is_blank(path: str | Path) -> bool:
+    """Whether the TOML file at `path` holds no key at all (empty, blanks and comments only)."""
+    try:
+        return not tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # load_config says what is wrong with it
 
 
 def secret_digests(config: Config) -> dict[str, str]:

@@ -39,7 +39,7 @@ from daemon.http.api import (
     start_site,
 )
 from daemon.pool import WorkerPool
-from daemon.reload import plan_reload, secret_digests
+from daemon.reload import is_blank, needs_force, plan_reload, secret_digests
 from daemon.sources import TriggerSources
 from daemon.store.health import STORE_HEALTH, StoreHealth
 from daemon.store.retention import Pruner
@@ -196,14 +196,17 @@ class Service:
 
     # --- reload ---------------------------------------------------------------------------------
 
-    def request_reload(self) -> asyncio.Task[dict[str, Any]]:
-        """Start a reload (SIGHUP, POST /v1/reload); the task's result is the report."""
-        task = asyncio.get_running_loop().create_task(self._reload(), name="reload")
+    def request_reload(self, force: bool = False) -> asyncio.Task[dict[str, Any]]:
+        """Start a reload (SIGHUP, POST /v1/reload); the task's result is the report.
+
+        Without `force`, a reload that looks like an accident (daemon/reload.py needs_force)
+        is refused with the reason and `"needs_force": true`."""
+        task = asyncio.get_running_loop().create_task(self._reload(force), name="reload")
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
         return task
 
-    async def _reload(self) -> dict[str, Any]:
+    async def _reload(self, force: bool) -> dict[str, Any]:
         path = self.config.path
         async with self._reload_lock:
             if self.phase is not Phase.READY:
@@ -213,17 +216,24 @@ class Service:
             self.phase = Phase.RELOADING
             notify(reloading_message())
             try:
-                return await self._apply_reload(path)
+                return await self._apply_reload(path, force)
             finally:
                 if self.phase is Phase.RELOADING:  # not once a shutdown has begun
                     self.phase = Phase.READY
                     notify(f"READY=1\nSTATUS=serving {len(self.config.functions)} functions")
 
-    async def _apply_reload(self, path: str) -> dict[str, Any]:
+    async def _apply_reload(self, path: str, force: bool) -> dict[str, Any]:
         assert self.dispatcher and self._pool and self._sources and self._store
         try:
             new = await asyncio.to_thread(load_config, path)
             plan = plan_reload(self.config, new, self._secrets)
+            blank = await asyncio.to_thread(is_blank, path)
+            if (reason := needs_force(self.config, plan, blank_file=blank)) is not None:
+                if not force:
+                    reason += "; `lambdaemon reload --force` applies it anyway"
+                    log.error("config_reload_refused", config=path, reason=reason, forced=False)
+                    return {"reloaded": False, "config": path, "error": reason, "needs_force": True}
+                log.warning("config_reload_forced", config=path, reason=reason)
             # Built before anything changes: a source's own checks (two routes on one path,
             # MQTT settings) refuse the config like load_config's do.
             fresh = {s.name: s for s in build_sources(plan.config, self._store)}

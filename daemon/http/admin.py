@@ -18,8 +18,8 @@ from daemon.untrusted import json_too_deep
 
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
-# Starts a reload (the service's request_reload): a task whose result is the reload's report.
-RELOAD: web.AppKey[Callable[[], asyncio.Task[dict[str, Any]]]] = web.AppKey("reload")
+# Starts a reload (the service's request_reload(force)): a task whose result is its report.
+RELOAD: web.AppKey[Callable[[bool], asyncio.Task[dict[str, Any]]]] = web.AppKey("reload")
 _json = msgspec.json.Encoder()
 
 
@@ -111,17 +111,28 @@ async def replay_invocation(request: web.Request) -> web.Response:
     )
 
 
+class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    force: bool = False  # apply a reload that would otherwise be refused as an accident
+
+
 async def reload_config(request: web.Request) -> web.Response:
-    """Re-read the config file: 200 with what changed, 400 with the reason it was refused."""
+    """Re-read the config file: 200 with what changed, 400 with the reason it was refused,
+    409 when it looks like an accident (an empty file, every function removed) and was not
+    forced with `{"force": true}`."""
     start = request.app.get(RELOAD)
     if start is None:
         return _error(503, "this API has no daemon to reload")
-    task = start()
+    try:
+        body = msgspec.json.decode(await request.read() or b"{}", type=ReloadRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _error(400, f"invalid body: {exc}")
+    task = start(body.force)
     await asyncio.wait({task})  # not the task itself: a cancelled reload is an answer too
     if task.cancelled():
         return _error(503, "the daemon is shutting down; the config was not reloaded")
     report = task.result()
     status = 200 if report["reloaded"] else 400 if report.get("config_error") else 503
+    status = 409 if report.get("needs_force") else status
     return web.json_response(report, status=status, dumps=_dumps)
 
 
