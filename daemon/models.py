@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import math
 import os
-import re
 import threading
 import time
 
@@ -89,33 +88,3 @@ class Outcome(msgspec.Struct):
     @property
     def billed_duration_ms(self) -> int:
         return max(1, math.ceil(self.duration_ms))
-
-
-# How deep JSON taken from outside (a payload, a request body) may nest: deeper input is refused
-# with a clear error instead of recursing in a decoder (msgspec raises RecursionError near 1,000
-# levels, a handler's own recursive code far earlier). Events add a level or two around it.
-MAX_JSON_DEPTH = 128
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
-
-
-def json_depth_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether JSON text `data` nests arrays and objects deeper than `limit`, without decoding.
-
-    Brackets inside strings do not count; unbalanced text counts its unclosed brackets. Each
-    pass deletes the innermost bracket pairs at C speed, so the cost is `depth` passes over the
-    brackets; nothing at all when `data` holds fewer opening brackets than `limit` (most JSON).
-    """
-    if data.count(b"[") + data.count(b"{") <= limit:
-        return False
-    brackets = _JSON_STRING.sub(b"", data).translate(_ONE_BRACKET, _NOT_BRACKETS)
-    for depth in range(limit):
-        inner = brackets.replace(b"[]", b"")
-        if len(inner) == len(brackets):  # unbalanced: what is left never closes
-            return depth + inner.count(b"[") > limit
-        if not inner:
-            return False
-        brackets = inner
-    return True

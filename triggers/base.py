@@ -26,7 +26,7 @@ import structlog
 
 from daemon.backoff import Backoff
 from daemon.errors import EventRejectedError
-from daemon.models import MAX_JSON_DEPTH
+from daemon.untrusted import MAX_JSON_DEPTH
 
 if TYPE_CHECKING:
     from daemon.config import Config

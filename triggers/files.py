@@ -57,6 +57,7 @@ from msgspec import Meta
 
 from daemon.backoff import Backoff
 from daemon.errors import ConfigError, StoreUnavailableError
+from daemon.untrusted import is_utf8
 from triggers.base import Inputs, Placed, TriggerSettings, emit_built, printable
 
 if TYPE_CHECKING:
@@ -408,7 +409,7 @@ def _writer_open(path: Path) -> bool | None:
 def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
     """The event and dedupe key of a claimed file (runs in a thread: hashing blocks)."""
     path = folder.processing / name
-    if printable(name) != name:
+    if not is_utf8(name):
         raise _Rejected(f"the file name is not valid UTF-8 ({printable(name)})")
     kind = stat.S_IFMT(os.lstat(path).st_mode)
     if kind != stat.S_IFREG:

@@ -57,7 +57,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.backoff import Backoff
 from daemon.credentials import mqtt_connection
 from daemon.errors import ConfigError, EventRejectedError
-from daemon.models import MAX_JSON_DEPTH, json_depth_exceeds
+from daemon.untrusted import MAX_JSON_DEPTH, json_too_deep
 from triggers.base import Accepted, Emit, Inputs, Placed, TriggerSettings, emit_built
 
 if TYPE_CHECKING:
@@ -439,7 +439,7 @@ def _event(msg: aiomqtt.Message) -> dict[str, Any]:
         "received_at": now,
     }
     payload = _payload(msg)
-    if json_depth_exceeds(payload):
+    if json_too_deep(payload):
         raise EventRejectedError(f"payload JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         event["payload"] = msgspec.json.decode(payload)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from daemon.models import MAX_JSON_DEPTH
+from daemon.untrusted import MAX_JSON_DEPTH
 from tests.daemon_proc import Daemon, running_daemon
 from tests.mosquitto import Mosquitto
 from tests.triggers.test_mqtt import count, events, mqtt_toml, publish, stored, subscribed
