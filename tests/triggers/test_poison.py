@@ -6,14 +6,19 @@ Mosquitto, real folders."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+from daemon.dispatcher import Dispatcher
+from daemon.pool import WorkerPool
+from daemon.store.sqlite import Store
 from daemon.untrusted import MAX_JSON_DEPTH
 from tests.daemon_proc import Daemon, running_daemon
 from tests.mosquitto import Mosquitto
 from tests.triggers.test_mqtt import count, events, mqtt_toml, publish, stored, subscribed
+from triggers.base import MAX_REJECTED_RAW_BYTES, Accepted, emit_built
 
 FUNCS = Path(__file__).resolve().parent / "functions"
 DEEP = b"[" * 1000 + b"]" * 1000  # msgspec raises RecursionError on this
@@ -97,3 +102,44 @@ async def test_files_bad_names_and_entries_are_rejected_alone_among_good_files(
         assert daemon.log_events() and not [
             e for e in daemon.log_events() if e.get("event") == "files_processing_failed"
         ]
+
+
+async def test_a_rejected_input_is_committed_once_per_dedupe_key_and_marks_its_cron_fire(
+    tmp_path: Path,
+) -> None:
+    async with Store.open(tmp_path / "lambdaemon.db") as store:
+        dispatcher = Dispatcher(store, WorkerPool(1), {})
+
+        def bad_event() -> Any:
+            return {"text": os.fsdecode(b"\xff")}  # a lone surrogate: not JSON text
+
+        async def fire() -> Accepted:
+            return await emit_built(
+                dispatcher,
+                "report",
+                bad_event,
+                raw=lambda: b"\x00" * (MAX_REJECTED_RAW_BYTES + 10),
+                trigger="cron",
+                trigger_id="report#0",
+                dedupe_key="cron:report#0@2025-06-01T12:00:00Z",
+                cron_fire=("report#0", "2025-06-01T12:00:00Z"),
+                details=lambda: {"nominal": "2025-06-01T12:00:00Z"},
+            )
+
+        first, again = await fire(), await fire()
+        assert first.created and not again.created
+        assert again.invocation_id == first.invocation_id
+        assert await store.last_cron_fire("report#0") == "2025-06-01T12:00:00Z"
+
+        record = await store.get(first.invocation_id)
+        assert record is not None
+        assert (record["status"], record["attempt"]) == ("failed", 0)
+        assert record["dead_letter_reason"] == record["error_type"] == "EventRejected"
+        assert record["error_message"].startswith("cannot build the event: ")
+        event = json.loads(record["event"])
+        assert event["nominal"] == "2025-06-01T12:00:00Z"
+        assert len(base64.b64decode(event["raw"])) == MAX_REJECTED_RAW_BYTES
+        assert event["raw_bytes"] == MAX_REJECTED_RAW_BYTES + 10 and event["raw_truncated"]
+        assert json.loads(record["result"])["errorType"] == "EventRejected"
+        dead = await store.list_dead_letters()
+        assert [d["id"] for d in dead] == [first.invocation_id]
