@@ -24,6 +24,11 @@ class StoreUnavailableError(LambdaemonError, OSError):
     """The invocation store cannot accept writes (disk full, read-only, closed)."""
 
 
+class StoreReplacedError(StoreUnavailableError):
+    """The database file was deleted or replaced while the store had it open: the store's writes
+    would go to a file nobody will read again, so it takes none until the daemon restarts."""
+
+
 class StoreOpenError(LambdaemonError, OSError):
     """The database file exists but cannot be used as the store (not a database, corrupt)."""
 

@@ -9,6 +9,11 @@ soon as any write commits (a source's retry got through), and otherwise after PR
 up to MAX_PROBE_S: /health turns healthy again without waiting for traffic, and a long outage
 does not add a failed write to the log every few seconds.
 
+One reason is final: `replaced`, when the path no longer names the database file the store
+opened (deleted, or another file moved there; daemon/store/identity.py). Each check looks (two
+stat() calls) before anything else; from then on the store refuses every write and /health
+answers 503 until the daemon is restarted, which opens whatever file is at the path then.
+
 Log events: store_degraded (error; repeated every REPEAT_S while it lasts), store_restored,
 disk_space_low, disk_space_ok.
 """
@@ -80,6 +85,8 @@ class StoreHealth:
 
     async def check(self) -> None:
         """One look; probes when a write failed since the last look, or while degraded."""
+        if self._replaced():
+            return  # no probe: no write can succeed again
         disk = _statvfs(self._dir)
         self._watch_free_space(disk)
         failures = self._store.write_failures
@@ -97,6 +104,7 @@ class StoreHealth:
 
     def report(self) -> dict[str, Any]:
         """`status` ok or degraded (with `reason`, `error`, `since`), and the store's figures."""
+        self._replaced()  # at once, not at the next check: the writer may have seen it already
         disk = _statvfs(self._dir)
         store = {
             "path": str(self._store.path),
@@ -114,6 +122,12 @@ class StoreHealth:
             "since": self._since,
             "store": store,
         }
+
+    def _replaced(self) -> bool:
+        replaced = self._store.check_file()
+        if replaced is not None and self.reason != "replaced":
+            self._set("replaced", replaced)
+        return replaced is not None
 
     async def _probe(self) -> tuple[str | None, str]:
         try:

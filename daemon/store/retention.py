@@ -126,6 +126,9 @@ class Pruner:
         while True:
             now = time.time()
             by_age = now >= age_due
+            if self._store.replaced is not None:  # for good: /health says so, nothing to do
+                await asyncio.sleep(SIZE_EVERY_S)
+                continue
             try:
                 if by_age or self.disk_bytes() > HIGH * self._db_bytes:
                     await self.prune(now, by_age=by_age)
@@ -355,7 +358,9 @@ def _enable_incremental_vacuum(path: Path) -> int:
 
 def _checkpoint(path: Path) -> bool:
     """Copy the WAL into the file and truncate both; True when readers or the writer held on."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=CHECKPOINT_BUSY_MS / 1000)
+    # mode=rw: never create a database at the path (it may have been deleted meanwhile).
+    uri = f"{path.resolve().as_uri()}?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=CHECKPOINT_BUSY_MS / 1000)
     try:
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return bool(busy)

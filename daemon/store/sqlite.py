@@ -13,6 +13,10 @@ Bookkeeping that nobody waits on (an outcome, a retry) may also wait up to GROW_
 writes before its batch commits, so that fewer, larger transactions carry it; any other write
 ends that wait as soon as it is queued (Store._next_batch). What runs in the
 database thread (a batch's transaction, migrations) is daemon/store/batches.py.
+
+After every commit the writer checks that the path still names the file it opened
+(daemon/store/identity.py); once it does not, that batch and every later write fail with
+StoreReplacedError, so nothing is acknowledged that a restart would not find.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from daemon.errors import StoreUnavailableError
+from daemon.errors import StoreReplacedError, StoreUnavailableError
 from daemon.models import FINAL_STATUSES, Outcome
 from daemon.store import cron, outbox, records, rejections, settle
 from daemon.store.batches import (
@@ -46,6 +50,7 @@ from daemon.store.batches import (
     write,
 )
 from daemon.store.cron import CronFire
+from daemon.store.identity import FileIdentity
 from daemon.store.migrations import MIGRATIONS
 from daemon.store.outbox import OutboxRow
 from daemon.store.records import NewInvocation, QueuedInvocation
@@ -96,6 +101,8 @@ class Store:
         self._growing: asyncio.Future[None] | None = None  # set while a batch waits to grow
         self._grow_until = 0  # queued writes that end the wait
         self._closing: asyncio.Future[None] | None = None
+        self._identity: FileIdentity | None = None  # the files opened, once open
+        self._replaced: str | None = None  # why the store takes no more writes, for good
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -336,6 +343,34 @@ class Store:
         return recovery
 
     @property
+    def replaced(self) -> str | None:
+        """Why the database file at `path` is no longer the one this store writes (None: it is).
+
+        Set once, for good: see daemon/store/identity.py.
+        """
+        return self._replaced
+
+    def check_file(self) -> str | None:
+        """Look whether the path still names the opened files now (two stat() calls); `replaced`.
+
+        The writer looks after every commit; the health check calls this once a second, so an
+        idle store notices too.
+        """
+        if self._replaced is None and self._identity is not None:
+            changed = self._identity.changed()
+            if changed is not None:
+                self._mark_replaced(changed)
+        return self._replaced
+
+    def _mark_replaced(self, changed: str) -> None:
+        if self._replaced is None:
+            self._replaced = (
+                f"the database file was replaced or deleted ({changed}); nothing more is"
+                " stored or acknowledged: restart lambdaemon"
+            )
+            log.error("store_file_replaced", path=str(self.path), error=changed)
+
+    @property
     def queued(self) -> int:
         """Writes waiting for the writer to take them; for metrics and tests."""
         return self._queue.qsize()
@@ -455,6 +490,7 @@ class Store:
             self._reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
             self._reader.row_factory = sqlite3.Row
             await self._reader.execute_fetchall(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._identity = FileIdentity(self.path)  # the WAL exists now: prepared above
         except BaseException:
             await self._close_connections()
             raise
@@ -559,16 +595,26 @@ class Store:
             batch.append(self._queue.get_nowait())
 
     async def _commit(self, ops: list[tuple[Write, asyncio.Future[Any]]]) -> None:
-        writer, batches = self._writer, self._batches
+        writer, batches, identity = self._writer, self._batches, self._identity
         # The writer task starts only once the connection is open and prepared.
-        assert writer is not None and batches is not None
+        assert writer is not None and batches is not None and identity is not None
+        if self._replaced is not None:  # said once already (store_file_replaced)
+            self.write_failures += 1
+            _fail_all(ops, self._replaced, None, StoreReplacedError)
+            return
         try:
             # The whole transaction in ONE hop into aiosqlite's thread (a private API): every
             # public call is its own thread round trip (~100 us), far more than SQLite's work.
-            results = await writer._execute(batches.run, [fn for fn, _ in ops])
+            results = await writer._execute(_run_checked, batches, identity, [fn for fn, _ in ops])
         except asyncio.CancelledError:
             _fail_all(ops, "the store writer was cancelled", None)
             raise
+        except _Replaced as exc:
+            self.write_failures += 1
+            self._mark_replaced(str(exc))
+            assert self._replaced is not None
+            _fail_all(ops, self._replaced, None, StoreReplacedError)
+            return
         except Exception as exc:
             self.write_failures += 1
             log.error("store_write_failed", reason=str(exc), ops=len(ops))
@@ -594,12 +640,33 @@ class Store:
         return conn
 
 
-def _fail_all(ops: list[tuple[Write, asyncio.Future[Any]]], reason: str, cause: Any) -> None:
+class _Replaced(Exception):
+    """Raised in the database thread: the batch committed, but into a file no longer at the path."""
+
+
+def _run_checked(
+    batches: Batches, identity: FileIdentity, ops: list[Write]
+) -> list[tuple[bool, Any]]:
+    # In the database thread: the check costs the event loop nothing. After the COMMIT, not
+    # before, so that a file deleted while the batch ran is seen before anyone is told "stored".
+    results = batches.run(ops)
+    changed = identity.changed()
+    if changed is not None:
+        raise _Replaced(changed)
+    return results
+
+
+def _fail_all(
+    ops: list[tuple[Write, asyncio.Future[Any]]],
+    reason: str,
+    cause: Any,
+    kind: type[StoreUnavailableError] = StoreUnavailableError,
+) -> None:
     # COMMIT may fail after the data reached the disk (an fsync error), so "failed" can still
     # mean "stored": callers do not acknowledge, the source redelivers, the dedupe key catches it.
     for _, future in ops:
         if not future.done():
-            error = StoreUnavailableError(f"store write failed: {reason}")
+            error = kind(f"store write failed: {reason}")
             error.__cause__ = cause
             future.set_exception(error)
 
