@@ -141,8 +141,10 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from daemon.logs import configure_logging
+    from daemon.memory import keep_heap_small
     from daemon.resources import raise_nofile_limit
 
+    keep_heap_small()  # big results' buffers go back to the kernel once freed
     configure_logging(config.daemon.log_level)
     raise_nofile_limit()  # before anything opens descriptors; logs the limits once
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiomqtt
 import aiosqlite
+import pytest
 import structlog
 from aiohttp import web
 from paho.mqtt.client import ConnectFlags, MQTTMessage
@@ -172,3 +173,44 @@ def test_the_service_unit_lets_workers_switch_to_sched_batch() -> None:
     denied = next(i for i, names in enumerate(filters) if names[0].startswith("~"))
     assert "@resources" in " ".join(filters[denied])
     assert any(names == ["sched_setscheduler"] for names in filters[denied + 1 :])
+
+
+_HEAP_PROBE = """
+import sys
+from daemon.memory import keep_heap_small
+
+def rss_kb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+if sys.argv[1] == "fixed":
+    assert keep_heap_small()
+before = rss_kb()
+kept = []  # small buffers that outlive each big one, as the daemon's other objects do
+for _ in range(3):  # the copies a 6 MB result makes in the daemon, made and freed again
+    chunks = []
+    for _ in range(8):
+        chunks.append(bytearray(b"x") * (6 * 1024 * 1024))
+        kept.append(bytearray(1000))  # malloc'd (over 512 bytes): it pins the heap's top
+    del chunks
+print(rss_kb() - before)
+"""
+
+
+@pytest.mark.parametrize("threshold", ["fixed", "glibc's default"])
+def test_glibc_gives_big_buffers_back_once_its_mmap_threshold_is_fixed(threshold: str) -> None:
+    # daemon/memory.py: keep_heap_small(). Without it, glibc raises its mmap threshold after the
+    # first big free, and later buffers of that size stay in the heap once freed (the control).
+    kept_kb = int(
+        subprocess.run(
+            [sys.executable, "-c", _HEAP_PROBE, threshold.split()[0]],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    )
+    if threshold == "fixed":
+        assert kept_kb < 2 * 1024
+    else:
+        assert kept_kb > 8 * 1024

@@ -28,8 +28,16 @@ if TYPE_CHECKING:
     from typing import Any
 
 HEADER_BYTES = 4
-# Far above Lambda's 6 MB payload limits; a larger length means the stream is corrupt.
-MAX_FRAME_BYTES = 64 * 1024 * 1024
+# Lambda's limit on a response payload (the handler's result JSON, or its error JSON), in bytes.
+# The worker refuses a larger one itself (Function.ResponseSizeTooLarge), before sending it.
+MAX_RESPONSE_BYTES = 6_291_556
+# An error type or message in a frame is cut to this many bytes of UTF-8 by the encoder; the
+# error JSON in the payload keeps the message (within MAX_RESPONSE_BYTES).
+MAX_ERROR_TEXT_BYTES = 64 * 1024
+# The largest frame a worker can send: a payload at the limit, two error strings and the fixed
+# fields, rounded up. A length header claiming more means the stream is corrupt (or the worker
+# is not ours): the daemon hangs up before reading the body, so no worker makes it buffer more.
+MAX_FRAME_BYTES = MAX_RESPONSE_BYTES + 4 * MAX_ERROR_TEXT_BYTES
 
 
 class _Message:
@@ -147,6 +155,15 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
+def _error_text(text: str) -> bytes:
+    """An error type or message as UTF-8, cut to MAX_ERROR_TEXT_BYTES on a character boundary:
+    a handler's exception message can be any size, and the frame must stay within its bound."""
+    data = _utf8(text)
+    if len(data) > MAX_ERROR_TEXT_BYTES:
+        data = data[:MAX_ERROR_TEXT_BYTES].decode("utf-8", "ignore").encode()
+    return data
+
+
 # --- encoding ------------------------------------------------------------------------------------
 
 
@@ -174,7 +191,7 @@ def _encode_ready(message: Ready) -> bytes:
 
 
 def _encode_init_failed(message: InitFailed) -> bytes:
-    error_type, error_message = _utf8(message.error_type), _utf8(message.error_message)
+    error_type, error_message = _error_text(message.error_type), _error_text(message.error_message)
     payload = message.payload
     fixed = _INIT_FAILED_FIXED.pack(
         _INIT_FAILED_FIXED.size
@@ -223,9 +240,9 @@ def _encode_result(message: Result) -> bytes:
         )
     type_bytes = message_bytes = b""
     if error_type is not None:
-        type_bytes, flags = _utf8(error_type), flags | _HAS_TYPE
+        type_bytes, flags = _error_text(error_type), flags | _HAS_TYPE
     if error_message is not None:
-        message_bytes, flags = _utf8(error_message), flags | _HAS_MESSAGE
+        message_bytes, flags = _error_text(error_message), flags | _HAS_MESSAGE
     fixed = _RESULT_FIXED.pack(
         _RESULT_FIXED.size - HEADER_BYTES + len(type_bytes) + len(message_bytes) + len(payload),
         _RESULT,
@@ -367,6 +384,10 @@ def _take_frame(buffer: bytearray) -> bytes | None:
     end = HEADER_BYTES + _SIZE.unpack_from(buffer)[0]
     if len(buffer) < end:
         return None
+    if len(buffer) == end:  # the usual case: one copy, and the buffer's memory goes at once
+        frame = bytes(buffer)
+        buffer.clear()
+        return frame
     frame = bytes(buffer[:end])
     del buffer[:end]
     return frame
@@ -412,7 +433,9 @@ class WorkerChannel:
 class SupervisorChannel:
     """The supervisor's end, an asyncio protocol: frames in, one awaited reply at a time.
 
-    After the channel closes (EOF, a corrupt frame, or `hang_up()`), `receive()` gives None.
+    After the channel closes (EOF, a corrupt frame, or `hang_up()`), `receive()` gives None;
+    `corrupt` tells a corrupt frame (the worker is no longer speaking the protocol: the pool
+    kills it at once) from an orderly EOF (the worker is exiting: the pool lets it).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -422,6 +445,7 @@ class SupervisorChannel:
         self._waiter: asyncio.Future[Any] | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.corrupt = False
 
     def receive(self) -> asyncio.Future[Any]:
         future = self._loop.create_future()
@@ -460,7 +484,7 @@ class SupervisorChannel:
             except (LookupError, struct.error):
                 message = None  # too short or an unknown tag: judged below, once buffered
             except ValueError:
-                self.hang_up()  # a corrupt frame: the worker is treated as crashed
+                self._refuse()
                 return
             if message is not None:
                 self._deliver(message)
@@ -469,7 +493,7 @@ class SupervisorChannel:
         buffer += data
         while not self.closed:
             if len(buffer) >= HEADER_BYTES and _SIZE.unpack_from(buffer)[0] > MAX_FRAME_BYTES:
-                self.hang_up()
+                self._refuse()  # before the body: the daemon never buffers more than the bound
                 return
             if (frame := _take_frame(buffer)) is None:
                 return
@@ -478,7 +502,7 @@ class SupervisorChannel:
             except (LookupError, ValueError, struct.error):
                 message = None
             if message is None:
-                self.hang_up()
+                self._refuse()
             else:
                 self._deliver(message)
 
@@ -493,6 +517,11 @@ class SupervisorChannel:
 
     def resume_writing(self) -> None:
         pass
+
+    def _refuse(self) -> None:
+        """A frame that is not a valid message: the worker is treated as crashed."""
+        self.corrupt = True
+        self.hang_up()
 
     def _deliver(self, message: FromWorker | None) -> None:
         waiter, self._waiter = self._waiter, None

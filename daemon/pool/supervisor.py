@@ -30,6 +30,7 @@ import structlog
 
 from daemon.config import FunctionConfig
 from daemon.errors import PoolClosedError
+from daemon.memory import BIG_PAYLOAD_BYTES, trim_soon
 from daemon.models import InvokeRequest, Outcome, Status
 from daemon.pool.outcomes import (
     call_outcome,
@@ -578,6 +579,8 @@ class WorkerPool:
                 message.error_message,
             )
             outcome.max_memory_mb = kb_to_mb(message.max_memory_kb)
+            if len(message.payload) > BIG_PAYLOAD_BYTES:
+                trim_soon(loop)
             if message.retire:
                 self._kill(worker, "out_of_memory")
             else:
@@ -608,7 +611,9 @@ class WorkerPool:
             self._time_out(worker)
             await worker.wait_exit(_EXIT_WAIT_S)
             return timed_out(request_id, phase, timeout_s, started_at, worker.peak_kb)
-        if not await worker.wait_exit(_CRASH_GRACE_S):
+        # A corrupt frame: the worker no longer speaks the protocol, and may never exit by
+        # itself. An orderly EOF: it is exiting, and its exit status tells how.
+        if worker.channel.corrupt or not await worker.wait_exit(_CRASH_GRACE_S):
             self._kill(worker, "crashed")  # it closed the channel but lives on: no use to anyone
             await worker.wait_exit(_EXIT_WAIT_S)
         return crashed(request_id, worker.proc.returncode, started_at, clock)

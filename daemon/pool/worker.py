@@ -27,7 +27,15 @@ import time
 import traceback
 import types
 
-from daemon.pool.protocol import InitFailed, Invoke, Ready, Result, WorkerChannel
+from daemon.pool.protocol import (
+    MAX_ERROR_TEXT_BYTES,
+    MAX_RESPONSE_BYTES,
+    InitFailed,
+    Invoke,
+    Ready,
+    Result,
+    WorkerChannel,
+)
 
 TYPE_CHECKING = False  # not typing's: typing is never imported here (~0.4 MB, ~3 ms)
 if TYPE_CHECKING:
@@ -170,12 +178,26 @@ _ENCODER = json.JSONEncoder(
 )
 
 
-def _to_json(value: Any) -> bytes:
-    """Compact UTF-8 JSON; ValueError, TypeError or RecursionError when `value` cannot be."""
+class _TooLarge(Exception):
+    """A result whose JSON is over MAX_RESPONSE_BYTES; `size` is its length in bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _to_json(value: Any, limit: int | None = None) -> bytes:
+    """Compact UTF-8 JSON; ValueError, TypeError or RecursionError when `value` cannot be.
+
+    With `limit`: _TooLarge when ASCII text is already longer than that, before it is encoded
+    (isascii() costs nothing in CPython), so a 300 MB result is not copied once more to learn it.
+    """
     try:
         text = _ENCODER.encode(value)
     except _HoldsDecimal:
         text = _encode_with_decimals(value)
+    if limit is not None and len(text) > limit and text.isascii():
+        raise _TooLarge(len(text))
     # A lone surrogate (from a file name decoded with surrogateescape, say) can only be inside a
     # JSON string here; backslashreplace writes it as the JSON escape \udcXX, as ensure_ascii does.
     return text.encode("utf-8", "backslashreplace")
@@ -381,24 +403,60 @@ def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Res
         payload = result
     else:
         try:
-            payload = _to_json(result)
+            payload = _to_json(result, MAX_RESPONSE_BYTES)
+        except _TooLarge as exc:
+            return _too_large(exc.size)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             message = f"Unable to marshal response: {exc}"
             return _failure(invoke, "Runtime.MarshalError", message, [])
+    if len(payload) > MAX_RESPONSE_BYTES:
+        return _too_large(len(payload))
     peak_kb, rss_kb = _memory_kb()
     return Result(True, payload, None, None, peak_kb, False, rss_kb)
 
 
+def _too_large(size: int) -> Result:
+    """Lambda's error for a response over its limit. Measured here, before anything is sent,
+    so the frame to the daemon stays within its bound and the worker serves the next call."""
+    error_type = "Function.ResponseSizeTooLarge"
+    message = (
+        f"Response payload size ({size} bytes) exceeded maximum allowed payload size "
+        f"({MAX_RESPONSE_BYTES} bytes)."
+    )
+    _log_error(error_type, message, [])
+    body = _to_json({"errorMessage": message, "errorType": error_type})
+    peak_kb, rss_kb = _memory_kb()
+    return Result(False, body, error_type, message, peak_kb, False, rss_kb)
+
+
 def _failure(invoke: Invoke, error_type: str, message: str, stack: list[str]) -> Result:
+    body = _error_body(error_type, message, invoke.invocation_id, stack)
+    _log_error(error_type, message, stack)
+    peak_kb, rss_kb = _memory_kb()
+    return Result(False, body, error_type, message, peak_kb, False, rss_kb)
+
+
+_STACK_KEPT = 50  # frames of a stack trace kept when the error JSON is over the limit
+
+
+def _error_body(error_type: str, message: str, request_id: str, stack: list[str]) -> bytes:
+    """Lambda's error JSON, within MAX_RESPONSE_BYTES: an exception's message (or a frame's
+    source line) can be any size, so an error over the limit keeps the start of its message
+    and the innermost frames, each cut short, rather than failing the frame to the daemon."""
     body = {
         "errorMessage": message,
         "errorType": error_type,
-        "requestId": invoke.invocation_id,
+        "requestId": request_id,
         "stackTrace": stack,
     }
-    _log_error(error_type, message, stack)
-    peak_kb, rss_kb = _memory_kb()
-    return Result(False, _to_json(body), error_type, message, peak_kb, False, rss_kb)
+    encoded = _to_json(body)
+    if len(encoded) <= MAX_RESPONSE_BYTES:
+        return encoded
+    cut = MAX_ERROR_TEXT_BYTES // 4  # characters: at most 6 bytes each once escaped
+    body["errorMessage"] = f"{message[:cut]} [lambdaemon: truncated from {len(message)} characters]"
+    body["errorType"] = error_type[:cut]
+    body["stackTrace"] = [frame[:1024] for frame in stack[-_STACK_KEPT:]]
+    return _to_json(body)
 
 
 def _out_of_memory(invoke: Invoke, exc: MemoryError) -> Result:
@@ -484,8 +542,8 @@ def _init(control: WorkerChannel) -> Callable[[Any, LambdaContext], Any] | None:
     init_ms = (time.perf_counter() - started) * 1000
     error_type, message, stack = error
     _log_error(error_type, message, stack)
-    body = {"errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": stack}
-    control.send(InitFailed(error_type, message, _to_json(body), init_ms))
+    body = _error_body(error_type, message, "", stack)
+    control.send(InitFailed(error_type, message, body, init_ms))
     return None
 
 

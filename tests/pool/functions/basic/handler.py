@@ -163,3 +163,16 @@ def leak(event, context):
     # Keeps what it allocates, as a leaking handler would (touched, so it is resident).
     kept.append(bytearray(b"x") * (event["mb"] * 1024 * 1024))
     return {"kept_mb": event["mb"] * len(kept), "pid": os.getpid()}
+
+
+def sized(event, context):
+    """A result whose JSON is event["bytes"] bytes long: a string of event["char"] (one or more
+    bytes of UTF-8 each) between its two quotes, or with "raw" that many bytes returned as is."""
+    if event.get("raw"):
+        return b"r" * event["bytes"]
+    char = event.get("char", "x")
+    return char * ((event["bytes"] - 2) // len(char.encode()))
+
+
+def fail_long(event, context):
+    raise ValueError("m" * event["chars"])
