@@ -92,7 +92,10 @@ class Service:
             pruner = Pruner(store, config.daemon)
             await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
             outbox = await stack.enter_async_context(OutboxRelay.open(config, store))
-            pool = WorkerPool(config.daemon.max_workers, config.daemon.log_capture_bytes)
+            # The daemon starts no children but workers: it adopts and ends their orphans.
+            pool = WorkerPool(
+                config.daemon.max_workers, config.daemon.log_capture_bytes, own_children=True
+            )
             self._pool = pool
             stack.push_async_callback(pool.close)
             stack.callback(self._stop_watchdog)  # this late: the pings go on through the drain

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from daemon.config import FunctionConfig
+from daemon.pool.descendants import kill_tree
 from daemon.pool.outcomes import kb_to_mb
 from daemon.pool.protocol import Invoke, SupervisorChannel
 
@@ -68,6 +69,7 @@ class Worker:
         "peak_kb",
         "invocations",
         "recycle",
+        "mark",
     )
 
     def __init__(
@@ -77,8 +79,10 @@ class Worker:
         proc: asyncio.subprocess.Process,
         memfd: int,
         loop: asyncio.AbstractEventLoop,
+        mark: str,
     ) -> None:
         self.fn = fn
+        self.mark = mark  # in its environment and its descendants' (descendants.py)
         self.key = key
         self.proc = proc
         self.pid = proc.pid
@@ -105,10 +109,10 @@ class Worker:
             os.close(self.memfd)
             self.memfd = -1
 
-    def kill_group(self) -> None:
-        """SIGKILL the process group: the worker and whatever its handler left running."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+    def kill_tree(self) -> None:
+        """SIGKILL the worker, its process group and its descendants, whatever session they
+        moved to: whatever its handler left running (descendants.py)."""
+        kill_tree(self.pid)
 
     async def wait_exit(self, timeout_s: float) -> bool:
         assert self.exit_task is not None
@@ -207,8 +211,14 @@ class Worker:
         return text
 
 
+def new_log_stream(fn: FunctionConfig) -> str:
+    """AWS_LAMBDA_LOG_STREAM_NAME for a new worker: Lambda's form, unique per worker (its
+    descendants inherit it, and the pool tells whose orphan a process is by it)."""
+    return f"{time.strftime('%Y/%m/%d', time.gmtime())}/[{fn.version}]{os.urandom(16).hex()}"
+
+
 async def start_process(
-    fn: FunctionConfig, child_sock: socket.socket, memfd: int, on_demand: bool
+    fn: FunctionConfig, child_sock: socket.socket, memfd: int, on_demand: bool, stream: str
 ) -> asyncio.subprocess.Process:
     """Exec `python -m daemon.pool.worker` for `fn`: own session, clean env, output on `memfd`."""
     assert fn.code is not None
@@ -225,7 +235,7 @@ async def start_process(
         pass_fds=(child_sock.fileno(),),
         start_new_session=True,
         cwd=fn.code,
-        env=environment(fn, "on-demand" if on_demand else "provisioned-concurrency"),
+        env=environment(fn, "on-demand" if on_demand else "provisioned-concurrency", stream),
     )
 
 
@@ -237,11 +247,10 @@ def capture_file(name: str) -> int:
     return memfd
 
 
-def environment(fn: FunctionConfig, initialization: str) -> dict[str, str]:
+def environment(fn: FunctionConfig, initialization: str, stream: str) -> dict[str, str]:
     """A clean environment: PATH, LANG, the function's env, then Lambda's reserved variables."""
     env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": os.environ.get("LANG", "C.UTF-8")}
     env.update(fn.env)
-    stream = f"{time.strftime('%Y/%m/%d', time.gmtime())}/[{fn.version}]{os.urandom(16).hex()}"
     env.update(
         {
             "_HANDLER": fn.handler,

@@ -32,6 +32,7 @@ from daemon.config import FunctionConfig
 from daemon.errors import PoolClosedError
 from daemon.memory import BIG_PAYLOAD_BYTES, trim_soon
 from daemon.models import InvokeRequest, Outcome, Status
+from daemon.pool.descendants import Orphans, become_subreaper
 from daemon.pool.outcomes import (
     call_outcome,
     crashed,
@@ -47,6 +48,7 @@ from daemon.pool.process import (
     State,
     Worker,
     capture_file,
+    new_log_stream,
     start_process,
     use_pidfd_child_watcher,
 )
@@ -58,6 +60,8 @@ log = structlog.get_logger("lambdaemon.pool")
 INIT_TIMEOUT_S = 10.0  # Lambda's limit for the init phase
 _EXIT_WAIT_S = 5.0
 _CRASH_GRACE_S = 1.0  # after EOF on the channel, how long a worker may take to finish exiting
+_SWEEP_AGAIN_S = 0.1  # after a sweep killed orphans: the next one reaps them
+_SWEEP_INTERVAL_S = 10.0  # the daemon's sweep for orphans that exited on their own
 
 
 class _Waiter:
@@ -79,7 +83,11 @@ class WorkerPool:
     memfd (kept to `log_capture_bytes`) that the parent reads even after killing the worker.
     """
 
-    def __init__(self, max_workers: int, log_capture_bytes: int = 65536) -> None:
+    def __init__(
+        self, max_workers: int, log_capture_bytes: int = 65536, own_children: bool = False
+    ) -> None:
+        """`own_children`: this process starts no children but workers, so it adopts the
+        orphans of their descendants (the daemon: descendants.py); a test's process does not."""
         self.init_timeout_s = INIT_TIMEOUT_S
         self._max_workers = max_workers
         self._capture_bytes = log_capture_bytes
@@ -101,6 +109,9 @@ class WorkerPool:
         self._reaper_at: float | None = None
         self.start_health = StartHealth()
         self._start_retry: asyncio.TimerHandle | None = None  # while degraded: a start of its own
+        self._orphans = Orphans(own_children)
+        self._marks_starting: set[str] = set()  # marks of workers between spawn and Worker
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     # --- public API ------------------------------------------------------------------------
@@ -109,6 +120,8 @@ class WorkerPool:
         """Start the idle reaper and the `min_warm` workers (returns once they are ready)."""
         self._loop = asyncio.get_running_loop()
         use_pidfd_child_watcher()
+        if self._orphans.own_children and become_subreaper():
+            self._schedule_sweep(_SWEEP_INTERVAL_S)
         self._reaper = self._loop.create_task(self._reap_idle(), name="pool-idle-reaper")
         await self.update(functions)
 
@@ -178,6 +191,7 @@ class WorkerPool:
             _, late = await asyncio.wait(pending, timeout=_EXIT_WAIT_S)
             if late:
                 log.error("pool_close_incomplete", unreaped=len(late))
+        await self._sweep_last()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per function: idle workers and busy ones (serving or starting)."""
@@ -321,7 +335,7 @@ class WorkerPool:
         worker.stop_reason = reason
         self._counts[worker.fn.name] -= 1
         self._dying += 1
-        worker.kill_group()
+        worker.kill_tree()
 
     async def _watch_exit(self, worker: Worker) -> None:
         self._on_exit(worker, await worker.proc.wait())
@@ -335,7 +349,7 @@ class WorkerPool:
                 self._idle[name].remove(worker)
             self._counts[name] -= 1
             worker.stop_reason = "crashed"
-            worker.kill_group()  # whatever the handler left running
+            worker.kill_tree()  # whatever the handler left running
         worker.state = State.EXITED
         self._slots -= 1
         self._workers.discard(worker)
@@ -353,6 +367,7 @@ class WorkerPool:
             signal=signum,
             **worker.stop_detail,
         )
+        self._sweep(ended=True)  # its orphans, re-parented to this process as it exited
         if not self._closed:
             self._pump()
             self._ensure_warm()
@@ -455,12 +470,16 @@ class WorkerPool:
                 raise PoolClosedError("the worker pool is closed")
             parent_sock, child_sock = socket.socketpair()
             undo.callback(parent_sock.close)
+            stream = new_log_stream(fn)
+            self._marks_starting.add(stream)
+            undo.callback(self._marks_starting.discard, stream)
             with child_sock:  # the child's end: open in the child only, once it is started
                 memfd = capture_file(fn.name)
                 undo.callback(os.close, memfd)
-                proc = await self._start_process(fn, child_sock, memfd, on_demand)
+                proc = await self._start_process(fn, child_sock, memfd, on_demand, stream)
             undo.pop_all()  # the process holds the slot now; its exit gives it back
-        worker = Worker(fn, key, proc, memfd, self._loop)
+        worker = Worker(fn, key, proc, memfd, self._loop, stream)
+        self._marks_starting.discard(stream)
         self._workers.add(worker)
         worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
         try:
@@ -475,11 +494,16 @@ class WorkerPool:
         return worker
 
     async def _start_process(
-        self, fn: FunctionConfig, child_sock: socket.socket, memfd: int, on_demand: bool
+        self,
+        fn: FunctionConfig,
+        child_sock: socket.socket,
+        memfd: int,
+        on_demand: bool,
+        stream: str,
     ) -> asyncio.subprocess.Process:
         self._spawning += 1
         try:
-            return await start_process(fn, child_sock, memfd, on_demand)
+            return await start_process(fn, child_sock, memfd, on_demand, stream)
         finally:
             self._spawning -= 1
             if not self._spawning and self._spawned is not None and not self._spawned.done():
@@ -622,6 +646,46 @@ class WorkerPool:
         if worker.state not in (State.STOPPING, State.EXITED):
             worker.peak_kb = peak_memory_kb(worker.pid)  # readable only before the kill
             self._kill(worker, "timeout")
+
+    # --- orphans ------------------------------------------------------------------------------
+
+    def _sweep(self, ended: bool = False) -> None:
+        """Kill the orphans of workers that are gone and reap those that exited (descendants.py).
+
+        `ended`: a worker has just exited, so unmarked orphans (if this process owns its
+        children) are killed too. After a kill, the next sweep comes soon to reap them.
+        """
+        self._sweep_timer = None
+        if self._spawning:  # a child between fork and exec carries no mark yet: not now
+            self._schedule_sweep(_SWEEP_AGAIN_S)
+            return
+        live = {worker.mark for worker in self._workers} | self._marks_starting
+        pids = {worker.pid for worker in self._workers}
+        killed = self._orphans.sweep(live, pids, kill_unmarked=ended or self._closed)
+        if killed:
+            self._schedule_sweep(_SWEEP_AGAIN_S)
+        elif self._orphans.own_children and not self._closed:
+            self._schedule_sweep(_SWEEP_INTERVAL_S)
+
+    def _schedule_sweep(self, delay_s: float) -> None:
+        assert self._loop is not None
+        when = self._loop.time() + delay_s
+        if self._sweep_timer is not None:
+            if self._sweep_timer.when() <= when:
+                return
+            self._sweep_timer.cancel()
+        self._sweep_timer = self._loop.call_at(when, self._sweep)
+
+    async def _sweep_last(self) -> None:
+        """At close, every worker reaped: kill their orphans, and reap them (bounded)."""
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        for _ in range(int(_EXIT_WAIT_S / _SWEEP_AGAIN_S)):
+            killed = self._orphans.sweep(set(), set(), kill_unmarked=True)
+            if not killed and not self._orphans.pending:
+                return
+            await asyncio.sleep(_SWEEP_AGAIN_S)  # killed processes exit within moments
 
     # --- idle workers --------------------------------------------------------------------------
 

@@ -176,3 +176,50 @@ def sized(event, context):
 
 def fail_long(event, context):
     raise ValueError("m" * event["chars"])
+
+
+def double_fork(event, context):
+    """Leave a grandchild in a session of its own (fork, setsid, fork, the middle one exits):
+    it writes its pid to event["pidfile"] and sleeps; with "env": false it also clears its
+    environment (a process that carries no mark of its worker); then it exits with "exit", or
+    sleeps event["s"]."""
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            if event.get("env") is False:
+                os.environ.clear()
+                os.execv(
+                    "/bin/sh",
+                    [
+                        "sh",
+                        "-c",
+                        f"echo $$ > {event['pidfile']}.tmp && "
+                        f"mv {event['pidfile']}.tmp {event['pidfile']} && exec sleep 300",
+                    ],
+                )
+            with open(event["pidfile"] + ".tmp", "w") as out:
+                out.write(str(os.getpid()))
+            os.rename(event["pidfile"] + ".tmp", event["pidfile"])
+            time.sleep(300)
+        os._exit(0)
+    os.waitpid(middle, 0)
+    if event.get("exit"):
+        os._exit(3)
+    time.sleep(event.get("s", 0))
+    return {"middle": middle}
+
+
+def setsid_child(event, context):
+    """A child in a new session that stays the worker's child; its pid in event["pidfile"]."""
+    child = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            f"echo $$ > {event['pidfile']}.tmp && mv {event['pidfile']}.tmp "
+            f"{event['pidfile']} && exec sleep 300",
+        ],
+        start_new_session=True,
+    )
+    time.sleep(event.get("s", 0))
+    return {"child": child.pid}

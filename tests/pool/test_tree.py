@@ -1,0 +1,86 @@
+"""A worker's descendants end with it, whatever session or process group they moved to.
+
+The handlers leave a sleeping process behind that writes its pid to a file: a child in a session
+of its own (still the worker's child), or a grandchild that forked twice (re-parented to the
+daemon, the subreaper, as its middle process exits), with or without the worker's environment.
+Whichever way its worker ends (timeout, crash, recycling, the daemon's stop), that process is
+gone within a bounded wait, and reaped: no zombie is left in the daemon either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from daemon.models import Status
+from daemon.pool import WorkerPool
+from tests.daemon_proc import Daemon, running_daemon
+from tests.pool.conftest import BASIC, alive, function, gone, reapable, request
+from tests.waits import until, until_changed
+
+
+async def pid_in(path: Path) -> int:
+    """The pid a handler's process wrote to `path` (written whole: renamed into place)."""
+    return int(await until_changed(path, lambda: path.exists() and path.read_text(), 10))
+
+
+async def ended(pid: int) -> None:
+    """`pid` has exited and been reaped (no zombie left): bounded."""
+    assert await gone(pid, 10)
+    # the daemon reaps the orphans it killed on its next sweep, 0.1 s later: polled
+    await until(lambda: not reapable(pid), 10, f"{pid} reaped")
+
+
+async def test_timeout_kills_a_child_in_a_session_of_its_own(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    fn = function("setsid", "handler.setsid_child", timeout_s=1.0)
+    pidfile = tmp_path / "child.pid"
+    outcome = await pool.invoke(
+        fn, request(fn, json.dumps({"pidfile": str(pidfile), "s": 30}).encode())
+    )
+    assert outcome.status is Status.TIMED_OUT
+    child = await pid_in(pidfile)
+    assert await gone(child, 5)
+
+
+def tree_functions() -> str:
+    def entry(name: str, **settings: object) -> str:
+        lines = "".join(f"{key} = {value}\n" for key, value in settings.items())
+        return f'[functions.{name}]\nhandler = "handler.double_fork"\ncode = "{BASIC}"\n{lines}'
+
+    return "".join(
+        [
+            entry("timeout", timeout_s=1),
+            entry("crash"),
+            entry("recycled", max_invocations_per_worker=1),
+            entry("live"),
+        ]
+    )
+
+
+async def leave_grandchild(daemon: Daemon, name: str, pidfile: Path, **event: object) -> int:
+    status, _, body = await daemon.invoke(name, {"pidfile": str(pidfile), **event})
+    assert status == 200, body
+    return await pid_in(pidfile)
+
+
+async def test_a_double_forked_grandchild_ends_with_its_worker_however_it_ends(
+    tmp_path: Path,
+) -> None:
+    async with running_daemon(tmp_path, tree_functions()) as daemon:
+        live = await leave_grandchild(daemon, "live", tmp_path / "live.pid")
+        for name, event in [
+            ("timeout", {"s": 30}),  # killed at its deadline
+            ("crash", {"exit": True}),  # the worker exits on its own after the fork
+            ("recycled", {}),  # retired after its one call
+            ("timeout", {"s": 30, "env": False}),  # carries no mark of its worker
+        ]:
+            pidfile = tmp_path / f"{name}-{len(event)}.pid"
+            grandchild = await leave_grandchild(daemon, name, pidfile, **event)
+            await ended(grandchild)
+        # the other workers' ends did not touch a grandchild of a worker still warm
+        assert alive(live)
+        assert daemon.proc is not None
+    # the daemon's stop ends the last worker, and with it its grandchild
+    await ended(live)
