@@ -72,7 +72,17 @@ class DaemonSettings(_Section, frozen=True):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
-class ApiSettings(_Section, frozen=True):
+class ListenerSettings(_Section, frozen=True):
+    """What one HTTP listener allows a client (daemon/http/wire.py enforces it)."""
+
+    head_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0  # connect or idle → whole head
+    body_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0  # head → whole body; answer taken
+    keepalive_s: Annotated[float, Meta(gt=0, le=3600)] = 75.0  # idle between requests
+    max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    max_pipelined: Annotated[int, Meta(ge=1, le=1024)] = 16  # parsed, unanswered, per connection
+
+
+class ApiSettings(ListenerSettings, frozen=True):
     listen: str = "127.0.0.1:9070"
     token_file: str | None = None
 
@@ -87,7 +97,7 @@ class MqttSettings(_Section, frozen=True):
     session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
 
 
-class WebhookSettings(_Section, frozen=True):
+class WebhookSettings(ListenerSettings, frozen=True):
     listen: str = "0.0.0.0:8080"
     max_body_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
 

@@ -304,3 +304,31 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [_ForeignHandler()]
     root.setLevel(max(logging.WARNING, _LEVELS[level]))
+
+
+class Throttle:
+    """Bounds how often one kind of event is logged: `burst` lines per `window_s` per kind, then
+    silence until the window ends; the next line says how many were left out (`suppressed`).
+
+    For what strangers can cause at will (bad requests, refused webhooks): a flood of them is
+    counted in full elsewhere, but must not fill a small disk with log lines.
+    """
+
+    __slots__ = ("burst", "window_s", "_kinds")
+
+    def __init__(self, burst: int = 10, window_s: float = 10.0) -> None:
+        self.burst, self.window_s = burst, window_s
+        self._kinds: dict[str, list[float]] = {}  # kind: [window start, logged, suppressed]
+
+    def allow(self, kind: str, now: float) -> int | None:
+        """None: leave this one out; else log it, with the number left out since the last."""
+        state = self._kinds.get(kind)
+        if state is None or now - state[0] >= self.window_s:
+            suppressed = int(state[2]) if state is not None else 0
+            self._kinds[kind] = [now, 1, 0]
+            return suppressed
+        if state[1] < self.burst:
+            state[1] += 1
+            return 0
+        state[2] += 1
+        return None

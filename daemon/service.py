@@ -119,7 +119,8 @@ class Service:
                 "api.listen",
                 drain_s=config.daemon.shutdown_timeout_s,
                 router=app[FAST_ROUTES],
-                max_body_bytes=MAX_SYNC_PAYLOAD,
+                max_body=lambda: MAX_SYNC_PAYLOAD,
+                limits=lambda: self.config.api,
             )
             stack.push_async_callback(api.cleanup)
             # Awaited before the API closes, so /health answers "draining" meanwhile.

@@ -291,6 +291,7 @@ class WebhookSource:
         settings = config.webhooks
         assert settings is not None  # config validation requires it with any webhook trigger
         self.listen, self.max_body_bytes = settings.listen, settings.max_body_bytes
+        self.limits = settings  # timeouts and connection caps (daemon/http/wire.py reads them)
         self.drain_s = config.daemon.shutdown_timeout_s
         self.routes: dict[str, dict[str, Route]] = {}
         self.replays = ReplayGuard()  # one for all routes: a signature is refused on any of them
@@ -347,6 +348,7 @@ class WebhookSource:
         new.replays.adopt(self.replays)  # the new routes' checks remember what these accepted
         self.replays = new.replays
         self.max_body_bytes, self.drain_s = new.max_body_bytes, new.drain_s
+        self.limits = new.limits
         log.info(
             "webhook_routes_updated", routes=sorted(self.routes), max_body_bytes=self.max_body_bytes
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import re
 import time
@@ -14,7 +15,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from daemon.config import Config, FunctionConfig, listen_host
+from daemon.config import Config, FunctionConfig, ListenerSettings, listen_host
 from daemon.credentials import read_secret
 from daemon.dispatcher import Dispatcher
 from daemon.errors import (
@@ -26,7 +27,15 @@ from daemon.errors import (
 )
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.idempotency import SyncResultCache
-from daemon.http.wire import AnyRequest, FastRunner, FastSite, Handler, Router, WireRequest
+from daemon.http.wire import (
+    STATS,
+    AnyRequest,
+    FastRunner,
+    FastSite,
+    Handler,
+    Router,
+    WireRequest,
+)
 from daemon.models import Outcome, Status
 from daemon.pool.starts import StartHealth
 from daemon.store.health import STORE_HEALTH
@@ -337,6 +346,7 @@ async def health(request: AnyRequest) -> web.Response:
         if starts.degraded and not degraded:
             degraded = True
             body.update({key: pool[key] for key in ("status", "reason", "error", "since")})
+    body["http"] = {key.partition(".")[0]: stats.report() for key, stats in STATS.items()}
     return web.json_response(body, status=503 if degraded else 200, dumps=_dumps)
 
 
@@ -374,15 +384,22 @@ def _utf8(text: str) -> bytes:
 
 
 def _api_router(token: bytes | None) -> Router:
-    """What daemon/http/wire.py serves on the API listener: Invoke calls by plain function name, and
-    /health, so that a client that checks health first keeps its connection on the fast path."""
+    """How daemon/http/wire.py serves the API listener: Invoke calls by plain function name, and
+    /health, straight to their handlers; a request without the token is refused before its body
+    is read; everything else by the app's routes (and its middleware)."""
+    refused = functools.partial(
+        lambda_error, 401, "UnrecognizedClientException", "a valid bearer token is required"
+    )
 
-    def route(request: WireRequest) -> Handler | None:
+    def route(request: WireRequest) -> Handler | web.StreamResponse | None:
         if request.method == "GET" and request.path == "/health":
-            return health  # open to all, as with aiohttp's middleware
+            return health  # open to all, as with the middleware
+        if token is not None and not _authorized(request, token):
+            log.warning("api_unauthorized", path=request.path[:200], remote=request.remote)
+            return refused()
         match = _INVOKE_PATH.fullmatch(request.path) if request.method == "POST" else None
-        if match is None or (token is not None and not _authorized(request, token)):
-            return None  # aiohttp's app answers it, and refuses it with its middleware
+        if match is None:
+            return None
         request.match_info = {"name": match[1]}
         return invoke
 
@@ -415,26 +432,30 @@ async def start_site(
     listen: str,
     key: str,
     *,
+    limits: Callable[[], ListenerSettings],
+    max_body: Callable[[], int],
     drain_s: float = 1.0,
     router: Router | None = None,
-    max_body_bytes: int = 0,
 ) -> web.AppRunner:
     """Serve `app` on `listen` inside our own lifecycle (not run_app: signals stay ours).
 
-    With a `router`, requests it takes are served on daemon/http/wire.py's fast path, bodies of up
-    to `max_body_bytes`; aiohttp serves the rest. On cleanup the listener stops accepting and
-    in-flight requests get `drain_s` to finish.
+    Every connection is daemon/http/wire.py's: `router` picks what serves a request (None: the
+    app's routes), bodies are held to `max_body()` and connections to `limits()`, both read live.
+    On cleanup the listener stops accepting and in-flight requests get `drain_s` to finish.
     """
     host, port = listen_host(listen, "", key)
     runner = FastRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain_s)
     await runner.setup()
-    site: web.BaseSite
-    if router is None:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-    else:
-        site = FastSite(
-            runner, host, port, router=router, max_body_bytes=max_body_bytes, drain_s=drain_s
-        )
+    site = FastSite(
+        runner,
+        host,
+        port,
+        key=key,
+        router=router,
+        max_body=max_body,
+        limits=limits,
+        drain_s=drain_s,
+    )
     try:
         await site.start()
     except OSError as exc:

@@ -33,7 +33,8 @@ from daemon.errors import (
     UnknownFunctionError,
 )
 from daemon.http.api import start_site
-from daemon.http.wire import AnyRequest, Handler, WireRequest
+from daemon.http.wire import STATS, AnyRequest, Handler, WireRequest
+from daemon.logs import Throttle
 from daemon.models import Outcome, Status, new_id
 from daemon.untrusted import MAX_JSON_DEPTH, is_utf8, json_too_deep
 from triggers.base import Emit
@@ -77,6 +78,7 @@ class WebhookServer:
     def __init__(self, source: WebhookSource, emit: Emit) -> None:
         self.source, self.emit = source, emit
         self.draining = False  # once set, requests that still slip in get 503
+        self._throttle = Throttle()  # webhook_rejected lines, per reason
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
@@ -90,8 +92,10 @@ class WebhookServer:
             "webhooks.listen",
             drain_s=source.drain_s,
             router=self._route,
-            max_body_bytes=source.max_body_bytes,
+            max_body=lambda: self.source.max_body_bytes,
+            limits=lambda: self.source.limits,
         )
+        STATS["webhooks.listen"].rejected = source.rejected  # shown on /health beside the rest
         port: int = self._runner.addresses[0][1]
         return port
 
@@ -105,12 +109,14 @@ class WebhookServer:
         log.info("webhook_draining", drain_s=self.source.drain_s)
         await self._runner.cleanup()  # in-flight requests get up to drain_s to finish
 
-    def _route(self, request: WireRequest) -> Handler | None:
-        # Everything the fast path can frame (daemon/http/wire.py); a body over today's limit goes
-        # to aiohttp, which streams it to _handle to be refused without buffering it.
-        return self._handle if (request.content_length or 0) <= self.source.max_body_bytes else None
+    def _route(self, request: WireRequest) -> Handler | web.StreamResponse:
+        """On the request's head alone: refuse what no body can make right (unknown route, wrong
+        method, draining, a failed header check, a body announced over the limit) before a
+        byte of the body is read; the rest goes to `_handle` once the body is here."""
+        refused = self._refuse_head(request)
+        return refused if refused is not None else self._handle
 
-    async def _handle(self, request: AnyRequest) -> web.StreamResponse:
+    def _refuse_head(self, request: AnyRequest) -> web.Response | None:
         by_method = self.source.routes.get(request.path)
         if by_method is None:
             return self._reject(request, None, "not_found", 404, "Not Found")
@@ -124,9 +130,18 @@ class WebhookServer:
             busy = {"Retry-After": "5", "Connection": "close"}
             return self._reject(request, route, "draining", 503, "Service Unavailable", busy)
         check = route.check
-        # Header-only checks run before the body is read: strangers cannot make us buffer it.
         if not check.needs_body and (reason := check.check(request.headers, b"")):
             return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
+        if (request.content_length or 0) > self.source.max_body_bytes:
+            return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
+        return None
+
+    async def _handle(self, request: AnyRequest) -> web.StreamResponse:
+        # Checked again: aiohttp alone (tests) and a route swapped by a reload come here unchecked.
+        if (refused := self._refuse_head(request)) is not None:
+            return refused
+        route = self.source.routes[request.path][request.method]
+        check = route.check
         body = await self._read_body(request)
         if body is None:
             return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
@@ -255,17 +270,19 @@ class WebhookServer:
         message: str,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        self.source.rejected[reason] += 1
-        emit_log = log.warning if reason.startswith("auth_") else log.info
-        where = route.path if route else request.path[:200]
-        emit_log(
-            "webhook_rejected",
-            reason=reason,
-            route=where,
-            remote=request.remote,
-            status=status,
-            count=self.source.rejected[reason],
-        )
+        count = self.source.rejected[reason] = self.source.rejected[reason] + 1
+        suppressed = self._throttle.allow(reason, time.monotonic())
+        if suppressed is not None:  # a flood of refusals is counted, not logged line by line
+            emit_log = log.warning if reason.startswith("auth_") else log.info
+            emit_log(
+                "webhook_rejected",
+                reason=reason,
+                route=route.path if route else request.path[:200],
+                remote=request.remote,
+                status=status,
+                count=count,
+                suppressed=suppressed,
+            )
         return _message(status, message, headers)
 
 

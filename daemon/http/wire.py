@@ -1,47 +1,111 @@
-"""HTTP/1.1 on the daemon's listeners without aiohttp's per-request machinery.
+"""HTTP/1.1 on the daemon's listeners: one protocol owns every connection, llhttp frames it.
 
 On a small board aiohttp's server costs more CPU per request than the whole rest of a warm
-invocation. A `FastSite` listens in place of aiohttp's TCPSite; each connection starts with a
-`FastConnection`, which frames plain requests itself (request line, headers, a Content-Length
-body) and runs the same aiohttp handler the app's route would, on a `WireRequest` that carries
-the parts of `web.Request` our handlers read. The `web.Response` that comes back is written
-out by hand.
+invocation, and its connections have no head or body timeout. A `FastSite` listens in place of
+aiohttp's TCPSite; every connection is an `HttpConnection`, which parses with httptools (llhttp,
+the strict parser uvicorn and Node.js use) and runs the aiohttp handler the app's route would, on a
+`WireRequest` that carries the parts of `web.Request` our handlers read. The `web.Response` that
+comes back is written out by hand.
 
-Anything else (chunked bodies, `Expect`, `Upgrade`, HTTP/1.0, HEAD, percent-encoded or odd
-paths, non-ASCII headers, bodies over the site's limit, a request the site's router does not
-take, anything malformed) is not interpreted here: the connection is handed, from that request
-on, to aiohttp's own protocol, which parses and answers it as if it had owned the connection
-all along. Requests on one connection are answered one at a time, in order.
+What it guarantees, whatever the client sends (see ListenerSettings in daemon/config.py):
+- A request head arrives within `head_timeout_s`, a body within `body_timeout_s` of its head, an
+  idle keep-alive connection lasts `keepalive_s`, an answer the client does not take is dropped
+  after `body_timeout_s`. Each ends the connection (a 408 first when a request was under way).
+- The site's `router` sees each request as soon as its head is parsed: an unknown route, a wrong
+  method or a failed header check is answered before a byte of the body is read, and a body
+  announced over the limit is never read. Bodies that are read count against the listener's body
+  budget (BODY_BUDGET_BODIES full bodies); a request past it waits, unread, until one is done.
+- Reading stops while answers wait for the client (the transport's write buffer is over its high
+  water mark) and while `max_pipelined` requests are parsed and not yet answered.
+- Past `max_connections` open connections, the connection idle longest is closed to make room;
+  when none is idle, the new one is answered 503 and closed.
+- A head llhttp refuses (bare LF line ends, a TLS ClientHello, bad characters, conflicting
+  framing), an HTTP/1.1 request without Host, or a head over MAX_HEAD_BYTES is answered 400 (431)
+  and the connection is closed. Such requests are counted per kind in `ListenerStats` (shown on
+  /health) and logged at info, a few per kind per ten seconds (logs.Throttle), without a traceback.
+
+Requests on one connection are answered one at a time, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from email.utils import formatdate
-from typing import Any, Literal
+from functools import partial
+from typing import Any
 
+import httptools
 import structlog
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict, MultiDict
 from yarl import URL
+
+from daemon.config import ListenerSettings
+from daemon.logs import Throttle
 
 log = structlog.get_logger("lambdaemon.http")
 
 Handler = Callable[[Any], Coroutine[Any, Any, web.StreamResponse]]
-# Takes a parsed request; the handler that serves it here, or None: aiohttp serves it.
-Router = Callable[["WireRequest"], Handler | None]
+# Takes a request whose head is parsed: the handler that serves it once its body is here, a
+# response to answer at once without reading the body, or None: the app's own routes serve it.
+Router = Callable[["WireRequest"], "Handler | web.StreamResponse | None"]
 
-MAX_HEAD_BYTES = 16 * 1024  # aiohttp's own limits are per line (8190); a larger head goes to it
-KEEPALIVE_S = 75.0  # as aiohttp: an idle keep-alive connection is closed after this long
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Header lines as RFC 9110 has them (token ":" visible ASCII, spaces, tabs), no obs-fold.
-_HEAD = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*\r\n)*")
-_TARGET = re.compile(r"/[!$&'()*+,\-.0-9:;=@A-Z_a-z~/?]*")  # no %, #, spaces, controls
-_HANDED_OFF = frozenset({"transfer-encoding", "expect", "upgrade"})
+MAX_HEAD_BYTES = 16 * 1024  # request line and header fields together
+MAX_HEADERS = 128  # as aiohttp
+BODY_BUDGET_BODIES = 4  # bodies of the listener's largest size held in memory at once
+SWEEP_S = 1.0  # how often deadlines are checked: a timeout may run this much late
+FEED_SLICE = 16 * 1024  # bytes parsed at a time, so a pipelining client cannot queue unbounded
+DISCARD_BYTES = 64 * 1024  # a refused request's body up to this is read and dropped, not kept
 _NO_BODY = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ListenerStats:
+    """What one listener saw of its clients since start (shown on /health, counted per kind)."""
+
+    __slots__ = ("open", "accepted", "evicted", "refused", "bad", "timeouts", "rejected", "_log")
+
+    def __init__(self) -> None:
+        self.open = self.accepted = self.evicted = self.refused = 0
+        self.bad: Counter[str] = Counter()  # bad requests by kind
+        self.timeouts: Counter[str] = Counter()  # connections ended by a deadline, by phase
+        self.rejected: Counter[str] = Counter()  # the webhook listener's refusals, by reason
+        self._log = Throttle()
+
+    def report(self) -> dict[str, Any]:
+        report = {
+            "open": self.open,
+            "accepted": self.accepted,
+            "evicted_idle": self.evicted,
+            "refused": self.refused,
+            "bad_requests": dict(self.bad),
+            "timeouts": dict(self.timeouts),
+        }
+        if self.rejected:
+            report["rejected"] = dict(self.rejected)
+        return report
+
+    def bad_request(self, listener: str, kind: str, detail: str, remote: str | None) -> None:
+        """Count a bad request; log it unless its kind was logged too often just now."""
+        self.bad[kind] += 1
+        suppressed = self._log.allow(kind, time.monotonic())
+        if suppressed is not None:
+            log.info(
+                "http_bad_request",
+                listener=listener,
+                kind=kind,
+                detail=detail[:200],
+                remote=remote,
+                count=self.bad[kind],
+                suppressed=suppressed,
+            )
+
+
+# Per listener key ("api.listen", "webhooks.listen"): survives a webhook listener's rebind.
+STATS: dict[str, ListenerStats] = {}
 
 
 class _Body:
@@ -54,6 +118,9 @@ class _Body:
 
     def iter_chunked(self, n: int) -> _Chunks:
         return _Chunks(self.data, n)
+
+
+_EMPTY = _Body(b"")
 
 
 class _Chunks:
@@ -77,7 +144,7 @@ class _Chunks:
 
 
 class WireRequest:
-    """The parts of aiohttp's `web.Request` that the handlers served here read."""
+    """The parts of aiohttp's `web.Request` that the daemon's handlers read."""
 
     __slots__ = (
         "app",
@@ -85,6 +152,7 @@ class WireRequest:
         "raw_path",
         "path",
         "headers",
+        "version",
         "content_length",
         "content",
         "remote",
@@ -92,7 +160,6 @@ class WireRequest:
         "_query_string",
         "_query",
     )
-    version = HttpVersion11
     scheme = "http"
 
     def __init__(
@@ -101,14 +168,18 @@ class WireRequest:
         method: str,
         target: str,
         headers: CIMultiDict[str],
+        version: HttpVersion,
         content_length: int | None,
         remote: str | None,
     ) -> None:
         self.app, self.method, self.raw_path, self.headers = app, method, target, headers
-        self.path, _, self._query_string = target.partition("?")
+        path, _, self._query_string = target.partition("?")
+        if "%" in path:  # percent-decoded as aiohttp does; the raw form stays in raw_path
+            path = URL.build(path=path, encoded=True).path
+        self.path, self.version = path, version
         self.content_length, self.remote = content_length, remote
-        self.content = _Body(b"")
-        self.match_info: dict[str, str] = {}
+        self.content = _EMPTY
+        self.match_info: Any = {}
         self._query: MultiDict[str] | None = None
 
     @property
@@ -118,12 +189,20 @@ class WireRequest:
         return self._query
 
     @property
+    def rel_url(self) -> URL:
+        """What aiohttp's router resolves a request by."""
+        return URL.build(path=self.path, query_string=self._query_string, encoded=False)
+
+    @property
     def content_type(self) -> str:
         value = self.headers.get("Content-Type")
         return value.partition(";")[0].strip().lower() if value else "application/octet-stream"
 
+    async def read(self) -> bytes:
+        return self.content.data
 
-# What a handler served both here and by aiohttp takes.
+
+# What a handler served by both this module and aiohttp (in tests, by aiohttp alone) takes.
 AnyRequest = web.Request | WireRequest
 
 
@@ -141,13 +220,11 @@ class FastRunner(web.AppRunner):
 
 
 class FastSite(web.BaseSite):
-    """aiohttp's TCPSite, but connections start on the fast path (see the module doc).
+    """aiohttp's TCPSite, with every connection an `HttpConnection` (see the module doc).
 
-    `router` picks the handler for a request; `max_body_bytes` bounds what is buffered here.
+    `router` picks what serves a request; `max_body` (read per request, so a reload changes it in
+    place) bounds what is buffered; `limits` gives the timeouts and caps, also read live.
     """
-
-    __slots__ = ("_host", "_port", "_router", "_max_body", "_drain_s", "_connections", "_sweeper")
-    keepalive_s = KEEPALIVE_S
 
     def __init__(
         self,
@@ -155,48 +232,55 @@ class FastSite(web.BaseSite):
         host: str,
         port: int,
         *,
-        router: Router,
-        max_body_bytes: int,
+        key: str,
+        router: Router | None,
+        max_body: Callable[[], int],
+        limits: Callable[[], ListenerSettings],
         drain_s: float,
     ) -> None:
         super().__init__(runner)
         runner.fast_sites.append(self)
-        self._host, self._port, self._router = host, port, router
-        self._max_body, self._drain_s = max_body_bytes, drain_s
-        self._connections: set[FastConnection] = set()
+        self.key, self._host, self._port = key, host, port
+        self.router, self.max_body, self.limits = router, max_body, limits
+        self._drain_s = drain_s
+        self.connections: set[HttpConnection] = set()
+        self.stats = STATS.setdefault(key, ListenerStats())
+        self.body_held = 0  # bytes of bodies reserved by requests in hand
+        self.budget_waiters: deque[HttpConnection] = deque()
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
         return f"http://{self._host}:{self._port}"
 
+    @property
+    def body_budget(self) -> int:
+        return BODY_BUDGET_BODIES * self.max_body()
+
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        server, app = self._runner.server, getattr(self._runner, "app", None)
-        assert server is not None and isinstance(app, web.Application)
+        app = getattr(self._runner, "app", None)
+        assert isinstance(app, web.Application)
         self._server = await loop.create_server(
-            lambda: FastConnection(self, server, app, loop),
-            self._host,
-            self._port,
-            reuse_address=True,
+            lambda: HttpConnection(self, app, loop), self._host, self._port, reuse_address=True
         )
-        self._sweeper = loop.create_task(self._sweep(), name="http-keepalive-sweeper")
+        self._sweeper = loop.create_task(self._sweep(), name=f"http-deadlines-{self.key}")
 
     async def stop(self) -> None:
         """Stop listening; close idle connections; busy ones close once answered."""
         await super().stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for conn in list(self._connections):
-            if conn.task is None:
+        for conn in list(self.connections):
+            if conn.idle:
                 conn.close()
             else:
                 conn.closing = True
 
     async def drain(self) -> None:
         """Give requests in hand `drain_s` to be answered, then cancel them."""
-        busy = [conn.task for conn in self._connections if conn.task is not None]
+        busy = [conn.task for conn in self.connections if conn.task is not None]
         if busy:
             _, late = await asyncio.wait(busy, timeout=self._drain_s)
             for task in late:
@@ -204,152 +288,398 @@ class FastSite(web.BaseSite):
             if late:
                 await asyncio.wait(late)
 
+    def admit(self, conn: HttpConnection) -> bool:
+        """Make room for `conn` under max_connections: False when there is none."""
+        if len(self.connections) >= self.limits().max_connections:
+            idle = [c for c in self.connections if c.idle]
+            if not idle:
+                self.stats.refused += 1
+                return False
+            min(idle, key=lambda c: c.idle_since).close()
+            self.stats.evicted += 1
+        self.connections.add(conn)
+        self.stats.accepted += 1
+        self.stats.open = len(self.connections)
+        return True
+
+    def forget(self, conn: HttpConnection) -> None:
+        self.connections.discard(conn)
+        self.stats.open = len(self.connections)
+
+    def reserve(self, conn: HttpConnection, size: int) -> bool:
+        """Hold `size` bytes of body budget for `conn`; False: wait in line (`granted` later)."""
+        if not self.budget_waiters and self.body_held + size <= max(self.body_budget, size):
+            self.body_held += size
+            return True
+        self.budget_waiters.append(conn)
+        return False
+
+    def release(self, size: int) -> None:
+        self.body_held -= size
+        while self.budget_waiters:
+            conn = self.budget_waiters[0]
+            wanted = conn.wanted
+            if conn.transport is None or wanted == 0:
+                self.budget_waiters.popleft()
+                continue
+            if self.body_held and self.body_held + wanted > self.body_budget:
+                return
+            self.budget_waiters.popleft()
+            self.body_held += wanted
+            conn.granted()
+
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(self.keepalive_s / 5)  # a timer, not synchronisation
-            expired = time.monotonic() - self.keepalive_s
-            for conn in list(self._connections):
-                if conn.task is None and conn.idle_since < expired:
-                    conn.close()
+            await asyncio.sleep(SWEEP_S)  # a timer, not synchronisation
+            now = time.monotonic()
+            for conn in [c for c in self.connections if c.deadline < now]:
+                conn.expire()
 
 
-class FastConnection(asyncio.Protocol):
-    """One client connection on the fast path, until it is handed to aiohttp."""
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parses requests, answers them in order, enforces the limits."""
 
-    def __init__(
-        self,
-        site: FastSite,
-        server: web.Server,
-        app: web.Application,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.site, self.server, self.app, self.loop = site, server, app, loop
+    def __init__(self, site: FastSite, app: web.Application, loop: asyncio.AbstractEventLoop):
+        self.site, self.app, self.loop = site, app, loop
+        self.limits = site.limits()
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.task: asyncio.Task[web.StreamResponse] | None = None  # the request in hand
-        self.idle_since = time.monotonic()
-        self.closing = False  # close once the request in hand is answered
-        self._remote: str | None = None
-        self._path = ""  # of the request in hand, for the log
-        self._reading_paused = self._writing_paused = False
-        self._head: tuple[WireRequest, Handler, int] | None = None  # parsed, body still due
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote: str | None = None
+        now = time.monotonic()
+        self.idle_since = now
+        self.deadline = now + self.limits.head_timeout_s  # the first head is due
+        self.phase = "head"  # head | body | busy | idle (between requests) | write
+        self.task: asyncio.Task[web.StreamResponse] | None = None  # the request being served
+        self.closing = False  # close once the requests in hand are answered
+        self.stop = False  # parse nothing more: what follows a request refused unread is not read
+        self.queue: deque[tuple[Any, Any]] = (
+            deque()
+        )  # (WireRequest | _Failed, serve)  # parsed, waiting their turn
+        self.unparsed = b""  # received while reading is paused for the pipeline
+        self.paused: set[str] = set()  # why reading is paused: write, pipeline, budget
+        self.wanted = 0  # body bytes the request being read waits for in the budget line
+        # The request being parsed.
+        self._url = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._request: WireRequest | None = None
+        self._serve: Any = None  # its handler, response or None (the app routes it)
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._held = 0  # budget it holds
+        self._discard = False  # its body is read and dropped (the request was answered early)
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: nothing parsed, nothing running, nothing waiting."""
+        return self.task is None and not self.queue and self._request is None and not self._url
+
+    # --- the transport ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are no subclasses
         peer = transport.get_extra_info("peername")
-        self._remote = peer[0] if isinstance(peer, tuple) else None
-        self.site._connections.add(self)
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        if not self.site.admit(self):
+            self.closing = True
+            self._write(
+                _render(_plain(503, "Service Unavailable: too many connections", retry=True))
+            )
+            self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        # A request in hand runs to its end and is recorded; only its answer has nowhere to go.
-        self.site._connections.discard(self)
+        # A request being served runs to its end and is recorded; only its answer is lost.
+        self.site.forget(self)
         self.transport = None
+        self.queue.clear()
+        self._drop_body()
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.task is None:
-            self._serve_next()
-        elif len(self.buffer) > MAX_HEAD_BYTES + self.site._max_body and self.transport:
-            self._reading_paused = True  # a pipelining client waits until we catch up
-            self.transport.pause_reading()
+        if self.unparsed or self.paused:
+            self.unparsed += data  # bounded: reading is paused, at most one read arrives
+            return
+        self._feed(data)
 
     def eof_received(self) -> bool:
         self.closing = True
-        return self.task is not None  # keep the socket open to answer the request in hand
+        # Keep the socket open to answer what is in hand.
+        return self.task is not None or bool(self.queue)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self._pause("write")
+        self.phase, self.deadline = "write", time.monotonic() + self.limits.body_timeout_s
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self.task is None:
-            self._serve_next()
+        self._resume("write")
+        if self.phase == "write":
+            self._set_idle_or_busy()
+        self._next()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    # --- requests -----------------------------------------------------------------------------
-
-    def _serve_next(self) -> None:
-        if self._writing_paused or self.transport is None:
+    def expire(self) -> None:
+        """A deadline passed: say so when a request was under way, then close."""
+        phase = self.phase
+        self.site.stats.timeouts[phase] += 1
+        if phase in ("head", "body") and (self._url or self._request is not None):
+            self.site.stats.bad_request(
+                self.site.key, f"{phase}_timeout", f"no complete {phase} in time", self.remote
+            )
+            text = f"Request Timeout: the request {phase} did not arrive in time"
+            self._write(_render(_plain(408, text)))
+        if phase == "write" and self.transport is not None:
+            self.transport.abort()  # the client does not read: what is buffered goes too
             return
-        if self._head is None:
-            if not self.buffer:
-                if self.closing:
-                    self.close()
-                return
-            head = self._parse_head()
-            if head is None:
-                return  # more to come
-            if head is False:
-                self._hand_off()
-                return
-            self._head = head
-        request, handler, end = self._head
-        if len(self.buffer) < end:
-            return  # the body is still arriving
-        self._head = None
-        self._start(request, handler, end)
+        self.close()
 
-    def _parse_head(self) -> tuple[WireRequest, Handler, int] | Literal[False] | None:
-        """(request, handler, end of its body) for a request served here; False: hand it off;
-        None: the head is incomplete."""
-        buffer = self.buffer
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return False if len(buffer) > MAX_HEAD_BYTES else None
-        head = bytes(buffer[: end + 2])
-        if end > MAX_HEAD_BYTES or not head.isascii():
-            return False
-        line_end = head.find(b"\r\n")
-        request_line = head[:line_end].decode("ascii")
-        fields = head[line_end + 2 :].decode("ascii")
-        parts = request_line.split(" ")
-        if (
-            len(parts) != 3
-            or parts[2] != "HTTP/1.1"
-            or parts[0] not in _METHODS
-            or not _TARGET.fullmatch(parts[1])
-            or "/." in parts[1]
-            or not _HEAD.fullmatch(fields)
-        ):
-            return False
+    def _pause(self, reason: str) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self.paused.discard(reason)
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+            if self.unparsed:
+                data, self.unparsed = self.unparsed, b""
+                self._feed(data)
+
+    # --- parsing ------------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        at = 0
+        while at < len(data):
+            if self.stop or self.transport is None:
+                return  # a request refused unread ends the connection: the rest is not read
+            if len(self.queue) >= self.limits.max_pipelined or self.paused:
+                self.unparsed = data[at:]
+                self._pause("pipeline") if self.queue else None
+                return
+            piece = data[at : at + FEED_SLICE] if len(data) - at > FEED_SLICE else data[at:]
+            at += len(piece)
+            try:
+                parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                # Served as a plain request; the connection is not handed over to anything.
+                self.closing = self.stop = True
+                return
+            except httptools.HttpParserCallbackError as exc:
+                if not isinstance(exc.__context__, _Refused):
+                    raise  # a fault of ours, not of the request: the loop logs it
+                self._refuse_bad(exc.__context__)
+                return
+            except httptools.HttpParserError as exc:
+                self._refuse_bad(exc)
+                return
+
+    def _refuse_bad(self, exc: Exception) -> None:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, _Refused):
+            status, kind = exc.status, exc.kind
+        else:
+            status, kind = 400, "malformed"
+            if self._request is not None:  # the head was fine: the body's framing broke
+                kind = "malformed_body"
+        self.site.stats.bad_request(self.site.key, kind, detail, self.remote)
+        self._drop_body()
+        self._request = None
+        self.closing = self.stop = True
+        if self.task is None and not self.queue:
+            self._write(_render(_plain(status, f"Bad Request: {detail}")))
+            self.close()
+        else:  # answered after what is in hand, in order
+            self.queue.append((_Failed(status, detail), None))
+
+    # httptools' callbacks
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._headers = []
+        self._head_size = 0
+        if self.phase in ("idle", "head"):
+            self.phase, self.deadline = "head", time.monotonic() + self.limits.head_timeout_s
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._grow_head(len(name) + len(value) + 4)
+        if len(self._headers) > MAX_HEADERS:
+            raise _Refused("head_too_large", f"more than {MAX_HEADERS} header fields", 431)
+
+    def _grow_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _Refused(
+                "head_too_large", f"the request head is over {MAX_HEAD_BYTES} bytes", 431
+            )
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        version = HttpVersion11 if parser.get_http_version() == "1.1" else HttpVersion10
         headers: CIMultiDict[str] = CIMultiDict()
-        length: int | None = None
-        for line in fields.split("\r\n")[:-1]:
-            name, _, value = line.partition(":")
-            value = value.strip(" \t")
-            lower = name.lower()
-            if lower in _HANDED_OFF:
-                return False
-            if lower == "content-length":
-                if length is not None or not value.isdigit() or len(value) > 12:
-                    return False
-                length = int(value)
-            elif lower == "connection" and "close" in _tokens(value):
-                self.closing = True
-            headers.add(name, value)
-        if (length or 0) > self.site._max_body:
-            return False  # aiohttp streams it and the handler refuses it with a 413
-        request = WireRequest(self.app, parts[0], parts[1], headers, length, self._remote)
-        handler = self.site._router(request)
-        if handler is None:
-            return False
-        return request, handler, end + 4 + (length or 0)
+        for name, value in self._headers:
+            headers.add(
+                name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+            )
+        target = self._url.decode("utf-8", "surrogateescape")
+        if not target.startswith("/"):
+            raise _Refused("bad_target", f"request target {target[:100]!r} is not a path")
+        if version is HttpVersion11 and "Host" not in headers:
+            raise _Refused("missing_host", "an HTTP/1.1 request must carry a Host header")
+        if not parser.should_keep_alive():
+            self.closing = True
+        length_text = headers.get("Content-Length")
+        chunked = "Transfer-Encoding" in headers
+        length = int(length_text) if length_text is not None and not chunked else None
+        method = parser.get_method().decode("ascii")
+        request = WireRequest(self.app, method, target, headers, version, length, self.remote)
+        self._request, self._body, self._body_size, self._discard = request, [], 0, False
+        serve = self._route(request)
+        self._serve = serve
+        limit = self.site.max_body()
+        expect = headers.get("Expect")
+        if isinstance(serve, web.StreamResponse) or (length or 0) > limit:
+            # Answered without its body: a small one is read and dropped, a large one never read.
+            self._discard = True
+            if (length or 0) > DISCARD_BYTES or chunked or expect is not None:
+                self.closing = self.stop = True
+            if (length or 0) > limit and not isinstance(serve, web.StreamResponse):
+                request.content_length = length  # the handler refuses it by its length
+            self._complete()
+            return
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                self._serve = _plain(417, f"Expectation Failed: cannot meet Expect: {expect[:50]}")
+                self._discard = self.closing = self.stop = True
+                self._complete()
+                return
+            if version is HttpVersion11:
+                self._write(_CONTINUE)
+        if length == 0:
+            return
+        self.phase, self.deadline = "body", time.monotonic() + self.limits.body_timeout_s
+        size = limit if chunked or length is None else length
+        if self.site.reserve(self, size):
+            self._held = size
+        else:
+            self.wanted = size
+            self._pause("budget")
 
-    def _start(self, request: WireRequest, handler: Handler, end: int) -> None:
-        body_at = end - (request.content_length or 0)
-        if request.content_length:
-            request.content = _Body(bytes(self.buffer[body_at:end]))
-        del self.buffer[:end]
-        self._path = request.path
-        self.task = task = self.loop.create_task(handler(request))
-        task.add_done_callback(self._answer)
+    def granted(self) -> None:
+        """The body budget has room for the request waiting on it: read on."""
+        self._held, self.wanted = self.wanted, 0
+        self._resume("budget")
 
-    def _answer(self, task: asyncio.Task[web.StreamResponse]) -> None:
+    def on_body(self, body: bytes) -> None:
+        if self._discard:
+            return
+        self._body_size += len(body)
+        if self._body_size > self._held:  # a chunked body past the limit
+            if self._request is not None:
+                self._request.content_length = self._body_size
+            self._body = []
+            self._discard = self.closing = self.stop = True
+            self._complete()
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._discard:  # answered already, at its head
+            self._discard = False
+            self._request = None
+            return
+        request = self._request
+        if request is None:
+            return
+        if self._body:
+            request.content = _Body(self._body[0] if len(self._body) == 1 else b"".join(self._body))
+            if request.content_length is None:
+                request.content_length = len(request.content.data)
+        self._body = []
+        self._complete()
+
+    def _complete(self) -> None:
+        """The request in `_request` is ready to serve: queue it."""
+        request = self._request
+        assert request is not None
+        self._request = None
+        held, self._held = self._held, 0
+        self.queue.append((request, (self._serve, held)))
+        if self.phase in ("head", "body"):
+            self.phase = "busy"
+            self.deadline = float("inf")
+        if self.task is None:
+            self._next()
+
+    def _route(self, request: WireRequest) -> Handler | web.StreamResponse | None:
+        if self.site.router is None:
+            return None
+        return self.site.router(request)
+
+    def _drop_body(self) -> None:
+        if self._held:
+            held, self._held = self._held, 0
+            self.site.release(held)
+        self._body = []
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start the next queued request, if the client takes answers."""
+        if self.task is not None or "write" in self.paused or self.transport is None:
+            return
+        if not self.queue:
+            if self.closing:
+                self.close()
+            else:
+                self._set_idle_or_busy()
+            return
+        request, serve = self.queue.popleft()
+        if isinstance(request, _Failed):
+            self._write(_render(_plain(request.status, f"Bad Request: {request.detail}")))
+            self.close()
+            return
+        if "pipeline" in self.paused and len(self.queue) < self.limits.max_pipelined:
+            self._resume("pipeline")
+        handler, held = serve
+        self.task = task = self.loop.create_task(self._run(request, handler, held))
+        task.add_done_callback(partial(self._answer, request))
+
+    async def _run(self, request: WireRequest, serve: Any, held: int) -> web.StreamResponse:
+        try:
+            if isinstance(serve, web.StreamResponse):
+                return serve
+            if serve is None:
+                return await self._dispatch(request)
+            response: web.StreamResponse = await serve(request)
+            return response
+        finally:
+            if held:
+                self.site.release(held)
+
+    async def _dispatch(self, request: WireRequest) -> web.StreamResponse:
+        """Serve `request` by the app's own routes and middlewares, as aiohttp would."""
+        if (request.content_length or 0) > self.site.max_body():
+            return web.HTTPRequestEntityTooLarge(
+                max_size=self.site.max_body(), actual_size=request.content_length or 0
+            )
+        match = await self.app.router.resolve(request)  # type: ignore[arg-type]
+        request.match_info = match
+        handler: Any = match.handler
+        for middleware in reversed(self.app.middlewares):
+            handler = partial(middleware, handler=handler)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def _answer(self, request: WireRequest, task: asyncio.Task[web.StreamResponse]) -> None:
         self.task = None
-        self.idle_since = time.monotonic()
         if self.transport is None or self.transport.is_closing():
             return
         try:
@@ -357,53 +687,74 @@ class FastConnection(asyncio.Protocol):
                 response = task.result()
             except web.HTTPException as exc:
                 response = exc
-            data = _render(response)
+            data = _render(response, request.method == "HEAD")
         except asyncio.CancelledError:  # the site is stopping past its drain
             self.close()
             return
         except Exception:
-            log.exception("http_handler_failed", path=self._path)
-            data = _render(web.Response(status=500, text="500 Internal Server Error"))
+            log.exception("http_handler_failed", path=request.path[:200])
+            data = _render(_plain(500, "500 Internal Server Error"))
             self.closing = True
         else:
-            if response.headers.get("Connection", "").lower() == "close":
+            if self.closing or response.headers.get("Connection", "").lower() == "close":
                 self.closing = True
-        self.transport.write(data)
-        if self.closing and not self.buffer:
-            self.close()
-            return
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        if self.buffer and not self.closing:
-            self._serve_next()
-        elif self.closing:
-            self.close()
+                if "Connection" not in response.headers:
+                    data = data.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)
+            elif request.version is HttpVersion10:
+                data = data.replace(b"\r\n", b"\r\nConnection: keep-alive\r\n", 1)
+        self._write(data)
+        self._next()
 
-    def _hand_off(self) -> None:
-        """aiohttp's protocol takes over this connection, from the first unanswered byte on."""
-        transport = self.transport
-        assert transport is not None and self.task is None
-        self.site._connections.discard(self)
-        self.transport = None
-        protocol = self.server()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self._reading_paused:
-            transport.resume_reading()
-        data, self.buffer = bytes(self.buffer), bytearray()
-        protocol.data_received(data)
+    def _set_idle_or_busy(self) -> None:
+        now = time.monotonic()
+        if self.task is not None or self.queue:
+            self.phase, self.deadline = "busy", float("inf")
+        elif self._request is not None:
+            self.phase, self.deadline = "body", now + self.limits.body_timeout_s
+        elif self._url:
+            self.phase, self.deadline = "head", now + self.limits.head_timeout_s
+        else:
+            self.idle_since = now
+            self.phase, self.deadline = "idle", now + self.limits.keepalive_s
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
 
-def _tokens(value: str) -> list[str]:
-    return [token.strip().lower() for token in value.split(",")]
+class _Refused(Exception):
+    """A head llhttp takes but the daemon does not: no Host, not a path, too large."""
+
+    def __init__(self, kind: str, detail: str, status: int = 400) -> None:
+        super().__init__(detail)
+        self.kind, self.status = kind, status
+
+
+class _Failed:
+    """A place in the queue for a bad request that follows pipelined good ones."""
+
+    __slots__ = ("status", "detail")
+    method = "GET"
+    path = ""
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status, self.detail = status, detail
+
+
+def _plain(status: int, text: str, *, retry: bool = False) -> web.Response:
+    headers = {"Retry-After": "1", "Connection": "close"} if retry else None
+    return web.Response(status=status, text=text, headers=headers)
 
 
 _date: tuple[int, bytes] = (0, b"")
 
 
-def _render(response: web.StreamResponse) -> bytes:
-    """The response as bytes: status line, its headers, Date and Content-Length, the body."""
+def _render(response: web.StreamResponse, head_only: bool = False) -> bytes:
+    """The response as bytes: status line, its headers, Date and Content-Length, the body.
+
+    A header name or value that could end the head early is refused (ValueError), so nothing a
+    handler returns can frame bytes the head does not announce.
+    """
     global _date
     assert isinstance(response, web.Response), "only whole responses are served here"
     body = response.body
@@ -418,6 +769,12 @@ def _render(response: web.StreamResponse) -> bytes:
     for name, value in response.headers.items():
         if name.lower() not in ("content-length", "transfer-encoding", "date"):
             head.append(f"{name}: {value}\r\n")
-    if response.status not in _NO_BODY:
+    status = response.status
+    if status not in _NO_BODY:
         head.append(f"Content-Length: {len(body)}\r\n")
-    return "".join(head).encode("utf-8", "surrogateescape") + _date[1] + b"\r\n" + body
+    text = "".join(head)
+    if text.count("\n") != len(head) or text.count("\r") != len(head):
+        raise ValueError("a response header carries a line break")
+    if head_only or status in _NO_BODY:
+        body = b""
+    return text.encode("utf-8", "surrogateescape") + _date[1] + b"\r\n" + body
