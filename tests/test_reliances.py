@@ -21,17 +21,20 @@ from pathlib import Path
 
 import aiomqtt
 import aiosqlite
+import httptools
 import pytest
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from multidict import CIMultiDict
 from paho.mqtt.client import ConnectFlags, MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from daemon.config import ApiSettings
 from daemon.destinations.mqtt import _PublishingClient
 from daemon.http.api import start_site
-from daemon.http.wire import FastSite
+from daemon.http.wire import FastSite, WireRequest, _resolve_now
 from triggers.mqtt import _Client
 
 
@@ -55,22 +58,59 @@ async def test_aiosqlite_runs_a_callable_in_its_own_thread_on_its_sqlite3_connec
     assert not conn._thread.is_alive()
 
 
-async def test_aiohttp_base_site_and_server_have_what_fast_site_fills_in() -> None:
+async def test_aiohttp_base_site_and_router_have_what_fast_site_uses() -> None:
     # daemon/http/wire.py: FastSite sets BaseSite._server (BaseSite.stop() closes it, and
-    # BaseRunner.addresses lists its sockets) and hands a connection off to runner.server().
+    # BaseRunner.addresses lists its sockets); _resolve_now runs the app router's resolve() to
+    # its end without a loop, on a WireRequest (it reads rel_url and method only).
     assert {"_runner", "_server"} <= set(web.BaseSite.__slots__)
+
+    async def ok(request: object) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/fixed", ok)
+    app.router.add_post("/items/{id}", ok)
     runner = await start_site(
-        web.Application(), "127.0.0.1:0", "test.listen", router=lambda _: None, max_body_bytes=1
+        app,
+        "127.0.0.1:0",
+        "test.listen",
+        router=None,
+        max_body=lambda: 1,
+        limits=ApiSettings,
     )
     try:
         (site,) = runner.sites
         assert isinstance(site, FastSite) and site._runner is runner
         assert runner.addresses == [sock.getsockname() for sock in site._server.sockets]
-        assert runner.server is not None
-        protocol = runner.server()
-        assert isinstance(protocol, web.RequestHandler) and isinstance(protocol, asyncio.Protocol)
     finally:
         await runner.cleanup()
+    app.freeze()
+
+    def resolved(method: str, target: str) -> object:
+        request = WireRequest(app, method, target, CIMultiDict(), HttpVersion11, None, None)
+        return _resolve_now(app, request)
+
+    match = resolved("POST", "/items/7?x=1")
+    assert match is not None and match.handler is ok and match["id"] == "7"
+    assert resolved("GET", "/fixed").handler is ok  # type: ignore[attr-defined]
+    assert resolved("GET", "/none").http_exception.status == 404  # type: ignore[attr-defined]
+    assert resolved("PUT", "/fixed").http_exception.status == 405  # type: ignore[attr-defined]
+
+
+def test_httptools_reports_a_callback_exception_as_its_context() -> None:
+    # daemon/http/wire.py: HttpConnection._feed_slices tells a request refused from a callback
+    # (_Refused) from a broken one by HttpParserCallbackError.__context__.
+    class Refusing:
+        def on_headers_complete(self) -> None:
+            raise LookupError("refused")
+
+    parser = httptools.HttpRequestParser(Refusing())
+    try:
+        parser.feed_data(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    except httptools.HttpParserCallbackError as exc:
+        assert isinstance(exc.__context__, LookupError)
+    else:
+        raise AssertionError("no HttpParserCallbackError")
 
 
 def test_structlog_get_config_hands_back_the_configured_objects_themselves() -> None:

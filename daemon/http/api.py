@@ -36,6 +36,7 @@ from daemon.http.wire import (
     Router,
     WireRequest,
 )
+from daemon.logs import Throttle
 from daemon.models import Outcome, Status
 from daemon.pool.starts import StartHealth
 from daemon.store.health import STORE_HEALTH
@@ -362,7 +363,7 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if request.path == "/health" or _authorized(request, expected):
             return await handler(request)
-        log.warning("api_unauthorized", path=request.path, remote=request.remote)
+        _log_unauthorized(request)
         return lambda_error(401, "UnrecognizedClientException", "a valid bearer token is required")
 
     return check
@@ -383,6 +384,20 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")  # aiohttp keeps undecodable header bytes so
 
 
+_unauthorized_log = Throttle()
+
+
+def _log_unauthorized(request: AnyRequest) -> None:
+    suppressed = _unauthorized_log.allow("api_unauthorized", time.monotonic())
+    if suppressed is not None:  # a flood of them is logged a few lines at a time
+        log.warning(
+            "api_unauthorized",
+            path=request.path[:200],
+            remote=request.remote,
+            suppressed=suppressed,
+        )
+
+
 def _api_router(token: bytes | None) -> Router:
     """How daemon/http/wire.py serves the API listener: Invoke calls by plain function name, and
     /health, straight to their handlers; a request without the token is refused before its body
@@ -395,11 +410,13 @@ def _api_router(token: bytes | None) -> Router:
         if request.method == "GET" and request.path == "/health":
             return health  # open to all, as with the middleware
         if token is not None and not _authorized(request, token):
-            log.warning("api_unauthorized", path=request.path[:200], remote=request.remote)
+            _log_unauthorized(request)
             return refused()
         match = _INVOKE_PATH.fullmatch(request.path) if request.method == "POST" else None
         if match is None:
             return None
+        if (request.content_length or 0) > MAX_SYNC_PAYLOAD:  # refused before it is read
+            return _too_large(request.content_length or 0, MAX_SYNC_PAYLOAD)
         request.match_info = {"name": match[1]}
         return invoke
 

@@ -30,6 +30,7 @@ Requests on one connection are answered one at a time, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
@@ -57,7 +58,10 @@ MAX_HEAD_BYTES = 16 * 1024  # request line and header fields together
 MAX_HEADERS = 128  # as aiohttp
 BODY_BUDGET_BODIES = 4  # bodies of the listener's largest size held in memory at once
 SWEEP_S = 1.0  # how often deadlines are checked: a timeout may run this much late
-FEED_SLICE = 16 * 1024  # bytes parsed at a time, so a pipelining client cannot queue unbounded
+# Bytes parsed at a time: whole reads while nothing waits; small pieces while requests queue up,
+# so a pipelining client gets at most about PIPELINED_SLICE / 26 bytes of requests past the cap.
+FEED_SLICE = 256 * 1024
+PIPELINED_SLICE = 1024
 DISCARD_BYTES = 64 * 1024  # a refused request's body up to this is read and dropped, not kept
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -314,6 +318,10 @@ class FastSite(web.BaseSite):
         self.budget_waiters.append(conn)
         return False
 
+    def cancel_wait(self, conn: HttpConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self.budget_waiters.remove(conn)
+
     def release(self, size: int) -> None:
         self.body_held -= size
         while self.budget_waiters:
@@ -356,10 +364,12 @@ class HttpConnection(asyncio.Protocol):
             deque()
         )  # (WireRequest | _Failed, serve)  # parsed, waiting their turn
         self.unparsed = b""  # received while reading is paused for the pipeline
+        self._feeding = False  # inside parser.feed_data (callbacks must not feed again)
         self.paused: set[str] = set()  # why reading is paused: write, pipeline, budget
         self.wanted = 0  # body bytes the request being read waits for in the budget line
         # The request being parsed.
         self._url = bytearray()
+        self._in_head = False  # between a request's first byte and the end of its head
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         self._request: WireRequest | None = None
@@ -372,7 +382,7 @@ class HttpConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         """Between requests: nothing parsed, nothing running, nothing waiting."""
-        return self.task is None and not self.queue and self._request is None and not self._url
+        return self.task is None and not self.queue and self._request is None and not self._in_head
 
     # --- the transport ------------------------------------------------------------------------
 
@@ -391,13 +401,21 @@ class HttpConnection(asyncio.Protocol):
         # A request being served runs to its end and is recorded; only its answer is lost.
         self.site.forget(self)
         self.transport = None
+        if self.wanted:
+            self.site.cancel_wait(self)
+            self.wanted = 0
+        for _, (_, held) in (item for item in self.queue if not isinstance(item[0], _Failed)):
+            if held:
+                self.site.release(held)
         self.queue.clear()
         self._drop_body()
 
     def data_received(self, data: bytes) -> None:
-        if self.unparsed or self.paused:
+        if self.paused:
             self.unparsed += data  # bounded: reading is paused, at most one read arrives
             return
+        if self.unparsed:
+            data, self.unparsed = self.unparsed + data, b""
         self._feed(data)
 
     def eof_received(self) -> bool:
@@ -423,7 +441,7 @@ class HttpConnection(asyncio.Protocol):
         """A deadline passed: say so when a request was under way, then close."""
         phase = self.phase
         self.site.stats.timeouts[phase] += 1
-        if phase in ("head", "body") and (self._url or self._request is not None):
+        if phase in ("head", "body") and (self._in_head or self._request is not None):
             self.site.stats.bad_request(
                 self.site.key, f"{phase}_timeout", f"no complete {phase} in time", self.remote
             )
@@ -443,23 +461,40 @@ class HttpConnection(asyncio.Protocol):
         self.paused.discard(reason)
         if not self.paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
-            if self.unparsed:
+            if self.unparsed and not self._feeding:
                 data, self.unparsed = self.unparsed, b""
                 self._feed(data)
 
     # --- parsing ------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
-        parser = self.parser
-        at = 0
-        while at < len(data):
+        """Parse `data` a slice at a time, keeping what must wait (reading paused) unparsed.
+
+        Heads are parsed in small slices, so that requests pipelined behind a full queue stay
+        bytes; a body in whole reads. Re-entered from a callback, it only appends.
+        """
+        if self._feeding:
+            self.unparsed += data
+            return
+        self._feeding = True
+        try:
+            self._feed_slices(memoryview(data))
+        finally:
+            self._feeding = False
+
+    def _feed_slices(self, data: memoryview) -> None:
+        parser, at, end = self.parser, 0, len(data)
+        while at < end:
             if self.stop or self.transport is None:
+                self.unparsed = b""
                 return  # a request refused unread ends the connection: the rest is not read
-            if len(self.queue) >= self.limits.max_pipelined or self.paused:
-                self.unparsed = data[at:]
-                self._pause("pipeline") if self.queue else None
+            if self.paused or len(self.queue) >= self.limits.max_pipelined:
+                self.unparsed = bytes(data[at:]) + self.unparsed
+                if not self.paused:
+                    self._pause("pipeline")
                 return
-            piece = data[at : at + FEED_SLICE] if len(data) - at > FEED_SLICE else data[at:]
+            size = FEED_SLICE if self._request is not None else PIPELINED_SLICE
+            piece = data[at : at + size]
             at += len(piece)
             try:
                 parser.feed_data(piece)
@@ -475,6 +510,9 @@ class HttpConnection(asyncio.Protocol):
             except httptools.HttpParserError as exc:
                 self._refuse_bad(exc)
                 return
+        if self.unparsed and not self.paused:  # appended by a callback (see _feed)
+            data, self.unparsed = memoryview(self.unparsed), b""
+            self._feed_slices(data)
 
     def _refuse_bad(self, exc: Exception) -> None:
         detail = str(exc) or type(exc).__name__
@@ -498,6 +536,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url.clear()
+        self._in_head = True
         self._headers = []
         self._head_size = 0
         if self.phase in ("idle", "head"):
@@ -529,6 +568,8 @@ class HttpConnection(asyncio.Protocol):
                 name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
             )
         target = self._url.decode("utf-8", "surrogateescape")
+        self._url.clear()
+        self._in_head = False
         if not target.startswith("/"):
             raise _Refused("bad_target", f"request target {target[:100]!r} is not a path")
         if version is HttpVersion11 and "Host" not in headers:
@@ -545,13 +586,13 @@ class HttpConnection(asyncio.Protocol):
         self._serve = serve
         limit = self.site.max_body()
         expect = headers.get("Expect")
-        if isinstance(serve, web.StreamResponse) or (length or 0) > limit:
+        if not isinstance(serve, web.StreamResponse) and (length or 0) > limit:
+            serve = self._serve = _too_large(limit, length or 0)
+        if isinstance(serve, web.StreamResponse):
             # Answered without its body: a small one is read and dropped, a large one never read.
             self._discard = True
             if (length or 0) > DISCARD_BYTES or chunked or expect is not None:
                 self.closing = self.stop = True
-            if (length or 0) > limit and not isinstance(serve, web.StreamResponse):
-                request.content_length = length  # the handler refuses it by its length
             self._complete()
             return
         if expect is not None:
@@ -581,10 +622,15 @@ class HttpConnection(asyncio.Protocol):
         if self._discard:
             return
         self._body_size += len(body)
-        if self._body_size > self._held:  # a chunked body past the limit
-            if self._request is not None:
-                self._request.content_length = self._body_size
-            self._body = []
+        allowed = self._held or self.wanted  # waiting for budget: what came with the head is kept
+        if self._body_size > allowed and self._request is not None:  # chunked, past the limit
+            request = self._request
+            request.content_length = self._body_size
+            serve = self._route(request)  # the router refuses it by its length, in its own words
+            if not isinstance(serve, web.StreamResponse):
+                serve = _too_large(self.site.max_body(), self._body_size)
+            self._serve = serve
+            self._drop_body()
             self._discard = self.closing = self.stop = True
             self._complete()
             return
@@ -610,6 +656,10 @@ class HttpConnection(asyncio.Protocol):
         request = self._request
         assert request is not None
         self._request = None
+        if self.wanted:  # the whole body came with its head, while it waited for the budget
+            self.site.cancel_wait(self)
+            self.wanted = 0
+            self._resume("budget")
         held, self._held = self._held, 0
         self.queue.append((request, (self._serve, held)))
         if self.phase in ("head", "body"):
@@ -619,9 +669,17 @@ class HttpConnection(asyncio.Protocol):
             self._next()
 
     def _route(self, request: WireRequest) -> Handler | web.StreamResponse | None:
-        if self.site.router is None:
-            return None
-        return self.site.router(request)
+        serve = self.site.router(request) if self.site.router is not None else None
+        if serve is not None:
+            return serve
+        match = _resolve_now(self.app, request)
+        if match is None:
+            return None  # resolved once the body is here (_dispatch)
+        refusal: web.HTTPException | None = match.http_exception
+        if refusal is not None:
+            return refusal  # 404, 405: answered from the head
+        request.match_info = match
+        return _with_middlewares(self.app, match.handler)
 
     def _drop_body(self) -> None:
         if self._held:
@@ -666,16 +724,9 @@ class HttpConnection(asyncio.Protocol):
 
     async def _dispatch(self, request: WireRequest) -> web.StreamResponse:
         """Serve `request` by the app's own routes and middlewares, as aiohttp would."""
-        if (request.content_length or 0) > self.site.max_body():
-            return web.HTTPRequestEntityTooLarge(
-                max_size=self.site.max_body(), actual_size=request.content_length or 0
-            )
         match = await self.app.router.resolve(request)  # type: ignore[arg-type]
         request.match_info = match
-        handler: Any = match.handler
-        for middleware in reversed(self.app.middlewares):
-            handler = partial(middleware, handler=handler)
-        response: web.StreamResponse = await handler(request)
+        response: web.StreamResponse = await _with_middlewares(self.app, match.handler)(request)
         return response
 
     def _answer(self, request: WireRequest, task: asyncio.Task[web.StreamResponse]) -> None:
@@ -711,7 +762,7 @@ class HttpConnection(asyncio.Protocol):
             self.phase, self.deadline = "busy", float("inf")
         elif self._request is not None:
             self.phase, self.deadline = "body", now + self.limits.body_timeout_s
-        elif self._url:
+        elif self._in_head:
             self.phase, self.deadline = "head", now + self.limits.head_timeout_s
         else:
             self.idle_since = now
@@ -720,6 +771,29 @@ class HttpConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+
+def _resolve_now(app: web.Application, request: WireRequest) -> Any:
+    """The app router's match for `request`, found at once, or None when it cannot be.
+
+    aiohttp's `resolve()` is a coroutine only for custom resources that may wait; the plain and
+    dynamic resources our apps use answer without suspending, so it is run to its end here, on
+    the head, and a 404 or 405 goes out before the body is read. One that would suspend is
+    closed unfinished and the request resolved again, once its body is read, in `_dispatch`.
+    """
+    coro = app.router.resolve(request)  # type: ignore[arg-type]
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    return None
+
+
+def _with_middlewares(app: web.Application, handler: Any) -> Handler:
+    for middleware in reversed(app.middlewares):
+        handler = partial(middleware, handler=handler)
+    return handler  # type: ignore[no-any-return]
 
 
 class _Refused(Exception):
@@ -739,6 +813,11 @@ class _Failed:
 
     def __init__(self, status: int, detail: str) -> None:
         self.status, self.detail = status, detail
+
+
+def _too_large(limit: int, size: int) -> web.Response:
+    """aiohttp's own answer to a body over the app's limit."""
+    return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
 
 
 def _plain(status: int, text: str, *, retry: bool = False) -> web.Response:

@@ -1,6 +1,7 @@
-"""daemon/http/wire.py: the fast HTTP path and its hand-off to aiohttp, over real loopback sockets.
+"""daemon/http/wire.py: requests framed by llhttp and served in order, over real loopback sockets.
 
-Which side answered shows in the `Server` header: aiohttp sends one, the fast path does not.
+aiohttp never answers on these listeners: its answers carry a `Server` header, ours do not.
+The limits (timeouts, caps, flow control) are in test_limits.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from daemon.config import ApiSettings
 from daemon.http.api import start_site
-from daemon.http.wire import FastSite, WireRequest
+from daemon.http.wire import WireRequest
 
 MAX_BODY = 64 * 1024
 
@@ -69,7 +71,7 @@ class Handlers:
 
 @contextlib.asynccontextmanager
 async def serving(
-    handlers: Handlers, drain_s: float = 5.0
+    handlers: Handlers, drain_s: float = 5.0, limits: ApiSettings | None = None
 ) -> AsyncIterator[tuple[int, web.AppRunner]]:
     app = web.Application()
     for name in ("echo", "slow", "boom", "teapot", "empty"):
@@ -81,7 +83,8 @@ async def serving(
         "test.listen",
         drain_s=drain_s,
         router=handlers.route,
-        max_body_bytes=MAX_BODY,
+        max_body=lambda: MAX_BODY,
+        limits=lambda: limits or ApiSettings(),
     )
     try:
         yield runner.addresses[0][1], runner
@@ -161,7 +164,7 @@ def test_wire_answers_pipelined_requests_one_at_a_time_in_order(run):
     run(_wire_answers_pipelined_requests_one_at_a_time_in_order())
 
 
-async def _wire_hands_what_it_does_not_frame_to_aiohttp(raw, expect_status, expect_body):
+async def _wire_frames_every_kind_of_request_itself(raw, expect_status, expect_body):
     handlers = Handlers()
     async with serving(handlers) as (port, _), connection(port) as (reader, writer):
         writer.write(raw)
@@ -171,13 +174,16 @@ async def _wire_hands_what_it_does_not_frame_to_aiohttp(raw, expect_status, expe
                 assert await reader.readline() == b"\r\n"
             status, headers, body = await read_response(reader)
         assert status == expect_status
-        assert "aiohttp" in headers["server"]  # aiohttp answered, not the fast path
+        assert "server" not in headers  # never aiohttp's protocol
         if expect_body is not None:
             assert body == expect_body
-            # and the connection, now aiohttp's, keeps serving
+            # and the connection keeps serving
             writer.write(request("POST", "/fast/echo", b"after"))
             async with asyncio.timeout(5):
                 assert (await read_response(reader))[2] == b"after"
+        else:
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # a broken request ends its connection
 
 
 @pytest.mark.parametrize(
@@ -194,9 +200,8 @@ async def _wire_hands_what_it_does_not_frame_to_aiohttp(raw, expect_status, expe
             200,
             b"hi",
         ),
-        (request("POST", "/other", b"elsewhere"), 200, b"elsewhere"),
+        (request("POST", "/other", b"elsewhere"), 200, b"elsewhere"),  # the app's own route
         (request("POST", "/fast/%65cho", b"encoded"), 200, b"encoded"),
-        (request("POST", "/fast/echo", b"x" * (MAX_BODY + 1)), 200, b"x" * (MAX_BODY + 1)),
         (
             request("POST", "/fast/echo", b"utf8").replace(
                 b"Host: test", "Host: caf\u00e9".encode()
@@ -210,33 +215,54 @@ async def _wire_hands_what_it_does_not_frame_to_aiohttp(raw, expect_status, expe
             None,
         ),
         (b"GET /fast/echo HTTP/1.1\r\nbad header line\r\n\r\n", 400, None),
+        (b"GET /fast/echo HTTP/1.1\nHost: t\n\n", 400, None),  # bare LF line ends
+        (b"GET /fast/echo HTTP/1.1\r\n\r\n", 400, None),  # HTTP/1.1 without Host
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), 400, None),  # TLS hello
+        (
+            b"POST /fast/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            None,
+        ),
+        (request("POST", "/fast/echo", b"x" * (MAX_BODY + 1)), 413, None),
     ],
 )
-def test_wire_hands_what_it_does_not_frame_to_aiohttp(run, raw, expect_status, expect_body):
-    run(_wire_hands_what_it_does_not_frame_to_aiohttp(raw, expect_status, expect_body))
+def test_wire_frames_every_kind_of_request_itself(run, raw, expect_status, expect_body):
+    run(_wire_frames_every_kind_of_request_itself(raw, expect_status, expect_body))
 
 
-async def _wire_hands_off_in_the_middle_of_a_connection_and_http10_and_head():
+async def _wire_serves_http10_and_head_on_a_kept_connection():
     handlers = Handlers()
     async with serving(handlers) as (port, _), connection(port) as (reader, writer):
         writer.write(request("POST", "/fast/echo", b"one"))
         async with asyncio.timeout(5):
             assert (await read_response(reader))[2] == b"one"
-        writer.write(request("HEAD", "/fast/echo"))
+        writer.write(request("HEAD", "/other"))
         async with asyncio.timeout(5):
             status, headers, _ = await read_response(reader, head=True)
-        assert status == 200 and "aiohttp" in headers["server"]
+        assert status == 200 and headers["content-length"] == "0" and "server" not in headers
         writer.write(request("POST", "/fast/echo", b"three"))
         async with asyncio.timeout(5):
             assert (await read_response(reader))[2] == b"three"
     async with serving(handlers) as (port, _), connection(port) as (reader, writer):
         writer.write(b"POST /fast/echo HTTP/1.0\r\nContent-Length: 3\r\n\r\nold")
         async with asyncio.timeout(5):
-            assert await reader.readline() == b"HTTP/1.0 200 OK\r\n"
+            status, headers, body = await read_response(reader)
+            assert (status, body, headers["connection"]) == (200, b"old", "close")
+            assert await reader.read() == b""  # HTTP/1.0 without keep-alive: closed
+    async with serving(handlers) as (port, _), connection(port) as (reader, writer):
+        keep = b"Connection: keep-alive\r\n"
+        writer.write(b"POST /fast/echo HTTP/1.0\r\n" + keep + b"Content-Length: 1\r\n\r\na")
+        async with asyncio.timeout(5):
+            status, headers, body = await read_response(reader)
+        assert (body, headers["connection"]) == (b"a", "keep-alive")
+        writer.write(request("POST", "/fast/echo", b"b"))
+        async with asyncio.timeout(5):
+            assert (await read_response(reader))[2] == b"b"
 
 
-def test_wire_hands_off_in_the_middle_of_a_connection_and_http10_and_head(run):
-    run(_wire_hands_off_in_the_middle_of_a_connection_and_http10_and_head())
+def test_wire_serves_http10_and_head_on_a_kept_connection(run):
+    run(_wire_serves_http10_and_head_on_a_kept_connection())
 
 
 async def _wire_waits_for_a_body_that_arrives_in_pieces():
@@ -326,18 +352,18 @@ def test_wire_cancels_a_request_still_running_past_the_drain(run):
     run(_wire_cancels_a_request_still_running_past_the_drain())
 
 
-async def _wire_closes_connections_idle_past_the_keepalive(monkeypatch):
-    monkeypatch.setattr(FastSite, "keepalive_s", 0.3)
+async def _wire_closes_connections_idle_past_the_keepalive():
     handlers = Handlers()
-    async with serving(handlers) as (port, _), connection(port) as (reader, writer):
+    limits = ApiSettings(keepalive_s=0.3)
+    async with serving(handlers, limits=limits) as (port, _), connection(port) as (reader, writer):
         writer.write(request("POST", "/fast/echo", b"once"))
         async with asyncio.timeout(5):
             assert (await read_response(reader))[2] == b"once"
             assert await reader.read() == b""
 
 
-def test_wire_closes_connections_idle_past_the_keepalive(run, monkeypatch):
-    run(_wire_closes_connections_idle_past_the_keepalive(monkeypatch))
+def test_wire_closes_connections_idle_past_the_keepalive(run):
+    run(_wire_closes_connections_idle_past_the_keepalive())
 
 
 async def _wire_survives_damaged_requests():
@@ -368,7 +394,7 @@ async def _wire_survives_damaged_requests():
                 async with asyncio.timeout(5):
                     answer = await reader.read()
             assert answer == b"" or answer.startswith(b"HTTP/1."), answer[:80]
-        async with connection(port) as (reader, writer):  # still serving, on the fast path
+        async with connection(port) as (reader, writer):  # still serving
             writer.write(request("POST", "/fast/echo", b"fine"))
             async with asyncio.timeout(5):
                 status, headers, body = await read_response(reader)
