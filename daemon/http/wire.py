@@ -54,8 +54,9 @@ Handler = Callable[[Any], Coroutine[Any, Any, web.StreamResponse]]
 # response to answer at once without reading the body, or None: the app's own routes serve it.
 Router = Callable[["WireRequest"], "Handler | web.StreamResponse | None"]
 
-MAX_HEAD_BYTES = 16 * 1024  # request line and header fields together
-MAX_HEADERS = 128  # as aiohttp
+MAX_LINE_BYTES = 8190  # the request target, or one header field: as aiohttp (400 past it)
+MAX_HEADERS = 128  # as aiohttp (400 past it)
+MAX_HEAD_BYTES = 32 * 1024  # the whole head (431 past it; aiohttp allows 128 full lines)
 BODY_BUDGET_BODIES = 4  # bodies of the listener's largest size held in memory at once
 SWEEP_S = 1.0  # how often deadlines are checked: a timeout may run this much late
 # Bytes parsed at a time: whole reads while nothing waits; small pieces while requests queue up,
@@ -161,6 +162,7 @@ class WireRequest:
         "content",
         "remote",
         "match_info",
+        "_raw_path",
         "_query_string",
         "_query",
     )
@@ -177,9 +179,17 @@ class WireRequest:
         remote: str | None,
     ) -> None:
         self.app, self.method, self.raw_path, self.headers = app, method, target, headers
-        path, _, self._query_string = target.partition("?")
-        if "%" in path:  # percent-decoded as aiohttp does; the raw form stays in raw_path
-            path = URL.build(path=path, encoded=True).path
+        if target.startswith("/"):
+            raw, _, self._query_string = target.partition("?")
+        else:  # absolute-form (as sent to a proxy), `*`, or garbage: parsed as aiohttp does
+            try:
+                url = URL(target, encoded=True)
+                raw, self._query_string = url.raw_path, url.raw_query_string
+            except ValueError:
+                raw, self._query_string = target, ""
+        self._raw_path = raw
+        # Percent-decoded as aiohttp does; the raw form stays in raw_path (and routes match it).
+        path = URL.build(path=raw, encoded=True).path if "%" in raw else raw
         self.path, self.version = path, version
         self.content_length, self.remote = content_length, remote
         self.content = _EMPTY
@@ -195,7 +205,7 @@ class WireRequest:
     @property
     def rel_url(self) -> URL:
         """What aiohttp's router resolves a request by."""
-        return URL.build(path=self.path, query_string=self._query_string, encoded=False)
+        return URL.build(path=self._raw_path, query_string=self._query_string, encoded=True)
 
     @property
     def content_type(self) -> str:
@@ -545,12 +555,17 @@ class HttpConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._grow_head(len(url))
+        if len(self._url) > MAX_LINE_BYTES:
+            raise _Refused("line_too_long", f"the request target is over {MAX_LINE_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp hands a field over whole (it buffers pieces that span reads itself).
         self._headers.append((name, value))
         self._grow_head(len(name) + len(value) + 4)
+        if len(name) + len(value) + 2 > MAX_LINE_BYTES:
+            raise _Refused("line_too_long", f"a header field is over {MAX_LINE_BYTES} bytes")
         if len(self._headers) > MAX_HEADERS:
-            raise _Refused("head_too_large", f"more than {MAX_HEADERS} header fields", 431)
+            raise _Refused("too_many_headers", f"more than {MAX_HEADERS} header fields")
 
     def _grow_head(self, size: int) -> None:
         self._head_size += size
@@ -570,8 +585,6 @@ class HttpConnection(asyncio.Protocol):
         target = self._url.decode("utf-8", "surrogateescape")
         self._url.clear()
         self._in_head = False
-        if not target.startswith("/"):
-            raise _Refused("bad_target", f"request target {target[:100]!r} is not a path")
         if version is HttpVersion11 and "Host" not in headers:
             raise _Refused("missing_host", "an HTTP/1.1 request must carry a Host header")
         if not parser.should_keep_alive():
