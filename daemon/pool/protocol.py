@@ -393,6 +393,37 @@ def _take_frame(buffer: bytearray) -> bytes | None:
     return frame
 
 
+def _plausible_head(buffer: bytearray) -> bool:
+    """Whether the start of an incomplete frame from a worker can be the start of a valid one.
+
+    Bytes a handler wrote to the channel read as a length header claiming a body that may never
+    arrive: judged on the tag and fixed fields (whose lengths must add up to the header's size,
+    flags known) as soon as those are in, the channel fails at once instead of waiting for the
+    call's deadline.
+    """
+    if len(buffer) <= HEADER_BYTES:
+        return True
+    size: int = _SIZE.unpack_from(buffer)[0] + HEADER_BYTES
+    tag = buffer[HEADER_BYTES]
+    if tag == _READY:
+        return size == _READY_FIXED.size
+    if tag == _RESULT:
+        if len(buffer) < _RESULT_FIXED.size:
+            return size >= _RESULT_FIXED.size
+        _, _, flags, _, _, n_type, n_message, n_payload = _RESULT_FIXED.unpack_from(buffer)
+        return (
+            not flags & ~_KNOWN_FLAGS
+            and _RESULT_FIXED.size + n_type + n_message + n_payload == size
+        )
+    if tag == _INIT_FAILED:
+        if len(buffer) < _INIT_FAILED_FIXED.size:
+            return size >= _INIT_FAILED_FIXED.size
+        _, _, _, n_type, n_message, n_payload = _INIT_FAILED_FIXED.unpack_from(buffer)
+        lengths = n_type + n_message + n_payload
+        return bool(_INIT_FAILED_FIXED.size + lengths == size)
+    return False
+
+
 # --- the two ends --------------------------------------------------------------------------------
 
 
@@ -496,6 +527,8 @@ class SupervisorChannel:
                 self._refuse()  # before the body: the daemon never buffers more than the bound
                 return
             if (frame := _take_frame(buffer)) is None:
+                if not _plausible_head(buffer):
+                    self._refuse()  # now, not after waiting for a body that may never come
                 return
             try:
                 message = _FROM_WORKER[frame[HEADER_BYTES]](frame)

@@ -605,8 +605,12 @@ class WorkerPool:
             outcome.max_memory_mb = kb_to_mb(message.max_memory_kb)
             if len(message.payload) > BIG_PAYLOAD_BYTES:
                 trim_soon(loop)
-            if message.retire:
-                self._kill(worker, "out_of_memory")
+            if message.retire:  # it exits after this reply: out of memory, or broken state
+                if message.error_type == "Runtime.OutOfMemory":
+                    self._kill(worker, "out_of_memory")
+                else:
+                    worker.stop_detail = {"why": "handler_state"}
+                    self._kill(worker, "recycled")
             else:
                 worker.check_recycle(fn, message.rss_kb)
         else:

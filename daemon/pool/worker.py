@@ -13,6 +13,7 @@ megabyte of a warm worker counts against the daemon's idle memory budget.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal.py: its enums cost the start 0.75 ms
 import binascii
 import ctypes
 import faulthandler
@@ -289,8 +290,21 @@ def _set_up_output() -> None:
 
 def _quiet() -> bool:
     """Nothing captured since the daemon emptied the capture file: it need not read it (two
-    system calls fewer in its event loop; the worker's one fstat is spent off that loop)."""
-    return _CAPTURE_FD >= 0 and os.fstat(_CAPTURE_FD).st_size == 0
+    system calls fewer in its event loop; the worker's one fstat is spent off that loop).
+
+    The fstat is of fd 1, which tells whether fd 1 is still the capture file as well: one a
+    handler closed or replaced is put back here (fd 2 is `_restore_state`'s).
+    """
+    if _CAPTURE_FD < 0:
+        return False
+    try:
+        stat = os.fstat(1)
+        if (stat.st_dev, stat.st_ino) == _CAPTURE_INODE:
+            return stat.st_size == 0
+    except OSError:  # closed
+        pass
+    os.dup2(_CAPTURE_FD, 1)
+    return os.fstat(_CAPTURE_FD).st_size == 0
 
 
 _CAPTURE_FD = -1
@@ -374,11 +388,38 @@ def _run_coroutine(coroutine: Any) -> Any:
     """Run an `async def` handler on this worker's own event loop, kept across invocations."""
     global _loop
     if _loop is None:
-        import asyncio
+        _loop = _new_loop()
+    _loop.handler_task = task = _loop.create_task(coroutine)
+    try:
+        return _loop.run_until_complete(task)
+    finally:
+        _loop.handler_task = None
 
-        _loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(_loop)
-    return _loop.run_until_complete(coroutine)
+
+def _new_loop() -> Any:
+    """The worker's event loop, which notes a `stop()` called by a handler's own code.
+
+    Such a stop leaves run_until_complete's own stop callback queued in the loop after the
+    call returns, and the next call on it fails at once ("Event loop stopped before Future
+    completed"): a worker whose loop a handler stopped is replaced (`_restore_state`).
+    """
+    import asyncio
+
+    class WorkerLoop(asyncio.SelectorEventLoop):
+        handler_task: asyncio.Task[Any] | None = None
+        stopped_by_handler = False
+
+        def stop(self) -> None:
+            # run_until_complete stops the loop itself, once the handler's task is done; any
+            # other stop (the handler's code, a callback or task it left) is the handler's.
+            task = self.handler_task
+            if task is None or not task.done():
+                self.stopped_by_handler = True
+            super().stop()
+
+    loop = WorkerLoop()
+    asyncio.set_event_loop(loop)
+    return loop
 
 
 def _invoke(handler: Callable[[Any, LambdaContext], Any], invoke: Invoke) -> Result:
@@ -511,6 +552,63 @@ def _yield_to_the_daemon() -> None:
         pass
 
 
+# --- what a handler may leave broken ----------------------------------------------------------
+
+_CWD = ""
+_STDOUT: Any = None
+_STDERR: Any = None
+_CAPTURE_INODE = (0, 0)
+
+
+def _remember_state() -> None:
+    """Note what `_restore_state` puts back after each call (at start, before the handler)."""
+    global _CWD, _STDOUT, _STDERR, _CAPTURE_INODE
+    _CWD = os.getcwd()
+    _STDOUT, _STDERR = sys.stdout, sys.stderr
+    capture = os.fstat(_CAPTURE_FD)
+    _CAPTURE_INODE = (capture.st_dev, capture.st_ino)
+
+
+def _restore_state() -> str | None:
+    """Undo what a handler changed that would break the next call on this worker; the reason
+    to retire the worker when something cannot be undone.
+
+    The working directory goes back to the code folder, a pending alarm is cancelled (its
+    SIGALRM would end the worker between calls, or in the middle of another caller's call),
+    and fd 2 is the capture file again (fd 1: `_quiet`, which runs next), with sys.stdout
+    and sys.stderr on them. A stopped or closed event loop cannot be trusted with the next
+    call: the worker retires. Three system calls a call (alarm, getcwd, fstat): 3 to 4 us.
+    """
+    _signal.alarm(0)
+    try:
+        moved = os.getcwd() != _CWD
+    except OSError:  # the handler removed the directory it moved to
+        moved = True
+    if moved:
+        try:
+            os.chdir(_CWD)
+        except OSError as exc:
+            return f"cannot return to the code folder: {exc}"
+    try:
+        stat = os.fstat(2)
+        same = (stat.st_dev, stat.st_ino) == _CAPTURE_INODE
+    except OSError:  # closed
+        same = False
+    if not same:
+        os.dup2(_CAPTURE_FD, 2)
+    if sys.stdout is not _STDOUT or _STDOUT.closed:
+        sys.stdout = _STDOUT if not _STDOUT.closed else _unbuffered(1)
+    if sys.stderr is not _STDERR or _STDERR.closed:
+        sys.stderr = _STDERR if not _STDERR.closed else _unbuffered(2)
+    if _loop is not None and (_loop.stopped_by_handler or _loop.is_closed()):
+        return "the handler stopped or closed the worker's event loop"
+    return None
+
+
+def _retire_note(reason: str) -> None:
+    os.write(_CAPTURE_FD, f"[lambdaemon] this worker is replaced: {reason}\n".encode())
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -557,15 +655,40 @@ def _die_with_daemon(daemon_pid: int) -> None:
         os._exit(1)
 
 
+def _hide_channel(fd: int) -> int:
+    """Move the control socket from the descriptor it was passed on to a random one from 100
+    up, below the soft NOFILE limit (and 1000): a handler writing to descriptors it guesses
+    (3, 4, ...) hits nothing of the worker's. Not inheritable: the handler's subprocesses
+    must not keep the channel open. (Corrupt bytes that still reach it end the worker at once:
+    the daemon checks every frame.)"""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = 1000 if soft == resource.RLIM_INFINITY else min(1000, soft)
+    for _ in range(8):
+        if top <= 101:
+            break
+        target = 100 + int.from_bytes(os.urandom(2), "big") % (top - 100)
+        try:
+            os.fstat(target)
+            continue  # taken
+        except OSError:
+            pass
+        os.dup2(fd, target, inheritable=False)
+        os.close(fd)
+        return target
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def main() -> None:
     fd, daemon_pid = int(sys.argv[1]), int(sys.argv[2])
+    del sys.argv[1:]  # the descriptor's number is no one else's business
     _die_with_daemon(daemon_pid)
     _yield_to_the_daemon()
-    os.set_inheritable(fd, False)  # the handler's subprocesses must not keep the channel open
-    control = WorkerChannel(fd)
+    control = WorkerChannel(_hide_channel(fd))
     _detach_bootstrap_path()
     _open_proc_files()
     _set_up_output()
+    _remember_state()
     LambdaContext.configure()
     _limit_memory(int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")))
     handler = _init(control)
@@ -574,6 +697,9 @@ def main() -> None:
     while (invoke := control.receive()) is not None:
         try:
             result = _invoke(handler, invoke)
+            if (broken := _restore_state()) is not None:
+                _retire_note(broken)
+                result.retire = True
             result.quiet = _quiet()
         except MemoryError as exc:
             result = _out_of_memory(invoke, exc)

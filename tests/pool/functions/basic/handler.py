@@ -223,3 +223,84 @@ def setsid_child(event, context):
     )
     time.sleep(event.get("s", 0))
     return {"child": child.pid}
+
+
+def descriptors(event, context):
+    """The worker's open descriptors that are sockets (its channel), and whether inheritable."""
+    sockets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            sockets[name] = os.get_inheritable(int(name))
+    return {"sockets": sockets, "argv": sys.argv, "pid": os.getpid()}
+
+
+def scribble(event, context):
+    """Write event["bytes"] (latin-1 text) to every descriptor from 3 to 99 that takes it, as
+    a handler guessing at inherited descriptors would; then to fd 1 and 2."""
+    garbage = event["bytes"].encode("latin-1")
+    hit = []
+    for fd in range(3, 100):
+        try:
+            os.write(fd, garbage)
+            hit.append(fd)
+        except OSError:
+            pass
+    os.write(1, garbage + b"\n")
+    os.write(2, garbage + b"\n")
+    return {"hit": hit, "pid": os.getpid()}
+
+
+def corrupt_channel(event, context):
+    """Find the worker's channel (its only socket) and write event["bytes"] (latin-1) to it."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                os.write(int(name), event["bytes"].encode("latin-1"))
+        except OSError:
+            pass
+    time.sleep(event.get("s", 0))
+    return {"wrote": True}
+
+
+def break_state(event, context):
+    """Leave the worker as event["how"] says; every call reports the state it found."""
+    import signal
+
+    found = {
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "alarm": signal.alarm(0),
+        "stdout_ok": sys.stdout is sys.__stdout__ or not sys.stdout.closed,
+    }
+    print("output of this call")
+    how = event.get("how")
+    if how == "chdir":
+        os.chdir("/")
+    elif how == "alarm":
+        signal.alarm(30)
+    elif how == "close_fds":
+        os.close(1)
+        os.close(2)
+    elif how == "replace_fds":
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+    elif how == "sys_stdout":
+        sys.stdout.close()
+    return found
+
+
+async def stop_loop(event, context):
+    """Stop the worker's event loop from inside the handler, then return normally."""
+    loop = asyncio.get_running_loop()
+    if event.get("how") == "later":
+        loop.call_soon(loop.stop)
+        await asyncio.sleep(0.01)
+    elif event.get("how") == "now":
+        loop.stop()
+    return {"pid": os.getpid()}
