@@ -181,29 +181,30 @@ def fail_long(event, context):
 def double_fork(event, context):
     """Leave a grandchild in a session of its own (fork, setsid, fork, the middle one exits):
     it writes its pid to event["pidfile"] and sleeps; with "env": false it also clears its
-    environment (a process that carries no mark of its worker); then it exits with "exit", or
-    sleeps event["s"]."""
+    environment (a process that carries no mark of its worker). The handler goes on once the
+    pid is written (told through a pipe); then it exits with "exit", or sleeps event["s"]."""
+    written, told = os.pipe()
+    pidfile = event["pidfile"]
     middle = os.fork()
     if middle == 0:
         os.setsid()
         if os.fork() == 0:
             if event.get("env") is False:
                 os.environ.clear()
-                os.execv(
-                    "/bin/sh",
-                    [
-                        "sh",
-                        "-c",
-                        f"echo $$ > {event['pidfile']}.tmp && "
-                        f"mv {event['pidfile']}.tmp {event['pidfile']} && exec sleep 300",
-                    ],
-                )
-            with open(event["pidfile"] + ".tmp", "w") as out:
+                os.set_inheritable(told, True)
+                script = f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && echo >&{told}"
+                os.execv("/bin/sh", ["sh", "-c", f"{script} && exec sleep 300 {told}>&-"])
+            with open(pidfile + ".tmp", "w") as out:
                 out.write(str(os.getpid()))
-            os.rename(event["pidfile"] + ".tmp", event["pidfile"])
+            os.rename(pidfile + ".tmp", pidfile)
+            os.write(told, b"\n")
+            os.close(told)
             time.sleep(300)
         os._exit(0)
+    os.close(told)
     os.waitpid(middle, 0)
+    os.read(written, 1)  # the grandchild has written its pid
+    os.close(written)
     if event.get("exit"):
         os._exit(3)
     time.sleep(event.get("s", 0))
@@ -211,16 +212,19 @@ def double_fork(event, context):
 
 
 def setsid_child(event, context):
-    """A child in a new session that stays the worker's child; its pid in event["pidfile"]."""
+    """A child in a new session that stays the worker's child; its pid in event["pidfile"]
+    (the handler goes on once it is written, told through a pipe)."""
+    written, told = os.pipe()
+    pidfile = event["pidfile"]
+    script = f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && echo >&{told}"
     child = subprocess.Popen(
-        [
-            "sh",
-            "-c",
-            f"echo $$ > {event['pidfile']}.tmp && mv {event['pidfile']}.tmp "
-            f"{event['pidfile']} && exec sleep 300",
-        ],
+        ["sh", "-c", f"{script} && exec sleep 300 {told}>&-"],
         start_new_session=True,
+        pass_fds=(told,),
     )
+    os.close(told)
+    os.read(written, 1)
+    os.close(written)
     time.sleep(event.get("s", 0))
     return {"child": child.pid}
 
