@@ -114,6 +114,13 @@ class Worker:
         moved to: whatever its handler left running (descendants.py)."""
         kill_tree(self.pid)
 
+    def kill_group(self) -> None:
+        """SIGKILL what is left of the process group of a worker that has exited and been
+        reaped (its pid may already be another process's; its children moved to the daemon,
+        whose sweep finds them)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
     async def wait_exit(self, timeout_s: float) -> bool:
         assert self.exit_task is not None
         done, _ = await asyncio.wait([self.exit_task], timeout=timeout_s)

@@ -253,7 +253,8 @@ class WorkerPool:
             if worker.key == key and not worker.channel.closed:
                 worker.held = True
                 return worker
-            self._kill(worker, "retired")
+            # a corrupt frame while idle (a handler's thread wrote to the channel), or old code
+            self._kill(worker, "crashed" if worker.channel.corrupt else "retired")
         return None
 
     def _reserve(self, name: str) -> None:
@@ -349,7 +350,7 @@ class WorkerPool:
                 self._idle[name].remove(worker)
             self._counts[name] -= 1
             worker.stop_reason = "crashed"
-            worker.kill_tree()  # whatever the handler left running
+            worker.kill_group()  # whatever the handler left running (the sweep below: the rest)
         worker.state = State.EXITED
         self._slots -= 1
         self._workers.discard(worker)
