@@ -68,6 +68,9 @@ log = structlog.get_logger("lambdaemon.triggers.files")
 
 SETTLE_S = 2.0  # stability window for files the kernel cannot vouch for
 RETRY_S = (0.5, 30.0)  # backoff of a commit or a final move that failed: first, cap
+SIDECAR_SUFFIX = ".error"  # beside a file in failed/: why it failed
+CUT_MARK = "…".encode()  # where a name too long for done/ or failed/ lost its middle
+FINAL_TAIL_BYTES = 16  # of a long name's end kept after the cut: its extension, most often
 IGNORED_SUFFIXES = ("~", ".tmp", ".part", ".partial", ".crdownload")
 WATCH_MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.ONLYDIR  # Q_OVERFLOW, IGNORED always come
 
@@ -469,13 +472,36 @@ def _finish(
         return None
     dest_dir = folder.path / ("failed" if sidecar else "done")
     _make_dir(dest_dir)
-    dest = dest_dir / f"{prefix}_{name}"
+    dest = dest_dir / _final_name(dest_dir, prefix, name, len(SIDECAR_SUFFIX) if sidecar else 0)
     if sidecar:  # written before the move: a crash in between redoes both
-        _write_durably(dest.with_name(dest.name + ".error"), json.dumps(sidecar, indent=1) + "\n")
+        sidecar_path = dest.with_name(dest.name + SIDECAR_SUFFIX)
+        _write_durably(sidecar_path, json.dumps(sidecar, indent=1) + "\n")
     os.rename(src, dest)
     _fsync_dir(dest_dir)
     _fsync_dir(folder.processing)
     return str(dest)
+
+
+def _final_name(dest_dir: Path, prefix: str, name: str, reserve: int) -> str:
+    """`<prefix>_<name>`, with `reserve` bytes to spare under the filesystem's limit on a name:
+    a name too long for that loses bytes from its middle (its start and extension stay, cut
+    between UTF-8 characters). The record and the sidecar keep the whole name."""
+    try:
+        limit = os.pathconf(dest_dir, "PC_NAME_MAX")
+    except OSError:
+        limit = 255
+    head, raw = os.fsencode(f"{prefix}_"), os.fsencode(name)
+    room = limit - reserve - len(head)
+    if len(raw) <= room:
+        return f"{prefix}_{name}"
+    tail_at = max(raw.rfind(b"."), len(raw) - FINAL_TAIL_BYTES)
+    tail_at = min(max(tail_at, len(raw) - room // 2), len(raw))  # an extension, never over half
+    cut = room - len(CUT_MARK) - (len(raw) - tail_at)
+    while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+        cut -= 1
+    while tail_at < len(raw) and raw[tail_at] & 0xC0 == 0x80:
+        tail_at += 1
+    return os.fsdecode(head + raw[:cut] + CUT_MARK + raw[tail_at:])
 
 
 def _write_durably(path: Path, text: str) -> None:

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tests.daemon_proc import Daemon, Gate, running_daemon, write_config
+from triggers.base import printable
 from triggers.files import SETTLE_S
 
 FUNCS = Path(__file__).resolve().parent / "functions"
@@ -216,6 +217,37 @@ async def test_files_odd_entries_are_rejected_to_failed_with_reason(tmp_path):
             assert ran == ["fine.txt"]
     finally:
         listener.close()
+
+
+async def test_files_names_at_the_length_limit_are_finished_with_their_middle_cut(tmp_path):
+    # Found by tests/test_fuzz.py: `<invocation_id>_<name>` passed the 255-byte limit on a name,
+    # so the move to done/ or failed/ failed for ever and the file stayed in .processing.
+    inbox = tmp_path / "inbox"
+    done_name = "ü" * 120 + "report.txt"  # 250 bytes: 2-byte characters where the cut falls
+    failed_name = "f" * 243 + ".csv"  # 247 bytes; its sidecar adds ".error"
+    odd_name = os.fsdecode(b"\xe9" * 240 + b".txt")  # not UTF-8: rejected
+    assert len(os.fsencode(done_name)) == 250
+    body = function("reader", "files_read", f'path = "{inbox}"\npattern = "*.txt"')
+    body += function("breaker", "files_fail", f'path = "{inbox}"\npattern = "*.csv"')
+    async with running_daemon(tmp_path, body) as daemon:
+        for name in (done_name, failed_name, odd_name, "ok.txt"):
+            drop(inbox, name, b"content", tmp_path / "staging")
+        done = {e["name"]: e for e in await daemon.wait_log("files_done", 2)}
+        await daemon.wait_log("files_failed", name=failed_name)
+        await daemon.wait_log("files_rejected", name=printable(odd_name))
+        assert done.keys() == {done_name, "ok.txt"}
+        assert os.listdir(inbox / ".processing") == []
+        long_done = Path(done[done_name]["moved_to"])
+        assert long_done.name.startswith(done[done_name]["invocation_id"] + "_üüü")
+        assert long_done.name.endswith("ü….txt")  # cut between characters, extension kept
+        failed = sorted(os.fsdecode(n) for n in os.listdir(bytes(inbox / "failed")))
+        assert [n.rpartition(".")[2] for n in failed] == ["csv", "error", "txt", "error"]
+        for sidecar in failed[1::2]:  # each keeps the whole name
+            kept = json.loads((inbox / "failed" / sidecar).read_text())["name"]
+            assert kept == (odd_name if sidecar.startswith("rejected-") else failed_name)
+        record = await daemon.get(f"/v1/invocations/{done[done_name]['invocation_id']}")
+        assert record["event"]["name"] == done_name  # and so does the record
+        assert not [e for e in daemon.log_events() if e.get("level") == "error"]
 
 
 async def test_files_failing_handler_goes_to_failed_and_can_be_replayed(tmp_path):
