@@ -11,8 +11,9 @@ call gets an Outcome, see starts.py), and a process, once it exists, frees it wh
 
 Log events: worker_started, worker_init_failed, handler_output (one per captured line) and
 worker_stopped with reason idle | evicted | timeout | crashed | retired | recycled | closed |
-cancelled | init_failed | out_of_memory (recycled also says why: max_invocations or rss); and
-starts.py's worker_start_failed, pool_degraded and pool_restored.
+cancelled | init_failed | out_of_memory (recycled also says why: max_invocations, rss or
+handler_state); starts.py's worker_start_failed, pool_degraded and pool_restored; and
+descendants.py's orphans_killed.
 """
 
 from __future__ import annotations

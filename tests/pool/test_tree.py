@@ -84,3 +84,13 @@ async def test_a_double_forked_grandchild_ends_with_its_worker_however_it_ends(
         assert daemon.proc is not None
     # the daemon's stop ends the last worker, and with it its grandchild
     await ended(live)
+
+
+async def test_an_adopted_grandchild_that_exits_on_its_own_is_reaped(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, tree_functions()) as daemon:
+        grandchild = await leave_grandchild(daemon, "live", tmp_path / "quick.pid", grandchild_s=0)
+        assert await gone(grandchild, 10)
+        # no worker ended: the daemon's periodic sweep (every 10 s) reaps it; polled
+        await until(lambda: not reapable(grandchild), 20, f"{grandchild} reaped")
+        status, _, _ = await daemon.invoke("live", {"pidfile": str(tmp_path / "again.pid")})
+        assert status == 200  # the worker it came from is untouched

@@ -181,7 +181,8 @@ def fail_long(event, context):
 def double_fork(event, context):
     """Leave a grandchild in a session of its own (fork, setsid, fork, the middle one exits):
     it writes its pid to event["pidfile"] and sleeps; with "env": false it also clears its
-    environment (a process that carries no mark of its worker). The handler goes on once the
+    environment (a process that carries no mark of its worker); it sleeps
+    event["grandchild_s"] (300 s by default) and exits. The handler goes on once the
     pid is written (told through a pipe); then it exits with "exit", or sleeps event["s"]."""
     written, told = os.pipe()
     pidfile = event["pidfile"]
@@ -199,7 +200,8 @@ def double_fork(event, context):
             os.rename(pidfile + ".tmp", pidfile)
             os.write(told, b"\n")
             os.close(told)
-            time.sleep(300)
+            time.sleep(event.get("grandchild_s", 300))
+            os._exit(0)
         os._exit(0)
     os.close(told)
     os.waitpid(middle, 0)
