@@ -29,7 +29,7 @@ from daemon.pool.protocol import (
     SupervisorChannel,
     encode_frame,
 )
-from tests.daemon_proc import running_daemon
+from tests.daemon_proc import free_port, running_daemon
 from tests.destinations.test_destinations import child_of
 from tests.pool.conftest import BASIC, function, request
 from tests.test_retries import dispatching, final
@@ -144,9 +144,21 @@ async def test_sync_webhook_answers_502_for_a_result_too_large(pool: WorkerPool)
     assert TOO_LARGE not in (response.text or "")  # the error stays in the record
 
 
-async def test_invoke_api_answers_like_lambda(tmp_path: Path) -> None:
-    body = f'[functions.big]\nhandler = "handler.sized"\ncode = "{BASIC}"\nmemory_mb = 256\n'
+async def test_invoke_api_and_a_sync_webhook_answer_like_lambda(tmp_path: Path) -> None:
+    port = free_port()
+    body = (
+        f'[webhooks]\nlisten = "127.0.0.1:{port}"\n'
+        f'[functions.big]\nhandler = "handler.sized"\ncode = "{BASIC}"\nmemory_mb = 256\n'
+        '[[functions.big.triggers]]\ntype = "webhook"\npath = "/big"\n'
+    )
     async with running_daemon(tmp_path, body) as daemon:
+        assert daemon.session is not None
+        url = f"http://127.0.0.1:{port}/big"
+        async with daemon.session.post(url, json={"bytes": LIMIT + 1}) as response:
+            assert response.status == 502
+            assert TOO_LARGE not in await response.text()  # the error stays in the record
+        async with daemon.session.post(url, json={"bytes": 100}) as response:
+            assert response.status == 200 and len(await response.read()) == 100
         status, headers, answer = await daemon.invoke("big", {"bytes": LIMIT + 8})
         assert status == 200 and headers["X-Amz-Function-Error"] == "Unhandled"
         assert json.loads(answer) == {

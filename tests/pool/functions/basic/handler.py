@@ -4,6 +4,7 @@ import asyncio
 import ctypes
 import decimal
 import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -167,7 +168,10 @@ def leak(event, context):
 
 def sized(event, context):
     """A result whose JSON is event["bytes"] bytes long: a string of event["char"] (one or more
-    bytes of UTF-8 each) between its two quotes, or with "raw" that many bytes returned as is."""
+    bytes of UTF-8 each) between its two quotes, or with "raw" that many bytes returned as is.
+    From a webhook, those fields are the request's JSON body."""
+    if "rawPath" in event:
+        event = json.loads(event["body"])
     if event.get("raw"):
         return b"r" * event["bytes"]
     char = event.get("char", "x")
