@@ -94,7 +94,9 @@ def run_wrk(
         value, unit = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return round(float(value) * _UNITS[unit], 3)
 
-    requests, elapsed = re.search(r"(\d+) requests in ([\d.]+)(?:s)", out).groups()
+    # wrk says "1.00m" from a minute on
+    requests, value, unit = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)\b", out).groups()
+    elapsed = float(value) * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: .*", out)
     return {
@@ -102,8 +104,8 @@ def run_wrk(
         "requests": int(requests),
         "errors": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(0) if socket_errors else None,
-        "seconds": float(elapsed),
-        "rps": round(int(requests) / float(elapsed), 1),
+        "seconds": elapsed,
+        "rps": round(int(requests) / elapsed, 1),
         "p50_ms": latency(50),
         "p99_ms": latency(99),
     }

@@ -66,6 +66,11 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def prepare_writer(conn: sqlite3.Connection, path: Path) -> int:
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        # A new file: incremental auto-vacuum, which SQLite fixes when the first table is made,
+        # so that retention can give pages back (daemon/store/retention.py); a file made
+        # without it is converted by the pruner at start, while it is small.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode != "wal":
         raise StoreUnavailableError(f"{path}: cannot use WAL journaling (got {mode!r})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -16,7 +17,7 @@ from structlog.testing import capture_logs
 
 from daemon.config import DaemonSettings
 from daemon.models import Outcome, Status
-from daemon.store.retention import MIB, Pruner
+from daemon.store.retention import MARGIN_MB, MIB, Pruner
 from daemon.store.sqlite import NewInvocation, Store
 from tests.daemon_proc import running_daemon
 
@@ -264,3 +265,151 @@ async def test_retention_daemon_prunes_at_start_and_keeps_accepting(tmp_path: Pa
             f"\ndaemon pruned {event['rows']} rows in {event['duration_ms']} ms, store now "
             f"{size / MIB:.2f} MB; {len(during)} of {len(accepted)} events accepted meanwhile"
         )
+
+
+# --- ordering, the bound under sustained intake, what a round reports ------------------------
+
+
+def sync_call(at: float, pad: int = 512) -> tuple[NewInvocation, Outcome]:
+    """A finished sync call as the dispatcher records it: one row of about 1 KB, `at` old."""
+    inv = NewInvocation(
+        id=str(uuid.uuid4()),
+        function="f",
+        function_version="$LATEST",
+        trigger="api",
+        invocation_type="sync",
+        event=b'{"pad": "' + b"x" * pad + b'"}',
+        queued_at=at,
+        status=Status.RUNNING,
+        attempt=1,
+        started_at=at,
+    )
+    outcome = Outcome(Status.SUCCEEDED, b'{"ok": true}', at, at + 0.001, 1.0, logs="END\n")
+    return inv, outcome
+
+
+async def test_retention_by_size_takes_every_other_final_row_before_a_dead_letter(
+    store: Store,
+) -> None:
+    # Dead letters older and younger than plain rows, interleaved in rowid order.
+    await seed_old_rows(store, 200, age_s=3 * DAY, dead=True)
+    await seed_old_rows(store, 600, age_s=2 * DAY)
+    await seed_old_rows(store, 200, age_s=DAY, dead=True)
+    now = time.time()
+    just_synced = set()
+    for _ in range(50):  # sync calls that just ended: nobody reads them again, they may go
+        inv, outcome = sync_call(now)
+        await store.record_finished(inv, outcome)
+        just_synced.add(inv.id)
+    just_ended = {await add(store, age_s=0, status=Status.SUCCEEDED) for _ in range(5)}
+    queued = {await add(store, age_s=4 * DAY, status=Status.QUEUED) for _ in range(5)}
+    p = pruner(store, max_db_mb=2)  # far less than the ~5 MB above: most must go
+    await p.prepare()
+    dead_before = await ids(store, "dead_letter_reason IS NOT NULL")
+    report = await p.prune(time.time())
+    assert p.disk_bytes() <= 2 * MIB
+    left = await ids(store)
+    # Not one row that may go is left while a dead letter went.
+    assert not left & just_synced
+    assert not await ids(store, "dead_letter_reason IS NULL AND status != 'queued'") - just_ended
+    assert just_ended | queued <= left  # async rows that just ended, and queued work, stay
+    dead_left = await ids(store, "dead_letter_reason IS NOT NULL")
+    assert 0 < len(dead_left) < len(dead_before)  # some dead letters had to go: the oldest
+    oldest_left = await store.query(
+        "SELECT min(dead_lettered_at) FROM invocations WHERE dead_letter_reason IS NOT NULL"
+    )
+    gone = await store.query(
+        "SELECT count(*) FROM invocations WHERE dead_letter_reason IS NOT NULL"
+        " AND dead_lettered_at < ?",
+        (oldest_left[0][0],),
+    )
+    assert gone[0][0] == 0 and report["by_size"] >= 650
+
+
+async def test_retention_holds_the_file_within_max_db_mb_under_sustained_sync_intake(
+    store: Store,
+) -> None:
+    """3,000 sync records a second (what the daemon answers on a small machine), 6 s: 18 MB of
+    rows into a 4 MB store. The file plus its WAL never goes past max_db_mb and its margin."""
+    max_db_mb, rate, seconds = 4, 3000, 6.0
+    p = pruner(store, max_db_mb=max_db_mb)
+    await p.prepare()
+    runner = asyncio.create_task(p.run())
+    sizes: list[int] = []
+    written = 0
+    try:
+        began = time.monotonic()
+        while (elapsed := time.monotonic() - began) < seconds:
+            due = int(elapsed * rate) - written  # paced: the daemon's rate, not SQLite's
+            for _ in range(due):
+                inv, outcome = sync_call(time.time())
+                store.record_finished_nowait(inv, outcome)
+            written += due
+            sizes.append(p.disk_bytes())
+            await asyncio.sleep(0.01)  # the pace of the load, not a wait for a condition
+        await store.barrier()
+        sizes.append(p.disk_bytes())
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    rows = (await store.query("SELECT count(*) FROM invocations"))[0][0]
+    print(
+        f"\n{written} sync records in {seconds:g} s into max_db_mb = {max_db_mb}: largest "
+        f"{max(sizes) / MIB:.2f} MB, {rows} rows left"
+    )
+    assert written > 0.8 * rate * seconds
+    assert rows < written / 2  # pruning kept up: most of what came in is gone again
+    # The margin the README states: the WAL may run past its slice while a checkpoint waits.
+    assert max(sizes) <= (max_db_mb + MARGIN_MB) * MIB, max(sizes) / MIB
+
+
+async def test_retention_released_bytes_is_never_negative_while_intake_grows_the_file(
+    store: Store,
+) -> None:
+    await seed_old_rows(store, 1500, age_s=DAY)  # ~7 MB to prune
+    p = pruner(store, max_db_mb=4)
+    await p.prepare()
+    grown = asyncio.Event()
+    before = (await store.query("SELECT * FROM pragma_page_count()"))[0][0]
+
+    async def intake() -> None:  # big async rows that stay (queued): the file has to grow
+        while True:
+            await store.insert(
+                NewInvocation(
+                    id=str(uuid.uuid4()),
+                    function="f",
+                    function_version="$LATEST",
+                    trigger="test",
+                    invocation_type="async",
+                    event=b'"' + b"q" * 200_000 + b'"',
+                    queued_at=time.time(),
+                )
+            )
+            pages = (await store.query("SELECT * FROM pragma_page_count()"))[0][0]
+            if pages > before + 2000:
+                grown.set()
+
+    feeder = asyncio.create_task(intake())
+    reports = []
+    try:
+        while not grown.is_set() or len(reports) < 3:
+            reports.append(await p.prune(time.time()))
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+    after = (await store.query("SELECT * FROM pragma_page_count()"))[0][0]
+    assert after > before  # the file grew over the rounds: file size alone would say < 0
+    assert all(r["released_bytes"] >= 0 for r in reports), reports
+    assert sum(r["rows"] for r in reports) >= 1000
+
+
+async def test_a_new_store_is_incremental_from_its_first_table(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "new.db") as store:
+        p = pruner(store)
+        with capture_logs() as logs:
+            await p.prepare()
+        assert not [e for e in logs if e["event"].startswith("store_auto_vacuum")]  # no VACUUM
+    with sqlite3.connect(tmp_path / "new.db") as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
