@@ -25,6 +25,7 @@ import structlog
 from daemon import logs
 from daemon.backoff import Backoff
 from daemon.config import FunctionConfig
+from daemon.deferred import DeferredRecords
 from daemon.destinations.routing import Router
 from daemon.errors import ShuttingDownError, StoreUnavailableError, UnknownFunctionError
 from daemon.lanes import Backlogged, Lane, Lanes
@@ -52,12 +53,6 @@ _STORE_BACKOFF = Backoff(0.5, 15.0)
 # invocation still running after this long: most finish first and are written once, finished.
 VISIBLE_AFTER_S = 0.25
 _json = msgspec.json.Encoder()
-
-
-def _log_record_failure(invocation_id: str, recorded: asyncio.Future[None]) -> None:
-    # Recorded best effort: the caller already has its answer.
-    if not recorded.cancelled() and (exc := recorded.exception()) is not None:
-        log.error("invocation_record_failed", invocation_id=invocation_id, error=str(exc))
 
 
 def to_json(event: Any) -> bytes:
@@ -89,6 +84,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[Any]] = set()  # their records being written, and the like
         self._stopping = False
         self._final_waiters: dict[str, list[asyncio.Future[str]]] = {}
+        # Sync records the store could not take yet (a full disk): written once it can.
+        self.deferred = DeferredRecords(store)
 
     @property
     def functions(self) -> dict[str, FunctionConfig]:
@@ -375,8 +372,19 @@ class Dispatcher:
             except StoreUnavailableError as exc:  # closed: the caller still gets its answer
                 log.error("invocation_record_failed", invocation_id=inv.id, error=str(exc))
             else:
-                recorded.add_done_callback(partial(_log_record_failure, inv.id))
+                recorded.add_done_callback(partial(self._recorded, inv, outcome))
         return outcome
+
+    def _recorded(
+        self, inv: NewInvocation, outcome: Outcome, recorded: asyncio.Future[None]
+    ) -> None:
+        # The caller already has its answer; a record the store cannot take now waits for it.
+        if recorded.cancelled() or (exc := recorded.exception()) is None:
+            return
+        if isinstance(exc, StoreUnavailableError):
+            self.deferred.add(inv, outcome)
+        else:
+            log.error("invocation_record_failed", invocation_id=inv.id, error=str(exc))
 
     async def _record_sync(
         self, inv: NewInvocation, running: asyncio.Future[Any] | None, outcome: Outcome
@@ -387,6 +395,10 @@ class Dispatcher:
             else:
                 # Enqueued after the running row's insert, so it commits after it.
                 await self._store.finish(inv.id, 1, outcome)
+        except StoreUnavailableError:
+            self.deferred.add(inv, outcome)  # written once the store takes writes again
+        except LookupError:  # its running row was never written: the store was unavailable
+            self.deferred.add(inv, outcome)
         except Exception as exc:  # recorded best effort: the caller already has its answer
             log.error("invocation_record_failed", invocation_id=inv.id, error=str(exc))
 
@@ -733,6 +745,7 @@ class Dispatcher:
             log.warning("dispatcher_drain_cancelled", cancelled=len(cancelled))
         if self._tasks:  # the records of what just finished, before the store closes
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.deferred.close()  # sync records still waiting: a last try
         with contextlib.suppress(StoreUnavailableError):  # and those written without a task
             await self._store.barrier()
         return len(cancelled)

@@ -105,7 +105,7 @@ class Service:
             )
             stack.push_async_callback(self._finish_drain, dispatcher)  # a failed start, too
             await dispatcher.recover()
-            health = StoreHealth(store)
+            health = StoreHealth(store, dispatcher.deferred)
             await stack.enter_async_context(_background(health.run(), "store-health"))
             await stack.enter_async_context(_background(pruner.run(), "store-pruner"))
             app = build_api(config, dispatcher, store)

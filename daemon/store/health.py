@@ -31,6 +31,7 @@ import structlog
 from aiohttp import web
 
 from daemon.backoff import Backoff
+from daemon.deferred import DeferredRecords
 from daemon.store.sqlite import Store
 from daemon.systemd import notify
 
@@ -58,8 +59,9 @@ _REASONS = {
 class StoreHealth:
     """Watches whether the store can commit; `report()` is what GET /health answers."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, deferred: DeferredRecords | None = None) -> None:
         self._store = store
+        self._deferred = deferred  # sync records waiting for the store, shown in report()
         self._dir = store.path.parent
         self._seen_failures = store.write_failures
         self._seen_commits = store.commits
@@ -113,6 +115,8 @@ class StoreHealth:
             "disk_free_mb": round(disk.f_bavail * disk.f_frsize / MIB, 3) if disk else None,
             "write_failures": self._store.write_failures,
         }
+        if self._deferred is not None:
+            store.update(self._deferred.report())
         if self.reason is None:
             return {"status": "ok", "store": store}
         return {

@@ -154,6 +154,16 @@ def finish(
     return Settled(o.status.value, routed)
 
 
+def record_sync_final(conn: sqlite3.Connection, inv: NewInvocation, o: Outcome, now: float) -> None:
+    """A sync call's final record written late (daemon/deferred.py): the whole finished row, or
+    the final fields of its `running` row when that one was written (a call still running after
+    VISIBLE_AFTER_S) or when an earlier try committed after all. So a repeat adds nothing."""
+    if conn.execute("SELECT 1 FROM invocations WHERE id = ?", (inv.id,)).fetchone() is None:
+        records.insert_finished(conn, inv, o)
+    else:
+        finish(conn, inv.id, 1, o, None, now, None)
+
+
 def dead_letter_waiting(
     conn: sqlite3.Connection, id: str, reason: str, now: float, route: Route | None
 ) -> Settled:

@@ -237,6 +237,14 @@ class Store:
         _require_final(outcome)
         return self._submit(write(records.insert_finished, BOOKKEEPING, inv=inv, o=outcome))
 
+    async def record_sync_final(self, inv: NewInvocation, outcome: Outcome) -> None:
+        """A sync call's final record, written late: inserted whole, or its `running` row
+        finished if that exists; repeating it adds nothing (daemon/store/settle.py)."""
+        _require_final(outcome)
+        await self._write(
+            settle.record_sync_final, BOOKKEEPING, inv=inv, o=outcome, now=time.time()
+        )
+
     async def requeue(
         self, id: str, attempt: int, outcome: Outcome, next_attempt_at: float
     ) -> None:

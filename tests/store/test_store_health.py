@@ -18,11 +18,14 @@ import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.deferred import MAX_BYTES, MAX_RECORDS, DeferredRecords
 from daemon.errors import StoreUnavailableError
+from daemon.models import Outcome, Status
 from daemon.store.health import StoreHealth
 from daemon.store.sqlite import NewInvocation, Store
 from tests.daemon_proc import Daemon, free_port, running_daemon
 from tests.mosquitto import running_broker
+from tests.waits import until
 
 FUNCS = Path(__file__).resolve().parents[1] / "functions"
 
@@ -250,3 +253,114 @@ async def test_store_full_disk_mid_invocation_finishes_once_there_is_room(tmp_pa
 
             # Polled: the first outcome's retried write logs nothing when it lands.
             await daemon.wait_for(final, timeout_s=8)  # healthy, this takes ~1.5 s
+
+
+# --- sync calls answered during a full disk ------------------------------------------------------
+
+
+def sync_call(n: int, pad: int = 64) -> tuple[NewInvocation, Outcome]:
+    at = time.time()
+    inv = NewInvocation(
+        id=str(uuid.uuid4()),
+        function="f",
+        function_version="$LATEST",
+        trigger="api",
+        invocation_type="sync",
+        event=json.dumps({"n": n, "pad": "x" * pad}).encode(),
+        queued_at=at,
+        status=Status.RUNNING,
+        attempt=1,
+        started_at=at,
+    )
+    return inv, Outcome(Status.SUCCEEDED, b'{"ok": true}', at, at + 0.001, 1.0, logs="END\n")
+
+
+async def test_deferred_sync_records_are_bounded_and_written_once_there_is_room(
+    tmp_path: Path,
+) -> None:
+    with small_filesystem(tmp_path / "small", 64 * 1024) as small:
+        async with Store.open(small / "lambdaemon.db") as store:
+            deferred = DeferredRecords(store)
+            health = StoreHealth(store, deferred)
+            filler = fill(small)
+            with capture_logs() as logs:
+                # By count: MAX_RECORDS small records wait, the rest are dropped and counted
+                # (checked before the first await: nothing was written yet).
+                calls = [sync_call(n) for n in range(MAX_RECORDS + 5)]
+                for inv, outcome in calls:
+                    deferred.add(inv, outcome)
+                assert (deferred.pending, deferred.dropped) == (MAX_RECORDS, 5)
+                figures = health.report()["store"]
+                assert figures["sync_records_pending"] == MAX_RECORDS
+                assert figures["sync_records_dropped"] == 5
+                assert 0 < figures["sync_records_pending_mb"] < MAX_BYTES / 1024 / 1024
+                # The disk is full: the first tries fail, and the records keep waiting.
+                await until(lambda: store.write_failures > 0, timeout_s=20, what="a failure")
+            (dropped,) = [e for e in logs if e["event"] == "sync_records_dropped"]  # once
+            assert dropped["log_level"] == "error" and dropped["dropped"] == 1
+            assert [e["event"] for e in logs].count("sync_records_deferred") == 1
+            assert deferred.pending > 0
+
+            filler.unlink()
+            with capture_logs() as logs:
+                await until(lambda: deferred.pending == 0, timeout_s=40, what="written")
+            (written,) = [e for e in logs if e["event"] == "sync_records_written"]
+            assert written["records"] == MAX_RECORDS
+            rows = await store.query("SELECT count(*), min(status), max(status) FROM invocations")
+            assert tuple(rows[0]) == (MAX_RECORDS, "succeeded", "succeeded")
+            kept = {inv.id for inv, _ in calls[:MAX_RECORDS]}
+            assert {r[0] for r in await store.query("SELECT id FROM invocations")} == kept
+            assert health.report()["store"]["sync_records_pending"] == 0
+
+            # By bytes: 32 MB of events and results, whichever bound comes first.
+            for n in range(5):
+                deferred.add(*sync_call(n, pad=9 * 1024 * 1024))
+            assert deferred.pending == 3 and deferred.dropped == 5 + 2
+            assert deferred.bytes <= MAX_BYTES
+            await deferred.close()  # the store takes them now: none is lost
+            rows = await store.query("SELECT count(*) FROM invocations")
+            assert rows[0][0] == MAX_RECORDS + 3
+
+
+async def test_sync_calls_answered_during_a_full_disk_are_recorded_once_there_is_room(
+    tmp_path: Path,
+) -> None:
+    echo = f'[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n'
+    with small_filesystem(tmp_path / "var", 4096) as var:
+        async with running_daemon(tmp_path, echo) as daemon:
+            filler = fill(var)
+            answered: list[str] = []
+
+            async def call() -> None:
+                status, headers, body = await daemon.invoke("echo", {"during": len(answered)})
+                assert status == 200 and b"during" in body  # the caller gets its answer
+                answered.append(headers["x-amzn-RequestId"])
+
+            # The WAL may still have room for a few records; then they start to wait.
+            while not events(daemon, "sync_records_deferred"):
+                await call()
+                assert len(answered) < 2000, "the disk never filled"
+            for _ in range(10):
+                await call()
+
+            async def waiting() -> Any:
+                status, report = await health(daemon)
+                pending = report["store"].get("sync_records_pending", 0)
+                return report if status == 503 and pending >= 10 else None
+
+            report = await daemon.wait_logged(waiting)
+            assert report["reason"] == "disk_full" and report["store"]["sync_records_dropped"] == 0
+            assert not events(daemon, "invocation_record_failed")
+
+            mark = len(daemon.log_events())
+            filler.unlink()
+            await logged(daemon, "store_restored", mark)
+            (written, *_) = await logged(daemon, "sync_records_written", mark)
+            assert written["records"] >= 10
+            rows = {r["id"]: r for r in await daemon.invocations(function="echo")}
+            assert set(rows) == set(answered)  # every call answered is recorded, once
+            assert all(r["status"] == "succeeded" for r in rows.values())
+            record = await daemon.get(f"/v1/invocations/{answered[-3]}")
+            assert record["event"] == {"during": len(answered) - 3}
+            assert record["invocation_type"] == "sync"
+            assert (await health(daemon))[1]["store"]["sync_records_pending"] == 0
