@@ -85,7 +85,6 @@ LOG_EVERY_S = 10.0  # store_pruned: at most one line this often, with the sums s
 VACUUM_PAGES = 256  # pages given back per transaction when the file shrinks
 CONVERT_MAX_MB = 16  # a bigger database is not converted at start: its VACUUM would take long
 CHECKPOINT_BUSY_MS = 2000
-TRIM_BUSY_S = 0.1  # _trim_wal's checkpoint gives up after this: it is tried again later
 INCREMENTAL = 2  # PRAGMA auto_vacuum
 
 _LIVE_PAGES = "SELECT * FROM pragma_page_count(), pragma_freelist_count()"
@@ -240,14 +239,13 @@ class Pruner:
 
         SQLite cuts it back to journal_size_limit only when a write starts it over, so the WAL
         a burst left behind would stay as large as it grew once intake stops. Only while
-        intake is quiet (the caller's part), and giving up after TRIM_BUSY_S: a TRUNCATE
-        checkpoint waits for the writer and then holds it while it runs.
+        intake is quiet (the caller's part): the checkpoint holds the writer while it runs.
         """
         at = time.monotonic()
         if at - self._trimmed_at < CHECK_S or _size(Path(f"{self._path}-wal")) <= self._wal_bytes:
             return
         self._trimmed_at = at
-        await asyncio.to_thread(_checkpoint, self._path, TRIM_BUSY_S)
+        await self._store.checkpoint()
 
     async def prune(
         self, now: float, *, by_age: bool = True, shrink: bool = True
@@ -426,7 +424,7 @@ class Pruner:
             released += freed
         if not released:
             return
-        busy = await asyncio.to_thread(_checkpoint, self._path, CHECKPOINT_BUSY_MS / 1000)
+        busy = await self._store.checkpoint()
         if busy:  # a reader held on: the next round (or the writer's own checkpoint) finishes
             log.info("store_checkpoint_busy", path=str(self._path))
 
@@ -535,7 +533,7 @@ def _limit_wal(conn: sqlite3.Connection, pages: int, size: int) -> None:
 
 
 # --- run in a worker thread, on a short-lived connection of our own ---------------------------
-# VACUUM and checkpoints cannot run inside a transaction, and the writer is always inside one
+# VACUUM cannot run inside a transaction, and the writer is always inside one
 # when it runs our code; the store's other connection is read-only.
 
 
@@ -557,19 +555,5 @@ def _enable_incremental_vacuum(path: Path) -> int:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")  # rebuilds the file; only then does the new mode apply
         return int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
-    finally:
-        conn.close()
-
-
-def _checkpoint(path: Path, busy_s: float) -> bool:
-    """Copy the WAL into the file and truncate both; True when readers or the writer held on."""
-    # mode=rw: never create a database at the path (it may have been deleted meanwhile).
-    uri = f"{path.resolve().as_uri()}?mode=rw"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_s)
-    try:
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return bool(busy)
-    except sqlite3.OperationalError:  # SQLITE_BUSY past the timeout: try again next round
-        return True
     finally:
         conn.close()

@@ -350,6 +350,19 @@ class Store:
         )
         return recovery
 
+    async def checkpoint(self) -> bool:
+        """Copy the WAL into the database file and truncate both; True when a reader held on.
+
+        On the writer's own connection, between two batches: a checkpoint from another
+        connection has to win the write lock from a writer that takes it back after every
+        batch, and under intake it lost for seconds (retention's shrinking waits on this).
+        """
+        writer = self._require(self._writer)
+        if self._replaced is not None:
+            raise StoreReplacedError(self._replaced)
+        busy: bool = await writer._execute(_checkpoint, writer._conn)
+        return busy
+
     @property
     def replaced(self) -> str | None:
         """Why the database file at `path` is no longer the one this store writes (None: it is).
@@ -646,6 +659,11 @@ class Store:
         if conn is None or self._closing is not None:
             raise StoreUnavailableError(f"store {self.path} is closed")
         return conn
+
+
+def _checkpoint(conn: sqlite3.Connection) -> bool:
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return bool(busy)
 
 
 class _Replaced(Exception):
