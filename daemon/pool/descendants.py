@@ -39,6 +39,11 @@ PR_SET_CHILD_SUBREAPER = 36
 MARK_VARIABLE = b"AWS_LAMBDA_LOG_STREAM_NAME="
 _ENVIRON_MAX_BYTES = 4 * 1024 * 1024  # past ARG_MAX's usual 2 MB: the whole of any environment
 
+# Every pool's workers in this process (a test's process runs several pools): their marks, from
+# just before the spawn until the exit is reaped, and their pids. A sweep never touches these.
+LIVE_MARKS: set[str] = set()
+WORKER_PIDS: set[int] = set()
+
 
 def become_subreaper() -> bool:
     """Make this process the reaper of its descendants' orphans; False off Linux or if refused."""
@@ -137,21 +142,22 @@ class Orphans:
     def __init__(self, own_children: bool) -> None:
         self.own_children = own_children
         self._adopted: set[int] = set()  # children seen with a worker's mark (or, owning, any)
+        self._killed: set[int] = set()  # killed, and still this process's children to reap
         self.killed_total = 0
 
     @property
     def pending(self) -> bool:
-        """Adopted children that have not been reaped yet."""
-        return bool(self._adopted)
+        """Children this sweeper killed that have not been reaped yet."""
+        return bool(self._killed)
 
-    def sweep(self, live_marks: set[str], worker_pids: set[int], kill_unmarked: bool) -> int:
+    def sweep(self, kill_unmarked: bool) -> int:
         """Kill adopted children whose worker is gone, reap those that exited; how many it
-        killed. `worker_pids` are never touched (their own watcher waits for them)."""
+        killed. Workers (WORKER_PIDS) are never touched: their own watcher waits for them."""
         me = os.getpid()
         killed: list[int] = []
         unmarked: list[int] = []
         for pid in children(me):
-            if pid in worker_pids:
+            if pid in WORKER_PIDS:
                 continue
             state, _ = _stat(pid)
             if state == "Z":
@@ -167,10 +173,13 @@ class Orphans:
                     unmarked.append(pid)
                 continue
             self._adopted.add(pid)
-            if mark not in live_marks:
+            if mark not in LIVE_MARKS:
                 killed.append(pid)
         below = [child for pid in [*killed, *unmarked] for child in kill_tree(pid)]
+        self._killed.update(killed, unmarked, below)
+        self._adopted |= self._killed
         self._adopted = {pid for pid in self._adopted if _stat(pid)[1] == me}
+        self._killed &= self._adopted
         count = len(killed) + len(unmarked) + len(below)
         if count:
             self.killed_total += count
@@ -183,3 +192,4 @@ class Orphans:
         except ChildProcessError:  # reaped elsewhere meanwhile
             pass
         self._adopted.discard(pid)
+        self._killed.discard(pid)

@@ -33,7 +33,7 @@ from daemon.config import FunctionConfig
 from daemon.errors import PoolClosedError
 from daemon.memory import BIG_PAYLOAD_BYTES, trim_soon
 from daemon.models import InvokeRequest, Outcome, Status
-from daemon.pool.descendants import Orphans, become_subreaper
+from daemon.pool.descendants import LIVE_MARKS, WORKER_PIDS, Orphans, become_subreaper
 from daemon.pool.outcomes import (
     call_outcome,
     crashed,
@@ -111,7 +111,6 @@ class WorkerPool:
         self.start_health = StartHealth()
         self._start_retry: asyncio.TimerHandle | None = None  # while degraded: a start of its own
         self._orphans = Orphans(own_children)
-        self._marks_starting: set[str] = set()  # marks of workers between spawn and Worker
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -355,6 +354,8 @@ class WorkerPool:
         worker.state = State.EXITED
         self._slots -= 1
         self._workers.discard(worker)
+        LIVE_MARKS.discard(worker.mark)  # its descendants are orphans now, for the sweep below
+        WORKER_PIDS.discard(worker.pid)
         worker.channel.hang_up()
         if not worker.held:
             worker.close_files()
@@ -473,15 +474,15 @@ class WorkerPool:
             parent_sock, child_sock = socket.socketpair()
             undo.callback(parent_sock.close)
             stream = new_log_stream(fn)
-            self._marks_starting.add(stream)
-            undo.callback(self._marks_starting.discard, stream)
+            LIVE_MARKS.add(stream)  # from before the fork: its orphans are never anyone's
+            undo.callback(LIVE_MARKS.discard, stream)
             with child_sock:  # the child's end: open in the child only, once it is started
                 memfd = capture_file(fn.name)
                 undo.callback(os.close, memfd)
                 proc = await self._start_process(fn, child_sock, memfd, on_demand, stream)
             undo.pop_all()  # the process holds the slot now; its exit gives it back
         worker = Worker(fn, key, proc, memfd, self._loop, stream)
-        self._marks_starting.discard(stream)
+        WORKER_PIDS.add(worker.pid)
         self._workers.add(worker)
         worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
         try:
@@ -665,9 +666,7 @@ class WorkerPool:
         if self._spawning:  # a child between fork and exec carries no mark yet: not now
             self._schedule_sweep(_SWEEP_AGAIN_S)
             return
-        live = {worker.mark for worker in self._workers} | self._marks_starting
-        pids = {worker.pid for worker in self._workers}
-        killed = self._orphans.sweep(live, pids, kill_unmarked=ended or self._closed)
+        killed = self._orphans.sweep(kill_unmarked=ended or self._closed)
         if killed:
             self._schedule_sweep(_SWEEP_AGAIN_S)
         elif self._orphans.own_children and not self._closed:
@@ -688,7 +687,7 @@ class WorkerPool:
             self._sweep_timer.cancel()
             self._sweep_timer = None
         for _ in range(int(_EXIT_WAIT_S / _SWEEP_AGAIN_S)):
-            killed = self._orphans.sweep(set(), set(), kill_unmarked=True)
+            killed = self._orphans.sweep(kill_unmarked=True)
             if not killed and not self._orphans.pending:
                 return
             await asyncio.sleep(_SWEEP_AGAIN_S)  # killed processes exit within moments

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from daemon.models import Status
 from daemon.pool import WorkerPool
@@ -94,3 +95,17 @@ async def test_an_adopted_grandchild_that_exits_on_its_own_is_reaped(tmp_path: P
         await until(lambda: not reapable(grandchild), 20, f"{grandchild} reaped")
         status, _, _ = await daemon.invoke("live", {"pidfile": str(tmp_path / "again.pid")})
         assert status == 200  # the worker it came from is untouched
+
+
+async def test_a_pool_sweeping_after_its_worker_leaves_another_pools_workers_alone(
+    make_pool: Any,
+) -> None:
+    first: WorkerPool = await make_pool()
+    second: WorkerPool = await make_pool()
+    fn = function("count")
+    warm = await second.invoke(fn, request(fn))
+    slow = function("slow", "handler.sleep", timeout_s=0.5)
+    timed_out = await first.invoke(slow, request(slow, b'{"s": 30}'))
+    assert timed_out.status is Status.TIMED_OUT  # its worker ended, and the first pool swept
+    again = await second.invoke(fn, request(fn))
+    assert again.worker_pid == warm.worker_pid and json.loads(again.payload)["calls"] == 2
