@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Coroutine
 from email.utils import formatdate
 from functools import partial
@@ -258,6 +258,9 @@ class FastSite(web.BaseSite):
         self.router, self.max_body, self.limits = router, max_body, limits
         self._drain_s = drain_s
         self.connections: set[HttpConnection] = set()
+        # Connections between requests, longest idle first (the order eviction takes them in).
+        self.idle: OrderedDict[HttpConnection, None] = OrderedDict()
+        self._evicting = 0  # closed to make room, not yet gone
         self.stats = STATS.setdefault(key, ListenerStats())
         self.body_held = 0  # bytes of bodies reserved by requests in hand
         self.budget_waiters: deque[HttpConnection] = deque()
@@ -304,20 +307,26 @@ class FastSite(web.BaseSite):
 
     def admit(self, conn: HttpConnection) -> bool:
         """Make room for `conn` under max_connections: False when there is none."""
-        if len(self.connections) >= self.limits().max_connections:
-            idle = [c for c in self.connections if c.idle]
-            if not idle:
+        if len(self.connections) - self._evicting >= self.limits().max_connections:
+            if not self.idle:
                 self.stats.refused += 1
                 return False
-            min(idle, key=lambda c: c.idle_since).close()
+            longest, _ = self.idle.popitem(last=False)
+            longest.evicted = True
+            self._evicting += 1
+            longest.close()
             self.stats.evicted += 1
         self.connections.add(conn)
+        self.idle[conn] = None  # says nothing yet: the first to go when room is needed
         self.stats.accepted += 1
         self.stats.open = len(self.connections)
         return True
 
     def forget(self, conn: HttpConnection) -> None:
         self.connections.discard(conn)
+        self.idle.pop(conn, None)
+        if conn.evicted:
+            self._evicting -= 1
         self.stats.open = len(self.connections)
 
     def reserve(self, conn: HttpConnection, size: int) -> bool:
@@ -369,6 +378,7 @@ class HttpConnection(asyncio.Protocol):
         self.phase = "head"  # head | body | busy | idle (between requests) | write
         self.task: asyncio.Task[web.StreamResponse] | None = None  # the request being served
         self.closing = False  # close once the requests in hand are answered
+        self.evicted = False  # closed to make room for a new connection
         self.stop = False  # parse nothing more: what follows a request refused unread is not read
         self.queue: deque[tuple[Any, Any]] = (
             deque()
@@ -549,6 +559,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = True
         self._headers = []
         self._head_size = 0
+        self.site.idle.pop(self, None)
         if self.phase in ("idle", "head"):
             self.phase, self.deadline = "head", time.monotonic() + self.limits.head_timeout_s
 
@@ -780,6 +791,8 @@ class HttpConnection(asyncio.Protocol):
         else:
             self.idle_since = now
             self.phase, self.deadline = "idle", now + self.limits.keepalive_s
+            self.site.idle[self] = None
+            self.site.idle.move_to_end(self)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
