@@ -380,9 +380,8 @@ class HttpConnection(asyncio.Protocol):
         self.closing = False  # close once the requests in hand are answered
         self.evicted = False  # closed to make room for a new connection
         self.stop = False  # parse nothing more: what follows a request refused unread is not read
-        self.queue: deque[tuple[Any, Any]] = (
-            deque()
-        )  # (WireRequest | _Failed, serve)  # parsed, waiting their turn
+        # Parsed requests waiting their turn: (WireRequest or _Failed, (what serves it, budget)).
+        self.queue: deque[tuple[Any, Any]] = deque()
         self.unparsed = b""  # received while reading is paused for the pipeline
         self._feeding = False  # inside parser.feed_data (callbacks must not feed again)
         self.paused: set[str] = set()  # why reading is paused: write, pipeline, budget
