@@ -63,6 +63,7 @@ SWEEP_S = 1.0  # how often deadlines are checked: a timeout may run this much la
 # so a pipelining client gets at most about PIPELINED_SLICE / 26 bytes of requests past the cap.
 FEED_SLICE = 256 * 1024
 PIPELINED_SLICE = 1024
+LINGER_S = 2.0  # after the last answer, unread input is dropped this long before closing
 DISCARD_BYTES = 64 * 1024  # a refused request's body up to this is read and dropped, not kept
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -290,7 +291,7 @@ class FastSite(web.BaseSite):
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self.connections):
-            if conn.idle:
+            if conn.idle or conn.lingering:
                 conn.close()
             else:
                 conn.closing = True
@@ -375,10 +376,12 @@ class HttpConnection(asyncio.Protocol):
         now = time.monotonic()
         self.idle_since = now
         self.deadline = now + self.limits.head_timeout_s  # the first head is due
-        self.phase = "head"  # head | body | busy | idle (between requests) | write
+        self.phase = "head"  # head | body | busy | idle (between requests) | write | linger
         self.task: asyncio.Task[web.StreamResponse] | None = None  # the request being served
         self.closing = False  # close once the requests in hand are answered
         self.evicted = False  # closed to make room for a new connection
+        self.lingering = False  # answered and half-closed, dropping what still arrives (_end)
+        self.peer_done = False  # the client closed its side: nothing more will arrive
         self.stop = False  # parse nothing more: what follows a request refused unread is not read
         # Parsed requests waiting their turn: (WireRequest or _Failed, (what serves it, budget)).
         self.queue: deque[tuple[Any, Any]] = deque()
@@ -430,6 +433,8 @@ class HttpConnection(asyncio.Protocol):
         self._drop_body()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # dropped: see _end
         if self.paused:
             self.unparsed += data  # bounded: reading is paused, at most one read arrives
             return
@@ -438,7 +443,9 @@ class HttpConnection(asyncio.Protocol):
         self._feed(data)
 
     def eof_received(self) -> bool:
-        self.closing = True
+        if self.lingering:
+            return False  # the client is done sending: close
+        self.closing = self.peer_done = True
         # Keep the socket open to answer what is in hand.
         return self.task is not None or bool(self.queue)
 
@@ -456,9 +463,33 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _end(self) -> None:
+        """Close once the last answer is written. When input was left unread (a body refused
+        from its head, a broken request), close only our side and drop what still arrives for
+        up to LINGER_S: closing with unread input makes the kernel reset the connection, and
+        a client still sending would lose the answer it was sent (the lingering close of
+        RFC 9112, section 9.6)."""
+        transport = self.transport
+        if self.lingering:
+            return
+        if not self.stop or self.peer_done or transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        self.lingering = True
+        self.phase, self.deadline = "linger", time.monotonic() + LINGER_S
+        self.site.idle.pop(self, None)
+        self.unparsed = b""
+        transport.write_eof()
+        if self.paused:
+            self.paused.clear()
+            transport.resume_reading()
+
     def expire(self) -> None:
         """A deadline passed: say so when a request was under way, then close."""
         phase = self.phase
+        if phase == "linger":
+            self.close()
+            return
         self.site.stats.timeouts[phase] += 1
         if phase in ("head", "body") and (self._in_head or self._request is not None):
             self.site.stats.bad_request(
@@ -544,10 +575,11 @@ class HttpConnection(asyncio.Protocol):
         self.site.stats.bad_request(self.site.key, kind, detail, self.remote)
         self._drop_body()
         self._request = None
+        self._in_head = False
         self.closing = self.stop = True
         if self.task is None and not self.queue:
             self._write(_render(_plain(status, f"Bad Request: {detail}")))
-            self.close()
+            self._end()
         else:  # answered after what is in hand, in order
             self.queue.append((_Failed(status, detail), None))
 
@@ -718,14 +750,14 @@ class HttpConnection(asyncio.Protocol):
             return
         if not self.queue:
             if self.closing:
-                self.close()
+                self._end()
             else:
                 self._set_idle_or_busy()
             return
         request, serve = self.queue.popleft()
         if isinstance(request, _Failed):
             self._write(_render(_plain(request.status, f"Bad Request: {request.detail}")))
-            self.close()
+            self._end()
             return
         if "pipeline" in self.paused and len(self.queue) < self.limits.max_pipelined:
             self._resume("pipeline")

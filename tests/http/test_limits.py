@@ -219,6 +219,30 @@ async def test_a_refused_request_is_answered_from_its_head_alone(head: bytes, st
         assert site.body_held == 0 and handlers.served == 0
 
 
+async def test_a_client_still_sending_a_refused_body_reads_its_answer():
+    """The answer goes out from the head; the body still arriving is dropped, not met with a
+    reset that would destroy the answer in the client's buffers."""
+    size = 8_000_000
+    for path, status in (("/nowhere", 404), ("/echo", 413)):
+        async with listener() as (port, site, _), client(port) as (reader, writer):
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n".encode()
+            )
+
+            async def send() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(size // 65536):
+                        writer.write(b"z" * 65536)
+                        await writer.drain()
+
+            sending = asyncio.ensure_future(send())
+            async with asyncio.timeout(10):
+                assert (await answer(reader))[0] == status
+                assert await reader.read() == b""
+            await sending
+            assert site.body_held == 0
+
+
 async def test_a_small_refused_body_is_read_and_dropped_and_the_connection_kept():
     async with listener() as (port, _, _):
         async with client(port) as (reader, writer):
