@@ -477,6 +477,9 @@ class SupervisorChannel:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.corrupt = False
+        # Called once on a corrupt frame: the pool ends a worker that sent one between calls
+        # (a waiting caller learns of it from receive() instead).
+        self.on_corrupt: Callable[[], object] | None = None
 
     def receive(self) -> asyncio.Future[Any]:
         future = self._loop.create_future()
@@ -555,6 +558,8 @@ class SupervisorChannel:
         """A frame that is not a valid message: the worker is treated as crashed."""
         self.corrupt = True
         self.hang_up()
+        if self.on_corrupt is not None:
+            self.on_corrupt()
 
     def _deliver(self, message: FromWorker | None) -> None:
         waiter, self._waiter = self._waiter, None

@@ -320,6 +320,12 @@ class WorkerPool:
             if self._reaper_at is None or now + fn.idle_timeout_s < self._reaper_at:
                 self._reaper_wake.set()
 
+    def _corrupt_while_idle(self, worker: Worker) -> None:
+        """Bytes that are no frame came from a worker between its calls (a handler's thread
+        wrote to the channel): it is ended now, not when the next call would pick it."""
+        if worker.state is State.IDLE:
+            self._kill(worker, "crashed")
+
     def _drop(self, worker: Worker) -> None:
         """A caller is done with a worker that was killed or died."""
         worker.held = False
@@ -483,6 +489,7 @@ class WorkerPool:
             undo.pop_all()  # the process holds the slot now; its exit gives it back
         worker = Worker(fn, key, proc, memfd, self._loop, stream)
         WORKER_PIDS.add(worker.pid)
+        worker.channel.on_corrupt = lambda: self._corrupt_while_idle(worker)
         self._workers.add(worker)
         worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
         try:

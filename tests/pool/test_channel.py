@@ -13,6 +13,7 @@ import asyncio
 import json
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ import pytest
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.pool.protocol import Result, SupervisorChannel, encode_frame
+from tests.daemon_proc import Gate
 from tests.pool.conftest import BASIC, function, request
+from tests.waits import LogWatch
 
 
 def event(**fields: Any) -> bytes:
@@ -83,6 +86,21 @@ async def test_garbage_on_the_channel_itself_is_a_crash_at_once(
     assert elapsed < 1.0  # not the 1 s grace for an exit, nor the call's 30 s deadline
     fresh = await pool.invoke(fn, request(fn, event(bytes="")))
     assert fresh.status is Status.SUCCEEDED and fresh.worker_pid != outcome.worker_pid
+
+
+async def test_garbage_on_the_channel_between_calls_ends_the_worker_at_once(
+    pool: WorkerPool, tmp_path: Path, logs: LogWatch
+) -> None:
+    fn = function("later", "handler.corrupt_channel_later")
+    go = Gate(tmp_path / "go")
+    first = await pool.invoke(fn, request(fn, event(go=str(go.path))))
+    assert first.status is Status.SUCCEEDED
+    go.release()  # the handler's thread writes to the channel now, while the worker is idle
+    # no call comes: the daemon ends the worker as the bytes arrive
+    await logs.wait_for("worker_stopped", pid=first.worker_pid, reason="crashed")
+    assert pool.stats() == {}  # no worker left, idle or busy
+    second = await pool.invoke(fn, request(fn, event()))
+    assert second.status is Status.SUCCEEDED and second.worker_pid != first.worker_pid
 
 
 async def test_a_head_claiming_a_body_that_never_comes_is_refused_on_its_fixed_fields() -> None:

@@ -314,3 +314,21 @@ async def stop_loop(event, context):
     elif event.get("how") == "now":
         loop.stop()
     return {"pid": os.getpid()}
+
+
+def corrupt_channel_later(event, context):
+    """With a "go" path: a thread writes garbage to the worker's channel once the test opens
+    the gate there (after this call's reply), then stays: a thread that is not a daemon keeps
+    the worker's process alive after its main loop ends."""
+    if "go" not in event:
+        return {"pid": os.getpid()}
+
+    def later():
+        gate = os.open(event["go"], os.O_RDONLY)
+        fcntl.flock(gate, fcntl.LOCK_SH)  # blocks while the test holds the gate shut
+        os.close(gate)
+        corrupt_channel({"bytes": "between calls\n"}, None)
+        time.sleep(300)
+
+    threading.Thread(target=later, daemon=False).start()
+    return {"pid": os.getpid()}
