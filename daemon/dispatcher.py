@@ -492,7 +492,16 @@ class Dispatcher:
                 self._dead_lettered(fn, item.id, item.attempt, settled.status, EVENT_AGE_EXCEEDED)
                 self._routed(settled.routed)
                 return
-            request = InvokeRequest(item.id, item.event, fn.arn)
+            event = item.event
+            if event is None:  # waited without it (daemon/lanes.py): read it back
+                try:
+                    event = await self._store.event_of(item.id)
+                except StoreUnavailableError as exc:
+                    self._not_started(lane, item, exc)
+                    return
+                if event is None:
+                    raise LookupError(f"invocation {item.id} is not in the store")
+            request = InvokeRequest(item.id, event, fn.arn)
             started_at = time.time()
             # Committed before the handler can start, so a crash mid-run is always seen as a
             # started attempt (and counted) when the daemon recovers.
@@ -518,16 +527,7 @@ class Dispatcher:
             try:
                 await asyncio.shield(marked)
             except StoreUnavailableError as exc:
-                # Never started: back into the lane once the store may take writes again.
-                delay = _STORE_BACKOFF.delay_s(item.attempt)
-                log.error(
-                    "invocation_start_not_recorded",
-                    invocation_id=item.id,
-                    function=fn.name,
-                    error=str(exc),
-                    retry_in_s=delay,
-                )
-                lane.push_at(item, time.time() + delay)
+                self._not_started(lane, item, exc)
                 return
             try:
                 # lane.fn: a reload while the row was being marked applies to this attempt too.
@@ -565,6 +565,18 @@ class Dispatcher:
             if not released:
                 lane.release()
             self._in_flight.discard(item.id)
+
+    def _not_started(self, lane: Lane, item: Backlogged, exc: StoreUnavailableError) -> None:
+        """Never started: back into the lane once the store may take writes again."""
+        delay = _STORE_BACKOFF.delay_s(item.attempt)
+        log.error(
+            "invocation_start_not_recorded",
+            invocation_id=item.id,
+            function=lane.fn.name,
+            error=str(exc),
+            retry_in_s=delay,
+        )
+        lane.push_at(item, time.time() + delay)
 
     async def _settle_until_stored(
         self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome

@@ -3,7 +3,10 @@
 At most `concurrency` invocations of a function run at once. Synchronous callers wait in a
 bounded FIFO (rejected when it is full); accepted asynchronous invocations wait in the backlog
 (they are already durable, so that wait is unbounded); retries wait on timers until they are
-due and then join the backlog. Synchronous callers go first when a slot frees up: someone is
+due and then join the backlog. The events of waiting invocations are kept in memory up to
+EventBudget's bytes, across all lanes; past it (and on retry timers) a waiting invocation keeps
+only its id, and its event is read back from the store when it starts: a burst of large events
+costs disk, not memory. Synchronous callers go first when a slot frees up: someone is
 holding a connection open. The lane decides *when* something runs; the dispatcher, through
 `start`, decides what running it means.
 """
@@ -20,16 +23,39 @@ import msgspec
 from daemon.config import FunctionConfig
 from daemon.errors import QueueFullError, ShuttingDownError
 
+MAX_WAITING_EVENT_BYTES = 16 * 1024 * 1024  # events of waiting invocations held in memory
+
 
 class Backlogged(msgspec.Struct, frozen=True):
     """An accepted async invocation waiting for its next attempt."""
 
     id: str
-    event: bytes
+    event: bytes | None  # None: in the store only, read when the attempt starts
     attempt: int  # attempts made so far
     trigger: str
     retry_base: int  # the retry budget counts attempts after this one
     age_from: float  # the event's age counts from here
+
+
+class EventBudget:
+    """The bytes of waiting events the lanes keep in memory, shared by all of them."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = MAX_WAITING_EVENT_BYTES if max_bytes is None else max_bytes
+        self.held = 0
+
+    def hold(self, item: Backlogged) -> Backlogged:
+        """`item`, or `item` without its event when the budget has no room for it."""
+        if item.event is None:
+            return item
+        if self.held + len(item.event) > self.max_bytes:
+            return msgspec.structs.replace(item, event=None)
+        self.held += len(item.event)
+        return item
+
+    def release(self, item: Backlogged) -> None:
+        if item.event is not None:
+            self.held -= len(item.event)
 
 
 class Lane:
@@ -40,8 +66,10 @@ class Lane:
         fn: FunctionConfig,
         start: Callable[[Lane, Backlogged], None],
         loop: asyncio.AbstractEventLoop,
+        budget: EventBudget | None = None,
     ) -> None:
         self.fn = fn
+        self.budget = budget or EventBudget()
         self.loop = loop
         self.running = 0
         self.paused = False  # set while draining, or once a reload removed the function
@@ -89,7 +117,7 @@ class Lane:
 
     def push(self, item: Backlogged) -> None:
         """Queue `item` to run when a slot is free."""
-        self.backlog.append(item)
+        self.backlog.append(self.budget.hold(item))
         self.pump()
 
     def push_at(self, item: Backlogged, at: float) -> None:
@@ -97,6 +125,7 @@ class Lane:
         if self.paused:
             return  # shutting down: the row is queued in the store and the next start resumes it
         delay_s = max(0.0, at - time.time())
+        item = msgspec.structs.replace(item, event=None)  # may wait hours: read again when due
         self.retry_timers[item.id] = self.loop.call_later(delay_s, self._due, item)
 
     def _due(self, item: Backlogged) -> None:
@@ -116,6 +145,7 @@ class Lane:
                 waiter.set_result(None)
             elif self.backlog:
                 item = self.backlog.popleft()
+                self.budget.release(item)
                 self.running += 1
                 self._start(self, item)
             else:
@@ -127,6 +157,8 @@ class Lane:
         Synchronous callers still waiting are refused with `refusal`: they never started.
         """
         self.paused, self.refusal = True, refusal
+        for item in self.backlog:
+            self.budget.release(item)
         self.backlog.clear()
         for timer in self.retry_timers.values():
             timer.cancel()
@@ -159,7 +191,10 @@ class Lanes(dict[str, Lane]):
         start: Callable[[Lane, Backlogged], None],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        super().__init__((name, Lane(fn, start, loop)) for name, fn in functions.items())
+        self.budget = EventBudget()
+        super().__init__(
+            (name, Lane(fn, start, loop, self.budget)) for name, fn in functions.items()
+        )
         self.retired: dict[str, Lane] = {}
         self._start, self._loop = start, loop
 
@@ -177,7 +212,7 @@ class Lanes(dict[str, Lane]):
         for name, fn in functions.items():
             if name not in self:
                 reopened = self.retired.pop(name, None)
-                self[name] = reopened if reopened is not None else Lane(fn, self._start, self._loop)
+                self[name] = reopened or Lane(fn, self._start, self._loop, self.budget)
                 opened.append(name)
             self[name].fn = fn
             self[name].resume()  # also starts what a raised concurrency allows now

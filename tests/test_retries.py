@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from daemon import lanes
 from daemon.config import FunctionConfig
 from daemon.dispatcher import Dispatcher
 from daemon.models import Outcome, Status
@@ -26,6 +27,7 @@ from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
 from tests.waits import until_changed
 
 FLAKY = Path(__file__).resolve().parent / "functions" / "flaky"
+ECHO = FLAKY.parent / "echo"
 FAST = (0.05, 0.2)  # retry_backoff_s in these tests: first delay and cap
 
 
@@ -195,6 +197,28 @@ async def test_retry_due_while_down_but_too_old_is_dead_lettered_unrun(tmp_path:
     assert record is not None
     assert (record["dead_letter_reason"], record["attempt"]) == ("EventAgeExceeded", 1)
     assert not calls.exists()  # the handler never ran again
+
+
+async def test_waiting_events_past_the_memory_budget_are_read_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Found by tests/test_fuzz.py: a burst of large MQTT messages held every waiting event in
+    # the lanes' memory (the daemon reached 370 MB); past the budget they wait in the store.
+    monkeypatch.setattr(lanes, "MAX_WAITING_EVENT_BYTES", 10_000)
+    echo = FunctionConfig(handler="handler.handler", name="echo", code=str(ECHO))
+    async with dispatching(tmp_path / "db.sqlite", echo) as (dispatcher, store):
+        sent = {}
+        for i in range(30):
+            event = json.dumps({"i": i, "pad": "x" * 2000}).encode()
+            accepted = await dispatcher.accept("echo", event, trigger="api", trigger_id="api")
+            sent[accepted.invocation_id] = json.loads(event)
+        budget = dispatcher._lanes.budget
+        assert 0 < budget.held <= 10_000  # most of the 60 KB waits in the store only
+        for invocation_id, event in sent.items():
+            assert await final(dispatcher, invocation_id) == "succeeded"
+            record = await store.get(invocation_id)
+            assert record is not None and json.loads(record["result"])["event"] == event
+        assert budget.held == 0
 
 
 async def test_sync_invocations_are_never_retried(tmp_path: Path):

@@ -459,6 +459,11 @@ class Store:
         rows = await self.query(outbox.DUE, (json.dumps(blocked), limit))
         return [OutboxRow(**dict(row)) for row in rows]
 
+    async def event_of(self, id: str) -> bytes | None:
+        """The invocation's event (None for an unknown id)."""
+        rows = await self.query("SELECT event FROM invocations WHERE id = ?", (id,))
+        return bytes(rows[0][0]) if rows else None
+
     async def error_of(self, id: str) -> dict[str, str | None] | None:
         """The invocation's `error_type` and `error_message` (None for an unknown id)."""
         rows = await self.query(records.ERROR_OF, (id,))
