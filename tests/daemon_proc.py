@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import functools
 import io
@@ -76,11 +77,19 @@ class Daemon:
     """A `lambdaemon run` subprocess and an HTTP client for its admin API."""
 
     def __init__(
-        self, config: Path, env: dict[str, str] | None = None, *, nofile: int | None = None
+        self,
+        config: Path,
+        env: dict[str, str] | None = None,
+        *,
+        nofile: int | None = None,
+        drop_caps: tuple[int, ...] = (),
     ) -> None:
         self.config = config
         self.env = env or {}  # added to the daemon's environment (NOTIFY_SOCKET, ...)
         self.nofile = nofile  # RLIMIT_NOFILE, soft and hard, for the daemon (None: inherited)
+        # Capabilities the daemon runs without (e.g. CAP_DAC_OVERRIDE: root is then refused a
+        # file its mode refuses, as any other user is).
+        self.drop_caps = drop_caps
         text = config.read_text()
         self.api_port = int(text.split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
         self.base = f"http://127.0.0.1:{self.api_port}"
@@ -101,11 +110,16 @@ class Daemon:
         if self._notify is not None and "NOTIFY_SOCKET" not in self.env:
             env["NOTIFY_SOCKET"] = "@" + self._notify.getsockname()[1:].decode()
         log = self.log_path.open("ab")
-        limit = None
-        if self.nofile is not None:  # both: the daemon raises its soft limit to the hard one
-            limit = functools.partial(
-                resource.setrlimit, resource.RLIMIT_NOFILE, (self.nofile, self.nofile)
-            )
+        nofile, drop_caps = self.nofile, self.drop_caps
+        prctl = _libc().prctl  # looked up here: the child only calls it
+
+        def limit() -> None:  # in the child, before exec
+            if nofile is not None:  # both: the daemon raises its soft limit to the hard one
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            for cap in drop_caps:  # out of the bounding set: root execs without it
+                if prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                    os._exit(126)
+
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -117,7 +131,7 @@ class Daemon:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             cwd=str(ROOT),
-            preexec_fn=limit,
+            preexec_fn=limit if nofile is not None or drop_caps else None,
         )
         log.close()
         self.session = self.session or aiohttp.ClientSession()
@@ -329,6 +343,15 @@ class Daemon:
         """`until(predicate)`: polling, for state of this daemon that nothing announces."""
         what = getattr(predicate, "__name__", "a condition")
         return await until(predicate, timeout_s, what, interval_s)
+
+
+PR_CAPBSET_DROP = 24  # prctl(2)
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2  # capabilities(7)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _matches(entry: dict[str, Any], event: str, keys: dict[str, Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -12,10 +13,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.config import Config, load_config
+from daemon.dispatcher import Dispatcher
 from daemon.errors import StoreUnavailableError
+from daemon.pool import WorkerPool
 from daemon.store.sqlite import NewInvocation, Store
 from triggers.base import Accepted
 from triggers.cron import MAX_SLEEP_S, CronSource, CronTriggerConfig
@@ -119,10 +124,10 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 @contextlib.asynccontextmanager
 async def running(
-    store: Store, clock: FakeClock, triggers: list, emit: Any = None
+    store: Store, clock: FakeClock, triggers: list, emit: Any = None, config: Config | None = None
 ) -> AsyncIterator[Any]:
     emit = emit or StoreEmit(store)
-    task = asyncio.create_task(CronSource(None, store, triggers, clock=clock).run(emit))
+    task = asyncio.create_task(CronSource(config, store, triggers, clock=clock).run(emit))
     try:
         async with asyncio.timeout(10):
             await clock.idle(len(triggers))
@@ -287,6 +292,46 @@ async def test_cron_failed_commit_retries_the_same_fire_and_never_skips_it(store
     failures = [e for e in logs if e["event"] == "cron_fire_failed"]
     assert [e["retry_in_s"] for e in failures] == [0.5, 1.0, 2.0]
     assert {e["nominal"] for e in failures} == {"2025-06-01T12:00:00Z"}
+
+
+async def test_cron_fire_whose_event_cannot_be_built_is_recorded_rejected_and_marked(
+    store: Store, tmp_path: Path
+):
+    # No config that loads makes the Scheduled Event fail (the region is validated), so the
+    # loaded one gets a region that is not valid Unicode: JSON cannot hold it.
+    path = tmp_path / "lambdaemon.toml"
+    path.write_text('[daemon]\ndata_dir = "var"\n')
+    config = load_config(path)
+    config = msgspec.structs.replace(
+        config, daemon=msgspec.structs.replace(config.daemon, region="eu-\udcff")
+    )
+    clock = FakeClock(utc("2025-06-01T11:58:10Z"))
+    emit = Dispatcher(store, WorkerPool(1), {})  # rejections never run: no function needed
+    with capture_logs() as logs:
+        async with running(store, clock, cron("*/5 * * * *"), emit, config):
+            async with asyncio.timeout(10):
+                await clock.advance(utc("2025-06-01T12:07:00Z"))
+    # Each fire is recorded once as a dead letter that never ran, marked, and the trigger
+    # went on to the next fire: nothing retried, nothing failed.
+    assert await marker(store) == "2025-06-01T12:05:00Z"
+    rows = await store.query(
+        "SELECT id, status, attempt, dead_letter_reason, error_message, event, dedupe_key"
+        " FROM invocations ORDER BY queued_at"
+    )
+    assert [r["dedupe_key"] for r in rows] == [
+        "cron:report#0@2025-06-01T12:00:00Z",
+        "cron:report#0@2025-06-01T12:05:00Z",
+    ]
+    for row, nominal in zip(rows, ("12:00", "12:05"), strict=True):
+        assert (row["status"], row["attempt"]) == ("failed", 0)
+        assert row["dead_letter_reason"] == "EventRejected"
+        assert row["error_message"].startswith("cannot build the event: ")
+        event = json.loads(row["event"])
+        assert event["nominal"] == f"2025-06-01T{nominal}:00Z"
+        assert base64.b64decode(event["raw"]) == f"2025-06-01T{nominal}:00Z".encode()
+    fired_lines = [e for e in logs if e["event"] == "cron_fired"]
+    assert [e["invocation_id"] for e in fired_lines] == [r["id"] for r in rows]
+    assert [e for e in logs if e["event"] == "cron_fire_failed"] == []
 
 
 async def test_cron_daily_job_fires_once_across_both_dst_nights(store):

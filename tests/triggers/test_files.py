@@ -15,7 +15,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tests.daemon_proc import Daemon, Gate, running_daemon, write_config
+from tests.daemon_proc import (
+    CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH,
+    Daemon,
+    Gate,
+    running_daemon,
+    write_config,
+)
 from triggers.base import printable
 from triggers.files import SETTLE_S
 
@@ -217,6 +224,40 @@ async def test_files_odd_entries_are_rejected_to_failed_with_reason(tmp_path):
             assert ran == ["fine.txt"]
     finally:
         listener.close()
+
+
+async def test_files_unreadable_file_is_rejected_to_failed_and_the_rest_go_on(tmp_path):
+    # Tests run as root, which reads any file; the daemon runs without the capabilities that
+    # let it, so mode 000 refuses it the file as it would any other user.
+    inbox = tmp_path / "inbox"
+    body = function("reader", "files_read", f'path = "{inbox}"\npattern = "*.txt"')
+    daemon = Daemon(write_config(tmp_path, body), drop_caps=(CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH))
+    await daemon.start()
+    try:
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        (staging / "locked.txt").write_bytes(b"nobody may read this")
+        (staging / "locked.txt").chmod(0)
+        os.rename(staging / "locked.txt", inbox / "locked.txt")
+        for i in range(5):
+            drop(inbox, f"after{i}.txt", f"file {i}".encode(), staging)
+        [line] = await daemon.wait_log("files_rejected", name="locked.txt")
+        assert line["reason"] == "cannot read: Permission denied"
+        done = await daemon.wait_log("files_done", 5)
+        assert sorted(e["name"] for e in done) == [f"after{i}.txt" for i in range(5)]
+        invocation_id = line["invocation_id"]
+        kept = inbox / "failed" / f"rejected-{invocation_id}_locked.txt"
+        assert Path(line["moved_to"]) == kept and kept.read_bytes() == b"nobody may read this"
+        sidecar = json.loads((inbox / "failed" / f"{kept.name}.error").read_text())
+        assert sidecar["reason"] == line["reason"] and sidecar["status"] == "rejected"
+        record = await daemon.get(f"/v1/invocations/{invocation_id}")
+        assert (record["status"], record["attempt"]) == ("failed", 0)
+        assert record["dead_letter_reason"] == "EventRejected"
+        assert record["error_message"] == "cannot read: Permission denied"
+        assert record["event"]["name"] == "locked.txt"
+        assert os.listdir(inbox / ".processing") == []
+    finally:
+        await daemon.close()
 
 
 async def test_files_names_at_the_length_limit_are_finished_with_their_middle_cut(tmp_path):
