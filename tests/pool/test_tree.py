@@ -9,12 +9,15 @@ gone within a bounded wait, and reaped: no zombie is left in the daemon either.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from daemon.models import Status
 from daemon.pool import WorkerPool
+from daemon.pool.descendants import _children_by_stat, children, descendants, kill_tree
 from tests.daemon_proc import Daemon, running_daemon
 from tests.pool.conftest import BASIC, alive, function, gone, reapable, request
 from tests.waits import until, until_changed
@@ -109,3 +112,26 @@ async def test_a_pool_sweeping_after_its_worker_leaves_another_pools_workers_alo
     assert timed_out.status is Status.TIMED_OUT  # its worker ended, and the first pool swept
     again = await second.invoke(fn, request(fn))
     assert again.worker_pid == warm.worker_pid and json.loads(again.payload)["calls"] == 2
+
+
+async def test_the_tree_read_from_children_files_and_from_every_stat_agree(
+    tmp_path: Path,
+) -> None:
+    # descendants.py reads /proc/PID/task/*/children, and every /proc/PID/stat on a kernel
+    # built without those files: both must find the same tree (a child, and its own child).
+    pidfile = tmp_path / "grandchild.pid"
+    script = f"sleep 300 & echo $! > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && wait"
+    child = await asyncio.create_subprocess_exec("sh", "-c", script)
+    try:
+        grandchild = await pid_in(pidfile)
+        assert child.pid in children(os.getpid())
+        assert sorted(children(os.getpid())) == sorted(_children_by_stat(os.getpid()))
+        assert children(child.pid) == _children_by_stat(child.pid) == [grandchild]
+        assert descendants(child.pid) == [grandchild]
+        assert sorted(kill_tree(child.pid)) == [grandchild]
+        assert await child.wait() == -9
+        assert await gone(grandchild, 5)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
