@@ -3,10 +3,11 @@
 SQLite keeps writing to the file it opened, by descriptor, even after that file was deleted or
 another one was moved to its path: every commit then succeeds into an inode that nothing will
 ever read again, and the next start finds none of it. So the store remembers the device and inode
-of the database file and of its WAL at open, and looks again after every commit (two stat() calls,
-in the database thread) and once a second from the health check. A change is final: SQLite cannot
-be pointed at a new file under an open connection, and writing on into the old one would only
-acknowledge more that is lost, so the store refuses every write until the daemon restarts.
+of the database file and of its WAL at open, and looks again after every commit, before anyone
+is told "stored" (two stat() calls), and once a second from the health check. A change is final:
+SQLite cannot be pointed at a new file under an open connection, and writing on into the old one
+would only acknowledge more that is lost, so the store refuses every write until the daemon
+restarts.
 """
 
 from __future__ import annotations

@@ -631,22 +631,24 @@ class Store:
         try:
             # The whole transaction in ONE hop into aiosqlite's thread (a private API): every
             # public call is its own thread round trip (~100 us), far more than SQLite's work.
-            results = await writer._execute(_run_checked, batches, identity, [fn for fn, _ in ops])
+            results = await writer._execute(batches.run, [fn for fn, _ in ops])
         except asyncio.CancelledError:
             _fail_all(ops, "the store writer was cancelled", None)
             raise
-        except _Replaced as exc:
-            self.write_failures += 1
-            self._mark_replaced(str(exc))
-            assert self._replaced is not None
-            _fail_all(ops, self._replaced, None, StoreReplacedError)
-            return
         except Exception as exc:
             self.write_failures += 1
             log.error("store_write_failed", reason=str(exc), ops=len(ops))
             _fail_all(ops, str(exc), exc)
             return
         self.commits += 1
+        # After the COMMIT, before anyone hears "stored": a file deleted while the batch ran is
+        # seen in time. Here in the loop (two stat() calls, a few microseconds), not in the
+        # database thread, where each call would hand the GIL to the loop and wait to get it back.
+        if (changed := identity.changed()) is not None:
+            self.write_failures += 1
+            self._mark_replaced(changed)
+            _fail_all(ops, self._replaced or changed, None, StoreReplacedError)
+            return
         for (_, future), (ok, value) in zip(ops, results, strict=True):
             if future.done():
                 continue
@@ -669,22 +671,6 @@ class Store:
 def _checkpoint(conn: sqlite3.Connection) -> bool:
     busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     return bool(busy)
-
-
-class _Replaced(Exception):
-    """Raised in the database thread: the batch committed, but into a file no longer at the path."""
-
-
-def _run_checked(
-    batches: Batches, identity: FileIdentity, ops: list[Write]
-) -> list[tuple[bool, Any]]:
-    # In the database thread: the check costs the event loop nothing. After the COMMIT, not
-    # before, so that a file deleted while the batch ran is seen before anyone is told "stored".
-    results = batches.run(ops)
-    changed = identity.changed()
-    if changed is not None:
-        raise _Replaced(changed)
-    return results
 
 
 def _fail_all(
