@@ -23,22 +23,24 @@ found in rowid order, which is the order they were written in (the table's own b
 to keep, and a range scan from the last batch's end, so rows that must stay are stepped over
 once per round, not once per batch), and deleted a range at a time. A prune batch is relaxed,
 like bookkeeping (daemon/store/sqlite.py): a delete that a power cut undoes is simply done again,
-so it never waits for an fsync of its own. Its size adapts so that it holds the writer about
-BATCH_TARGET_S.
+so it never waits for an fsync of its own. Its size is what frees a fraction of the WAL's slice
+(the WAL takes about a quarter of what a range delete frees), made smaller only when a batch held
+the writer far longer than BATCH_TARGET_S (Pruner._adapt).
 
 Space. Deleted rows leave free pages inside the file, which new rows reuse: the file stops
-growing. It shrinks only when it is over its budget (after max_db_mb was lowered, or before the
-first prune): `PRAGMA incremental_vacuum` in batches, then a checkpoint truncates the file. That
-needs auto_vacuum = INCREMENTAL, which SQLite fixes when the first table is created; a database
-made without it is converted by one VACUUM at start while it is small (CONVERT_MAX_MB). The WAL
+growing. It shrinks only when it is over its budget (after max_db_mb was lowered, before the
+first prune, after a burst) and intake is quiet: `PRAGMA incremental_vacuum` in batches, then a
+checkpoint truncates the file. That needs auto_vacuum = INCREMENTAL, which SQLite fixes when the
+first table is created: a new file gets it then (daemon/store/batches.py); a database made
+without it is converted by one VACUUM at start while it is small (CONVERT_MAX_MB). The WAL
 gets its own slice of the budget (journal_size_limit and wal_autocheckpoint on the writer).
 
 The margin. The database file gets max_db_mb less the WAL's slice, and pruning starts at HIGH
 of that, or lower while intake is fast (Pruner._high), so what intake adds before pruning
-catches up fits below it. The WAL is checkpointed at half
-its slice, but can run past it for a moment while a checkpoint cannot restart it: the file plus
-its WAL stays within max_db_mb plus MARGIN_MB (tests/store/test_retention.py and
-benchmarks/retention.py measure it), and within max_db_mb again once intake pauses (_trim_wal).
+catches up fits below it. The WAL is checkpointed at half its slice, but can run past it for a
+moment while a checkpoint cannot restart it: the file plus its WAL stays within max_db_mb plus
+MARGIN_MB (tests/store/test_retention.py and benchmarks/retention.py measure it), and within
+max_db_mb again once intake is quiet (_shrink, _trim_wal).
 
 Log events: store_pruned (rows, bytes, released_bytes, rounds...: at most one line every
 LOG_EVERY_S, summing the rounds since the last one), store_over_limit, store_within_limit,
