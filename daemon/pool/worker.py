@@ -271,12 +271,12 @@ def _detach_bootstrap_path() -> None:
 
 
 def _set_up_output() -> None:
-    global _CAPTURE_FD
+    global _CAPTURE_FD, _LOG_HANDLER
     # Unbuffered like `python -u` (and Lambda): output written just before a crash or a timeout
     # kill must already be in the capture file, in the order it was written.
     sys.stdout, sys.stderr = _unbuffered(1), _unbuffered(2)
     _CAPTURE_FD = os.dup(1)  # the capture file itself, whatever a handler does to fd 1 and 2
-    handler = logging.StreamHandler(sys.stderr)
+    _LOG_HANDLER = handler = logging.StreamHandler(sys.stderr)
     formatter = logging.Formatter(
         "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
         "%Y-%m-%dT%H:%M:%S",
@@ -558,6 +558,7 @@ _CWD = ""
 _STDOUT: Any = None
 _STDERR: Any = None
 _CAPTURE_INODE = (0, 0)
+_LOG_HANDLER: Any = None  # the root logger's handler, on sys.stderr
 
 
 def _remember_state() -> None:
@@ -596,13 +597,23 @@ def _restore_state() -> str | None:
         same = False
     if not same:
         os.dup2(_CAPTURE_FD, 2)
-    if sys.stdout is not _STDOUT or _STDOUT.closed:
-        sys.stdout = _STDOUT if not _STDOUT.closed else _unbuffered(1)
-    if sys.stderr is not _STDERR or _STDERR.closed:
-        sys.stderr = _STDERR if not _STDERR.closed else _unbuffered(2)
+    if sys.stdout is not _STDOUT or sys.stderr is not _STDERR or _STDOUT.closed or _STDERR.closed:
+        _reset_streams()
     if _loop is not None and (_loop.stopped_by_handler or _loop.is_closed()):
         return "the handler stopped or closed the worker's event loop"
     return None
+
+
+def _reset_streams() -> None:
+    """sys.stdout and sys.stderr back on fd 1 and 2 (new ones, if a handler closed ours), and
+    the logging handler on the latter."""
+    global _STDOUT, _STDERR
+    if _STDOUT.closed:
+        _STDOUT = _unbuffered(1)
+    if _STDERR.closed:
+        _STDERR = _unbuffered(2)
+        _LOG_HANDLER.stream = _STDERR  # not setStream(): it flushes the closed one first
+    sys.stdout, sys.stderr = _STDOUT, _STDERR
 
 
 def _retire_note(reason: str) -> None:

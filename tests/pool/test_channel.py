@@ -131,7 +131,9 @@ async def test_a_head_claiming_a_body_that_never_comes_is_refused_on_its_fixed_f
 # --- what a handler leaves behind ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["chdir", "alarm", "close_fds", "replace_fds", "sys_stdout"])
+@pytest.mark.parametrize(
+    "how", ["chdir", "alarm", "close_fds", "replace_fds", "sys_stdout", "sys_stderr"]
+)
 async def test_state_a_handler_breaks_is_restored_for_the_next_call(
     pool: WorkerPool, how: str
 ) -> None:
@@ -147,6 +149,7 @@ async def test_state_a_handler_breaks_is_restored_for_the_next_call(
     assert after["alarm"] == 0  # the alarm was cancelled: its SIGALRM would kill the worker
     assert after["stdout_ok"]
     assert "output of this call" in second.logs  # fd 1 and 2 capture again
+    assert "logged by this call" in second.logs  # and logging writes to them
 
 
 @pytest.mark.parametrize("how", ["now", "later"])

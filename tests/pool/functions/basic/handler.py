@@ -287,6 +287,7 @@ def break_state(event, context):
         "stdout_ok": sys.stdout is sys.__stdout__ or not sys.stdout.closed,
     }
     print("output of this call")
+    logging.getLogger("fixture").warning("logged by this call")
     how = event.get("how")
     if how == "chdir":
         os.chdir("/")
@@ -302,6 +303,8 @@ def break_state(event, context):
         os.close(null)
     elif how == "sys_stdout":
         sys.stdout.close()
+    elif how == "sys_stderr":
+        sys.stderr.close()
     return found
 
 
