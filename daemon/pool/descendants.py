@@ -141,7 +141,7 @@ class Orphans:
 
     def __init__(self, own_children: bool) -> None:
         self.own_children = own_children
-        self._adopted: set[int] = set()  # children seen with a worker's mark (or, owning, any)
+        self._adopted: set[int] = set()  # children killed here, or (owning) seen unmarked
         self._killed: set[int] = set()  # killed, and still this process's children to reap
         self.killed_total = 0
 
@@ -172,8 +172,7 @@ class Orphans:
                 if kill_unmarked:
                     unmarked.append(pid)
                 continue
-            self._adopted.add(pid)
-            if mark not in LIVE_MARKS:
+            if mark not in LIVE_MARKS:  # (a live mark: its worker's end will come for it)
                 killed.append(pid)
         below = [child for pid in [*killed, *unmarked] for child in kill_tree(pid)]
         self._killed.update(killed, unmarked, below)
