@@ -669,7 +669,9 @@ class WorkerPool:
         `ended`: a worker has just exited, so unmarked orphans (if this process owns its
         children) are killed too. After a kill, the next sweep comes soon to reap them.
         """
-        self._sweep_timer = None
+        if self._sweep_timer is not None:  # called directly, or this is the timer: one chain
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         if self._spawning:  # a child between fork and exec carries no mark yet: not now
             self._schedule_sweep(_SWEEP_AGAIN_S)
             return
