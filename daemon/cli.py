@@ -25,6 +25,9 @@ EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 65, 69, 70, 7
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # `--config` and `--json` may come before the command too (`lambdaemon --config F run`).
+    args.config = args.config or args.global_config
+    args.json = getattr(args, "json", False) or args.global_json
     path = config_path(args.config)
     try:
         config = load_config(path)
@@ -55,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lambdaemon", description="A Lambda-grade function runtime for edge hardware."
     )
+    parser.add_argument("--config", dest="global_config", help="config file, here or after COMMAND")
+    parser.add_argument("--json", dest="global_json", action="store_true", help="JSON output")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(command=cmd_run)
     sub.add_parser("check", parents=[common], help="validate the config and exit").set_defaults(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import functools
 import hmac
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -68,12 +70,13 @@ def lambda_error(
     *,
     kind: str = "User",
     headers: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> web.Response:
-    """An error as botocore reads it: the code in x-amzn-ErrorType, message in the body."""
-    body = {"__type": code, "Type": kind, "Message": message, "message": message}
-    return web.json_response(
-        body, status=status, headers={"x-amzn-ErrorType": code, **(headers or {})}, dumps=_dumps
-    )
+    """An error as botocore reads it: the code in x-amzn-ErrorType, message in the body, and a
+    request id as every Lambda answer has (`extra` adds fields, such as a 429's `Reason`)."""
+    body = {"__type": code, "Type": kind, "Message": message, "message": message, **(extra or {})}
+    fields = {"x-amzn-ErrorType": code, "x-amzn-RequestId": str(uuid.uuid4()), **(headers or {})}
+    return web.json_response(body, status=status, headers=fields, dumps=_dumps)
 
 
 def _dumps(value: Any) -> str:
@@ -85,11 +88,15 @@ def parse_function_name(raw: str, qualifier: str | None) -> tuple[str, str | Non
     name = unquote(raw)
     parts = name.split(":")
     if name.startswith("arn:") and len(parts) >= 7:
+        if parts[2] != "lambda" or parts[5] != "function":
+            raise ValueError(f"{name!r} is not the ARN of a Lambda function")
         name, rest = parts[6], parts[7:]
     elif len(parts) >= 3 and parts[1] == "function":
         name, rest = parts[2], parts[3:]
     else:
         name, rest = parts[0], parts[1:]
+    if len(rest) > 1 or not name:  # Lambda's own pattern allows one qualifier at most
+        raise ValueError(f"{unquote(raw)!r} is not a function name, ARN or name:qualifier")
     inline = rest[0] if rest else None
     if inline and qualifier and inline != qualifier:
         raise ValueError(f"the qualifier in the name ({inline}) and Qualifier ({qualifier}) differ")
@@ -160,7 +167,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             f"Could not parse request body into json: {problem}",
         )
     if kind == "DryRun":
-        return web.Response(status=204)
+        return web.Response(status=204, headers={"x-amzn-RequestId": str(uuid.uuid4())})
     if kind == "Event":
         return await _invoke_async(dispatcher, fn, body, request)
     return await _invoke_sync(dispatcher, fn, body, request, qualifier)
@@ -263,7 +270,13 @@ async def _invoke_sync(
         else:
             invocation_id, outcome = await call()
     except QueueFullError as exc:
-        return lambda_error(429, "TooManyRequestsException", str(exc), headers={"Retry-After": "1"})
+        return lambda_error(
+            429,
+            "TooManyRequestsException",
+            str(exc),
+            headers={"Retry-After": "1"},
+            extra={"Reason": "ReservedFunctionConcurrentInvocationLimitExceeded"},
+        )
     except ShuttingDownError as exc:  # it never started; boto3 retries a 503
         return lambda_error(
             503, "ServiceException", str(exc), kind="Service", headers={"Retry-After": "5"}
@@ -304,18 +317,48 @@ def function_configuration(fn: FunctionConfig) -> dict[str, Any]:
 
 
 async def list_functions_aws(request: web.Request) -> web.Response:
-    functions = request.app[DISPATCHER].functions.values()
-    return web.json_response(
-        {"Functions": [function_configuration(f) for f in functions]}, dumps=_dumps
-    )
+    """ListFunctions, in name order, paged as Lambda pages: `MaxItems` (1..10,000, default 50)
+    per page and an opaque `NextMarker` to pass back as `Marker`."""
+    try:
+        limit = int(request.query.get("MaxItems", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 10_000:
+        return lambda_error(
+            400, "InvalidParameterValueException", "MaxItems must be an integer from 1 to 10000"
+        )
+    names = sorted(request.app[DISPATCHER].functions)
+    marker = request.query.get("Marker")
+    start = 0
+    if marker:
+        try:
+            after = base64.urlsafe_b64decode(marker.encode()).decode()
+        except (ValueError, UnicodeDecodeError):
+            return lambda_error(400, "InvalidParameterValueException", "Marker is not valid")
+        start = bisect.bisect_right(names, after)
+    page = names[start : start + limit]
+    functions = request.app[DISPATCHER].functions
+    body: dict[str, Any] = {"Functions": [function_configuration(functions[n]) for n in page]}
+    if start + limit < len(names):
+        body["NextMarker"] = base64.urlsafe_b64encode(page[-1].encode()).decode()
+    return web.json_response(body, dumps=_dumps)
 
 
 async def get_function_aws(request: web.Request) -> web.Response:
-    name, _ = parse_function_name(request.match_info["name"], None)
+    try:
+        name, qualifier = parse_function_name(
+            request.match_info["name"], request.query.get("Qualifier")
+        )
+    except ValueError as exc:
+        return lambda_error(400, "InvalidParameterValueException", str(exc))
     try:
         fn = request.app[DISPATCHER].function(name)
     except UnknownFunctionError:
         return lambda_error(404, "ResourceNotFoundException", f"Function not found: {name}")
+    if qualifier not in (None, fn.version):
+        return lambda_error(
+            404, "ResourceNotFoundException", f"Function not found: {fn.arn}:{qualifier}"
+        )
     config = function_configuration(fn)
     if request.path.endswith("/configuration"):
         return web.json_response(config, dumps=_dumps)
@@ -441,7 +484,20 @@ def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Appli
     app.router.add_get(f"{fn_path}/configuration", get_function_aws)
     app.router.add_get("/health", health)
     add_admin_routes(app)
+    # Last: any other call of Lambda's API gets an error boto3 can model, not aiohttp's text.
+    app.router.add_route("*", r"/{version:20\d\d-\d\d-\d\d}/{operation:.*}", unsupported)
     return app
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    """A Lambda API call that lambdaemon does not implement (event source mappings, layers,
+    function URLs' configuration, ...): a modeled error naming it, which boto3 raises as a
+    ClientError with this code."""
+    return lambda_error(
+        400,
+        "UnsupportedOperationException",
+        f"lambdaemon does not implement {request.method} {request.path[:200]} of the Lambda API",
+    )
 
 
 async def start_site(

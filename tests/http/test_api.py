@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,12 +155,14 @@ async def test_api_queue_full_is_429(daemon: Daemon):
     second = asyncio.create_task(daemon.invoke("slow", {"sleep_s": 0}))
     # Polled: nothing logs a caller waiting for a slot.
     await daemon.wait_for(lambda: _waiting(daemon, "slow"))
-    status, headers, _ = await daemon.invoke("slow", {"sleep_s": 0})
+    status, headers, body = await daemon.invoke("slow", {"sleep_s": 0})
     assert (status, headers["x-amzn-ErrorType"], headers["Retry-After"]) == (
         429,
         "TooManyRequestsException",
         "1",
     )
+    assert json.loads(body)["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
+    assert headers["x-amzn-RequestId"]
     assert (await first)[0] == 200
     assert (await second)[0] == 200
 
@@ -220,6 +223,72 @@ async def test_api_boto3_invoke(daemon: Daemon):
     assert queued["StatusCode"] == 202
     assert missing is not None
     assert config["State"] == "Active" and config["FunctionName"] == "echo"
+
+
+async def test_api_boto3_management_calls_page_qualify_and_refuse_modeled(daemon: Daemon):
+    """ListFunctions pages, GetFunction honours Qualifier, and calls lambdaemon does not
+    implement, or names it cannot take, are errors boto3 models, each with a request id."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import ClientError
+
+    def refused(call: Any) -> dict[str, Any]:
+        try:
+            call()
+        except ClientError as exc:
+            return {
+                "code": exc.response["Error"]["Code"],
+                "status": exc.response["ResponseMetadata"]["HTTPStatusCode"],
+                "request_id": exc.response["ResponseMetadata"]["RequestId"],
+            }
+        raise AssertionError("no error")
+
+    def calls() -> dict[str, Any]:
+        client = boto3.client(
+            "lambda",
+            endpoint_url=daemon.base,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+            config=BotoConfig(retries={"max_attempts": 1}),
+        )
+        pages = client.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 2})
+        return {
+            "pages": [[f["FunctionName"] for f in page["Functions"]] for page in pages],
+            "latest": client.get_function(FunctionName="echo", Qualifier="$LATEST"),
+            "no_version": refused(lambda: client.get_function(FunctionName="echo", Qualifier="7")),
+            "mappings": refused(client.list_event_source_mappings),
+            "url": refused(lambda: client.get_function_url_config(FunctionName="echo")),
+            "bad_arn": refused(
+                lambda: client.invoke(
+                    FunctionName="arn:aws:lambda:us-east-1:000000000000:function:echo:1:extra"
+                )
+            ),
+            "dry_run": client.invoke(FunctionName="echo", InvocationType="DryRun"),
+        }
+
+    got = await asyncio.to_thread(calls)
+    assert got["pages"] == [["boom", "echo"], ["slow"]]
+    assert got["latest"]["Configuration"]["FunctionName"] == "echo"
+    assert got["no_version"]["code"] == "ResourceNotFoundException"
+    assert got["mappings"]["code"] == got["url"]["code"] == "UnsupportedOperationException"
+    assert got["bad_arn"]["code"] == "InvalidParameterValueException"
+    assert all(got[k]["request_id"] for k in ("no_version", "mappings", "url", "bad_arn"))
+    assert got["dry_run"]["StatusCode"] == 204
+    assert got["dry_run"]["ResponseMetadata"]["RequestId"]
+
+
+async def test_cli_takes_config_before_the_command(daemon: Daemon):
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "daemon.cli", "--config", str(daemon.config), "--json", "functions"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {f["name"] for f in json.loads(result.stdout)} == {"echo", "boom", "slow"}
 
 
 def _cli(daemon: Daemon, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
