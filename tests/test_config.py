@@ -92,6 +92,17 @@ def test_config_example_loads():
             "61",
         ),
         (
+            FN + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "rate(5 minute)"\n',
+            "functions.a.triggers[0].schedule",
+            "'rate(5 minute)': EventBridge rate(value unit) syntax: unit 'minute' with value 5",
+        ),
+        (
+            FN + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "cron(0 9 15W * ? *)"\n',
+            "functions.a.triggers[0].schedule",
+            "EventBridge cron(minutes hours day-of-month month day-of-week year) syntax:"
+            " day-of-month field '15W': '15W' (W, the nearest weekday) is not supported",
+        ),
+        (
             FN
             + '[[functions.a.triggers]]\ntype = "cron"\nschedule = "* * * * *"\ntimezone = "Mars/Olympus"\n',
             "functions.a.triggers[0].timezone",

@@ -23,6 +23,11 @@ Time zones and DST (Vixie cron's rule). A schedule names wall-clock times in its
   long one, always one hour apart).
 Day of week: 0 and 7 are Sunday. When day-of-month and day-of-week are both restricted (not
 starting with `*`), a day matching either fires, as in cron.
+
+EventBridge expressions, `rate(5 minutes)` and `cron(0 12 * * ? *)`, are read by
+triggers.eventbridge: an EventBridge cron becomes CronTrigger fields run by the same `Schedule`
+(and the same DST rule, should its `timezone` not be UTC), a rate a `RateSchedule`. Whatever the
+syntax, the event is the EventBridge "Scheduled Event" below.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from msgspec import Meta
 from daemon.backoff import Backoff
 from daemon.errors import ConfigError
 from triggers.base import Inputs, Placed, TriggerSettings, emit_built
+from triggers.eventbridge import RateSchedule, eventbridge_cron, parse_rate
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -151,9 +157,61 @@ def _gap_end(zone: ZoneInfo, before: datetime, after: datetime) -> datetime:
     return after
 
 
-def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
-    """Parse a 5- or 6-field cron expression or @alias in `timezone`; ValueError says why not."""
-    expression = ALIASES.get(schedule.strip().lower(), schedule.strip())
+class Timetable(Protocol):
+    """What the source asks of a parsed schedule, cron-like or rate."""
+
+    def next_after(self, after: datetime) -> datetime | None:
+        """The first fire instant strictly after `after`, or None if it never fires again."""
+        ...
+
+
+def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule | RateSchedule:
+    """Parse `rate(...)`, `cron(...)` (EventBridge), or a 5- or 6-field cron expression or
+    @alias, in `timezone`; the ValueError names the syntax tried and what it refused."""
+    text = schedule.strip()
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {timezone!r}") from None
+    form, inner = _wrapped(text)
+    try:
+        if form == "rate":
+            return parse_rate(inner, text)
+        if form == "cron":
+            cron = eventbridge_cron(inner)
+            return _schedule(text, zone, cron.fixed_time, cron.parts)
+        return _parse_crontab(text, zone)
+    except ValueError as exc:
+        raise ValueError(f"{SYNTAX[form]}: {exc}") from None
+
+
+SYNTAX = {
+    "rate": "EventBridge rate(value unit) syntax",
+    "cron": "EventBridge cron(minutes hours day-of-month month day-of-week year) syntax",
+    "": "crontab syntax (5 fields, 6 with seconds first, or an @alias)",
+}
+
+
+def _wrapped(text: str) -> tuple[str, str]:
+    """("rate" or "cron", the inside) for an EventBridge expression, else ("", text)."""
+    match = re.fullmatch(r"(rate|cron)\s*\((.*)\)", text, re.IGNORECASE | re.DOTALL)
+    if match is None:
+        return "", text
+    return match[1].lower(), match[2]
+
+
+def _schedule(
+    expression: str, zone: ZoneInfo, fixed_time: bool, parts: tuple[dict[str, str], ...]
+) -> Schedule:
+    triggers = tuple(CronTrigger(**part, timezone=UTC) for part in parts)
+    parsed = Schedule(expression, zone, fixed_time, triggers)
+    if parsed._next_wall(datetime(2000, 1, 1)) is None:
+        raise ValueError("never fires: no date matches its day-of-month and month")
+    return parsed
+
+
+def _parse_crontab(text: str, zone: ZoneInfo) -> Schedule:
+    expression = ALIASES.get(text.lower(), text)
     if expression.startswith("@"):
         raise ValueError(f"unknown alias; use 5 or 6 fields or one of {', '.join(ALIASES)}")
     fields = expression.split()
@@ -163,10 +221,8 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
             f" minute hour day-of-month month day-of-week), got {len(fields)}"
         )
     second, minute, hour, day, month, dow = fields if len(fields) == 6 else ["0", *fields]
-    try:
-        zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {timezone!r}") from None
+    if "?" in expression:
+        raise ValueError("'?' is EventBridge syntax: write cron(minutes ... year) around it")
     checks = (
         ("second", second, _NUM),
         ("minute", minute, _NUM),
@@ -185,22 +241,12 @@ def parse_schedule(schedule: str, timezone: str = "UTC") -> Schedule:
             reason = re.sub(r"^Error validating expression '[^']*': ", "", str(exc))
             raise ValueError(f"{name} field {value!r}: {reason}") from None
     days = _weekdays(dow)
-    common = {
-        "second": second,
-        "minute": minute,
-        "hour": hour,
-        "month": month.lower(),
-        "timezone": UTC,
-    }
+    common = {"second": second, "minute": minute, "hour": hour, "month": month.lower()}
     parts: tuple[dict[str, str], ...] = ({"day": day, "day_of_week": days},)
     if day[0] != "*" and dow[0] != "*":  # cron fires on a day matching either field
         parts = ({"day": day, "day_of_week": "*"}, {"day": "*", "day_of_week": days})
-    triggers = tuple(CronTrigger(**common, **part) for part in parts)
     fixed_time = minute[0] != "*" and hour[0] != "*"
-    parsed = Schedule(expression, zone, fixed_time, triggers)
-    if parsed._next_wall(datetime(2000, 1, 1)) is None:
-        raise ValueError("never fires: no date matches its day-of-month and month")
-    return parsed
+    return _schedule(expression, zone, fixed_time, tuple(common | part for part in parts))
 
 
 def _weekdays(field: str) -> str:
@@ -241,7 +287,7 @@ class MissedPlan:
 
 
 def plan_missed(
-    schedule: Schedule, after: datetime, now: datetime, policy: Policy, grace_s: float
+    schedule: Timetable, after: datetime, now: datetime, policy: Policy, grace_s: float
 ) -> MissedPlan:
     """Apply `policy` to the fires in (after, now]; only fires no older than grace_s may run."""
     oldest = now - timedelta(seconds=grace_s)
@@ -257,7 +303,7 @@ def plan_missed(
     return MissedPlan(run, skipped, len(counted) == MAX_WALK + len(run), until)
 
 
-def _fires(schedule: Schedule, after: datetime, until: datetime, limit: int) -> list[datetime]:
+def _fires(schedule: Timetable, after: datetime, until: datetime, limit: int) -> list[datetime]:
     fires: list[datetime] = []
     while len(fires) < limit:
         fire = schedule.next_after(fires[-1] if fires else after)
@@ -267,7 +313,7 @@ def _fires(schedule: Schedule, after: datetime, until: datetime, limit: int) -> 
     return fires
 
 
-def _latest_fire(schedule: Schedule, after: datetime, now: datetime) -> datetime | None:
+def _latest_fire(schedule: Timetable, after: datetime, now: datetime) -> datetime | None:
     # Widen the look-back until it holds a fire: cost grows with the log of the downtime.
     span = timedelta(minutes=1)
     while True:
@@ -333,7 +379,7 @@ class _Trigger:
     function: str
     trigger_id: str
     config: CronTriggerConfig
-    schedule: Schedule
+    schedule: Timetable
 
 
 class CronSource:

@@ -456,3 +456,90 @@ def test_scheduled_event_time_and_id_per_second():
     assert event["time"] == "2025-03-30T01:00:07Z"
     later = scheduled_event("tick#0", nominal + timedelta(seconds=1), "us-east-1")
     assert later["id"] != event["id"]
+
+
+# EventBridge expressions, from a fixed instant (2025-01-01 is a Wednesday). Day-of-week is
+# EventBridge's 1-7 = SUN-SAT, so 2 is Monday and 6L the last Friday; rates count from the epoch.
+@pytest.mark.parametrize(
+    ("expression", "after", "expected"),
+    [
+        ("rate(1 minute)", "01-01T00:00:30", ["01-01T00:01", "01-01T00:02", "01-01T00:03"]),
+        ("rate(5 minutes)", "01-01T00:07", ["01-01T00:10", "01-01T00:15", "01-01T00:20"]),
+        ("rate(1 hour)", "01-01T00:00", ["01-01T01:00", "01-01T02:00", "01-01T03:00"]),
+        ("rate(2 days)", "01-01T00:00", ["01-02T00:00", "01-04T00:00", "01-06T00:00"]),
+        ("rate(90 minutes)", "01-01T00:00", ["01-01T01:30", "01-01T03:00", "01-01T04:30"]),
+        (" rate( 1  day ) ", "01-01T00:00", ["01-02T00:00", "01-03T00:00", "01-04T00:00"]),
+        ("cron(0 12 * * ? *)", "01-01T12:00", ["01-02T12:00", "01-03T12:00", "01-04T12:00"]),
+        ("cron(0/15 * * * ? *)", "01-01T00:00", ["01-01T00:15", "01-01T00:30", "01-01T00:45"]),
+        ("cron(10/20 8 * * ? *)", "01-01T00:00", ["01-01T08:10", "01-01T08:30", "01-01T08:50"]),
+        ("cron(0 9 ? * 2 *)", "01-01T00:00", ["01-06T09:00", "01-13T09:00", "01-20T09:00"]),
+        ("cron(0 9 ? * 1 *)", "01-01T00:00", ["01-05T09:00", "01-12T09:00", "01-19T09:00"]),
+        ("cron(0 9 ? * 7 *)", "01-01T00:00", ["01-04T09:00", "01-11T09:00", "01-18T09:00"]),
+        ("cron(0 9 ? * SUN,SAT *)", "01-01T00:00", ["01-04T09:00", "01-05T09:00", "01-11T09:00"]),
+        ("cron(0 9 ? * MON-FRI *)", "01-02T10:00", ["01-03T09:00", "01-06T09:00", "01-07T09:00"]),
+        ("cron(0 9 ? * 6-2 *)", "01-02T10:00", ["01-03T09:00", "01-04T09:00", "01-05T09:00"]),
+        ("cron(0 9 ? * 2/2 *)", "01-01T10:00", ["01-03T09:00", "01-06T09:00", "01-08T09:00"]),
+        ("cron(0 9 ? * 6L *)", "01-01T00:00", ["01-31T09:00", "02-28T09:00", "03-28T09:00"]),
+        ("cron(0 9 ? * 3#2 *)", "01-01T00:00", ["01-14T09:00", "02-11T09:00", "03-11T09:00"]),
+        ("cron(0 9 ? * 2#5 *)", "01-01T00:00", ["03-31T09:00", "06-30T09:00", "09-29T09:00"]),
+        ("cron(0 9 ? * 4,6L *)", "01-22T10:00", ["01-29T09:00", "01-31T09:00", "02-05T09:00"]),
+        ("cron(0 0 L * ? *)", "01-01T00:00", ["01-31T00:00", "02-28T00:00", "03-31T00:00"]),
+        ("cron(0 0 1,L * ? *)", "01-01T00:00", ["01-31T00:00", "02-01T00:00", "02-28T00:00"]),
+        ("cron(0 22-1 * * ? *)", "01-01T00:00", ["01-01T01:00", "01-01T22:00", "01-01T23:00"]),
+        ("cron(0 0 1 JAN-MAR/2 ? *)", "01-01T00:00", ["03-01T00:00", "2026-01-01T00:00"]),
+        ("cron(30 6 1 1 ? 2027,2029)", "01-01T00:00", ["2027-01-01T06:30", "2029-01-01T06:30"]),
+    ],
+)
+def test_eventbridge_expression_next_fires(expression, after, expected):
+    assert fires(expression, "UTC", after, len(expected)) == expected
+
+
+def test_eventbridge_cron_follows_the_trigger_time_zone_and_its_dst_rule():
+    # A fixed-time EventBridge cron is a wall-clock schedule like the 5-field form.
+    got = fires("cron(30 2 * * ? *)", "Europe/Berlin", "03-29T12:00", 3)
+    assert got == ["03-30T01:00", "03-31T00:30", "04-01T00:30"]
+    # A rate follows elapsed time: the zone does not move it.
+    assert fires("rate(1 hour)", "Europe/Berlin", "03-30T00:30", 2) == [
+        "03-30T01:00",
+        "03-30T02:00",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("expression", "syntax", "reason"),
+    [
+        (
+            "rate(5 minute)",
+            "rate(value unit)",
+            "unit 'minute' with value 5: EventBridge wants 'minutes'",
+        ),
+        ("rate(1 hours)", "rate(value unit)", "EventBridge wants 'hour'"),
+        ("rate(0 minutes)", "rate(value unit)", "value 0"),
+        ("rate(2 weeks)", "rate(value unit)", "unit 'weeks'"),
+        ("rate(30 seconds)", "rate(value unit)", "unit 'seconds'"),
+        ("rate(five minutes)", "rate(value unit)", "expected a whole number and a unit"),
+        ("cron(0 12 * * * *)", "cron(minutes", "exactly one of them must be '?'"),
+        ("cron(0 12 ? * ? *)", "cron(minutes", "exactly one of them must be '?'"),
+        ("cron(0 12 * *)", "cron(minutes", "expected 6 fields"),
+        ("cron(0 12 15W * ? *)", "cron(minutes", "'15W' (W, the nearest weekday) is not supported"),
+        ("cron(0 12 LW * ? *)", "cron(minutes", "'LW' (W, the nearest weekday)"),
+        ("cron(0 12 L-3 * ? *)", "cron(minutes", "'L-3' (an offset from the last day)"),
+        ("cron(0 12 ? * L *)", "cron(minutes", "'L' alone is not supported"),
+        ("cron(0 12 ? * 0 *)", "cron(minutes", "day-of-week field '0': '0' is not 1-7 or SUN-SAT"),
+        ("cron(0 12 ? * 8 *)", "cron(minutes", "'8' is not 1-7"),
+        ("cron(0 12 ? * 3#1,6#3 *)", "cron(minutes", "only one '#' term"),
+        ("cron(0 12 ? * 3#6 *)", "cron(minutes", "'#' takes 1 to 5"),
+        ("cron(60 12 * * ? *)", "cron(minutes", "minutes field '60'"),
+        ("cron(0 24 * * ? *)", "cron(minutes", "hours field '24'"),
+        ("cron(0 12 * 13 ? *)", "cron(minutes", "month field '13'"),
+        ("cron(0 12 * * ? 1969)", "cron(minutes", "year field '1969'"),
+        ("cron(0/0 12 * * ? *)", "cron(minutes", "a step of 0"),
+        ("cron(0 0 30 2 ? *)", "cron(minutes", "never fires"),
+        ("0 12 * * ? *", "crontab syntax", "'?' is EventBridge syntax"),
+        ("61 * * * *", "crontab syntax", "minute field '61'"),
+    ],
+)
+def test_schedule_error_names_the_syntax_tried_and_the_part_refused(expression, syntax, reason):
+    with pytest.raises(ValueError, match=None) as info:
+        parse_schedule(expression, "UTC")
+    assert syntax in str(info.value) and reason in str(info.value), str(info.value)

@@ -400,3 +400,43 @@ async def test_cron_stopped_during_a_commit_still_logs_the_fire(store):
     assert await fired(store) == ["2025-06-01T12:00:00Z"]
     [line] = [e for e in logs if e["event"] == "cron_fired"]
     assert line["nominal"] == "2025-06-01T12:00:00Z" and line["created"]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "until", "expected"),
+    [
+        (
+            "rate(5 minutes)",
+            "2025-06-01T12:10:30Z",
+            ["2025-06-01T12:05:00Z", "2025-06-01T12:10:00Z"],
+        ),
+        (
+            "cron(0/5 12 ? * 1 *)",
+            "2025-06-01T12:10:30Z",
+            ["2025-06-01T12:05:00Z", "2025-06-01T12:10:00Z"],
+        ),
+    ],
+)
+async def test_cron_eventbridge_schedule_fires_the_scheduled_event_shape(
+    store, schedule, until, expected
+):
+    # 2025-06-01 is a Sunday: EventBridge day-of-week 1.
+    clock = FakeClock(utc("2025-06-01T12:02:00Z"))
+    async with running(store, clock, cron(schedule)):
+        async with asyncio.timeout(10):
+            await clock.advance(utc(until))
+    assert await fired(store) == expected
+    rows = await store.query("SELECT event, dedupe_key FROM invocations ORDER BY queued_at")
+    event = json.loads(rows[0]["event"])
+    assert event == {
+        "version": "0",
+        "id": event["id"],
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": "2025-06-01T12:05:00Z",
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:000000000000:rule/report#0"],
+        "detail": {},
+    }
+    assert uuid.UUID(event["id"]) and rows[0]["dedupe_key"] == "cron:report#0@2025-06-01T12:05:00Z"
