@@ -137,9 +137,54 @@ def test_config_example_loads():
         ),
         (
             FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\n'
+            'methods = ["POST"]\n'
             '[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\nmethods = ["GET", "POST"]\n',
             "functions.a.triggers[1].path",
             "POST /x is already routed by functions.a.triggers[0]",
+        ),
+        (  # /api/* is /api/{proxy+}; an omitted `methods` is ANY
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/api/*"\n'
+            '[[functions.a.triggers]]\ntype = "webhook"\npath = "/api/{proxy+}"\n',
+            "functions.a.triggers[1].path",
+            "ANY /api/{proxy+} is already routed by functions.a.triggers[0]",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/a/{proxy+}/b"\n',
+            "functions.a.triggers[0].path",
+            "a greedy {proxy+} or * must be the last segment",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/a/*/b"\n',
+            "functions.a.triggers[0].path",
+            "a greedy {proxy+} or * must be the last segment",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/api*"\n',
+            "functions.a.triggers[0].path",
+            "'api*' is not a segment a route can match",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/a/{id}"\n',
+            "functions.a.triggers[0].path",
+            "'{id}' is not a segment a route can match",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\n'
+            'methods = ["POST", "FETCH"]\n',
+            "functions.a.triggers[0].methods",
+            "'FETCH' is not an HTTP method a route can take (ANY, DELETE, GET",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\n'
+            'cors = { allow_origins = ["*"], allow_methods = ["get"] }\n',
+            "functions.a.triggers[0].cors.allow_methods",
+            "'get' is not an HTTP method",
+        ),
+        (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/x"\n'
+            'payload_format = "3.0"\n',
+            "functions.a.triggers[0].payload_format",
+            "",
         ),
     ],
 )

@@ -14,6 +14,13 @@ Auth (a failure is 401, counted in `rejected` and logged without any secret):
   signature is accepted too, so Slack works as is). Digests are compared in constant time.
   A signature accepted within that window is remembered until the window ends: the same signed
   request sent again is refused with 409 (`auth_replayed`), see ReplayGuard.
+
+Routes (RouteTable): a `path` is exact (`/hooks/github`) or greedy (`/api/{proxy+}`, API
+Gateway's syntax, or its shorthand `/api/*`). Greedy matches only below its parent, with a
+non-empty rest, as API Gateway's `{proxy+}` does: `/api/x`, `/api/x/` and `/api/x/y`, never
+`/api` or `/api/`. The most specific route wins: an exact path, then the greedy route with the
+longest prefix; at one path an explicit method wins over `ANY`, and `HEAD` falls back on `GET`.
+An exact path costs one dict lookup; greedy prefixes are tried, longest first, only after it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("lambdaemon.webhook")
 
+# The methods a route may name (API Gateway's set); ANY stands for every method.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+ANY = "ANY"
+_GREEDY = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\+\}")  # {proxy+}: the rest of the path
 _SIGNATURE = re.compile(r"(?:sha256|v0)=([0-9a-fA-F]{64})")
 _STAMP = re.compile(r"[0-9]{1,12}")  # Unix seconds; the bound keeps int() cheap and safe
 REPLAY_MAX_ENTRIES = 20_000  # ~4 MB; past it the oldest signatures are forgotten first
@@ -76,20 +87,44 @@ class HmacAuth(_Auth, tag="hmac", frozen=True):
 AuthConfig = NoAuth | TokenAuth | BasicAuth | HmacAuth
 
 
+class CorsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A Function URL's `Cors` settings, per route (snake_case names of the same fields)."""
+
+    allow_origins: Annotated[list[str], Meta(min_length=1)]
+    allow_methods: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allow_headers: list[str] = msgspec.field(default_factory=list)
+    expose_headers: list[str] = msgspec.field(default_factory=list)
+    max_age: Annotated[int, Meta(ge=0, le=86400)] = 0
+    allow_credentials: bool = False
+
+
 class WebhookTriggerConfig(TriggerSettings, tag="webhook", frozen=True):
     path: Annotated[str, Meta(pattern=r"^/")]
-    methods: list[str] = msgspec.field(default_factory=lambda: ["POST"])
+    methods: list[str] = msgspec.field(default_factory=lambda: [ANY])
     mode: Literal["sync", "async"] = "sync"
+    payload_format: Literal["1.0", "2.0"] = "2.0"
     auth: AuthConfig = NoAuth()
+    cors: CorsConfig | None = None
 
     def check(self, config: Config, key: str) -> None:
         if config.webhooks is None:
             raise ConfigError(config.path, key, "a webhook trigger needs a [webhooks] section")
+        try:
+            parse_path(self.path)
+        except ValueError as exc:
+            raise ConfigError(config.path, f"{key}.path", str(exc)) from None
+        if not self.methods:
+            raise ConfigError(config.path, f"{key}.methods", "names no method (ANY: every one)")
         for method in self.methods:
-            if not re.match(r"^[A-Z]+$", method):
-                raise ConfigError(
-                    config.path, f"{key}.methods", f"{method!r} is not an HTTP method"
-                )
+            if method != ANY and method not in METHODS:
+                known = ", ".join(sorted(METHODS | {ANY}))
+                reason = f"{method!r} is not an HTTP method a route can take ({known})"
+                raise ConfigError(config.path, f"{key}.methods", reason)
+        if self.cors is not None:
+            for method in self.cors.allow_methods:
+                if method != "*" and method not in METHODS:
+                    reason = f"{method!r} is not an HTTP method (or *)"
+                    raise ConfigError(config.path, f"{key}.cors.allow_methods", reason)
 
     def secret_files(self) -> dict[str, str]:
         if type(self.auth) not in CHECKS:
@@ -99,14 +134,40 @@ class WebhookTriggerConfig(TriggerSettings, tag="webhook", frozen=True):
 
     @classmethod
     def check_all(cls, config: Config, triggers: Sequence[Placed]) -> None:
-        seen: dict[tuple[str, str], str] = {}  # no two triggers answer the same path and method
+        # No two triggers answer the same route and method (`/a/*` and `/a/{proxy+}` are one).
+        seen: dict[tuple[str, str], str] = {}
         for _, trigger_id, trigger in triggers:
             key = trigger_key(trigger_id)
+            resource = parse_path(trigger.path)[0]  # check() has refused a bad one
             for method in trigger.methods:
-                other = seen.setdefault((trigger.path, method), key)
+                other = seen.setdefault((resource, method), key)
                 if other != key:
-                    reason = f"{method} {trigger.path} is already routed by {other}"
+                    reason = f"{method} {resource} is already routed by {other}"
                     raise ConfigError(config.path, f"{key}.path", reason)
+
+
+def parse_path(path: str) -> tuple[str, str | None]:
+    """`path` as API Gateway names the resource, and its greedy parameter's name (None for an
+    exact path); ValueError saying what is wrong with a pattern this daemon cannot match.
+
+    `/api/*` is `/api/{proxy+}`. Only a final greedy segment is a pattern: anything else with a
+    brace or a star would be matched literally, which is never what was meant.
+    """
+    head, _, last = path.rpartition("/")
+    if last == "*":
+        last = "{proxy+}"
+    greedy = _GREEDY.fullmatch(last)
+    if any(char in head for char in "{}*"):
+        raise ValueError(
+            f"{path!r}: a greedy {{proxy+}} or * must be the last segment, and no other part"
+            " of a path is a pattern"
+        )
+    if greedy is None and any(char in last for char in "{}*"):
+        raise ValueError(
+            f"{path!r}: {last!r} is not a segment a route can match; a greedy route ends in"
+            " /{proxy+} or /*"
+        )
+    return f"{head}/{last}", greedy[1] if greedy else None
 
 
 def _utf8(text: str) -> bytes:
@@ -263,12 +324,148 @@ CHECKS: dict[type, tuple[type, str]] = {
 }
 
 
+class CorsPolicy:
+    """A route's CORS answers, worked out once from its settings, as a Function URL gives them.
+
+    An origin that is not allowed gets no CORS header at all (the browser then refuses). The
+    origin is echoed, with `Vary: Origin`, when only some are allowed or credentials are, since a
+    browser refuses `*` on a credentialed request.
+    """
+
+    def __init__(self, cors: CorsConfig) -> None:
+        self.any_origin = "*" in cors.allow_origins
+        self.origins = frozenset(origin.lower() for origin in cors.allow_origins)
+        self.echo = not self.any_origin or cors.allow_credentials
+        common: dict[str, str] = {}
+        if cors.allow_credentials:
+            common["Access-Control-Allow-Credentials"] = "true"
+        self.on_response = dict(common)
+        if cors.expose_headers:
+            self.on_response["Access-Control-Expose-Headers"] = ", ".join(cors.expose_headers)
+        self.on_preflight = dict(common)
+        self.on_preflight["Access-Control-Allow-Methods"] = ", ".join(cors.allow_methods)
+        if cors.allow_headers:
+            self.on_preflight["Access-Control-Allow-Headers"] = ", ".join(cors.allow_headers)
+        if cors.max_age:
+            self.on_preflight["Access-Control-Max-Age"] = str(cors.max_age)
+
+    def headers(self, origin: str | None, preflight: bool = False) -> dict[str, str] | None:
+        """The CORS headers to send to `origin`, or None when it is not allowed (or absent)."""
+        if origin is None or not (self.any_origin or origin.lower() in self.origins):
+            return None
+        headers = dict(self.on_preflight if preflight else self.on_response)
+        if self.echo:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Vary"] = "Origin"
+        else:
+            headers["Access-Control-Allow-Origin"] = "*"
+        return headers
+
+
 class Route(msgspec.Struct, frozen=True):
     function: str
     trigger_id: str
-    path: str
+    path: str  # as configured
     mode: str
     check: Any  # one of the *Check classes above
+    method: str = ANY  # the one it answers, or ANY
+    resource: str = ""  # API Gateway's name of the path: /api/* is /api/{proxy+}
+    param: str | None = None  # a greedy route's parameter name (proxy)
+    prefix: str = ""  # what a path starts with to match: the exact path, or /api/ for /api/*
+    route_key: str = ""  # "POST /api/{proxy+}", the event's routeKey
+    v1: bool = False  # payload_format 1.0: API Gateway REST events and responses
+    cors: CorsPolicy | None = None
+
+
+class RouteTable:
+    """path -> method -> Route, exact paths apart from greedy prefixes (module doc: which wins)."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.exact: dict[str, dict[str, Route]] = {}
+        greedy: dict[str, dict[str, Route]] = {}
+        for route in routes:  # config validation refuses duplicate routes
+            table = greedy if route.param else self.exact
+            table.setdefault(route.prefix, {})[route.method] = route
+        self.greedy = sorted(greedy.items(), key=lambda item: -len(item[0]))
+
+    def find(self, path: str, method: str) -> Route | None:
+        """The route that serves `method` on `path`, or None (`allow` then says 404 or 405)."""
+        by_method = self.exact.get(path)
+        if by_method is not None and (route := by_method.get(method)) is not None:
+            return route  # the common case: one dict lookup and one more
+        return self._find(path, method, by_method)
+
+    def _find(self, path: str, method: str, by_method: dict[str, Route] | None) -> Route | None:
+        if by_method is not None and (route := _for_method(by_method, method)) is not None:
+            return route
+        for prefix, by_method in self.greedy:
+            if len(path) > len(prefix) and path.startswith(prefix):
+                if (route := _for_method(by_method, method)) is not None:
+                    return route
+        return None
+
+    def matching(self, path: str) -> list[dict[str, Route]]:
+        """The method tables of every route `path` matches, most specific first."""
+        found = [by_method] if (by_method := self.exact.get(path)) else []
+        found += [
+            by_method
+            for prefix, by_method in self.greedy
+            if len(path) > len(prefix) and path.startswith(prefix)
+        ]
+        return found
+
+    def allow(self, path: str) -> str | None:
+        """The `Allow` header of a 405 on `path`, or None when no route has the path (404)."""
+        methods = {method for by_method in self.matching(path) for method in by_method}
+        if not methods:
+            return None
+        if "GET" in methods:
+            methods.add("HEAD")  # served by the GET route
+        return ", ".join(sorted(methods))
+
+    def names(self) -> list[str]:
+        """Every route as `METHOD resource`, for the log."""
+        tables = [*self.exact.values(), *(by_method for _, by_method in self.greedy)]
+        return sorted(route.route_key for by_method in tables for route in by_method.values())
+
+
+def _for_method(by_method: dict[str, Route], method: str) -> Route | None:
+    """At one path: the method's own route, else ANY, else (for HEAD) the GET route."""
+    route = by_method.get(method) or by_method.get(ANY)
+    if route is None and method == "HEAD":
+        route = by_method.get("GET")
+    return route
+
+
+def build_routes(
+    config: Config, triggers: list[tuple[str, str, WebhookTriggerConfig]], replays: ReplayGuard
+) -> RouteTable:
+    """The route table of the webhook triggers; secrets are read here, once."""
+    routes = []
+    for function, trigger_id, trigger in triggers:
+        key = f"{trigger_key(trigger_id)}.auth"
+        check = _build_check(config, trigger.auth, key, replays)
+        resource, param = parse_path(trigger.path)
+        cors = CorsPolicy(trigger.cors) if trigger.cors is not None else None
+        prefix = resource.rpartition("/")[0] + "/" if param else resource
+        for method in trigger.methods:
+            routes.append(
+                Route(
+                    function,
+                    trigger_id,
+                    trigger.path,
+                    trigger.mode,
+                    check,
+                    method=method,
+                    resource=resource,
+                    param=param,
+                    prefix=prefix,
+                    route_key=f"{method} {resource}",
+                    v1=trigger.payload_format == "1.0",
+                    cors=cors,
+                )
+            )
+    return RouteTable(routes)
 
 
 class WebhookSource:
@@ -293,15 +490,8 @@ class WebhookSource:
         self.listen, self.max_body_bytes = settings.listen, settings.max_body_bytes
         self.limits = settings  # timeouts and connection caps (daemon/http/wire.py reads them)
         self.drain_s = config.daemon.shutdown_timeout_s
-        self.routes: dict[str, dict[str, Route]] = {}
         self.replays = ReplayGuard()  # one for all routes: a signature is refused on any of them
-        for function, trigger_id, trigger in triggers:
-            key = f"{trigger_key(trigger_id)}.auth"
-            check = _build_check(config, trigger.auth, key, self.replays)
-            by_method = self.routes.setdefault(trigger.path, {})
-            for method in trigger.methods:  # config validation refuses duplicate routes
-                by_method[method] = Route(function, trigger_id, trigger.path, trigger.mode, check)
-        self.allow = {path: ", ".join(sorted(methods)) for path, methods in self.routes.items()}
+        self.routes = build_routes(config, triggers, self.replays)
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
         self.port: int | None = None  # the bound port once listening (`listen` may say 0)
@@ -330,7 +520,7 @@ class WebhookSource:
         self.port = await server.start()
         try:
             log.info(
-                "webhook_listening", listen=self.listen, port=self.port, routes=sorted(self.routes)
+                "webhook_listening", listen=self.listen, port=self.port, routes=self.routes.names()
             )
             self.listening.set()
             await asyncio.get_running_loop().create_future()  # serve until cancelled
@@ -344,13 +534,15 @@ class WebhookSource:
 
         A request already routed finishes under the route it matched.
         """
-        self.routes, self.allow = new.routes, new.allow
+        self.routes = new.routes
         new.replays.adopt(self.replays)  # the new routes' checks remember what these accepted
         self.replays = new.replays
         self.max_body_bytes, self.drain_s = new.max_body_bytes, new.drain_s
         self.limits = new.limits
         log.info(
-            "webhook_routes_updated", routes=sorted(self.routes), max_body_bytes=self.max_body_bytes
+            "webhook_routes_updated",
+            routes=self.routes.names(),
+            max_body_bytes=self.max_body_bytes,
         )
 
 

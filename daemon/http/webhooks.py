@@ -1,11 +1,14 @@
 """Webhook serving: the HTTP side of the webhook trigger kind (triggers/webhook.py).
 
-One aiohttp app on `webhooks.listen` answers every request by the source's route table. A request
-is matched on its exact path, then its method, held to `max_body_bytes`, checked by its route's
-auth and turned into a Lambda Function URL event (payload v2.0). `mode = "sync"` runs the function
-now and maps its result to the response by Lambda's rules; `mode = "async"` answers 202 only once
-the event is committed. A refused request is counted in the source's `rejected` and logged
-without any secret.
+One aiohttp app on `webhooks.listen` answers every request by the source's route table
+(triggers/webhook.py's RouteTable: exact paths, then greedy prefixes). A request is matched on its
+path and method, held to `max_body_bytes`, checked by its route's auth and turned into an event:
+API Gateway's HTTP API payload 2.0 (the Function URL event, plus the matched `routeKey` and a
+greedy route's `pathParameters`), or with `payload_format = "1.0"` the REST API proxy event.
+`mode = "sync"` runs the function now and maps its result to the response by the same format's
+rules; `mode = "async"` answers 202 only once the event is committed. A CORS preflight to a route
+with `cors` is answered from its settings without running the function. A refused request is
+counted in the source's `rejected` and logged without any secret.
 
 The webhook source imports this module only when it runs, so loading a config never loads aiohttp
 or the daemon's HTTP stack.
@@ -40,7 +43,7 @@ from daemon.untrusted import MAX_JSON_DEPTH, is_utf8, json_too_deep
 from triggers.base import Emit
 
 if TYPE_CHECKING:
-    from triggers.webhook import Route, WebhookSource
+    from triggers.webhook import CorsPolicy, Route, WebhookSource
 
 log = structlog.get_logger("lambdaemon.webhook")
 
@@ -117,15 +120,12 @@ class WebhookServer:
         return refused if refused is not None else self._handle
 
     def _refuse_head(self, request: AnyRequest) -> web.Response | None:
-        by_method = self.source.routes.get(request.path)
-        if by_method is None:
-            return self._reject(request, None, "not_found", 404, "Not Found")
-        route = by_method.get(request.method)
-        if route is None:
-            allow = {"Allow": self.source.allow[request.path]}
-            return self._reject(
-                request, None, "method_not_allowed", 405, "Method Not Allowed", allow
-            )
+        route = self.source.routes.find(request.path, request.method)
+        if route is None or (route.cors is not None and request.method == "OPTIONS"):
+            if request.method == "OPTIONS" and (preflight := self._preflight(request)):
+                return preflight
+            if route is None:
+                return self._unrouted(request)
         if self.draining:
             busy = {"Retry-After": "5", "Connection": "close"}
             return self._reject(request, route, "draining", 503, "Service Unavailable", busy)
@@ -136,11 +136,35 @@ class WebhookServer:
             return self._reject(request, route, "too_large", 413, "Request Entity Too Large")
         return None
 
+    def _preflight(self, request: AnyRequest) -> web.Response | None:
+        """A CORS preflight's answer from its route's settings, or None if it is none.
+
+        A preflight asks about the method to come, so the route that would serve that method
+        answers it, whatever serves OPTIONS; the function never runs for it.
+        """
+        asked = request.headers.get(_ASKED_METHOD)
+        route = self.source.routes.find(request.path, asked) if asked else None
+        if route is None or route.cors is None:
+            return None
+        headers = route.cors.headers(request.headers.get("Origin"), preflight=True)
+        log.debug("webhook_preflight", route=route.path, allowed=headers is not None)
+        return web.Response(status=200, headers=headers)
+
+    def _unrouted(self, request: AnyRequest) -> web.Response:
+        """404, or 405 with `Allow` when a route has the path but not the method."""
+        allow = self.source.routes.allow(request.path)
+        if allow is None:
+            return self._reject(request, None, "not_found", 404, "Not Found")
+        return self._reject(
+            request, None, "method_not_allowed", 405, "Method Not Allowed", {"Allow": allow}
+        )
+
     async def _handle(self, request: AnyRequest) -> web.StreamResponse:
         # Checked again: aiohttp alone (tests) and a route swapped by a reload come here unchecked.
         if (refused := self._refuse_head(request)) is not None:
             return refused
-        route = self.source.routes[request.path][request.method]
+        route = self.source.routes.find(request.path, request.method)
+        assert route is not None  # _refuse_head found it
         check = route.check
         body = await self._read_body(request)
         if body is None:
@@ -150,8 +174,9 @@ class WebhookServer:
                 return self._reject(request, route, reason, 409, _REPLAYED)
             return self._reject(request, route, reason, 401, "Unauthorized", check.challenge)
         problem = _body_problem(request, body)
+        build = build_v1_event if route.v1 else build_event
         try:
-            event = _encode(build_event(request, body, self.source.port, check.redact))
+            event = _encode(build(request, body, self.source.port, route, check.redact))
         except UnicodeEncodeError:  # bytes that are not UTF-8: say where, without parsing twice
             problem = problem or _undecodable(request, check.redact)
         if problem is None:
@@ -159,6 +184,8 @@ class WebhookServer:
                 response = await self._accept(request, route, event)
             else:
                 response = await self._invoke(request, route, event)
+            if route.cors is not None:
+                _add_cors(response, route.cors, request.headers.get("Origin"))
             if response.status not in _NOT_TAKEN:
                 return response
         else:
@@ -249,7 +276,7 @@ class WebhookServer:
                 request, route, "reloading", 503, "Service Unavailable", {"Retry-After": "1"}
             )
         self.source.accepted += 1
-        response = to_response(invocation_id, outcome)
+        response = to_response(invocation_id, outcome, v1=route.v1)
         # Debug: the dispatcher's invocation_finished already says it, on the hot path.
         log.debug(
             "webhook_accepted",
@@ -287,8 +314,23 @@ class WebhookServer:
 
 
 _REPLAYED = "Conflict: this signed request was received before"
+_ASKED_METHOD = "Access-Control-Request-Method"  # present on a CORS preflight, and only there
 # Statuses of a request the daemon did not take (queue full, draining, store down).
 _NOT_TAKEN = frozenset({429, 503})
+
+
+def _add_cors(response: web.Response, cors: CorsPolicy, origin: str | None) -> None:
+    """The route's CORS headers on `response`, in place of any the function set: the same
+    header twice (`*, *`) makes a browser refuse the response."""
+    headers = cors.headers(origin)
+    if headers is None:
+        return
+    vary = response.headers.get("Vary")
+    for name, value in headers.items():
+        response.headers[name] = value
+    if vary is not None:  # keep what the function's response varies on
+        as_is = "Vary" not in headers or "origin" in vary.lower()
+        response.headers["Vary"] = vary if as_is else f"{vary}, Origin"
 
 
 def _body_problem(request: AnyRequest, body: bytes) -> str | None:
@@ -317,9 +359,10 @@ def _undecodable(request: AnyRequest, redact: str | None) -> str:
 
 
 def build_event(
-    request: AnyRequest, body: bytes, port: int | None, redact: str | None = None
+    request: AnyRequest, body: bytes, port: int | None, route: Route, redact: str | None = None
 ) -> dict[str, Any]:
-    """The Lambda Function URL (payload v2.0) event for `request`, without header `redact`.
+    """The HTTP API payload 2.0 event for `request` on `route` (a Function URL's event, with the
+    route in `routeKey` and `pathParameters`), without header `redact`.
 
     The checked credential stays out of the event, so records and replays never hold it.
     """
@@ -339,8 +382,7 @@ def build_event(
     if port is not None:
         headers.setdefault("x-forwarded-port", str(port))
     raw_path, _, raw_query = request.raw_path.partition("?")
-    host = headers.get("host", "")
-    domain = host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
+    domain = _domain(headers.get("host", ""))
     now = time.time()
     version = request.version
     context = {
@@ -349,21 +391,21 @@ def build_event(
         "domainName": domain,
         "domainPrefix": domain.split(".", 1)[0],
         "http": {
-            "method": request.method,
+            "method": _method(request, route),
             "path": raw_path,
             "protocol": f"HTTP/{version.major}.{version.minor}",
             "sourceIp": remote,
             "userAgent": headers.get("user-agent", ""),
         },
         "requestId": new_id(),
-        "routeKey": "$default",
+        "routeKey": route.route_key,
         "stage": "$default",
         "time": _request_time(int(now)),
         "timeEpoch": int(now * 1000),  # a JSON number: Go's int64
     }
     event: dict[str, Any] = {
         "version": "2.0",
-        "routeKey": "$default",
+        "routeKey": route.route_key,
         "rawPath": raw_path,
         "rawQueryString": raw_query,
     }
@@ -375,12 +417,112 @@ def build_event(
         for name, value in request.query.items():
             params[name] = f"{params[name]},{value}" if name in params else value
         event["queryStringParameters"] = params
+    if route.param is not None:
+        event["pathParameters"] = {route.param: request.path[len(route.prefix) :]}
     event["requestContext"] = context
     text = _as_text(request.content_type, body) if body else None
     if body:
         event["body"] = text if text is not None else b2a_base64(body, newline=False).decode()
     event["isBase64Encoded"] = bool(body) and text is None
     return event
+
+
+def build_v1_event(
+    request: AnyRequest, body: bytes, port: int | None, route: Route, redact: str | None = None
+) -> dict[str, Any]:
+    """The API Gateway REST proxy event (payload 1.0) for `request` on `route`, without header
+    `redact`: header names as the client wrote them, each with its last value in `headers` and
+    all of them in `multiValueHeaders`, and `null` for what is empty, as API Gateway sends."""
+    headers: dict[str, str] = {}
+    multi: dict[str, list[str]] = {}
+    for name, value in request.headers.items():
+        if name.lower() == redact:
+            continue
+        headers[name] = value
+        multi.setdefault(name, []).append(value)
+    remote = request.remote or ""
+    forwarded = {"X-Forwarded-For": remote, "X-Forwarded-Proto": request.scheme}
+    if port is not None:
+        forwarded["X-Forwarded-Port"] = str(port)
+    for name, value in forwarded.items():
+        if name not in request.headers:  # a proxy in front keeps its own
+            headers[name], multi[name] = value, [value]
+    query: dict[str, str] = {}
+    multi_query: dict[str, list[str]] = {}
+    for name, value in request.query.items():
+        query[name] = value  # the last one, as API Gateway keeps
+        multi_query.setdefault(name, []).append(value)
+    raw_path = request.raw_path.partition("?")[0]
+    domain = _domain(request.headers.get("Host", ""))
+    method = _method(request, route)
+    now = time.time()
+    version = request.version
+    request_id = new_id()
+    user_agent = request.headers.get("User-Agent", "")
+    identity: dict[str, str | None] = dict.fromkeys(_IDENTITY_NULLS)
+    identity.update(sourceIp=remote, userAgent=user_agent)
+    text = _as_text(request.content_type, body) if body else None
+    return {
+        "version": "1.0",
+        "resource": route.resource,
+        "path": raw_path,
+        "httpMethod": method,
+        "headers": headers,
+        "multiValueHeaders": multi,
+        "queryStringParameters": query or None,
+        "multiValueQueryStringParameters": multi_query or None,
+        "pathParameters": (
+            {route.param: request.path[len(route.prefix) :]} if route.param is not None else None
+        ),
+        "stageVariables": None,
+        "requestContext": {
+            "accountId": "000000000000",
+            "apiId": "lambdaemon",
+            "resourceId": route.trigger_id,
+            "resourcePath": route.resource,
+            "httpMethod": method,
+            "path": raw_path,  # the stage is $default: no prefix, as HTTP APIs send
+            "stage": "$default",
+            "protocol": f"HTTP/{version.major}.{version.minor}",
+            "requestId": request_id,
+            "extendedRequestId": request_id,
+            "requestTime": _request_time(int(now)),
+            "requestTimeEpoch": int(now * 1000),
+            "domainName": domain,
+            "domainPrefix": domain.split(".", 1)[0],
+            "identity": identity,
+        },
+        "body": (text if text is not None else b2a_base64(body, newline=False).decode())
+        if body
+        else None,
+        "isBase64Encoded": bool(body) and text is None,
+    }
+
+
+_IDENTITY_NULLS = (
+    "accessKey",
+    "accountId",
+    "apiKey",
+    "apiKeyId",
+    "caller",
+    "cognitoAuthenticationProvider",
+    "cognitoAuthenticationType",
+    "cognitoIdentityId",
+    "cognitoIdentityPoolId",
+    "principalOrgId",
+    "user",
+    "userArn",
+)
+
+
+def _method(request: AnyRequest, route: Route) -> str:
+    """The method the event names: the request's, but GET for a HEAD that a GET route serves,
+    so the handler answers as for GET (the listener sends the head without the body)."""
+    return request.method if route.method == "ANY" else route.method
+
+
+def _domain(host: str) -> str:
+    return host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
 
 
 def _request_time(second: int) -> str:
@@ -407,29 +549,33 @@ def _as_text(content_type: str, body: bytes) -> str | None:
         return None  # labelled text but is not UTF-8: base64 keeps it intact
 
 
-def to_response(invocation_id: str, outcome: Outcome) -> web.Response:
-    """A sync invocation's outcome as the HTTP response, by Function URL rules (see module doc)."""
+def to_response(invocation_id: str, outcome: Outcome, v1: bool = False) -> web.Response:
+    """A sync invocation's outcome as the HTTP response, by Function URL rules (see module doc),
+    or with `v1` by API Gateway REST's: only a result with `statusCode` is a response."""
     request_id = {"x-amzn-RequestId": invocation_id}
+    failed = "Internal server error" if v1 else "Internal Server Error"  # as each API says it
     if outcome.status is Status.TIMED_OUT:
         return _message(504, "Endpoint request timed out", request_id)
     if outcome.status is not Status.SUCCEEDED:
-        return _message(502, "Internal Server Error", request_id)  # the error stays in the record
+        return _message(502, failed, request_id)  # the error stays in the record
     try:
         if json_too_deep(outcome.payload):  # the daemon's own stack is at stake here
             raise ValueError(f"the result is nested deeper than {MAX_JSON_DEPTH} levels")
         result = _decode(outcome.payload)
         if isinstance(result, dict) and "statusCode" in result:
-            return _structured(result, invocation_id)
+            return _structured(result, invocation_id, v1)
+        if v1:
+            raise ValueError("a payload 1.0 result must be an object with statusCode")
     except (ValueError, TypeError) as exc:  # msgspec.DecodeError is a ValueError
         # As API Gateway answers a malformed proxy response; the reason is for the operator.
         log.warning("webhook_bad_response", invocation_id=invocation_id, error=str(exc)[:200])
-        return _message(502, "Internal Server Error", request_id)
+        return _message(502, failed, request_id)
     return web.Response(
         status=200, body=outcome.payload, content_type="application/json", headers=request_id
     )
 
 
-def _structured(result: dict[str, Any], invocation_id: str) -> web.Response:
+def _structured(result: dict[str, Any], invocation_id: str, v1: bool = False) -> web.Response:
     status = result["statusCode"]
     if type(status) is not int or not 200 <= status <= 599:  # a 1xx cannot end a response
         raise ValueError(f"statusCode {status!r} is not a final HTTP status")
@@ -444,9 +590,11 @@ def _structured(result: dict[str, Any], invocation_id: str) -> web.Response:
         for value in values:
             _add_header(headers, name, value)
     for name, value in given.items():  # merged with those, a pair given in both only once
+        if v1 and name in headers:
+            continue  # REST: a name in multiValueHeaders takes only those values
         if _scalar(value) not in headers.getall(name, ()):
             _add_header(headers, name, value)
-    for cookie in cookies:
+    for cookie in [] if v1 else cookies:  # payload 1.0 has no cookies: Set-Cookie headers do
         _add_header(headers, "Set-Cookie", cookie)
     body = result.get("body")
     if body is None or status in _NO_BODY:

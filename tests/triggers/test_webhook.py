@@ -195,7 +195,7 @@ async def test_webhook_event_is_function_url_v2(hooks: Hooks):
     out = json.loads(body)
     event, request_id = out["event"], out["request_id"]
     assert resp_headers["x-amzn-RequestId"] == request_id
-    assert event["version"] == "2.0" and event["routeKey"] == "$default"
+    assert event["version"] == "2.0" and event["routeKey"] == "POST /mirror"
     assert event["rawPath"] == "/mirror"
     assert event["rawQueryString"] == "a=1&a=2&b=x%20y&flag"
     assert event["queryStringParameters"] == {"a": "1,2", "b": "x y", "flag": ""}
@@ -213,7 +213,7 @@ async def test_webhook_event_is_function_url_v2(hooks: Hooks):
         "sourceIp": "127.0.0.1",
         "userAgent": "tester/1",
     }
-    assert ctx["routeKey"] == "$default" and ctx["stage"] == "$default"
+    assert ctx["routeKey"] == "POST /mirror" and ctx["stage"] == "$default"
     assert ctx["domainName"] == "127.0.0.1" and ctx["domainPrefix"] == "127"
     assert isinstance(ctx["accountId"], str) and isinstance(ctx["apiId"], str)
     assert uuid.UUID(ctx["requestId"])
@@ -407,8 +407,8 @@ async def test_webhook_async_redelivery_is_deduplicated(hooks: Hooks):
 @pytest.mark.parametrize(
     ("method", "path", "status", "allow"),
     [
-        ("GET", "/respond", 405, "POST"),
-        ("DELETE", "/mirror", 405, "GET, POST, PUT"),
+        ("PUT", "/echo", 405, "GET, HEAD, POST"),
+        ("DELETE", "/mirror", 405, "GET, HEAD, POST, PUT"),
         ("POST", "/nope", 404, None),
         ("POST", "/mirror/", 404, None),
     ],

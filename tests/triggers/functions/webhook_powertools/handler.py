@@ -1,0 +1,39 @@
+"""One Powertools app written as for AWS, behind a Function URL (`url`) and behind API Gateway
+REST with payload 1.0 (`rest`): the daemon's routes and events must let it route unchanged."""
+
+from aws_lambda_powertools.event_handler import (
+    APIGatewayRestResolver,
+    LambdaFunctionUrlResolver,
+    Response,
+)
+from aws_lambda_powertools.shared.cookies import Cookie
+
+
+def routes(app):
+    @app.get("/items/<item_id>")
+    def get_item(item_id):
+        event = app.current_event
+        return {"id": item_id, "q": event.get_query_string_value("q"), "method": event.http_method}
+
+    @app.post("/items")
+    def create_item():
+        return Response(
+            status_code=201,
+            content_type="application/json",
+            body=app.current_event.body,
+            cookies=[Cookie("a", "1"), Cookie("b", "2")],
+        )
+
+    return app
+
+
+url_app = routes(LambdaFunctionUrlResolver())
+rest_app = routes(APIGatewayRestResolver(strip_prefixes=["/v1"]))
+
+
+def url(event, context):
+    return url_app.resolve(event, context)
+
+
+def rest(event, context):
+    return rest_app.resolve(event, context)

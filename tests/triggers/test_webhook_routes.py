@@ -1,0 +1,313 @@
+"""Webhook routes as Lambda web apps need them: greedy paths, ANY and HEAD, the matched route in
+the event, API Gateway REST (payload 1.0) events and responses, and Function URL CORS.
+
+Real clients on both ends: aiohttp over loopback to the real daemon (a subprocess), and
+aws-lambda-powertools' resolvers as the handlers, routing by the event as they do on AWS.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aws_lambda_powertools.utilities.data_classes import (
+    APIGatewayProxyEvent,
+    APIGatewayProxyEventV2,
+    LambdaFunctionUrlEvent,
+)
+from multidict import CIMultiDict
+
+from tests.daemon_proc import Daemon, free_port, write_config
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+FUNCS = Path(__file__).resolve().parent / "functions"
+ORIGIN = "https://app.example"
+
+
+def body_toml(port: int) -> str:
+    cors = (
+        f'{{ allow_origins = ["{ORIGIN}"], allow_methods = ["GET", "POST"], '
+        'allow_headers = ["content-type", "x-api-key"], expose_headers = ["x-request-id"], '
+        "max_age = 600, allow_credentials = true }"
+    )
+    return f"""
+[webhooks]
+listen = "127.0.0.1:{port}"
+
+[functions.shop]
+handler = "handler.url"
+code = "{FUNCS / "webhook_powertools"}"
+concurrency = 2
+
+[[functions.shop.triggers]]
+type = "webhook"
+path = "/items/{{proxy+}}"
+methods = ["GET"]
+cors = {cors}
+
+[[functions.shop.triggers]]
+type = "webhook"
+path = "/items"
+methods = ["POST"]
+cors = {cors}
+
+[functions.rest]
+handler = "handler.rest"
+code = "{FUNCS / "webhook_powertools"}"
+triggers = [{{ type = "webhook", path = "/v1/{{proxy+}}", payload_format = "1.0" }}]
+
+[functions.mirror]
+handler = "handler.handler"
+code = "{FUNCS / "webhook_mirror"}"
+concurrency = 2
+
+[[functions.mirror.triggers]]
+type = "webhook"
+path = "/items/deep/*"
+
+[[functions.mirror.triggers]]
+type = "webhook"
+path = "/items/special"
+methods = ["GET"]
+
+[[functions.mirror.triggers]]
+type = "webhook"
+path = "/raw1/{{proxy+}}"
+payload_format = "1.0"
+
+[[functions.mirror.triggers]]
+type = "webhook"
+path = "/open/*"
+cors = {{ allow_origins = ["*"] }}
+
+[functions.respond]
+handler = "handler.handler"
+code = "{FUNCS / "webhook_respond"}"
+triggers = [{{ type = "webhook", path = "/respond1", payload_format = "1.0" }}]
+"""
+
+
+class Client:
+    def __init__(self, daemon: Daemon, port: int) -> None:
+        self.daemon, self.base = daemon, f"http://127.0.0.1:{port}"
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, bytes]:
+        assert self.daemon.session is not None
+        async with self.daemon.session.request(method, self.base + path, **kwargs) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+    async def event(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """The event the mirror function got for this request."""
+        status, _, body = await self.request(method, path, **kwargs)
+        assert status == 200, body
+        return json.loads(body)["event"]  # type: ignore[no-any-return]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def client(tmp_path_factory):
+    port = free_port()
+    daemon = Daemon(write_config(tmp_path_factory.mktemp("routes"), body_toml(port)))
+    try:
+        await daemon.start()
+        await daemon.wait_log("webhook_listening", timeout_s=10)
+        yield Client(daemon, port)
+    finally:
+        await daemon.close()
+
+
+# --- which route serves a path ----------------------------------------------------------------
+
+
+async def test_powertools_function_url_app_routes_behind_a_greedy_route(client: Client):
+    status, _, body = await client.request("GET", "/items/42?q=red")
+    assert status == 200 and json.loads(body) == {"id": "42", "q": "red", "method": "GET"}
+    status, headers, body = await client.request("POST", "/items", json={"name": "lamp"})
+    assert status == 201 and json.loads(body) == {"name": "lamp"}
+    assert headers.getall("Set-Cookie") == ["a=1; Secure", "b=2; Secure"]
+
+
+@pytest.mark.parametrize(
+    ("path", "route_key", "proxy"),
+    [
+        ("/items/special", "GET /items/special", None),  # exact beats greedy
+        ("/items/deep/a/b", "ANY /items/deep/{proxy+}", "a/b"),  # the longer prefix wins
+        ("/items/deep/x%20y/", "ANY /items/deep/{proxy+}", "x y/"),  # decoded, slash kept
+    ],
+)
+async def test_most_specific_route_wins(
+    client: Client, path: str, route_key: str, proxy: str | None
+):
+    event = await client.event("GET", path)
+    assert event["routeKey"] == route_key == event["requestContext"]["routeKey"]
+    assert event["rawPath"] == path
+    assert event.get("pathParameters") == (None if proxy is None else {"proxy": proxy})
+
+
+async def test_a_shorter_greedy_route_takes_what_the_longer_does_not(client: Client):
+    status, _, body = await client.request("GET", "/items/deeper")  # not under /items/deep/
+    assert status == 200 and json.loads(body)["id"] == "deeper"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/items", 405, "POST"),  # /items/{proxy+} never matches its parent
+        ("GET", "/items/", 404, None),  # nor the parent with a slash: the rest is empty
+        ("DELETE", "/items/7", 405, "GET, HEAD"),
+        ("GET", "/raw1", 404, None),
+    ],
+)
+async def test_greedy_route_trailing_slash_and_method_rules(
+    client: Client, method: str, path: str, status: int, allow: str | None
+):
+    got, headers, _ = await client.request(method, path)
+    assert (got, headers.get("Allow")) == (status, allow)
+
+
+async def test_parent_of_a_greedy_route_with_a_slash_goes_to_a_shorter_one(client: Client):
+    # /items/deep/* does not match /items/deep/, so /items/{proxy+} does: the app's own 404.
+    status, _, body = await client.request("GET", "/items/deep/")
+    assert status == 404 and json.loads(body) == {"statusCode": 404, "message": "Not found"}
+
+
+async def test_any_route_takes_every_method_and_says_which(client: Client):
+    for method in ("DELETE", "PATCH", "PUT", "OPTIONS"):
+        event = await client.event(method, "/items/deep/x")
+        assert event["requestContext"]["http"]["method"] == method
+        assert event["routeKey"] == "ANY /items/deep/{proxy+}"
+
+
+async def test_head_is_served_by_the_get_route_without_a_body(client: Client):
+    _, get_headers, get_body = await client.request("GET", "/items/9?q=z")
+    status, headers, body = await client.request("HEAD", "/items/9?q=z")
+    assert status == 200 and body == b""
+    # The handler answered as for GET: the same length, announced and not sent.
+    assert headers["Content-Length"] == get_headers["Content-Length"] == str(len(get_body))
+
+
+async def test_v2_event_parses_with_powertools_data_classes(client: Client):
+    event = await client.event("PUT", "/items/deep/a/b?x=1&x=2", data=b"hi")
+    http_api, url = APIGatewayProxyEventV2(event), LambdaFunctionUrlEvent(event)
+    assert http_api.route_key == "ANY /items/deep/{proxy+}"
+    assert http_api.path_parameters == {"proxy": "a/b"} and http_api.raw_path == "/items/deep/a/b"
+    assert http_api.query_string_parameters == {"x": "1,2"}
+    assert url.request_context.http.method == "PUT" and url.request_context.stage == "$default"
+    assert url.decoded_body == "hi"
+
+
+# --- payload format 1.0 (API Gateway REST) ----------------------------------------------------
+
+
+async def test_v1_event_is_api_gateway_rest_proxy(client: Client):
+    headers = CIMultiDict(
+        [("X-Multi", "one"), ("X-Multi", "two"), ("User-Agent", "tester/1"), ("Cookie", "k=v")]
+    )
+    event = await client.event("GET", "/raw1/a/b%20c?x=1&x=2&y=", headers=headers)
+    assert event["resource"] == "/raw1/{proxy+}" and event["path"] == "/raw1/a/b%20c"
+    assert event["httpMethod"] == "GET" and event["pathParameters"] == {"proxy": "a/b c"}
+    assert event["headers"]["X-Multi"] == "two" and event["headers"]["Cookie"] == "k=v"
+    assert event["multiValueHeaders"]["X-Multi"] == ["one", "two"]
+    assert event["queryStringParameters"] == {"x": "2", "y": ""}
+    assert event["multiValueQueryStringParameters"] == {"x": ["1", "2"], "y": [""]}
+    assert event["body"] is None and event["isBase64Encoded"] is False
+    assert event["stageVariables"] is None
+    ctx = event["requestContext"]
+    assert ctx["resourcePath"] == "/raw1/{proxy+}" and ctx["httpMethod"] == "GET"
+    assert ctx["identity"]["sourceIp"] == "127.0.0.1" and ctx["identity"]["user"] is None
+    assert ctx["identity"]["userAgent"] == "tester/1" and ctx["protocol"] == "HTTP/1.1"
+    assert type(ctx["requestTimeEpoch"]) is int and ctx["requestId"]
+    parsed = APIGatewayProxyEvent(event)
+    assert parsed.resource == "/raw1/{proxy+}" and parsed.path_parameters == {"proxy": "a/b c"}
+    assert parsed.request_context.identity.source_ip == "127.0.0.1"
+    assert parsed.multi_value_query_string_parameters == {"x": ["1", "2"], "y": [""]}
+
+
+async def test_v1_event_without_query_or_body_has_nulls(client: Client):
+    event = await client.event("POST", "/raw1/x", data=bytes(range(4)))
+    assert event["queryStringParameters"] is None
+    assert event["multiValueQueryStringParameters"] is None
+    assert event["body"] == "AAECAw==" and event["isBase64Encoded"] is True
+
+
+async def test_powertools_rest_app_routes_and_sets_cookies_through_multi_value_headers(
+    client: Client,
+):
+    status, _, body = await client.request("GET", "/v1/items/9?q=a&q=b")
+    assert status == 200 and json.loads(body) == {"id": "9", "q": "b", "method": "GET"}
+    status, headers, body = await client.request("POST", "/v1/items", json=[1])
+    assert status == 201 and json.loads(body) == [1]
+    assert headers.getall("Set-Cookie") == ["a=1; Secure", "b=2; Secure"]
+
+
+async def test_v1_response_mapping(client: Client):
+    result = {
+        "statusCode": 207,
+        "headers": {"X-A": "single", "X-B": "only"},
+        "multiValueHeaders": {"X-A": ["m1", "m2"]},
+        "body": "ok",
+        "cookies": ["ignored=1"],  # not a payload 1.0 field
+    }
+    status, headers, body = await client.request("POST", "/respond1", json=result)
+    assert status == 207 and body == b"ok"
+    assert headers.getall("X-A") == ["m1", "m2"] and headers["X-B"] == "only"
+    assert "Set-Cookie" not in headers
+
+
+@pytest.mark.parametrize("result", [{"hello": 1}, "text", [1, 2]])
+async def test_v1_result_without_status_code_is_502(client: Client, result: Any):
+    status, _, body = await client.request("POST", "/respond1", json=result)
+    assert status == 502 and json.loads(body) == {"message": "Internal server error"}
+
+
+# --- CORS -------------------------------------------------------------------------------------
+
+
+async def shop_calls(client: Client) -> int:
+    await client.daemon.barrier()
+    return len(await client.daemon.invocations(function="shop"))
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/items/7"), ("POST", "/items")])
+async def test_cors_preflight_is_answered_without_the_function(
+    client: Client, method: str, path: str
+):
+    before = await shop_calls(client)
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "content-type",
+    }
+    status, headers, body = await client.request("OPTIONS", path, headers=preflight)
+    assert status == 200 and body == b""
+    assert headers["Access-Control-Allow-Origin"] == ORIGIN and headers["Vary"] == "Origin"
+    assert headers["Access-Control-Allow-Methods"] == "GET, POST"
+    assert headers["Access-Control-Allow-Headers"] == "content-type, x-api-key"
+    assert headers["Access-Control-Max-Age"] == "600"
+    assert headers["Access-Control-Allow-Credentials"] == "true"
+    assert await shop_calls(client) == before
+
+
+async def test_cors_preflight_from_another_origin_gets_no_cors_headers(client: Client):
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+    status, headers, _ = await client.request("OPTIONS", "/items/7", headers=preflight)
+    assert status == 200 and not any(h.startswith("Access-Control-") for h in headers)
+
+
+async def test_options_that_is_no_preflight_is_routed_as_any_method(client: Client):
+    status, headers, _ = await client.request("OPTIONS", "/items/7", headers={"Origin": ORIGIN})
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+
+
+async def test_cors_headers_on_responses_to_allowed_origins_only(client: Client):
+    status, headers, _ = await client.request("GET", "/items/7", headers={"Origin": ORIGIN})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert headers["Access-Control-Expose-Headers"] == "x-request-id"
+    assert headers["Access-Control-Allow-Credentials"] == "true" and headers["Vary"] == "Origin"
+    _, headers, _ = await client.request("GET", "/items/7", headers={"Origin": "https://x.example"})
+    assert not any(h.startswith("Access-Control-") for h in headers)
+    _, headers, _ = await client.request("GET", "/open/x", headers={"Origin": "https://x.example"})
+    assert headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
