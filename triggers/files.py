@@ -30,6 +30,13 @@ Rules:
 - Scans: at start (after the watch is in place), on Q_OVERFLOW, when the watch is lost
   (IGNORED: the folder is recreated and watched again), every `rescan_s`, and sooner while a
   file awaits its second look. With `poll = true`, or when no watch can be had, scans only.
+
+Event shapes (`event_format`): "files" (the default) is lambdaemon's own `{path, name, size,
+mtime, sha256}`; "s3" is the S3 `ObjectCreated:Put` notification a Lambda handler ported from
+an S3 trigger already parses (`s3_event`): the folder's name is the bucket, the file name (form
+URL-encoded as S3 does) the key, the content's MD5 the eTag, and the file's local path sits
+in an extra `lambdaemon` key of the record, which S3 parsers ignore, since the handler cannot
+call S3 for the object.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import os
 import signal
 import stat
 import time
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +89,7 @@ class FilesTriggerConfig(TriggerSettings, tag="files", frozen=True):
     after: Literal["move", "delete"] = "move"
     rescan_s: Annotated[float, Meta(gt=0)] = 60.0
     poll: bool = False  # scan only, for network filesystems where inotify sees nothing
+    event_format: Literal["files", "s3"] = "files"
 
     def check(self, config: Config, key: str) -> None:
         if "/" in self.pattern or not self.pattern:
@@ -130,6 +139,8 @@ class FilesSource:
 
     def __init__(self, config: Config, store: Any, triggers: list[tuple[str, str, Any]]) -> None:
         self._store = store
+        self._region = config.daemon.region
+        self._sequencer = 0  # last S3 `sequencer` handed out; only ever grows
         self.started = asyncio.Event()
         by_path: dict[Path, list[tuple[str, str, FilesTriggerConfig]]] = {}
         for function, trigger_id, cfg in triggers:
@@ -141,7 +152,8 @@ class FilesSource:
 
     @staticmethod
     def inputs(config: Config, triggers: list[Placed], secrets: Mapping[str, str]) -> Inputs:
-        return Inputs(restart=(triggers, config.base_dir))  # paths are relative to it
+        # Paths are relative to base_dir; the region goes into S3-shaped events.
+        return Inputs(restart=(triggers, config.base_dir, config.daemon.region))
 
     async def run(self, emit: Emit) -> None:
         self._emit = emit
@@ -255,13 +267,17 @@ class FilesSource:
             try:
                 if match is None:
                     raise _Rejected("no files trigger of this folder matches the name any more")
-                event, key = await asyncio.to_thread(_describe, folder, name)
+                s3 = match[2].event_format == "s3"
+                described = await asyncio.to_thread(_describe, folder, name, s3)
             except _Rejected as exc:
                 return await self._reject(folder, name, str(exc), match)
             except OSError as exc:
                 reason = f"cannot read: {exc.strerror or exc}"
                 return await self._reject(folder, name, reason, match)
-            await self._invoke(folder, name, match, event, key)
+            event = described.event
+            if s3:
+                event = s3_event(described, folder.path.name, match[1], self._region, self._next())
+            await self._invoke(folder, name, match, event, described.key)
         except Exception as exc:  # it stays claimed; the next start carries on with it
             log.error(
                 "files_processing_failed", folder=str(folder.path), name=name, error=repr(exc)
@@ -270,6 +286,11 @@ class FilesSource:
             if name in folder.waiting:  # a namesake waited for this one to leave .processing
                 folder.waiting.discard(name)
                 folder.request_scan("recheck")
+
+    def _next(self) -> str:
+        """A `sequencer` greater than every earlier one, even if the wall clock steps back."""
+        self._sequencer = max(self._sequencer + 1, time.time_ns())
+        return f"{self._sequencer:016X}"
 
     async def _invoke(
         self,
@@ -409,7 +430,17 @@ def _writer_open(path: Path) -> bool | None:
         os.close(fd)
 
 
-def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
+@dataclass(frozen=True)
+class _Described:
+    """A claimed file: its default event, dedupe key, and what an S3-shaped event adds."""
+
+    event: dict[str, Any]
+    key: str
+    ctime_ns: int  # set by the claim's rename: when the file arrived, stable across restarts
+    md5: str | None  # only when an S3-shaped event needs it as the eTag
+
+
+def _describe(folder: _Folder, name: str, md5: bool = False) -> _Described:
     """The event and dedupe key of a claimed file (runs in a thread: hashing blocks)."""
     path = folder.processing / name
     if not is_utf8(name):
@@ -422,7 +453,7 @@ def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
         st = os.fstat(file.fileno())
         if not stat.S_ISREG(st.st_mode):  # swapped for something else since the lstat
             raise _Rejected("not a regular file")
-        sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+        sha256, md5_hex = _digests(file, md5)
     _fsync_dir(folder.processing)  # the claim survives a power cut before we commit it
     _fsync_dir(folder.path)
     mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC).isoformat(timespec="microseconds")
@@ -435,7 +466,58 @@ def _describe(folder: _Folder, name: str) -> tuple[dict[str, Any], str]:
     }
     identity = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns, sha256, name)
     key = "files:" + ":".join(map(str, identity))
-    return event, key
+    return _Described(event, key, st.st_ctime_ns, md5_hex)
+
+
+def _digests(file: Any, md5: bool) -> tuple[str, str | None]:
+    """SHA-256 (the dedupe key's) and, when asked, MD5 (S3's eTag) in one read of the file."""
+    if not md5:
+        return hashlib.file_digest(file, "sha256").hexdigest(), None
+    sha, etag = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    while chunk := file.read(1 << 20):
+        sha.update(chunk)
+        etag.update(chunk)
+    return sha.hexdigest(), etag.hexdigest()
+
+
+def s3_event(
+    described: _Described, bucket: str, trigger_id: str, region: str, sequencer: str
+) -> dict[str, Any]:
+    """The S3 `ObjectCreated:Put` notification for a claimed file, as S3 sends it to Lambda
+    (event version 2.1), plus a `lambdaemon` key with the local path to read it from."""
+    plain = described.event
+    arrived = datetime.fromtimestamp(described.ctime_ns / 1e9, UTC)
+    request_id = hashlib.sha256(described.key.encode()).hexdigest()
+    record = {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": region,
+        "eventTime": arrived.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "lambdaemon"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+        "responseElements": {
+            "x-amz-request-id": request_id[:16].upper(),
+            "x-amz-id-2": request_id[16:],
+        },
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": trigger_id,
+            "bucket": {
+                "name": bucket,
+                "ownerIdentity": {"principalId": "lambdaemon"},
+                "arn": f"arn:aws:s3:::{bucket}",
+            },
+            "object": {
+                "key": urllib.parse.quote_plus(plain["name"], safe="/"),
+                "size": plain["size"],
+                "eTag": described.md5,
+                "sequencer": sequencer,
+            },
+        },
+        "lambdaemon": {"path": plain["path"], "sha256": plain["sha256"]},
+    }
+    return {"Records": [record]}
 
 
 def _about(folder: _Folder, name: str) -> dict[str, str]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from tests.daemon_proc import (
@@ -414,3 +415,39 @@ async def test_files_folder_removed_while_running_is_recreated_and_watched_again
         await daemon.wait_log("files_rescanned", reason="rewatch")
         drop(inbox, "after.txt", b"2", tmp_path / "staging")
         await daemon.wait_log("files_done", name="after.txt")
+
+
+async def test_files_s3_format_is_parsed_by_powertools_and_the_file_is_readable(tmp_path):
+    inbox = tmp_path / "uploads"
+    trigger = f'path = "{inbox}"\nevent_format = "s3"'
+    body = function("s3fn", "files_s3", trigger, extra="memory_mb = 1024")
+    names = ["red flower.txt", "a+b&c=d%.txt", "plain.txt"]
+    async with running_daemon(tmp_path, body) as daemon:
+        for name in names:
+            drop(inbox, name, f"content of {name}\n".encode(), tmp_path / "staging")
+            await daemon.wait_log("files_done", names.index(name) + 1, timeout_s=30)
+        rows = await records(daemon, "s3fn")
+    assert [r["status"] for r in rows] == ["succeeded"] * 3, rows
+    by_key = {r["result"]["key"]: r for r in rows}
+    assert sorted(by_key) == sorted(names)
+    raw = {name: by_key[name]["result"]["raw_key"] for name in names}
+    assert raw == {
+        "red flower.txt": "red+flower.txt",
+        "a+b&c=d%.txt": "a%2Bb%26c%3Dd%25.txt",
+        "plain.txt": "plain.txt",
+    }
+    for name, row in by_key.items():
+        result, [record] = row["result"], row["event"]["Records"]
+        assert result["text"] == f"content of {name}\n"
+        assert result["size_ok"] and result["etag_ok"]
+        assert result["bucket"] == result["model_bucket"] == "uploads"
+        assert result["model_key"] == name and result["event_name"] == "ObjectCreated:Put"
+        assert result["region"] == "us-east-1" and result["configuration_id"] == "s3fn#0"
+        assert record["eventVersion"] == "2.1" and record["eventSource"] == "aws:s3"
+        assert record["s3"]["bucket"]["arn"] == "arn:aws:s3:::uploads"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["eventTime"])
+        assert datetime.fromisoformat(result["model_time"]).utcoffset() == timedelta(0)
+        assert record["lambdaemon"]["path"] == str(inbox / ".processing" / name)
+        assert re.fullmatch(r"[0-9A-F]{16,}", result["sequencer"])
+    sequencers = [by_key[name]["result"]["sequencer"] for name in names]  # dropped in this order
+    assert sorted(sequencers, key=lambda s: (len(s), s)) == sequencers and len(set(sequencers)) == 3
