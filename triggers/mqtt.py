@@ -29,6 +29,14 @@ Redelivery (DUP = 1) maps to the first delivery's record, never to a new one:
   could make a copy that crashed before its commit look like a redelivery of an identical copy
   acked just before under that id; a copy left unacked through more than about
   WINDOW / (2 * RECEIVE_MAXIMUM) consecutive failed connections is stored twice.
+
+Event shapes (`event_format`): "mqtt" (the default) wraps the payload with the topic, QoS and
+flags (`_event`). "iot" is what an AWS IoT rule's Lambda action delivers, so handlers ported
+from IoT run unchanged (`iot_event`): a JSON object payload is the event itself (`SELECT *`),
+and `topic_field` adds the topic under that name (the rule's `SELECT *, topic() AS topic`).
+Anything else (other JSON, text, binary) is wrapped as `{"data": "<base64>"}`, which is what
+IoT's documented `SELECT encode(*, 'base64') AS data` gives, rather than rejected: the "mqtt"
+shape also delivers every payload, and only JSON nested too deep for the worker is rejected.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import functools
 import hashlib
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -75,8 +83,13 @@ _json = msgspec.json.Encoder()
 class MqttTriggerConfig(TriggerSettings, tag="mqtt", frozen=True):
     topic: Annotated[str, Meta(min_length=1)]
     qos: Literal[0, 1] = 1
+    event_format: Literal["mqtt", "iot"] = "mqtt"
+    topic_field: Annotated[str, Meta(min_length=1)] | None = None  # "iot": the topic's key
 
     def check(self, config: Config, key: str) -> None:
+        if self.topic_field is not None and self.event_format != "iot":
+            reason = 'only an event_format = "iot" trigger takes a topic_field'
+            raise ConfigError(config.path, f"{key}.topic_field", reason)
         if config.mqtt is None:
             raise ConfigError(config.path, key, "an mqtt trigger needs an [mqtt] section")
         if not valid_topic_filter(self.topic):
@@ -192,6 +205,9 @@ class MqttSource:
         self._store = store
         self._host, self._port, self._tls, self._password = mqtt_connection(config)
         self._subscriptions = _subscriptions(triggers)
+        self._shapes: dict[str, _Shape] = {
+            tid: (cfg.event_format, cfg.topic_field) for _, tid, cfg in triggers
+        }
         self._by_id = {s.id: s for s in self._subscriptions}
         self._prefix = f"mqtt:{quote(settings.client_id, safe='')}:"
         self._seq_prefix = self._prefix + "seq:"
@@ -312,15 +328,18 @@ class MqttSource:
             log.warning("mqtt_message_rejected", topic=msg.topic.value, reason="no trigger matches")
             return
         keys = await self._dedupe_keys(msg, targets, window)
-        # Built once for every target; a message that cannot become an event is recorded as
-        # rejected and acked like any other, so it never holds up the messages behind it.
-        event = functools.cache(lambda: msgspec.Raw(_json.encode(_event(msg))))
+        # Built once per event shape for all targets; a message that cannot become an event is
+        # recorded as rejected and acked like any other, so it never holds up those behind it.
+        built: dict[_Shape, Callable[[], msgspec.Raw]] = {}
 
         def accept(fn: str, tid: str) -> Awaitable[Accepted]:
+            shape = self._shapes.get(tid, ("mqtt", None))
+            if shape not in built:
+                built[shape] = functools.cache(functools.partial(_encoded, msg, shape))
             return emit_built(
                 emit,
                 fn,
-                event,
+                built[shape],
                 raw=lambda: _payload(msg),
                 trigger="mqtt",
                 trigger_id=tid,
@@ -427,6 +446,32 @@ def _digest(*parts: bytes) -> str:
     for part in parts:
         h.update(len(part).to_bytes(8, "big") + part)
     return h.hexdigest()[:32]
+
+
+_Shape = tuple[str, str | None]  # (event_format, topic_field)
+
+
+def _encoded(msg: aiomqtt.Message, shape: _Shape) -> msgspec.Raw:
+    event_format, topic_field = shape
+    event = iot_event(msg, topic_field) if event_format == "iot" else _event(msg)
+    return msgspec.Raw(_json.encode(event))
+
+
+def iot_event(msg: aiomqtt.Message, topic_field: str | None) -> dict[str, Any]:
+    """What an AWS IoT rule hands Lambda: a JSON object payload as is (`SELECT *`), anything
+    else as `{"data": base64}` (`SELECT encode(*, 'base64') AS data`); plus the topic under
+    `topic_field` when set (`topic() AS <topic_field>`, which wins over a payload key)."""
+    payload = _payload(msg)
+    if json_too_deep(payload):
+        raise EventRejectedError(f"payload JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        decoded = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        decoded = None
+    event = decoded if isinstance(decoded, dict) else {"data": base64.b64encode(payload).decode()}
+    if topic_field is not None:
+        event[topic_field] = msg.topic.value
+    return event
 
 
 def _event(msg: aiomqtt.Message) -> dict[str, Any]:

@@ -599,3 +599,84 @@ def test_mqtt_bad_connection_settings_name_their_key(
     with pytest.raises(ConfigError) as info:  # what `lambdaemon check` can call
         mqtt_connection(config)
     assert info.value.key == key
+
+
+# --- event shapes ------------------------------------------------------------------------------
+
+
+def iot_toml(url: str, triggers: dict[str, str]) -> str:
+    """An [mqtt] section and one mqtt_record function per entry: name -> extra trigger keys."""
+    out = f'[mqtt]\nurl = "{url}"\nclient_id = "lambdaemon-test"\n'
+    for name, keys in triggers.items():
+        out += f'[functions.{name}]\nhandler = "handler.handler"\ncode = "{RECORD}"\n'
+        out += f'[[functions.{name}.triggers]]\ntype = "mqtt"\ntopic = "dev/#"\n{keys}\n'
+    return out
+
+
+async def test_mqtt_iot_format_delivers_the_payload_as_the_event(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    body = iot_toml(
+        mosquitto.url,
+        {
+            "with_topic": 'event_format = "iot"\ntopic_field = "topic"',
+            "bare": 'event_format = "iot"',
+            "wrapped": "",  # the default shape, on the same subscription
+        },
+    )
+    async with running_daemon(tmp_path, body) as daemon:
+        await subscribed(daemon)
+        await publish(
+            mosquitto.port,
+            ("dev/a/telemetry", b'{"row": "10", "moisture": 75, "topic": "from payload"}'),
+            ("dev/b/list", b"[1, 2]"),
+            ("dev/c/text", "online"),
+            ("dev/d/raw", b"\xff\x00\xfe"),
+        )
+        await stored(daemon, lambda: count(daemon) >= 12, what="12 records")
+        shapes = {f: [r["event"] for r in records(daemon, f)] for f in ("with_topic", "bare")}
+        assert shapes["with_topic"] == [
+            {"row": "10", "moisture": 75, "topic": "dev/a/telemetry"},  # topic() wins, as in SQL
+            {"data": "WzEsIDJd", "topic": "dev/b/list"},
+            {"data": "b25saW5l", "topic": "dev/c/text"},
+            {"data": "/wD+", "topic": "dev/d/raw"},
+        ]
+        assert shapes["bare"] == [
+            {"row": "10", "moisture": 75, "topic": "from payload"},
+            {"data": "WzEsIDJd"},
+            {"data": "b25saW5l"},
+            {"data": "/wD+"},
+        ]
+        assert [r["event"]["payload"] for r in records(daemon, "wrapped")][:2] == [
+            {"row": "10", "moisture": 75, "topic": "from payload"},
+            [1, 2],
+        ]
+        # The handler got exactly that object.
+        await daemon.wait_log("invocation_finished", 4, function="with_topic", status="succeeded")
+        rows = await daemon.invocations(function="with_topic")
+        got = [(await daemon.get(f"/v1/invocations/{r['id']}"))["result"]["event"] for r in rows]
+        assert sorted(got, key=json.dumps) == sorted(shapes["with_topic"], key=json.dumps)
+
+
+async def test_mqtt_iot_format_rejects_json_nested_too_deep_like_the_default_shape(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    body = iot_toml(mosquitto.url, {"deep": 'event_format = "iot"\ntopic_field = "topic"'})
+    async with running_daemon(tmp_path, body) as daemon:
+        await subscribed(daemon)
+        await publish(mosquitto.port, ("dev/deep", b"[" * 600 + b"]" * 600), ("dev/ok", b"{}"))
+        await daemon.wait_log("invocation_finished", function="deep", status="succeeded")
+        await daemon.wait_log("event_rejected")
+        rows = {r["status"]: r for r in await daemon.invocations(function="deep")}
+        assert sorted(rows) == ["failed", "succeeded"]
+        rejected = await daemon.get(f"/v1/invocations/{rows['failed']['id']}")
+        assert (rejected["attempt"], rejected["error_type"]) == (0, "EventRejected")
+        assert "nests deeper than" in json.dumps(rejected)
+
+
+def test_mqtt_topic_field_without_the_iot_format_is_a_config_error(tmp_path: Path) -> None:
+    body = iot_toml("mqtt://unused", {"temp": 'topic_field = "topic"'})
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, body))
+    assert info.value.key == "functions.temp.triggers[0].topic_field"
+    assert "event_format" in info.value.reason
