@@ -15,6 +15,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
+from aws_lambda_powertools.utilities.parser import parse
+from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from structlog.testing import capture_logs
 
 from daemon.config import Config, load_config
@@ -440,3 +443,14 @@ async def test_cron_eventbridge_schedule_fires_the_scheduled_event_shape(
         "detail": {},
     }
     assert uuid.UUID(event["id"]) and rows[0]["dedupe_key"] == "cron:report#0@2025-06-01T12:05:00Z"
+    # Handlers ported from EventBridge parse it with Powertools, data class and pydantic model.
+    parsed = EventBridgeEvent(event)
+    assert (parsed.detail_type, parsed.source, parsed.detail) == (
+        "Scheduled Event",
+        "aws.events",
+        {},
+    )
+    assert parsed.resources == event["resources"] and parsed.region == "us-east-1"
+    model = parse(event=event, model=EventBridgeModel)
+    assert model.time == utc("2025-06-01T12:05:00Z") and model.detail_type == "Scheduled Event"
+    assert (model.account, model.id) == ("000000000000", event["id"])
