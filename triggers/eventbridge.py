@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 RATE = re.compile(r"(\d+)\s+([a-z]+)", re.IGNORECASE)
 RATE_UNITS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_RATE = timedelta(days=36500)  # a century: longer periods overflow datetime's years
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 WEEKDAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")  # EventBridge 1-7
 POSITIONS = ("1st", "2nd", "3rd", "4th", "5th")  # APScheduler's words for `#1` .. `#5`
@@ -57,6 +58,8 @@ def parse_rate(inner: str, expression: str) -> RateSchedule:
     if (value == 1) != (unit == singular):
         wanted = singular if value == 1 else f"{singular}s"
         raise ValueError(f"unit {unit!r} with value {value}: EventBridge wants {wanted!r}")
+    if value > MAX_RATE // RATE_UNITS[singular]:
+        raise ValueError(f"value {value}: a period longer than {MAX_RATE.days} days")
     return RateSchedule(expression, value * RATE_UNITS[singular])
 
 
