@@ -254,3 +254,12 @@ def test_glibc_gives_big_buffers_back_once_its_mmap_threshold_is_fixed(threshold
         assert kept_kb < 2 * 1024
     else:
         assert kept_kb > 8 * 1024
+
+
+def test_signal_alarm_is_the_c_modules_own() -> None:
+    # daemon/pool/worker.py: _restore_state cancels a handler's alarm with _signal.alarm, the C
+    # function signal.py re-exports, so the worker need not import signal.py and its enums.
+    import _signal  # type: ignore[import-not-found]
+    import signal
+
+    assert _signal.alarm is signal.alarm  # (not called here: the test runner's timeout uses it)
