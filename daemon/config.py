@@ -27,7 +27,10 @@ from triggers.base import TriggerSettings
 
 DEFAULT_CONFIG = Path("config/example.toml")
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-HANDLER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+# module.function, the module dotted or (as the AWS Python runtime also takes) slashed: src/app.fn
+HANDLER = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*([./][A-Za-z_][A-Za-z0-9_]*)*\.[A-Za-z_][A-Za-z0-9_]*$"
+)
 # The platform sets these in every worker; a function's env may not override them.
 RESERVED_ENV = frozenset(
     {
@@ -373,7 +376,7 @@ def check_handler(code: Path, handler: str, path: str, key: str) -> None:
     if not HANDLER.match(handler):
         raise ConfigError(path, key, f"{handler!r} is not of the form module.function")
     module, _, attr = handler.rpartition(".")
-    base = code.joinpath(*module.split("."))
+    base = code.joinpath(*module.replace("/", ".").split("."))
     source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
     if not source.is_file():
         raise ConfigError(path, key, f"module {module!r} not found in {code}")

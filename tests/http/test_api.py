@@ -461,3 +461,29 @@ async def test_api_boto3_retry_after_read_timeout_is_not_run_twice(daemon: Daemo
     assert response["ResponseMetadata"]["RetryAttempts"] >= 1
     records = await daemon.invocations(function="slow")
     assert [r["id"] for r in records] == [response["ResponseMetadata"]["RequestId"]]
+
+
+async def test_handler_in_a_subfolder_by_the_slash_form(tmp_path: Path):
+    """`handler = "src/app.handler"`, as the AWS Python runtime takes it (and `src.app.handler`)."""
+    code = tmp_path / "fn"
+    (code / "src").mkdir(parents=True)
+    (code / "src" / "app.py").write_text("def handler(event, context):\n    return {'at': 'src'}\n")
+    body = "".join(
+        f'[functions.{name}]\nhandler = "{spec}"\ncode = "{code}"\n'
+        for name, spec in (("slashed", "src/app.handler"), ("dotted", "src.app.handler"))
+    )
+    async with running_daemon(tmp_path, body) as daemon:
+        for name in ("slashed", "dotted"):
+            status, _, answer = await daemon.invoke(name, {})
+            assert (status, json.loads(answer)) == (200, {"at": "src"})
+    (tmp_path / "bad").mkdir()
+    config = write_config(tmp_path / "bad", body.replace("src/app.handler", "src//app.handler"))
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "daemon.cli", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 78 and "functions.slashed.handler" in result.stderr
