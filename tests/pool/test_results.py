@@ -31,7 +31,7 @@ from daemon.pool.protocol import (
 )
 from tests.daemon_proc import free_port, running_daemon
 from tests.destinations.test_destinations import child_of
-from tests.pool.conftest import BASIC, function, request
+from tests.pool.conftest import BASIC, FUNCTIONS, function, request
 from tests.test_retries import dispatching, final
 
 LIMIT = 6_291_556  # Lambda's documented figure, written out: the constant must equal it
@@ -200,3 +200,17 @@ async def test_async_call_retries_then_its_destination_record_carries_the_error(
         "errorMessage": too_large_message(LIMIT + 1),
         "errorType": TOO_LARGE,
     }
+
+
+async def test_an_init_error_over_the_limit_is_cut_and_reported(pool: WorkerPool) -> None:
+    fn = function("init_huge", "handler.handler", code=FUNCTIONS / "init_huge", memory_mb=256)
+    outcome = await pool.invoke(fn, request(fn))
+    assert outcome.status is Status.FAILED and outcome.error_type == "RuntimeError"
+    assert len(outcome.payload) <= LIMIT
+    body = json.loads(outcome.payload)
+    assert body["errorMessage"].startswith("iiii")
+    assert body["errorMessage"].endswith(
+        f"[lambdaemon: truncated from {10 * 1024 * 1024} characters]"
+    )
+    assert outcome.error_message is not None
+    assert len(outcome.error_message.encode()) == MAX_ERROR_TEXT_BYTES
