@@ -149,6 +149,14 @@ def test_config_example_loads():
             "ANY /api/{proxy+} is already routed by functions.a.triggers[0]",
         ),
         (
+            FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/api/{rest+}"\n'
+            'methods = ["GET"]\n'
+            '[[functions.a.triggers]]\ntype = "webhook"\npath = "/api/{proxy+}"\n'
+            'methods = ["GET"]\n',
+            "functions.a.triggers[1].path",
+            "GET /api/{proxy+} is already routed by functions.a.triggers[0]",
+        ),
+        (
             FN + '[webhooks]\n[[functions.a.triggers]]\ntype = "webhook"\npath = "/a/{proxy+}/b"\n',
             "functions.a.triggers[0].path",
             "a greedy {proxy+} or * must be the last segment",

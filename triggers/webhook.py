@@ -134,13 +134,15 @@ class WebhookTriggerConfig(TriggerSettings, tag="webhook", frozen=True):
 
     @classmethod
     def check_all(cls, config: Config, triggers: Sequence[Placed]) -> None:
-        # No two triggers answer the same route and method (`/a/*` and `/a/{proxy+}` are one).
+        # No two triggers answer the same route and method: `/a/*`, `/a/{proxy+}` and
+        # `/a/{rest+}` are one route (a greedy parameter's name does not change what it matches).
         seen: dict[tuple[str, str], str] = {}
         for _, trigger_id, trigger in triggers:
             key = trigger_key(trigger_id)
-            resource = parse_path(trigger.path)[0]  # check() has refused a bad one
+            resource, param = parse_path(trigger.path)  # check() has refused a bad one
+            route = resource.rpartition("/")[0] + "/{+}" if param else resource
             for method in trigger.methods:
-                other = seen.setdefault((resource, method), key)
+                other = seen.setdefault((route, method), key)
                 if other != key:
                     reason = f"{method} {resource} is already routed by {other}"
                     raise ConfigError(config.path, f"{key}.path", reason)

@@ -7,6 +7,7 @@ aws-lambda-powertools' resolvers as the handlers, routing by the event as they d
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,11 @@ payload_format = "1.0"
 
 [[functions.mirror.triggers]]
 type = "webhook"
+path = "/secure/*"
+auth = {{ type = "token", token_file = "token" }}
+
+[[functions.mirror.triggers]]
+type = "webhook"
 path = "/open/*"
 cors = {{ allow_origins = ["*"] }}
 
@@ -110,7 +116,9 @@ class Client:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def client(tmp_path_factory):
     port = free_port()
-    daemon = Daemon(write_config(tmp_path_factory.mktemp("routes"), body_toml(port)))
+    tmp = tmp_path_factory.mktemp("routes")
+    (tmp / "token").write_text("tok-routes\n")
+    daemon = Daemon(write_config(tmp, body_toml(port)))
     try:
         await daemon.start()
         await daemon.wait_log("webhook_listening", timeout_s=10)
@@ -311,3 +319,35 @@ async def test_cors_headers_on_responses_to_allowed_origins_only(client: Client)
     assert not any(h.startswith("Access-Control-") for h in headers)
     _, headers, _ = await client.request("GET", "/open/x", headers={"Origin": "https://x.example"})
     assert headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
+
+
+# --- answered from the head ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        ("POST /items/ HTTP/1.1", 404),  # no route: the greedy one needs a non-empty rest
+        ("DELETE /items/7 HTTP/1.1", 405),
+        ("POST /secure/x HTTP/1.1", 401),  # header auth on a greedy route
+        ("GET /items/7 HTTP/1.1", 413),  # over max_body_bytes
+        (
+            f"OPTIONS /items/7 HTTP/1.1\r\nOrigin: {ORIGIN}\r\nAccess-Control-Request-Method: GET",
+            200,
+        ),
+    ],
+)
+async def test_greedy_routes_answer_from_the_head_before_the_body(
+    client: Client, head: str, status: int
+):
+    port = int(client.base.rpartition(":")[2])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:  # 50 MB announced, not one byte of it sent
+        writer.write(f"{head}\r\nHost: t\r\nContent-Length: 50000000\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            assert int((await reader.readline()).split()[1]) == status
+            while await reader.readline() not in (b"\r\n", b""):
+                pass
+            await reader.read()  # the rest of the answer, then the end: the body is not awaited
+    finally:
+        writer.close()
