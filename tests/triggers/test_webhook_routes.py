@@ -19,6 +19,11 @@ from aws_lambda_powertools.utilities.data_classes import (
     APIGatewayProxyEventV2,
     LambdaFunctionUrlEvent,
 )
+from aws_lambda_powertools.utilities.parser.models import (
+    APIGatewayProxyEventModel,
+    APIGatewayProxyEventV2Model,
+    LambdaFunctionUrlModel,
+)
 from multidict import CIMultiDict
 
 from tests.daemon_proc import Daemon, free_port, write_config
@@ -60,6 +65,15 @@ cors = {cors}
 handler = "handler.rest"
 code = "{FUNCS / "webhook_powertools"}"
 triggers = [{{ type = "webhook", path = "/v1/{{proxy+}}", payload_format = "1.0" }}]
+
+[functions.fastapi]
+handler = "handler.handler"
+code = "{FUNCS / "webhook_fastapi"}"
+timeout_s = 10
+triggers = [
+    {{ type = "webhook", path = "/fa/{{proxy+}}" }},
+    {{ type = "webhook", path = "/fa1/{{proxy+}}", payload_format = "1.0" }},
+]
 
 [functions.mirror]
 handler = "handler.handler"
@@ -205,6 +219,34 @@ async def test_v2_event_parses_with_powertools_data_classes(client: Client):
     assert http_api.query_string_parameters == {"x": "1,2"}
     assert url.request_context.http.method == "PUT" and url.request_context.stage == "$default"
     assert url.decoded_body == "hi"
+    # Powertools' pydantic models, as a parser-validated handler would read it
+    assert APIGatewayProxyEventV2Model.model_validate(event).pathParameters == {"proxy": "a/b"}
+    assert LambdaFunctionUrlModel.model_validate(event).rawPath == "/items/deep/a/b"
+
+
+async def test_fastapi_behind_mangum_routes_with_query_cookies_and_binary_bodies(
+    client: Client,
+):
+    status, _, body = await client.request(
+        "GET", "/fa/items/5?q=blue", headers={"Cookie": "session=s1; other=x"}
+    )
+    assert status == 200 and json.loads(body) == {"id": "5", "q": "blue", "session": "s1"}
+    payload = bytes(range(256))
+    status, headers, body = await client.request(
+        "POST", "/fa/blob", data=payload, headers={"Content-Type": "application/octet-stream"}
+    )
+    assert status == 200 and body == payload[::-1]  # base64 both ways, bytes intact
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers.getall("Set-Cookie")[0].startswith("seen=256")
+
+
+async def test_fastapi_behind_mangum_on_a_payload_1_0_route(client: Client):
+    status, _, body = await client.request(
+        "GET", "/fa1/items/6?q=red", headers={"Cookie": "session=s2"}
+    )
+    assert status == 200 and json.loads(body) == {"id": "6", "q": "red", "session": "s2"}
+    status, _, body = await client.request("GET", "/fa1/nothing")
+    assert status == 404 and json.loads(body) == {"detail": "Not Found"}  # the app's own
 
 
 # --- payload format 1.0 (API Gateway REST) ----------------------------------------------------
@@ -232,6 +274,8 @@ async def test_v1_event_is_api_gateway_rest_proxy(client: Client):
     assert parsed.resource == "/raw1/{proxy+}" and parsed.path_parameters == {"proxy": "a/b c"}
     assert parsed.request_context.identity.source_ip == "127.0.0.1"
     assert parsed.multi_value_query_string_parameters == {"x": ["1", "2"], "y": [""]}
+    model = APIGatewayProxyEventModel.model_validate(event)
+    assert model.resource == "/raw1/{proxy+}" and model.requestContext.stage == "$default"
 
 
 async def test_v1_event_without_query_or_body_has_nulls(client: Client):
