@@ -27,6 +27,7 @@ from aws_lambda_powertools.utilities.parser.models import (
 from multidict import CIMultiDict
 
 from tests.daemon_proc import Daemon, free_port, write_config
+from triggers.webhook import NoCheck, Route, RouteTable, parse_path
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -395,3 +396,54 @@ async def test_greedy_routes_answer_from_the_head_before_the_body(
             await reader.read()  # the rest of the answer, then the end: the body is not awaited
     finally:
         writer.close()
+
+
+# --- the route table alone ----------------------------------------------------------------------
+
+
+def table(*routes: str) -> RouteTable:
+    """Routes written as "METHOD path", each named by itself as its function."""
+    built = []
+    for spec in routes:
+        method, path = spec.split()
+        resource, param = parse_path(path)
+        prefix = resource.rpartition("/")[0] + "/" if param else resource
+        built.append(
+            Route(spec, "t#0", path, "sync", NoCheck(), method, resource, param, prefix, spec)
+        )
+    return RouteTable(built)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "served_by"),
+    [
+        ("GET", "/pets/dog/1", "GET /pets/dog/1"),  # API Gateway's example, in our forms
+        ("GET", "/pets/cat/1", "GET /pets/*"),
+        ("POST", "/test/5", "ANY /{proxy+}"),
+        ("POST", "/pets/dog/1", "ANY /{proxy+}"),  # the exact path lacks POST: the next route
+        ("DELETE", "/pets/cat", "DELETE /pets/cat"),  # a listed method before ANY at one path
+        ("PUT", "/pets/cat", "ANY /pets/cat"),
+        ("HEAD", "/pets/dog/1", "GET /pets/dog/1"),  # HEAD falls back on GET
+        ("HEAD", "/pets/cat", "ANY /pets/cat"),  # but ANY takes it first
+        ("GET", "/", None),  # /{proxy+} needs a non-empty rest
+        ("GET", "/pets/", "ANY /{proxy+}"),  # /pets/* does not match its parent: /{proxy+} does
+    ],
+)
+async def test_route_table_picks_the_most_specific_route(
+    method: str, path: str, served_by: str | None
+):
+    routes = table(
+        "GET /pets/dog/1",
+        "GET /pets/*",
+        "ANY /{proxy+}",
+        "DELETE /pets/cat",
+        "ANY /pets/cat",
+    )
+    route = routes.find(path, method)
+    assert (route.function if route else None) == served_by
+
+
+async def test_route_table_allow_lists_the_methods_of_every_matching_route():
+    routes = table("GET /a/b", "POST /a/*", "PUT /z")
+    assert routes.allow("/a/b") == "GET, HEAD, POST"
+    assert routes.allow("/a") is None and routes.find("/a/b", "DELETE") is None
