@@ -12,6 +12,8 @@ every buffer above it is its own mapping, returned when freed. Smaller ones are 
 512 KiB is above the 256 KiB reads of the event loop's transports, which keep coming from the
 heap as before. Off glibc (musl, other systems) it does nothing.
 
+It also caps glibc's arenas at ARENAS, which keeps an idle daemon smaller.
+
 `trim_soon()`, after a result over BIG_PAYLOAD_BYTES, returns what is left free in the heaps.
 
 These rely on glibc's documented `mallopt(M_MMAP_THRESHOLD)` and `malloc_trim`
@@ -26,7 +28,12 @@ import functools
 import os
 
 M_MMAP_THRESHOLD = -3  # from glibc's <malloc.h>
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 512 * 1024
+# The event loop's thread uses the main arena; every other thread (SQLite's, the executor's)
+# shares one more. glibc's default (8 per core) gives each thread an arena of its own, whose
+# pages stay mapped: 0.3 to 0.5 MB of an idle daemon's RSS here.
+ARENAS = 2
 
 
 @functools.cache
@@ -45,6 +52,7 @@ def keep_heap_small() -> bool:
     libc = glibc()
     if libc is None:
         return False
+    libc.mallopt(M_ARENA_MAX, ARENAS)  # before any thread starts (see ARENAS)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
