@@ -65,6 +65,9 @@ def config_body(webhook_port: int, broker_url: str, inbox: Path) -> str:
         '{ type = "webhook", path = "/signed", auth = { type = "hmac", secret_file = "secret" } }',
         '{ type = "webhook", path = "/stamped", mode = "async", auth = { type = "hmac", '
         'secret_file = "secret", header = "X-Signature", timestamp_header = "X-Timestamp" } }',
+        '{ type = "webhook", path = "/app/{proxy+}", cors = { allow_origins = ["https://o.example"], '
+        "allow_credentials = true } }",
+        '{ type = "webhook", path = "/rest/*", payload_format = "1.0" }',
     ]
     busy = "concurrency = 2\nqueue_size = 1000\n"
     return f"""{limits}
@@ -317,6 +320,15 @@ def webhook_corpus() -> list[Request]:
         Request("POST", "/stamped", (json_type,), b'{"stamped": 1}', sign=stamped_signature),
         Request("POST", "/stamped", (json_type,), b"{}", chunked=True, sign=stamped_signature),
         Request("DELETE", "/open"),
+        Request("GET", "/app/items/7?q=a", (("Origin", "https://o.example"),)),
+        Request(
+            "OPTIONS",
+            "/app/items/7",
+            (("Origin", "https://o.example"), ("Access-Control-Request-Method", "PUT")),
+        ),
+        Request(
+            "POST", "/rest/a/b%20c?x=1&x=2", (json_type, ("X-Multi", "1"), ("X-Multi", "2")), b"[1]"
+        ),
         Request("POST", "/nowhere", body=b"x" * 100),
     ]
 
