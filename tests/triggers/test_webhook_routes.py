@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -447,3 +448,34 @@ async def test_route_table_allow_lists_the_methods_of_every_matching_route():
     routes = table("GET /a/b", "POST /a/*", "PUT /z")
     assert routes.allow("/a/b") == "GET, HEAD, POST"
     assert routes.allow("/a") is None and routes.find("/a/b", "DELETE") is None
+
+
+async def test_a_reload_swaps_greedy_routes_in_place(tmp_path: Path):
+    def config(port: int, routes: list[str]) -> str:
+        triggers = ", ".join(f'{{ type = "webhook", path = "{path}" }}' for path in routes)
+        code = FUNCS / "webhook_mirror"
+        return (
+            f'[webhooks]\nlisten = "127.0.0.1:{port}"\n[functions.mirror]\n'
+            f'handler = "handler.handler"\ncode = "{code}"\ntriggers = [{triggers}]\n'
+        )
+
+    port = free_port()
+    daemon = Daemon(write_config(tmp_path, config(port, ["/a/{proxy+}"])))
+    await daemon.start()
+    try:
+        await daemon.wait_log("webhook_listening")
+        hooks = Client(daemon, port)
+        assert (await hooks.event("GET", "/a/b/c"))["routeKey"] == "ANY /a/{proxy+}"
+        write_config(tmp_path, config(port, ["/a/{proxy+}", "/a/b/*"]), api_port=daemon.api_port)
+        await daemon.signal(signal.SIGHUP)
+        await daemon.wait_log("webhook_routes_updated")
+        event = await hooks.event("GET", "/a/b/c")  # the new, longer prefix wins at once
+        assert event["routeKey"] == "ANY /a/b/{proxy+}" and event["pathParameters"] == {
+            "proxy": "c"
+        }
+        write_config(tmp_path, config(port, ["/x"]), api_port=daemon.api_port)
+        await daemon.signal(signal.SIGHUP)
+        await daemon.wait_log("webhook_routes_updated", count=2)
+        assert (await hooks.request("GET", "/a/b/c"))[0] == 404
+    finally:
+        await daemon.close()
