@@ -63,6 +63,11 @@ path = "/items"
 methods = ["POST"]
 cors = {cors}
 
+[functions.httpapi]
+handler = "handler.http"
+code = "{FUNCS / "webhook_powertools"}"
+triggers = [{{ type = "webhook", path = "/h/{{proxy+}}" }}]
+
 [functions.rest]
 handler = "handler.rest"
 code = "{FUNCS / "webhook_powertools"}"
@@ -152,6 +157,15 @@ async def test_powertools_function_url_app_routes_behind_a_greedy_route(client: 
     status, headers, body = await client.request("POST", "/items", json={"name": "lamp"})
     assert status == 201 and json.loads(body) == {"name": "lamp"}
     assert headers.getall("Set-Cookie") == ["a=1; Secure", "b=2; Secure"]
+
+
+async def test_powertools_http_api_app_routes_behind_a_greedy_route(client: Client):
+    status, _, body = await client.request("PATCH", "/h/items/3?q=x")  # ANY: the app decides
+    assert status == 404 and json.loads(body) == {"statusCode": 404, "message": "Not found"}
+    status, _, body = await client.request("GET", "/h/items/3?q=x")
+    assert status == 200 and json.loads(body) == {"id": "3", "q": "x", "method": "GET"}
+    status, headers, _ = await client.request("POST", "/h/items", json={})
+    assert status == 201 and len(headers.getall("Set-Cookie")) == 2
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
-"""One Powertools app written as for AWS, behind a Function URL (`url`) and behind API Gateway
-REST with payload 1.0 (`rest`): the daemon's routes and events must let it route unchanged."""
+"""One Powertools app written as for AWS, behind a Function URL (`url`), an HTTP API (`http`,
+mounted under /h) and API Gateway REST with payload 1.0 (`rest`, under /v1): the daemon's routes
+and events must let it route unchanged."""
 
 from aws_lambda_powertools.event_handler import (
+    APIGatewayHttpResolver,
     APIGatewayRestResolver,
     LambdaFunctionUrlResolver,
     Response,
@@ -28,11 +30,16 @@ def routes(app):
 
 
 url_app = routes(LambdaFunctionUrlResolver())
+http_app = routes(APIGatewayHttpResolver(strip_prefixes=["/h"]))
 rest_app = routes(APIGatewayRestResolver(strip_prefixes=["/v1"]))
 
 
 def url(event, context):
     return url_app.resolve(event, context)
+
+
+def http(event, context):
+    return http_app.resolve(event, context)
 
 
 def rest(event, context):
