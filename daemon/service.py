@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import enum
 import gc
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config, load_config
+from daemon.config import Config, listen_host, load_config
 from daemon.datadir import check_data_dir
 from daemon.destinations.relay import OutboxRelay
 from daemon.dispatcher import Dispatcher
@@ -36,6 +37,7 @@ from daemon.http.api import (
     MAX_SYNC_PAYLOAD,
     POOL_HEALTH,
     build_api,
+    sdk_environment,
     start_site,
 )
 from daemon.pool import WorkerPool
@@ -93,8 +95,15 @@ class Service:
             await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
             outbox = await stack.enter_async_context(OutboxRelay.open(config, store))
             # The daemon starts no children but workers: it adopts and ends their orphans.
+            # Handlers' own boto3 calls reach this daemon's API (sdk_environment), signed with a
+            # token of this run's that opens Lambda's function API only.
+            invoke_token = secrets.token_urlsafe(24) if config.api.token_file else None
+            api_address = [listen_host(config.api.listen, config.path, "api.listen")]
             pool = WorkerPool(
-                config.daemon.max_workers, config.daemon.log_capture_bytes, own_children=True
+                config.daemon.max_workers,
+                config.daemon.log_capture_bytes,
+                own_children=True,
+                platform_env=lambda: sdk_environment(api_address[-1], invoke_token),
             )
             self._pool = pool
             stack.push_async_callback(pool.close)
@@ -108,7 +117,7 @@ class Service:
             health = StoreHealth(store, dispatcher.deferred)
             await stack.enter_async_context(_background(health.run(), "store-health"))
             await stack.enter_async_context(_background(pruner.run(), "store-pruner"))
-            app = build_api(config, dispatcher, store)
+            app = build_api(config, dispatcher, store, invoke_token)
             app[STORE_HEALTH] = health
             app[POOL_HEALTH] = pool.start_health
             app[LIFECYCLE] = self._unready_reason
@@ -123,6 +132,7 @@ class Service:
                 limits=lambda: self.config.api,
             )
             stack.push_async_callback(api.cleanup)
+            api_address.append(api.addresses[0][:2])  # the bound port, when `listen` said 0
             # Awaited before the API closes, so /health answers "draining" meanwhile.
             stack.push_async_callback(self._finish_drain, dispatcher)
             sources = self._sources = TriggerSources(dispatcher)

@@ -397,14 +397,20 @@ async def health(request: AnyRequest) -> web.Response:
 # --- the app --------------------------------------------------------------------------------
 
 
-def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _auth_middleware(
+    token: str, invoke_token: bytes | None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     expected = token.encode()
 
     @web.middleware
     async def check(
         request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path == "/health" or _authorized(request, expected):
+        if (
+            request.path == "/health"
+            or _authorized(request, expected)
+            or _lambda_call(request, invoke_token)
+        ):
             return await handler(request)
         _log_unauthorized(request)
         return lambda_error(401, "UnrecognizedClientException", "a valid bearer token is required")
@@ -441,7 +447,36 @@ def _log_unauthorized(request: AnyRequest) -> None:
         )
 
 
-def _api_router(token: bytes | None) -> Router:
+def sdk_environment(address: tuple[str, int], invoke_token: str | None) -> dict[str, str]:
+    """What a handler's own AWS SDK needs to call this daemon's Lambda API: boto3 (1.28 and
+    later) and the AWS CLI take the endpoint from AWS_ENDPOINT_URL_LAMBDA; the credentials are
+    the daemon's invoke token as access key id when the API wants a token, else placeholders
+    (the SDK signs every call, so it needs some). AWS_REGION is set with the reserved variables.
+    A function's own `env` may set any of these for itself (to reach real AWS, say)."""
+    host, port = address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return {
+        "AWS_ENDPOINT_URL_LAMBDA": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": invoke_token or "lambdaemon",
+        "AWS_SECRET_ACCESS_KEY": "lambdaemon",
+    }
+
+
+def _lambda_call(request: AnyRequest, invoke_token: bytes | None) -> bool:
+    """A call of Lambda's function API signed with the workers' invoke token."""
+    return (
+        invoke_token is not None
+        and request.path.startswith(_FUNCTIONS_PREFIX)
+        and _authorized(request, invoke_token)
+    )
+
+
+_FUNCTIONS_PREFIX = "/2015-03-31/functions"
+
+
+def _api_router(token: bytes | None, invoke_token: bytes | None = None) -> Router:
     """How daemon/http/wire.py serves the API listener: Invoke calls by plain function name, and
     /health, straight to their handlers; a request without the token is refused before its body
     is read; everything else by the app's routes (and its middleware)."""
@@ -452,7 +487,11 @@ def _api_router(token: bytes | None) -> Router:
     def route(request: WireRequest) -> Handler | web.StreamResponse | None:
         if request.method == "GET" and request.path == "/health":
             return health  # open to all, as with the middleware
-        if token is not None and not _authorized(request, token):
+        if (
+            token is not None
+            and not _authorized(request, token)
+            and not _lambda_call(request, invoke_token)
+        ):
             _log_unauthorized(request)
             return refused()
         match = _INVOKE_PATH.fullmatch(request.path) if request.method == "POST" else None
@@ -466,13 +505,18 @@ def _api_router(token: bytes | None) -> Router:
     return route
 
 
-def build_api(config: Config, dispatcher: Dispatcher, store: Store) -> web.Application:
+def build_api(
+    config: Config, dispatcher: Dispatcher, store: Store, invoke_token: str | None = None
+) -> web.Application:
+    """The API app. `invoke_token`: what workers sign with (sdk_environment); it opens Lambda's
+    function API (Invoke, GetFunction, ...) and nothing else."""
     middlewares, token = [], None
+    workers = invoke_token.encode() if invoke_token else None
     if config.api.token_file:
         token = read_secret(config, config.api.token_file, "api.token_file")
-        middlewares.append(_auth_middleware(token))
+        middlewares.append(_auth_middleware(token, workers))
     app = web.Application(client_max_size=MAX_SYNC_PAYLOAD + 1024, middlewares=middlewares)
-    app[FAST_ROUTES] = _api_router(token.encode() if token else None)
+    app[FAST_ROUTES] = _api_router(token.encode() if token else None, workers)
     app[DISPATCHER] = dispatcher
     app[STORE] = store
     app[SYNC_RESULTS] = SyncResultCache()

@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,12 @@ def new_log_stream(fn: FunctionConfig) -> str:
 
 
 async def start_process(
-    fn: FunctionConfig, child_sock: socket.socket, memfd: int, on_demand: bool, stream: str
+    fn: FunctionConfig,
+    child_sock: socket.socket,
+    memfd: int,
+    on_demand: bool,
+    stream: str,
+    platform: Mapping[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     """Exec `python -m daemon.pool.worker` for `fn`: own session, clean env, output on `memfd`."""
     assert fn.code is not None
@@ -242,7 +247,9 @@ async def start_process(
         pass_fds=(child_sock.fileno(),),
         start_new_session=True,
         cwd=fn.code,
-        env=environment(fn, "on-demand" if on_demand else "provisioned-concurrency", stream),
+        env=environment(
+            fn, "on-demand" if on_demand else "provisioned-concurrency", stream, platform
+        ),
     )
 
 
@@ -254,9 +261,17 @@ def capture_file(name: str) -> int:
     return memfd
 
 
-def environment(fn: FunctionConfig, initialization: str, stream: str) -> dict[str, str]:
-    """A clean environment: PATH, LANG, the function's env, then Lambda's reserved variables."""
+def environment(
+    fn: FunctionConfig,
+    initialization: str,
+    stream: str,
+    platform: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """A clean environment: PATH, LANG, what the platform offers every function (`platform`:
+    where the AWS SDK finds Lambda, and credentials for it), the function's env, which may
+    override those, then Lambda's reserved variables."""
     env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": os.environ.get("LANG", "C.UTF-8")}
+    env.update(platform or {})
     env.update(fn.env)
     env.update(
         {

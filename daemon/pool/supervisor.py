@@ -85,10 +85,17 @@ class WorkerPool:
     """
 
     def __init__(
-        self, max_workers: int, log_capture_bytes: int = 65536, own_children: bool = False
+        self,
+        max_workers: int,
+        log_capture_bytes: int = 65536,
+        own_children: bool = False,
+        platform_env: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         """`own_children`: this process starts no children but workers, so it adopts the
-        orphans of their descendants (the daemon: descendants.py); a test's process does not."""
+        orphans of their descendants (the daemon: descendants.py); a test's process does not.
+        `platform_env` gives what every worker's environment starts with (see
+        process.environment), asked at each start: the API's address is known only once bound."""
+        self._platform_env = platform_env
         self.init_timeout_s = INIT_TIMEOUT_S
         self._max_workers = max_workers
         self._capture_bytes = log_capture_bytes
@@ -513,7 +520,8 @@ class WorkerPool:
     ) -> asyncio.subprocess.Process:
         self._spawning += 1
         try:
-            return await start_process(fn, child_sock, memfd, on_demand, stream)
+            platform = self._platform_env() if self._platform_env is not None else None
+            return await start_process(fn, child_sock, memfd, on_demand, stream, platform)
         finally:
             self._spawning -= 1
             if not self._spawning and self._spawned is not None and not self._spawned.done():

@@ -360,6 +360,36 @@ async def test_api_token_enforced_when_configured(tmp_path):
         await d.close()
 
 
+@pytest.mark.parametrize("with_token", [False, True])
+async def test_a_handler_chains_to_a_sibling_with_boto3_unchanged(tmp_path: Path, with_token: bool):
+    """The worker's AWS SDK finds the daemon's Lambda API and credentials it accepts; with a
+    token set, the workers' own token opens Invoke but not the rest of the API."""
+    body = "".join(
+        f'[functions.{name}]\nhandler = "handler.handler"\ncode = "{FUNCS / name}"\ntimeout_s = 20\n'
+        for name in ("chain", "echo")
+    )
+    config = write_config(tmp_path, body)
+    auth: dict[str, str] = {}
+    if with_token:
+        (tmp_path / "api.token").write_text("s3cret\n")
+        token_line = f'[api]\ntoken_file = "{tmp_path / "api.token"}"\n'
+        config.write_text(config.read_text().replace("[api]\n", token_line))
+        auth = {"Authorization": "Bearer s3cret"}
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        status, _, answer = await daemon.invoke("chain", {"target": "echo"}, headers=auth)
+        assert status == 200, answer
+        result = json.loads(answer)
+        assert result["status"] == 200
+        assert result["payload"]["event"] == {"from": "chain"}
+        assert result["admin"] == (401 if with_token else 200)
+        status, _, answer = await daemon.invoke("chain", {"target": "nope"}, headers=auth)
+        assert json.loads(answer) == {"error": "ResourceNotFoundException"}
+    finally:
+        await daemon.close()
+
+
 async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
     """Queue work behind a slow handler, SIGKILL the daemon, restart: every 202 runs."""
     body = f'[functions.slow]\nhandler = "handler.handler"\ncode = "{FUNCS / "slow"}"\nconcurrency = 1\ntimeout_s = 10\n'
