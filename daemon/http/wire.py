@@ -64,6 +64,7 @@ SWEEP_S = 1.0  # how often deadlines are checked: a timeout may run this much la
 FEED_SLICE = 256 * 1024
 PIPELINED_SLICE = 1024
 LINGER_S = 2.0  # after the last answer, unread input is dropped this long before closing
+LINGER_BYTES = 256 * 1024  # and no more than this of it is read: past it, reading stops
 DISCARD_BYTES = 64 * 1024  # a refused request's body up to this is read and dropped, not kept
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -381,6 +382,7 @@ class HttpConnection(asyncio.Protocol):
         self.closing = False  # close once the requests in hand are answered
         self.evicted = False  # closed to make room for a new connection
         self.lingering = False  # answered and half-closed, dropping what still arrives (_end)
+        self.lingered = 0  # bytes dropped so
         self.peer_done = False  # the client closed its side: nothing more will arrive
         self.stop = False  # parse nothing more: what follows a request refused unread is not read
         # Parsed requests waiting their turn: (WireRequest or _Failed, (what serves it, budget)).
@@ -433,8 +435,11 @@ class HttpConnection(asyncio.Protocol):
         self._drop_body()
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:
-            return  # dropped: see _end
+        if self.lingering:  # dropped (see _end), up to LINGER_BYTES: then the sender waits
+            self.lingered += len(data)
+            if self.lingered > LINGER_BYTES and self.transport is not None:
+                self.transport.pause_reading()
+            return
         if self.paused:
             self.unparsed += data  # bounded: reading is paused, at most one read arrives
             return
@@ -468,7 +473,8 @@ class HttpConnection(asyncio.Protocol):
         from its head, a broken request), close only our side and drop what still arrives for
         up to LINGER_S: closing with unread input makes the kernel reset the connection, and
         a client still sending would lose the answer it was sent (the lingering close of
-        RFC 9112, section 9.6)."""
+        RFC 9112, section 9.6). Past LINGER_BYTES reading stops rather than costing CPU: the
+        sender then waits on a full window until the close, its answer already delivered."""
         transport = self.transport
         if self.lingering:
             return
