@@ -63,8 +63,7 @@ SWEEP_S = 1.0  # how often deadlines are checked: a timeout may run this much la
 # so a pipelining client gets at most about PIPELINED_SLICE / 26 bytes of requests past the cap.
 FEED_SLICE = 256 * 1024
 PIPELINED_SLICE = 1024
-LINGER_S = 2.0  # after the last answer, unread input is dropped this long before closing
-LINGER_BYTES = 256 * 1024  # and no more than this of it is read: past it, reading stops
+LINGER_S = 2.0  # after the last answer with input left unread, the close waits this long
 DISCARD_BYTES = 64 * 1024  # a refused request's body up to this is read and dropped, not kept
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -381,8 +380,7 @@ class HttpConnection(asyncio.Protocol):
         self.task: asyncio.Task[web.StreamResponse] | None = None  # the request being served
         self.closing = False  # close once the requests in hand are answered
         self.evicted = False  # closed to make room for a new connection
-        self.lingering = False  # answered and half-closed, dropping what still arrives (_end)
-        self.lingered = 0  # bytes dropped so
+        self.lingering = False  # answered and half-closed, not reading, closing soon (_end)
         self.peer_done = False  # the client closed its side: nothing more will arrive
         self.stop = False  # parse nothing more: what follows a request refused unread is not read
         # Parsed requests waiting their turn: (WireRequest or _Failed, (what serves it, budget)).
@@ -435,11 +433,8 @@ class HttpConnection(asyncio.Protocol):
         self._drop_body()
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:  # dropped (see _end), up to LINGER_BYTES: then the sender waits
-            self.lingered += len(data)
-            if self.lingered > LINGER_BYTES and self.transport is not None:
-                self.transport.pause_reading()
-            return
+        if self.lingering:
+            return  # what was in flight when reading stopped (see _end): dropped
         if self.paused:
             self.unparsed += data  # bounded: reading is paused, at most one read arrives
             return
@@ -456,7 +451,8 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._pause("write")
-        self.phase, self.deadline = "write", time.monotonic() + self.limits.body_timeout_s
+        if not self.lingering:  # a lingering connection keeps its own deadline
+            self.phase, self.deadline = "write", time.monotonic() + self.limits.body_timeout_s
 
     def resume_writing(self) -> None:
         self._resume("write")
@@ -470,11 +466,12 @@ class HttpConnection(asyncio.Protocol):
 
     def _end(self) -> None:
         """Close once the last answer is written. When input was left unread (a body refused
-        from its head, a broken request), close only our side and drop what still arrives for
-        up to LINGER_S: closing with unread input makes the kernel reset the connection, and
+        from its head, a broken request), close only our side, and the rest LINGER_S later:
+        closing with unread input makes the kernel reset the connection, and
         a client still sending would lose the answer it was sent (the lingering close of
-        RFC 9112, section 9.6). Past LINGER_BYTES reading stops rather than costing CPU: the
-        sender then waits on a full window until the close, its answer already delivered."""
+        RFC 9112, section 9.6). Reading stops too: what still arrives waits in the kernel's
+        buffers, costing no CPU here, and a sender that fills them waits on a full window until
+        the close, its answer already delivered."""
         transport = self.transport
         if self.lingering:
             return
@@ -483,12 +480,14 @@ class HttpConnection(asyncio.Protocol):
             return
         self.lingering = True
         self.phase, self.deadline = "linger", time.monotonic() + LINGER_S
-        self.site.idle.pop(self, None)
+        # Done with: the first to close when a new connection needs room.
+        self.site.idle[self] = None
+        self.site.idle.move_to_end(self, last=False)
         self.unparsed = b""
         transport.write_eof()
-        if self.paused:
-            self.paused.clear()
-            transport.resume_reading()
+        if not self.paused:
+            transport.pause_reading()
+        self.paused.add("linger")
 
     def expire(self) -> None:
         """A deadline passed: say so when a request was under way, then close."""
