@@ -1,7 +1,7 @@
 """Abuse benchmark: a normal client calls a sync webhook while the listener is attacked.
 
     .venv/bin/python benchmarks/abuse.py [--seconds 10] [--rounds 2] [--connections 8]
-        [--attacks idle,slowloris,pipeliner,big_bodies]
+        [--attacks idle,slowloris,pipeliner,big_bodies] [--against daemon|bare]
 
 Attacks (each during a whole load run of the normal client, on the webhook listener):
 - idle: 10,000 connections that never send a byte, opened as fast as the daemon accepts them;
@@ -16,7 +16,9 @@ attacked, and how long each attacking connection stayed open against its timeout
 attacker saw it (from connect, or for the pipeliner from the daemon's last read of it, to the
 end; the config sets head_timeout_s = 5, body_timeout_s = 10 so that a round sees them expire).
 Targets: throughput and p99 within 2x of quiet, RSS under 150 MB, every connection closed within
-its timeout + 2 s. Writes benchmarks/results/abuse.json.
+its timeout + 2 s. Writes benchmarks/results/abuse.json. `--against bare` runs the same attacks
+on bare aiohttp (benchmarks/bare_aiohttp.py, any POST answered), the baseline that shows what
+this machine allows a server here (benchmarks/results/abuse-bare.json).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import loadgen, report  # noqa: E402
+from benchmarks.common import loadgen, report, wait_port  # noqa: E402
 from tests.daemon_proc import Daemon, free_port, write_config  # noqa: E402
 
 HEAD_TIMEOUT_S = 5.0
@@ -234,7 +237,7 @@ def rss_mb(pid: int) -> float:
 
 
 async def attacked_run(
-    daemon: Daemon, port: int, name: str, url: str, connections: int, seconds: float
+    pid: int, port: int, name: str, url: str, connections: int, seconds: float
 ) -> tuple[dict, dict, float]:
     """One load run of the normal client while `name` attacks from a process of its own.
 
@@ -249,13 +252,12 @@ async def attacked_run(
         "--port", str(port), "--seconds", str(last),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    assert daemon.proc is not None
     peak = 0.0
 
     async def sample() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, rss_mb(daemon.proc.pid))  # type: ignore[union-attr]
+            peak = max(peak, rss_mb(pid))
             await asyncio.sleep(0.2)  # sampling period
 
     sampler = asyncio.ensure_future(sample())
@@ -290,6 +292,12 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument(
+        "--against",
+        choices=["daemon", "bare"],
+        default="daemon",
+        help="bare: the same attacks on bare aiohttp, the baseline (results/abuse-bare.json)",
+    )
     parser.add_argument("--attacker", choices=list(ATTACKS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,6 +307,51 @@ async def main() -> None:
         return
     nofile = _raise_nofile()
     port = free_port()
+    results: dict = {"config": {"head_timeout_s": HEAD_TIMEOUT_S, "body_timeout_s": BODY_TIMEOUT_S}}
+    async with serving(args.against, port, nofile) as (pid, health):
+        url = f"http://127.0.0.1:{port}/hooks/noop"
+        await asyncio.to_thread(loadgen, url, 4, 1)  # warm the workers
+        results["idle_rss_mb"] = round(rss_mb(pid), 1)
+        for name in args.attacks.split(","):
+            quiet, attacked, closes, peaks = [], [], [], []
+            for _ in range(args.rounds):
+                quiet.append(await asyncio.to_thread(loadgen, url, args.connections, args.seconds))
+                load, fate, peak = await attacked_run(
+                    pid, port, name, url, args.connections, args.seconds
+                )
+                attacked.append(load)
+                closes.append(fate)
+                peaks.append(peak)
+            results[name] = summarise(quiet, attacked, closes, peaks)
+            print(name, results[name], flush=True)
+        results["health_http"] = await health()
+    report("abuse" if args.against == "daemon" else "abuse-bare", results)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    against: str, port: int, nofile: int
+) -> AsyncIterator[tuple[int, Callable[[], Awaitable[Any]]]]:
+    """The server under attack: the daemon with a sync webhook on `port`, or (the baseline)
+    bare aiohttp answering any POST there. Yields its pid and how to read its /health."""
+    if against == "bare":
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(HERE / "bare_aiohttp.py"),
+            str(port),
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
+        )
+        try:
+            await wait_port(port)
+
+            async def no_health() -> None:
+                return None
+
+            yield server.pid, no_health
+        finally:
+            server.terminate()
+            await server.wait()
+        return
     body = (
         f'[webhooks]\nlisten = "127.0.0.1:{port}"\n'
         f"head_timeout_s = {HEAD_TIMEOUT_S}\nbody_timeout_s = {BODY_TIMEOUT_S}\n"
@@ -306,34 +359,18 @@ async def main() -> None:
         "concurrency = 4\nqueue_size = 1000\n"
         '[[functions.noop.triggers]]\ntype = "webhook"\npath = "/hooks/noop"\nmode = "sync"\n'
     )
-    results: dict = {"config": {"head_timeout_s": HEAD_TIMEOUT_S, "body_timeout_s": BODY_TIMEOUT_S}}
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Daemon(write_config(Path(tmp), body), nofile=nofile)
         await daemon.start()
         try:
             assert daemon.proc is not None
-            url = f"http://127.0.0.1:{port}/hooks/noop"
-            await asyncio.to_thread(loadgen, url, 4, 1)  # warm the workers
-            results["idle_rss_mb"] = round(rss_mb(daemon.proc.pid), 1)
-            for name in args.attacks.split(","):
-                quiet, attacked, closes, peaks = [], [], [], []
-                for _ in range(args.rounds):
-                    quiet.append(
-                        await asyncio.to_thread(loadgen, url, args.connections, args.seconds)
-                    )
-                    load, fate, peak = await attacked_run(
-                        daemon, port, name, url, args.connections, args.seconds
-                    )
-                    attacked.append(load)
-                    closes.append(fate)
-                    peaks.append(peak)
-                results[name] = summarise(quiet, attacked, closes, peaks)
-                print(name, results[name], flush=True)
-            health = await daemon.get("/health")
-            results["health_http"] = health.get("http")
+
+            async def health() -> Any:
+                return (await daemon.get("/health")).get("http")
+
+            yield daemon.proc.pid, health
         finally:
             await daemon.close()
-    report("abuse", results)
 
 
 def _raise_nofile() -> int:
