@@ -183,19 +183,25 @@ async def test_api_lists_functions_and_filters_invocations(daemon: Daemon):
     assert len(await daemon.invocations(function="echo")) == 1
 
 
-async def test_api_boto3_invoke(daemon: Daemon):
+def lambda_client(daemon: Daemon) -> Any:
+    """boto3's Lambda client for the daemon's API, without retries (each call is seen once)."""
     import boto3
     from botocore.config import Config as BotoConfig
 
+    return boto3.client(
+        "lambda",
+        endpoint_url=daemon.base,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=BotoConfig(retries={"max_attempts": 1}),
+    )
+
+
+async def test_api_boto3_invoke(daemon: Daemon):
+
     def call():
-        client = boto3.client(
-            "lambda",
-            endpoint_url=daemon.base,
-            region_name="us-east-1",
-            aws_access_key_id="x",
-            aws_secret_access_key="x",
-            config=BotoConfig(retries={"max_attempts": 1}),
-        )
+        client = lambda_client(daemon)
         ok = client.invoke(FunctionName="echo", Payload=b'{"from": "boto3"}', LogType="Tail")
         failed = client.invoke(FunctionName="boom", Payload=b"{}")
         queued = client.invoke(FunctionName="echo", InvocationType="Event", Payload=b"{}")
@@ -228,8 +234,6 @@ async def test_api_boto3_invoke(daemon: Daemon):
 async def test_api_boto3_management_calls_page_qualify_and_refuse_modeled(daemon: Daemon):
     """ListFunctions pages, GetFunction honours Qualifier, and calls lambdaemon does not
     implement, or names it cannot take, are errors boto3 models, each with a request id."""
-    import boto3
-    from botocore.config import Config as BotoConfig
     from botocore.exceptions import ClientError
 
     def refused(call: Any) -> dict[str, Any]:
@@ -244,14 +248,7 @@ async def test_api_boto3_management_calls_page_qualify_and_refuse_modeled(daemon
         raise AssertionError("no error")
 
     def calls() -> dict[str, Any]:
-        client = boto3.client(
-            "lambda",
-            endpoint_url=daemon.base,
-            region_name="us-east-1",
-            aws_access_key_id="x",
-            aws_secret_access_key="x",
-            config=BotoConfig(retries={"max_attempts": 1}),
-        )
+        client = lambda_client(daemon)
         pages = client.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 2})
         return {
             "pages": [[f["FunctionName"] for f in page["Functions"]] for page in pages],

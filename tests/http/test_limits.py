@@ -27,6 +27,7 @@ from daemon.http.wire import (
     HttpConnection,
     WireRequest,
 )
+from tests.http.test_wire import connection as client
 from tests.waits import until, watch_logs
 
 MAX_BODY = 1000
@@ -77,17 +78,6 @@ async def listener(**limits: Any) -> AsyncIterator[tuple[int, FastSite, App]]:
     finally:
         handlers.release.set()
         await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def client(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 def post(path: str, body: bytes = b"", extra: str = "") -> bytes:

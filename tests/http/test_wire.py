@@ -111,7 +111,10 @@ def request(method: str, path: str, body: bytes = b"", extra: str = "") -> bytes
 
 
 @contextlib.asynccontextmanager
-async def connection(port: int):
+async def connection(
+    port: int,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw client connection to the listener on `port`, closed on the way out."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         yield reader, writer
