@@ -170,7 +170,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop for `auto` and `uvloop` (config checking made sure it exists), or None:
     asyncio's own. uvloop runs the same code with its transports and timers in C, so the
-    daemon's loop spends less CPU per request (README, "Benchmarks")."""
+    daemon's loop spends less CPU per request (docs/benchmarks.md)."""
     if choice == "asyncio":
         return None
     try:

@@ -78,7 +78,7 @@ FLOOR = 0.3  # ... but never below FLOOR of the budget: that much history stays
 BATCH_ROWS = (64, 16384)  # rows per transaction: least (and first), most
 BATCH_TARGET_S = 0.02  # a batch that held the writer much longer than this is made smaller
 MAX_BATCH_BYTES = 2 * MIB  # live data deleted per transaction, at most (see Pruner._adapt)
-# The file plus its WAL stays within max_db_mb plus this (the README says so): the database
+# The file plus its WAL stays within max_db_mb plus this (docs/reliability.md says so): the database
 # file stays within its share, but the WAL can run past its slice for a moment while a
 # checkpoint cannot restart it (a reader is still on an older snapshot).
 MARGIN_MB = 1

@@ -360,7 +360,7 @@ async def test_retention_holds_the_file_within_max_db_mb_under_sustained_sync_in
     )
     assert written > 0.8 * rate * seconds
     assert rows < written / 2  # pruning kept up: most of what came in is gone again
-    # The margin the README states: the WAL may run past its slice while a checkpoint waits.
+    # The margin docs/reliability.md states: the WAL may run past its slice while a checkpoint waits.
     assert max(sizes) <= (max_db_mb + MARGIN_MB) * MIB, max(sizes) / MIB
 
 
