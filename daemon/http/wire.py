@@ -59,8 +59,9 @@ MAX_HEADERS = 128  # as aiohttp (400 past it)
 MAX_HEAD_BYTES = 32 * 1024  # the whole head (431 past it; aiohttp allows 128 full lines)
 BODY_BUDGET_BODIES = 4  # bodies of the listener's largest size held in memory at once
 SWEEP_S = 1.0  # how often deadlines are checked: a timeout may run this much late
-# Bytes parsed at a time: whole reads while nothing waits; small pieces while requests queue up,
-# so a pipelining client gets at most about PIPELINED_SLICE / 26 bytes of requests past the cap.
+# Bytes parsed at a time: a body in whole reads, heads in small pieces, so that requests
+# pipelined behind a full queue stay bytes; past max_pipelined a client gets at most one piece
+# of requests parsed (PIPELINED_SLICE / 26, the smallest request's size: about 40).
 FEED_SLICE = 256 * 1024
 PIPELINED_SLICE = 1024
 LINGER_S = 2.0  # after the last answer with input left unread, the close waits this long
@@ -373,9 +374,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.remote: str | None = None
-        now = time.monotonic()
-        self.idle_since = now
-        self.deadline = now + self.limits.head_timeout_s  # the first head is due
+        self.deadline = time.monotonic() + self.limits.head_timeout_s  # the first head is due
         self.phase = "head"  # head | body | busy | idle (between requests) | write | linger
         self.task: asyncio.Task[web.StreamResponse] | None = None  # the request being served
         self.closing = False  # close once the requests in hand are answered
@@ -824,8 +823,7 @@ class HttpConnection(asyncio.Protocol):
             self.phase, self.deadline = "body", now + self.limits.body_timeout_s
         elif self._in_head:
             self.phase, self.deadline = "head", now + self.limits.head_timeout_s
-        else:
-            self.idle_since = now
+        else:  # site.idle keeps the order in which connections fell idle
             self.phase, self.deadline = "idle", now + self.limits.keepalive_s
             self.site.idle[self] = None
             self.site.idle.move_to_end(self)
