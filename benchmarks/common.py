@@ -16,23 +16,33 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def loadgen(url: str, connections: int, seconds: float) -> dict:
-    """One closed-loop HTTP load run (benchmarks/loadgen.py: wrk when installed)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "loadgen.py"),
-            url,
-            "--connections",
-            str(connections),
-            "--seconds",
-            str(seconds),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)
+def loadgen(
+    url: str,
+    connections: int,
+    seconds: float,
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict:
+    """One closed-loop HTTP load run (benchmarks/loadgen.py: wrk when installed), POSTing
+    `body` (else loadgen's default) with `headers`."""
+    command = [
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        url,
+        "--connections",
+        str(connections),
+        "--seconds",
+        str(seconds),
+    ]
+    if body is not None:
+        command += ["--body", body]
+    for name, value in (headers or {}).items():
+        command += ["--header", f"{name}:{value}"]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+    result: dict = json.loads(out.stdout)
+    return result
 
 
 @contextlib.asynccontextmanager

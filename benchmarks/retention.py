@@ -17,7 +17,6 @@ import asyncio
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import loadgen, report  # noqa: E402
 from tests.daemon_proc import Daemon, write_config  # noqa: E402
 
 NOOP = HERE / "functions" / "noop"
@@ -48,27 +47,7 @@ def disk_bytes(db: Path) -> tuple[int, int]:
 
 def load(url: str, connections: int, seconds: float) -> dict:
     body = json.dumps({"pad": "x" * EVENT_BYTES})
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "loadgen.py"),
-            url,
-            "--connections",
-            str(connections),
-            "--seconds",
-            str(seconds),
-            "--body",
-            body,
-            "--header",
-            "X-Amz-Invocation-Type:RequestResponse",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
-    result: dict = json.loads(out.stdout)
-    return result
+    return loadgen(url, connections, seconds, body, {"X-Amz-Invocation-Type": "RequestResponse"})
 
 
 async def sample(db: Path, until: asyncio.Event, into: list[tuple[float, int, int]]) -> None:
