@@ -78,3 +78,14 @@ class MqttPublishError(LambdaemonError, ConnectionError):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class PackageError(LambdaemonError, ValueError):
+    """A deployment package, or the requirements it lists, that cannot be used: `code` and
+    `status` are the Lambda error to answer with, `message` says what was wrong and where."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.message = message
