@@ -73,6 +73,9 @@ class DaemonSettings(_Section, frozen=True):
     max_db_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 256
     # auto: uvloop when it is installed (a dependency on x86_64 and aarch64), else asyncio's.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # A folder of wheels: a deployed requirements.txt is installed from it alone (pip
+    # --no-index), so deploys work offline. Unset: pip uses its own configuration (the index).
+    wheelhouse: str | None = None
 
 
 class ListenerSettings(_Section, frozen=True):
@@ -135,6 +138,7 @@ class FunctionConfig(_Section, frozen=True):
     name: str = ""
     version: str = "$LATEST"
     region: str = "us-east-1"
+    deps: str | None = None  # the folder of its requirements (packages.build_environment)
 
     @property
     def arn(self) -> str:
@@ -165,6 +169,13 @@ class Config(_Section, frozen=True):
     def data_dir(self) -> Path:
         return self.resolve(self.daemon.data_dir)
 
+    @property
+    def wheelhouse_dir(self) -> Path | None:
+        return None if self.daemon.wheelhouse is None else self.resolve(self.daemon.wheelhouse)
+
+
+# FunctionConfig's fields the daemon fills in; a function table may not set them.
+_FILLED_IN = ("name", "region", "version", "deps")
 
 # --- loading -----------------------------------------------------------------------------------
 
@@ -191,8 +202,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     config = _convert(raw, Config, path, "")
     functions = {}
     for name, fn in raw_functions.items():
-        if isinstance(fn, dict) and ("name" in fn or "region" in fn or "version" in fn):
-            bad = next(k for k in ("name", "region", "version") if k in fn)
+        if isinstance(fn, dict) and (bad := next((k for k in _FILLED_IN if k in fn), None)):
             raise ConfigError(path, f"functions.{name}.{bad}", "unknown key")
         functions[name] = _convert_function(fn, path, f"functions.{name}")
     config = msgspec.structs.replace(config, path=str(path.resolve()), functions=functions)
@@ -276,6 +286,9 @@ def _validate(config: Config) -> Config:
             )
     if config.api.token_file is not None:
         read_secret(config, config.api.token_file, "api.token_file")
+    wheelhouse = config.wheelhouse_dir
+    if wheelhouse is not None and not wheelhouse.is_dir():
+        raise ConfigError(path, "daemon.wheelhouse", f"folder {wheelhouse} does not exist")
     if config.webhooks is not None:
         listen_host(config.webhooks.listen, path, "webhooks.listen")
     if config.mqtt is not None:

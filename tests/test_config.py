@@ -260,3 +260,29 @@ def test_cli_config_from_environment_then_default(tmp_path):
     result = run_cli("check", env=env)
     assert result.returncode == 0, result.stderr
     assert "example.toml: ok" in result.stdout
+
+
+def test_config_wheelhouse_is_a_folder_relative_to_the_config(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\nwheelhouse = "wheels"\n')
+    assert load_config(path).wheelhouse_dir == (tmp_path / "wheels").resolve()
+    path.write_text("")
+    assert load_config(path).wheelhouse_dir is None
+    path.write_text('[daemon]\nwheelhouse = "missing"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    missing = (tmp_path / "missing").resolve()
+    assert (caught.value.key, caught.value.reason) == (
+        "daemon.wheelhouse",
+        f"folder {missing} does not exist",
+    )
+
+
+@pytest.mark.parametrize("key", ["name", "region", "version", "deps"])
+def test_config_refuses_what_the_daemon_fills_in(tmp_path, key):
+    path = tmp_path / "config.toml"
+    path.write_text(FN + f'{key} = "x"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert (caught.value.key, caught.value.reason) == (f"functions.a.{key}", "unknown key")
