@@ -26,7 +26,7 @@ import structlog
 from daemon.config import FunctionConfig
 from daemon.pool.descendants import kill_tree
 from daemon.pool.outcomes import kb_to_mb
-from daemon.pool.protocol import Invoke, SupervisorChannel
+from daemon.pool.protocol import DEPS_ENV, Invoke, SupervisorChannel
 
 log = structlog.get_logger("lambdaemon.pool")
 
@@ -294,6 +294,12 @@ def environment(
     # entry again before importing the handler.
     user_path = fn.env.get("PYTHONPATH")
     env["PYTHONPATH"] = f"{_ROOT}{os.pathsep}{user_path}" if user_path else _ROOT
+    # The dependency folder goes by a variable of its own, which the worker takes out of its
+    # environment, rather than on PYTHONPATH: a handler's subprocesses (another interpreter, a
+    # tool written in Python) would import packages installed for this interpreter from it.
+    env.pop(DEPS_ENV, None)
+    if fn.deps:
+        env[DEPS_ENV] = fn.deps
     env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
     return env
 

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 HEADER_BYTES = 4
+# The environment variable that tells a worker its function's dependency folder (FunctionConfig
+# .deps); the worker puts it on sys.path right after the code folder and removes the variable.
+DEPS_ENV = "_LAMBDAEMON_DEPS"
 # Lambda's limit on a response payload (the handler's result JSON, or its error JSON), in bytes.
 # The worker refuses a larger one itself (Function.ResponseSizeTooLarge), before sending it.
 MAX_RESPONSE_BYTES = 6_291_556

@@ -217,7 +217,7 @@ class WorkerPool:
         if entry is not None and entry[0] is fn:
             return entry[1]
         env = tuple(sorted(fn.env.items()))
-        key = (fn.code, fn.handler, fn.memory_mb, fn.version, fn.region, env)
+        key = (fn.code, fn.deps, fn.handler, fn.memory_mb, fn.version, fn.region, env)
         self._keys[fn.name] = (fn, key)
         return key
 

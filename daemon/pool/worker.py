@@ -29,6 +29,7 @@ import traceback
 import types
 
 from daemon.pool.protocol import (
+    DEPS_ENV,
     MAX_ERROR_TEXT_BYTES,
     MAX_RESPONSE_BYTES,
     InitFailed,
@@ -256,7 +257,8 @@ _INFINITY = float("inf")
 
 
 def _detach_bootstrap_path() -> None:
-    """Undo the PYTHONPATH entry the supervisor added so this module could be found."""
+    """Undo the PYTHONPATH entry the supervisor added so this module could be found; put the
+    code folder first on sys.path, then the function's dependency folder if it has one."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     entries = os.environ.pop("PYTHONPATH", "").split(os.pathsep)
     if entries[0] == root:
@@ -268,6 +270,10 @@ def _detach_bootstrap_path() -> None:
     code = os.environ.get("LAMBDA_TASK_ROOT") or os.getcwd()
     if sys.path[:1] != [code]:
         sys.path.insert(0, code)
+    if deps := os.environ.pop(DEPS_ENV, ""):
+        if deps in sys.path:
+            sys.path.remove(deps)
+        sys.path.insert(1, deps)  # before the standard library, as Lambda's task root is
 
 
 def _set_up_output() -> None:
