@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from daemon import zips
 from daemon.errors import PackageError
 from daemon.zips import INVALID, zip_folder
@@ -43,6 +45,8 @@ __all__ = [
     "store_package",
     "zip_folder",
 ]
+
+log = structlog.get_logger("lambdaemon.packages")
 
 MAX_ZIP_BYTES = 50 * 1024 * 1024  # Lambda's ZipFile limit
 MAX_UNZIPPED_BYTES = 262_144_000  # Lambda's unzipped limit
@@ -95,12 +99,21 @@ def store_package(
         archive = zipfile.ZipFile(io.BytesIO(zip_bytes))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
         raise zips.unzip_error(str(exc) or type(exc).__name__) from None
+    started = time.perf_counter()
     with archive:
         entries = zips.plan(archive.infolist(), max_unzipped_bytes)
         with _temporary(final.parent) as tmp:
             zips.extract(archive, entries, tmp, max_unzipped_bytes)
             _sync_tree(tmp)
             _publish(tmp, final)
+    duration_ms = round((time.perf_counter() - started) * 1000, 1)
+    log.info(
+        "package_stored",
+        digest=package.digest,
+        size=package.size,
+        entries=len(entries),
+        duration_ms=duration_ms,
+    )
     return package
 
 
@@ -134,6 +147,7 @@ async def build_environment(
     final = data_dir / "envs" / environment_key(requirements.read_bytes())
     if final.is_dir():
         return final
+    started = time.perf_counter()
     tmp = _start_temporary(final.parent)
     try:
         await _pip_install(requirements, tmp, wheelhouse, timeout_s)
@@ -141,6 +155,8 @@ async def build_environment(
         _publish(tmp, final)
     finally:
         await asyncio.shield(asyncio.to_thread(_end_temporary, tmp))
+    duration_ms = round((time.perf_counter() - started) * 1000, 1)
+    log.info("environment_built", path=str(final), code=str(code), duration_ms=duration_ms)
     return final
 
 

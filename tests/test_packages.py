@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon import packages, zips
 from daemon.packages import (
@@ -29,6 +30,7 @@ from daemon.packages import (
     zip_folder,
 )
 from daemon.zips import MAX_ENTRIES
+from tests.waits import until_changed
 from tests.wheels import pinme_wheelhouse
 
 Entry = tuple[str, bytes] | tuple[str, bytes, int]
@@ -234,7 +236,13 @@ def test_store_package_refuses_a_zip_over_the_unzipped_limit(tmp_path: Path) -> 
     assert invalid(data, tmp_path, max_unzipped_bytes=2500) == (
         "Unzipped size must be smaller than 2500 bytes: the zip holds 3000 or more"
     )
-    big = zip_of(("zeros.bin", b"\0" * (MAX_UNZIPPED_BYTES + 1)))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("zeros.bin", "w") as zeros:
+            for _ in range(MAX_UNZIPPED_BYTES // 1024 // 1024):
+                zeros.write(bytes(1024 * 1024))
+            zeros.write(bytes(MAX_UNZIPPED_BYTES % (1024 * 1024) + 1))
+    big = buffer.getvalue()
     assert len(big) < MAX_ZIP_BYTES
     assert invalid(big, tmp_path) == (
         f"Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes: "
@@ -335,16 +343,18 @@ def pinned(path: Path, requirement: str) -> Path:
 async def test_build_environment_installs_each_pin_in_its_own_folder(tmp_path: Path) -> None:
     wheelhouse = pinme_wheelhouse(tmp_path / "wheels")
     data = tmp_path / "data"
-    one = await build_environment(pinned(tmp_path / "one", "pinme==1.0"), data, wheelhouse)
-    two = await build_environment(pinned(tmp_path / "two", "pinme==2.0"), data, wheelhouse)
+    with capture_logs() as logs:
+        one = await build_environment(pinned(tmp_path / "one", "pinme==1.0"), data, wheelhouse)
+        two = await build_environment(pinned(tmp_path / "two", "pinme==2.0"), data, wheelhouse)
+        again = pinned(tmp_path / "again", "pinme==1.0")
+        async with asyncio.timeout(0.5):  # the folder is there already, and pip does not run
+            assert await build_environment(again, data, None) == one
+    built = [entry["path"] for entry in logs if entry["event"] == "environment_built"]
+    assert built == [str(one), str(two)]
     assert one is not None and two is not None and one != two
     assert one.parent == two.parent == data / "envs"
     assert (one / "pinme" / "__init__.py").read_text() == 'VERSION = "1.0"\n'
     assert (two / "pinme" / "__init__.py").read_text() == 'VERSION = "2.0"\n'
-    # the same requirements elsewhere: the folder is there already, and pip does not run
-    again = pinned(tmp_path / "again", "pinme==1.0")
-    async with asyncio.timeout(0.5):
-        assert await build_environment(again, data, None) == one
     assert sorted(os.listdir(data / "envs")) == sorted([one.name, two.name])
 
 
@@ -382,6 +392,16 @@ async def test_build_environment_stops_pip_at_its_timeout(tmp_path: Path) -> Non
     assert os.listdir(tmp_path / "data" / "envs") == []
 
 
+async def test_build_environment_twice_at_once_gives_one_folder(tmp_path: Path) -> None:
+    wheelhouse = pinme_wheelhouse(tmp_path / "wheels")
+    codes = [pinned(tmp_path / f"code{n}", "pinme==2.0") for n in range(2)]
+    data = tmp_path / "data"
+    built = await asyncio.gather(*[build_environment(code, data, wheelhouse) for code in codes])
+    assert built[0] is not None and built[0] == built[1]
+    assert os.listdir(data / "envs") == [built[0].name]
+    assert (built[0] / "pinme" / "__init__.py").read_text() == 'VERSION = "2.0"\n'
+
+
 # --- garbage -----------------------------------------------------------------------------------
 
 
@@ -404,6 +424,25 @@ def test_collect_garbage_removes_what_is_not_kept(tmp_path: Path) -> None:
     assert sorted(os.listdir(data / "code")) == [kept.name]
     assert os.listdir(data / "envs") == ["e1"]
     assert (outside / "precious").read_text() == "keep me"
+
+
+async def test_collect_garbage_spares_a_build_under_way(tmp_path: Path) -> None:
+    wheelhouse = pinme_wheelhouse(tmp_path / "wheels")
+    data = tmp_path / "data"
+    crashed = data / "envs" / ".tmp-left-by-a-crash"
+    crashed.mkdir(parents=True)
+    build = asyncio.create_task(
+        build_environment(pinned(tmp_path / "code", "pinme==1.0"), data, wheelhouse)
+    )
+
+    def building() -> list[str]:
+        return [name for name in os.listdir(data / "envs") if name != crashed.name]
+
+    await until_changed(data / "envs", building, what="pip's temporary folder")
+    removed = await asyncio.to_thread(collect_garbage, data, [], min_age_s=3600)
+    assert removed == [crashed]
+    env = await build
+    assert env is not None and (env / "pinme" / "__init__.py").is_file()
 
 
 def test_collect_garbage_spares_what_is_new(tmp_path: Path) -> None:
