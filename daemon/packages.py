@@ -166,6 +166,7 @@ async def _pip_install(
     command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
     command += ["--no-input", "--target", str(target), "-r", str(requirements)]
     env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # a build script is user code: only the daemon talks to systemd
     if wheelhouse is not None:
         command += ["--no-index", "--find-links", str(wheelhouse)]
         # The wheelhouse alone: no find-links or index from pip's files or PIP_* variables.
@@ -214,7 +215,10 @@ def _tail(output: bytearray) -> str:
 
 def _start_temporary(parent: Path) -> Path:
     """A new empty `.tmp-<random>` folder in `parent`, known to collect_garbage as in use."""
-    parent.mkdir(parents=True, exist_ok=True)
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True)
+        # its entry too: a power cut must not take the folder, and all it will hold, away
+        _sync(parent.parent, os.O_RDONLY | os.O_DIRECTORY)
     path = parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
     with _building_lock:
         _building.add(path)

@@ -182,6 +182,11 @@ def test_store_package_refuses_a_path_that_climbs_out(
     assert invalid(data, tmp_path) == f"entry {name!r} {reason}"
 
 
+def test_store_package_refuses_a_name_the_file_system_cannot_take(tmp_path: Path) -> None:
+    name = "x" * 300 + ".py"
+    assert invalid(zip_of((name, b"")), tmp_path) == f"entry {name!r}: File name too long"
+
+
 def test_store_package_refuses_a_name_with_a_nul(tmp_path: Path) -> None:
     data = zip_of(("evil.py@/../../x", b"evil")).replace(b"@", b"\0")
     assert invalid(data, tmp_path) == "entry 'evil.py\\x00/../../x' contains a NUL character"
