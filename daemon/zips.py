@@ -163,7 +163,9 @@ def _write_file(
                 written += len(chunk)
                 if written > limit:
                     raise too_big(written, limit)
-                os.write(fd, chunk)
+                view = memoryview(chunk)
+                while view:  # a write may take less than it was given
+                    view = view[os.write(fd, view) :]
         os.fchmod(fd, entry.mode)  # past the umask; never setuid, setgid or sticky
     except PackageError:
         raise
