@@ -76,6 +76,8 @@ class DaemonSettings(_Section, frozen=True):
     # A folder of wheels: a deployed requirements.txt is installed from it alone (pip
     # --no-index), so deploys work offline. Unset: pip uses its own configuration (the index).
     wheelhouse: str | None = None
+    # Published versions kept per function beyond those an alias or a queued invocation needs.
+    keep_versions: Annotated[int, Meta(ge=1, le=10_000)] = 10
 
 
 class ListenerSettings(_Section, frozen=True):
@@ -342,12 +344,26 @@ def _validate_function(
             raise ConfigError(path, f"{key}.env.{env_key}", "not a valid environment variable name")
     for i, trigger in enumerate(fn.triggers):
         trigger.check(config, f"{key}.triggers[{i}]")
+        if trigger.qualifier is not None and (problem := qualifier_problem(trigger.qualifier)):
+            raise ConfigError(path, f"{key}.triggers[{i}].qualifier", problem)
         for field, value in trigger.secret_files().items():
             read_secret(config, value, f"{key}.triggers[{i}].{field}")
     for field in ("on_success", "on_failure"):
         if (destination := getattr(fn, field)) is not None:
             _validate_destination(config, destination, f"{key}.{field}")
     return msgspec.structs.replace(fn, name=name, code=str(code), region=config.daemon.region)
+
+
+# A function's qualifiers (daemon/versions.py): a published version's number, an alias's name.
+VERSION_NUMBER = re.compile(r"^[1-9]\d{0,9}$")
+ALIAS_NAME = re.compile(r"^(?!\d+$)[A-Za-z0-9_-]{1,128}$")
+
+
+def qualifier_problem(qualifier: str) -> str | None:
+    """Why `qualifier` is not `$LATEST`, a version number or an alias name, or None."""
+    if qualifier == "$LATEST" or VERSION_NUMBER.match(qualifier) or ALIAS_NAME.match(qualifier):
+        return None
+    return f"{qualifier!r} is not $LATEST, a version number or an alias name"
 
 
 DESTINATION_KINDS = ("function", "mqtt", "webhook")

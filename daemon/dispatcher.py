@@ -40,6 +40,7 @@ from daemon.store.sqlite import (
     QueuedInvocation,
     Store,
 )
+from daemon.versions import DeployError, Versions, invoked_arn
 from triggers.base import EVENT_REJECTED, Accepted, rejected_event
 
 log = structlog.get_logger("lambdaemon.dispatcher")
@@ -70,8 +71,11 @@ class Dispatcher:
         functions: Mapping[str, FunctionConfig],
         *,
         on_outbox: Callable[[], None] | None = None,
+        versions: Versions | None = None,
     ) -> None:
         self._store = store
+        # Published versions and aliases; without the service's, an empty set beside the store.
+        self.versions = versions or Versions(store, store.path.parent)
         self._pool = pool
         self._on_outbox = on_outbox  # called when a destination record joins the outbox
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
@@ -147,7 +151,15 @@ class Dispatcher:
         if lane is None:
             log.warning("invocation_orphaned", invocation_id=row.id, function=row.function)
             return False
-        item = Backlogged(row.id, row.event, row.attempt, row.trigger, row.retry_base, row.age_from)
+        item = Backlogged(
+            row.id,
+            row.event,
+            row.attempt,
+            row.trigger,
+            row.retry_base,
+            row.age_from,
+            row.function_version,
+        )
         if row.next_attempt_at is not None and row.next_attempt_at > time.time():
             lane.push_at(item, row.next_attempt_at)
         else:
@@ -208,16 +220,27 @@ class Dispatcher:
         dedupe_key: str | None = None,
         cron_fire: tuple[str, str] | None = None,
         parent_id: str | None = None,
+        qualifier: str | None = None,
     ) -> Accepted:
-        """Emit: commit an asynchronous invocation, then hand it to its lane."""
+        """Emit: commit an asynchronous invocation, then hand it to its lane.
+
+        It is bound to the version its qualifier (or its trigger's) names now; a qualifier that
+        names nothing is kept as it is, and each attempt fails until it does."""
         lane = self._lanes.get(function)
         if lane is None:
             raise UnknownFunctionError(function)
         body = to_json(event)
+        version = "$LATEST"
+        qualifier = qualifier or self._trigger_qualifier(lane.fn, trigger_id)
+        if qualifier is not None:
+            try:
+                version = self.versions.resolve(lane.fn, qualifier).fn.version
+            except DeployError:
+                version = qualifier
         inv = NewInvocation(
             id=new_id(),
             function=function,
-            function_version=lane.fn.version,
+            function_version=version,
             trigger=trigger,
             invocation_type="async",
             event=body,
@@ -231,7 +254,7 @@ class Dispatcher:
             log.debug(
                 "invocation_queued", invocation_id=invocation_id, function=function, trigger=trigger
             )
-            lane.push(Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at))
+            lane.push(Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at, version))
         return Accepted(invocation_id=invocation_id, created=created)
 
     accept = __call__
@@ -288,21 +311,29 @@ class Dispatcher:
         client_context: str | None = None,
         trigger_id: str | None = None,
         invocation_id: str | None = None,
+        target: FunctionConfig | None = None,
     ) -> tuple[str, Outcome]:
         """Run one synchronous invocation and return (id, outcome); the caller owns retries.
 
-        Raises QueueFullError when the function's wait queue is full, ShuttingDownError
-        while draining. An attempt the drain cancels answers (and is recorded) as crashed.
+        `target`: the version to run (Versions.resolve); else the one the trigger's qualifier
+        names, else $LATEST. Raises QueueFullError when the function's wait queue is full,
+        ShuttingDownError while draining. An attempt the drain cancels answers (and is
+        recorded) as crashed.
         """
         lane = self._lanes.get(function)
         if lane is None:
             raise UnknownFunctionError(function)
         await lane.acquire_sync_slot()
+        fn: FunctionConfig | Outcome = target or lane.fn
+        version = (target or lane.fn).version
+        if target is None and (qualifier := self._trigger_qualifier(lane.fn, trigger_id)):
+            fn = self._version_of(lane.fn, qualifier)
+            version = fn.version if isinstance(fn, FunctionConfig) else qualifier
         invocation_id = invocation_id or new_id()
         inv = NewInvocation(
             id=invocation_id,
             function=function,
-            function_version=lane.fn.version,
+            function_version=version,
             trigger=trigger,
             invocation_type="sync",
             event=event,
@@ -323,9 +354,7 @@ class Dispatcher:
             request = InvokeRequest(
                 invocation_id, event, invoked_arn or lane.fn.arn, client_context
             )
-            run = self._spawn(
-                self._run_sync(lane.fn, inv, request, visible, running), self._running
-            )
+            run = self._spawn(self._run_sync(fn, inv, request, visible, running), self._running)
             try:
                 outcome = await run  # cancelling the caller cancels the run too
             except asyncio.CancelledError:
@@ -341,21 +370,21 @@ class Dispatcher:
 
     async def _run_sync(
         self,
-        fn: FunctionConfig,
+        fn: FunctionConfig | Outcome,
         inv: NewInvocation,
         request: InvokeRequest,
         visible: asyncio.TimerHandle,
         running: list[asyncio.Future[Any]],
     ) -> Outcome:
         try:
-            outcome = await self._run(fn, request, attempt=1, on_start=None)
+            outcome = fn if isinstance(fn, Outcome) else await self._run(fn, request, attempt=1)
         except asyncio.CancelledError:
             visible.cancel()
             outcome = self._interrupted(inv.started_at or inv.queued_at)
             log.warning(
                 "invocation_interrupted",
                 invocation_id=inv.id,
-                function=fn.name,
+                function=inv.function,
                 attempt=1,
                 invocation_type="sync",
                 error_message=outcome.error_message,
@@ -501,7 +530,7 @@ class Dispatcher:
                     return
                 if event is None:
                     raise LookupError(f"invocation {item.id} is not in the store")
-            request = InvokeRequest(item.id, event, fn.arn)
+            request = InvokeRequest(item.id, event, invoked_arn(fn, item.version))
             started_at = time.time()
             # Committed before the handler can start, so a crash mid-run is always seen as a
             # started attempt (and counted) when the daemon recovers.
@@ -531,8 +560,14 @@ class Dispatcher:
                 return
             try:
                 # lane.fn: a reload while the row was being marked applies to this attempt too.
+                target = self._version_of(lane.fn, item.version)
                 try:
-                    outcome = await self._run(lane.fn, request, attempt=attempt, on_start=on_start)
+                    if isinstance(target, Outcome):  # its version or alias is gone
+                        outcome = target
+                    else:
+                        outcome = await self._run(
+                            target, request, attempt=attempt, on_start=on_start
+                        )
                 finally:
                     for timer in pid_mark:
                         timer.cancel()
@@ -672,7 +707,7 @@ class Dispatcher:
         request: InvokeRequest,
         *,
         attempt: int,
-        on_start: Callable[[int, float], None] | None,
+        on_start: Callable[[int, float], None] | None = None,
     ) -> Outcome:
         invocation_id = request.invocation_id
         logs.invocation_started(log, invocation_id, fn.name, attempt)
@@ -687,6 +722,38 @@ class Dispatcher:
             outcome.error_type,
         )
         return outcome
+
+    def _trigger_qualifier(self, fn: FunctionConfig, trigger_id: str | None) -> str | None:
+        """The qualifier trigger `NAME#i` of `fn` invokes, if it names one."""
+        if not trigger_id or not fn.triggers:
+            return None
+        _, _, index = trigger_id.rpartition("#")
+        if not index.isdigit() or int(index) >= len(fn.triggers):
+            return None
+        qualifier: str | None = fn.triggers[int(index)].qualifier
+        return qualifier
+
+    def _version_of(self, fn: FunctionConfig, version: str) -> FunctionConfig | Outcome:
+        """What an invocation bound to `version` runs now, or the failed Outcome that says
+        the version or alias is gone (the attempt fails as a handler error would)."""
+        if version == "$LATEST":
+            return fn
+        try:
+            return self.versions.resolve(fn, version).fn
+        except DeployError as exc:
+            now = time.time()
+            payload = _json.encode(
+                {"errorMessage": exc.message, "errorType": exc.code, "stackTrace": []}
+            )
+            return Outcome(
+                Status.FAILED,
+                payload,
+                now,
+                now,
+                0.0,
+                error_type=exc.code,
+                error_message=exc.message,
+            )
 
     def _function_of(self, name: str) -> FunctionConfig | None:
         # Runs in the store's database thread too (Router): it only reads the lanes.

@@ -35,6 +35,7 @@ class Backlogged(msgspec.Struct, frozen=True):
     trigger: str
     retry_base: int  # the retry budget counts attempts after this one
     age_from: float  # the event's age counts from here
+    version: str = "$LATEST"  # what the invocation was bound to when accepted (daemon/versions.py)
 
 
 class EventBudget:

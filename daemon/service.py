@@ -47,6 +47,7 @@ from daemon.store.health import STORE_HEALTH, StoreHealth
 from daemon.store.retention import Pruner
 from daemon.store.sqlite import Store
 from daemon.systemd import notify, reloading_message, run_watchdog, watchdog_interval_s
+from daemon.versions import Versions
 from triggers.registry import build_sources
 
 log = structlog.get_logger("lambdaemon.service")
@@ -83,6 +84,7 @@ class Service:
         self._store: Store | None = None
         self._pool: WorkerPool | None = None
         self._sources: TriggerSources | None = None
+        self._versions: Versions | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
@@ -108,9 +110,21 @@ class Service:
             self._pool = pool
             stack.push_async_callback(pool.close)
             stack.callback(self._stop_watchdog)  # this late: the pings go on through the drain
-            await pool.start(config.functions)
+            versions = self._versions = Versions(
+                store,
+                config.data_dir,
+                keep_versions=config.daemon.keep_versions,
+                wheelhouse=config.resolve(config.daemon.wheelhouse)
+                if config.daemon.wheelhouse
+                else None,
+                apply=self._apply_deploy,
+                in_use=pool.code_in_use,
+            )
+            await versions.load()
+            functions = versions.effective(config.functions)  # deployed code in place
+            await pool.start(functions)
             dispatcher = self.dispatcher = Dispatcher(
-                store, pool, config.functions, on_outbox=outbox.wake
+                store, pool, functions, on_outbox=outbox.wake, versions=versions
             )
             stack.push_async_callback(self._finish_drain, dispatcher)  # a failed start, too
             await dispatcher.recover()
@@ -237,7 +251,7 @@ class Service:
                     notify(f"READY=1\nSTATUS=serving {len(self.config.functions)} functions")
 
     async def _apply_reload(self, path: str, force: bool) -> dict[str, Any]:
-        assert self.dispatcher and self._pool and self._sources and self._store
+        assert self.dispatcher and self._pool and self._sources and self._store and self._versions
         try:
             new = await asyncio.to_thread(load_config, path)
             plan = plan_reload(self.config, new, self._secrets)
@@ -255,8 +269,9 @@ class Service:
             log.error("config_reload_refused", config=path, reason=str(exc))
             return {"reloaded": False, "config": path, "error": str(exc), "config_error": True}
         await self._sources.stop(plan.stop)  # producers first
-        await self.dispatcher.update(plan.config.functions)
-        await self._pool.update(plan.config.functions)
+        functions = self._versions.effective(plan.config.functions)  # deployed code stays
+        await self.dispatcher.update(functions)
+        await self._pool.update(functions)
         for name in plan.update:
             self._sources.update(fresh[name])
         self._sources.start(fresh[name] for name in plan.start)
@@ -267,6 +282,15 @@ class Service:
         if plan.needs_restart:
             log.warning("config_needs_restart", config=path, settings=plan.needs_restart)
         return {"reloaded": True, "config": path, **report}
+
+    async def _apply_deploy(self) -> None:
+        """A deploy changed a function's $LATEST code: the dispatcher and the pool take it as
+        they take a reload's (running calls finish on the old code, idle workers retire)."""
+        assert self.dispatcher and self._pool and self._versions
+        async with self._reload_lock:
+            functions = self._versions.effective(self.config.functions)
+            await self.dispatcher.update(functions)
+            await self._pool.update(functions)
 
 
 async def _first(*awaitables: Any) -> None:

@@ -45,6 +45,10 @@ class TriggerSettings(
     each trigger, reads every file `secret_files` names, and calls `check_all` once per kind.
     """
 
+    # The version or alias of the function this trigger invokes (None: $LATEST); resolved when
+    # an event is accepted (daemon/versions.py), so a rollback is one alias update.
+    qualifier: str | None = None
+
     @classmethod
     def kind(cls) -> str:
         """The kind's name: the `type` these settings are tagged with."""

@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote
 
 import msgspec
 import structlog
@@ -29,6 +28,8 @@ from daemon.errors import (
 )
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.idempotency import SyncResultCache
+from daemon.http.management import MAX_CODE_REQUEST, add_management_routes
+from daemon.http.shapes import dumps, function_configuration, lambda_error, parse_function_name
 from daemon.http.wire import (
     STATS,
     AnyRequest,
@@ -44,6 +45,7 @@ from daemon.pool.starts import StartHealth
 from daemon.store.health import STORE_HEALTH
 from daemon.store.sqlite import Store
 from daemon.untrusted import MAX_JSON_DEPTH, is_utf8, json_too_deep
+from daemon.versions import DeployError, invoked_arn
 
 log = structlog.get_logger("lambdaemon.api")
 
@@ -52,6 +54,7 @@ MAX_ASYNC_PAYLOAD = 1024 * 1024
 TAIL_BYTES = 4096
 MAX_CLIENT_CONTEXT = 3583  # bytes of base64, Lambda's limit
 _INVOKE_PATH = re.compile(r"/2015-03-31/functions/([^/]+)/invocations")
+_CODE_PATH = re.compile(r"/2015-03-31/functions/[^/]+/code")
 _json = msgspec.json.Encoder()
 
 SYNC_RESULTS: web.AppKey[SyncResultCache] = web.AppKey("sync_results", SyncResultCache)
@@ -61,46 +64,6 @@ FAST_ROUTES: web.AppKey[Router] = web.AppKey("fast_routes")
 LIFECYCLE: web.AppKey[Callable[[], str | None]] = web.AppKey("lifecycle")
 # Whether the worker pool can start workers, for /health (daemon/pool/starts.py).
 POOL_HEALTH: web.AppKey[StartHealth] = web.AppKey("pool_health", StartHealth)
-
-
-def lambda_error(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    kind: str = "User",
-    headers: dict[str, str] | None = None,
-    extra: dict[str, str] | None = None,
-) -> web.Response:
-    """An error as botocore reads it: the code in x-amzn-ErrorType, message in the body, and a
-    request id as every Lambda answer has (`extra` adds fields, such as a 429's `Reason`)."""
-    body = {"__type": code, "Type": kind, "Message": message, "message": message, **(extra or {})}
-    fields = {"x-amzn-ErrorType": code, "x-amzn-RequestId": str(uuid.uuid4()), **(headers or {})}
-    return web.json_response(body, status=status, headers=fields, dumps=_dumps)
-
-
-def _dumps(value: Any) -> str:
-    return _json.encode(value).decode()
-
-
-def parse_function_name(raw: str, qualifier: str | None) -> tuple[str, str | None]:
-    """Name, `name:qualifier`, a full or partial ARN -> (name, qualifier)."""
-    name = unquote(raw)
-    parts = name.split(":")
-    if name.startswith("arn:") and len(parts) >= 7:
-        if parts[2] != "lambda" or parts[5] != "function":
-            raise ValueError(f"{name!r} is not the ARN of a Lambda function")
-        name, rest = parts[6], parts[7:]
-    elif len(parts) >= 3 and parts[1] == "function":
-        name, rest = parts[2], parts[3:]
-    else:
-        name, rest = parts[0], parts[1:]
-    if len(rest) > 1 or not name:  # Lambda's own pattern allows one qualifier at most
-        raise ValueError(f"{unquote(raw)!r} is not a function name, ARN or name:qualifier")
-    inline = rest[0] if rest else None
-    if inline and qualifier and inline != qualifier:
-        raise ValueError(f"the qualifier in the name ({inline}) and Qualifier ({qualifier}) differ")
-    return name, inline or qualifier
 
 
 def tail_log(invocation_id: str, fn: FunctionConfig, outcome: Outcome) -> str:
@@ -137,12 +100,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         return lambda_error(400, "InvalidParameterValueException", str(exc))
     try:
         fn = dispatcher.function(name)
+        target = dispatcher.versions.resolve(fn, qualifier).fn  # a weighted alias picks here
     except UnknownFunctionError:
         return lambda_error(404, "ResourceNotFoundException", f"Function not found: {name}")
-    if qualifier not in (None, fn.version):
-        return lambda_error(
-            404, "ResourceNotFoundException", f"Function not found: {fn.arn}:{qualifier}"
-        )
+    except DeployError as exc:
+        return lambda_error(exc.status, exc.code, exc.message)
     kind = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
     if kind not in ("RequestResponse", "Event", "DryRun"):
         return lambda_error(
@@ -169,8 +131,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     if kind == "DryRun":
         return web.Response(status=204, headers={"x-amzn-RequestId": str(uuid.uuid4())})
     if kind == "Event":
-        return await _invoke_async(dispatcher, fn, body, request)
-    return await _invoke_sync(dispatcher, fn, body, request, qualifier)
+        return await _invoke_async(dispatcher, fn, body, request, target.version)
+    return await _invoke_sync(dispatcher, fn, target, body, request, qualifier)
 
 
 def _json_problem(raw: bytes) -> str | None:
@@ -216,7 +178,7 @@ def _too_large(size: int, limit: int) -> web.Response:
 
 
 async def _invoke_async(
-    dispatcher: Dispatcher, fn: FunctionConfig, body: bytes, request: web.Request
+    dispatcher: Dispatcher, fn: FunctionConfig, body: bytes, request: web.Request, version: str
 ) -> web.Response:
     sdk_id = request.headers.get("amz-sdk-invocation-id")
     try:
@@ -226,6 +188,7 @@ async def _invoke_async(
             trigger="api",
             trigger_id="api",
             dedupe_key=f"api:{sdk_id}" if sdk_id else None,
+            qualifier=version,
         )
     except StoreUnavailableError as exc:
         return lambda_error(
@@ -239,19 +202,21 @@ async def _invoke_async(
 async def _invoke_sync(
     dispatcher: Dispatcher,
     fn: FunctionConfig,
+    target: FunctionConfig,
     body: bytes,
     request: web.Request,
     qualifier: str | None,
 ) -> web.Response:
-    arn = f"{fn.arn}:{qualifier}" if qualifier else fn.arn
+    """Run `target` (the version `qualifier` resolved to) of `fn`; the answer names it."""
 
     def call() -> Awaitable[tuple[str, Outcome]]:
         return dispatcher.invoke_sync(
             fn.name,
             body,
             trigger="api",
-            invoked_arn=arn,
+            invoked_arn=invoked_arn(fn, qualifier),
             client_context=request.headers.get("X-Amz-Client-Context"),
+            target=target,
         )
 
     sdk_id = request.headers.get("amz-sdk-invocation-id")
@@ -285,35 +250,17 @@ async def _invoke_sync(
         return lambda_error(404, "ResourceNotFoundException", f"Function not found: {fn.name}")
     headers = {
         "x-amzn-RequestId": invocation_id,
-        "X-Amz-Executed-Version": fn.version,
+        "X-Amz-Executed-Version": target.version,
         "Content-Type": "application/json",
     }
     if outcome.status is not Status.SUCCEEDED:
         headers["X-Amz-Function-Error"] = "Unhandled"
     if request.headers.get("X-Amz-Log-Type") == "Tail":
-        headers["X-Amz-Log-Result"] = tail_log(invocation_id, fn, outcome)
+        headers["X-Amz-Log-Result"] = tail_log(invocation_id, target, outcome)
     return web.Response(status=200, body=outcome.payload, headers=headers)
 
 
 # --- function configuration (enough for boto3's get/list calls and waiters) -----------------
-
-
-def function_configuration(fn: FunctionConfig) -> dict[str, Any]:
-    return {
-        "FunctionName": fn.name,
-        "FunctionArn": fn.arn,
-        "Runtime": "python3.11",
-        "Handler": fn.handler,
-        "Role": "arn:aws:iam::000000000000:role/lambdaemon",
-        "Timeout": fn.timeout_s,
-        "MemorySize": fn.memory_mb,
-        "Version": fn.version,
-        "Environment": {"Variables": dict(fn.env)},
-        "State": "Active",
-        "LastUpdateStatus": "Successful",
-        "PackageType": "Zip",
-        "LoggingConfig": {"LogFormat": "Text", "LogGroup": fn.log_group},
-    }
 
 
 async def list_functions_aws(request: web.Request) -> web.Response:
@@ -341,32 +288,7 @@ async def list_functions_aws(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"Functions": [function_configuration(functions[n]) for n in page]}
     if start + limit < len(names):
         body["NextMarker"] = base64.urlsafe_b64encode(page[-1].encode()).decode()
-    return web.json_response(body, dumps=_dumps)
-
-
-async def get_function_aws(request: web.Request) -> web.Response:
-    try:
-        name, qualifier = parse_function_name(
-            request.match_info["name"], request.query.get("Qualifier")
-        )
-    except ValueError as exc:
-        return lambda_error(400, "InvalidParameterValueException", str(exc))
-    try:
-        fn = request.app[DISPATCHER].function(name)
-    except UnknownFunctionError:
-        return lambda_error(404, "ResourceNotFoundException", f"Function not found: {name}")
-    if qualifier not in (None, fn.version):
-        return lambda_error(
-            404, "ResourceNotFoundException", f"Function not found: {fn.arn}:{qualifier}"
-        )
-    config = function_configuration(fn)
-    if request.path.endswith("/configuration"):
-        return web.json_response(config, dumps=_dumps)
-    body = {
-        "Configuration": config,
-        "Concurrency": {"ReservedConcurrentExecutions": fn.concurrency},
-    }
-    return web.json_response(body, dumps=_dumps)
+    return web.json_response(body, dumps=dumps)
 
 
 # --- admin endpoints ------------------------------------------------------------------------
@@ -391,7 +313,7 @@ async def health(request: AnyRequest) -> web.Response:
             degraded = True
             body.update({key: pool[key] for key in ("status", "reason", "error", "since")})
     body["http"] = {key.partition(".")[0]: stats.report() for key, stats in STATS.items()}
-    return web.json_response(body, status=503 if degraded else 200, dumps=_dumps)
+    return web.json_response(body, status=503 if degraded else 200, dumps=dumps)
 
 
 # --- the app --------------------------------------------------------------------------------
@@ -465,10 +387,12 @@ def sdk_environment(address: tuple[str, int], invoke_token: str | None) -> dict[
 
 
 def _lambda_call(request: AnyRequest, invoke_token: bytes | None) -> bool:
-    """A call of Lambda's function API signed with the workers' invoke token."""
+    """A call of Lambda's function API signed with the workers' invoke token: an invocation
+    or a read, never a change (a deploy, a publish, an alias) that needs the API token."""
     return (
         invoke_token is not None
         and request.path.startswith(_FUNCTIONS_PREFIX)
+        and (request.method == "GET" or _INVOKE_PATH.fullmatch(request.path) is not None)
         and _authorized(request, invoke_token)
     )
 
@@ -496,6 +420,8 @@ def _api_router(token: bytes | None, invoke_token: bytes | None = None) -> Route
             return refused()
         match = _INVOKE_PATH.fullmatch(request.path) if request.method == "POST" else None
         if match is None:
+            if request.method == "PUT" and _CODE_PATH.fullmatch(request.path):
+                request.max_body = MAX_CODE_REQUEST  # UpdateFunctionCode: a zip of up to 50 MiB
             return None
         if (request.content_length or 0) > MAX_SYNC_PAYLOAD:  # refused before it is read
             return _too_large(request.content_length or 0, MAX_SYNC_PAYLOAD)
@@ -524,8 +450,7 @@ def build_api(
     app.router.add_post(f"{fn_path}/invocations", invoke)
     app.router.add_get("/2015-03-31/functions", list_functions_aws)
     app.router.add_get("/2015-03-31/functions/", list_functions_aws)
-    app.router.add_get(fn_path, get_function_aws)
-    app.router.add_get(f"{fn_path}/configuration", get_function_aws)
+    add_management_routes(app)
     app.router.add_get("/health", health)
     add_admin_routes(app)
     # Last: any other call of Lambda's API gets an error boto3 can model, not aiohttp's text.

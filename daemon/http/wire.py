@@ -164,6 +164,7 @@ class WireRequest:
         "content",
         "remote",
         "match_info",
+        "max_body",
         "_raw_path",
         "_query_string",
         "_query",
@@ -181,6 +182,7 @@ class WireRequest:
         remote: str | None,
     ) -> None:
         self.app, self.method, self.raw_path, self.headers = app, method, target, headers
+        self.max_body: int | None = None  # a router's own limit for this request's body
         if target.startswith("/"):
             raw, _, self._query_string = target.partition("?")
         else:  # absolute-form (as sent to a proxy), `*`, or garbage: parsed as aiohttp does
@@ -643,7 +645,7 @@ class HttpConnection(asyncio.Protocol):
         self._request, self._body, self._body_size, self._discard = request, [], 0, False
         serve = self._route(request)
         self._serve = serve
-        limit = self.site.max_body()
+        limit = request.max_body or self.site.max_body()
         expect = headers.get("Expect")
         if not isinstance(serve, web.StreamResponse) and (length or 0) > limit:
             serve = self._serve = _too_large(limit, length or 0)

@@ -209,6 +209,16 @@ class WorkerPool:
                 entry["idle" if worker.state is State.IDLE else "busy"] += 1
         return stats
 
+    def code_in_use(self) -> set[str]:
+        """The code and dependency folders that live workers run from."""
+        return {
+            path
+            for worker in self._workers
+            if worker.state is not State.EXITED
+            for path in (worker.fn.code, worker.fn.deps)
+            if path
+        }
+
     # --- handing out workers and slots -----------------------------------------------------
 
     def _key(self, fn: FunctionConfig) -> Key:

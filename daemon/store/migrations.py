@@ -99,4 +99,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE IF NOT EXISTS store_probe"
         " (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)",
     ),
+    # v5: deployed code, published versions, aliases and their history (daemon/versions.py).
+    # Each row's body is one msgspec-encoded struct of daemon/store/deploys.py; the keys are
+    # columns so a lookup or a delete names them. `version_counters` holds the last version
+    # number given out per function, so a deleted version's number is never given again.
+    (
+        "CREATE TABLE deployed_code (function TEXT PRIMARY KEY, body BLOB NOT NULL)",
+        "CREATE TABLE function_versions (function TEXT NOT NULL, version INTEGER NOT NULL,"
+        " body BLOB NOT NULL, PRIMARY KEY (function, version))",
+        "CREATE TABLE function_aliases (function TEXT NOT NULL, name TEXT NOT NULL,"
+        " body BLOB NOT NULL, PRIMARY KEY (function, name))",
+        "CREATE TABLE version_counters (function TEXT PRIMARY KEY, last INTEGER NOT NULL)",
+        "CREATE TABLE deploy_history (id INTEGER PRIMARY KEY, function TEXT NOT NULL,"
+        " at REAL NOT NULL, body BLOB NOT NULL)",
+        "CREATE INDEX deploy_history_by_function ON deploy_history (function, id)",
+    ),
 )

@@ -25,7 +25,7 @@ SUMMARY_COLUMNS = (
 )
 QUEUED_COLUMNS = (
     "id, function, invocation_type, trigger, event, attempt, queued_at, next_attempt_at,"
-    " retry_base, COALESCE(redriven_at, queued_at) AS age_from"
+    " retry_base, COALESCE(redriven_at, queued_at) AS age_from, function_version"
 )
 
 
@@ -73,6 +73,7 @@ class QueuedInvocation(msgspec.Struct, frozen=True):
     next_attempt_at: float | None  # a retry waits until then; None: run when a slot is free
     retry_base: int  # the retry budget counts attempts after this one (a redrive moves it)
     age_from: float  # the event's age counts from here: accepted, or last redriven
+    function_version: str = "$LATEST"  # the version it is bound to (daemon/versions.py)
 
 
 # --- writes --------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import structlog
 
 from daemon.errors import StoreReplacedError, StoreUnavailableError
 from daemon.models import FINAL_STATUSES, Outcome
-from daemon.store import cron, outbox, records, rejections, settle
+from daemon.store import cron, deploys, outbox, records, rejections, settle
 from daemon.store.batches import (
     BARRIER,
     BOOKKEEPING,
@@ -305,6 +305,45 @@ class Store:
         await self._write(
             outbox.attempted, REPEATABLE, id=outbox_id, error=error, now=now, final=final
         )
+
+    # --- deployed code, versions and aliases (daemon/versions.py keeps the rules) ------------
+
+    async def load_deployments(self) -> deploys.DeployState:
+        state: deploys.DeployState = await self._read(deploys.load)
+        return state
+
+    async def save_latest(self, latest: deploys.Latest, change: deploys.Change) -> None:
+        await self._write(deploys.save_latest, REPEATABLE, latest=latest, change=change)
+
+    async def save_version(self, version: deploys.Version, change: deploys.Change) -> None:
+        await self._write(deploys.save_version, REPEATABLE, version=version, change=change)
+
+    async def save_alias(self, alias: deploys.Alias, change: deploys.Change) -> None:
+        await self._write(deploys.save_alias, REPEATABLE, alias=alias, change=change)
+
+    async def delete_alias(self, function: str, name: str, change: deploys.Change) -> None:
+        await self._write(
+            deploys.delete_alias, REPEATABLE, function=function, name=name, change=change
+        )
+
+    async def delete_versions(
+        self, function: str, numbers: list[int], change: deploys.Change
+    ) -> None:
+        await self._write(
+            deploys.delete_versions, REPEATABLE, function=function, numbers=numbers, change=change
+        )
+
+    async def deploy_history(
+        self, function: str, limit: int = 100, before: int | None = None
+    ) -> list[deploys.Change]:
+        """`function`'s deploy history, newest first; `before` pages by the entries' ids."""
+        rows = await self.query(deploys.HISTORY, (function, before or 2**62, limit))
+        return deploys.history_rows(rows)
+
+    async def pending_versions(self, function: str) -> set[str]:
+        """The versions that queued or running invocations of `function` are bound to."""
+        rows = await self.query(deploys.QUEUED_VERSIONS, (function,))
+        return {row[0] for row in rows}
 
     async def barrier(self) -> None:
         """Return once every write enqueued before this call is committed (or has failed)."""
