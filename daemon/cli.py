@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import signal
 import sys
@@ -106,7 +107,51 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(command=cmd_replay)
     _dlq_parser(sub, common)
+    _deploy_parser(sub, common)
     return parser
+
+
+def _deploy_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="make a folder or zip the function's $LATEST code (UpdateFunctionCode)",
+    )
+    p.add_argument("name")
+    p.add_argument("package", metavar="DIR|ZIP", help="a code folder (zipped here) or a .zip")
+    p.add_argument("--publish", action="store_true", help="publish it as a new version too")
+    p.set_defaults(command=cmd_deploy)
+    p = sub.add_parser("versions", parents=[common], help="list a function's published versions")
+    p.add_argument("name")
+    p.set_defaults(command=cmd_versions)
+    p = sub.add_parser(
+        "alias",
+        parents=[common],
+        help="point an alias at a version (created when missing), optionally as a canary",
+    )
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.add_argument("version", help="a version number or $LATEST")
+    p.add_argument(
+        "--weight",
+        metavar="V=W",
+        help="send a share W (0..1) of the alias's calls to version V, e.g. --weight 3=0.1",
+    )
+    p.set_defaults(command=cmd_alias)
+    p = sub.add_parser(
+        "rollback",
+        parents=[common],
+        help="move an alias back one step: drop its canary, else its previous version",
+    )
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.set_defaults(command=cmd_rollback)
+    p = sub.add_parser(
+        "history", parents=[common], help="a function's deploys, versions and alias changes"
+    )
+    p.add_argument("name")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(command=cmd_history)
 
 
 def _dlq_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -427,6 +472,161 @@ def cmd_dlq_redrive(config: Config, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 1 if data["not_redriven"] else 0
+
+
+# --- deploys, versions and aliases (Lambda's management API) ---------------------------------
+
+
+_USER_AGENT = "lambdaemon-cli"
+
+
+def _lambda_call(
+    config: Config,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    quiet: bool = False,
+) -> tuple[int, Any]:
+    """One call of the daemon's Lambda API: (status, JSON answer); a refusal is printed
+    unless `quiet`."""
+    headers = {"Content-Type": "application/json", "User-Agent": _USER_AGENT}
+    body = json.dumps(payload).encode() if payload is not None else None
+    status, got, raw = _request(config, method, path, body, headers)
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        data = {"message": raw.decode("utf-8", "replace")}
+    if status >= 400 and not quiet:
+        code = got.get("x-amzn-ErrorType") or got.get("X-Amzn-Errortype") or f"HTTP {status}"
+        print(f"lambdaemon: {code}: {data.get('message') or data.get('error')}", file=sys.stderr)
+    return status, data
+
+
+def _function_path(name: str) -> str:
+    return f"/2015-03-31/functions/{urllib.parse.quote(name, safe='')}"
+
+
+def cmd_deploy(config: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daemon.packages import zip_folder
+
+    source = Path(args.package)
+    try:
+        data = zip_folder(source) if source.is_dir() else source.read_bytes()
+    except (OSError, ValueError) as exc:
+        print(f"lambdaemon: cannot read {source}: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    payload = {"ZipFile": base64.b64encode(data).decode(), "Publish": args.publish}
+    status, data_out = _lambda_call(config, "PUT", f"{_function_path(args.name)}/code", payload)
+    if status >= 400:
+        return 1
+    if args.json:
+        print(json.dumps(data_out, indent=2))
+    else:
+        print(
+            f"deployed {args.name}: version {data_out['Version']},"
+            f" CodeSha256 {data_out['CodeSha256']}, {data_out['CodeSize']} bytes"
+        )
+    return 0
+
+
+def cmd_versions(config: Config, args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    marker = None
+    while True:
+        query = "?" + urllib.parse.urlencode({"Marker": marker}) if marker else ""
+        status, page = _lambda_call(config, "GET", f"{_function_path(args.name)}/versions{query}")
+        if status >= 400:
+            return 1
+        rows += page["Versions"]
+        marker = page.get("NextMarker")
+        if not marker:
+            break
+    status, aliases = _lambda_call(config, "GET", f"{_function_path(args.name)}/aliases")
+    if status >= 400:
+        return 1
+    names: dict[str, list[str]] = {}
+    for alias in aliases["Aliases"]:
+        names.setdefault(alias["FunctionVersion"], []).append(alias["Name"])
+        for extra, weight in (
+            alias.get("RoutingConfig", {}).get("AdditionalVersionWeights", {}).items()
+        ):
+            names.setdefault(extra, []).append(f"{alias['Name']}({weight:g})")
+    if args.json:
+        print(json.dumps({"versions": rows, "aliases": aliases["Aliases"]}, indent=2))
+        return 0
+    table = [
+        {
+            "version": v["Version"],
+            "code_sha256": v.get("CodeSha256"),
+            "size": v.get("CodeSize"),
+            "modified": v.get("LastModified"),
+            "aliases": ",".join(names.get(v["Version"], [])) or None,
+            "description": v.get("Description") or None,
+        }
+        for v in rows
+    ]
+    _print_table(table, ["version", "code_sha256", "size", "modified", "aliases", "description"])
+    return 0
+
+
+def cmd_alias(config: Config, args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"FunctionVersion": args.version}
+    if args.weight is not None:
+        extra, sep, weight = args.weight.partition("=")
+        try:
+            share = float(weight)
+        except ValueError:
+            share = -1.0
+        if not sep or not extra or not 0 <= share <= 1:
+            print(f"lambdaemon: --weight {args.weight!r} is not VERSION=SHARE", file=sys.stderr)
+            return EX_USAGE
+        payload["RoutingConfig"] = {"AdditionalVersionWeights": {extra: share}}
+    else:
+        payload["RoutingConfig"] = {"AdditionalVersionWeights": {}}
+    path = f"{_function_path(args.name)}/aliases/{urllib.parse.quote(args.alias, safe='')}"
+    exists, _ = _lambda_call(config, "GET", path, quiet=True)
+    if exists == 404:
+        create = {"Name": args.alias, **payload}
+        status, data = _lambda_call(config, "POST", f"{_function_path(args.name)}/aliases", create)
+    else:
+        status, data = _lambda_call(config, "PUT", path, payload)
+    if status >= 400:
+        return 1
+    _print_alias(data, args.json)
+    return 0
+
+
+def _print_alias(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    weights = data.get("RoutingConfig", {}).get("AdditionalVersionWeights", {})
+    canary = "".join(f", {share:g} to version {v}" for v, share in weights.items())
+    print(f"{data['AliasArn']} -> version {data['FunctionVersion']}{canary}")
+
+
+def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
+    name, alias = (urllib.parse.quote(x, safe="") for x in (args.name, args.alias))
+    status, data = _lambda_call(config, "POST", f"/v1/functions/{name}/aliases/{alias}/rollback")
+    if status >= 400:
+        return 1
+    _print_alias(data, args.json)
+    return 0
+
+
+def cmd_history(config: Config, args: argparse.Namespace) -> int:
+    name = urllib.parse.quote(args.name, safe="")
+    status, data = _lambda_call(config, "GET", f"/v1/functions/{name}/history?limit={args.limit}")
+    if status >= 400:
+        return 1
+    if args.json:
+        print(json.dumps(data["history"], indent=2))
+        return 0
+    _print_table(data["history"], ["at", "action", "version", "alias", "previous", "actor"])
+    return 0
 
 
 def _post_json(config: Config, path: str, payload: dict[str, Any]) -> Any:
