@@ -218,7 +218,7 @@ async def test_bad_packages_are_modeled_errors_and_change_nothing(daemon: Daemon
                 lambda: client.update_function_code(FunctionName="app", ZipFile=oversized)
             ),
             "s3": refused(
-                lambda: client.update_function_code(FunctionName="app", S3Bucket="b", S3Key="k")
+                lambda: client.update_function_code(FunctionName="app", S3Bucket="bucket", S3Key="key")
             ),
             "no_version": refused(
                 lambda: client.create_alias(FunctionName="app", Name="live", FunctionVersion="9")
