@@ -178,8 +178,9 @@ async def test_deploy_publish_alias_weighted_rollback_cycle_with_boto3(daemon: D
     assert [v["Version"] for v in got["versions"]] == ["$LATEST", "1", "2"]
     assert [a["Name"] for a in got["aliases"]] == ["live"]
     assert got["by_alias"]["Configuration"]["Version"] == "2"
-    assert got["in_use"]["code"] == "ResourceConflictException" and "[live]" in (
-        got["in_use"]["message"]
+    assert (
+        got["in_use"]["code"] == "ResourceConflictException"
+        and "[live]" in (got["in_use"]["message"])
     )
     assert got["bad_sha"]["code"] == "InvalidParameterValueException"
     assert got["stale_code"]["code"] == "PreconditionFailedException"
@@ -218,7 +219,9 @@ async def test_bad_packages_are_modeled_errors_and_change_nothing(daemon: Daemon
                 lambda: client.update_function_code(FunctionName="app", ZipFile=oversized)
             ),
             "s3": refused(
-                lambda: client.update_function_code(FunctionName="app", S3Bucket="bucket", S3Key="key")
+                lambda: client.update_function_code(
+                    FunctionName="app", S3Bucket="bucket", S3Key="key"
+                )
             ),
             "no_version": refused(
                 lambda: client.create_alias(FunctionName="app", Name="live", FunctionVersion="9")

@@ -593,6 +593,7 @@ async def test_store_dead_letter_keeps_status_and_redrive_restarts_the_budget(st
             next_attempt_at=None,
             retry_base=1,
             age_from=pytest.approx(time.time(), abs=5),
+            function_version="1",  # bound to it when accepted: its retries run the same code
         )
     ]
     record = await store.get("a")
@@ -678,6 +679,11 @@ async def test_store_migrations_create_every_table_the_daemon_uses(store: Store)
         "outbox",
         "cron_fires",
         "store_probe",
+        "deployed_code",
+        "function_versions",
+        "function_aliases",
+        "version_counters",
+        "deploy_history",
     }
 
 
