@@ -287,6 +287,8 @@ class Service:
         """A deploy changed a function's $LATEST code: the dispatcher and the pool take it as
         they take a reload's (running calls finish on the old code, idle workers retire)."""
         assert self.dispatcher and self._pool and self._versions
+        if self.phase is Phase.DRAINING:  # committed: the next start runs it
+            return
         async with self._reload_lock:
             functions = self._versions.effective(self.config.functions)
             await self.dispatcher.update(functions)

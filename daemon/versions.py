@@ -30,16 +30,25 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import msgspec
 import structlog
 
-from daemon import packages
 from daemon.config import ALIAS_NAME, VERSION_NUMBER, FunctionConfig
 from daemon.store.deploys import Alias, Change, Code, DeployState, Latest, Settings, Version
 from daemon.store.sqlite import Store
 
 log = structlog.get_logger("lambdaemon.versions")
+
+
+def _packages() -> ModuleType:
+    """daemon/packages.py, imported on first use: zipfile, ctypes and pip's helpers stay out
+    of a daemon that never deploys (about 1 MB of its idle memory)."""
+    from daemon import packages
+
+    return packages
+
 
 LATEST = "$LATEST"
 _REVISIONS = uuid.UUID("5f0b7d0e-6a43-4f5e-9a57-4c2d3f0a1b6e")  # namespace of $LATEST's ids
@@ -220,7 +229,7 @@ class Versions:
         if latest is not None and latest.code.path == fn.code:
             return latest.code
         assert fn.code is not None
-        data = await asyncio.to_thread(packages.zip_folder, Path(fn.code))
+        data = await asyncio.to_thread(_packages().zip_folder, Path(fn.code))
         return Code(code_sha256(data), len(data), fn.code, fn.deps)
 
     async def history(self, name: str, limit: int = 100, before: int | None = None) -> list[Change]:
@@ -302,7 +311,7 @@ class Versions:
             if self._latest.get(fn.name) is None or self._latest[fn.name].code.path != fn.code:
                 # The config's folder can change under us: the version keeps a copy of its own.
                 assert fn.code is not None
-                data = await asyncio.to_thread(packages.zip_folder, Path(fn.code))
+                data = await asyncio.to_thread(_packages().zip_folder, Path(fn.code))
                 code = await self._unpack(data)
             number = max([self._counters.get(fn.name, 0), *self._versions.get(fn.name, {})])
             version = Version(
@@ -503,7 +512,7 @@ class Versions:
                 for version in versions.values():
                     keep.update(_paths(version.code))
             removed: list[Path] = await asyncio.to_thread(
-                packages.collect_garbage, self._data_dir, keep
+                _packages().collect_garbage, self._data_dir, keep
             )
         if removed:
             log.info("code_collected", removed=[str(p) for p in removed])
@@ -512,8 +521,8 @@ class Versions:
     # --- helpers ------------------------------------------------------------------------------
 
     async def _unpack(self, zip_bytes: bytes) -> Code:
-        package = await asyncio.to_thread(packages.store_package, zip_bytes, self._data_dir)
-        deps = await packages.build_environment(package.path, self._data_dir, self._wheelhouse)
+        package = await asyncio.to_thread(_packages().store_package, zip_bytes, self._data_dir)
+        deps = await _packages().build_environment(package.path, self._data_dir, self._wheelhouse)
         return Code(package.sha256, package.size, str(package.path), str(deps) if deps else None)
 
     def _check_target(self, fn: FunctionConfig, version: str) -> None:

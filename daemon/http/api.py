@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import bisect
 import functools
 import hmac
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
 import structlog
@@ -29,7 +27,7 @@ from daemon.errors import (
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.idempotency import SyncResultCache
 from daemon.http.management import MAX_CODE_REQUEST, add_management_routes
-from daemon.http.shapes import dumps, function_configuration, lambda_error, parse_function_name
+from daemon.http.shapes import dumps, lambda_error, parse_function_name
 from daemon.http.wire import (
     STATS,
     AnyRequest,
@@ -263,34 +261,6 @@ async def _invoke_sync(
 # --- function configuration (enough for boto3's get/list calls and waiters) -----------------
 
 
-async def list_functions_aws(request: web.Request) -> web.Response:
-    """ListFunctions, in name order, paged as Lambda pages: `MaxItems` (1..10,000, default 50)
-    per page and an opaque `NextMarker` to pass back as `Marker`."""
-    try:
-        limit = int(request.query.get("MaxItems", "50"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 10_000:
-        return lambda_error(
-            400, "InvalidParameterValueException", "MaxItems must be an integer from 1 to 10000"
-        )
-    names = sorted(request.app[DISPATCHER].functions)
-    marker = request.query.get("Marker")
-    start = 0
-    if marker:
-        try:
-            after = base64.urlsafe_b64decode(marker.encode()).decode()
-        except (ValueError, UnicodeDecodeError):
-            return lambda_error(400, "InvalidParameterValueException", "Marker is not valid")
-        start = bisect.bisect_right(names, after)
-    page = names[start : start + limit]
-    functions = request.app[DISPATCHER].functions
-    body: dict[str, Any] = {"Functions": [function_configuration(functions[n]) for n in page]}
-    if start + limit < len(names):
-        body["NextMarker"] = base64.urlsafe_b64encode(page[-1].encode()).decode()
-    return web.json_response(body, dumps=dumps)
-
-
 # --- admin endpoints ------------------------------------------------------------------------
 
 
@@ -448,8 +418,6 @@ def build_api(
     app[SYNC_RESULTS] = SyncResultCache()
     fn_path = "/2015-03-31/functions/{name}"
     app.router.add_post(f"{fn_path}/invocations", invoke)
-    app.router.add_get("/2015-03-31/functions", list_functions_aws)
-    app.router.add_get("/2015-03-31/functions/", list_functions_aws)
     add_management_routes(app)
     app.router.add_get("/health", health)
     add_admin_routes(app)

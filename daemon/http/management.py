@@ -18,13 +18,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from daemon import packages
 from daemon.config import VERSION_NUMBER, FunctionConfig
-from daemon.errors import UnknownFunctionError
+from daemon.errors import PackageError, UnknownFunctionError
 from daemon.http.admin import DISPATCHER, iso
 from daemon.http.shapes import (
     alias_configuration,
     dumps,
+    function_configuration,
     lambda_error,
     parse_function_name,
     version_configuration,
@@ -34,6 +34,7 @@ from daemon.versions import LATEST, DeployError, Versions, latest_revision
 
 # UpdateFunctionCode's body: the zip in base64 inside JSON (69,905,067 bytes is the base64 of
 # 50 MiB, Lambda's own limit) and room for the other fields.
+MAX_ZIP_BYTES = 50 * 1024 * 1024  # as daemon/packages.py checks it, before anything is written
 MAX_CODE_REQUEST = 69_905_067 + 64 * 1024
 MAX_REQUEST = 64 * 1024  # the other management calls' bodies
 _PAGE = 50
@@ -44,6 +45,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def add_management_routes(app: web.Application) -> None:
     fn = "/2015-03-31/functions/{name}"
+    app.router.add_get("/2015-03-31/functions", list_functions)
+    app.router.add_get("/2015-03-31/functions/", list_functions)
     app.router.add_put(CODE_PATH, update_function_code)
     app.router.add_post(f"{fn}/versions", publish_version)
     app.router.add_get(f"{fn}/versions", list_versions)
@@ -91,7 +94,7 @@ def _call(
             return lambda_error(404, "ResourceNotFoundException", f"Function not found: {exc.name}")
         except DeployError as exc:
             return lambda_error(exc.status, exc.code, exc.message)
-        except packages.PackageError as exc:
+        except PackageError as exc:
             return lambda_error(exc.status, exc.code, exc.message)
         except _Refused as refused:
             return refused.response
@@ -207,7 +210,7 @@ async def update_function_code(
         raise _refuse(400, "InvalidParameterValueException", "ZipFile is not base64") from None
     publish = _field(body, "Publish", bool, False)
     revision = _field(body, "RevisionId", str)
-    if len(data) > packages.MAX_ZIP_BYTES:
+    if len(data) > MAX_ZIP_BYTES:
         raise _too_large(len(encoded), MAX_CODE_REQUEST)
     if _field(body, "DryRun", bool, False):  # the request is valid: nothing is deployed
         return _json(await _latest_configuration(versions, fn))
@@ -254,6 +257,36 @@ def _page(request: web.Request, keys: list[str]) -> tuple[list[str], str | None]
     page = keys[start : start + limit]
     more = start + limit < len(keys)
     return page, base64.urlsafe_b64encode(page[-1].encode()).decode() if more else None
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    """ListFunctions in name order, paged as Lambda pages; `FunctionVersion=ALL` lists every
+    published version after its function's $LATEST."""
+    dispatcher = request.app[DISPATCHER]
+    functions, versions = dispatcher.functions, dispatcher.versions
+    every = request.query.get("FunctionVersion") == "ALL"
+    keys = []
+    for name in sorted(functions):
+        # NUL sorts below every name's characters: the keys stay in order for the marker
+        keys.append(f"{name}\x000")
+        if every:
+            keys += [f"{name}\x00{v.number:010d}" for v in versions.versions(name)]
+    try:
+        page, marker = _page(request, keys)
+    except _Refused as refused:
+        return refused.response
+    items = []
+    for key in page:
+        name, _, number = key.rpartition("\x00")
+        fn = functions[name]
+        if int(number) == 0:
+            items.append(function_configuration(fn))
+        else:
+            items.append(_version_configuration(versions, fn, int(number)))
+    body: dict[str, Any] = {"Functions": items}
+    if marker:
+        body["NextMarker"] = marker
+    return _json(body)
 
 
 @_call

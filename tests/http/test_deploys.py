@@ -128,6 +128,10 @@ async def test_deploy_publish_alias_weighted_rollback_cycle_with_boto3(daemon: D
         )
         got["versions"] = client.list_versions_by_function(FunctionName="app")["Versions"]
         got["aliases"] = client.list_aliases(FunctionName="app")["Aliases"]
+        every = client.get_paginator("list_functions").paginate(
+            FunctionVersion="ALL", PaginationConfig={"PageSize": 2}
+        )
+        got["all"] = [f["FunctionArn"] for page in every for f in page["Functions"]]
         got["by_alias"] = client.get_function(FunctionName="app", Qualifier="live")
         got["in_use"] = refused(lambda: client.delete_function(FunctionName="app", Qualifier="2"))
         got["bad_sha"] = refused(
@@ -177,6 +181,7 @@ async def test_deploy_publish_alias_weighted_rollback_cycle_with_boto3(daemon: D
     assert got["promoted"]["FunctionVersion"] == "2" and "RoutingConfig" not in got["promoted"]
     assert [v["Version"] for v in got["versions"]] == ["$LATEST", "1", "2"]
     assert [a["Name"] for a in got["aliases"]] == ["live"]
+    assert [arn.split(":function:")[1] for arn in got["all"]] == ["app", "app:1", "app:2"]
     assert got["by_alias"]["Configuration"]["Version"] == "2"
     assert (
         got["in_use"]["code"] == "ResourceConflictException"
@@ -328,3 +333,10 @@ async def test_a_trigger_targets_an_alias_and_a_rollback_moves_it(tmp_path: Path
         assert (await hook())["marker"] == "one"
         records = await daemon.invocations(function="app")
         assert [r["function_version"] for r in records[:2]] == ["1", "2"]
+
+
+def test_the_api_refuses_a_zip_over_the_limit_packages_has():
+    from daemon import packages
+    from daemon.http import management
+
+    assert management.MAX_ZIP_BYTES == packages.MAX_ZIP_BYTES
