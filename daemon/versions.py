@@ -230,7 +230,7 @@ class Versions:
             return latest.code
         assert fn.code is not None
         data = await asyncio.to_thread(_packages().zip_folder, Path(fn.code))
-        return Code(code_sha256(data), len(data), fn.code, fn.deps)
+        return Code(package_sha256(data), len(data), fn.code, fn.deps)
 
     async def history(self, name: str, limit: int = 100, before: int | None = None) -> list[Change]:
         return await self._store.deploy_history(name, limit, before)
@@ -298,7 +298,14 @@ class Versions:
         async with self._lock:
             if revision_id is not None and revision_id != latest_revision(fn):
                 raise precondition(fn, revision_id, latest_revision(fn))
-            code = await self.code_of(fn)
+            deployed = self._latest.get(fn.name)
+            data = None
+            if deployed is not None and deployed.code.path == fn.code:
+                code = deployed.code
+            else:  # the config's folder, which can change under us: the version gets a copy
+                assert fn.code is not None
+                data = await asyncio.to_thread(_packages().zip_folder, Path(fn.code))
+                code = Code(package_sha256(data), len(data), fn.code, fn.deps)
             if code_sha256 is not None and code_sha256 != code.sha256:
                 raise invalid(
                     f"CodeSHA256 ({code_sha256}) is different from current CodeSHA256 in"
@@ -308,10 +315,7 @@ class Versions:
             for newest in self.versions(fn.name)[-1:]:
                 if newest.code.sha256 == code.sha256 and newest.settings == settings:
                     return newest
-            if self._latest.get(fn.name) is None or self._latest[fn.name].code.path != fn.code:
-                # The config's folder can change under us: the version keeps a copy of its own.
-                assert fn.code is not None
-                data = await asyncio.to_thread(_packages().zip_folder, Path(fn.code))
+            if data is not None:
                 code = await self._unpack(data)
             number = max([self._counters.get(fn.name, 0), *self._versions.get(fn.name, {})])
             version = Version(
@@ -574,7 +578,7 @@ def invoked_arn(fn: FunctionConfig, qualifier: str | None) -> str:
     return f"{fn.arn}:{qualifier}" if qualifier and qualifier != LATEST else fn.arn
 
 
-def code_sha256(zip_bytes: bytes) -> str:
+def package_sha256(zip_bytes: bytes) -> str:
     """Lambda's CodeSha256 of a package: base64 of the SHA-256 of its zip."""
     return base64.b64encode(hashlib.sha256(zip_bytes).digest()).decode()
 

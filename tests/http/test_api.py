@@ -381,6 +381,9 @@ async def test_a_handler_chains_to_a_sibling_with_boto3_unchanged(tmp_path: Path
         assert result["status"] == 200
         assert result["payload"]["event"] == {"from": "chain"}
         assert result["admin"] == (401 if with_token else 200)
+        assert result["read"] == "ok"
+        # the workers' token may invoke and read, never deploy, publish or move an alias
+        assert result["change"] == ("UnrecognizedClientException" if with_token else "ok")
         status, _, answer = await daemon.invoke("chain", {"target": "nope"}, headers=auth)
         assert json.loads(answer) == {"error": "ResourceNotFoundException"}
     finally:

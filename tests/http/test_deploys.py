@@ -340,3 +340,33 @@ def test_the_api_refuses_a_zip_over_the_limit_packages_has():
     from daemon.http import management
 
     assert management.MAX_ZIP_BYTES == packages.MAX_ZIP_BYTES
+
+
+async def test_versions_beyond_keep_versions_go_unless_an_alias_needs_them(tmp_path: Path):
+    async with running_daemon(
+        tmp_path, config_body(tmp_path), daemon="keep_versions = 2\n"
+    ) as daemon:
+
+        def publish_four() -> list[str]:
+            client = lambda_client(daemon)
+            for n in range(4):
+                client.update_function_code(
+                    FunctionName="app", ZipFile=package(f"v{n + 1}"), Publish=True
+                )
+                if n == 0:
+                    client.create_alias(FunctionName="app", Name="old", FunctionVersion="1")
+            versions = client.list_versions_by_function(FunctionName="app")["Versions"]
+            return [v["Version"] for v in versions]
+
+        assert await asyncio.to_thread(publish_four) == ["$LATEST", "1", "3", "4"]
+        status, _, _ = await daemon.invoke("app:2")
+        assert status == 404
+        status, _, body = await daemon.invoke("app:old")
+        assert json.loads(body)["marker"] == "v1"
+        history = await daemon.get("/v1/functions/app/history")
+        collected = [h for h in history["history"] if h["actor"] == "lambdaemon (keep_versions)"]
+        assert [h["detail"]["versions"] for h in collected] == [[2]]
+        # the code of version 2 is gone from data_dir; the others' stay
+        code = tmp_path / "var" / "code"
+        kept = {p.name for p in code.iterdir()}
+        assert len(kept) == 3, kept  # versions 1, 3 and 4 ($LATEST is version 4's code)

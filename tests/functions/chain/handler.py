@@ -1,6 +1,7 @@
 """Chains to a sibling function with the AWS SDK, unchanged from Lambda: no endpoint, no keys.
 
-Also reports what the same credentials get from the daemon's admin API (`admin`)."""
+Also reports what the same credentials get from the daemon's admin API (`admin`), from a read
+of Lambda's API (`read`) and from a change (`change`: creating an alias)."""
 
 import json
 import os
@@ -24,7 +25,21 @@ def handler(event, context):
         "status": answer["StatusCode"],
         "payload": json.loads(answer["Payload"].read()),
         "admin": admin_status(),
+        "read": attempt(lambda: client.get_function(FunctionName=event["target"])),
+        "change": attempt(
+            lambda: client.create_alias(
+                FunctionName=event["target"], Name="from-chain", FunctionVersion="$LATEST"
+            )
+        ),
     }
+
+
+def attempt(call):
+    try:
+        call()
+    except ClientError as exc:
+        return exc.response["Error"]["Code"]
+    return "ok"
 
 
 def admin_status():
