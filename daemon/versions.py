@@ -427,7 +427,8 @@ class Versions:
                 if change.alias != name or change.version is None:
                     continue
                 if change.action == "rollback":
-                    if stack:
+                    # one that only dropped a canary left the version where it was
+                    if stack and change.previous != change.version:
                         stack.pop()
                 elif change.action == "delete_alias":
                     stack.clear()
