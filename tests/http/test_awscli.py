@@ -101,7 +101,7 @@ async def test_aws_cli_deploys_publishes_routes_a_canary_and_describes(tmp_path:
         # the CLI's shorthand syntax, as docs/deploys.md shows it
         canary = await aws(
             daemon, "update-alias", "--function-name", "app", "--name", "live",
-            "--routing-config", "AdditionalVersionWeights={2=0.5}",
+            "--function-version", "1", "--routing-config", "AdditionalVersionWeights={2=0.5}",
         )  # fmt: skip
         # Weighted calls until both versions answered: 3 calls on average, 40 at most (both
         # are missed with probability 2 * 0.5**40).
