@@ -35,6 +35,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the `daem
 _replaced_watchers: list[object] = []
 
 Key = tuple[Any, ...]
+Instance = tuple[str, str]  # (function name, version): the workers of one code version
 TIMED_OUT = object()  # the reply placeholder set by the deadline timer
 
 
@@ -70,6 +71,7 @@ class Worker:
         "invocations",
         "recycle",
         "mark",
+        "instance",
     )
 
     def __init__(
@@ -82,6 +84,7 @@ class Worker:
         mark: str,
     ) -> None:
         self.fn = fn
+        self.instance: Instance = (fn.name, fn.version)
         self.mark = mark  # in its environment and its descendants' (descendants.py)
         self.key = key
         self.proc = proc

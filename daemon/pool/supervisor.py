@@ -13,7 +13,8 @@ Log events: worker_started, worker_init_failed, handler_output (one per captured
 worker_stopped with reason idle | evicted | timeout | crashed | retired | recycled | closed |
 cancelled | init_failed | out_of_memory (recycled also says why: max_invocations, rss or
 handler_state); starts.py's worker_start_failed, pool_degraded and pool_restored; and
-descendants.py's orphans_killed.
+descendants.py's orphans_killed. worker_started and worker_stopped name the function and
+its version.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from daemon.pool.outcomes import (
 )
 from daemon.pool.process import (
     TIMED_OUT,
+    Instance,
     Key,
     State,
     Worker,
@@ -63,13 +65,14 @@ _EXIT_WAIT_S = 5.0
 _CRASH_GRACE_S = 1.0  # after EOF on the channel, how long a worker may take to finish exiting
 _SWEEP_AGAIN_S = 0.1  # after a sweep killed orphans: the next one reaps them
 _SWEEP_INTERVAL_S = 10.0  # the daemon's sweep for orphans that exited on their own
+LATEST = "$LATEST"  # the version a function's config describes; published ones never change
 
 
 class _Waiter:
-    __slots__ = ("name", "key", "future")
+    __slots__ = ("instance", "key", "future")
 
-    def __init__(self, name: str, key: Key, future: asyncio.Future[Worker | None]) -> None:
-        self.name = name
+    def __init__(self, instance: Instance, key: Key, future: asyncio.Future[Worker | None]) -> None:
+        self.instance = instance
         self.key = key
         self.future = future
 
@@ -77,11 +80,21 @@ class _Waiter:
 class WorkerPool:
     """Warm worker processes for every function, at most `max_workers` processes in all.
 
-    A call takes an idle worker of its function (warm) or starts one (cold); at the cap, the least
-    recently used idle worker of another function is stopped to make room, and when every worker
-    is busy, callers wait in arrival order. Idle workers stop after the function's
-    `idle_timeout_s`, except `min_warm` of them. Each call's stdout/stderr are captured into a
-    memfd (kept to `log_capture_bytes`) that the parent reads even after killing the worker.
+    Workers are pooled per instance, a function's (name, version): `$LATEST` and each published
+    version ("1", "2", ...) of one name keep their own workers, warm side by side, and a call
+    only ever runs on a worker of its own instance. A call takes an idle worker of its instance
+    (warm) or starts one (cold); at the cap, the least recently used idle worker of another
+    instance is stopped to make room, and when every worker is busy, callers wait in arrival
+    order. Idle workers stop after their config's `idle_timeout_s`; `min_warm` of them stay, for
+    the functions of the config (`start`/`update`: their `$LATEST`) only, never for a published
+    version. Each call's stdout/stderr are captured into a memfd (kept to `log_capture_bytes`)
+    that the parent reads even after killing the worker.
+
+    An instance's settings are the FunctionConfig of its latest call (for `$LATEST`, the config's
+    once `update` gave it); a worker built from other settings (new code after a deploy or a
+    reload) retires once idle, while calls in flight finish on the code they started on. A
+    published version never changes, so its workers live until they idle out, `retire` ends the
+    version, or `update` drops the function's name from the config.
     """
 
     def __init__(
@@ -101,16 +114,17 @@ class WorkerPool:
         self._capture_bytes = log_capture_bytes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._functions: dict[str, FunctionConfig] = {}
-        self._keys: dict[str, tuple[FunctionConfig, Key]] = {}  # latest settings per name
+        # The latest settings per instance; a worker whose key is not its instance's retires.
+        self._keys: dict[Instance, tuple[FunctionConfig, Key]] = {}
         self._workers: set[Worker] = set()
-        self._idle: dict[str, list[Worker]] = {}  # oldest first; the newest is reused first
-        self._counts: dict[str, int] = {}  # per function: workers reserved, starting, idle or busy
+        self._idle: dict[Instance, list[Worker]] = {}  # oldest first; the newest is reused first
+        self._counts: dict[Instance, int] = {}  # workers reserved, starting, idle or busy
         self._slots = 0  # processes counted against max_workers, from reservation until reaped
         self._dying = 0  # processes killed but not reaped yet: each frees a slot soon
         self._spawning = 0
         self._spawned: asyncio.Future[None] | None = None  # resolved when _spawning drops to 0
         self._waiters: deque[_Waiter] = deque()
-        self._warm_failed: dict[str, Key] = {}  # code whose init failed: not kept warm
+        self._warm_failed: dict[Instance, Key] = {}  # code whose init failed: not kept warm
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._reaper_wake = asyncio.Event()
@@ -133,18 +147,34 @@ class WorkerPool:
         await self.update(functions)
 
     async def update(self, functions: Mapping[str, FunctionConfig]) -> None:
-        """Adopt new settings: workers of changed or removed functions retire once idle."""
+        """Adopt new settings: workers of changed or removed functions retire once idle.
+
+        `functions` holds each function's `$LATEST` settings: a changed one retires that
+        instance's workers; the workers of published versions stay unless the name is gone."""
         self._functions = dict(functions)
         for fn in self._functions.values():
             self._key(fn)
-        for name in [name for name in self._keys if name not in self._functions]:
-            del self._keys[name]
+        for instance in [i for i in self._keys if i[0] not in self._functions]:
+            del self._keys[instance]
         for worker in list(self._workers):
             if worker.state is State.IDLE and not self._is_current(worker):
                 self._kill(worker, "retired")
         self._reaper_wake.set()
         if starting := self._ensure_warm():
             await asyncio.wait(starting)
+
+    def retire(self, name: str, version: str) -> None:
+        """End a published version (deleted, or no alias or caller needs it any more): its idle
+        workers stop now, busy ones once their call ends. A later call for it starts afresh."""
+        if version == LATEST:
+            raise ValueError(
+                f"function {name!r}: $LATEST cannot be retired on its own; remove the function"
+            )
+        self._keys.pop((name, version), None)
+        self._warm_failed.pop((name, version), None)
+        for worker in list(self._idle.get((name, version), ())):
+            self._kill(worker, "retired")
+        self._reaper_wake.set()  # forgets the instance once its last worker is gone
 
     async def invoke(
         self,
@@ -201,11 +231,22 @@ class WorkerPool:
         await self._sweep_last()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per function: idle workers and busy ones (serving or starting)."""
+        """Per function, all its versions together: idle workers and busy ones (serving or
+        starting)."""
         stats = {name: {"idle": 0, "busy": 0} for name in self._functions}
         for worker in self._workers:
             if worker.state not in (State.STOPPING, State.EXITED):
                 entry = stats.setdefault(worker.fn.name, {"idle": 0, "busy": 0})
+                entry["idle" if worker.state is State.IDLE else "busy"] += 1
+        return stats
+
+    def stats_by_version(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per function, then per version with a live worker: idle workers and busy ones."""
+        stats: dict[str, dict[str, dict[str, int]]] = {name: {} for name in self._functions}
+        for worker in self._workers:
+            if worker.state not in (State.STOPPING, State.EXITED):
+                versions = stats.setdefault(worker.fn.name, {})
+                entry = versions.setdefault(worker.fn.version, {"idle": 0, "busy": 0})
                 entry["idle" if worker.state is State.IDLE else "busy"] += 1
         return stats
 
@@ -223,33 +264,41 @@ class WorkerPool:
 
     def _key(self, fn: FunctionConfig) -> Key:
         """What a worker is built from; a worker with an outdated key retires."""
-        entry = self._keys.get(fn.name)
+        instance = (fn.name, fn.version)
+        entry = self._keys.get(instance)
         if entry is not None and entry[0] is fn:
             return entry[1]
         env = tuple(sorted(fn.env.items()))
         key = (fn.code, fn.deps, fn.handler, fn.memory_mb, fn.version, fn.region, env)
-        self._keys[fn.name] = (fn, key)
+        self._keys[instance] = (fn, key)
         return key
 
     def _is_current(self, worker: Worker) -> bool:
-        entry = self._keys.get(worker.fn.name)
+        entry = self._keys.get(worker.instance)
         return entry is not None and entry[1] == worker.key
 
-    def _settings(self, name: str) -> FunctionConfig | None:
-        """The function's current settings: the config's, else those of its latest call."""
-        entry = self._keys.get(name)
-        return self._functions.get(name) or (entry[0] if entry else None)
+    def _settings(self, instance: Instance) -> tuple[FunctionConfig, int] | None:
+        """The instance's current settings (the config's, else those of its latest call) and
+        how many of its workers stay warm: min_warm is for `$LATEST`, never a published version."""
+        fn = self._functions.get(instance[0])
+        if fn is None or fn.version != instance[1]:
+            entry = self._keys.get(instance)
+            if entry is None:
+                return None
+            fn = entry[0]
+        return fn, fn.min_warm if instance[1] == LATEST else 0
 
     async def _acquire(self, fn: FunctionConfig, key: Key) -> Worker | None:
         """An idle worker of `fn`, or None with a slot reserved for starting one."""
+        instance = (fn.name, fn.version)
         if not self._waiters:
-            if (worker := self._pop_idle(fn.name, key)) is not None:
+            if (worker := self._pop_idle(instance, key)) is not None:
                 return worker
             if self._slots < self._max_workers:
-                self._reserve(fn.name)
+                self._reserve(instance)
                 return None
         assert self._loop is not None
-        waiter = _Waiter(fn.name, key, self._loop.create_future())
+        waiter = _Waiter(instance, key, self._loop.create_future())
         self._waiters.append(waiter)
         self._pump()
         try:
@@ -257,13 +306,13 @@ class WorkerPool:
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
                 if (granted := waiter.future.result()) is None:
-                    self._unreserve(fn.name)
+                    self._unreserve(instance)
                 else:
                     self._release(granted)
             raise
 
-    def _pop_idle(self, name: str, key: Key) -> Worker | None:
-        idle = self._idle.get(name)
+    def _pop_idle(self, instance: Instance, key: Key) -> Worker | None:
+        idle = self._idle.get(instance)
         while idle:
             worker = idle.pop()
             worker.state = State.BUSY
@@ -274,13 +323,13 @@ class WorkerPool:
             self._kill(worker, "crashed" if worker.channel.corrupt else "retired")
         return None
 
-    def _reserve(self, name: str) -> None:
+    def _reserve(self, instance: Instance) -> None:
         self._slots += 1
-        self._counts[name] = self._counts.get(name, 0) + 1
+        self._counts[instance] = self._counts.get(instance, 0) + 1
 
-    def _unreserve(self, name: str) -> None:
+    def _unreserve(self, instance: Instance) -> None:
         self._slots -= 1
-        self._counts[name] -= 1
+        self._counts[instance] -= 1
         self._pump()
 
     def _pump(self) -> None:
@@ -291,10 +340,10 @@ class WorkerPool:
             waiter = self._waiters.popleft()
             if waiter.future.done():
                 continue
-            if (worker := self._pop_idle(waiter.name, waiter.key)) is not None:
+            if (worker := self._pop_idle(waiter.instance, waiter.key)) is not None:
                 waiter.future.set_result(worker)
             elif self._slots < self._max_workers:
-                self._reserve(waiter.name)
+                self._reserve(waiter.instance)
                 waiter.future.set_result(None)
             else:
                 waiting.append(waiter)
@@ -328,12 +377,12 @@ class WorkerPool:
         assert self._loop is not None
         worker.state = State.IDLE
         worker.idle_since = now = self._loop.time()
-        self._idle.setdefault(worker.fn.name, []).append(worker)
+        self._idle.setdefault(worker.instance, []).append(worker)
         if self._waiters:
             self._pump()
             return
-        fn = self._settings(worker.fn.name) or worker.fn
-        if self._counts[fn.name] > fn.min_warm:
+        fn, min_warm = self._settings(worker.instance) or (worker.fn, 0)
+        if self._counts[worker.instance] > min_warm:
             if self._reaper_at is None or now + fn.idle_timeout_s < self._reaper_at:
                 self._reaper_wake.set()
 
@@ -354,10 +403,10 @@ class WorkerPool:
         if worker.state in (State.STOPPING, State.EXITED):
             return
         if worker.state is State.IDLE:
-            self._idle[worker.fn.name].remove(worker)
+            self._idle[worker.instance].remove(worker)
         worker.state = State.STOPPING
         worker.stop_reason = reason
-        self._counts[worker.fn.name] -= 1
+        self._counts[worker.instance] -= 1
         self._dying += 1
         worker.kill_tree()
 
@@ -370,8 +419,8 @@ class WorkerPool:
             self._dying -= 1
         else:  # it died on its own
             if worker.state is State.IDLE:
-                self._idle[name].remove(worker)
-            self._counts[name] -= 1
+                self._idle[worker.instance].remove(worker)
+            self._counts[worker.instance] -= 1
             worker.stop_reason = "crashed"
             worker.kill_group()  # whatever the handler left running (the sweep below: the rest)
         worker.state = State.EXITED
@@ -387,6 +436,7 @@ class WorkerPool:
         emit(
             "worker_stopped",
             function=name,
+            version=worker.fn.version,
             pid=worker.pid,
             reason=worker.stop_reason,
             exit_code=exit_code,
@@ -410,17 +460,18 @@ class WorkerPool:
     def _ensure_warm(self) -> list[asyncio.Task[Any]]:
         """Start workers for functions below `min_warm`, in free slots only (no eviction)."""
         starting = []
-        for name, fn in self._functions.items():
-            key = self._keys[name][1]
-            if fn.min_warm == 0 or self._warm_failed.get(name) == key:
+        for fn in self._functions.values():
+            instance = (fn.name, fn.version)
+            key = self._keys[instance][1]
+            if fn.min_warm == 0 or self._warm_failed.get(instance) == key:
                 continue
             while (
-                self._counts.get(name, 0) < fn.min_warm
+                self._counts.get(instance, 0) < fn.min_warm
                 and self._slots < self._max_workers
                 and not self._waiters
                 and not self._closed
             ):
-                self._reserve(name)
+                self._reserve(instance)
                 starting.append(self._spawn_task(self._warm(fn, key), "pool-warm-start"))
         return starting
 
@@ -446,7 +497,8 @@ class WorkerPool:
         except Exception as exc:  # the slot is free again (_spawn): the next call tries anew
             error_type, error = start_error(fn.name, exc)
             if error_type == WORKER_START_FAILED:
-                self._retry_start_in(self.start_health.failed(fn.name, error), fn.name)
+                delay_s = self.start_health.failed(fn.name, error)
+                self._retry_start_in(delay_s, (fn.name, fn.version))
             else:
                 log.error(
                     "worker_init_failed",
@@ -468,11 +520,12 @@ class WorkerPool:
             self._drop(worker)
             raise
         if isinstance(message, Ready):
-            self._warm_failed.pop(fn.name, None)
+            self._warm_failed.pop(worker.instance, None)
             worker.init_duration_ms = message.init_duration_ms
             log.info(
                 "worker_started",
                 function=fn.name,
+                version=fn.version,
                 pid=worker.pid,
                 init_duration_ms=round(message.init_duration_ms, 3),
             )
@@ -491,7 +544,7 @@ class WorkerPool:
         (each of these steps fails with EMFILE when descriptors run out)."""
         assert self._loop is not None and fn.code is not None
         with contextlib.ExitStack() as undo:
-            undo.callback(self._unreserve, fn.name)
+            undo.callback(self._unreserve, (fn.name, fn.version))
             if self._closed:
                 raise PoolClosedError("the worker pool is closed")
             parent_sock, child_sock = socket.socketpair()
@@ -537,22 +590,24 @@ class WorkerPool:
             if not self._spawning and self._spawned is not None and not self._spawned.done():
                 self._spawned.set_result(None)
 
-    def _retry_start_in(self, delay_s: float, name: str) -> None:
-        """While starts fail, try one of `name`'s after `delay_s`, even when no call needs it."""
+    def _retry_start_in(self, delay_s: float, instance: Instance) -> None:
+        """While starts fail, try one of `instance`'s after `delay_s`, even when no call needs
+        it."""
         if self._start_retry is None and not self._closed:
             assert self._loop is not None
-            self._start_retry = self._loop.call_later(delay_s, self._retry_start, name)
+            self._start_retry = self._loop.call_later(delay_s, self._retry_start, instance)
 
-    def _retry_start(self, name: str) -> None:
+    def _retry_start(self, instance: Instance) -> None:
         self._start_retry = None
-        fn = self._settings(name) or next(iter(self._functions.values()), None)
+        settings = self._settings(instance)
+        fn = settings[0] if settings else next(iter(self._functions.values()), None)
         if self._closed or not self.start_health.degraded or fn is None:
             return
         if self._slots >= self._max_workers or self._waiters:  # calls will try starts anyway
-            self._retry_start_in(self.start_health.retry_delay_s(), name)
+            self._retry_start_in(self.start_health.retry_delay_s(), instance)
             return
         # A warm start: the worker it brings up serves the next call, or idles out.
-        self._reserve(fn.name)
+        self._reserve((fn.name, fn.version))
         self._spawn_task(self._warm(fn, self._key(fn)), "pool-retry-start")
 
     async def _init_failure(
@@ -565,7 +620,7 @@ class WorkerPool:
     ) -> Outcome:
         request_id = request.invocation_id if request else ""
         # min_warm stops restarting this code until it changes or a cold start gets through.
-        self._warm_failed[worker.fn.name] = worker.key
+        self._warm_failed[worker.instance] = worker.key
         if isinstance(message, InitFailed):
             self._kill(worker, "init_failed")
             await worker.wait_exit(_EXIT_WAIT_S)
@@ -734,15 +789,21 @@ class WorkerPool:
         """Stop what has expired; the time by which anything else could expire, if anything."""
         assert self._loop is not None
         now, next_at = self._loop.time(), None
-        for name, count in self._counts.items():
-            fn = self._settings(name)
-            if fn is None or count <= fn.min_warm:
+        for instance, count in list(self._counts.items()):
+            settings = self._settings(instance)
+            if settings is None:  # retired or removed: forgotten once its last worker is gone
+                if count == 0:
+                    del self._counts[instance]
+                    self._idle.pop(instance, None)
                 continue
-            spare = count - fn.min_warm
+            fn, min_warm = settings
+            if count <= min_warm:
+                continue
+            spare = count - min_warm
             # Busy workers released from now on expire no earlier than this; sleeping until then
             # spares waking the reaper on every release.
             earliest = now + fn.idle_timeout_s
-            for worker in list(self._idle.get(name, ())):
+            for worker in list(self._idle.get(instance, ())):
                 if worker.idle_since + fn.idle_timeout_s > now:
                     earliest = worker.idle_since + fn.idle_timeout_s
                     break
