@@ -91,6 +91,16 @@ async def paired_rounds(
     return _medians(ours), _medians(theirs), round(ratio, 3)
 
 
+def ratio_spread(ours: dict, theirs: dict) -> dict[str, float]:
+    """The per-round throughput ratios of two paired_rounds results: median, min and max."""
+    ratios = [a["rps"] / b["rps"] for a, b in zip(ours["rounds"], theirs["rounds"], strict=True)]
+    return {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+    }
+
+
 def _medians(runs: list[dict]) -> dict:
     out = {
         key: round(statistics.median(run[key] for run in runs), 2)
