@@ -13,6 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -107,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(command=cmd_replay)
     _dlq_parser(sub, common)
+    p = sub.add_parser(
+        "logs", parents=[common], help="a function's log lines; -f follows them as they happen"
+    )
+    p.add_argument("name", nargs="?", help="the function (default: every function)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--since", default="10m", help="10m, 1h, 7d or an RFC 3339 time (10m)")
+    p.add_argument("--status", help="only invocations that ended so (failed, timed_out, ...)")
+    p.set_defaults(command=cmd_logs)
     _deploy_parser(sub, common)
     return parser
 
@@ -288,6 +297,23 @@ def _request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with _open(config, path, method, body, headers, timeout=960) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def _open(
+    config: Config,
+    path: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    timeout: float | None = None,
+) -> Any:
+    """The daemon's answer to a request, open to read as it comes (an HTTPError for 4xx/5xx)."""
     host, port = config.api.listen.rsplit(":", 1)
     host = host.strip("[]")
     if host in ("0.0.0.0", "::", ""):
@@ -300,10 +326,9 @@ def _request(
         )
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=960) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError:
+        raise
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ApiError(
@@ -472,6 +497,34 @@ def cmd_dlq_redrive(config: Config, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 1 if data["not_redriven"] else 0
+
+
+def cmd_logs(config: Config, args: argparse.Namespace) -> int:
+    """Print log lines as `sam logs` does: time, then the line; --json the objects."""
+    query = {"since": args.since, "follow": "1" if args.follow else "0"}
+    if args.name:
+        query["function"] = args.name
+    if args.status:
+        query["status"] = args.status
+    path = "/v1/logs?" + urllib.parse.urlencode(query)
+    try:
+        with _open(config, path) as response:
+            for raw in response:
+                line = json.loads(raw)
+                if args.json:
+                    print(json.dumps(line), flush=True)
+                    continue
+                if line.get("missed"):
+                    print(f"lambdaemon: {line['missed']} lines missed", file=sys.stderr)
+                    continue
+                when = datetime.fromtimestamp(line["time"], UTC).isoformat(timespec="milliseconds")
+                name = "" if args.name else f"{line['function']}  "
+                print(f"{when.replace('+00:00', 'Z')}  {name}{line['line']}", flush=True)
+    except urllib.error.HTTPError as exc:
+        message = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        print(f"lambdaemon: {message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- deploys, versions and aliases (Lambda's management API) ---------------------------------

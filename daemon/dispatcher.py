@@ -40,6 +40,7 @@ from daemon.store.sqlite import (
     QueuedInvocation,
     Store,
 )
+from daemon.tail import LogHub
 from daemon.versions import DeployError, Versions, invoked_arn
 from triggers.base import EVENT_REJECTED, Accepted, rejected_event
 
@@ -88,6 +89,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[Any]] = set()  # their records being written, and the like
         self._stopping = False
         self._final_waiters: dict[str, list[asyncio.Future[str]]] = {}
+        self.log_hub = LogHub()  # followers of functions' logs
         # Sync records the store could not take yet (a full disk): written once it can.
         self.deferred = DeferredRecords(store)
 
@@ -712,6 +714,8 @@ class Dispatcher:
         invocation_id = request.invocation_id
         logs.invocation_started(log, invocation_id, fn.name, attempt)
         outcome = await self._pool.invoke(fn, request, on_start)
+        if self.log_hub.followers:  # someone follows logs (daemon/tail.py)
+            self.log_hub.publish(fn.name, invocation_id, fn.version, fn.memory_mb, attempt, outcome)
         logs.invocation_finished(
             log,
             invocation_id,

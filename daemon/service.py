@@ -197,6 +197,7 @@ class Service:
         self._deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
         notify("STOPPING=1\nSTATUS=draining")
         log.info("daemon_stopping")
+        dispatcher.log_hub.close()  # followed logs end now, not with the listener's drain
         for reload in self._reloads:  # the drain must not race a reload's lane changes
             reload.cancel()
         await asyncio.gather(*self._reloads, return_exceptions=True)

@@ -25,6 +25,7 @@ from daemon.errors import (
     UnknownFunctionError,
 )
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
+from daemon.http.follow import add_log_routes
 from daemon.http.idempotency import SyncResultCache
 from daemon.http.management import MAX_CODE_REQUEST, add_management_routes
 from daemon.http.shapes import dumps, lambda_error, parse_function_name
@@ -42,6 +43,7 @@ from daemon.models import Outcome, Status
 from daemon.pool.starts import StartHealth
 from daemon.store.health import STORE_HEALTH
 from daemon.store.sqlite import Store
+from daemon.tail import invocation_text
 from daemon.untrusted import MAX_JSON_DEPTH, is_utf8, json_too_deep
 from daemon.versions import DeployError, invoked_arn
 
@@ -66,22 +68,7 @@ POOL_HEALTH: web.AppKey[StartHealth] = web.AppKey("pool_health", StartHealth)
 
 def tail_log(invocation_id: str, fn: FunctionConfig, outcome: Outcome) -> str:
     """Lambda's log tail: START/END/REPORT lines around the captured output, last 4 KB, base64."""
-    report = (
-        f"REPORT RequestId: {invocation_id}\tDuration: {outcome.duration_ms:.2f} ms\t"
-        f"Billed Duration: {outcome.billed_duration_ms} ms\tMemory Size: {fn.memory_mb} MB\t"
-        f"Max Memory Used: {round(outcome.max_memory_mb or 0)} MB\t"
-    )
-    if outcome.init_duration_ms is not None:
-        report += f"Init Duration: {outcome.init_duration_ms:.2f} ms\t"
-    if outcome.status is Status.TIMED_OUT:
-        report += "Status: timeout"
-    elif outcome.status is Status.CRASHED:
-        report += f"Status: error\tError Type: {outcome.error_type}"
-    text = (
-        f"START RequestId: {invocation_id} Version: {fn.version}\n{outcome.logs}"
-        f"{'' if not outcome.logs or outcome.logs.endswith(chr(10)) else chr(10)}"
-        f"END RequestId: {invocation_id}\n{report}\n"
-    ).encode()
+    text = invocation_text(invocation_id, fn.version, fn.memory_mb, outcome).encode()
     return base64.b64encode(text[-TAIL_BYTES:]).decode()
 
 
@@ -421,6 +408,7 @@ def build_api(
     add_management_routes(app)
     app.router.add_get("/health", health)
     add_admin_routes(app)
+    add_log_routes(app)
     # Last: any other call of Lambda's API gets an error boto3 can model, not aiohttp's text.
     app.router.add_route("*", r"/{version:20\d\d-\d\d-\d\d}/{operation:.*}", unsupported)
     return app

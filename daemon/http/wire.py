@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from email.utils import formatdate
 from functools import partial
 from typing import Any
@@ -53,6 +53,18 @@ Handler = Callable[[Any], Coroutine[Any, Any, web.StreamResponse]]
 # Takes a request whose head is parsed: the handler that serves it once its body is here, a
 # response to answer at once without reading the body, or None: the app's own routes serve it.
 Router = Callable[["WireRequest"], "Handler | web.StreamResponse | None"]
+
+
+class StreamedResponse(web.Response):
+    """An answer whose body is produced as it goes (a log being followed): its head goes out at
+    once, then each chunk `chunks` yields, chunked, while the client takes them. A client that
+    stops reading holds the stream (and the producer's bounded queue fills, see daemon/tail.py)
+    until body_timeout_s drops it; the listener's stop ends every stream at once."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.chunks = chunks
+
 
 MAX_LINE_BYTES = 8190  # the request target, or one header field: as aiohttp (400 past it)
 MAX_HEADERS = 128  # as aiohttp (400 past it)
@@ -298,6 +310,8 @@ class FastSite(web.BaseSite):
                 conn.close()
             else:
                 conn.closing = True
+                if conn.streaming and conn.task is not None:
+                    conn.task.cancel()  # a followed log ends with the listener, not its drain
 
     async def drain(self) -> None:
         """Give requests in hand `drain_s` to be answered, then cancel them."""
@@ -401,6 +415,8 @@ class HttpConnection(asyncio.Protocol):
         self._body_size = 0
         self._held = 0  # budget it holds
         self._discard = False  # its body is read and dropped (the request was answered early)
+        self.streaming = False  # self.task pumps a StreamedResponse's chunks
+        self._writable: asyncio.Future[None] | None = None  # a stream waits for the client
 
     @property
     def idle(self) -> bool:
@@ -432,6 +448,9 @@ class HttpConnection(asyncio.Protocol):
                 self.site.release(held)
         self.queue.clear()
         self._drop_body()
+        self._wake_writer()
+        if self.streaming and self.task is not None:
+            self.task.cancel()  # nobody is reading: the producer lets go at once
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -457,6 +476,7 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._resume("write")
+        self._wake_writer()
         if self.phase == "write":
             self._set_idle_or_busy()
         self._next()
@@ -464,6 +484,10 @@ class HttpConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _wake_writer(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
 
     def _end(self) -> None:
         """Close once the last answer is written. When input was left unread (a body refused
@@ -792,8 +816,19 @@ class HttpConnection(asyncio.Protocol):
 
     def _answer(self, request: WireRequest, task: asyncio.Task[web.StreamResponse]) -> None:
         self.task = None
+        if self.streaming:  # a stream ended: its producer, its client or the listener stopped
+            self.streaming = False
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("http_stream_failed", path=request.path[:200], error=repr(exc))
+                self.closing = True
+            elif task.cancelled():
+                self.closing = True
+            self._write(b"0\r\n\r\n")
+            self._next()
+            return
         if self.transport is None or self.transport.is_closing():
             return
+        response: web.StreamResponse | None = None
         try:
             try:
                 response = task.result()
@@ -815,7 +850,31 @@ class HttpConnection(asyncio.Protocol):
             elif request.version is HttpVersion10:
                 data = data.replace(b"\r\n", b"\r\nConnection: keep-alive\r\n", 1)
         self._write(data)
+        if isinstance(response, StreamedResponse) and request.method != "HEAD":
+            self.streaming = True
+            self.task = task = self.loop.create_task(self._stream(response))
+            task.add_done_callback(partial(self._answer, request))
+            self._set_idle_or_busy()
+            return
         self._next()
+
+    async def _stream(self, response: StreamedResponse) -> web.StreamResponse:
+        """Write the chunks as they come, each once the client takes what went before."""
+        chunks = response.chunks
+        try:
+            async for chunk in chunks:
+                while "write" in self.paused and self.transport is not None:
+                    self._writable = self.loop.create_future()
+                    await self._writable
+                if self.transport is None:
+                    break
+                if chunk:
+                    self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+        return response
 
     def _set_idle_or_busy(self) -> None:
         now = time.monotonic()
@@ -911,7 +970,10 @@ def _render(response: web.StreamResponse, head_only: bool = False) -> bytes:
         if name.lower() not in ("content-length", "transfer-encoding", "date"):
             head.append(f"{name}: {value}\r\n")
     status = response.status
-    if status not in _NO_BODY:
+    if isinstance(response, StreamedResponse):
+        head.append("Transfer-Encoding: chunked\r\n")
+        body = b""
+    elif status not in _NO_BODY:
         head.append(f"Content-Length: {len(body)}\r\n")
     text = "".join(head)
     if text.count("\n") != len(head) or text.count("\r") != len(head):

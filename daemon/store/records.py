@@ -23,6 +23,11 @@ SUMMARY_COLUMNS = (
     " signal, worker_pid, recoveries, parent_id, dead_letter_reason, dead_lettered_at, redrives,"
     " hops"
 )
+# What a log line needs of a record (daemon/tail.py record_lines), and where it pages.
+LOG_COLUMNS = (
+    "id, function, function_version, status, attempt, queued_at, started_at, ended_at,"
+    " duration_ms, billed_duration_ms, init_duration_ms, max_memory_mb, error_type, logs"
+)
 QUEUED_COLUMNS = (
     "id, function, invocation_type, trigger, event, attempt, queued_at, next_attempt_at,"
     " retry_base, COALESCE(redriven_at, queued_at) AS age_from, function_version"

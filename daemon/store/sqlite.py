@@ -474,6 +474,28 @@ class Store:
         rows = await self.query(sql, (*(value for _, value in where), limit))
         return [dict(row) for row in rows]
 
+    async def log_records(
+        self,
+        function: str | None,
+        since: float,
+        status: str | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """Records queued since `since`, oldest first, with what `daemon/tail.py` prints of their
+        last attempt; pass the last row's (queued_at, id) as `after` to page."""
+        sql = f"SELECT {records.LOG_COLUMNS} FROM invocations WHERE queued_at >= ?"
+        params: list[Any] = [since]
+        for clause, value in (("function = ?", function), ("status = ?", status)):
+            if value is not None:
+                sql += f" AND {clause}"
+                params.append(value)
+        if after is not None:
+            sql += " AND (queued_at, id) > (?, ?)"
+            params += after
+        rows = await self.query(sql + " ORDER BY queued_at, id LIMIT ?", (*params, limit))
+        return [dict(row) for row in rows]
+
     async def list_dead_letters(
         self, function: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
