@@ -119,6 +119,7 @@ class Service:
                 else None,
                 apply=self._apply_deploy,
                 in_use=pool.code_in_use,
+                retire=pool.retire,
             )
             await versions.load()
             functions = versions.effective(config.functions)  # deployed code in place

@@ -97,7 +97,8 @@ class Versions:
 
     `apply` is called after a change to `$LATEST`'s code, to hand `effective()` of the config's
     functions to the dispatcher and the pool (the service does that, as after a reload).
-    `in_use` names the code folders live workers run from, which a collection must keep.
+    `in_use` names the code folders live workers run from, which a collection must keep;
+    `retire` stops the workers of a version that is deleted.
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class Versions:
         wheelhouse: Path | None = None,
         apply: Callable[[], Awaitable[None]] | None = None,
         in_use: Callable[[], Iterable[str]] = tuple,
+        retire: Callable[[str, str], None] | None = None,
     ) -> None:
         self._store = store
         self._data_dir = data_dir
@@ -116,6 +118,7 @@ class Versions:
         self._wheelhouse = wheelhouse
         self._apply = apply
         self._in_use = in_use
+        self._retire = retire  # the pool's: a deleted version's workers stop
         self._latest: dict[str, Latest] = {}
         self._versions: dict[str, dict[int, Version]] = {}
         self._aliases: dict[str, dict[str, Alias]] = {}
@@ -563,6 +566,8 @@ class Versions:
         for n in numbers:
             self._versions.get(name, {}).pop(n, None)
             self._configs.pop((name, n), None)
+            if self._retire is not None:
+                self._retire(name, str(n))
 
 
 def precondition(fn: FunctionConfig, given: str, current: str) -> DeployError:

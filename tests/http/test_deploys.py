@@ -370,3 +370,22 @@ async def test_versions_beyond_keep_versions_go_unless_an_alias_needs_them(tmp_p
         code = tmp_path / "var" / "code"
         kept = {p.name for p in code.iterdir()}
         assert len(kept) == 3, kept  # versions 1, 3 and 4 ($LATEST is version 4's code)
+
+
+async def test_a_deleted_versions_warm_worker_stops(daemon: Daemon):
+    def publish() -> None:
+        client = lambda_client(daemon)
+        client.update_function_code(FunctionName="app", ZipFile=package("one"), Publish=True)
+
+    await asyncio.to_thread(publish)
+    status, _, _ = await daemon.invoke("app:1")  # a warm worker of version 1
+    assert status == 200
+    mark = daemon.log_mark()
+    await asyncio.to_thread(
+        lambda_client(daemon).delete_function, FunctionName="app", Qualifier="1"
+    )
+    await daemon.wait_log(
+        "worker_stopped", since=mark, function="app", version="1", reason="retired"
+    )
+    status, _, _ = await daemon.invoke("app:1")
+    assert status == 404
