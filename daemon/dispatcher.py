@@ -106,6 +106,10 @@ class Dispatcher:
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: lane.stats() for name, lane in self._lanes.items()}
 
+    def lanes(self) -> dict[str, Lane]:
+        """Every lane by function name, those a reload removed too (their counts stay)."""
+        return {**self._lanes.retired, **self._lanes}
+
     # --- start-up -----------------------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -291,6 +295,9 @@ class Dispatcher:
         invocation_id, created = await self._store.insert_rejected(
             inv, EVENT_REJECTED, error, result, cron_fire=cron_fire
         )
+        if created and lane is not None:  # final at once: failed and dead-lettered
+            lane.counts.finish(trigger, Status.FAILED.value)
+            lane.counts.dead_letters += 1
         log.warning(
             "event_rejected",
             invocation_id=invocation_id,
@@ -365,6 +372,7 @@ class Dispatcher:
                     raise
                 # The drain cancelled the run, which recorded it: the caller hears why.
                 outcome = self._interrupted(inv.started_at or inv.queued_at)
+            lane.counts.finish(trigger, outcome.status.value)
             return invocation_id, outcome
         finally:
             visible.cancel()
@@ -520,7 +528,7 @@ class Dispatcher:
                 settled = await asyncio.shield(
                     self._store.dead_letter_waiting(item.id, EVENT_AGE_EXCEEDED, route=self._router)
                 )
-                self._dead_lettered(fn, item.id, item.attempt, settled.status, EVENT_AGE_EXCEEDED)
+                self._dead_lettered(lane, item, item.attempt, settled.status, EVENT_AGE_EXCEEDED)
                 self._routed(settled.routed)
                 return
             event = item.event
@@ -663,6 +671,7 @@ class Dispatcher:
         # The store writes the final record and its destination in one transaction.
         if outcome.status is Status.SUCCEEDED:
             settled = await self._store.settle(item.id, attempt, outcome, self._router)
+            lane.counts.finish(item.trigger, settled.status)
             self._resolve_final(item.id, settled.status)
             self._routed(settled.routed)
             return
@@ -674,10 +683,11 @@ class Dispatcher:
             settled = await self._store.settle(
                 item.id, attempt, outcome, self._router, dead_letter=verdict.dead_letter
             )
-            self._dead_lettered(fn, item.id, attempt, settled.status, verdict.dead_letter)
+            self._dead_lettered(lane, item, attempt, settled.status, verdict.dead_letter)
             self._routed(settled.routed)
             return
         await self._store.requeue(item.id, attempt, outcome, verdict.next_attempt_at)
+        lane.counts.retries += 1
         at = verdict.next_attempt_at
         log.info(
             "invocation_retry_scheduled",
@@ -691,17 +701,19 @@ class Dispatcher:
         lane.push_at(msgspec.structs.replace(item, attempt=attempt), at)
 
     def _dead_lettered(
-        self, fn: FunctionConfig, invocation_id: str, attempt: int, status: str, reason: str | None
+        self, lane: Lane, item: Backlogged, attempt: int, status: str, reason: str | None
     ) -> None:
         log.warning(
             "invocation_dead_lettered",
-            invocation_id=invocation_id,
-            function=fn.name,
+            invocation_id=item.id,
+            function=lane.fn.name,
             reason=reason,
             attempt=attempt,
             status=status,
         )
-        self._resolve_final(invocation_id, status)
+        lane.counts.finish(item.trigger, status)
+        lane.counts.dead_letters += 1
+        self._resolve_final(item.id, status)
 
     async def _run(
         self,
@@ -714,6 +726,8 @@ class Dispatcher:
         invocation_id = request.invocation_id
         logs.invocation_started(log, invocation_id, fn.name, attempt)
         outcome = await self._pool.invoke(fn, request, on_start)
+        if (lane := self._lanes.get(fn.name)) is not None:
+            lane.counts.ran(outcome.duration_ms, outcome.init_duration_ms)
         if self.log_hub.followers:  # someone follows logs (daemon/tail.py)
             self.log_hub.publish(fn.name, invocation_id, fn.version, fn.memory_mb, attempt, outcome)
         logs.invocation_finished(

@@ -22,6 +22,7 @@ import msgspec
 
 from daemon.config import FunctionConfig
 from daemon.errors import QueueFullError, ShuttingDownError
+from daemon.metrics import FunctionCounts
 
 MAX_WAITING_EVENT_BYTES = 16 * 1024 * 1024  # events of waiting invocations held in memory
 
@@ -78,6 +79,7 @@ class Lane:
         self.sync_waiters: deque[asyncio.Future[None]] = deque()
         self.backlog: deque[Backlogged] = deque()
         self.retry_timers: dict[str, asyncio.TimerHandle] = {}  # by invocation id
+        self.counts = FunctionCounts()  # for GET /metrics; kept across reloads with the lane
         self._start = start
 
     def stats(self) -> dict[str, int]:
@@ -100,6 +102,7 @@ class Lane:
             self.running += 1
             return
         if len(self.sync_waiters) >= self.fn.queue_size:
+            self.counts.throttles += 1
             raise QueueFullError(self.fn.name, self.fn.queue_size)
         waiter: asyncio.Future[None] = self.loop.create_future()
         self.sync_waiters.append(waiter)

@@ -40,6 +40,7 @@ from daemon.http.api import (
     sdk_environment,
     start_site,
 )
+from daemon.http.metrics import METRICS, MetricParts
 from daemon.pool import WorkerPool
 from daemon.reload import is_blank, needs_force, plan_reload, secret_digests
 from daemon.sources import TriggerSources
@@ -137,6 +138,7 @@ class Service:
             app[POOL_HEALTH] = pool.start_health
             app[LIFECYCLE] = self._unready_reason
             app[RELOAD] = self.request_reload
+            app[METRICS] = metric_parts = MetricParts(pool)
             api = await start_site(
                 app,
                 config.api.listen,
@@ -150,7 +152,7 @@ class Service:
             api_address.append(api.addresses[0][:2])  # the bound port, when `listen` said 0
             # Awaited before the API closes, so /health answers "draining" meanwhile.
             stack.push_async_callback(self._finish_drain, dispatcher)
-            sources = self._sources = TriggerSources(dispatcher)
+            sources = self._sources = metric_parts.sources = TriggerSources(dispatcher)
             stack.push_async_callback(sources.stop)  # producers stop first
             sources.start(build_sources(config, store))
             await _first(sources.wait_started(STARTUP_WAIT_S), stop.wait())

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import structlog
 
+from daemon.metrics import Sample
 from triggers.base import Emit, TriggerSource, UpdatableSource, supervise
 
 log = structlog.get_logger("lambdaemon.sources")
@@ -32,6 +33,14 @@ class TriggerSources:
     def get(self, name: str) -> TriggerSource | None:
         entry = self._running.get(name)
         return entry[0] if entry else None
+
+    def samples(self) -> list[Sample]:
+        """What the running sources report for GET /metrics (a kind without `samples`: none)."""
+        found: list[Sample] = []
+        for source, _ in self._running.values():
+            if (report := getattr(source, "samples", None)) is not None:
+                found.extend(report())
+        return found
 
     def start(self, sources: Iterable[TriggerSource]) -> None:
         """Run each source under supervise(); a name already running is a bug."""

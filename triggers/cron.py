@@ -48,6 +48,7 @@ from msgspec import Meta
 
 from daemon.backoff import Backoff
 from daemon.errors import ConfigError
+from daemon.metrics import Sample
 from triggers.base import Inputs, Placed, TriggerSettings, emit_built
 from triggers.eventbridge import RateSchedule, eventbridge_cron, parse_rate
 
@@ -404,6 +405,15 @@ class CronSource:
             for fn, tid, cfg in triggers
         ]
         self.started = asyncio.Event()
+        self._last_fire: dict[str, float] = {}  # trigger id -> nominal time of its last fire
+
+    def samples(self) -> list[Sample]:
+        name = "lambdaemon_cron_last_fire_timestamp_seconds"
+        return [
+            Sample(name, {"function": t.function, "trigger": t.trigger_id}, at)
+            for t in self._triggers
+            if (at := self._last_fire.get(t.trigger_id)) is not None
+        ]
 
     @staticmethod
     def inputs(config: Config, triggers: list[Placed], secrets: Mapping[str, str]) -> Inputs:
@@ -507,6 +517,7 @@ class CronSource:
     def _log_fired(
         self, t: _Trigger, nominal: datetime, delay_ms: float, accepted: Accepted
     ) -> None:
+        self._last_fire[t.trigger_id] = nominal.timestamp()
         log.info(
             "cron_fired",
             trigger_id=t.trigger_id,

@@ -65,6 +65,7 @@ from msgspec import Meta
 
 from daemon.backoff import Backoff
 from daemon.errors import ConfigError, StoreUnavailableError
+from daemon.metrics import Sample
 from daemon.untrusted import is_utf8
 from triggers.base import Inputs, Placed, TriggerSettings, emit_built, printable
 
@@ -114,6 +115,8 @@ class _Folder:
     rescan_s: float
     looks: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # names held back by a namesake in flight
+    unclaimed: int = 0  # matching files the last scan left in the folder (for GET /metrics)
+    in_flight: int = 0  # claimed files whose invocation is not finished
     rescan: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = "periodic"
 
@@ -148,6 +151,16 @@ class FilesSource:
         self._folders = [
             _Folder(path, ts, any(t[2].poll for t in ts), min(t[2].rescan_s for t in ts))
             for path, ts in by_path.items()
+        ]
+
+    def samples(self) -> list[Sample]:
+        return [
+            Sample(name, {"folder": str(folder.path)}, value)
+            for folder in self._folders
+            for name, value in (
+                ("lambdaemon_files_pending", folder.unclaimed),
+                ("lambdaemon_files_processing", folder.in_flight),
+            )
         ]
 
     @staticmethod
@@ -223,6 +236,7 @@ class FilesSource:
         present = {name for _, name, _ in found}
         folder.looks = {n: look for n, look in folder.looks.items() if n in present}
         claimed = sum(self._consider(folder, name, st) for _, name, st in sorted(found))
+        folder.unclaimed = len(found) - claimed
         quiet = reason in ("periodic", "recheck") and not claimed
         (log.debug if quiet else log.info)(
             "files_rescanned",
@@ -262,6 +276,7 @@ class FilesSource:
 
     async def _process(self, folder: _Folder, name: str) -> None:
         """One claimed file, from commit to its final place."""
+        folder.in_flight += 1
         try:
             match = folder.match(name)
             try:
@@ -283,6 +298,7 @@ class FilesSource:
                 "files_processing_failed", folder=str(folder.path), name=name, error=repr(exc)
             )
         finally:
+            folder.in_flight -= 1
             if name in folder.waiting:  # a namesake waited for this one to leave .processing
                 folder.waiting.discard(name)
                 folder.request_scan("recheck")

@@ -65,6 +65,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.backoff import Backoff
 from daemon.credentials import mqtt_connection
 from daemon.errors import ConfigError, EventRejectedError
+from daemon.metrics import Sample
 from daemon.untrusted import MAX_JSON_DEPTH, json_too_deep
 from triggers.base import Accepted, Emit, Inputs, Placed, TriggerSettings, emit_built
 
@@ -213,6 +214,7 @@ class MqttSource:
         self._seq_prefix = self._prefix + "seq:"
         self._seq = 0  # the last arrival number handed out
         self._store_trouble = False
+        self._connected = False  # subscribed on a live connection, for GET /metrics
         # Set once the first connection is subscribed, or has failed (it is retried in the
         # background): the daemon reports ready after that, never waiting on a broker.
         self.started = asyncio.Event()
@@ -237,6 +239,7 @@ class MqttSource:
                         session_present=client.session_present,
                     )
                     await self._subscribe(client)
+                    self._connected = True
                     self.started.set()
                     if not self._store_trouble:
                         backoff.reset()
@@ -246,10 +249,14 @@ class MqttSource:
                 reason = str(exc) + (f": {exc.__cause__}" if exc.__cause__ else "")
             except _NotStoredError as exc:
                 reason, self._store_trouble = str(exc), True
+            self._connected = False
             self.started.set()
             wait = backoff.next()
             log.warning("mqtt_disconnected", reason=reason, retry_in_s=round(wait, 2))
             await asyncio.sleep(wait)
+
+    def samples(self) -> list[Sample]:
+        return [Sample("lambdaemon_mqtt_connected", {}, float(self._connected))]
 
     def _client(self) -> _Client:
         s = self._settings

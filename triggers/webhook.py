@@ -41,6 +41,7 @@ from msgspec import Meta
 
 from daemon.credentials import read_secret
 from daemon.errors import ConfigError
+from daemon.metrics import Sample
 from triggers.base import Emit, Inputs, Placed, TriggerSettings, trigger_key
 
 if TYPE_CHECKING:
@@ -495,6 +496,7 @@ class WebhookSource:
         self.replays = ReplayGuard()  # one for all routes: a signature is refused on any of them
         self.routes = build_routes(config, triggers, self.replays)
         self.rejected: Counter[str] = Counter()
+        self.auth_failed: Counter[str] = Counter()  # by route path, as configured
         self.accepted = 0
         self.port: int | None = None  # the bound port once listening (`listen` may say 0)
         self.listening = asyncio.Event()
@@ -512,6 +514,16 @@ class WebhookSource:
     @property
     def auth_failures(self) -> int:
         return sum(n for reason, n in self.rejected.items() if reason.startswith("auth_"))
+
+    def samples(self) -> list[Sample]:
+        failed = "lambdaemon_webhook_auth_failures_total"
+        return [
+            *(Sample(failed, {"route": path}, n) for path, n in self.auth_failed.items()),
+            *(
+                Sample("lambdaemon_webhook_rejected_total", {"reason": reason}, n)
+                for reason, n in self.rejected.items()
+            ),
+        ]
 
     async def run(self, emit: Emit) -> None:
         # Imported here, not above: aiohttp and the HTTP stack load when the source serves, never

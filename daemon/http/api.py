@@ -28,6 +28,7 @@ from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.follow import add_log_routes
 from daemon.http.idempotency import SyncResultCache
 from daemon.http.management import MAX_CODE_REQUEST, add_management_routes
+from daemon.http.metrics import metrics
 from daemon.http.shapes import dumps, lambda_error, parse_function_name
 from daemon.http.wire import (
     STATS,
@@ -377,6 +378,8 @@ def _api_router(token: bytes | None, invoke_token: bytes | None = None) -> Route
             return refused()
         match = _INVOKE_PATH.fullmatch(request.path) if request.method == "POST" else None
         if match is None:
+            if request.method == "GET" and request.path == "/metrics":
+                return metrics  # behind the token, as everything but /health
             if request.method == "PUT" and _CODE_PATH.fullmatch(request.path):
                 request.max_body = MAX_CODE_REQUEST  # UpdateFunctionCode: a zip of up to 50 MiB
             return None
@@ -407,6 +410,7 @@ def build_api(
     app.router.add_post(f"{fn_path}/invocations", invoke)
     add_management_routes(app)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     add_admin_routes(app)
     add_log_routes(app)
     # Last: any other call of Lambda's API gets an error boto3 can model, not aiohttp's text.

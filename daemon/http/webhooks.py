@@ -298,6 +298,8 @@ class WebhookServer:
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
         count = self.source.rejected[reason] = self.source.rejected[reason] + 1
+        if route is not None and reason.startswith("auth_"):
+            self.source.auth_failed[route.path] += 1
         suppressed = self._throttle.allow(reason, time.monotonic())
         if suppressed is not None:  # a flood of refusals is counted, not logged line by line
             emit_log = log.warning if reason.startswith("auth_") else log.info

@@ -250,6 +250,19 @@ class WorkerPool:
                 entry["idle" if worker.state is State.IDLE else "busy"] += 1
         return stats
 
+    def worker_states(self) -> dict[tuple[str, str], int]:
+        """Live workers by (function, state): starting, idle or busy (for GET /metrics)."""
+        counts: dict[tuple[str, str], int] = {}
+        for worker in self._workers:
+            if worker.state in (State.STARTING, State.IDLE, State.BUSY):
+                key = (worker.fn.name, worker.state.value)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    @property
+    def max_workers(self) -> int:
+        return self._max_workers
+
     def code_in_use(self) -> set[str]:
         """The code and dependency folders that live workers run from."""
         return {

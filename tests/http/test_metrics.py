@@ -1,0 +1,215 @@
+"""GET /metrics of the real daemon, read back with prometheus-client's own text parser."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.daemon_proc import Daemon, Gate, free_port, running_daemon, write_config
+
+FUNCS = Path(__file__).resolve().parents[1] / "functions"
+BODY = f"""
+[functions.echo]
+handler = "handler.handler"
+code = "{FUNCS / "echo"}"
+
+[functions.boom]
+handler = "handler.handler"
+code = "{FUNCS / "boom"}"
+retries = 1
+retry_backoff_s = [0.05, 0.1]
+
+[functions.gated]
+handler = "handler.handler"
+code = "{FUNCS / "gated"}"
+concurrency = 1
+queue_size = 1
+timeout_s = 20
+"""
+
+
+class Scrape:
+    """One scrape's samples: value(name, **labels) of the one sample with those labels."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = [
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
+        assert len(found) == 1, f"{name}{labels}: {found}"
+        return found[0]
+
+    def labels(self, name: str, key: str) -> set[str]:
+        return {s.labels[key] for s in self.samples if s.name == name and key in s.labels}
+
+
+async def scrape(daemon: Daemon, headers: dict[str, str] | None = None) -> Scrape:
+    assert daemon.session is not None
+    async with daemon.session.get(f"{daemon.base}/metrics", headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return Scrape(await resp.text())
+
+
+async def test_metrics_count_success_failure_retry_dead_letter_and_429(tmp_path: Path):
+    async with running_daemon(tmp_path, BODY) as daemon:
+        for _ in range(2):
+            assert (await daemon.invoke("echo", {}))[0] == 200
+        _, headers, _ = await daemon.invoke("boom", {"why": "sync"})
+        assert headers["X-Amz-Function-Error"] == "Unhandled"
+        status, headers, _ = await daemon.invoke("boom", {"why": "async"}, kind="Event")
+        assert status == 202
+        await daemon.wait_log("invocation_dead_lettered", invocation_id=headers["x-amzn-RequestId"])
+
+        gate = Gate(tmp_path / "gate")
+        held = asyncio.ensure_future(daemon.invoke("gated", {"gate": str(gate.path)}))
+        await daemon.wait_log("worker_started", function="gated")  # busy from then on
+        waiting = asyncio.ensure_future(daemon.invoke("gated", {}))
+
+        async def one_waits() -> Scrape | None:
+            m = await scrape(daemon)
+            return m if m.value("lambdaemon_invocations_waiting", function="gated") else None
+
+        m = await daemon.wait_for(one_waits)  # polled: nothing logs a caller in line
+        assert (await daemon.invoke("gated", {}))[0] == 429
+        m = await scrape(daemon)
+        gate.release()
+        assert [(await held)[0], (await waiting)[0]] == [200, 200]
+
+        assert (
+            m.value(
+                "lambdaemon_invocations_total", function="echo", trigger="api", status="succeeded"
+            )
+            == 2
+        )
+        assert (
+            m.value("lambdaemon_invocations_total", function="boom", trigger="api", status="failed")
+            == 2
+        )
+        assert m.value("lambdaemon_retries_total", function="boom") == 1
+        assert m.value("lambdaemon_dead_letters_total", function="boom") == 1
+        assert m.value("lambdaemon_dead_letters_total", function="echo") == 0
+        assert m.value("lambdaemon_throttles_total", function="gated") == 1
+        assert m.value("lambdaemon_throttles_total", function="echo") == 0
+        assert m.value("lambdaemon_invocations_running", function="gated") == 1
+        assert m.value("lambdaemon_invocations_waiting", function="gated") == 1
+        assert m.value("lambdaemon_workers", function="gated", state="busy") == 1
+        assert m.value("lambdaemon_workers", function="echo", state="idle") == 1
+        assert m.value("lambdaemon_workers", function="echo", state="starting") == 0
+        # every attempt that ran has a duration: echo 2, boom 1 sync + 2 async attempts
+        assert m.value("lambdaemon_invocation_duration_seconds_count", function="echo") == 2
+        assert m.value("lambdaemon_invocation_duration_seconds_count", function="boom") == 3
+        assert (
+            m.value("lambdaemon_invocation_duration_seconds_bucket", function="echo", le="+Inf")
+            == 2
+        )
+        assert m.value("lambdaemon_invocation_duration_seconds_sum", function="echo") > 0
+        # one worker each: the first call was the cold start, with its init duration
+        assert m.value("lambdaemon_cold_starts_total", function="echo") == 1
+        assert m.value("lambdaemon_init_duration_seconds_count", function="echo") == 1
+        assert m.value("lambdaemon_store_commits_total") > 0
+        assert m.value("lambdaemon_store_commit_duration_seconds_count") > 0
+        assert m.value("lambdaemon_store_database_bytes") > 0
+        assert m.value("lambdaemon_outbox_records", status="pending") == 0
+        assert m.value("lambdaemon_http_connections_open", listener="api") >= 1
+        assert m.value("process_resident_memory_bytes") > 10 * 1024 * 1024
+
+        after = await scrape(daemon)
+        assert (
+            after.value(
+                "lambdaemon_invocations_total", function="gated", trigger="api", status="succeeded"
+            )
+            == 2
+        )
+        assert after.value("lambdaemon_invocations_running", function="gated") == 0
+
+
+async def test_metrics_label_values_come_from_the_config_never_from_requests(tmp_path: Path):
+    hooks = free_port()
+    (tmp_path / "hook.token").write_text("hook-secret\n")
+    body = (
+        f'[webhooks]\nlisten = "127.0.0.1:{hooks}"\n'
+        + BODY
+        + '[[functions.echo.triggers]]\ntype = "webhook"\npath = "/hook"\nmode = "sync"\n'
+        + f'auth = {{ type = "token", token_file = "{tmp_path / "hook.token"}" }}\n'
+    )
+    async with running_daemon(tmp_path, body) as daemon:
+        assert (await daemon.invoke("nosuch", {}))[0] == 404
+        assert (await daemon.invoke("echo%20x", {}))[0] == 404
+        status, _, _ = await daemon.invoke(
+            "echo", {}, headers={"X-Amz-Invocation-Type": "Bogus", "X-Amz-Client-Context": "x"}
+        )
+        assert status == 400
+        assert (await daemon.invoke("echo", {}, kind="Event"))[0] == 202
+        assert daemon.session is not None
+        url = f"http://127.0.0.1:{hooks}"
+        for path, auth in (("/hook", "Bearer wrong"), ("/hook", None), ("/elsewhere", "x")):
+            headers = {"Authorization": auth} if auth else {}
+            async with daemon.session.post(url + path, data=b"{}", headers=headers) as resp:
+                assert resp.status in (401, 404)
+        async with daemon.session.post(
+            f"{url}/hook", data=b"{}", headers={"Authorization": "Bearer hook-secret"}
+        ) as resp:
+            assert resp.status == 200
+
+        async def both_counted() -> Scrape | None:  # the async one counts once it is stored
+            m = await scrape(daemon)
+            total = sum(s.value for s in m.samples if s.name == "lambdaemon_invocations_total")
+            return m if total == 2 else None
+
+        m = await daemon.wait_for(both_counted)
+        configured = {"echo", "boom", "gated"}
+        assert m.labels("lambdaemon_invocations_total", "function") == {"echo"}
+        assert m.labels("lambdaemon_invocations_total", "trigger") == {"api", "webhook"}
+        for sample in m.samples:
+            if sample.name.startswith("lambdaemon_") and "function" in sample.labels:
+                assert sample.labels["function"] in configured, sample
+        assert m.labels("lambdaemon_webhook_auth_failures_total", "route") == {"/hook"}
+        assert m.value("lambdaemon_webhook_auth_failures_total", route="/hook") == 2
+        assert m.value("lambdaemon_webhook_rejected_total", reason="not_found") == 1
+        all_values = {v for s in m.samples for v in s.labels.values()}
+        assert not all_values & {"nosuch", "echo x", "echo%20x", "Bogus", "/elsewhere"}
+
+
+async def test_metrics_need_the_api_token_when_one_is_set(tmp_path: Path):
+    (tmp_path / "api.token").write_text("s3cret\n")
+    config = write_config(tmp_path, BODY)
+    token_line = f'[api]\ntoken_file = "{tmp_path / "api.token"}"\n'
+    config.write_text(config.read_text().replace("[api]\n", token_line))
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        assert daemon.session is not None
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            async with daemon.session.get(f"{daemon.base}/metrics", headers=headers) as resp:
+                assert resp.status == 401
+                assert "lambdaemon_" not in await resp.text()
+        m = await scrape(daemon, {"Authorization": "Bearer s3cret"})
+        assert m.value("lambdaemon_workers", function="echo", state="idle") == 0
+    finally:
+        await daemon.close()
+
+
+async def test_metrics_scrape_is_consistent_under_load(tmp_path: Path):
+    """Scrapes while calls run: every scrape parses, and counters never go down."""
+    async with running_daemon(tmp_path, BODY) as daemon:
+        calls = [asyncio.ensure_future(daemon.invoke("echo", {"n": n})) for n in range(40)]
+        seen = 0.0
+        while not all(call.done() for call in calls):
+            m = await scrape(daemon)
+            total = sum(s.value for s in m.samples if s.name == "lambdaemon_invocations_total")
+            assert total >= seen
+            seen = total
+        assert {(await call)[0] for call in calls} == {200}
+        m = await scrape(daemon)
+        assert (
+            m.value(
+                "lambdaemon_invocations_total", function="echo", trigger="api", status="succeeded"
+            )
+            == 40
+        )
+        assert m.value("lambdaemon_max_workers") > 0
