@@ -426,15 +426,18 @@ def _show(config: Config, args: argparse.Namespace, path: str) -> int:
         return 0
     logs = record.pop("logs", "") or ""
     for key, value in record.items():
-        if key not in ("attempts",):
+        if key not in ("attempts", "items"):
             print(f"{key:>20}: {json.dumps(value) if isinstance(value, dict | list) else value}")
     attempts = record.get("attempts") or []
     if len(attempts) > 1:  # a retried invocation: what each attempt came to
         print("            attempts:")
-        _print_table(
-            attempts,
-            ["attempt", "status", "started_at", "duration_ms", "error_type", "error_message"],
-        )
+        columns = ["attempt", "status", "started_at", "duration_ms", "error_type", "error_message"]
+        if any(a.get("batch_id") for a in attempts):  # each attempt ran in a batch
+            columns.append("batch_id")
+        _print_table(attempts, columns)
+    if items := record.get("items"):  # a batch invocation: what each of its items came to
+        print("               items:")
+        _print_table(items, ["invocation_id", "attempt", "status", "error_type"])
     if logs:
         print("                logs:")
         for line in logs.splitlines():

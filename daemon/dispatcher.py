@@ -24,6 +24,7 @@ import structlog
 
 from daemon import logs
 from daemon.backoff import Backoff
+from daemon.batches import BatchRunner
 from daemon.config import FunctionConfig
 from daemon.deferred import DeferredRecords
 from daemon.destinations.routing import Router
@@ -81,7 +82,8 @@ class Dispatcher:
         self._on_outbox = on_outbox  # called when a destination record joins the outbox
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
-        self._lanes = Lanes(functions, self._start, self._loop)
+        self._batches = BatchRunner(self)
+        self._lanes = Lanes(functions, self._start, self._loop, self._start_batch)
         # Where final outcomes go; the store calls it inside their final writes.
         self._router = Router(self._function_of)
         self._running: set[asyncio.Task[Any]] = set()  # invocations being run, async and sync
@@ -165,6 +167,7 @@ class Dispatcher:
             row.retry_base,
             row.age_from,
             row.function_version,
+            row.trigger_id,
         )
         if row.next_attempt_at is not None and row.next_attempt_at > time.time():
             lane.push_at(item, row.next_attempt_at)
@@ -260,7 +263,9 @@ class Dispatcher:
             log.debug(
                 "invocation_queued", invocation_id=invocation_id, function=function, trigger=trigger
             )
-            lane.push(Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at, version))
+            lane.push(
+                Backlogged(invocation_id, body, 0, trigger, 0, inv.queued_at, version, trigger_id)
+            )
         return Accepted(invocation_id=invocation_id, created=created)
 
     accept = __call__
@@ -509,6 +514,10 @@ class Dispatcher:
     def _start(self, lane: Lane, item: Backlogged) -> None:
         self._in_flight.add(item.id)
         self._spawn(self._run_async(lane, item), self._running)
+
+    def _start_batch(self, lane: Lane, items: list[Backlogged]) -> None:
+        self._in_flight.update(item.id for item in items)
+        self._spawn(self._batches.run(lane, items), self._running)
 
     def _spawn(self, coro: Any, tasks: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
         tasks = self._tasks if tasks is None else tasks

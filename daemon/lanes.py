@@ -9,6 +9,11 @@ only its id, and its event is read back from the store when it starts: a burst o
 costs disk, not memory. Synchronous callers go first when a slot frees up: someone is
 holding a connection open. The lane decides *when* something runs; the dispatcher, through
 `start`, decides what running it means.
+
+A trigger with `batch_size` > 1 gathers its invocations apart from the backlog, in arrival
+order: a batch is ready once it holds `batch_size` of them, or once `batch_window_s` has passed
+since the oldest one arrived, and then takes one slot (`start_batch`) for up to `batch_size`
+items bound to one version. When both wait, ready batches and the backlog take turns.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -37,6 +43,28 @@ class Backlogged(msgspec.Struct, frozen=True):
     retry_base: int  # the retry budget counts attempts after this one
     age_from: float  # the event's age counts from here
     version: str = "$LATEST"  # what the invocation was bound to when accepted (daemon/versions.py)
+    trigger_id: str | None = None  # `NAME#i`; a batched trigger's invocations run in batches
+
+
+@dataclass
+class _Gathering:
+    """The waiting invocations of one batched trigger, with the loop time each arrived."""
+
+    size: int
+    window_s: float
+    items: deque[tuple[float, Backlogged]] = field(default_factory=deque)
+    timer: asyncio.TimerHandle | None = None  # wakes the lane when the window ends
+
+    def ready(self, now: float) -> bool:
+        return len(self.items) >= self.size or now - self.items[0][0] >= self.window_s
+
+    def take(self) -> list[Backlogged]:
+        """Up to `size` items from the oldest, all bound to the oldest one's version."""
+        version = self.items[0][1].version
+        taken: list[Backlogged] = []
+        while self.items and len(taken) < self.size and self.items[0][1].version == version:
+            taken.append(self.items.popleft()[1])
+        return taken
 
 
 class EventBudget:
@@ -69,7 +97,11 @@ class Lane:
         start: Callable[[Lane, Backlogged], None],
         loop: asyncio.AbstractEventLoop,
         budget: EventBudget | None = None,
+        start_batch: Callable[[Lane, list[Backlogged]], None] | None = None,
     ) -> None:
+        self.gathering: dict[str, _Gathering] = {}  # by trigger id: batched triggers only
+        self._batch_turn = False  # whether a ready batch goes before the backlog next time
+        self._start_batch = start_batch
         self.fn = fn
         self.budget = budget or EventBudget()
         self.loop = loop
@@ -82,11 +114,37 @@ class Lane:
         self.counts = FunctionCounts()  # for GET /metrics; kept across reloads with the lane
         self._start = start
 
+    @property
+    def fn(self) -> FunctionConfig:
+        return self._fn
+
+    @fn.setter
+    def fn(self, fn: FunctionConfig) -> None:
+        """New settings; a trigger no longer batched hands what it gathered to the backlog."""
+        self._fn = fn
+        batching = {
+            f"{fn.name}#{i}": (getattr(t, "batch_size", 1), getattr(t, "batch_window_s", 0.0))
+            for i, t in enumerate(fn.triggers)
+            if getattr(t, "batch_size", 1) > 1
+        }
+        for trigger_id in list(self.gathering):
+            gathering = self.gathering[trigger_id]
+            if trigger_id not in batching:
+                del self.gathering[trigger_id]
+                if gathering.timer is not None:
+                    gathering.timer.cancel()
+                self.backlog.extend(item for _, item in gathering.items)
+            else:
+                gathering.size, gathering.window_s = batching[trigger_id]
+        for trigger_id, (size, window_s) in batching.items():
+            if trigger_id not in self.gathering:
+                self.gathering[trigger_id] = _Gathering(size, window_s)
+
     def stats(self) -> dict[str, int]:
         return {
             "running": self.running,
             "waiting": len(self.sync_waiters),
-            "backlog": len(self.backlog),
+            "backlog": len(self.backlog) + sum(len(g.items) for g in self.gathering.values()),
             "retrying": len(self.retry_timers),
         }
 
@@ -121,8 +179,15 @@ class Lane:
 
     def push(self, item: Backlogged) -> None:
         """Queue `item` to run when a slot is free."""
-        self.backlog.append(self.budget.hold(item))
+        self._add(item)
         self.pump()
+
+    def _add(self, item: Backlogged) -> None:
+        gathering = self.gathering.get(item.trigger_id or "") if self.gathering else None
+        if gathering is None:
+            self.backlog.append(self.budget.hold(item))
+        else:
+            gathering.items.append((self.loop.time(), self.budget.hold(item)))
 
     def push_at(self, item: Backlogged, at: float) -> None:
         """Queue `item` at epoch time `at`: a timer, not a polling loop."""
@@ -136,6 +201,23 @@ class Lane:
         self.retry_timers.pop(item.id, None)
         self.push(item)
 
+    def push_all_at(self, items: list[Backlogged], at: float) -> None:
+        """push_at for items that come due together (a batch's failed items): one timer, so
+        they arrive together and are retried as one smaller batch."""
+        if self.paused or not items:
+            return
+        delay_s = max(0.0, at - time.time())
+        items = [msgspec.structs.replace(item, event=None) for item in items]
+        timer = self.loop.call_later(delay_s, self._all_due, items)
+        for item in items:
+            self.retry_timers[item.id] = timer
+
+    def _all_due(self, items: list[Backlogged]) -> None:
+        for item in items:
+            self.retry_timers.pop(item.id, None)
+            self._add(item)
+        self.pump()
+
     def pump(self) -> None:
         """Hand free slots to waiting callers first, then to the async backlog."""
         if self.paused:
@@ -147,13 +229,49 @@ class Lane:
                     continue
                 self.running += 1
                 waiter.set_result(None)
+            elif self.gathering and (batch := self._ready_batch()) is not None:
+                self.running += 1
+                assert self._start_batch is not None
+                self._start_batch(self, batch)
             elif self.backlog:
+                self._batch_turn = True
                 item = self.backlog.popleft()
                 self.budget.release(item)
                 self.running += 1
                 self._start(self, item)
             else:
+                if self.gathering:
+                    self._arm_windows()
                 return
+
+    def _ready_batch(self) -> list[Backlogged] | None:
+        """The ready batch whose oldest item waited longest, on its turn; else None."""
+        if self.backlog and not self._batch_turn:
+            return None
+        now = self.loop.time()
+        ready = [g for g in self.gathering.values() if g.items and g.ready(now)]
+        if not ready:
+            return None
+        self._batch_turn = False
+        gathering = min(ready, key=lambda g: g.items[0][0])
+        batch = gathering.take()
+        for item in batch:
+            self.budget.release(item)
+        if gathering.timer is not None and not gathering.items:
+            gathering.timer.cancel()
+            gathering.timer = None
+        return batch
+
+    def _arm_windows(self) -> None:
+        # A slot is free and a batch is still filling: wake up when its window ends.
+        for gathering in self.gathering.values():
+            if gathering.items and gathering.timer is None:
+                at = gathering.items[0][0] + gathering.window_s
+                gathering.timer = self.loop.call_at(at, self._window_ended, gathering)
+
+    def _window_ended(self, gathering: _Gathering) -> None:
+        gathering.timer = None
+        self.pump()
 
     def pause(self, refusal: Exception) -> None:
         """Start nothing new; forget the backlog and retry timers (their rows stay queued).
@@ -164,6 +282,13 @@ class Lane:
         for item in self.backlog:
             self.budget.release(item)
         self.backlog.clear()
+        for gathering in self.gathering.values():
+            for _, item in gathering.items:
+                self.budget.release(item)
+            gathering.items.clear()
+            if gathering.timer is not None:
+                gathering.timer.cancel()
+                gathering.timer = None
         for timer in self.retry_timers.values():
             timer.cancel()
         self.retry_timers.clear()
@@ -179,7 +304,8 @@ class Lane:
 
     def holding(self) -> set[str]:
         """Ids of the invocations waiting here: in the backlog or on a retry timer."""
-        return {item.id for item in self.backlog} | set(self.retry_timers)
+        gathered = {item.id for g in self.gathering.values() for _, item in g.items}
+        return {item.id for item in self.backlog} | gathered | set(self.retry_timers)
 
 
 class Lanes(dict[str, Lane]):
@@ -194,13 +320,15 @@ class Lanes(dict[str, Lane]):
         functions: Mapping[str, FunctionConfig],
         start: Callable[[Lane, Backlogged], None],
         loop: asyncio.AbstractEventLoop,
+        start_batch: Callable[[Lane, list[Backlogged]], None] | None = None,
     ) -> None:
         self.budget = EventBudget()
         super().__init__(
-            (name, Lane(fn, start, loop, self.budget)) for name, fn in functions.items()
+            (name, Lane(fn, start, loop, self.budget, start_batch))
+            for name, fn in functions.items()
         )
         self.retired: dict[str, Lane] = {}
-        self._start, self._loop = start, loop
+        self._start, self._loop, self._start_batch = start, loop, start_batch
 
     def reconfigure(
         self, functions: Mapping[str, FunctionConfig], refusal: Callable[[str], Exception]
@@ -216,7 +344,9 @@ class Lanes(dict[str, Lane]):
         for name, fn in functions.items():
             if name not in self:
                 reopened = self.retired.pop(name, None)
-                self[name] = reopened or Lane(fn, self._start, self._loop, self.budget)
+                self[name] = reopened or Lane(
+                    fn, self._start, self._loop, self.budget, self._start_batch
+                )
                 opened.append(name)
             self[name].fn = fn
             self[name].resume()  # also starts what a raised concurrency allows now

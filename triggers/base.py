@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, Protocol, Self, runtime_checkable
 
 import msgspec
 import structlog
+from msgspec import Meta
 
 from daemon.backoff import Backoff
-from daemon.errors import EventRejectedError
+from daemon.errors import ConfigError, EventRejectedError
 from daemon.untrusted import MAX_JSON_DEPTH
 
 if TYPE_CHECKING:
@@ -71,6 +72,27 @@ class TriggerSettings(
     def check_all(cls, config: Config, triggers: Sequence[Placed]) -> None:
         """Checks that span the triggers of this kind (two webhooks on one route), all given in
         config order; the ConfigError names the later trigger's key, `trigger_key(id).FIELD`."""
+
+
+MAX_BATCH_SIZE = 10_000  # Lambda's BatchSize ceiling for queue and stream sources
+MAX_BATCH_WINDOW_S = 300.0  # ... and its MaximumBatchingWindowInSeconds ceiling
+
+
+class BatchedTriggerSettings(TriggerSettings, frozen=True, kw_only=True):
+    """A kind whose events may run in batches, as Lambda's event source mappings deliver them.
+
+    With `batch_size` > 1 the dispatcher hands the handler `{"Records": [event, ...]}`: up to
+    `batch_size` of this trigger's waiting events, waiting at most `batch_window_s` from the
+    first for more (daemon/batches.py). 1 (the default) runs each event on its own.
+    """
+
+    batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH_SIZE)] = 1
+    batch_window_s: Annotated[float, Meta(ge=0, le=MAX_BATCH_WINDOW_S)] = 0.0
+
+    def check(self, config: Config, key: str) -> None:
+        if self.batch_window_s > 0 and self.batch_size == 1:
+            reason = "a batch window needs batch_size > 1 (one event per invocation waits for none)"
+            raise ConfigError(config.path, f"{key}.batch_window_s", reason)
 
 
 # (function name, trigger id `NAME#index`, its settings): how a source is given its triggers.

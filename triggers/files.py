@@ -67,7 +67,7 @@ from daemon.backoff import Backoff
 from daemon.errors import ConfigError, StoreUnavailableError
 from daemon.metrics import Sample
 from daemon.untrusted import is_utf8
-from triggers.base import Inputs, Placed, TriggerSettings, emit_built, printable
+from triggers.base import BatchedTriggerSettings, Inputs, Placed, emit_built, printable
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -84,7 +84,7 @@ IGNORED_SUFFIXES = ("~", ".tmp", ".part", ".partial", ".crdownload")
 WATCH_MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.ONLYDIR  # Q_OVERFLOW, IGNORED always come
 
 
-class FilesTriggerConfig(TriggerSettings, tag="files", frozen=True):
+class FilesTriggerConfig(BatchedTriggerSettings, tag="files", frozen=True):
     path: str
     pattern: str = "*"
     after: Literal["move", "delete"] = "move"
@@ -93,6 +93,7 @@ class FilesTriggerConfig(TriggerSettings, tag="files", frozen=True):
     event_format: Literal["files", "s3"] = "files"
 
     def check(self, config: Config, key: str) -> None:
+        super().check(config, key)
         if "/" in self.pattern or not self.pattern:
             reason = f"{self.pattern!r}: a pattern matches file names, not paths"
             raise ConfigError(config.path, f"{key}.pattern", reason)

@@ -67,7 +67,7 @@ from daemon.credentials import mqtt_connection
 from daemon.errors import ConfigError, EventRejectedError
 from daemon.metrics import Sample
 from daemon.untrusted import MAX_JSON_DEPTH, json_too_deep
-from triggers.base import Accepted, Emit, Inputs, Placed, TriggerSettings, emit_built
+from triggers.base import Accepted, BatchedTriggerSettings, Emit, Inputs, Placed, emit_built
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -81,13 +81,14 @@ MESSAGE_ID = "message-id"  # user property a publisher may set as the event's id
 _json = msgspec.json.Encoder()
 
 
-class MqttTriggerConfig(TriggerSettings, tag="mqtt", frozen=True):
+class MqttTriggerConfig(BatchedTriggerSettings, tag="mqtt", frozen=True):
     topic: Annotated[str, Meta(min_length=1)]
     qos: Literal[0, 1] = 1
     event_format: Literal["mqtt", "iot"] = "mqtt"
     topic_field: Annotated[str, Meta(min_length=1)] | None = None  # "iot": the topic's key
 
     def check(self, config: Config, key: str) -> None:
+        super().check(config, key)
         if self.topic_field is not None and self.event_format != "iot":
             reason = 'only an event_format = "iot" trigger takes a topic_field'
             raise ConfigError(config.path, f"{key}.topic_field", reason)

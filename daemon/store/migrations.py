@@ -114,4 +114,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " at REAL NOT NULL, body BLOB NOT NULL)",
         "CREATE INDEX deploy_history_by_function ON deploy_history (function, id)",
     ),
+    # v6: batches (daemon/batches.py). A batch invocation is a row of its own (trigger 'batch',
+    # batch_id = its own id) holding what the handler got and returned; each item keeps its own
+    # row and retry budget, and `batch_id` names the batch its latest attempt ran in, each
+    # attempts row the batch of that attempt. The partial index lists a batch's items without
+    # costing anything to invocations that never ran in one.
+    (
+        "ALTER TABLE invocations ADD COLUMN batch_id TEXT",
+        "ALTER TABLE attempts ADD COLUMN batch_id TEXT",
+        "CREATE INDEX attempts_by_batch ON attempts (batch_id) WHERE batch_id IS NOT NULL",
+    ),
 )

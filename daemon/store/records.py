@@ -30,7 +30,7 @@ LOG_COLUMNS = (
 )
 QUEUED_COLUMNS = (
     "id, function, invocation_type, trigger, event, attempt, queued_at, next_attempt_at,"
-    " retry_base, COALESCE(redriven_at, queued_at) AS age_from, function_version"
+    " retry_base, COALESCE(redriven_at, queued_at) AS age_from, function_version, trigger_id"
 )
 
 
@@ -79,6 +79,7 @@ class QueuedInvocation(msgspec.Struct, frozen=True):
     retry_base: int  # the retry budget counts attempts after this one (a redrive moves it)
     age_from: float  # the event's age counts from here: accepted, or last redriven
     function_version: str = "$LATEST"  # the version it is bound to (daemon/versions.py)
+    trigger_id: str | None = None  # `NAME#i`: which trigger, so a batched one is batched again
 
 
 # --- writes --------------------------------------------------------------------------------
@@ -305,6 +306,16 @@ def fetch_record(conn: sqlite3.Connection, id: str) -> dict[str, Any] | None:
                 "SELECT * FROM attempts WHERE invocation_id = ? ORDER BY attempt", (id,)
             )
         ]
+        if record.get("batch_id") == id:  # a batch invocation: what each of its items came to
+            record["items"] = [
+                dict(a)
+                for a in conn.execute(
+                    "SELECT a.invocation_id, a.attempt, a.status, a.error_type FROM attempts a"
+                    " JOIN invocations i ON i.id = a.invocation_id WHERE a.batch_id = ?"
+                    " ORDER BY i.queued_at, i.id",
+                    (id,),
+                )
+            ]
         return record
     finally:
         conn.execute("COMMIT")

@@ -196,14 +196,15 @@ def recover_running(
     """
     rows = conn.execute(
         "SELECT id, function, invocation_type, attempt, started_at, worker_pid, retry_base,"
-        " COALESCE(redriven_at, queued_at) FROM invocations WHERE status = 'running'"
+        " COALESCE(redriven_at, queued_at), batch_id FROM invocations WHERE status = 'running'"
         " ORDER BY queued_at, id"
     ).fetchall()
     recovery = Recovery(requeued=[], crashed=[])
-    for id, function, kind, attempt, started_at, worker_pid, retry_base, age_from in rows:
+    for id, function, kind, attempt, started_at, worker_pid, retry_base, age_from, batch in rows:
         conn.execute(
             "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
-            " ended_at, error_type, error_message, worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " ended_at, error_type, error_message, worker_pid, batch_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 id,
                 attempt,
@@ -213,6 +214,7 @@ def recover_running(
                 INTERRUPTED_ERROR_TYPE,
                 INTERRUPTED_MESSAGE,
                 worker_pid,
+                batch,  # the batch this attempt ran in, if any (daemon/batches.py)
             ),
         )
         # The same policy as any failed attempt, so an event that keeps taking the daemon down

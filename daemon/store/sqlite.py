@@ -37,7 +37,8 @@ import structlog
 from daemon.errors import StoreReplacedError, StoreUnavailableError
 from daemon.metrics import COMMIT_BUCKETS_S, Histogram
 from daemon.models import FINAL_STATUSES, Outcome
-from daemon.store import cron, deploys, outbox, records, rejections, settle
+from daemon.store import batched, cron, deploys, outbox, records, rejections, settle
+from daemon.store.batched import BatchItem
 from daemon.store.batches import (
     BARRIER,
     BOOKKEEPING,
@@ -66,6 +67,7 @@ from daemon.store.settle import (
 
 __all__ = [
     "INTERRUPTED_ERROR_TYPE",
+    "BatchItem",
     "INTERRUPTED_MESSAGE",
     "MIGRATIONS",
     "NewInvocation",
@@ -178,6 +180,40 @@ class Store:
         future = self._submit(op)
         future.add_done_callback(partial(_log_unawaited_failure, id, "mark_running"))
         return future
+
+    def mark_batch_running(
+        self, batch_id: str, items: list[tuple[str, int]], started_at: float
+    ) -> asyncio.Future[None]:
+        """Enqueue the start of a batch: its (id, attempt) items marked running in one write."""
+        op = write(
+            batched.mark_running,
+            RELAXED | REPEATABLE,
+            batch_id=batch_id,
+            items=items,
+            started_at=started_at,
+        )
+        future = self._submit(op)
+        future.add_done_callback(partial(_log_unawaited_failure, batch_id, "mark_batch_running"))
+        return future
+
+    async def settle_batch(
+        self, batch: NewInvocation, outcome: Outcome, items: list[BatchItem], route: Route | None
+    ) -> list[Settled | None]:
+        """Record a batch invocation (`batch`, finished with `outcome`) and what each item came
+        to, in one transaction (daemon/store/batched.py); None for each item queued again."""
+        _require_final(outcome)
+        for item in items:
+            _require_final(item.outcome)
+        settled: list[Settled | None] = await self._write(
+            batched.settle_batch,
+            RELAXED | DEFERRABLE | REPEATABLE,
+            batch=batch,
+            outcome=outcome,
+            items=items,
+            now=time.time(),
+            route=route,
+        )
+        return settled
 
     async def finish(
         self, id: str, attempt: int, outcome: Outcome, *, dead_letter: str | None = None
@@ -526,6 +562,14 @@ class Store:
         """The invocation's event (None for an unknown id)."""
         rows = await self.query("SELECT event FROM invocations WHERE id = ?", (id,))
         return bytes(rows[0][0]) if rows else None
+
+    async def events_of(self, ids: list[str]) -> dict[str, bytes]:
+        """The events of the invocations `ids` that exist, by id."""
+        rows = await self.query(
+            "SELECT id, event FROM invocations WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        )
+        return {row[0]: bytes(row[1]) for row in rows}
 
     async def error_of(self, id: str) -> dict[str, str | None] | None:
         """The invocation's `error_type` and `error_message` (None for an unknown id)."""
