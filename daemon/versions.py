@@ -440,6 +440,12 @@ class Versions:
             if len(stack) < 2:
                 raise conflict(f"alias {name} of {fn.name} has no earlier version to roll back to")
             target = stack[-2]
+            if target != LATEST and int(target) not in self._versions.get(fn.name, {}):
+                raise conflict(
+                    f"alias {name} of {fn.name} named version {target} before, and that version"
+                    f" is deleted (keep_versions = {self.keep_versions} keeps the newest"
+                    " unless an alias needs an older one)"
+                )
         return await self.put_alias(
             fn,
             name,

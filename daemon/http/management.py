@@ -455,13 +455,14 @@ async def delete_alias(
 async def function_history(
     request: web.Request, versions: Versions, fn: FunctionConfig, qualifier: str | None
 ) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "100"))
-        before = int(request.query["before"]) if "before" in request.query else None
-    except ValueError:
-        limit = 0
+    limit = _integer(request, "limit", 100)
     if not 1 <= limit <= 1000:
         raise _refuse(400, "InvalidParameterValueException", "limit is an integer from 1 to 1000")
+    before = _integer(request, "before", 0) if "before" in request.query else None
+    if before is not None and not 1 <= before < 2**62:  # an entry's id: SQLite's integer range
+        raise _refuse(
+            400, "InvalidParameterValueException", "before is a history entry's id (from next)"
+        )
     changes = await versions.history(fn.name, limit, before)
     rows = [
         {
@@ -480,6 +481,14 @@ async def function_history(
     if len(rows) == limit:
         body["next"] = rows[-1]["id"]
     return _json(body)
+
+
+def _integer(request: web.Request, key: str, default: int) -> int:
+    """The query's `key` as an integer; -1 (out of every range) when it is not one."""
+    try:
+        return int(request.query.get(key, str(default)))
+    except ValueError:
+        return -1
 
 
 @_call

@@ -257,3 +257,39 @@ async def test_lambdaemon_deploy_versions_alias_rollback_history(tmp_path: Path)
     assert code == 1 and "ResourceNotFoundException: Alias not found" in err and "app:nope" in err
     code, _, err = got["unreadable"]
     assert code == 65 and "cannot read" in err and "none.zip" in err
+
+
+async def test_lambdaemon_rollback_to_a_collected_version_says_so(tmp_path: Path):
+    body = config_body(tmp_path)
+    async with running_daemon(tmp_path, body, daemon="keep_versions = 2\n") as daemon:
+        steps = []
+        for n in (1, 2, 3):
+            code = folder(tmp_path / f"v{n}", f"v{n}")
+            steps.append(await lambdaemon(daemon, "deploy", "app", code, "--publish"))
+            steps.append(await lambdaemon(daemon, "alias", "app", "live", str(n)))
+        # version 1 went once version 3 came: no alias named it any more
+        back = await lambdaemon(daemon, "rollback", "app", "live")
+        further = await lambdaemon(daemon, "rollback", "app", "live")
+        pages = {}
+        assert daemon.session is not None
+        for query in ("limit=2", "before=abc", "before=0", f"before={2**64}", "limit=x"):
+            url = f"{daemon.base}/v1/functions/app/history?{query}"
+            async with daemon.session.get(url) as resp:
+                pages[query] = (resp.status, await resp.json())
+        _, first = pages["limit=2"]
+        async with daemon.session.get(
+            f"{daemon.base}/v1/functions/app/history?limit=2&before={first['next']}"
+        ) as resp:
+            second = await resp.json()
+    assert all(code == 0 for code, _, _ in steps), steps
+    assert back[0] == 0 and back[1].endswith("-> version 2\n"), back
+    code, out, err = further
+    assert code == 1 and out == "" and "ResourceConflictException" in err, err
+    assert "named version 1 before, and that version is deleted (keep_versions = 2" in err
+    assert [h["action"] for h in first["history"]] == ["rollback", "update_alias"]
+    assert [h["action"] for h in second["history"]] == ["delete_version", "publish"]
+    for query in ("before=abc", "before=0", f"before={2**64}"):
+        status, refusal = pages[query]
+        assert status == 400 and "before is a history entry's id" in refusal["message"], query
+    status, refusal = pages["limit=x"]
+    assert status == 400 and "limit is an integer from 1 to 1000" in refusal["message"]
