@@ -102,7 +102,7 @@ SOURCE_METRICS = {
     ),
     "lambdaemon_files_pending": (
         "gauge",
-        "Files waiting in a watched folder at its last look (not claimed yet)",
+        "Files seen in a watched folder and not claimed yet: not complete, or a namesake in flight",
         ("folder",),
     ),
     "lambdaemon_files_processing": (

@@ -116,8 +116,7 @@ class _Folder:
     rescan_s: float
     looks: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # names held back by a namesake in flight
-    unclaimed: int = 0  # matching files the last scan left in the folder (for GET /metrics)
-    in_flight: int = 0  # claimed files whose invocation is not finished
+    in_flight: int = 0  # claimed files whose invocation is not finished (for GET /metrics)
     rescan: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = "periodic"
 
@@ -159,7 +158,7 @@ class FilesSource:
             Sample(name, {"folder": str(folder.path)}, value)
             for folder in self._folders
             for name, value in (
-                ("lambdaemon_files_pending", folder.unclaimed),
+                ("lambdaemon_files_pending", len(folder.looks) + len(folder.waiting)),
                 ("lambdaemon_files_processing", folder.in_flight),
             )
         ]
@@ -237,7 +236,6 @@ class FilesSource:
         present = {name for _, name, _ in found}
         folder.looks = {n: look for n, look in folder.looks.items() if n in present}
         claimed = sum(self._consider(folder, name, st) for _, name, st in sorted(found))
-        folder.unclaimed = len(found) - claimed
         quiet = reason in ("periodic", "recheck") and not claimed
         (log.debug if quiet else log.info)(
             "files_rescanned",
