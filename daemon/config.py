@@ -355,8 +355,10 @@ def _validate_function(
 
 
 # A function's qualifiers (daemon/versions.py): a published version's number, an alias's name.
-VERSION_NUMBER = re.compile(r"^[1-9]\d{0,9}$")
-ALIAS_NAME = re.compile(r"^(?!\d+$)[A-Za-z0-9_-]{1,128}$")
+# ASCII digits and \Z: `\d` takes any script's digits and `$` a trailing newline, and "1\n"
+# would be stored as a version an alias names while version 1 could still be deleted under it.
+VERSION_NUMBER = re.compile(r"^[1-9][0-9]{0,9}\Z")
+ALIAS_NAME = re.compile(r"^(?![0-9]+\Z)[A-Za-z0-9_-]{1,128}\Z")
 
 
 def qualifier_problem(qualifier: str) -> str | None:
