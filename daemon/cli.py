@@ -92,11 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("functions", parents=[common], help="list functions").set_defaults(
         command=cmd_functions
     )
-    p = sub.add_parser("invocations", parents=[common], help="list recent invocations")
-    p.add_argument("--function")
-    p.add_argument("--status")
-    p.add_argument("--limit", type=int, default=20)
-    p.set_defaults(command=cmd_invocations)
+    _history_parser(sub, common)
     p = sub.add_parser("show", parents=[common], help="show one invocation in full")
     p.add_argument("id")
     p.set_defaults(command=cmd_show)
@@ -118,6 +114,34 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_logs)
     _deploy_parser(sub, common)
     return parser
+
+
+def _history_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    times = "RFC 3339 (2026-12-04T18:00:00Z), a date (UTC) or an age (30m, 1h, 7d)"
+    p = sub.add_parser(
+        "invocations",
+        parents=[common],
+        help="list invocations, newest first, by function, status, trigger, time or version",
+    )
+    p.add_argument("--function", help="only this function's")
+    p.add_argument("--status", help="queued, running, succeeded, failed, timed_out or crashed")
+    p.add_argument("--trigger", help="api, webhook, cron, mqtt, files, replay, destination")
+    p.add_argument("--since", help=f"accepted at or after: {times}")
+    p.add_argument("--until", help=f"accepted before: {times}")
+    p.add_argument("--version", help="the version it ran: $LATEST or a number")
+    p.add_argument("--id", help="one invocation (request id)")
+    p.add_argument("--limit", type=int, default=20, help="rows per page, 1 to 1000 (default 20)")
+    p.add_argument("--all", action="store_true", help="print every page, not just the first")
+    p.set_defaults(command=cmd_invocations)
+    p = sub.add_parser(
+        "usage",
+        parents=[common],
+        help="what the functions used (requests, errors, billed time, GB-seconds) and what"
+        " AWS Lambda would charge for it",
+    )
+    p.add_argument("--since", default="30d", help=f"from this day on (default 30d): {times}")
+    p.add_argument("--by", choices=["day", "function"], default="day", help="one row per ...")
+    p.set_defaults(command=cmd_usage)
 
 
 def _deploy_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -385,28 +409,57 @@ def cmd_functions(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+_INVOCATION_COLUMNS = [
+    "id",
+    "function",
+    "trigger",
+    "status",
+    "attempt",
+    "queued_at",
+    "duration_ms",
+    "error_type",
+]
+
+
 def cmd_invocations(config: Config, args: argparse.Namespace) -> int:
     query = {"limit": str(args.limit)}
-    if args.function:
-        query["function"] = args.function
-    if args.status:
-        query["status"] = args.status
-    rows = _get_json(config, "/v1/invocations?" + urllib.parse.urlencode(query))["invocations"]
+    for name in ("function", "status", "trigger", "since", "until", "version", "id"):
+        if getattr(args, name):
+            query[name] = getattr(args, name)
+    rows: list[dict[str, Any]] = []
+    while True:
+        page = _get_json(config, "/v1/invocations?" + urllib.parse.urlencode(query))
+        if args.all and not args.json:  # page by page: --all over a big store streams
+            _print_table(page["invocations"], _INVOCATION_COLUMNS, header=not rows)
+        rows += page["invocations"]
+        if not args.all or page.get("next") is None:
+            break
+        query["cursor"] = page["next"]
     if args.json:
         print(json.dumps(rows, indent=2))
+    elif not args.all:
+        _print_table(rows, _INVOCATION_COLUMNS)
+    return 0
+
+
+def cmd_usage(config: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"since": args.since, "by": args.by})
+    data = _get_json(config, "/v1/usage?" + query)
+    if args.json:
+        print(json.dumps(data, indent=2))
         return 0
-    _print_table(
-        rows,
-        [
-            "id",
-            "function",
-            "trigger",
-            "status",
-            "attempt",
-            "queued_at",
-            "duration_ms",
-            "error_type",
-        ],
+    rows = [*data["usage"], {args.by: "total", **data["total"]}]
+    for row in rows:
+        row["cost_usd"] = f"{row['cost_usd']['total']:.6f}"
+        row["duration_s"] = f"{row['duration_ms'] / 1000:.3f}"
+        row["billed_s"] = f"{row['billed_duration_ms'] / 1000:.3f}"
+        row["gb_seconds"] = f"{row['gb_seconds']:.3f}"
+    columns = [args.by, "requests", "errors", "duration_s", "billed_s", "gb_seconds", "cost_usd"]
+    _print_table(rows, columns)
+    prices = data["prices"]
+    print(
+        f"since {data['since']} (UTC days); priced at ${prices['per_request_usd']} per request"
+        f" and ${prices['per_gb_second_usd']} per GB-second ({prices['defaults']} by default)"
     )
     return 0
 
@@ -696,16 +749,19 @@ def _post_json(config: Config, path: str, payload: dict[str, Any]) -> Any:
     return data
 
 
-def _print_table(rows: list[dict[str, Any]], columns: list[str], extra: Any = None) -> None:
+def _print_table(
+    rows: list[dict[str, Any]], columns: list[str], extra: Any = None, *, header: bool = True
+) -> None:
     table = []
     for row in rows:
         merged = {**row, **(extra(row) if extra else {})}
         table.append([_cell(merged.get(c)) for c in columns + (["triggers"] if extra else [])])
-    header = [c.upper() for c in columns + (["triggers"] if extra else [])]
+    heads = [c.upper() for c in columns + (["triggers"] if extra else [])]
     widths = [
-        max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(header)
+        max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(heads)
     ]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    if header:
+        print("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip())
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 

@@ -78,6 +78,11 @@ class DaemonSettings(_Section, frozen=True):
     wheelhouse: str | None = None
     # Published versions kept per function beyond those an alias or a queued invocation needs.
     keep_versions: Annotated[int, Meta(ge=1, le=10_000)] = 10
+    # What `lambdaemon usage` prices the work at, in US dollars: AWS Lambda's published x86
+    # prices in us-east-1 as published in 2024-2025 (docs/reference.md), per request and per
+    # GB-second.
+    price_per_request: NonNegative = 0.0000002
+    price_per_gb_second: NonNegative = 0.0000166667
 
 
 class ListenerSettings(_Section, frozen=True):

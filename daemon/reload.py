@@ -45,6 +45,8 @@ LIVE = frozenset(
         "daemon.functions_dir",  # code folders: compared as part of each function
         "daemon.region",  # part of each function, and of cron events
         "daemon.shutdown_timeout_s",  # read when the shutdown starts
+        "daemon.price_per_request",  # read by each GET /v1/usage
+        "daemon.price_per_gb_second",
         "mqtt",  # the MQTT source reconnects with it
         "webhooks",  # in place, or a rebind for `listen`
     }

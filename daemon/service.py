@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config, listen_host, load_config
+from daemon.config import Config, FunctionConfig, listen_host, load_config
 from daemon.datadir import check_data_dir
 from daemon.destinations.relay import OutboxRelay
 from daemon.dispatcher import Dispatcher
@@ -40,6 +40,7 @@ from daemon.http.api import (
     sdk_environment,
     start_site,
 )
+from daemon.http.history import DAEMON_SETTINGS
 from daemon.http.metrics import METRICS, MetricParts
 from daemon.pool import WorkerPool
 from daemon.reload import is_blank, needs_force, plan_reload, secret_digests
@@ -125,6 +126,7 @@ class Service:
             await versions.load()
             functions = versions.effective(config.functions)  # deployed code in place
             await pool.start(functions)
+            await store.save_memory_sizes(_memory_sizes(functions))
             dispatcher = self.dispatcher = Dispatcher(
                 store, pool, functions, on_outbox=outbox.wake, versions=versions
             )
@@ -139,6 +141,7 @@ class Service:
             app[LIFECYCLE] = self._unready_reason
             app[RELOAD] = self.request_reload
             app[METRICS] = metric_parts = MetricParts(pool)
+            app[DAEMON_SETTINGS] = lambda: self.config.daemon  # prices apply on reload
             api = await start_site(
                 app,
                 config.api.listen,
@@ -276,6 +279,7 @@ class Service:
         functions = self._versions.effective(plan.config.functions)  # deployed code stays
         await self.dispatcher.update(functions)
         await self._pool.update(functions)
+        await self._store.save_memory_sizes(_memory_sizes(functions))
         for name in plan.update:
             self._sources.update(fresh[name])
         self._sources.start(fresh[name] for name in plan.start)
@@ -297,6 +301,10 @@ class Service:
             functions = self._versions.effective(self.config.functions)
             await self.dispatcher.update(functions)
             await self._pool.update(functions)
+
+
+def _memory_sizes(functions: dict[str, FunctionConfig]) -> dict[str, int]:
+    return {name: fn.memory_mb for name, fn in functions.items()}
 
 
 async def _first(*awaitables: Any) -> None:

@@ -1,4 +1,7 @@
-"""The admin JSON endpoints under /v1/: functions, invocations, replays and dead letters."""
+"""The admin JSON endpoints under /v1/: functions, invocations, replays and dead letters.
+
+History pages (GET /v1/invocations) and usage are daemon/http/history.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from aiohttp import web
 
 from daemon.dispatcher import Dispatcher
 from daemon.errors import StoreUnavailableError, UnknownFunctionError
-from daemon.models import Status
 from daemon.store.sqlite import Store
 from daemon.untrusted import json_too_deep
 
@@ -26,7 +28,6 @@ _json = msgspec.json.Encoder()
 def add_admin_routes(app: web.Application) -> None:
     """Serve the /v1/ endpoints from `app`, whose DISPATCHER and STORE are set."""
     app.router.add_get("/v1/functions", list_functions)
-    app.router.add_get("/v1/invocations", list_invocations)
     app.router.add_get("/v1/invocations/{id}", get_invocation)
     app.router.add_post("/v1/invocations/{id}/replay", replay_invocation)
     app.router.add_get("/v1/dead-letters", list_dead_letters)
@@ -72,26 +73,13 @@ async def list_functions(request: web.Request) -> web.Response:
     return web.json_response({"functions": rows}, dumps=_dumps)
 
 
-async def list_invocations(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    limit = _limit(request)
-    if limit is None:
-        return _error(400, "limit must be a whole number from 1 to 1000")
-    status = request.query.get("status") or None
-    if status is not None and status not in Status.__members__.values():
-        return web.json_response({"error": f"unknown status {status!r}"}, status=400)
-    await store.barrier()  # read your own writes
-    rows = await store.list_invocations(request.query.get("function") or None, status, limit)
-    return web.json_response({"invocations": [_present(r) for r in rows]}, dumps=_dumps)
-
-
 async def get_invocation(request: web.Request) -> web.Response:
     store = request.app[STORE]
     await store.barrier()
     row = await store.get(request.match_info["id"])
     if row is None:
         return web.json_response({"error": f"no invocation {request.match_info['id']}"}, status=404)
-    return web.json_response(_present(row), dumps=_dumps)
+    return web.json_response(present(row), dumps=_dumps)
 
 
 async def replay_invocation(request: web.Request) -> web.Response:
@@ -152,7 +140,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     store = request.app[STORE]
     await store.barrier()
     rows = await store.list_dead_letters(request.query.get("function") or None, limit)
-    return web.json_response({"dead_letters": [_present(r) for r in rows]}, dumps=_dumps)
+    return web.json_response({"dead_letters": [present(r) for r in rows]}, dumps=_dumps)
 
 
 async def get_dead_letter(request: web.Request) -> web.Response:
@@ -161,7 +149,7 @@ async def get_dead_letter(request: web.Request) -> web.Response:
     row = await store.get(request.match_info["id"])
     if row is None or row["dead_letter_reason"] is None:
         return _error(404, f"no dead letter {request.match_info['id']}")
-    return web.json_response(_present(row), dumps=_dumps)
+    return web.json_response(present(row), dumps=_dumps)
 
 
 async def redrive_dead_letters(request: web.Request) -> web.Response:
@@ -193,7 +181,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _present(row: dict[str, Any]) -> dict[str, Any]:
+def present(row: dict[str, Any]) -> dict[str, Any]:
     """A record for JSON: times as ISO 8601, event and result decoded."""
     out = dict(row)
     for key in (

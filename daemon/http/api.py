@@ -26,6 +26,7 @@ from daemon.errors import (
 )
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.follow import add_log_routes
+from daemon.http.history import add_history_routes
 from daemon.http.idempotency import SyncResultCache
 from daemon.http.management import MAX_CODE_REQUEST, add_management_routes
 from daemon.http.metrics import metrics
@@ -413,6 +414,7 @@ def build_api(
     app.router.add_get("/metrics", metrics)
     add_admin_routes(app)
     add_log_routes(app)
+    add_history_routes(app)
     # Last: any other call of Lambda's API gets an error boto3 can model, not aiohttp's text.
     app.router.add_route("*", r"/{version:20\d\d-\d\d-\d\d}/{operation:.*}", unsupported)
     return app

@@ -8,6 +8,12 @@ from __future__ import annotations
 from daemon.models import Status
 
 _STATUSES = ", ".join(f"'{s.value}'" for s in Status)
+# An attempt's UTC day (days since the epoch) and billed milliseconds, in SQL, for `row`.
+_DAY = "CAST(COALESCE({row}.ended_at, {row}.started_at, 0) / 86400 AS INTEGER)"
+_BILLED = (
+    "CASE WHEN {row}.duration_ms IS NULL THEN 0 ELSE max(1, CAST({row}.duration_ms AS INTEGER)"
+    " + ({row}.duration_ms > CAST({row}.duration_ms AS INTEGER))) END"
+)
 
 # One entry per schema version; each runs in its own transaction together with its version bump.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -123,5 +129,68 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE invocations ADD COLUMN batch_id TEXT",
         "ALTER TABLE attempts ADD COLUMN batch_id TEXT",
         "CREATE INDEX attempts_by_batch ON attempts (batch_id) WHERE batch_id IS NOT NULL",
+    ),
+    # v7: history queries and usage metering (daemon/store/history.py, daemon/store/usage.py).
+    # History pages go newest first by (queued_at, rowid): one (column, queued_at) index per
+    # filter, beside (function, queued_at) and (queued_at) from v1. (status, queued_at) replaces
+    # (status, next_attempt_at), which no query needs: every status lookup is an equality.
+    (
+        "CREATE INDEX invocations_status_queued ON invocations (status, queued_at)",
+        "CREATE INDEX invocations_trigger_queued ON invocations (trigger, queued_at)",
+        "CREATE INDEX invocations_version_queued ON invocations (function_version, queued_at)",
+        "DROP INDEX invocations_status_next",
+        # One row per UTC day (days since 1970-01-01) and function: what its attempts used.
+        # mb_ms sums memory_mb x billed_ms per attempt, so GB-seconds stay exact across a
+        # change of memory_mb. Pruning records never touches it.
+        """CREATE TABLE usage_daily (
+            day INTEGER NOT NULL,
+            function TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            duration_ms REAL NOT NULL DEFAULT 0,
+            billed_ms INTEGER NOT NULL DEFAULT 0,
+            mb_ms INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, function)
+        ) WITHOUT ROWID""",
+        # Each function's memory_mb as configured, written at start and on every change.
+        "CREATE TABLE usage_memory (function TEXT PRIMARY KEY, memory_mb INTEGER NOT NULL)"
+        " WITHOUT ROWID",
+        # Counts an attempt as its attempts row is first written, in that write's transaction:
+        # a commit holds both or neither, and a repeated write of the same attempt (INSERT OR
+        # REPLACE after an ambiguous commit, a late sync final) finds its row and adds nothing.
+        # BEFORE: the row a REPLACE would delete is still there to be found. Billed as Lambda
+        # bills: the duration rounded up to the next millisecond, 1 ms at least; an attempt
+        # that a daemon crash interrupted has no measured duration and bills nothing. A batch
+        # (v6) is one request, its own row's: its items' attempts, whose rows name the batch
+        # they ran in, count nothing of their own.
+        f"""CREATE TRIGGER usage_count BEFORE INSERT ON attempts
+        WHEN NEW.status NOT IN ('queued', 'running') AND NOT EXISTS (
+            SELECT 1 FROM attempts WHERE invocation_id = NEW.invocation_id
+            AND attempt = NEW.attempt)
+        BEGIN
+            INSERT INTO usage_daily (day, function, requests, errors, duration_ms, billed_ms,
+                mb_ms)
+            SELECT day, function, 1, NEW.status != 'succeeded', COALESCE(NEW.duration_ms, 0),
+                billed, billed * COALESCE(
+                    (SELECT memory_mb FROM usage_memory m WHERE m.function = f.function), 128)
+            FROM (SELECT {_DAY.format(row="NEW")} AS day,
+                    (SELECT function FROM invocations WHERE id = NEW.invocation_id
+                        AND (batch_id IS NULL OR batch_id = id)) AS function,
+                    {_BILLED.format(row="NEW")} AS billed) f
+            WHERE function IS NOT NULL
+            ON CONFLICT (day, function) DO UPDATE SET requests = requests + 1,
+                errors = errors + excluded.errors,
+                duration_ms = duration_ms + excluded.duration_ms,
+                billed_ms = billed_ms + excluded.billed_ms, mb_ms = mb_ms + excluded.mb_ms;
+        END""",
+        # What the records already kept, counted once (at 128 MB: memory_mb was not recorded).
+        f"""INSERT INTO usage_daily (day, function, requests, errors, duration_ms, billed_ms,
+            mb_ms)
+        SELECT {_DAY.format(row="a")}, i.function, count(*), sum(a.status != 'succeeded'),
+            sum(COALESCE(a.duration_ms, 0)), sum({_BILLED.format(row="a")}),
+            128 * sum({_BILLED.format(row="a")})
+        FROM attempts a JOIN invocations i ON i.id = a.invocation_id
+        WHERE a.status NOT IN ('queued', 'running') AND a.batch_id IS NULL
+        GROUP BY 1, 2""",
     ),
 )

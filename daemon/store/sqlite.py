@@ -37,7 +37,17 @@ import structlog
 from daemon.errors import StoreReplacedError, StoreUnavailableError
 from daemon.metrics import COMMIT_BUCKETS_S, Histogram
 from daemon.models import FINAL_STATUSES, Outcome
-from daemon.store import batched, cron, deploys, outbox, records, rejections, settle
+from daemon.store import (
+    batched,
+    cron,
+    deploys,
+    history,
+    outbox,
+    records,
+    rejections,
+    settle,
+    usage,
+)
 from daemon.store.batched import BatchItem
 from daemon.store.batches import (
     BARRIER,
@@ -500,16 +510,16 @@ class Store:
         self, function: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
         """Newest first, without event, result and logs."""
-        where = [
-            (clause, value)
-            for clause, value in (("function = ?", function), ("status = ?", status))
-            if value is not None
-        ]
-        sql = f"SELECT {records.SUMMARY_COLUMNS} FROM invocations"
-        if where:
-            sql += " WHERE " + " AND ".join(clause for clause, _ in where)
-        sql += " ORDER BY queued_at DESC, id DESC LIMIT ?"
-        rows = await self.query(sql, (*(value for _, value in where), limit))
+        return await self.history(history.HistoryQuery(function=function, status=status), limit)
+
+    async def history(self, query: history.HistoryQuery, limit: int) -> list[dict[str, Any]]:
+        """One page of summaries matching `query`, newest first (daemon/store/history.py)."""
+        sql, params = history.page_sql(query, limit)
+        return [dict(row) for row in await self.query(sql, params)]
+
+    async def usage(self, since_day: int, by: str) -> list[dict[str, Any]]:
+        """Usage sums from UTC day `since_day` on, `by` "day" (newest first) or "function"."""
+        rows = await self.query(usage.BY_DAY if by == "day" else usage.BY_FUNCTION, (since_day,))
         return [dict(row) for row in rows]
 
     async def log_records(
@@ -533,6 +543,10 @@ class Store:
             params += after
         rows = await self.query(sql + " ORDER BY queued_at, id LIMIT ?", (*params, limit))
         return [dict(row) for row in rows]
+
+    async def save_memory_sizes(self, memory_mb: dict[str, int]) -> None:
+        """Each function's configured memory_mb, which usage multiplies billed time by."""
+        await self._write(usage.save_memory, REPEATABLE, memory_mb=memory_mb)
 
     async def list_dead_letters(
         self, function: str | None = None, limit: int = 50

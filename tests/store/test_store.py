@@ -76,7 +76,7 @@ async def test_store_migrates_an_empty_file(db: Path) -> None:
         async with Store.open(db) as store:
             tables = {r["name"] for r in await store.query("SELECT name FROM sqlite_master")}
             mode = (await store.query("PRAGMA journal_mode"))[0][0]
-    assert {"invocations", "attempts", "invocations_status_next"} <= tables
+    assert {"invocations", "attempts", "invocations_status_queued", "usage_daily"} <= tables
     assert mode == "wal"
     assert raw(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
     assert [e["event"] for e in logs if e["event"] == "store_opened"] == ["store_opened"]
@@ -684,6 +684,8 @@ async def test_store_migrations_create_every_table_the_daemon_uses(store: Store)
         "function_aliases",
         "version_counters",
         "deploy_history",
+        "usage_daily",
+        "usage_memory",
     }
 
 
@@ -702,13 +704,14 @@ async def test_store_load_queued_pages_in_queue_order(store: Store) -> None:
 
 
 async def test_store_list_invocations_newest_first_without_payloads(store: Store) -> None:
-    await store.insert(new("old", queued_at=1.0))
-    await store.insert(new("new", queued_at=2.0))
-    await store.insert(new("other", function="bye", queued_at=3.0))
-    await store.mark_running("old", 1, 4.0, None)
-    assert [r["id"] for r in await store.list_invocations()] == ["other", "new", "old"]
+    # Ids made later sort higher, as new_id()'s do.
+    await store.insert(new("1-old", queued_at=1.0))
+    await store.insert(new("2-new", queued_at=2.0))
+    await store.insert(new("3-other", function="bye", queued_at=3.0))
+    await store.mark_running("1-old", 1, 4.0, None)
+    assert [r["id"] for r in await store.list_invocations()] == ["3-other", "2-new", "1-old"]
     hello = await store.list_invocations(function="hello", status="queued")
-    assert [r["id"] for r in hello] == ["new"]
+    assert [r["id"] for r in hello] == ["2-new"]
     assert not {"event", "result", "logs"} & hello[0].keys()
     assert await store.get("missing") is None
 
