@@ -151,6 +151,7 @@ class BatchRunner:
                 else:
                     logs.invocation_started(log, batch_id, fn.name, 1)
                     outcome = await d._pool.invoke(target, request)
+                    lane.counts.ran(outcome.duration_ms, outcome.init_duration_ms)
                     logs.invocation_finished(
                         log,
                         batch_id,
@@ -192,7 +193,7 @@ class BatchRunner:
                 settled = await asyncio.shield(
                     d._store.dead_letter_waiting(item.id, EVENT_AGE_EXCEEDED, route=d._router)
                 )
-                d._dead_lettered(lane.fn, item.id, item.attempt, settled.status, EVENT_AGE_EXCEEDED)
+                d._dead_lettered(lane, item, item.attempt, settled.status, EVENT_AGE_EXCEEDED)
                 d._routed(settled.routed)
                 d._in_flight.discard(item.id)
             else:
@@ -270,10 +271,12 @@ class BatchRunner:
                 assert done.next_attempt_at is not None
                 retried = msgspec.structs.replace(item, attempt=done.attempt)
                 retries.setdefault(done.next_attempt_at, []).append(retried)
+                lane.counts.retries += 1
             elif done.dead_letter is not None:
-                d._dead_lettered(fn, item.id, done.attempt, final.status, done.dead_letter)
+                d._dead_lettered(lane, item, done.attempt, final.status, done.dead_letter)
                 d._routed(final.routed)
             else:
+                lane.counts.finish(item.trigger, final.status)
                 d._resolve_final(item.id, final.status)
                 d._routed(final.routed)
         failed = sum(1 for done in decided if done.outcome.status is not Status.SUCCEEDED)
