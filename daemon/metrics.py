@@ -18,7 +18,7 @@ from typing import NamedTuple
 # Upper bounds in seconds, Prometheus' base unit (each bucket counts values <= its bound).
 # Few enough that 50 functions' histograms scrape in milliseconds (docs/benchmarks.md).
 DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0)
-INIT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+INIT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 

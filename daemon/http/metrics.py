@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 # The text format every Prometheus server reads (prometheus-client's generate_latest writes it).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-WORKER_STATES = ("starting", "idle", "busy")
 
 
 class MetricParts:
@@ -167,11 +166,9 @@ class DaemonCollector:
             "Worker processes by state (warm = idle + busy)",
             labels=["function", "state"],
         )
-        states = pool.worker_states()
-        names = set(self._dispatcher.functions) | {name for name, _ in states}
-        for name in sorted(names):
-            for state in WORKER_STATES:
-                workers.add_metric([name, state], states.get((name, state), 0))
+        # Only what exists: most of a big config's functions have no worker most of the time.
+        for (name, state), count in sorted(pool.worker_states().items()):
+            workers.add_metric([name, state], count)
         yield workers
         yield Gauge(
             "lambdaemon_max_workers", "The pool's cap on worker processes", pool.max_workers

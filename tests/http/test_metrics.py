@@ -103,7 +103,7 @@ async def test_metrics_count_success_failure_retry_dead_letter_and_429(tmp_path:
         assert m.value("lambdaemon_invocations_waiting", function="gated") == 1
         assert m.value("lambdaemon_workers", function="gated", state="busy") == 1
         assert m.value("lambdaemon_workers", function="echo", state="idle") == 1
-        assert m.value("lambdaemon_workers", function="echo", state="starting") == 0
+        assert m.labels("lambdaemon_workers", "state") == {"idle", "busy"}  # none starting
         # every attempt that ran has a duration: echo 2, boom 1 sync + 2 async attempts
         assert m.value("lambdaemon_invocation_duration_seconds_count", function="echo") == 2
         assert m.value("lambdaemon_invocation_duration_seconds_count", function="boom") == 3
@@ -199,7 +199,8 @@ async def test_metrics_need_the_api_token_when_one_is_set(tmp_path: Path):
                 assert resp.status == 401
                 assert "lambdaemon_" not in await resp.text()
         m = await scrape(daemon, {"Authorization": "Bearer s3cret"})
-        assert m.value("lambdaemon_workers", function="echo", state="idle") == 0
+        assert m.value("lambdaemon_invocations_running", function="echo") == 0
+        assert m.labels("lambdaemon_workers", "function") == set()  # none started yet
     finally:
         await daemon.close()
 
