@@ -10,41 +10,22 @@ printed from the store is not printed again, so a line is neither lost nor doubl
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from daemon.http.admin import DISPATCHER, STORE
+from daemon.http.history import parse_time
 from daemon.http.wire import StreamedResponse
 from daemon.models import Status
 from daemon.tail import LogLine, record_lines
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _PAGE = 500
 _PARAMS = frozenset({"function", "since", "status", "follow", "format"})
 _encode = msgspec.json.Encoder().encode
-
-
-def parse_time(value: str, now: float) -> float:
-    """`10m`, `1h`, `7d` (that long ago) or an RFC 3339 time, as epoch seconds; ValueError
-    saying what was wrong otherwise."""
-    if match := _RELATIVE.match(value.strip()):
-        return now - float(match[1]) * _SECONDS[match[2]]
-    try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is neither a duration like 10m, 1h or 7d nor an RFC 3339 time"
-        ) from None
-    if moment.tzinfo is None:
-        raise ValueError(f"{value!r} has no time zone (add Z or +00:00)")
-    return moment.timestamp()
 
 
 def add_log_routes(app: web.Application) -> None:

@@ -157,6 +157,14 @@ def _actor(request: web.Request) -> str:
     return f"{agent} from {request.remote or 'unknown address'}"
 
 
+def _listing(key: str, items: list[Any], marker: str | None) -> web.Response:
+    """A List call's answer: the page's items, and the marker of the next page if there is one."""
+    body: dict[str, Any] = {key: items}
+    if marker:
+        body["NextMarker"] = marker
+    return _json(body)
+
+
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=dumps)
 
@@ -283,10 +291,7 @@ async def list_functions(request: web.Request) -> web.Response:
             items.append(function_configuration(fn))
         else:
             items.append(_version_configuration(versions, fn, int(number)))
-    body: dict[str, Any] = {"Functions": items}
-    if marker:
-        body["NextMarker"] = marker
-    return _json(body)
+    return _listing("Functions", items, marker)
 
 
 @_call
@@ -304,10 +309,7 @@ async def list_versions(
             items.append(latest)
         else:
             items.append(_version_configuration(versions, fn, int(key)))
-    body: dict[str, Any] = {"Versions": items}
-    if marker:
-        body["NextMarker"] = marker
-    return _json(body)
+    return _listing("Versions", items, marker)
 
 
 @_call
@@ -409,10 +411,7 @@ async def list_aliases(
     only = request.query.get("FunctionVersion")
     aliases = {a.name: a for a in versions.aliases(fn.name) if only in (None, a.version)}
     page, marker = _page(request, sorted(aliases))
-    body: dict[str, Any] = {"Aliases": [alias_configuration(fn, aliases[n]) for n in page]}
-    if marker:
-        body["NextMarker"] = marker
-    return _json(body)
+    return _listing("Aliases", [alias_configuration(fn, aliases[n]) for n in page], marker)
 
 
 @_call
