@@ -193,4 +193,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         WHERE a.status NOT IN ('queued', 'running') AND a.batch_id IS NULL
         GROUP BY 1, 2""",
     ),
+    # v8: failures of one function, the history query people make most (`lambdaemon
+    # invocations --function F --status failed`), walk their own index: with only (status, ...)
+    # or (function, ...) to walk, a rare combination stepped over most of a function's records.
+    ("CREATE INDEX invocations_function_status ON invocations (function, status, queued_at)",),
 )
