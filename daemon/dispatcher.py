@@ -24,11 +24,17 @@ import structlog
 
 from daemon import logs
 from daemon.backoff import Backoff
+from daemon.batches import TRIGGER as BATCH_TRIGGER
 from daemon.batches import BatchRunner
 from daemon.config import FunctionConfig
 from daemon.deferred import DeferredRecords
 from daemon.destinations.routing import Router
-from daemon.errors import ShuttingDownError, StoreUnavailableError, UnknownFunctionError
+from daemon.errors import (
+    BatchReplayError,
+    ShuttingDownError,
+    StoreUnavailableError,
+    UnknownFunctionError,
+)
 from daemon.lanes import Backlogged, Lane, Lanes
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status, new_id
 from daemon.pool import WorkerPool
@@ -487,13 +493,16 @@ class Dispatcher:
     async def replay(self, invocation_id: str) -> Accepted:
         """Run a recorded invocation's event again, as a new async invocation linked to it.
 
-        The new row's parent_id is `invocation_id`. Raises KeyError for an unknown id and
-        UnknownFunctionError when its function is no longer configured.
+        The new row's parent_id is `invocation_id`. Raises KeyError for an unknown id,
+        UnknownFunctionError when its function is no longer configured and BatchReplayError for
+        a batch invocation (its items are replayed one by one).
         """
         await self._store.barrier()
         record = await self._store.get(invocation_id)
         if record is None:
             raise KeyError(invocation_id)
+        if record["trigger"] == BATCH_TRIGGER:  # its event is its items' records, not an event
+            raise BatchReplayError(invocation_id)
         accepted = await self.accept(
             record["function"],
             bytes(record["event"]),

@@ -45,6 +45,16 @@ class UnknownFunctionError(LambdaemonError, KeyError):
         super().__init__(f"function {name!r} is not configured")
 
 
+class BatchReplayError(LambdaemonError, ValueError):
+    """A batch invocation was asked to be replayed: its items are, one by one."""
+
+    def __init__(self, invocation_id: str) -> None:
+        super().__init__(
+            f"{invocation_id} is a batch invocation; replay its items"
+            f" (lambdaemon show {invocation_id} lists them)"
+        )
+
+
 class QueueFullError(LambdaemonError):
     """A function's bounded wait queue is full; the caller should retry later."""
 

@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from daemon.dispatcher import Dispatcher
-from daemon.errors import StoreUnavailableError, UnknownFunctionError
+from daemon.errors import BatchReplayError, StoreUnavailableError, UnknownFunctionError
 from daemon.store.sqlite import Store
 from daemon.untrusted import json_too_deep
 
@@ -86,7 +86,7 @@ async def replay_invocation(request: web.Request) -> web.Response:
     invocation_id = request.match_info["id"]
     try:
         accepted = await request.app[DISPATCHER].replay(invocation_id)
-    except UnknownFunctionError as exc:
+    except (UnknownFunctionError, BatchReplayError) as exc:
         return _error(409, f"cannot replay {invocation_id}: {exc}")
     except KeyError:
         return _error(404, f"no invocation {invocation_id}")

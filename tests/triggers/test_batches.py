@@ -338,6 +338,12 @@ async def test_show_finds_the_batch_of_a_message_and_the_items_of_a_batch(
         shown = await asyncio.to_thread(_cli, daemon, "show", batch_id)
         assert shown.returncode == 0
         assert all(row["id"] in shown.stdout for row in stored)
+        # A batch is not replayed as an event of its own: its items are, one by one.
+        assert daemon.session is not None
+        url = f"{daemon.base}/v1/invocations/{batch_id}/replay"
+        async with daemon.session.post(url, json={}) as resp:
+            assert resp.status == 409
+            assert "replay its items" in (await resp.json())["error"]
 
 
 def _cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
