@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/chaos.py [--seconds 120] [--kills 10] [--seed 1]
         [--mqtt-rate 120] [--webhook-rate 50] [--files-rate 16]
+        [--batch-size 20 --batch-window-s 0.05]
 
 Load from all four sources (MQTT QoS 1, async webhooks, file drops, a per-second cron) while the
 daemon is SIGKILLed at random moments and restarted; then every acknowledged event must have
 exactly one invocation record with a final status. The scenario and the audit are
-tests/chaos.py. Writes benchmarks/results/chaos.json; exits 1 if anything was lost or doubled.
+tests/chaos.py. With --batch-size above 1, the MQTT and file triggers deliver batches
+(daemon/batches.py). Writes benchmarks/results/chaos.json (chaos-batch.json with batches); exits
+1 if anything was lost or doubled.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ async def main() -> int:
     parser.add_argument("--mqtt-rate", type=float, default=defaults.mqtt_rate)
     parser.add_argument("--webhook-rate", type=float, default=defaults.webhook_rate)
     parser.add_argument("--files-rate", type=float, default=defaults.files_rate)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-window-s", type=float, default=0.0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lambdaemon-chaos-"))
@@ -47,6 +52,8 @@ async def main() -> int:
             webhook_rate=args.webhook_rate,
             files_rate=args.files_rate,
             settle_timeout_s=60,
+            batch_size=args.batch_size,
+            batch_window_s=args.batch_window_s,
         )
         report = await run_chaos(chaos)
     finally:
@@ -63,6 +70,8 @@ async def main() -> int:
             "files": args.files_rate,
             "cron": 1,
         },
+        "batch_size": args.batch_size,
+        "batch_window_s": args.batch_window_s,
         "events": report.events,
         "events_total": sum(report.events.values()),
         "kills": len(report.kills),
@@ -87,7 +96,7 @@ async def main() -> int:
             "not_final": report.not_final[:50],
         },
     }
-    out = HERE / "results" / "chaos.json"
+    out = HERE / "results" / ("chaos-batch.json" if args.batch_size > 1 else "chaos.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(

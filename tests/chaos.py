@@ -68,6 +68,9 @@ class Chaos:
     bursts: tuple[int, int, int] = (40, 10, 4)  # mqtt, webhook, files
     max_downtime_s: float = 1.5
     settle_timeout_s: float = 30.0
+    # The mqtt and files triggers' batch_size and batch_window_s (daemon/batches.py); 1: none.
+    batch_size: int = 1
+    batch_window_s: float = 0.0
 
 
 def config_body(chaos: Chaos, broker: Mosquitto, webhook_port: int) -> str:
@@ -76,10 +79,13 @@ def config_body(chaos: Chaos, broker: Mosquitto, webhook_port: int) -> str:
         f'handler = "handler.handler"\ncode = "{HANDLER}"\nretries = 10\n'
         f'retry_backoff_s = [0.2, 1.0]\nenv = {{ CHAOS_RUNS_FILE = "{runs}" }}\n'
     )
+    batch = ""
+    if chaos.batch_size > 1:
+        batch = f"\nbatch_size = {chaos.batch_size}\nbatch_window_s = {chaos.batch_window_s}"
     triggers = {
-        "mqtt": f'type = "mqtt"\ntopic = "{TOPIC}"\nqos = 1',
+        "mqtt": f'type = "mqtt"\ntopic = "{TOPIC}"\nqos = 1{batch}',
         "webhook": 'type = "webhook"\npath = "/hooks/chaos"\nmode = "async"',
-        "files": f'type = "files"\npath = "{chaos.workdir / "inbox"}"\npattern = "*.json"',
+        "files": f'type = "files"\npath = "{chaos.workdir / "inbox"}"\npattern = "*.json"{batch}',
         "cron": 'type = "cron"\nschedule = "* * * * * *"\nmissed = "run_all"\ngrace_s = 3600',
     }
     body = (

@@ -110,7 +110,8 @@ def audit(daemon: Daemon, run: Run) -> Report:
     """Match every accepted event to its records; call after the daemon stopped cleanly."""
     records: Records = {s: {} for s in SOURCES}
     attempts: dict[str, int] = {}
-    sql = "SELECT id, function, status, attempt, event FROM invocations"
+    # A batch's own record (daemon/batches.py) is no event: its items are.
+    sql = "SELECT id, function, status, attempt, event FROM invocations WHERE trigger != 'batch'"
     for inv_id, function, status, attempt, event in query(daemon, sql):
         source = function.removeprefix("chaos_")
         key = _payload_id(source, json.loads(event))
