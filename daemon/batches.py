@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
-from daemon import logs
 from daemon.errors import StoreUnavailableError
 from daemon.lanes import Backlogged, Lane
 from daemon.models import InvokeRequest, Outcome, Status, new_id
@@ -149,18 +148,7 @@ class BatchRunner:
                 if isinstance(target, Outcome):
                     outcome = target
                 else:
-                    logs.invocation_started(log, batch_id, fn.name, 1)
-                    outcome = await d._pool.invoke(target, request)
-                    lane.counts.ran(outcome.duration_ms, outcome.init_duration_ms)
-                    logs.invocation_finished(
-                        log,
-                        batch_id,
-                        fn.name,
-                        outcome.status.value,
-                        1,
-                        round(outcome.duration_ms, 3),
-                        outcome.error_type,
-                    )
+                    outcome = await d._run(target, request, attempt=1)
             except asyncio.CancelledError:
                 outcome = d._interrupted(started_at)
                 log.warning("batch_interrupted", batch_id=batch_id, function=fn.name)
