@@ -33,6 +33,7 @@ its items `running`: the next start records that attempt crashed for each and re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Iterable
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from daemon.backoff import Backoff
 from daemon.errors import StoreUnavailableError
 from daemon.lanes import Backlogged, Lane
 from daemon.models import InvokeRequest, Outcome, Status, new_id
@@ -56,6 +58,7 @@ log = structlog.get_logger("lambdaemon.dispatcher")
 TRIGGER = "batch"  # the `trigger` of a batch invocation's own record
 ITEM_FAILED = "BatchItemFailure"  # error type of an item its handler reported failed
 INVALID_RESPONSE = "InvalidBatchResponse"  # ... of every item of a batch whose list was malformed
+STORE_BACKOFF = Backoff(0.5, 15.0)  # a batch's outcome the store could not take: tried again
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
 
@@ -156,7 +159,7 @@ class BatchRunner:
                 raise
             released = True
             lane.release()
-            await asyncio.shield(self._settle(lane, items, batch_id, body, outcome))
+            await self._settle_until_stored(lane, items, batch_id, body, outcome)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -204,6 +207,26 @@ class BatchRunner:
                 gone = [item.id for item in items if item.id not in events]
                 raise LookupError(f"invocations {gone} are not in the store")
         return events
+
+    async def _settle_until_stored(
+        self, lane: Lane, items: list[Backlogged], batch_id: str, body: bytes, outcome: Outcome
+    ) -> None:
+        """_settle; while the store cannot take writes, keep the outcome and try again (the
+        items stay `running` meanwhile, so a stop before it lands recovers them)."""
+        for tries in itertools.count():
+            try:
+                await asyncio.shield(self._settle(lane, items, batch_id, body, outcome))
+                return
+            except StoreUnavailableError as exc:
+                delay = STORE_BACKOFF.delay_s(tries)
+                log.error(
+                    "batch_outcome_not_recorded",
+                    batch_id=batch_id,
+                    function=lane.fn.name,
+                    error=str(exc),
+                    retry_in_s=delay,
+                )
+                await asyncio.sleep(delay)
 
     async def _settle(
         self, lane: Lane, items: list[Backlogged], batch_id: str, body: bytes, outcome: Outcome

@@ -312,6 +312,36 @@ async def test_sigkill_mid_batch_reruns_its_items_as_their_next_attempt(
         await daemon.close()
 
 
+async def test_a_drain_that_cuts_a_batch_short_records_it_and_retries_its_items(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    log, gate = tmp_path / "batches.jsonl", Gate(tmp_path / "gate")
+    body = mqtt_batch_toml(
+        mosquitto.url, log, size=3, window_s=5, extra="timeout_s = 60", gate=gate.path
+    )
+    daemon = Daemon(write_config(tmp_path, body, shutdown_timeout_s=0.5))
+    try:
+        await daemon.start()
+        await subscribed(daemon)
+        await publish(mosquitto.port, *messages(0, 3))
+        await until_changed(log, lambda: len(batches(log)) == 1, 20, "the batch in its handler")
+        await daemon.stop()  # SIGTERM: the drain waits 0.5 s, then cancels the batch
+        (cut,) = batches(log)
+        stored = items(daemon)
+        assert [(r["status"], r["attempt"]) for r in stored] == [("queued", 1)] * 3
+        (record,) = rows(daemon, "SELECT * FROM invocations WHERE trigger = 'batch'")
+        assert (record["id"], record["error_type"]) == (cut["id"], "Lambdaemon.Interrupted")
+        gate.release()
+        mark = daemon.log_mark()
+        await daemon.start()
+        await daemon.wait_log("batch_settled", since=mark, timeout_s=20)
+        stored = items(daemon)
+        assert [(r["status"], r["attempt"]) for r in stored] == [("succeeded", 2)] * 3
+    finally:
+        gate.release()
+        await daemon.close()
+
+
 async def test_show_finds_the_batch_of_a_message_and_the_items_of_a_batch(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
