@@ -57,9 +57,10 @@ def settle_batch(
     Items end as settle.finish ends a single invocation (their destinations routed in the same
     transaction); each attempts row names the batch it ran in.
     """
-    # A write repeated after a commit that failed yet reached the disk finds its row there.
-    conn.execute("DELETE FROM invocations WHERE id = ?", (batch.id,))
-    records.insert_finished(conn, batch, outcome)
+    # A write repeated after a commit that failed yet reached the disk finds its row there
+    # and keeps it (its attempt is counted once in usage_daily, v7).
+    if conn.execute("SELECT 1 FROM invocations WHERE id = ?", (batch.id,)).fetchone() is None:
+        records.insert_finished(conn, batch, outcome)
     conn.execute("UPDATE invocations SET batch_id = id WHERE id = ?", (batch.id,))
     settled: list[Settled | None] = []
     for item in items:
