@@ -118,6 +118,10 @@ class Dispatcher:
         """Every lane by function name, those a reload removed too (their counts stay)."""
         return {**self._lanes.retired, **self._lanes}
 
+    def worker_stats(self) -> dict[str, dict[str, int]]:
+        """Per function: its idle and busy workers (the pool's count)."""
+        return self._pool.stats()
+
     # --- start-up -----------------------------------------------------------------------------
 
     async def recover(self) -> None:

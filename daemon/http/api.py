@@ -25,11 +25,13 @@ from daemon.errors import (
     UnknownFunctionError,
 )
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
+from daemon.http.dashboard import DASHBOARD_TOKEN, add_dashboard_routes, is_public
 from daemon.http.follow import add_log_routes
 from daemon.http.history import add_history_routes
 from daemon.http.idempotency import SyncResultCache
 from daemon.http.management import MAX_CODE_REQUEST, add_management_routes
 from daemon.http.metrics import metrics
+from daemon.http.session import carries_session, cookie_value, cross_site
 from daemon.http.shapes import dumps, lambda_error, parse_function_name
 from daemon.http.wire import (
     STATS,
@@ -282,14 +284,19 @@ def _auth_middleware(
     token: str, invoke_token: bytes | None
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
     expected = token.encode()
+    session = cookie_value(expected)
 
     @web.middleware
     async def check(
         request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        if reason := cross_site(request):
+            return _cross_site_refused(request, reason)
         if (
             request.path == "/health"
+            or is_public(request)
             or _authorized(request, expected)
+            or carries_session(request, session)
             or _lambda_call(request, invoke_token)
         ):
             return await handler(request)
@@ -297,6 +304,21 @@ def _auth_middleware(
         return lambda_error(401, "UnrecognizedClientException", "a valid bearer token is required")
 
     return check
+
+
+@web.middleware
+async def _same_site_only(
+    request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Without a token: still no change that another site's page starts (daemon/http/session.py)."""
+    if reason := cross_site(request):
+        return _cross_site_refused(request, reason)
+    return await handler(request)
+
+
+def _cross_site_refused(request: AnyRequest, reason: str) -> web.Response:
+    _log_unauthorized(request, "api_cross_site_refused")
+    return lambda_error(403, "AccessDeniedException", f"cross-site request refused: {reason}")
 
 
 def _authorized(request: AnyRequest, expected: bytes) -> bool:
@@ -317,11 +339,11 @@ def _utf8(text: str) -> bytes:
 _unauthorized_log = Throttle()
 
 
-def _log_unauthorized(request: AnyRequest) -> None:
-    suppressed = _unauthorized_log.allow("api_unauthorized", time.monotonic())
+def _log_unauthorized(request: AnyRequest, event: str = "api_unauthorized") -> None:
+    suppressed = _unauthorized_log.allow(event, time.monotonic())
     if suppressed is not None:  # a flood of them is logged a few lines at a time
         log.warning(
-            "api_unauthorized",
+            event,
             path=request.path[:200],
             remote=request.remote,
             suppressed=suppressed,
@@ -361,18 +383,24 @@ _FUNCTIONS_PREFIX = "/2015-03-31/functions"
 
 def _api_router(token: bytes | None, invoke_token: bytes | None = None) -> Router:
     """How daemon/http/wire.py serves the API listener: Invoke calls by plain function name, and
-    /health, straight to their handlers; a request without the token is refused before its body
-    is read; everything else by the app's routes (and its middleware)."""
+    /health, straight to their handlers; a request without the token (the header, or the
+    dashboard's cookie) or started by another site's page is refused before its body is read;
+    everything else by the app's routes (and its middleware)."""
     refused = functools.partial(
         lambda_error, 401, "UnrecognizedClientException", "a valid bearer token is required"
     )
+    session = cookie_value(token) if token is not None else None
 
     def route(request: WireRequest) -> Handler | web.StreamResponse | None:
         if request.method == "GET" and request.path == "/health":
             return health  # open to all, as with the middleware
+        if reason := cross_site(request):
+            return _cross_site_refused(request, reason)
         if (
             token is not None
+            and not is_public(request)
             and not _authorized(request, token)
+            and not carries_session(request, session)
             and not _lambda_call(request, invoke_token)
         ):
             _log_unauthorized(request)
@@ -402,8 +430,11 @@ def build_api(
     if config.api.token_file:
         token = read_secret(config, config.api.token_file, "api.token_file")
         middlewares.append(_auth_middleware(token, workers))
+    else:
+        middlewares.append(_same_site_only)
     app = web.Application(client_max_size=MAX_SYNC_PAYLOAD + 1024, middlewares=middlewares)
     app[FAST_ROUTES] = _api_router(token.encode() if token else None, workers)
+    app[DASHBOARD_TOKEN] = token.encode() if token else None
     app[DISPATCHER] = dispatcher
     app[STORE] = store
     app[SYNC_RESULTS] = SyncResultCache()
@@ -415,6 +446,7 @@ def build_api(
     add_admin_routes(app)
     add_log_routes(app)
     add_history_routes(app)
+    add_dashboard_routes(app)
     # Last: any other call of Lambda's API gets an error boto3 can model, not aiohttp's text.
     app.router.add_route("*", r"/{version:20\d\d-\d\d-\d\d}/{operation:.*}", unsupported)
     return app

@@ -46,6 +46,7 @@ from daemon.store import (
     records,
     rejections,
     settle,
+    stats,
     usage,
 )
 from daemon.store.batched import BatchItem
@@ -562,6 +563,14 @@ class Store:
             sql + " ORDER BY dead_lettered_at DESC, id DESC LIMIT ?", (*params, limit)
         )
         return [dict(row) for row in rows]
+
+    async def window_stats(
+        self, functions: list[str], start: float, end: float, buckets: int
+    ) -> dict[str, Any]:
+        """Per function figures of a time window, in `buckets` buckets (daemon/store/stats.py)."""
+        return await self._read(
+            partial(stats.window_stats, functions=functions, start=start, end=end, buckets=buckets)
+        )
 
     async def count_outbox(self) -> dict[str, int]:
         """Outbox records by status (pending, failed)."""
