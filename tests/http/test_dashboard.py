@@ -91,6 +91,12 @@ def visible(browser: WebDriver, section: str) -> bool:
     return browser.find_element(By.ID, section).is_displayed()
 
 
+def listed(browser: WebDriver) -> list[str | None]:
+    """The ids in the invocation list, top to bottom."""
+    links = browser.find_elements(By.CSS_SELECTOR, "#invocation-list a[data-id]")
+    return [a.get_attribute("data-id") for a in links]
+
+
 def screenshot(browser: WebDriver, name: str) -> None:
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
@@ -138,6 +144,23 @@ async def test_dashboard_shows_functions_an_invocation_its_logs_and_replays_it(
     assert "succeeded" in text_of(browser, "#inv-attempts tbody")
     screenshot(browser, "invocation")
 
+    # paged by the API's `next` cursor: two a page, the Older button fetches the rest
+    second = await invoke(daemon, "chatty", {"n": 2})
+    third = await invoke(daemon, "chatty", {"n": 3})
+    browser.get(f"{daemon.base}/ui#/invocations?function=chatty&limit=2")
+    older = wait(browser, lambda b: b.find_element(By.ID, "older"), "a next page")
+    wait(browser, lambda b: older.is_displayed(), "the Older button")
+    assert listed(browser) == [third, second]
+    older.click()
+    wait(browser, lambda b: listed(b) == [third, second, invocation_id], "the older page")
+    wait(browser, lambda b: not older.is_displayed(), "no page after the last")
+    browser.get(f"{daemon.base}/ui#/invocations?function=chatty&status=failed")
+    wait(browser, lambda b: "No invocation matches." in text_of(b, "#invocation-list"), "none")
+    browser.get(f"{daemon.base}/ui#/invocations?since=garbage")
+    wait(browser, lambda b: "since" in text_of(b, "#invocations-error"), "the API's reason")
+
+    browser.get(f"{daemon.base}/ui#/invocation/{invocation_id}")
+    wait(browser, lambda b: text_of(b, "#inv-id") == invocation_id, "its page again")
     browser.find_element(By.ID, "replay").click()
     replay = wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#replayed a"), "replayed")
     replay_id = replay.get_attribute("data-id")

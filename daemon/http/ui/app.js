@@ -185,7 +185,7 @@ async function invocations(params) {
   for (const name of FILTERS) form.elements[name].value = params.get(name) || "";
   state.query = new URLSearchParams();
   for (const name of FILTERS) if (params.get(name)) state.query.set(name, params.get(name));
-  state.query.set("limit", "50");
+  state.query.set("limit", params.get("limit") || "50");
   $("invocation-list").tBodies[0].replaceChildren();
   await morePage(null);
 }
