@@ -64,6 +64,9 @@ class _Gathering:
         taken: list[Backlogged] = []
         while self.items and len(taken) < self.size and self.items[0][1].version == version:
             taken.append(self.items.popleft()[1])
+        # In the order the events were accepted: retries (recovered ones each on a jittered
+        # timer of their own) come back in any order.
+        taken.sort(key=lambda item: (item.age_from, item.id))
         return taken
 
 

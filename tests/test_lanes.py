@@ -24,7 +24,8 @@ def fn(batch_size: int = 3, window_s: float = 0.2, concurrency: int = 1) -> Func
 
 
 def item(n: int, trigger: str = "f#0", version: str = "$LATEST") -> Backlogged:
-    return Backlogged(f"id{n}", b"{}", 0, "files", 0, 0.0, version, trigger)
+    # Accepted in the order of n (age_from is the acceptance time).
+    return Backlogged(f"id{n}", b"{}", 0, "files", 0, float(n), version, trigger)
 
 
 class Started:
@@ -92,10 +93,10 @@ async def test_lane_retries_items_due_together_as_one_batch() -> None:
     started = Started()
     lane = lane_of(fn(batch_size=10, window_s=0.0), started)
     at = asyncio.get_running_loop().time()
-    failed = [item(n) for n in range(3)]
+    failed = [item(n) for n in (2, 0, 1)]
     lane.push_all_at(failed, 0.0)  # due at once, on one timer
     assert lane.holding() == {"id0", "id1", "id2"}
-    assert await started.next() == ["id0", "id1", "id2"]
+    assert await started.next() == ["id0", "id1", "id2"]  # in the order they were accepted
     assert asyncio.get_running_loop().time() - at < 1
 
 
