@@ -275,3 +275,30 @@ async def test_dashboard_token_sign_in_sets_a_strict_http_only_cookie_and_refuse
         assert browser.get_cookie("lambdaemon_session") is None
     finally:
         await d.close()
+
+
+async def test_stats_and_page_answer_bad_input_with_the_reason(daemon: Daemon):
+    await invoke(daemon, "echo", {})
+    assert daemon.session is not None
+    base = daemon.base
+    cases = [
+        ("/v1/stats?window=2y", 400, "window: '2y' is not a duration like 15m, 1h or 1d"),
+        ("/v1/stats?window=30s", 400, "window: '30s' is not a duration like 15m, 1h or 1d"),
+        ("/v1/stats?window=8d", 400, "window: '8d' is outside 1m to 7d"),
+        ("/v1/stats?limit=3", 400, "unknown parameter 'limit' (known: function, window)"),
+        ("/v1/stats?function=nope", 404, "no function 'nope'"),
+        ("/ui/static/nope.js", 404, "no file 'nope.js' in the dashboard"),
+    ]
+    for path, status, error in cases:
+        async with daemon.session.get(base + path) as resp:
+            assert resp.status == status, path
+            assert (await resp.json())["error"] == error
+    stats = await daemon.get("/v1/stats?window=1d&function=echo")
+    assert list(stats["functions"]) == ["echo"] and stats["window_s"] == 86_400
+    assert stats["functions"]["echo"]["invocations"] == 1
+    async with daemon.session.get(f"{base}/") as resp:
+        assert resp.status == 200 and resp.headers["X-Frame-Options"] == "DENY"
+        assert "script-src" not in resp.headers["Content-Security-Policy"]  # 'self' only
+        etag = resp.headers["ETag"]
+    async with daemon.session.get(f"{base}/ui", headers={"If-None-Match": etag}) as resp:
+        assert resp.status == 304
