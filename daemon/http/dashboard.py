@@ -27,6 +27,7 @@ import msgspec
 from aiohttp import web
 
 from daemon.http.admin import DISPATCHER, STORE, iso
+from daemon.http.metrics import METRICS
 from daemon.http.session import carries_session, clear_cookie, cookie_value, set_cookie
 from daemon.http.wire import AnyRequest
 
@@ -206,6 +207,7 @@ async def stats(request: web.Request) -> web.Response:
         "start": iso(end - window_s),
         "end": iso(end),
         "functions": figures,
+        "sources": _source_samples(request),
     }
     return web.json_response(body, dumps=lambda value: _json.encode(value).decode())
 
@@ -224,6 +226,18 @@ def _present(
         fn["last"]["queued_at"] = iso(fn["last"]["queued_at"])
     for trigger in fn["triggers"].values():
         trigger["last_at"] = iso(trigger["last_at"])
+
+
+def _source_samples(request: web.Request) -> list[dict[str, Any]]:
+    """What the running trigger sources report of themselves (as for GET /metrics): MQTT's
+    connection, each cron trigger's last fire, each folder's pending files."""
+    parts = request.app.get(METRICS)
+    if parts is None or parts.sources is None:
+        return []
+    return [
+        {"name": sample.name, "labels": sample.labels, "value": sample.value}
+        for sample in parts.sources.samples()
+    ]
 
 
 def _bad(message: str) -> web.Response:

@@ -63,7 +63,10 @@ def functions(tmp_path: Path) -> str:
     return (
         f'[functions.chatty]\nhandler = "app.chatty"\ncode = "{code}"\n\n'
         f'[functions.picky]\nhandler = "app.picky"\ncode = "{code}"\nretries = 0\n\n'
-        f'[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n'
+        f'[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n\n'
+        # a cron trigger firing every second: its health and last fire on the functions view
+        f'[functions.ticker]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n'
+        'triggers = [{ type = "cron", schedule = "* * * * * *" }]\n'
     )
 
 
@@ -114,6 +117,13 @@ async def test_dashboard_shows_functions_an_invocation_its_logs_and_replays_it(
 ):
     invocation_id = await invoke(daemon, "chatty", {"n": 1})
     await invoke(daemon, "echo", {})
+
+    async def ticked() -> bool:  # polled: the cron source reports its fires when asked
+        stats = await daemon.get("/v1/stats?function=ticker")
+        fired = [s for s in stats["sources"] if s["labels"].get("trigger") == "ticker#0"]
+        return bool(fired) and stats["functions"]["ticker"]["invocations"] > 0
+
+    await daemon.wait_for(ticked)
     browser.get(f"{daemon.base}/")
     row = wait(
         browser,
@@ -125,6 +135,9 @@ async def test_dashboard_shows_functions_an_invocation_its_logs_and_replays_it(
     assert cells[2] == "1 idle, 0 busy"
     assert "succeeded" in cells[7]
     assert cells[5].endswith("ms") and cells[6].endswith("ms")  # p50 and p95
+    assert cells[8] == "API only"
+    ticker = text_of(browser, "li[data-trigger='ticker#0']")
+    assert ticker.startswith("cron * * * * * * ok") and "last fire" in ticker
     # both charts are drawn by the vendored uPlot
     wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, ".charts canvas")) == 2, "charts")
     screenshot(browser, "functions")

@@ -129,12 +129,27 @@ async function overview() {
 
 function triggers(fn, stats) {
   const list = el("ul", null, { class: "triggers" });
+  const samples = state.stats.sources || [];
+  const sample = (name, test) => samples.find((s) => s.name === name && test(s.labels));
   fn.triggers.forEach((t, i) => {
-    const seen = stats.triggers[`${fn.name}#${i}`];
-    const what = t.schedule || t.topic || t.path || t.folder || "";
-    const health = !seen ? "idle" : seen.failing ? "failing" : "ok";
-    const item = el("li", `${t.type} ${what} `);
+    const id = `${fn.name}#${i}`;
+    const seen = stats.triggers[id];
+    const what = t.schedule || t.topic || t.path || "";
+    let health = !seen ? "idle" : seen.failing ? "failing" : "ok";
+    let note = "";
+    if (t.type === "mqtt") {
+      const connected = sample("lambdaemon_mqtt_connected", () => true);
+      if (connected && !connected.value) health = "disconnected";
+    } else if (t.type === "cron") {
+      const fired = sample("lambdaemon_cron_last_fire_timestamp_seconds", (l) => l.trigger === id);
+      if (fired) note = ` last fire ${new Date(fired.value * 1000).toLocaleTimeString()}`;
+    } else if (t.type === "files") {
+      const pending = sample("lambdaemon_files_pending", (l) => l.folder.endsWith(t.path.replace(/^\.?\//, "")));
+      if (pending) note = ` ${pending.value} pending`;
+    }
+    const item = el("li", `${t.type} ${what} `, { "data-trigger": id });
     item.append(el("span", health, { class: `health ${health}`, title: seen ? `${seen.invocations} events, ${seen.errors} errors; last ${when(seen.last_at)}` : "no event in this window" }));
+    if (note) item.append(el("span", note, { class: "note" }));
     list.append(item);
   });
   if (!fn.triggers.length) list.append(el("li", "API only"));
@@ -166,7 +181,7 @@ function drawCharts() {
   const width = Math.max(320, Math.min(560, $("overview").clientWidth / 2 - 24));
   const opts = (label1, label2, colors) => ({
     width, height: 200,
-    series: [{}, { label: label1, stroke: colors[0], width: 2, points: { size: 4 } }, { label: label2, stroke: colors[1], width: 2, points: { size: 4 } }],
+    series: [{}, { label: label1, stroke: colors[0], width: 2, points: { show: true, size: 5 } }, { label: label2, stroke: colors[1], width: 2, points: { show: true, size: 5 } }],
     axes: [{}, { size: 50 }],
   });
   state.charts = [
