@@ -535,7 +535,10 @@ class Store:
         last attempt; pass the last row's (queued_at, id) as `after` to page."""
         sql = f"SELECT {records.LOG_COLUMNS} FROM invocations WHERE queued_at >= ?"
         params: list[Any] = [since]
-        for clause, value in (("function = ?", function), ("status = ?", status)):
+        # Without a function, `+status` keeps SQLite on the queued_at index (in time order)
+        # instead of a status index and a sort of every match.
+        by_status = "status = ?" if function is not None else "+status = ?"
+        for clause, value in (("function = ?", function), (by_status, status)):
             if value is not None:
                 sql += f" AND {clause}"
                 params.append(value)
