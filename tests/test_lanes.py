@@ -118,7 +118,11 @@ async def test_lane_pause_forgets_gathered_items_and_their_window() -> None:
     lane = lane_of(fn(batch_size=5, window_s=0.05), started)
     lane.push(item(0))
     assert lane.holding() == {"id0"}
+    (gathering,) = lane.gathering.values()
+    window = gathering.timer
+    assert window is not None
     lane.pause(RuntimeError("stopping"))
     assert not lane.holding() and lane.budget.held == 0
-    await asyncio.sleep(0.1)  # past the window: nothing may start from a paused lane
+    # the window's timer is gone: nothing can start from the paused lane when it would end
+    assert window.cancelled() and gathering.timer is None
     assert started.runs == []

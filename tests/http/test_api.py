@@ -198,6 +198,22 @@ def lambda_client(daemon: Daemon) -> Any:
     )
 
 
+def refused(call: Any) -> dict[str, Any]:
+    """The Lambda error boto3 raised for `call()`: code, status, message and request id."""
+    from botocore.exceptions import ClientError
+
+    try:
+        call()
+    except ClientError as exc:
+        return {
+            "code": exc.response["Error"]["Code"],
+            "status": exc.response["ResponseMetadata"]["HTTPStatusCode"],
+            "message": exc.response["Error"]["Message"],
+            "request_id": exc.response["ResponseMetadata"]["RequestId"],
+        }
+    raise AssertionError("no error")
+
+
 async def test_api_boto3_invoke(daemon: Daemon):
 
     def call():
@@ -234,18 +250,6 @@ async def test_api_boto3_invoke(daemon: Daemon):
 async def test_api_boto3_management_calls_page_qualify_and_refuse_modeled(daemon: Daemon):
     """ListFunctions pages, GetFunction honours Qualifier, and calls lambdaemon does not
     implement, or names it cannot take, are errors boto3 models, each with a request id."""
-    from botocore.exceptions import ClientError
-
-    def refused(call: Any) -> dict[str, Any]:
-        try:
-            call()
-        except ClientError as exc:
-            return {
-                "code": exc.response["Error"]["Code"],
-                "status": exc.response["ResponseMetadata"]["HTTPStatusCode"],
-                "request_id": exc.response["ResponseMetadata"]["RequestId"],
-            }
-        raise AssertionError("no error")
 
     def calls() -> dict[str, Any]:
         client = lambda_client(daemon)

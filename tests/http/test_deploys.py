@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 
 from tests.daemon_proc import Daemon, Gate, free_port, running_daemon, write_config
-from tests.http.test_api import lambda_client
+from tests.http.test_api import lambda_client, refused
 
 
 def package(marker: str, *, extra: dict[str, str] | None = None) -> bytes:
@@ -61,18 +60,6 @@ def config_body(tmp_path: Path) -> str:
 async def daemon(tmp_path):
     async with running_daemon(tmp_path, config_body(tmp_path)) as d:
         yield d
-
-
-def refused(call: Any) -> dict[str, Any]:
-    try:
-        call()
-    except ClientError as exc:
-        return {
-            "code": exc.response["Error"]["Code"],
-            "status": exc.response["ResponseMetadata"]["HTTPStatusCode"],
-            "message": exc.response["Error"]["Message"],
-        }
-    raise AssertionError("no error")
 
 
 def payload(response: dict[str, Any]) -> dict[str, Any]:
