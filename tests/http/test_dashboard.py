@@ -16,7 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -82,6 +86,12 @@ def wait(browser: WebDriver, condition, message: str):
             return condition(driver)
         except (NoSuchElementException, StaleElementReferenceException):
             return False  # the page is redrawing: try again
+        except WebDriverException as e:
+            # chromedriver reports an element replaced between its lookup and the
+            # question about it this way too, not always as a stale reference
+            if "does not belong to the document" in str(e):
+                return False
+            raise
 
     return WebDriverWait(browser, WAIT_S).until(tolerant, message)
 
