@@ -212,13 +212,29 @@ def _dlq_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    store = "sqlite"
+    if config.store.url is not None:
+        # The one command that asks the server: a refused login is a config error (78), a
+        # server that does not answer is not (69), and each says which.
+        from daemon.errors import StoreUnavailableError
+        from daemon.store.postgres import probe
+
+        try:
+            store = f"postgresql {probe(config)}"
+        except ConfigError as exc:
+            print(f"lambdaemon: config error: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        except StoreUnavailableError as exc:
+            print(f"lambdaemon: {exc}", file=sys.stderr)
+            return EX_UNAVAILABLE
     if args.json:
+        functions = sorted(config.functions)
         print(
-            json.dumps({"config": config.path, "ok": True, "functions": sorted(config.functions)})
+            json.dumps({"config": config.path, "ok": True, "functions": functions, "store": store})
         )
     else:
         names = ", ".join(sorted(config.functions))
-        print(f"{config.path}: ok ({len(config.functions)} functions: {names})")
+        print(f"{config.path}: ok ({len(config.functions)} functions: {names}; store: {store})")
     return 0
 
 
@@ -227,6 +243,14 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from daemon.memory import keep_heap_small
     from daemon.resources import raise_nofile_limit
 
+    if config.store.url is not None:
+        print(
+            f"lambdaemon: config error: {config.path}: store.url: the PostgreSQL store is not"
+            " built yet (only `lambdaemon check` uses it; docs/store.md); remove [store] url"
+            " to run on SQLite",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
     keep_heap_small()  # big results' buffers go back to the kernel once freed
     configure_logging(config.daemon.log_level)
     raise_nofile_limit()  # before anything opens descriptors; logs the limits once

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
-from daemon.credentials import mqtt_connection, read_secret
+from daemon.credentials import mqtt_connection, read_secret, store_connection
 from daemon.errors import ConfigError
 from triggers import registry
 from triggers.base import TriggerSettings
@@ -110,6 +110,15 @@ class MqttSettings(_Section, frozen=True):
     session_expiry_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
 
 
+class StoreSettings(_Section, frozen=True):
+    """Where the store lives. Without `url`, the SQLite file in data_dir (the default)."""
+
+    # postgresql://USER@HOST[:PORT]/DBNAME[?sslmode=...]; the password never in the URL.
+    url: str | None = None
+    password_file: str | None = None  # a file, or credential:NAME (systemd LoadCredential=)
+    connect_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
+
+
 class WebhookSettings(ListenerSettings, frozen=True):
     listen: str = "0.0.0.0:8080"
     max_body_bytes: Annotated[int, Meta(ge=1, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
@@ -160,6 +169,7 @@ class Config(_Section, frozen=True):
     daemon: DaemonSettings = DaemonSettings()
     api: ApiSettings = ApiSettings()
     mqtt: MqttSettings | None = None
+    store: StoreSettings = StoreSettings()
     webhooks: WebhookSettings | None = None
     functions: dict[str, FunctionConfig] = msgspec.field(default_factory=dict)
     path: str = ""  # the file this came from
@@ -300,6 +310,10 @@ def _validate(config: Config) -> Config:
         listen_host(config.webhooks.listen, path, "webhooks.listen")
     if config.mqtt is not None:
         mqtt_connection(config)
+    if config.store.url is not None:
+        store_connection(config)
+    elif config.store.password_file is not None:
+        raise ConfigError(path, "store.password_file", "needs store.url (a PostgreSQL store)")
     functions_dir = config.resolve(config.daemon.functions_dir)
     functions = {}
     for name, fn in config.functions.items():

@@ -1,0 +1,122 @@
+"""A private PostgreSQL cluster for tests: initdb in a temporary folder, a free loopback port.
+
+    cluster = Postgres()
+    cluster.start()           # pg_ctl start -w: returns once it accepts connections
+    url = cluster.url(cluster.create_database())   # a fresh, empty database
+    cluster.stop()            # and its folder is removed
+
+Debian's server binaries (/usr/lib/postgresql/*/bin, installed by tests/run), never the
+service that may run on 5432: each session gets its own cluster, superuser and password. The
+server refuses to run as root, so as root the cluster's files belong to, and its processes run
+as, the `postgres` user the package creates.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+from tests.mosquitto import free_port
+
+USER = "lambdaemon"
+
+
+def bin_dir() -> Path:
+    """The newest installed server's bin folder."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise RuntimeError(
+            "no PostgreSQL server in /usr/lib/postgresql: apt-get install postgresql"
+        )
+    return found[-1].parent
+
+
+class Postgres:
+    """One cluster: its own folder, port, superuser `lambdaemon` and password."""
+
+    def __init__(self) -> None:
+        self.bin = bin_dir()
+        self.port = free_port()
+        self.password = uuid.uuid4().hex
+        self.directory = Path(tempfile.mkdtemp(prefix="lambdaemon-pg-"))
+        self.data = self.directory / "data"
+        self.log_path = self.directory / "postgres.log"
+        self.password_file = self.directory / "password"  # for configs: store.password_file
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            self._as = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.directory, "postgres", "postgres")
+        self.password_file.write_text(self.password + "\n")
+
+    def _run(self, *argv: str, timeout: float = 60) -> None:
+        result = subprocess.run(
+            [*self._as, *argv], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed ({result.returncode}): {result.stderr}")
+
+    def start(self) -> None:
+        pwfile = self.directory / "initdb-password"
+        pwfile.write_text(self.password + "\n")
+        if self._as:
+            shutil.chown(pwfile, "postgres", "postgres")
+        self._run(
+            str(self.bin / "initdb"),
+            f"--pgdata={self.data}",
+            f"--username={USER}",
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",  # the cluster dies with the test session
+        )
+        pwfile.unlink()
+        # fsync off: a test cluster need not survive a power cut; synchronous_commit stays on.
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port}"
+            f" -c unix_socket_directories={self.directory} -c fsync=off"
+            " -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "start",
+            "--wait",
+            "--timeout=60",
+            f"--pgdata={self.data}",
+            f"--log={self.log_path}",
+            f"--options={options}",
+            timeout=90,
+        )
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(
+                str(self.bin / "pg_ctl"), "stop", "--wait", "--mode=fast", f"--pgdata={self.data}"
+            )
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def url(self, database: str = "postgres", user: str = USER) -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def connect(self, database: str = "postgres"):  # type: ignore[no-untyped-def]
+        import psycopg
+
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=USER,
+            password=self.password,
+            dbname=database,
+            autocommit=True,
+        )
+
+    def create_database(self, template: str = "template0") -> str:
+        """A fresh database (CREATE DATABASE ... TEMPLATE is a file copy: fast); its name."""
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with self.connect() as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return name
