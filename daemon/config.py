@@ -12,6 +12,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -129,6 +130,9 @@ class FunctionConfig(_Section, frozen=True):
 
     handler: str
     code: str | None = None
+    # python: the in-process worker (worker.py); provided: the code folder's executable
+    # `bootstrap` on Lambda's Runtime API; nodejs: lambdaemon's Node.js bootstrap (runtime.py).
+    runtime: str = "python"
     timeout_s: Annotated[float, Meta(gt=0, le=900)] = 3.0
     memory_mb: Annotated[int, Meta(ge=16, le=10240)] = 128
     concurrency: Annotated[int, Meta(ge=1, le=1024)] = 1
@@ -333,7 +337,17 @@ def _validate_function(
     if not code.is_dir():
         what = f"{key}.code" if fn.code else key
         raise ConfigError(path, what, f"code folder {code} does not exist")
-    check_handler(code, fn.handler, path, f"{key}.handler")
+    if fn.runtime not in RUNTIMES:
+        choices = ", ".join(RUNTIMES)
+        raise ConfigError(
+            path, f"{key}.runtime", f"unknown runtime {fn.runtime!r} (one of: {choices})"
+        )
+    if fn.runtime == "python":
+        check_handler(code, fn.handler, path, f"{key}.handler")
+    elif fn.runtime == "provided":
+        check_bootstrap(code, path, f"{key}.runtime")
+    else:
+        check_node_handler(code, fn.handler, path, f"{key}.handler")
     if fn.min_warm > fn.concurrency:
         raise ConfigError(
             path, f"{key}.min_warm", f"{fn.min_warm} is more than concurrency = {fn.concurrency}"
@@ -419,6 +433,42 @@ def _validate_destination(config: Config, value: str, key: str) -> None:
             raise ConfigError(path, key, f"{target!r} has an invalid port") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(path, key, f"{target!r} is not an http:// or https:// URL")
+
+
+RUNTIMES = ("python", "provided", "nodejs")
+NODE_EXTENSIONS = (".js", ".mjs", ".cjs")
+
+
+def check_bootstrap(code: Path, path: str, key: str) -> None:
+    """A `provided` function's code folder holds an executable file named `bootstrap`."""
+    bootstrap = code / "bootstrap"
+    if not bootstrap.is_file():
+        raise ConfigError(path, key, f"runtime 'provided' needs an executable {bootstrap}: missing")
+    if not os.access(bootstrap, os.X_OK):
+        raise ConfigError(
+            path, key, f"runtime 'provided' needs an executable {bootstrap}: not executable"
+        )
+
+
+def node_binary() -> str | None:
+    """Node.js as Debian installs it (`node`, or `nodejs` on older releases), or None."""
+    return shutil.which("node") or shutil.which("nodejs")
+
+
+def check_node_handler(code: Path, handler: str, path: str, key: str) -> None:
+    """Node.js is installed and `handler` names file.function of a module in `code`."""
+    if node_binary() is None:
+        raise ConfigError(
+            path,
+            key.rpartition(".")[0] + ".runtime",
+            "runtime 'nodejs' needs Node.js: no `node` on PATH (on Debian: apt-get install nodejs)",
+        )
+    if not HANDLER.match(handler):
+        raise ConfigError(path, key, f"{handler!r} is not of the form file.function")
+    module = handler.rpartition(".")[0]
+    if not any(code.joinpath(module + ext).is_file() for ext in NODE_EXTENSIONS):
+        names = " or ".join(module + ext for ext in NODE_EXTENSIONS)
+        raise ConfigError(path, key, f"module {names} not found in {code}")
 
 
 def check_handler(code: Path, handler: str, path: str, key: str) -> None:

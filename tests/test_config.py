@@ -286,3 +286,35 @@ def test_config_refuses_what_the_daemon_fills_in(tmp_path, key):
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert (caught.value.key, caught.value.reason) == (f"functions.a.{key}", "unknown key")
+
+
+def test_cli_check_names_the_function_whose_runtime_cannot_run(tmp_path):
+    """`lambdaemon check` exits 78 naming the function and why: an unknown runtime, a missing
+    or non-executable bootstrap, a Node.js handler without Node.js or without its module."""
+    import os
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "index.js").write_text("exports.handler = async () => 1;\n")
+    path = tmp_path / "config.toml"
+
+    def check(runtime: str, handler: str = "index.handler", env=None) -> str:
+        path.write_text(
+            f'[functions.fn1]\nhandler = "{handler}"\ncode = "{code}"\nruntime = "{runtime}"\n'
+        )
+        result = run_cli("check", "--config", str(path), env=env)
+        assert result.returncode == 78, result.stdout
+        return result.stderr
+
+    assert "functions.fn1.runtime: unknown runtime 'java'" in check("java")
+    assert "bootstrap: missing" in check("provided")
+    (code / "bootstrap").write_text("#!/bin/sh\n")
+    assert "bootstrap: not executable" in check("provided")
+    assert "functions.fn1.handler: module other.js or other.mjs or other.cjs not found" in check(
+        "nodejs", "other.handler"
+    )
+    no_node = {**os.environ, "PATH": str(tmp_path / "empty")}
+    assert "functions.fn1.runtime: runtime 'nodejs' needs Node.js" in check("nodejs", env=no_node)
+    (code / "bootstrap").chmod(0o755)
+    path.write_text(f'[functions.fn1]\nhandler = "x.y"\ncode = "{code}"\nruntime = "provided"\n')
+    assert run_cli("check", "--config", str(path)).returncode == 0

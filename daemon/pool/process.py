@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from daemon.config import FunctionConfig
+from daemon.config import FunctionConfig, node_binary
 from daemon.pool.descendants import kill_tree
 from daemon.pool.outcomes import kb_to_mb
 from daemon.pool.protocol import DEPS_ENV, Invoke, SupervisorChannel
@@ -235,25 +235,66 @@ async def start_process(
     stream: str,
     platform: Mapping[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
-    """Exec `python -m daemon.pool.worker` for `fn`: own session, clean env, output on `memfd`."""
+    """Exec the worker for `fn`: own session, clean env, output on `memfd`.
+
+    Every kind of worker starts here: `python -m daemon.pool.worker` for a Python function, and
+    `python -m daemon.pool.runtime` (the Runtime API in front of a `bootstrap`) for the others.
+    """
     assert fn.code is not None
     fd, daemon_pid = str(child_sock.fileno()), str(os.getpid())
+    initialization = "on-demand" if on_demand else "provisioned-concurrency"
+    env = environment(fn, initialization, stream, platform)
+    if fn.runtime == "python":
+        argv = [sys.executable, "-m", "daemon.pool.worker", fd, daemon_pid]
+    else:
+        argv = [sys.executable, "-m", "daemon.pool.runtime", fd, daemon_pid, f"{fn.timeout_s}"]
+        argv += bootstrap_argv(fn, env)
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon.pool.worker",
-        fd,
-        daemon_pid,
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=memfd,
         stderr=memfd,
         pass_fds=(child_sock.fileno(),),
         start_new_session=True,
         cwd=fn.code,
-        env=environment(
-            fn, "on-demand" if on_demand else "provisioned-concurrency", stream, platform
-        ),
+        env=env,
     )
+
+
+NODE_BOOTSTRAP = str(Path(__file__).resolve().parent / "node" / "bootstrap.mjs")
+
+
+def bootstrap_argv(fn: FunctionConfig, env: dict[str, str]) -> list[str]:
+    """The command a runtime worker starts (as Lambda's provided.al2023 and nodejs runtimes
+    do), and its changes to the environment: AWS_EXECUTION_ENV and LAMBDA_RUNTIME_DIR."""
+    assert fn.code is not None
+    if fn.runtime == "provided":
+        del env["AWS_EXECUTION_ENV"]  # Lambda sets none for OS-only runtimes
+        return [os.path.join(fn.code, "bootstrap")]
+    node = node_binary() or "node"
+    env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_nodejs{node_major(node)}.x"
+    env["LAMBDA_RUNTIME_DIR"] = os.path.dirname(NODE_BOOTSTRAP)
+    # V8's heap within the function's memory, as Lambda's Node.js runtimes set it.
+    heap_mb = max(16, fn.memory_mb * 85 // 100)
+    return [node, f"--max-old-space-size={heap_mb}", NODE_BOOTSTRAP]
+
+
+_node_majors: dict[str, str] = {}
+
+
+def node_major(node: str) -> str:
+    """The major version of the Node.js binary `node` ("20"), asked once per binary."""
+    if node not in _node_majors:
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                [node, "--version"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout
+            _node_majors[node] = out.strip().lstrip("v").split(".")[0] or "0"
+        except OSError:
+            _node_majors[node] = "0"
+    return _node_majors[node]
 
 
 def capture_file(name: str) -> int:
