@@ -1,0 +1,3 @@
+module lambdaemon.bench/noop_go
+
+go 1.19

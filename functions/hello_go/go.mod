@@ -1,0 +1,3 @@
+module lambdaemon.example/hello_go
+
+go 1.19
