@@ -119,7 +119,7 @@ def save_version(conn: sqlite3.Connection, version: Version, change: Change) -> 
     )
     conn.execute(
         "INSERT INTO version_counters (function, last) VALUES (?, ?)"
-        " ON CONFLICT (function) DO UPDATE SET last = max(last, excluded.last)",
+        " ON CONFLICT (function) DO UPDATE SET last = max(version_counters.last, excluded.last)",
         (version.function, version.number),
     )
     _history(conn, change)

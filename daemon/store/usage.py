@@ -29,6 +29,6 @@ def save_memory(conn: sqlite3.Connection, memory_mb: dict[str, int]) -> None:
     conn.executemany(
         "INSERT INTO usage_memory (function, memory_mb) VALUES (?, ?)"
         " ON CONFLICT (function) DO UPDATE SET memory_mb = excluded.memory_mb"
-        " WHERE memory_mb != excluded.memory_mb",
+        " WHERE usage_memory.memory_mb != excluded.memory_mb",
         sorted(memory_mb.items()),
     )
