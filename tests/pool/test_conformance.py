@@ -128,3 +128,83 @@ async def test_shell_example_serves_with_curl(pool: WorkerPool) -> None:
     assert outcome.status is Status.SUCCEEDED, outcome.payload
     assert json.loads(outcome.payload) == {"message": "hello from sh", "event": {"x": 1}}
     assert 'shell handler got: {"x": 1}' in outcome.logs
+
+
+# AWS's Node.js runtime interface client (npm's aws-lambda-ric, a native addon built from its
+# bundled sources); tests/run builds the pinned version into .venv/ric when it is missing.
+NODE_RIC = ROOT / ".venv" / "ric" / "node_modules" / "aws-lambda-ric" / "bin" / "index.mjs"
+NODE_APP = """\
+let calls = 0;
+
+exports.handler = async (event, context) => {
+  calls += 1;
+  console.log(`node ric call ${calls}`);
+  return {
+    event,
+    calls,
+    pid: process.pid,
+    request_id: context.awsRequestId,
+    arn: context.invokedFunctionArn,
+    remaining_ms: context.getRemainingTimeInMillis(),
+    function_name: context.functionName,
+  };
+};
+
+exports.callback = (event, context, callback) => {
+  callback(null, { style: "callback", event });
+};
+
+exports.fails = async () => {
+  const error = new Error("no such sensor");
+  error.name = "SensorError";
+  throw error;
+};
+"""
+
+
+@pytest.fixture
+def node_ric_code(tmp_path: Path) -> Path:
+    assert NODE_RIC.is_file(), f"{NODE_RIC} is missing: tests/run builds aws-lambda-ric there"
+    code = tmp_path / "noderic"
+    code.mkdir()
+    (code / "index.js").write_text(NODE_APP)
+    (code / "broken.js").write_text("require('no-such-package-here');\n")
+    bootstrap = code / "bootstrap"
+    # As AWS documents for a custom image: the client's entry point run with the handler.
+    bootstrap.write_text(f'#!/bin/sh\nexec node {NODE_RIC} "$_HANDLER"\n')
+    bootstrap.chmod(0o755)
+    return code
+
+
+async def test_node_aws_lambda_ric_serves_through_the_runtime_api(
+    pool: WorkerPool, node_ric_code: Path
+) -> None:
+    fn = function("noderic", "index.handler", node_ric_code, runtime="provided", timeout_s=10)
+    first = await call(pool, fn, {"sensor": 1}, invocation_id="req-noderic-1")
+    assert first.status is Status.SUCCEEDED, first.payload
+    answer = json.loads(first.payload)
+    assert answer["event"] == {"sensor": 1} and answer["calls"] == 1
+    assert answer["request_id"] == "req-noderic-1" and answer["arn"] == fn.arn
+    assert 0 < answer["remaining_ms"] <= 10_000 and answer["function_name"] == "noderic"
+    assert "node ric call 1" in first.logs and first.init_duration_ms is not None
+    second = await call(pool, fn, {"sensor": 2})
+    assert json.loads(second.payload)["calls"] == 2  # warm: the same client process
+    assert json.loads(second.payload)["pid"] == answer["pid"]
+    styled = function("nodericcb", "index.callback", node_ric_code, runtime="provided")
+    outcome = await call(pool, styled, [1])
+    assert json.loads(outcome.payload) == {"style": "callback", "event": [1]}
+
+
+async def test_node_aws_lambda_ric_errors_and_init_errors(
+    pool: WorkerPool, node_ric_code: Path
+) -> None:
+    fails = function("noderfail", "index.fails", node_ric_code, runtime="provided", timeout_s=10)
+    outcome = await call(pool, fails, {})
+    assert outcome.status is Status.FAILED and outcome.error_type == "SensorError"
+    body = json.loads(outcome.payload)
+    assert body["errorMessage"] == "no such sensor" and body["errorType"] == "SensorError"
+    broken = function("noderbroken", "broken.handler", node_ric_code, runtime="provided")
+    outcome = await call(pool, broken, {})
+    assert outcome.status is Status.FAILED
+    assert outcome.error_type == "Runtime.ImportModuleError", outcome.payload
+    assert "no-such-package-here" in json.loads(outcome.payload)["errorMessage"]
