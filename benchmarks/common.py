@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,13 @@ def loadgen(
 @contextlib.asynccontextmanager
 async def bare_aiohttp() -> AsyncIterator[str]:
     """The baseline server (benchmarks/bare_aiohttp.py) running; yields its URL."""
+    async with bare_aiohttp_server() as (url, _):
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def bare_aiohttp_server() -> AsyncIterator[tuple[str, int]]:
+    """bare_aiohttp(), yielding its URL and its pid (for its CPU: cpu_of)."""
     from tests.daemon_proc import free_port
 
     port = free_port()
@@ -56,7 +64,7 @@ async def bare_aiohttp() -> AsyncIterator[str]:
     )
     try:
         await wait_port(port)
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", server.pid
     finally:
         server.terminate()
         await server.wait()
@@ -130,3 +138,57 @@ def report(name: str, results: dict) -> None:
     text = json.dumps(results, indent=2) + "\n"
     (RESULTS / f"{name}.json").write_text(text)
     print(text, end="")
+
+
+def cpu_of(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by process `pid`, split the way the daemon is built.
+
+    `loop`: its main thread, where the event loop runs; `threads`: every other thread of it
+    (the store's database threads, the loop's default executor); `children`: its child
+    processes alive now (the workers; the benchmarks keep them warm with min_warm, so none
+    exits mid-round and takes its CPU with it). `loop_waiting`: seconds the loop thread was
+    runnable but waited for a core, which on this 2-core VM tells contention from work.
+    From /proc/<pid>/task/<tid>/schedstat (nanoseconds), or stat's clock ticks without it.
+    Take it before and after a round (cpu_delta) and divide by the round's events.
+    """
+    out = {"loop": 0.0, "threads": 0.0, "children": 0.0, "loop_waiting": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        ran, waited = _task_cpu(task)
+        if int(task.name) == pid:
+            out["loop"], out["loop_waiting"] = ran, waited
+        else:
+            out["threads"] += ran
+    for child in _children(pid):
+        with contextlib.suppress(OSError):  # it exited between the listing and the read
+            out["children"] += sum(_task_cpu(t)[0] for t in Path(f"/proc/{child}/task").iterdir())
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, float]:
+    """Microseconds of CPU per event between two cpu_of() readings, by part."""
+    return {
+        key: round((after[key] - before[key]) * 1e6 / max(1, events), 1)
+        for key in ("loop", "threads", "children", "loop_waiting")
+    }
+
+
+def _task_cpu(task: Path) -> tuple[float, float]:
+    """(seconds on a core, seconds runnable but waiting for one) of one thread."""
+    try:
+        ran, waited, _ = (task / "schedstat").read_text().split()
+        return int(ran) / 1e9, int(waited) / 1e9
+    except FileNotFoundError:
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 0.0
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid` (a scan of /proc: the children file needs a kernel option)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
