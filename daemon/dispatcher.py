@@ -61,6 +61,12 @@ _STORE_BACKOFF = Backoff(0.5, 15.0)
 # A sync call's `running` row, and an async attempt's worker pid, are written only for an
 # invocation still running after this long: most finish first and are written once, finished.
 VISIBLE_AFTER_S = 0.25
+# Marks written ahead (Dispatcher._mark_ahead): per lane at most MARK_AHEAD_PER_SLOT per
+# concurrency slot and MARK_AHEAD in all, and only while its attempts take under QUICK_MS on
+# average, so that a marked item waits for its start about as long as a commit takes.
+MARK_AHEAD = 64
+MARK_AHEAD_PER_SLOT = 8
+QUICK_MS = 5.0
 _json = msgspec.json.Encoder()
 
 
@@ -223,6 +229,9 @@ class Dispatcher:
         (its queued rows stay in the store); a reload that brings it back resumes them.
         """
         opened = self._lanes.reconfigure(functions, UnknownFunctionError)
+        taken_back = self._take_back_marks(list(self._lanes.retired.values()))
+        if taken_back is not None:  # before their rows can be resumed
+            await asyncio.shield(taken_back)
         if opened:
             resumed, _ = await self._resume_queued(set(opened), opened_at=time.time())
             log.info("dispatcher_functions_opened", functions=opened, resumed=resumed)
@@ -526,7 +535,10 @@ class Dispatcher:
 
     def _start(self, lane: Lane, item: Backlogged) -> None:
         self._in_flight.add(item.id)
-        self._spawn(self._run_async(lane, item), self._running)
+        # Its mark written ahead, if any, is this attempt's now: a lane that pauses later takes
+        # back only the marks still in lane.marked_ahead.
+        ahead = lane.marked_ahead.pop(item.id, None)
+        self._spawn(self._run_async(lane, item, ahead and ahead[:2]), self._running)
 
     def _start_batch(self, lane: Lane, items: list[Backlogged]) -> None:
         self._in_flight.update(item.id for item in items)
@@ -541,7 +553,9 @@ class Dispatcher:
 
     # --- running ------------------------------------------------------------------------------
 
-    async def _run_async(self, lane: Lane, item: Backlogged) -> None:
+    async def _run_async(
+        self, lane: Lane, item: Backlogged, ahead: tuple[asyncio.Future[None], float] | None
+    ) -> None:
         fn, attempt = lane.fn, item.attempt + 1
         released = False
         try:
@@ -563,10 +577,14 @@ class Dispatcher:
                 if event is None:
                     raise LookupError(f"invocation {item.id} is not in the store")
             request = InvokeRequest(item.id, event, invoked_arn(fn, item.version))
-            started_at = time.time()
             # Committed before the handler can start, so a crash mid-run is always seen as a
-            # started attempt (and counted) when the daemon recovers.
-            marked = self._store.mark_running(item.id, attempt, started_at, None)
+            # started attempt (and counted) when the daemon recovers. Mostly written already,
+            # while the attempts before it ran (_mark_ahead).
+            if ahead is None:
+                started_at = time.time()
+                marked = self._store.mark_running(item.id, attempt, started_at, None)
+            else:
+                marked, started_at = ahead
 
             # The worker's pid goes into the row with the outcome; an attempt still running
             # after VISIBLE_AFTER_S gets it written now, to be seen while it runs. (A
@@ -590,6 +608,7 @@ class Dispatcher:
             except StoreUnavailableError as exc:
                 self._not_started(lane, item, exc)
                 return
+            self._mark_ahead(lane)
             try:
                 # lane.fn: a reload while the row was being marked applies to this attempt too.
                 target = self._version_of(lane.fn, item.version)
@@ -632,6 +651,48 @@ class Dispatcher:
             if not released:
                 lane.release()
             self._in_flight.discard(item.id)
+
+    def _mark_ahead(self, lane: Lane) -> None:
+        """Write the `running` marks of the backlog's next items while this attempt runs.
+
+        An attempt starts only once its mark is committed. Under load that commit queues behind
+        the fsync of newly accepted events, and a slot waiting for it runs nothing: with quick
+        handlers, most of a slot's time. Marks written ahead ride in the next group commit
+        and are committed by the time a slot takes their items. What it costs: a crash while
+        they wait records those attempts as crashed though they never ran, and they are
+        retried by the policy like any crashed attempt (at least once holds, an attempt of the
+        budget is spent); a drain or a reload takes them back (_take_back_marks). Retries are
+        never marked ahead: they are checked for their age when they start.
+        """
+        if lane.paused or lane.recent_ms > QUICK_MS:
+            return
+        limit = min(MARK_AHEAD, MARK_AHEAD_PER_SLOT * lane.fn.concurrency)
+        room = limit - len(lane.marked_ahead)
+        if room <= 0:
+            return
+        for item in itertools.islice(lane.backlog, limit + room):
+            if item.id in lane.marked_ahead or item.attempt > item.retry_base:
+                continue
+            started_at = time.time()
+            try:
+                marked = self._store.mark_running(item.id, item.attempt + 1, started_at, None)
+            except StoreUnavailableError:
+                return
+            lane.marked_ahead[item.id] = (marked, started_at, item.attempt + 1)
+            room -= 1
+            if room == 0:
+                return
+
+    def _take_back_marks(self, lanes: list[Lane]) -> asyncio.Task[Any] | None:
+        """Queue again the items of paused `lanes` marked ahead: they never started."""
+        items = []
+        for lane in lanes:
+            items += [(id, attempt) for id, (_, _, attempt) in lane.marked_ahead.items()]
+            lane.marked_ahead.clear()
+        if not items:
+            return None
+        log.info("invocation_marks_taken_back", count=len(items))
+        return self._spawn(self._store.unmark_running(items))
 
     def _not_started(self, lane: Lane, item: Backlogged, exc: StoreUnavailableError) -> None:
         """Never started: back into the lane once the store may take writes again."""
@@ -750,6 +811,7 @@ class Dispatcher:
         outcome = await self._pool.invoke(fn, request, on_start)
         if (lane := self._lanes.get(fn.name)) is not None:
             lane.counts.ran(outcome.duration_ms, outcome.init_duration_ms)
+            lane.recent_ms += (outcome.duration_ms - lane.recent_ms) / 8  # for _mark_ahead
         if self.log_hub.followers:  # someone follows logs (daemon/tail.py)
             self.log_hub.publish(fn.name, invocation_id, fn.version, fn.memory_mb, attempt, outcome)
         logs.invocation_finished(
@@ -841,6 +903,7 @@ class Dispatcher:
         """Start nothing new: the shutdown has begun. Sync callers still waiting are refused."""
         self._stopping = True
         self._lanes.pause(ShuttingDownError("the daemon is shutting down"))
+        self._take_back_marks([*self._lanes.values(), *self._lanes.retired.values()])
 
     async def drain(self, timeout_s: float) -> int:
         """Pause; wait up to `timeout_s` for running invocations; cancel the rest.

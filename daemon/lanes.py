@@ -115,6 +115,10 @@ class Lane:
         self.backlog: deque[Backlogged] = deque()
         self.retry_timers: dict[str, asyncio.TimerHandle] = {}  # by invocation id
         self.counts = FunctionCounts()  # for GET /metrics; kept across reloads with the lane
+        # Backlog items whose `running` mark the dispatcher wrote ahead of their start, by id:
+        # (the mark's write, its started_at, the attempt). See Dispatcher._mark_ahead.
+        self.marked_ahead: dict[str, tuple[asyncio.Future[None], float, int]] = {}
+        self.recent_ms = 0.0  # moving average of its attempts' durations
         self._start = start
 
     @property
@@ -277,7 +281,8 @@ class Lane:
         self.pump()
 
     def pause(self, refusal: Exception) -> None:
-        """Start nothing new; forget the backlog and retry timers (their rows stay queued).
+        """Start nothing new; forget the backlog and retry timers (their rows stay queued;
+        marks written ahead stay in `marked_ahead` for the dispatcher to take back).
 
         Synchronous callers still waiting are refused with `refusal`: they never started.
         """

@@ -23,8 +23,8 @@ from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.retry import after_failure, backoff_s
 from daemon.store.sqlite import NewInvocation, Store
-from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
-from tests.waits import until_changed
+from tests.daemon_proc import ROOT, Daemon, Gate, running_daemon, write_config
+from tests.waits import until_changed, watch_logs
 
 FLAKY = Path(__file__).resolve().parent / "functions" / "flaky"
 ECHO = FLAKY.parent / "echo"
@@ -453,3 +453,71 @@ async def test_dead_letter_api_validates_its_input(tmp_path: Path):
             assert resp.status == 404
         async with daemon.session.get(f"{daemon.base}/v1/dead-letters?limit=0") as resp:
             assert resp.status == 400
+
+
+# --- marks written ahead (Dispatcher._mark_ahead) --------------------------------------------------
+
+GATED = FLAKY.parent / "gated"
+
+
+def gated(**settings: Any) -> FunctionConfig:
+    return FunctionConfig(handler="handler.handler", name="gated", code=str(GATED), **settings)
+
+
+async def test_backlog_marked_running_ahead_runs_each_once_as_its_first_attempt(tmp_path: Path):
+    gate = Gate(tmp_path / "gate")
+    async with dispatching(tmp_path / "db", gated(concurrency=1)) as (dispatcher, store):
+        with watch_logs() as logs:
+            held = await dispatcher.accept(
+                "gated", {"gate": str(gate.path)}, trigger="test", trigger_id="t#0"
+            )
+            await logs.wait_for("invocation_started", invocation_id=held.invocation_id)
+            waiting = [
+                await dispatcher.accept("gated", {"n": n}, trigger="test", trigger_id="t#0")
+                for n in range(3)
+            ]
+            # The next one started marks the backlog behind it: accepted after the first
+            # started, these are marked by the start of the second.
+            gate.release()
+            for accepted in (held, *waiting):
+                assert await final(dispatcher, accepted.invocation_id) == "succeeded"
+        for accepted in (held, *waiting):
+            record = await store.get(accepted.invocation_id)
+            assert record is not None
+            assert (record["status"], record["attempt"], len(record["attempts"])) == (
+                "succeeded",
+                1,
+                1,
+            )
+        assert [e["attempt"] for e in logs.find("invocation_started")] == [1, 1, 1, 1]
+
+
+async def test_drain_takes_back_the_marks_of_items_that_never_started(tmp_path: Path):
+    first, second = Gate(tmp_path / "first"), Gate(tmp_path / "second")
+    async with dispatching(tmp_path / "db", gated(concurrency=1)) as (dispatcher, store):
+        with watch_logs() as logs:
+            ids = [
+                (
+                    await dispatcher.accept("gated", event, trigger="test", trigger_id="t#0")
+                ).invocation_id
+                for event in (
+                    {"gate": str(first.path)},
+                    {"gate": str(second.path)},
+                    {"n": 1},
+                    {"n": 2},
+                )
+            ]
+            await logs.wait_for("invocation_started", invocation_id=ids[0])
+            first.release()  # the first finishes; the second starts and holds the lane
+            await logs.wait_for("invocation_started", invocation_id=ids[1])
+            await store.barrier()
+            marked = [await store.get(id) for id in ids[2:]]
+            # Written as the second started: the two behind it are `running`, attempt 1.
+            assert [(r["status"], r["attempt"]) for r in marked if r] == [("running", 1)] * 2
+            await dispatcher.drain(0.2)  # the second is interrupted; the others never started
+            await store.barrier()
+            back = [await store.get(id) for id in ids[2:]]
+        assert [(r["status"], r["attempt"], r["started_at"]) for r in back if r] == [
+            ("queued", 0, None)
+        ] * 2
+        assert logs.find("invocation_marks_taken_back", count=2)

@@ -181,6 +181,16 @@ def mark_running(
     )
 
 
+def unmark_running(conn: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
+    """Take back `running` marks of (id, attempt)s that never started: queued again, the
+    attempt not made. A row that moved on since (or was never marked) is left alone."""
+    conn.executemany(
+        "UPDATE invocations SET status = 'queued', attempt = ?, started_at = NULL"
+        " WHERE id = ? AND status = 'running' AND attempt = ?",
+        [(attempt - 1, id, attempt) for id, attempt in items],
+    )
+
+
 def requeue(
     conn: sqlite3.Connection, id: str, attempt: int, o: Outcome, next_attempt_at: float
 ) -> None:

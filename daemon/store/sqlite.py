@@ -192,6 +192,11 @@ class Store:
         future.add_done_callback(partial(_log_unawaited_failure, id, "mark_running"))
         return future
 
+    async def unmark_running(self, items: list[tuple[str, int]]) -> None:
+        """Take back the `running` marks of (id, attempt)s whose handler never started: their
+        rows are queued again, without the attempt (Dispatcher's marks ahead)."""
+        await self._write(records.unmark_running, RELAXED | REPEATABLE, items=items)
+
     def mark_batch_running(
         self, batch_id: str, items: list[tuple[str, int]], started_at: float
     ) -> asyncio.Future[None]:
