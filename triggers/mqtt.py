@@ -43,11 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -77,6 +76,7 @@ log = structlog.get_logger("lambdaemon.triggers.mqtt")
 RECEIVE_MAXIMUM = 128  # copies in flight to us, announced to the broker and enforced here too
 WINDOW = 4096  # arrivals searched for a first delivery: far below the 65535 packet ids
 BACKOFF_S = (0.5, 30.0)  # reconnect delay: first, cap (jittered)
+ROUTES_KEPT = 4096  # topics whose triggers are remembered (_route)
 MESSAGE_ID = "message-id"  # user property a publisher may set as the event's idempotency key
 _json = msgspec.json.Encoder()
 
@@ -211,6 +211,9 @@ class MqttSource:
             tid: (cfg.event_format, cfg.topic_field) for _, tid, cfg in triggers
         }
         self._by_id = {s.id: s for s in self._subscriptions}
+        # (topic, subscription ids) -> targets: matching a topic against the filters costs more
+        # than the rest of routing, and devices publish to the same few topics again and again.
+        self._routes: dict[tuple[str, tuple[int, ...] | None], list[tuple[str, str]]] = {}
         self._prefix = f"mqtt:{quote(settings.client_id, safe='')}:"
         self._seq_prefix = self._prefix + "seq:"
         self._seq = 0  # the last arrival number handed out
@@ -323,11 +326,19 @@ class MqttSource:
 
     def _route(self, msg: aiomqtt.Message, by_id: bool) -> list[tuple[str, str]]:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if by_id else None
-        # Without identifiers, every filter is tried: a copy per overlapping subscription would
-        # then run a trigger twice, which beats dropping a message the broker failed to label.
-        subs = [self._by_id[i] for i in ids if i in self._by_id] if ids else self._subscriptions
-        # The topic check also guards against a lingering subscription of an older config.
-        return [t for s in subs if msg.topic.matches(s.topic) for t in s.targets]
+        key = (msg.topic.value, tuple(ids) if ids else None)
+        targets = self._routes.get(key)
+        if targets is None:
+            # Without identifiers, every filter is tried: a copy per overlapping subscription
+            # would then run a trigger twice, which beats dropping a message the broker failed
+            # to label.
+            subs = [self._by_id[i] for i in ids if i in self._by_id] if ids else self._subscriptions
+            # The topic check also guards against a lingering subscription of an older config.
+            targets = [t for s in subs if msg.topic.matches(s.topic) for t in s.targets]
+            if len(self._routes) >= ROUTES_KEPT:  # topics can be many: a bound, not an LRU
+                self._routes.clear()
+            self._routes[key] = targets
+        return targets
 
     async def _accept(
         self, emit: Emit, msg: aiomqtt.Message, targets: list[tuple[str, str]], window: _Window
@@ -338,16 +349,17 @@ class MqttSource:
         keys = await self._dedupe_keys(msg, targets, window)
         # Built once per event shape for all targets; a message that cannot become an event is
         # recorded as rejected and acked like any other, so it never holds up those behind it.
-        built: dict[_Shape, Callable[[], msgspec.Raw]] = {}
+        built: dict[_Shape, _Built] = {}
 
         def accept(fn: str, tid: str) -> Awaitable[Accepted]:
-            shape = self._shapes.get(tid, ("mqtt", None))
-            if shape not in built:
-                built[shape] = functools.cache(functools.partial(_encoded, msg, shape))
+            shape = self._shapes.get(tid, _MQTT_SHAPE)
+            build = built.get(shape)
+            if build is None:
+                built[shape] = build = _Built(msg, shape)
             return emit_built(
                 emit,
                 fn,
-                built[shape],
+                build,
                 raw=lambda: _payload(msg),
                 trigger="mqtt",
                 trigger_id=tid,
@@ -457,6 +469,25 @@ def _digest(*parts: bytes) -> str:
 
 
 _Shape = tuple[str, str | None]  # (event_format, topic_field)
+_MQTT_SHAPE: _Shape = ("mqtt", None)
+
+
+class _Built:
+    """A message's event in one shape, encoded on the first call and kept for the next.
+
+    In place of functools.cache over a partial, whose wrapper costs more to make (per message)
+    than the encoding it saves."""
+
+    __slots__ = ("_msg", "_shape", "_raw")
+
+    def __init__(self, msg: aiomqtt.Message, shape: _Shape) -> None:
+        self._msg, self._shape = msg, shape
+        self._raw: msgspec.Raw | None = None
+
+    def __call__(self) -> msgspec.Raw:
+        if self._raw is None:
+            self._raw = _encoded(self._msg, self._shape)
+        return self._raw
 
 
 def _encoded(msg: aiomqtt.Message, shape: _Shape) -> msgspec.Raw:
