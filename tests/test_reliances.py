@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json.encoder
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from daemon.config import ApiSettings
 from daemon.destinations.mqtt import _PublishingClient
 from daemon.http.api import start_site
 from daemon.http.wire import FastSite, WireRequest, _resolve_now
-from triggers.mqtt import _Client
+from triggers.mqtt import _Client, puback
 
 
 async def test_aiosqlite_runs_a_callable_in_its_own_thread_on_its_sqlite3_connection(
@@ -263,3 +264,23 @@ def test_signal_alarm_is_the_c_modules_own() -> None:
     import signal
 
     assert _signal.alarm is signal.alarm  # (not called here: the test runner's timeout uses it)
+
+
+async def test_paho_sends_a_queued_packet_of_several_pubacks_as_it_is() -> None:
+    # triggers/mqtt.py: puback() queues the PUBACKs of one loop turn as one packet through
+    # paho's _packet_queue(command, packet, mid, qos), which aiomqtt's write callback sends.
+    client = _subscriber()
+    paho = client._client
+    ours, broker = socket.socketpair()
+    ours.setblocking(False)
+    broker.setblocking(False)
+    paho._sock = ours
+    try:
+        puback(paho, [1, 2, 0x1234])
+        received = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(broker, 64), 5)
+        assert received == bytes.fromhex("400200014002000240021234")
+        assert not paho._out_packet  # sent whole, nothing left queued
+    finally:
+        paho._sock = None
+        ours.close()
+        broker.close()

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import struct
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Mapping
@@ -158,6 +159,11 @@ class _Window:
     def __init__(self, paho: Any, seq_at_connect: int) -> None:
         self._paho = paho
         self._entries: deque[tuple[aiomqtt.Message, asyncio.Task[None]]] = deque()
+        # Stored copies whose PUBACK goes out at the end of this loop turn, in one write with
+        # the others stored in the same group commit (_flush), and the copies they count.
+        self._acks: list[int] = []
+        self._stored = 0
+        self._flushing = False
         # Taken per copy, given back at its PUBACK. Mosquitto 2.0 ignores Receive Maximum when
         # it resumes a session (it sends the whole offline backlog at once), so the bound on
         # stored-but-unacked copies, which the redelivery rule relies on, is kept here.
@@ -177,16 +183,34 @@ class _Window:
             msg, task = self._entries.popleft()
             error = task.exception() if not task.cancelled() else asyncio.CancelledError()
             if error is not None:
+                self._flush()  # those before it are stored: acked
                 self.open = False  # nothing after it may be acked either (in-order PUBACK)
                 self.failure = error
                 self.failed.set()
                 return
             if msg.qos == 1:
-                self._paho.ack(msg.mid, 1)
+                self._acks.append(msg.mid)
+            self._stored += 1
+            if not self._flushing:
+                self._flushing = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the PUBACKs gathered in this loop turn, then free their copies' slots."""
+        self._flushing = False
+        if not self.open:  # the connection ended: the broker redelivers them
+            self._acks.clear()
+            return
+        if self._acks:
+            puback(self._paho, self._acks)
+            self._acks = []
+        for _ in range(self._stored):
             self.slots.release()
+        self._stored = 0
 
     async def settle(self, *, cancel: bool) -> None:
         """Let every copy's commit finish (or cancel it; a queued commit still lands)."""
+        self._flush()
         self.open = False
         tasks = [task for _, task in self._entries]
         for task in tasks if cancel else ():
@@ -437,6 +461,24 @@ class MqttSource:
         # ';' sorts right after ':', so the range is exactly the keys under the prefix.
         last = await self._store.last_dedupe_key_in(self._seq_prefix, self._seq_prefix[:-1] + ";")
         return int(last[len(self._seq_prefix) :].split(":", 1)[0]) if last else 0
+
+
+def puback(paho: Any, mids: list[int]) -> None:
+    """PUBACK (MQTT v5, success, no properties) each of `mids`, in order, in one write.
+
+    paho's ack() queues one packet per message, and each queued packet costs a write to its
+    wake-up socket pair besides its own send(). Here the acks go into paho's queue as one
+    packet: paho sends a queued packet's bytes as they are, and looks at what they are only
+    for a PUBLISH or a DISCONNECT (tests/test_reliances.py)."""
+    if len(mids) == 1:
+        paho.ack(mids[0], 1)
+        return
+    packet = b"".join(_PUBACK.pack(_PUBACK_TYPE, 2, mid) for mid in mids)
+    paho._packet_queue(_PUBACK_TYPE, packet, 0, 1)
+
+
+_PUBACK = struct.Struct("!BBH")
+_PUBACK_TYPE = 0x40
 
 
 def _subscriptions(triggers: list[tuple[str, str, Any]]) -> list[_Subscription]:
