@@ -670,7 +670,9 @@ class Dispatcher:
         room = limit - len(lane.marked_ahead)
         if room <= 0:
             return
-        for item in itertools.islice(lane.backlog, limit + room):
+        # The items marked so far are mostly the backlog's first ones: the search starts past
+        # them (in C), instead of walking them again at every start.
+        for item in itertools.islice(lane.backlog, len(lane.marked_ahead), limit + room):
             if item.id in lane.marked_ahead or item.attempt > item.retry_base:
                 continue
             started_at = time.time()
