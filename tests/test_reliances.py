@@ -156,6 +156,9 @@ async def test_aiomqtt_client_state_the_mqtt_trigger_resets_and_reads() -> None:
     assert isinstance(client._queue, asyncio.Queue)
     assert isinstance(client._connected, asyncio.Future) and not client._connected.done()
     assert isinstance(client._lock, asyncio.Lock) and not client._lock.locked()
+    # _receive reads _queue itself and learns of a lost connection from _disconnected, a future
+    # that aiomqtt completes then (and replaces on the next connect).
+    assert isinstance(client._disconnected, asyncio.Future)
     assert callable(client._client.manual_ack_set) and callable(client._client.ack)
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import struct
 import zlib
@@ -343,10 +344,24 @@ class MqttSource:
         receiver.result()  # the MqttError that ended the connection
 
     async def _receive(self, client: _Client, emit: Emit, window: _Window) -> None:
-        async for msg in client.messages:
-            await window.slots.acquire()
-            targets = self._route(msg, client.subscription_ids)
-            window.add(msg, asyncio.create_task(self._accept(emit, msg, targets, window)))
+        # Not through aiomqtt's iterator, which makes a task and runs asyncio.wait() for every
+        # message to notice a lost connection, and cost more than the rest of taking a message
+        # in: the loss puts a marker behind the messages in the queue (the next connection's
+        # __aenter__ empties it), and the queue is awaited as it is.
+        queue, disconnected = client._queue, client._disconnected
+        mark = functools.partial(_queue_marker, queue)
+        disconnected.add_done_callback(mark)
+        try:
+            while True:
+                msg = queue.get_nowait() if not queue.empty() else await queue.get()
+                if msg is _GONE:
+                    cause = None if disconnected.cancelled() else disconnected.exception()
+                    raise aiomqtt.MqttError("Disconnected during message iteration") from cause
+                await window.slots.acquire()
+                targets = self._route(msg, client.subscription_ids)
+                window.add(msg, asyncio.create_task(self._accept(emit, msg, targets, window)))
+        finally:
+            disconnected.remove_done_callback(mark)
 
     def _route(self, msg: aiomqtt.Message, by_id: bool) -> list[tuple[str, str]]:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if by_id else None
@@ -495,6 +510,13 @@ def _subscriptions(triggers: list[tuple[str, str, Any]]) -> list[_Subscription]:
         qos = max(t.qos for _, _, t in group)
         subs.append(_Subscription(topic, qos, sub_id, tuple((fn, tid) for fn, tid, _ in group)))
     return subs
+
+
+_GONE: Any = object()  # put in the message queue when the connection is lost (_receive)
+
+
+def _queue_marker(queue: asyncio.Queue[Any], _: asyncio.Future[None]) -> None:
+    queue.put_nowait(_GONE)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
