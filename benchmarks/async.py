@@ -20,7 +20,9 @@ few milliseconds; one that does not has a tail that grows with the round.
 
 CPU per event (benchmarks/common.py, cpu_of): the daemon's loop thread, its other threads (the
 SQLite writer and readers) and its workers, from the round's start to its last final record;
-bare aiohttp's CPU per request beside it. Writes benchmarks/results/async.json.
+bare aiohttp's CPU per request beside it; and the share of all cores busy (and stolen by the
+hypervisor) in each round, and the store's group commits (how many, their mean time, events
+per commit, from GET /metrics). Writes benchmarks/results/async.json.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import (  # noqa: E402
     bare_aiohttp_server,
+    commit_figures,
     cpu_delta,
     cpu_of,
     loadgen,
+    machine_share,
     report,
+    store_commits,
 )
 from tests.daemon_proc import Daemon, free_port, write_config  # noqa: E402
 
@@ -102,11 +107,13 @@ async def round_of(
     daemon: Daemon, db: Path, url: str, trigger: str, headers: dict[str, str], args
 ) -> dict:
     before_rows, _ = await asyncio.to_thread(counts, db, trigger)
+    commits = await store_commits(daemon.base)
     cpu = cpu_of(daemon.proc.pid)
     load = await asyncio.to_thread(loadgen, url, args.connections, args.seconds, "{}", headers)
     await drained(db, trigger)
     after = cpu_of(daemon.proc.pid)
     figures = await asyncio.to_thread(timings, db, trigger, before_rows)
+    committed = commit_figures(commits, await store_commits(daemon.base), figures["events"])
     return {
         "rps": load["rps"],
         "p50_ms": load["p50_ms"],
@@ -114,14 +121,18 @@ async def round_of(
         "errors": load["errors"],
         **figures,
         "cpu_us_per_event": cpu_delta(cpu, after, figures["events"]),
+        "machine": machine_share(cpu, after),
+        "store_commits": committed,
     }
 
 
 async def bare_round(pid: int, url: str, args) -> dict:
     cpu = cpu_of(pid)
     load = await asyncio.to_thread(loadgen, url, args.connections, args.seconds)
-    used = cpu_delta(cpu, cpu_of(pid), int(load["requests"]))
+    after = cpu_of(pid)
+    used = cpu_delta(cpu, after, int(load["requests"]))
     return {
+        "machine": machine_share(cpu, after),
         "rps": load["rps"],
         "p50_ms": load["p50_ms"],
         "p99_ms": load["p99_ms"],
@@ -151,6 +162,7 @@ def summary(ours: list[dict], bare: list[dict]) -> dict:
             "min": round(min(drained), 3),
             "max": round(max(drained), 3),
         },
+        "machine_busy": round(statistics.median(r["machine"]["busy"] for r in ours), 3),
         "drain_vs_intake": round(
             statistics.median(r["drain_per_s"] / r["intake_per_s"] for r in ours), 3
         ),

@@ -151,7 +151,7 @@ def cpu_of(pid: int) -> dict[str, float]:
     From /proc/<pid>/task/<tid>/schedstat (nanoseconds), or stat's clock ticks without it.
     Take it before and after a round (cpu_delta) and divide by the round's events.
     """
-    out = {"loop": 0.0, "threads": 0.0, "children": 0.0, "loop_waiting": 0.0}
+    out = {"loop": 0.0, "threads": 0.0, "children": 0.0, "loop_waiting": 0.0, **_machine()}
     for task in Path(f"/proc/{pid}/task").iterdir():
         ran, waited = _task_cpu(task)
         if int(task.name) == pid:
@@ -169,6 +169,29 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], events: int) ->
     return {
         key: round((after[key] - before[key]) * 1e6 / max(1, events), 1)
         for key in ("loop", "threads", "children", "loop_waiting")
+    }
+
+
+def machine_share(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Between two cpu_of() readings, the share of all cores' time that was busy (anything on
+    the machine: the daemon, the load generator, the broker, other users of this VM) and the
+    share the hypervisor gave to other VMs (steal)."""
+    total = after["machine_total"] - before["machine_total"]
+    return {
+        "busy": round((after["machine_busy"] - before["machine_busy"]) / total, 3),
+        "steal": round((after["machine_steal"] - before["machine_steal"]) / total, 3),
+    }
+
+
+def _machine() -> dict[str, float]:
+    """Seconds of all cores so far from /proc/stat: in total, busy, and stolen."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return {
+        "machine_total": sum(fields) / tick,
+        "machine_busy": (user + nice + system + irq + softirq) / tick,
+        "machine_steal": steal / tick,
     }
 
 
@@ -192,3 +215,29 @@ def _children(pid: int) -> list[int]:
             if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+async def store_commits(base_url: str) -> tuple[float, float]:
+    """(group commits so far, seconds they took) from the daemon's GET /metrics."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as resp:
+        text = await resp.text()
+    found = {}
+    for line in text.splitlines():
+        for suffix in ("_count", "_sum"):
+            if line.startswith(f"lambdaemon_store_commit_duration_seconds{suffix} "):
+                found[suffix] = float(line.split()[1])
+    return found["_count"], found["_sum"]
+
+
+def commit_figures(before: tuple[float, float], after: tuple[float, float], events: int) -> dict:
+    """Group commits between two store_commits() readings: how many, their mean time, and
+    events per commit: with `busy` near 1 the writer thread committed back to back."""
+    count, seconds = after[0] - before[0], after[1] - before[1]
+    return {
+        "commits": int(count),
+        "mean_ms": round(seconds / max(1, count) * 1000, 3),
+        "events_per_commit": round(events / max(1, count), 1),
+        "seconds": round(seconds, 3),
+    }

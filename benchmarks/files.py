@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import cpu_delta, cpu_of, report, spread_ms  # noqa: E402
+from benchmarks.common import cpu_delta, cpu_of, machine_share, report, spread_ms  # noqa: E402
 from tests.daemon_proc import Daemon, write_config  # noqa: E402
 
 
@@ -113,7 +113,8 @@ async def burst(daemon: Daemon, inbox: Path, staging: Path, count: int) -> dict:
         while _count(done) - before < count:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
     seconds = time.perf_counter() - started
-    used = cpu_delta(cpu, cpu_of(daemon.proc.pid), count)
+    after = cpu_of(daemon.proc.pid)
+    used = cpu_delta(cpu, after, count)
     arrived = {entry.split("_", 1)[1] for entry in os.listdir(done)}
     return {
         "files": count,
@@ -121,6 +122,7 @@ async def burst(daemon: Daemon, inbox: Path, staging: Path, count: int) -> dict:
         "files_per_s": round(count / seconds, 1),
         "renames_per_s": round(count / renamed_s, 1),
         "cpu_us_per_file": used,
+        "machine": machine_share(cpu, after),
         "missing": sum(name not in arrived for name in names),
         "failed": _count(inbox / "failed"),
     }

@@ -19,7 +19,11 @@ With `--batch-size` above 1 the trigger delivers batches (daemon/batches.py): ea
 still committed and acked on its own, and a handler call gets up to that many of them; the rate
 counts messages whose item row succeeded. Target then: >= 0.9x bare. CPU per message: the
 daemon's loop thread, its other threads (SQLite) and its workers (benchmarks/common.py, cpu_of),
-from the first publish to the last record; the bare subscriber's loop thread beside it. Writes
+from the first publish to the last record; the bare subscriber's loop thread beside it; and
+each round's `machine` share of all cores busy (and stolen by the hypervisor), the publisher's
+own rate (`published_per_s`), and the store's group commits in the round (`store_commits`:
+count, mean time, messages per commit, and `busy`, the share of the round the writer spent
+committing). Writes
 benchmarks/results/mqtt.json (mqtt-batch.json with batches).
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import statistics
 import sys
@@ -40,7 +45,14 @@ import paho.mqtt.client as paho
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import cpu_delta, cpu_of, report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    commit_figures,
+    cpu_delta,
+    cpu_of,
+    machine_share,
+    report,
+    store_commits,
+)
 from tests.daemon_proc import Daemon, write_config  # noqa: E402
 from tests.mosquitto import Mosquitto  # noqa: E402
 
@@ -48,8 +60,9 @@ TOPIC = "bench/load"
 BARE_TOPIC = "bench/bare"
 
 
-def publish(port: int, count: int, topic: str = TOPIC, first: int = 0) -> float:
-    """Publish `count` QoS 1 messages; return when the broker acknowledged all of them."""
+def publish(port: int, count: int, topic: str = TOPIC, first: int = 0) -> tuple[float, float]:
+    """Publish `count` QoS 1 messages; return when the broker acknowledged all of them, with
+    the perf_counter times of the first publish and of the last acknowledgement."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-publisher")
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
@@ -61,15 +74,17 @@ def publish(port: int, count: int, topic: str = TOPIC, first: int = 0) -> float:
     ]
     for info in infos:
         info.wait_for_publish(60)
+    finished = time.perf_counter()
     client.loop_stop()
     client.disconnect()
-    return started
+    return started, finished
 
 
 async def bare_subscriber(port: int, count: int) -> dict:
     import aiomqtt
 
     received = 0
+    machine = cpu_of(os.getpid())
     cpu = time.thread_time()  # this thread's: the subscriber's loop (the publisher has its own)
     async with aiomqtt.Client("127.0.0.1", port, identifier="bench-bare") as client:
         await client.subscribe(BARE_TOPIC, qos=1)
@@ -82,13 +97,15 @@ async def bare_subscriber(port: int, count: int) -> dict:
                 break
         finished = time.perf_counter()
         cpu = time.thread_time() - cpu
-        started = await publisher
+        started, published = await publisher
     seconds = finished - started
     return {
         "messages": count,
         "seconds": round(seconds, 3),
         "msgs_per_s": round(count / seconds, 1),
+        "published_per_s": round(count / (published - started), 1),
         "cpu_us_per_message": round(cpu * 1e6 / count, 1),
+        "machine": machine_share(machine, cpu_of(os.getpid())),
     }
 
 
@@ -122,19 +139,29 @@ async def through_daemon(
     try:
         await daemon.wait_for(lambda: _subscribed(daemon))
         for n in range(rounds):
+            commits = await store_commits(daemon.base)
             cpu = cpu_of(daemon.proc.pid)
-            started = await asyncio.to_thread(publish, broker.port, count, TOPIC, n * count)
+            started, published = await asyncio.to_thread(
+                publish, broker.port, count, TOPIC, n * count
+            )
             async with asyncio.timeout(600):
                 # The record count is read from outside the daemon: polled, bounded.
                 while await asyncio.to_thread(succeeded, db) < (n + 1) * count:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             seconds = time.perf_counter() - started
-            used = cpu_delta(cpu, cpu_of(daemon.proc.pid), count)
+            after = cpu_of(daemon.proc.pid)
+            committed = commit_figures(commits, await store_commits(daemon.base), count)
+            committed["busy"] = round(committed["seconds"] / seconds, 3)
             ours.append(
                 {
                     "seconds": round(seconds, 3),
                     "msgs_per_s": round(count / seconds, 1),
-                    "cpu_us_per_message": used,
+                    # The broker's acknowledgements to the publisher, for comparison: a rate
+                    # near msgs_per_s means the publisher, not the daemon, set the pace.
+                    "published_per_s": round(count / (published - started), 1),
+                    "cpu_us_per_message": cpu_delta(cpu, after, count),
+                    "machine": machine_share(cpu, after),
+                    "store_commits": committed,
                 }
             )
             bare.append(await bare_subscriber(broker.port, count))
