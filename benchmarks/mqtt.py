@@ -12,9 +12,9 @@ ratios. Every message carries a sequence number, and the daemon's records are ch
 exactly one per message. Target: >= 0.6x bare (issue 16), zero lost.
 
 The no-op function runs with `concurrency` warm workers (default 8). An async attempt starts
-only once its `running` mark is committed (so a daemon crash mid-run counts as an attempt), and
-that commit queues behind the fsync of newly accepted messages: each slot spends about a commit
-cycle waiting per invocation, so throughput grows with the slots until the loop is busy.
+only once its `running` mark is committed (so a daemon crash mid-run counts as an attempt); the
+marks of the next backlog items are written while the attempts before them run
+(daemon/dispatcher.py, _mark_ahead), so a slot does not wait for a commit of its own.
 With `--batch-size` above 1 the trigger delivers batches (daemon/batches.py): each message is
 still committed and acked on its own, and a handler call gets up to that many of them; the rate
 counts messages whose item row succeeded. Target then: >= 0.9x bare. CPU per message: the
@@ -23,8 +23,7 @@ from the first publish to the last record; the bare subscriber's loop thread bes
 each round's `machine` share of all cores busy (and stolen by the hypervisor), the publisher's
 own rate (`published_per_s`), and the store's group commits in the round (`store_commits`:
 count, mean time, messages per commit, and `busy`, the share of the round the writer spent
-committing). Writes
-benchmarks/results/mqtt.json (mqtt-batch.json with batches).
+committing). Writes benchmarks/results/mqtt.json (mqtt-batch.json with batches).
 """
 
 from __future__ import annotations
