@@ -20,7 +20,13 @@ import msgspec
 
 from daemon.config import ApiSettings, Config, config_path, load_config
 from daemon.credentials import read_secret
-from daemon.errors import ApiError, ConfigError, LambdaemonError, StoreOpenError
+from daemon.errors import (
+    ApiError,
+    ConfigError,
+    LambdaemonError,
+    StoreOpenError,
+    StoreUnavailableError,
+)
 
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 65, 69, 70, 78
 
@@ -216,7 +222,6 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
     if config.store.url is not None:
         # The one command that asks the server: a refused login is a config error (78), a
         # server that does not answer is not (69), and each says which.
-        from daemon.errors import StoreUnavailableError
         from daemon.store.postgres import probe
 
         try:
@@ -243,14 +248,6 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from daemon.memory import keep_heap_small
     from daemon.resources import raise_nofile_limit
 
-    if config.store.url is not None:
-        print(
-            f"lambdaemon: config error: {config.path}: store.url: the PostgreSQL store is not"
-            " built yet (only `lambdaemon check` uses it; docs/store.md); remove [store] url"
-            " to run on SQLite",
-            file=sys.stderr,
-        )
-        return EX_CONFIG
     keep_heap_small()  # big results' buffers go back to the kernel once freed
     configure_logging(config.daemon.log_level)
     raise_nofile_limit()  # before anything opens descriptors; logs the limits once
@@ -263,6 +260,9 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     except StoreOpenError as exc:
         print(f"lambdaemon: {exc}", file=sys.stderr)
         return EX_DATAERR
+    except StoreUnavailableError as exc:  # [store] url names a server that does not answer
+        print(f"lambdaemon: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except LambdaemonError as exc:
         print(f"lambdaemon: {exc}", file=sys.stderr)
         return EX_SOFTWARE

@@ -46,7 +46,7 @@ from daemon.pool import WorkerPool
 from daemon.reload import is_blank, needs_force, plan_reload, secret_digests
 from daemon.sources import TriggerSources
 from daemon.store.health import STORE_HEALTH, StoreHealth
-from daemon.store.retention import Pruner
+from daemon.store.retention import pruner_for
 from daemon.store.sqlite import Store
 from daemon.systemd import notify, reloading_message, run_watchdog, watchdog_interval_s
 from daemon.versions import Versions
@@ -93,9 +93,9 @@ class Service:
         started = time.monotonic()
         db = check_data_dir(config, DB_FILE)  # before anything starts: a clear reason, exit 78
         async with contextlib.AsyncExitStack() as stack:
-            store = await _open_store(stack, db)
+            store = await _open_store(stack, config, db)
             self._store = store
-            pruner = Pruner(store, config.daemon)
+            pruner = pruner_for(store, config.daemon)
             await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
             outbox = await stack.enter_async_context(OutboxRelay.open(config, store))
             # The daemon starts no children but workers: it adopts and ends their orphans.
@@ -329,10 +329,40 @@ async def _background(coroutine: Any, name: str) -> AsyncIterator[asyncio.Task[A
             await task
 
 
-async def _open_store(stack: contextlib.AsyncExitStack, db: Path) -> Store:
+async def _open_store(stack: contextlib.AsyncExitStack, config: Config, db: Path) -> Store:
     """Store.open, entered on `stack`; a database file SQLite cannot use (not a database, a
-    newer schema) is a StoreOpenError: exit 65 with the reason, not a traceback."""
+    newer schema) is a StoreOpenError: exit 65 with the reason, not a traceback.
+
+    With [store] url, the PostgreSQL store instead (daemon/store/pgstore.py, psycopg imported
+    only then); a server that cannot be reached at start is a StoreUnavailableError (exit 69).
+    """
+    if config.store.url is not None:
+        return await _open_pg_store(stack, config, db.parent)
     try:
         return await stack.enter_async_context(Store.open(db))
     except (sqlite3.DatabaseError, StoreUnavailableError) as exc:
         raise StoreOpenError(db, str(exc)) from exc
+
+
+async def _open_pg_store(stack: contextlib.AsyncExitStack, config: Config, data_dir: Path) -> Store:
+    from daemon.credentials import store_connection
+    from daemon.store.postgres import describe, refusal
+
+    params = store_connection(config)  # ConfigError: exit 78, as `lambdaemon check` says
+    where = describe(params)
+    try:
+        from daemon.store.pgstore import PgStore
+    except ImportError:
+        raise ConfigError(
+            config.path,
+            "store.url",
+            "a PostgreSQL store needs psycopg 3: pip install 'lambdaemon[postgresql]'",
+        ) from None
+    import psycopg
+
+    try:
+        return await stack.enter_async_context(PgStore.open_url(data_dir, params, where))
+    except StoreUnavailableError as exc:  # a schema newer than this lambdaemon knows
+        raise StoreOpenError(where, str(exc)) from exc
+    except psycopg.OperationalError as exc:
+        raise refusal(config, where, exc) from None

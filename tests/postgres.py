@@ -5,6 +5,9 @@
     url = cluster.url(cluster.create_database())   # a fresh, empty database
     cluster.stop()            # and its folder is removed
 
+tests/conftest.py's `pg_cluster` fixture is one cluster for the whole session; `open_store`
+opens the store on either backend, for tests parametrized over BACKENDS.
+
 Debian's server binaries (/usr/lib/postgresql/*/bin, installed by tests/run), never the
 service that may run on 5432: each session gets its own cluster, superuser and password. The
 server refuses to run as root, so as root the cluster's files belong to, and its processes run
@@ -13,16 +16,27 @@ as, the `postgres` user the package creates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from tests.mosquitto import free_port
 
 USER = "lambdaemon"
+BACKENDS = ("sqlite", "postgresql")
+# What a constraint violation raises on either backend.
+INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+with contextlib.suppress(ImportError):
+    import psycopg
+
+    INTEGRITY_ERRORS += (psycopg.IntegrityError,)
 
 
 def bin_dir() -> Path:
@@ -76,6 +90,36 @@ class Postgres:
         )
         pwfile.unlink()
         # fsync off: a test cluster need not survive a power cut; synchronous_commit stays on.
+        self.pg_ctl("start")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(
+                str(self.bin / "pg_ctl"), "stop", "--wait", "--mode=fast", f"--pgdata={self.data}"
+            )
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def url(self, database: str = "postgres", user: str = USER) -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def params(self, database: str) -> dict[str, str]:
+        """libpq's keywords for `database`, as daemon/credentials.py makes them from a config."""
+        return {
+            "host": "127.0.0.1",
+            "port": str(self.port),
+            "user": USER,
+            "password": self.password,
+            "dbname": database,
+            "connect_timeout": "5",
+        }
+
+    def pg_ctl(self, action: str) -> None:
+        """`stop` (fast: clients are cut off) or `start` the server on its same folder and port."""
+        if action == "stop":
+            self._run(
+                str(self.bin / "pg_ctl"), "stop", "--wait", "--mode=fast", f"--pgdata={self.data}"
+            )
+            return
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port}"
             f" -c unix_socket_directories={self.directory} -c fsync=off"
@@ -91,16 +135,6 @@ class Postgres:
             f"--options={options}",
             timeout=90,
         )
-
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._run(
-                str(self.bin / "pg_ctl"), "stop", "--wait", "--mode=fast", f"--pgdata={self.data}"
-            )
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def url(self, database: str = "postgres", user: str = USER) -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def connect(self, database: str = "postgres"):  # type: ignore[no-untyped-def]
         import psycopg
@@ -120,3 +154,31 @@ class Postgres:
         with self.connect() as conn:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         return name
+
+
+@contextlib.asynccontextmanager
+async def open_store(backend: str, db: Path, request: Any) -> AsyncIterator[Any]:
+    """The store on `backend`: SQLite at `db`, or a fresh database of the session's cluster
+    (pytest's `request` fetches the pg_cluster fixture only then)."""
+    if backend == "sqlite":
+        from daemon.store.sqlite import Store
+
+        async with Store.open(db) as store:
+            yield store
+        return
+    from daemon.store.pgstore import PgStore
+
+    cluster: Postgres = request.getfixturevalue("pg_cluster")
+    database = cluster.create_database()
+    async with PgStore.open_url(db.parent, cluster.params(database), database) as pg:
+        yield pg
+
+
+def store_toml(backend: str, request: Any) -> str:
+    """The [store] table of a daemon config on `backend`: none for SQLite, else [store] url on a
+    fresh database of the session's cluster, its password in the cluster's password file."""
+    if backend == "sqlite":
+        return ""
+    cluster: Postgres = request.getfixturevalue("pg_cluster")
+    url = cluster.url(cluster.create_database())
+    return f'\n[store]\nurl = "{url}"\npassword_file = "{cluster.password_file}"\n'

@@ -190,11 +190,12 @@ class DaemonCollector:
         yield Counter(
             "lambdaemon_store_write_failures", "Batches that could not commit", store.write_failures
         )
-        path = str(store.path)
-        yield Gauge("lambdaemon_store_database_bytes", "Size of the database file", _size(path))
-        yield Gauge(
-            "lambdaemon_store_wal_bytes", "Size of the write-ahead log", _size(f"{path}-wal")
-        )
+        if store.backend == "sqlite":  # PostgreSQL's files are the server's
+            path = str(store.path)
+            yield Gauge("lambdaemon_store_database_bytes", "Size of the database file", _size(path))
+            yield Gauge(
+                "lambdaemon_store_wal_bytes", "Size of the write-ahead log", _size(f"{path}-wal")
+            )
         if self.outbox is not None:
             outbox = Gauge(
                 "lambdaemon_outbox_records",

@@ -13,17 +13,20 @@ few constructs the two dialects spell differently are rewritten once per stateme
 - `SELECT value FROM json_each(?)` becomes `SELECT jsonb_array_elements_text(CAST(? AS jsonb))`;
 - the two-argument scalar `max(a, b)` / `min(a, b)` become `greatest` / `least`;
 - `rowid` becomes `seq`, the identity column pg_schema.py gives invocations;
-- an INSERT into a table with an identity id gets `RETURNING id`, for `lastrowid`.
+- an INSERT into a table with an identity id gets `RETURNING id`, for `lastrowid`;
+- `CAST(x AS INTEGER)` becomes `trunc(x)::integer` (SQLite truncates, PostgreSQL rounds);
+- a unary `+column`, SQLite's way of keeping the planner off that column's index, loses its `+`.
 
-Not yet used by the daemon (docs/store.md); tests/store/test_backends.py runs the modules'
-functions through it against both backends.
+The PostgreSQL store (daemon/store/pgstore.py) runs its writer and its reads through it;
+tests/store/test_backends.py runs the modules' functions through it against both backends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 # The key an INSERT OR REPLACE into each table replaces by (its primary key).
@@ -36,6 +39,9 @@ _INSERT = re.compile(r"^\s*INSERT INTO (\w+)\b", re.IGNORECASE)
 _JSON_EACH = re.compile(r"SELECT value FROM json_each\(\?\)", re.IGNORECASE)
 _SCALAR = re.compile(r"\b(max|min)\(([^(),]+),([^(),]+)\)", re.IGNORECASE)
 _ROWID = re.compile(r"\browid\b", re.IGNORECASE)
+# CAST(expr AS INTEGER), expr holding at most one level of parentheses.
+_CAST_INT = re.compile(r"\bCAST\(((?:[^()]|\([^()]*\))*) AS INTEGER\)", re.IGNORECASE)
+_UNARY_PLUS = re.compile(r"(?<=[\s(])\+(?=[A-Za-z_])")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -58,6 +64,8 @@ def translate(sql: str) -> tuple[str, bool]:
         sql,
     )
     sql = _ROWID.sub("seq", sql)
+    sql = _CAST_INT.sub(lambda m: f"trunc({m.group(1)})::integer", sql)
+    sql = _UNARY_PLUS.sub("", sql)
     returns_id = False
     if (m := _INSERT.match(sql)) is not None and m.group(1) in IDENTITY_TABLES:
         if "RETURNING" not in sql.upper():
@@ -88,6 +96,9 @@ def _placeholders(sql: str) -> str:
         elif c == "%":
             out.append("%%")
             i += 1
+        elif sql.startswith("::", i):  # a PostgreSQL cast, not a :name
+            out.append("::")
+            i += 2
         elif c == ":" and i + 1 < n and (sql[i + 1].isalpha() or sql[i + 1] == "_"):
             j = i + 1
             while j < n and (sql[j].isalnum() or sql[j] == "_"):
@@ -114,10 +125,14 @@ class Row(tuple):  # type: ignore[type-arg]
         return list(self.names)
 
 
+@functools.lru_cache(maxsize=256)
+def _row_type(names: tuple[str, ...]) -> type[Row]:
+    # One class per column list, made once: a statement's rows all share it.
+    return type("Row", (Row,), {"names": names})
+
+
 def _row_factory(cursor: Any) -> Any:
-    names = tuple(d.name for d in cursor.description or ())
-    kind = type("Row", (Row,), {"names": names})
-    return kind
+    return _row_type(tuple(d.name for d in cursor.description or ()))
 
 
 class Cursor:
@@ -146,12 +161,39 @@ class Cursor:
 
 
 class PgConnection:
-    """A psycopg 3 connection behind sqlite3's connection methods that the store uses."""
+    """A psycopg 3 connection behind sqlite3's connection methods that the store uses.
 
-    def __init__(self, conn: Any) -> None:
+    With `connect` (a function that opens a new psycopg connection), a connection the server
+    closed or that broke is replaced by a new one: by `ensure()`, which the writer calls
+    between transactions (never inside one), and, with `reconnect_on_execute`, before any
+    statement (for the reader, whose reads are each their own transaction).
+    """
+
+    def __init__(
+        self,
+        conn: Any,
+        connect: Callable[[], Any] | None = None,
+        *,
+        reconnect_on_execute: bool = False,
+    ) -> None:
         self.raw = conn
+        self._connect = connect
+        self._reconnect_on_execute = reconnect_on_execute and connect is not None
+
+    def ensure(self) -> None:
+        """A working connection: the one there is, or a new one if it was lost (may raise
+        psycopg.OperationalError while the server cannot be reached)."""
+        if self._connect is not None and (self.raw.closed or self.raw.broken):
+            with contextlib.suppress(Exception):
+                self.raw.close()
+            self.raw = self._connect()
+
+    def close(self) -> None:
+        self.raw.close()
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Cursor:
+        if self._reconnect_on_execute:
+            self.ensure()
         text, returns_id = translate(sql)
         cursor = self.raw.cursor(row_factory=_rows)
         cursor.execute(text, params)

@@ -9,6 +9,11 @@ soon as any write commits (a source's retry got through), and otherwise after PR
 up to MAX_PROBE_S: /health turns healthy again without waiting for traffic, and a long outage
 does not add a failed write to the log every few seconds.
 
+On PostgreSQL (daemon/store/pgstore.py) the same watch, without the files: a server that
+cannot be reached (stopped, restarted, the network down) is `unreachable`, and the store comes
+back by itself once a probe commits (each connection is opened again before its next use);
+the server's own refusals keep their meaning (`disk_full`, `read_only`), any other `unavailable`.
+
 One reason is final: `replaced`, when the path no longer names the database file the store
 opened (deleted, or another file moved there; daemon/store/identity.py). Each check looks (two
 stat() calls) before anything else; from then on the store refuses every write and /health
@@ -63,6 +68,7 @@ class StoreHealth:
         self._store = store
         self._deferred = deferred  # sync records waiting for the store, shown in report()
         self._dir = store.path.parent
+        self._file = store.backend == "sqlite"  # else no file, no disk of ours to watch
         self._seen_failures = store.write_failures
         self._seen_commits = store.commits
         self._failed_probes = 0
@@ -89,7 +95,7 @@ class StoreHealth:
         """One look; probes when a write failed since the last look, or while degraded."""
         if self._replaced():
             return  # no probe: no write can succeed again
-        disk = _statvfs(self._dir)
+        disk = _statvfs(self._dir) if self._file else None
         self._watch_free_space(disk)
         failures = self._store.write_failures
         read_only = disk is not None and bool(disk.f_flag & os.ST_RDONLY)
@@ -107,14 +113,22 @@ class StoreHealth:
     def report(self) -> dict[str, Any]:
         """`status` ok or degraded (with `reason`, `error`, `since`), and the store's figures."""
         self._replaced()  # at once, not at the next check: the writer may have seen it already
-        disk = _statvfs(self._dir)
-        store = {
-            "path": str(self._store.path),
-            "db_mb": round(_size(self._store.path) / MIB, 3),
-            "wal_mb": round(_size(Path(f"{self._store.path}-wal")) / MIB, 3),
-            "disk_free_mb": round(disk.f_bavail * disk.f_frsize / MIB, 3) if disk else None,
-            "write_failures": self._store.write_failures,
-        }
+        store: dict[str, Any]
+        if not self._file:
+            store = {
+                "backend": self._store.backend,
+                "url": getattr(self._store, "where", ""),
+                "write_failures": self._store.write_failures,
+            }
+        else:
+            disk = _statvfs(self._dir)
+            store = {
+                "path": str(self._store.path),
+                "db_mb": round(_size(self._store.path) / MIB, 3),
+                "wal_mb": round(_size(Path(f"{self._store.path}-wal")) / MIB, 3),
+                "disk_free_mb": round(disk.f_bavail * disk.f_frsize / MIB, 3) if disk else None,
+                "write_failures": self._store.write_failures,
+            }
         if self._deferred is not None:
             store.update(self._deferred.report())
         if self.reason is None:
@@ -158,11 +172,12 @@ class StoreHealth:
             self._logged_at = now
             # Loud on purpose: events are refused (webhooks 503, MQTT unacked, files and cron
             # retried) until someone frees space or fixes the disk.
+            where = {"data_dir": str(self._dir)} if self._file else {"url": self._where()}
             log.error(
                 "store_degraded",
                 reason=reason,
                 error=error,
-                data_dir=str(self._dir),
+                **where,
                 for_s=round(now - self._since, 1),
                 **self._disk_figures(),
             )
@@ -181,8 +196,11 @@ class StoreHealth:
             )
         self._low_disk = low
 
+    def _where(self) -> str:
+        return str(getattr(self._store, "where", ""))
+
     def _disk_figures(self) -> dict[str, float]:
-        disk = _statvfs(self._dir)
+        disk = _statvfs(self._dir) if self._file else None
         if disk is None:
             return {}
         return {
@@ -206,12 +224,28 @@ def _probe_write(conn: sqlite3.Connection) -> None:
 
 def _reason(exc: BaseException) -> str:
     cause: BaseException | None = exc
-    while cause is not None:  # StoreUnavailableError carries the sqlite3 error as its cause
+    while cause is not None:  # StoreUnavailableError carries the database's error as its cause
         code = getattr(cause, "sqlite_errorcode", None)
         if code is not None:
             return _REASONS.get(code & 0xFF, "unavailable")
+        if type(cause).__module__.startswith("psycopg"):
+            return _pg_reason(cause)
         cause = cause.__cause__
     return "unavailable"
+
+
+# PostgreSQL's SQLSTATEs (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_PG_REASONS = {"53100": "disk_full", "25006": "read_only", "57P01": "unreachable"}
+_PG_UNREACHABLE_CLASSES = ("08", "57")  # connection exceptions; operator intervention
+
+
+def _pg_reason(exc: BaseException) -> str:
+    state = getattr(exc, "sqlstate", None)
+    if state is None:  # libpq's own failure: no server answered, or the connection was lost
+        return "unreachable"
+    if state in _PG_REASONS:
+        return _PG_REASONS[state]
+    return "unreachable" if state[:2] in _PG_UNREACHABLE_CLASSES else "unavailable"
 
 
 def _statvfs(path: Path) -> os.statvfs_result | None:

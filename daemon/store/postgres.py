@@ -1,8 +1,6 @@
 """The PostgreSQL store's connection: what `lambdaemon check` asks of the server named by
-[store] url, and how a refusal is told apart from a server that cannot be reached.
-
-Only the connection exists so far; the store itself still runs on SQLite alone and the daemon
-refuses to start with a [store] url (docs/store.md says what is built and what is not).
+[store] url, and how a refusal is told apart from a server that cannot be reached (for `check`
+and for `run`'s start). The store itself is daemon/store/pgstore.py.
 
 psycopg 3, not asyncpg: the store's writes are plain functions that one database thread runs
 on a DB-API connection (daemon/store/batches.py). psycopg 3's synchronous connection is such a
@@ -47,13 +45,24 @@ def probe(config: Config) -> str:
             "store.url",
             "a PostgreSQL store needs psycopg 3: pip install 'lambdaemon[postgresql]'",
         ) from None
-    where = f"{params['user']}@{params['host']}:{params['port']}/{params['dbname']}"
+    where = describe(params)
     try:
         with psycopg.connect(**params, autocommit=True) as conn:  # type: ignore[arg-type]
             return str(conn.info.parameter_status("server_version") or "?").split()[0]
     except psycopg.OperationalError as exc:
-        message = " ".join(str(exc).split())
-        if any(part in message for part in _REFUSED):
-            key = "store.password_file" if "password" in message else "store.url"
-            raise ConfigError(config.path, key, f"the server refused {where}: {message}") from None
-        raise StoreUnavailableError(f"store.url: cannot reach {where}: {message}") from None
+        raise refusal(config, where, exc) from None
+
+
+def describe(params: dict[str, str]) -> str:
+    """user@host:port/dbname: how messages name the database (never with the password)."""
+    return f"{params['user']}@{params['host']}:{params['port']}/{params['dbname']}"
+
+
+def refusal(config: Config, where: str, exc: BaseException) -> Exception:
+    """What a failed connection means: a ConfigError when the server refused these credentials
+    or this database, else StoreUnavailableError (no server answered)."""
+    message = " ".join(str(exc).split())
+    if any(part in message for part in _REFUSED):
+        key = "store.password_file" if "password" in message else "store.url"
+        return ConfigError(config.path, key, f"the server refused {where}: {message}")
+    return StoreUnavailableError(f"store.url: cannot reach {where}: {message}")

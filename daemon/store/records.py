@@ -310,6 +310,7 @@ def fetch_record(conn: sqlite3.Connection, id: str) -> dict[str, Any] | None:
         if row is None:
             return None
         record = dict(row)
+        record.pop("seq", None)  # PostgreSQL's stand-in for the rowid, not part of the record
         record["attempts"] = [
             dict(a)
             for a in conn.execute(

@@ -42,6 +42,9 @@ moment while a checkpoint cannot restart it: the file plus its WAL stays within 
 MARGIN_MB (tests/store/test_retention.py and benchmarks/retention.py measure it), and within
 max_db_mb again once intake is quiet (_shrink, _trim_wal).
 
+On PostgreSQL (daemon/store/pgstore.py) only the age rules apply (AgePruner): the server's
+disk is its administrator's, and pages, the WAL and VACUUM are the server's own business.
+
 Log events: store_pruned (rows, bytes, released_bytes, rounds...: at most one line every
 LOG_EVERY_S, summing the rounds since the last one), store_over_limit, store_within_limit,
 store_prune_failed, store_auto_vacuum_enabled, store_auto_vacuum_off, store_limit_above_disk.
@@ -455,6 +458,88 @@ class Pruner:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return mode
+
+
+class AgePruner:
+    """Retention by age alone, for a store that is not a file (PostgreSQL, daemon/store/pgstore.py).
+
+    The same rules as Pruner's by age (_BY_AGE, _OUTBOX_BY_AGE, KEEP_FINISHED_S), in batches of
+    AGE_BATCH_ROWS rows, each one relaxed op in the store's group commit, every AGE_EVERY_S.
+    max_db_mb does not apply: the server's disk is its administrator's (docs/store.md).
+    """
+
+    def __init__(self, store: Store, settings: DaemonSettings) -> None:
+        self._store = store
+        self._retention_s = settings.retention_days * 86_400
+
+    async def prepare(self) -> None:
+        """Nothing to set up (Pruner's prepare() shapes an SQLite file)."""
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.prune(time.time())
+            except StoreUnavailableError as exc:  # the health check reports it loudly
+                log.warning("store_prune_failed", error=str(exc))
+            except Exception as exc:  # a bug here must not stop intake: log it, try again later
+                log.error("store_prune_failed", error=repr(exc), exc_info=True)
+            await asyncio.sleep(AGE_EVERY_S)
+
+    async def prune(self, now: float) -> dict[str, Any]:
+        """One round: every final record past retention_days, and failed outbox records."""
+        started = time.perf_counter()
+        counts = {"by_age": 0, "outbox": 0}
+        if self._retention_s > 0:
+            cutoff = {"cutoff": min(now - self._retention_s, now - KEEP_FINISHED_S)}
+            for key, rule in (("by_age", _BY_AGE), ("outbox", _OUTBOX_BY_AGE)):
+                while True:
+                    table, where, order = rule
+                    op = partial(
+                        _delete_aged,
+                        table=table,
+                        where=where,
+                        order=order,
+                        params=cutoff,
+                        limit=AGE_BATCH_ROWS,
+                    )
+                    rows = await self._store.transaction(op, repeatable=True, relaxed=True)
+                    counts[key] += rows
+                    if rows < AGE_BATCH_ROWS:
+                        break
+        report = {
+            "rows": counts["by_age"],
+            **counts,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        if report["rows"] or report["outbox"]:
+            log.info("store_pruned", **report)
+        return report
+
+
+AGE_BATCH_ROWS = 1000
+
+
+def pruner_for(store: Store, settings: DaemonSettings) -> Pruner | AgePruner:
+    """The store's retention: by age and size for an SQLite file, by age on PostgreSQL."""
+    return Pruner(store, settings) if store.backend == "sqlite" else AgePruner(store, settings)
+
+
+def _delete_aged(
+    conn: sqlite3.Connection,
+    table: str,
+    where: str,
+    order: str,
+    params: dict[str, float],
+    limit: int,
+) -> int:
+    # Attempts go with their invocation (ON DELETE CASCADE in pg_schema.py).
+    return int(
+        conn.execute(
+            f"DELETE FROM {table} WHERE id IN"
+            f" (SELECT id FROM {table} WHERE {where} ORDER BY {order} LIMIT :limit)",
+            {**params, "limit": limit},
+        ).rowcount
+    )
 
 
 def _size(path: Path) -> int:

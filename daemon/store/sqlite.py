@@ -100,7 +100,12 @@ GROW_OPS = 32
 
 
 class Store:
-    """The one owner of the SQLite file: a group-commit writer plus a read-only connection."""
+    """The one owner of the SQLite file: a group-commit writer plus a read-only connection.
+
+    daemon/store/pgstore.py's PgStore is the same store on PostgreSQL.
+    """
+
+    backend = "sqlite"
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -112,7 +117,7 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # the writer's, once opened (no getpid() per write)
-        self._batches: Batches | None = None
+        self._batches: Batches | None = None  # PgBatches on PostgreSQL
         self._growing: asyncio.Future[None] | None = None  # set while a batch waits to grow
         self._grow_until = 0  # queued writes that end the wait
         self._closing: asyncio.Future[None] | None = None
@@ -761,7 +766,7 @@ class Store:
     async def _commit(self, ops: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         writer, batches, identity = self._writer, self._batches, self._identity
         # The writer task starts only once the connection is open and prepared.
-        assert writer is not None and batches is not None and identity is not None
+        assert writer is not None and batches is not None
         if self._replaced is not None:  # said once already (store_file_replaced)
             self.write_failures += 1
             _fail_all(ops, self._replaced, None, StoreReplacedError)
@@ -784,7 +789,7 @@ class Store:
         # After the COMMIT, before anyone hears "stored": a file deleted while the batch ran is
         # seen in time. Here in the loop (two stat() calls, a few microseconds), not in the
         # database thread, where each call would hand the GIL to the loop and wait to get it back.
-        if (changed := identity.changed()) is not None:
+        if identity is not None and (changed := identity.changed()) is not None:
             self.write_failures += 1
             self._mark_replaced(changed)
             _fail_all(ops, self._replaced or changed, None, StoreReplacedError)

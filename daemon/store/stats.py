@@ -22,7 +22,7 @@ _ERRORS = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES - {Status.SUCC
 _BUCKETS = f"""
 SELECT function, trigger, trigger_id, CAST((queued_at - :start) / :bucket_s AS INTEGER) AS bucket,
        COUNT(*) AS invocations,
-       SUM(status IN ({_ERRORS})) AS errors,
+       SUM(CASE WHEN status IN ({_ERRORS}) THEN 1 ELSE 0 END) AS errors,
        SUM(duration_ms) AS duration_sum,
        COUNT(duration_ms) AS durations,
        MAX(duration_ms) AS duration_max,
@@ -38,7 +38,7 @@ SELECT duration_ms FROM (
     SELECT duration_ms FROM invocations
     WHERE function = ? AND queued_at >= ? AND queued_at < ? AND duration_ms IS NOT NULL
     ORDER BY queued_at DESC LIMIT ?
-) ORDER BY duration_ms LIMIT 1 OFFSET ?
+) AS sample ORDER BY duration_ms LIMIT 1 OFFSET ?
 """
 _LAST = """
 SELECT id, status, queued_at, duration_ms FROM invocations

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
+from tests.postgres import BACKENDS, store_toml
 
 FUNCS = Path(__file__).resolve().parents[1] / "functions"
 BODY = f"""
@@ -37,6 +38,13 @@ timeout_s = 10
 @pytest.fixture
 async def daemon(tmp_path):
     async with running_daemon(tmp_path, BODY) as d:
+        yield d
+
+
+@pytest.fixture(params=BACKENDS)
+async def on_either(request, tmp_path):
+    """The daemon on each store backend: SQLite, and PostgreSQL ([store] url)."""
+    async with running_daemon(tmp_path, BODY + store_toml(request.param, request)) as d:
         yield d
 
 
@@ -74,7 +82,8 @@ async def test_api_function_error_is_200_with_unhandled_header(daemon: Daemon):
     assert (record["status"], record["error_type"]) == ("failed", "ValueError")
 
 
-async def test_api_async_invoke_is_202_then_runs(daemon: Daemon):
+async def test_api_async_invoke_is_202_then_runs(on_either: Daemon):
+    daemon = on_either
     status, headers, _ = await daemon.invoke("echo", {"n": 7}, kind="Event")
     assert status == 202
     invocation_id = headers["x-amzn-RequestId"]
@@ -394,9 +403,11 @@ async def test_a_handler_chains_to_a_sibling_with_boto3_unchanged(tmp_path: Path
         await daemon.close()
 
 
-async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path, backend, request):
     """Queue work behind a slow handler, SIGKILL the daemon, restart: every 202 runs."""
     body = f'[functions.slow]\nhandler = "handler.handler"\ncode = "{FUNCS / "slow"}"\nconcurrency = 1\ntimeout_s = 10\n'
+    body += store_toml(backend, request)
     daemon = Daemon(write_config(tmp_path, body))
     await daemon.start()
     accepted = []
@@ -419,6 +430,8 @@ async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path):
     assert max(r["attempt"] for r in records) == 2
     recovered = [e for e in daemon.log_events() if e.get("event") == "dispatcher_recovered"]
     assert recovered[-1]["requeued_after_crash"] == 1
+    # on PostgreSQL, nothing of the store is in data_dir
+    assert (tmp_path / "var" / "lambdaemon.db").exists() == (backend == "sqlite")
 
 
 async def _all_final(daemon: Daemon, ids: list[str]):

@@ -5,7 +5,6 @@ runs once per backend and expects the same results."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,9 @@ from daemon.store.records import NewInvocation
 from tests.postgres import Postgres
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Postgres]:
-    pg = Postgres()
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop()
+@pytest.fixture
+def cluster(pg_cluster: Postgres) -> Postgres:
+    return pg_cluster  # the session's (tests/conftest.py)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,6 +13,7 @@ import pytest
 from daemon.models import Outcome, Status
 from daemon.store.history import HistoryQuery, page_sql
 from daemon.store.sqlite import NewInvocation, Store
+from tests.postgres import BACKENDS, open_store
 
 T0_MS = 1_780_000_000_000  # the records' acceptance times start here, one second apart
 
@@ -45,9 +46,9 @@ def record(n: int) -> tuple[NewInvocation, Outcome]:
     return inv, out
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with Store.open(tmp_path / "lambdaemon.db") as opened:
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_store(request.param, tmp_path / "lambdaemon.db", request) as opened:
         for n in range(300):
             opened.record_finished_nowait(*record(n))
         await opened.barrier()
@@ -118,6 +119,7 @@ def combinations() -> list[dict[str, object]]:
     return out
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # SQLite's planner
 @pytest.mark.parametrize("fields", combinations(), ids=lambda f: "+".join(f) or "none")
 async def test_history_every_filter_combination_walks_an_index(store: Store, fields) -> None:
     sql, params = page_sql(HistoryQuery(**fields), 50)  # type: ignore[arg-type]
@@ -130,6 +132,7 @@ async def test_history_every_filter_combination_walks_an_index(store: Store, fie
         assert any(step.startswith("SEARCH invocations USING") for step in plan), text
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 async def test_history_plans_hold_on_a_file_that_sqlite_analyzed(store: Store, tmp_path) -> None:
     # PRAGMA optimize (or a user's ANALYZE) gives the planner statistics; the plans must not
     # turn into scans or sorts with them either.

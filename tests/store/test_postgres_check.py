@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,9 @@ from tests.postgres import Postgres
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Postgres]:
-    pg = Postgres()
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop()
+@pytest.fixture
+def cluster(pg_cluster: Postgres) -> Postgres:
+    return pg_cluster  # the session's (tests/conftest.py)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -172,9 +166,17 @@ def test_the_url_becomes_libpq_parameters(tmp_path):
     }
 
 
-def test_run_refuses_a_postgresql_store_until_it_is_built(cluster, tmp_path):
-    path = write(tmp_path, store_table(cluster.url(), cluster.password_file))
+def test_run_says_which_server_it_cannot_use(cluster, tmp_path):
+    """`lambdaemon run` on PostgreSQL: a refused password is a config error (78), a server that
+    does not answer is unavailable (69), each before anything is served."""
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-it\n")
+    path = write(tmp_path, store_table(cluster.url(), wrong))
     result = cli("run", "--config", str(path))
-    assert result.returncode == 78
-    assert "store.url: the PostgreSQL store is not built yet" in result.stderr
-    assert not (tmp_path / "var").exists()
+    assert result.returncode == 78, result.stderr
+    assert "store.password_file: the server refused" in result.stderr
+    silent = f"postgresql://lambdaemon@127.0.0.1:{free_port()}/postgres"
+    path = write(tmp_path, store_table(silent, cluster.password_file))
+    result = cli("run", "--config", str(path))
+    assert result.returncode == 69, result.stderr
+    assert "store.url: cannot reach lambdaemon@127.0.0.1:" in result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,14 +15,9 @@ from daemon.store.pg_schema import PG_MIGRATIONS, migrate, schema_version
 from tests.postgres import Postgres
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Postgres]:
-    pg = Postgres()
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop()
+@pytest.fixture
+def cluster(pg_cluster: Postgres) -> Postgres:
+    return pg_cluster  # the session's (tests/conftest.py)
 
 
 @pytest.fixture

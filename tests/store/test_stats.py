@@ -10,6 +10,7 @@ import pytest
 
 from daemon.models import Outcome, Status, new_id
 from daemon.store.sqlite import NewInvocation, Store
+from tests.postgres import BACKENDS, open_store
 
 START = 1_780_000_000.0  # the window: START to START + 600 s, in 10 buckets of a minute
 
@@ -32,9 +33,9 @@ def record(
     return inv, out
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with Store.open(tmp_path / "lambdaemon.db") as opened:
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_store(request.param, tmp_path / "lambdaemon.db", request) as opened:
         # alpha: 100 calls in minute 0 to 4, durations 1..100 ms; every tenth failed (cron#0)
         for n in range(100):
             status = Status.FAILED if n % 10 == 9 else Status.SUCCEEDED

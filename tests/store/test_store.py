@@ -23,10 +23,12 @@ from daemon.retry import Verdict
 from daemon.store import batches, records
 from daemon.store import sqlite as store_module
 from daemon.store.sqlite import MIGRATIONS, NewInvocation, QueuedInvocation, Store
+from tests.postgres import BACKENDS, INTEGRITY_ERRORS, open_store
 from tests.waits import until
 
 REPO = Path(__file__).resolve().parents[2]
 NORMAL, FULL = 1, 2  # PRAGMA synchronous
+SQLITE_ONLY = pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # the file's own
 
 
 def new(id: str, **fields: object) -> NewInvocation:
@@ -56,9 +58,10 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "data" / "lambdaemon.db"
 
 
-@pytest.fixture
-async def store(db: Path) -> AsyncIterator[Store]:
-    async with Store.open(db) as opened:
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, db: Path) -> AsyncIterator[Store]:
+    """The store on each backend: SQLite at `db`, and PostgreSQL (tests/postgres.py)."""
+    async with open_store(request.param, db, request) as opened:
         yield opened
 
 
@@ -177,8 +180,8 @@ async def test_store_failing_op_fails_only_its_own_future(store: Store) -> None:
     # Tried whole without savepoints first; rolled back and run op by op once.
     assert store.reruns - reruns == 1
     assert results[0] == ("ok1", True) and results[3] == ("ok2", True)
-    assert isinstance(results[1], sqlite3.IntegrityError)
-    assert isinstance(results[2], sqlite3.IntegrityError)
+    assert isinstance(results[1], INTEGRITY_ERRORS)
+    assert isinstance(results[2], INTEGRITY_ERRORS)
     assert await store.status_of("bad") is None
     assert await store.status_of("ok2") == "queued"
 
@@ -270,7 +273,7 @@ async def test_store_failing_row_in_a_run_fails_alone(store: Store) -> None:
         return_exceptions=True,
     )
     assert results[:2] == [None, None] and results[3] is None
-    assert isinstance(results[2], sqlite3.IntegrityError)
+    assert isinstance(results[2], INTEGRITY_ERRORS)
     assert store.reruns - reruns == 1
     rows = await store.query("SELECT invocation_id FROM attempts ORDER BY invocation_id")
     assert [r[0] for r in rows] == ["a", "b", "c", "taken"]
@@ -295,7 +298,7 @@ async def test_store_rerun_batch_runs_a_repeatable_callback_again_but_commits_it
         store.insert(new("taken")),
         return_exceptions=True,
     )
-    assert results[0] == ("a", True) and isinstance(results[1], sqlite3.IntegrityError)
+    assert results[0] == ("a", True) and isinstance(results[1], INTEGRITY_ERRORS)
     assert store.reruns - reruns == 1 and len(calls) == 2
     assert [tuple(r) for r in await store.query("SELECT key FROM marks")] == [("a",)]
 
@@ -326,17 +329,23 @@ async def test_store_unmarked_callback_runs_once_even_when_another_op_fails(
         return_exceptions=True,
     )
     assert results[0] == ("a", True) and results[1] == "value" and results[2] == ("b", True)
-    assert isinstance(results[3], sqlite3.IntegrityError) and results[4] == ("c", True)
+    assert isinstance(results[3], INTEGRITY_ERRORS) and results[4] == ("c", True)
     assert seen == ["ran", "extra"]
     assert store.commits - before == 1 and store.reruns == reruns
 
 
 async def test_store_sets_synchronous_by_what_each_batch_holds(store: Store) -> None:
-    """Bookkeeping alone commits with NORMAL; a batch with an accepting write with FULL."""
+    """Bookkeeping alone commits with NORMAL; a batch with an accepting write with FULL.
+
+    On PostgreSQL: synchronous_commit off for the one transaction, else on."""
     levels: list[int] = []
 
     def level(conn: sqlite3.Connection) -> None:
-        levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+        if store.backend == "sqlite":
+            levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+        else:  # synchronous_commit: off for a relaxed transaction, as NORMAL is on SQLite
+            on = conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+            levels.append(FULL if on else NORMAL)
 
     def finish(id: str) -> Awaitable[object]:
         # Enqueued together, so in one batch: `level` sees what the finish's batch commits with.
@@ -415,6 +424,7 @@ async def test_store_waiting_batch_commits_after_grow_s_or_at_close(
     assert raw(db, "SELECT id FROM invocations ORDER BY id") == [("a",), ("b",), ("c",), ("d",)]
 
 
+@SQLITE_ONLY
 async def test_store_writer_keeps_temporary_files_in_memory(store: Store) -> None:
     assert await store.transaction(lambda c: c.execute("PRAGMA temp_store").fetchone()[0]) == 2
 
@@ -424,7 +434,7 @@ async def test_store_cron_fire_commits_with_the_row_or_not_at_all(store: Store) 
         "a",
         True,
     )
-    with pytest.raises(sqlite3.IntegrityError):  # the mark cannot be written: nor is the row
+    with pytest.raises(INTEGRITY_ERRORS):  # the mark cannot be written: nor is the row
         await store.insert(new("b", dedupe_key="cron@2"), cron_fire=("t#0", None))  # type: ignore[arg-type]
     # A duplicate does not mark: its fire's mark was committed with the original row.
     assert await store.insert(new("c", dedupe_key="cron@1"), cron_fire=("t#0", "3")) == (
@@ -672,7 +682,13 @@ async def test_store_migrates_a_database_whose_cron_and_probe_tables_exist(
 
 
 async def test_store_migrations_create_every_table_the_daemon_uses(store: Store) -> None:
-    rows = await store.query("SELECT name FROM sqlite_master WHERE type = 'table'")
+    if store.backend == "sqlite":
+        rows = await store.query("SELECT name FROM sqlite_master WHERE type = 'table'")
+    else:
+        rows = await store.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            " AND table_name != 'lambdaemon_schema'"
+        )
     assert {r[0] for r in rows} == {
         "invocations",
         "attempts",
@@ -719,6 +735,7 @@ async def test_store_list_invocations_newest_first_without_payloads(store: Store
 # --- failures of the disk, and of the process -----------------------------------------------------
 
 
+@SQLITE_ONLY
 async def test_store_full_disk_fails_the_batch_and_store_recovers(store: Store) -> None:
     await store.insert(new("before"))
     # SQLITE_FULL for real: the writer may not grow the file beyond its current size.
@@ -739,6 +756,7 @@ async def test_store_full_disk_fails_the_batch_and_store_recovers(store: Store) 
     assert await store.status_of("small") is None
 
 
+@SQLITE_ONLY
 async def test_store_failed_commit_fails_every_future_of_the_batch(store: Store) -> None:
     def violate_at_commit(conn: sqlite3.Connection) -> None:
         # A deferred foreign key violation makes the COMMIT itself fail, as a real error would.

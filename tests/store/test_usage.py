@@ -19,8 +19,9 @@ from daemon.config import DaemonSettings
 from daemon.models import Outcome, Status, new_id
 from daemon.store.batched import BatchItem
 from daemon.store.migrations import MIGRATIONS
-from daemon.store.retention import Pruner
+from daemon.store.retention import pruner_for
 from daemon.store.sqlite import NewInvocation, Store
+from tests.postgres import BACKENDS, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = 86_400
@@ -50,9 +51,9 @@ def out(status: Status, at: float, duration_ms: float | None = 10.2) -> Outcome:
     )
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with Store.open(tmp_path / "lambdaemon.db") as opened:
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_store(request.param, tmp_path / "lambdaemon.db", request) as opened:
         yield opened
 
 
@@ -138,7 +139,7 @@ async def test_usage_survives_retention_pruning_the_records(store: Store) -> Non
     for n in range(20):
         await store.record_finished(inv(new_id(), old + n), out(Status.SUCCEEDED, old + n))
     before = await totals(store)
-    report = await Pruner(store, DaemonSettings(retention_days=1)).prune(time.time())
+    report = await pruner_for(store, DaemonSettings(retention_days=1)).prune(time.time())
     assert report["by_age"] == 20
     assert (await store.query("SELECT count(*) FROM attempts"))[0][0] == 0
     assert await totals(store) == before
