@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,9 @@ log = structlog.get_logger("lambdaemon.store")
 # down, ran out of room...), rather than that one op is wrong: it fails the whole batch.
 UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 _IDLE = pq.TransactionStatus.IDLE
+# pg_try_advisory_lock's key for the one writer: "lambdaew" in ASCII (pg_schema's is "...ed").
+SOLE_WRITER_LOCK = 0x6C616D6264616577
+LOCK_TRIES, LOCK_PAUSE_S = 20, 0.1
 T = TypeVar("T")
 
 
@@ -96,8 +100,24 @@ class PgStore(Store):
         conn = psycopg.connect(**self._params, autocommit=True)  # type: ignore[arg-type]
         if read_only:
             conn.execute("SET default_transaction_read_only = on")
+            return conn
+        conn.execute("SET synchronous_commit = on")  # whatever the server's default says
+        # One daemon per database until the fleet is built (docs/store.md): a second one would
+        # recover the first one's running invocations as crashed and run its queue. The
+        # writer's session holds this lock for as long as it lives, and takes it again when
+        # it connects again after an outage.
+        # A few tries: the session of a daemon just killed may take a moment to end.
+        for _ in range(LOCK_TRIES):
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SOLE_WRITER_LOCK,)).fetchone()
+            if row is not None and row[0]:
+                break
+            time.sleep(LOCK_PAUSE_S)
         else:
-            conn.execute("SET synchronous_commit = on")  # whatever the server's default says
+            conn.close()
+            raise StoreUnavailableError(
+                f"another lambdaemon is running on {self.where}: one daemon per database"
+                " until the fleet is built (docs/store.md)"
+            )
         return conn
 
     def _connect_writer(self) -> PgConnection:

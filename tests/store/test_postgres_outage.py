@@ -4,6 +4,9 @@ by itself once the server is back."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import pytest
 
 from daemon.store.health import StoreHealth
 from daemon.store.pgstore import PgStore
-from tests.daemon_proc import Daemon, running_daemon
+from tests.daemon_proc import ROOT, Daemon, running_daemon
 from tests.postgres import Postgres
 from tests.store.test_store import new
 
@@ -101,3 +104,24 @@ async def health(daemon: Daemon) -> tuple[int, dict[str, Any]]:
     assert daemon.session is not None
     async with daemon.session.get(f"{daemon.base}/health") as resp:
         return resp.status, await resp.json()
+
+
+async def test_a_second_daemon_on_the_same_database_refuses_to_start(pg_cluster, tmp_path):
+    """One daemon per database until the fleet is built: the second exits 65 and says why."""
+    database = pg_cluster.create_database()
+    async with PgStore.open_url(tmp_path, pg_cluster.params(database), database):
+        config = tmp_path / "second.toml"
+        config.write_text(
+            f'[daemon]\ndata_dir = "var"\n[store]\nurl = "{pg_cluster.url(database)}"\n'
+            f'password_file = "{pg_cluster.password_file}"\n'
+        )
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    assert result.returncode == 65, result.stderr
+    assert "another lambdaemon is running on lambdaemon@127.0.0.1:" in result.stderr
