@@ -232,14 +232,30 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         except StoreUnavailableError as exc:
             print(f"lambdaemon: {exc}", file=sys.stderr)
             return EX_UNAVAILABLE
+    from daemon.bubblewrap import describe
+
+    sandboxed = sorted(name for name, fn in config.functions.items() if fn.sandbox)
     if args.json:
         functions = sorted(config.functions)
         print(
-            json.dumps({"config": config.path, "ok": True, "functions": functions, "store": store})
+            json.dumps(
+                {
+                    "config": config.path,
+                    "ok": True,
+                    "functions": functions,
+                    "store": store,
+                    "sandbox": {**describe(), "functions": sandboxed},
+                }
+            )
         )
     else:
         names = ", ".join(sorted(config.functions))
         print(f"{config.path}: ok ({len(config.functions)} functions: {names}; store: {store})")
+        sandbox = describe()
+        if sandbox["available"]:
+            print(f"sandbox: available; sandboxed: {', '.join(sandboxed) or 'none'}")
+        else:
+            print(f"sandbox: not available: {sandbox['reason']}")
     return 0
 
 
@@ -251,6 +267,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     keep_heap_small()  # big results' buffers go back to the kernel once freed
     configure_logging(config.daemon.log_level)
     raise_nofile_limit()  # before anything opens descriptors; logs the limits once
+    _log_sandbox(config)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(config.daemon.event_loop)) as runner:
             runner.run(_serve(config))
@@ -267,6 +284,21 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         print(f"lambdaemon: {exc}", file=sys.stderr)
         return EX_SOFTWARE
     return 0
+
+
+def _log_sandbox(config: Config) -> None:
+    """Say at start whether workers can be sandboxed, and which are (daemon/pool/sandbox.py)."""
+    import structlog
+
+    from daemon.bubblewrap import describe
+
+    sandbox = describe()
+    sandboxed = sorted(name for name, fn in config.functions.items() if fn.sandbox)
+    log = structlog.get_logger("lambdaemon.pool")
+    if sandbox["available"]:
+        log.info("sandbox", available=True, functions=sandboxed)
+    else:
+        log.warning("sandbox", available=False, reason=sandbox["reason"], functions=sandboxed)
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

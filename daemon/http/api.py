@@ -14,6 +14,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from daemon import bubblewrap
 from daemon.config import Config, FunctionConfig, ListenerSettings, listen_host
 from daemon.credentials import read_secret
 from daemon.dispatcher import Dispatcher
@@ -274,6 +275,7 @@ async def health(request: AnyRequest) -> web.Response:
             degraded = True
             body.update({key: pool[key] for key in ("status", "reason", "error", "since")})
     body["http"] = {key.partition(".")[0]: stats.report() for key, stats in STATS.items()}
+    body["sandbox"] = bubblewrap.describe()
     return web.json_response(body, status=503 if degraded else 200, dumps=dumps)
 
 

@@ -24,9 +24,10 @@ from typing import Any
 import structlog
 
 from daemon.config import FunctionConfig, node_binary
-from daemon.pool.descendants import kill_tree
+from daemon.pool.descendants import children, kill_tree
 from daemon.pool.outcomes import kb_to_mb
 from daemon.pool.protocol import DEPS_ENV, Invoke, SupervisorChannel
+from daemon.pool.sandbox import wrap
 
 log = structlog.get_logger("lambdaemon.pool")
 
@@ -116,6 +117,18 @@ class Worker:
         """SIGKILL the worker, its process group and its descendants, whatever session they
         moved to: whatever its handler left running (descendants.py)."""
         kill_tree(self.pid)
+
+    def main_pid(self) -> int:
+        """The pid of the worker's own program: in a sandbox, below bwrap and its init."""
+        if not self.fn.sandbox:
+            return self.pid
+        pid = self.pid
+        for _ in range(2):
+            below = children(pid)
+            if not below:
+                return pid
+            pid = below[0]
+        return pid
 
     def kill_group(self) -> None:
         """SIGKILL what is left of the process group of a worker that has exited and been
@@ -244,11 +257,15 @@ async def start_process(
     fd, daemon_pid = str(child_sock.fileno()), str(os.getpid())
     initialization = "on-demand" if on_demand else "provisioned-concurrency"
     env = environment(fn, initialization, stream, platform)
+    if fn.sandbox:
+        daemon_pid = "1"  # its parent: the sandbox's init, which dies with the daemon
     if fn.runtime == "python":
         argv = [sys.executable, "-m", "daemon.pool.worker", fd, daemon_pid]
     else:
         argv = [sys.executable, "-m", "daemon.pool.runtime", fd, daemon_pid, f"{fn.timeout_s}"]
         argv += bootstrap_argv(fn, env)
+    if fn.sandbox:  # the same command, in bubblewrap (sandbox.py), which keeps the fds passed
+        argv = wrap(fn, argv)
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -256,7 +273,7 @@ async def start_process(
         stderr=memfd,
         pass_fds=(child_sock.fileno(),),
         start_new_session=True,
-        cwd=fn.code,
+        cwd="/" if fn.sandbox else fn.code,
         env=env,
     )
 

@@ -282,7 +282,8 @@ class WorkerPool:
         if entry is not None and entry[0] is fn:
             return entry[1]
         env = tuple(sorted(fn.env.items()))
-        key = (fn.code, fn.deps, fn.handler, fn.memory_mb, fn.version, fn.region, env)
+        key: Key = (fn.code, fn.deps, fn.handler, fn.memory_mb, fn.version, fn.region, env)
+        key += (fn.sandbox, fn.network, fn.tmp_mb, fn.hidden, fn.visible)
         self._keys[instance] = (fn, key)
         return key
 
@@ -744,7 +745,7 @@ class WorkerPool:
 
     def _time_out(self, worker: Worker) -> None:
         if worker.state not in (State.STOPPING, State.EXITED):
-            worker.peak_kb = peak_memory_kb(worker.pid)  # readable only before the kill
+            worker.peak_kb = peak_memory_kb(worker.main_pid())  # readable only before the kill
             self._kill(worker, "timeout")
 
     # --- orphans ------------------------------------------------------------------------------
