@@ -52,7 +52,10 @@ def bin_dir() -> Path:
 class Postgres:
     """One cluster: its own folder, port, superuser `lambdaemon` and password."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        # durable: fsync and full page writes on, as a real server (benchmarks); tests need
+        # neither, since the cluster dies with the session.
+        self.durable = durable
         self.bin = bin_dir()
         self.port = free_port()
         self.password = uuid.uuid4().hex
@@ -86,7 +89,7 @@ class Postgres:
             "--auth=scram-sha-256",
             "--encoding=UTF8",
             "--locale=C",
-            "--no-sync",  # the cluster dies with the test session
+            *(() if self.durable else ("--no-sync",)),  # a test cluster dies with its session
         )
         pwfile.unlink()
         # fsync off: a test cluster need not survive a power cut; synchronous_commit stays on.
@@ -122,9 +125,10 @@ class Postgres:
             return
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port}"
-            f" -c unix_socket_directories={self.directory} -c fsync=off"
-            " -c full_page_writes=off -c max_connections=200"
+            f" -c unix_socket_directories={self.directory} -c max_connections=200"
         )
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
         self._run(
             str(self.bin / "pg_ctl"),
             "start",

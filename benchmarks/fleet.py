@@ -1,0 +1,216 @@
+"""The fleet's store, begun: one daemon on PostgreSQL against one on SQLite, async intake.
+
+    .venv/bin/python benchmarks/fleet.py [--seconds 5] [--connections 32] [--rounds 3]
+        [--concurrency 4]
+
+Two daemons with the same function (a no-op, `concurrency` warm workers) run side by side: one
+on its SQLite file, one with [store] url on a private PostgreSQL cluster (tests/postgres.py)
+started durable, fsync and full page writes on, as a real server runs; the SQLite store is
+durable too (synchronous=FULL for what is acknowledged). Each round loads one daemon's Invoke
+API with `InvocationType=Event` (a 202 only once the event is committed), waits until every
+event it accepted has its final record, then does the same to the other: the two alternate,
+as this shared machine's speed drifts. The ratio is PostgreSQL's accepted events per second
+over SQLite's in the round beside it: median, min and max. Target: >= 0.5x.
+
+Also per round: the drain rate (events run to their final record per second, from the daemon's
+own queued_at and ended_at) and each daemon's CPU per event (loop, threads, workers), and for
+PostgreSQL the server's processes' CPU per event. A fleet of several nodes is not built yet
+(docs/store.md): this is the one-node baseline it will be measured from. Writes
+benchmarks/results/fleet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import cpu_delta, cpu_of, loadgen, report  # noqa: E402
+from tests.daemon_proc import Daemon, write_config  # noqa: E402
+from tests.postgres import Postgres  # noqa: E402
+
+FINAL = ("succeeded", "failed", "timed_out", "crashed")
+_COUNTS = (
+    "SELECT count(*), count(*) FILTER (WHERE status IN (?, ?, ?, ?)) FROM invocations"
+    " WHERE trigger = 'api' AND invocation_type = 'async'"
+)
+_TIMES = (
+    "SELECT queued_at, ended_at, status FROM invocations WHERE trigger = 'api'"
+    " AND invocation_type = 'async' ORDER BY queued_at OFFSET ?"
+)
+
+
+def config(concurrency: int) -> str:
+    return (
+        f'[functions.noop]\nhandler = "handler.handler"\ncode = "{HERE / "functions" / "noop"}"\n'
+        f"concurrency = {concurrency}\nmin_warm = {concurrency}\n"
+    )
+
+
+def sqlite_reader(db: Path) -> Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def run(sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute(sql.replace("OFFSET", "LIMIT -1 OFFSET"), params).fetchall()
+
+    return run
+
+
+def pg_reader(cluster: Postgres, database: str) -> Callable[..., list[tuple[Any, ...]]]:
+    def run(sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with cluster.connect(database) as conn:
+            return list(conn.execute(sql.replace("?", "%s"), params).fetchall())
+
+    return run
+
+
+async def drained(read: Callable[..., list[tuple[Any, ...]]], timeout_s: float = 300) -> int:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            ((rows, final),) = await asyncio.to_thread(read, _COUNTS, FINAL)
+            if rows == final:
+                return int(rows)
+            await asyncio.sleep(0.02)  # polling the store from outside the daemon, bounded
+
+
+def server_cpu(cluster: Postgres | None) -> float:
+    """CPU seconds of every process of the cluster so far (its postmaster's children)."""
+    if cluster is None:
+        return 0.0
+    pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for task in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{task}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a backend that ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        out += [int(c) for c in children]
+    return out
+
+
+async def round_of(
+    daemon: Daemon, read: Callable[..., list[tuple[Any, ...]]], cluster: Postgres | None, args
+) -> dict:
+    before = await drained(read)
+    cpu, server = cpu_of(daemon.proc.pid), server_cpu(cluster)
+    url = f"{daemon.base}/2015-03-31/functions/noop/invocations"
+    headers = {"X-Amz-Invocation-Type": "Event"}
+    load = await asyncio.to_thread(loadgen, url, args.connections, args.seconds, "{}", headers)
+    await drained(read)
+    after, server_after = cpu_of(daemon.proc.pid), server_cpu(cluster)
+    rows = await asyncio.to_thread(read, _TIMES, (before,))
+    queued = [q for q, _, _ in rows]
+    ended = [e for _, e, _ in rows if e is not None]
+    figures = {
+        "rps": load["rps"],
+        "p50_ms": load["p50_ms"],
+        "p99_ms": load["p99_ms"],
+        "errors": load["errors"],
+        "events": len(rows),
+        "succeeded": sum(s == "succeeded" for _, _, s in rows),
+        "drain_per_s": round(len(rows) / (max(ended) - min(queued)), 1),
+        "cpu_us_per_event": cpu_delta(cpu, after, len(rows)),
+    }
+    if cluster is not None:
+        figures["server_cpu_us_per_event"] = round((server_after - server) * 1e6 / len(rows), 1)
+    return figures
+
+
+def summary(rounds: list[dict]) -> dict:
+    keep = ("rps", "p50_ms", "p99_ms", "drain_per_s")
+    out: dict = {key: round(statistics.median(r[key] for r in rounds), 2) for key in keep}
+    out["not_succeeded"] = sum(r["events"] - r["succeeded"] for r in rounds)
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["cpu_us_per_event"] = {
+        part: round(statistics.median(r["cpu_us_per_event"][part] for r in rounds), 1)
+        for part in rounds[0]["cpu_us_per_event"]
+    }
+    if "server_cpu_us_per_event" in rounds[0]:
+        out["server_cpu_us_per_event"] = round(
+            statistics.median(r["server_cpu_us_per_event"] for r in rounds), 1
+        )
+    out["rounds"] = rounds
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    cluster = Postgres(durable=True)
+    cluster.start()
+    lite_rounds: list[dict] = []
+    pg_rounds: list[dict] = []
+    try:
+        database = cluster.create_database()
+        with tempfile.TemporaryDirectory() as lite_tmp, tempfile.TemporaryDirectory() as pg_tmp:
+            body = config(args.concurrency)
+            lite = Daemon(write_config(Path(lite_tmp), body, daemon="max_workers = 8"))
+            store = (
+                f'\n[store]\nurl = "{cluster.url(database)}"\n'
+                f'password_file = "{cluster.password_file}"\n'
+            )
+            pg = Daemon(write_config(Path(pg_tmp), body + store, daemon="max_workers = 8"))
+            await lite.start()
+            await pg.start()
+            read_lite = sqlite_reader(Path(lite_tmp) / "var" / "lambdaemon.db")
+            read_pg = pg_reader(cluster, database)
+            try:
+                for daemon in (lite, pg):  # warm-up, not counted
+                    url = f"{daemon.base}/2015-03-31/functions/noop/invocations"
+                    headers = {"X-Amz-Invocation-Type": "Event"}
+                    await asyncio.to_thread(loadgen, url, 4, 1, "{}", headers)
+                for _ in range(args.rounds):
+                    lite_rounds.append(await round_of(lite, read_lite, None, args))
+                    pg_rounds.append(await round_of(pg, read_pg, cluster, args))
+            finally:
+                await lite.close()
+                await pg.close()
+    finally:
+        cluster.stop()
+    ratios = [p["rps"] / s["rps"] for p, s in zip(pg_rounds, lite_rounds, strict=True)]
+    drains = [
+        p["drain_per_s"] / s["drain_per_s"] for p, s in zip(pg_rounds, lite_rounds, strict=True)
+    ]
+    results = {
+        "invoke_event_sqlite": summary(lite_rounds),
+        "invoke_event_postgresql": summary(pg_rounds),
+        "postgresql_vs_sqlite": spread(ratios),
+        "drain_postgresql_vs_sqlite": spread(drains),
+        "postgresql": {"version": cluster.bin.parts[-2], "fsync": True},
+        "connections": args.connections,
+        "concurrency": args.concurrency,
+        "targets": {"postgresql >= 0.5x sqlite": statistics.median(ratios) >= 0.5},
+    }
+    report("fleet", results)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
