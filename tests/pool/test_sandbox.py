@@ -133,6 +133,20 @@ async def test_proc_shows_no_other_worker(
         assert len(pids) > 2 and os.getpid() in pids
 
 
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "plain"])
+async def test_namespaces_of_its_own(
+    tmp_path: Path, make_pool: Callable[..., Any], sandbox: bool
+) -> None:
+    functions = deployment(tmp_path, sandbox, network=False)
+    pool = await make_pool(functions=functions)
+    inside = await call(pool, functions["walls"], action="namespaces")
+    outside = {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in inside}
+    # PID, IPC, UTS, mount, and with network = false the network: none is the host's.
+    assert all((inside[kind] != outside[kind]) is sandbox for kind in inside), (inside, outside)
+    other = await call(pool, functions["other"], action="namespaces")
+    assert (other["ipc"] != inside["ipc"] and other["pid"] != inside["pid"]) is sandbox
+
+
 @pytest.mark.parametrize("network", [True, False], ids=["host-network", "network-false"])
 async def test_network_false_cannot_reach_the_hosts_loopback(
     tmp_path: Path, make_pool: Callable[..., Any], network: bool
