@@ -39,6 +39,7 @@ from daemon.lanes import Backlogged, Lane, Lanes
 from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status, new_id
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
+from daemon.store import records
 from daemon.store.settle import Routed
 from daemon.store.sqlite import (
     INTERRUPTED_ERROR_TYPE,
@@ -658,11 +659,11 @@ class Dispatcher:
         An attempt starts only once its mark is committed. Under load that commit queues behind
         the fsync of newly accepted events, and a slot waiting for it runs nothing: with quick
         handlers, most of a slot's time. Marks written ahead ride in the next group commit
-        and are committed by the time a slot takes their items. What it costs: a crash while
-        they wait records those attempts as crashed though they never ran, and they are
-        retried by the policy like any crashed attempt (at least once holds, an attempt of the
-        budget is spent); a drain or a reload takes them back (_take_back_marks). Retries are
-        never marked ahead: they are checked for their age when they start.
+        and are committed by the time a slot takes their items. The marks carry no worker
+        (records.MARKED_AHEAD): a recovery after a crash records such an attempt crashed but
+        never dead-letters on it the first time (settle.recover_running); a drain or a reload
+        takes them back (_take_back_marks). Retries are never marked ahead: they are
+        checked for their age when they start.
         """
         if lane.paused or lane.recent_ms > QUICK_MS:
             return
@@ -677,7 +678,9 @@ class Dispatcher:
                 continue
             started_at = time.time()
             try:
-                marked = self._store.mark_running(item.id, item.attempt + 1, started_at, None)
+                marked = self._store.mark_running(
+                    item.id, item.attempt + 1, started_at, records.MARKED_AHEAD
+                )
             except StoreUnavailableError:
                 return
             lane.marked_ahead[item.id] = (marked, started_at, item.attempt + 1)

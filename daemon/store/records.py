@@ -170,6 +170,12 @@ def insert_finished_many(
         done += n
 
 
+# The worker_pid of a `running` mark written ahead of its attempt's start
+# (Dispatcher._mark_ahead): no worker yet. Recovery tells such a mark from a started attempt by
+# it (settle.recover_running), as long as no real pid was written over it.
+MARKED_AHEAD = 0
+
+
 def mark_running(
     conn: sqlite3.Connection, id: str, attempt: int, started_at: float, worker_pid: int | None
 ) -> None:

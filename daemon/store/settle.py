@@ -32,6 +32,7 @@ from daemon.store.records import NewInvocation, QueuedInvocation, record_attempt
 
 INTERRUPTED_ERROR_TYPE = "Lambdaemon.Interrupted"
 INTERRUPTED_MESSAGE = "the daemon stopped while this attempt was running"
+INTERRUPTED_AHEAD_MESSAGE = "the daemon stopped as this attempt was about to start, or just after"
 
 
 class FinalRecord(msgspec.Struct, frozen=True):
@@ -193,14 +194,26 @@ def recover_running(
     """Record each interrupted attempt as crashed, then retry or dead-letter it by the policy.
 
     Each dead letter is routed right after its update, in the same transaction.
+
+    An attempt marked `running` ahead of its start (worker_pid MARKED_AHEAD, see
+    Dispatcher._mark_ahead) may never have run. It is recorded crashed all the same (its handler
+    may have started in the moment before the crash, and every run must be a recorded
+    attempt), but the first time an invocation is found so it is queued again even when the
+    policy would dead-letter it: an event is never dead-lettered by an attempt that perhaps did
+    not run. Found so again, the policy decides, so an event whose handler keeps taking the
+    daemon down still ends.
     """
     rows = conn.execute(
         "SELECT id, function, invocation_type, attempt, started_at, worker_pid, retry_base,"
-        " COALESCE(redriven_at, queued_at), batch_id FROM invocations WHERE status = 'running'"
-        " ORDER BY queued_at, id"
+        " COALESCE(redriven_at, queued_at), batch_id, recoveries FROM invocations"
+        " WHERE status = 'running' ORDER BY queued_at, id"
     ).fetchall()
     recovery = Recovery(requeued=[], crashed=[])
-    for id, function, kind, attempt, started_at, worker_pid, retry_base, age_from, batch in rows:
+    for row in rows:
+        id, function, kind, attempt, started_at, worker_pid, retry_base, age_from, batch, n = row
+        ahead = worker_pid == records.MARKED_AHEAD and n == 0 and kind == "async"
+        message = INTERRUPTED_AHEAD_MESSAGE if ahead else INTERRUPTED_MESSAGE
+        worker_pid = None if worker_pid == records.MARKED_AHEAD else worker_pid
         conn.execute(
             "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
             " ended_at, error_type, error_message, worker_pid, batch_id)"
@@ -212,7 +225,7 @@ def recover_running(
                 started_at,
                 now,
                 INTERRUPTED_ERROR_TYPE,
-                INTERRUPTED_MESSAGE,
+                message,
                 worker_pid,
                 batch,  # the batch this attempt ran in, if any (daemon/batches.py)
             ),
@@ -220,6 +233,8 @@ def recover_running(
         # The same policy as any failed attempt, so an event that keeps taking the daemon down
         # stops after its retries instead of looping forever.
         verdict = decide(function, attempt, retry_base, age_from) if kind == "async" else Verdict()
+        if ahead and verdict.next_attempt_at is None:
+            verdict = Verdict(next_attempt_at=now)  # not dead-lettered by a run that perhaps wasn't
         again = verdict.next_attempt_at is not None
         conn.execute(
             "UPDATE invocations SET status = ?, recoveries = recoveries + 1,"
@@ -230,7 +245,7 @@ def recover_running(
                 verdict.next_attempt_at,
                 None if again else now,
                 INTERRUPTED_ERROR_TYPE,
-                INTERRUPTED_MESSAGE,
+                message,
                 verdict.dead_letter,
                 now if verdict.dead_letter else None,
                 id,

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from daemon.errors import StoreUnavailableError
 from daemon.models import Outcome, Status
 from daemon.retry import Verdict
-from daemon.store import batches, records
+from daemon.store import batches, records, settle
 from daemon.store import sqlite as store_module
 from daemon.store.sqlite import MIGRATIONS, NewInvocation, QueuedInvocation, Store
 from tests.postgres import BACKENDS, INTEGRITY_ERRORS, open_store
@@ -524,6 +524,45 @@ def retry_twice(now: float):  # noqa: ANN201
         return Verdict(next_attempt_at=now + 5)
 
     return decide
+
+
+async def test_store_recover_never_dead_letters_on_a_mark_written_ahead_the_first_time(
+    store: Store,
+) -> None:
+    """An attempt marked `running` ahead of its start (no worker yet) is recorded crashed, but
+    the first time it is queued again even with no retries left; the next time the policy rules."""
+
+    def no_retries(function: str, attempt: int, retry_base: int, age_from: float) -> Verdict:
+        return Verdict(dead_letter="RetriesExhausted")
+
+    await store.insert(new("ahead"))
+    await store.insert(new("started"))
+    store.mark_running("ahead", 1, 1001.0, records.MARKED_AHEAD)
+    store.mark_running("started", 1, 1001.0, 11)
+    first = await store.recover(2000.0, no_retries)
+    assert first.requeued == ["ahead"]
+    assert first.dead_lettered == [("started", "RetriesExhausted")]
+    row = await store.get("ahead")
+    assert row is not None
+    assert (row["status"], row["attempt"], row["next_attempt_at"], row["recoveries"]) == (
+        "queued",
+        1,
+        2000.0,
+        1,
+    )
+    [attempt] = row["attempts"]  # every run that may have happened is a recorded attempt
+    assert (attempt["status"], attempt["worker_pid"]) == ("crashed", None)
+    assert attempt["error_message"] == settle.INTERRUPTED_AHEAD_MESSAGE
+
+    store.mark_running("ahead", 2, 2001.0, records.MARKED_AHEAD)
+    second = await store.recover(3000.0, no_retries)
+    assert second.dead_lettered == [("ahead", "RetriesExhausted")]
+    row = await store.get("ahead")
+    assert row is not None and row["recoveries"] == 2
+    assert [(a["attempt"], a["status"]) for a in row["attempts"]] == [
+        (1, "crashed"),
+        (2, "crashed"),
+    ]
 
 
 async def test_store_recover_follows_the_retry_policy_then_dead_letters(store: Store) -> None:
