@@ -346,19 +346,12 @@ async def _open_store(stack: contextlib.AsyncExitStack, config: Config, db: Path
 
 async def _open_pg_store(stack: contextlib.AsyncExitStack, config: Config, data_dir: Path) -> Store:
     from daemon.credentials import store_connection
-    from daemon.store.postgres import describe, refusal
+    from daemon.store.postgres import describe, refusal, require_psycopg
 
     params = store_connection(config)  # ConfigError: exit 78, as `lambdaemon check` says
     where = describe(params)
-    try:
-        from daemon.store.pgstore import PgStore
-    except ImportError:
-        raise ConfigError(
-            config.path,
-            "store.url",
-            "a PostgreSQL store needs psycopg 3: pip install 'lambdaemon[postgresql]'",
-        ) from None
-    import psycopg
+    psycopg = require_psycopg(config)
+    from daemon.store.pgstore import PgStore
 
     try:
         return await stack.enter_async_context(PgStore.open_url(data_dir, params, where))

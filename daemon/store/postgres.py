@@ -16,6 +16,8 @@ from daemon.credentials import store_connection
 from daemon.errors import ConfigError, StoreUnavailableError
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from daemon.config import Config
 
 # Parts of libpq's and the server's messages that mean the server answered and said no to these
@@ -30,13 +32,8 @@ _REFUSED = (
 )
 
 
-def probe(config: Config) -> str:
-    """Connect as [store] says and return the server's version ("16.4").
-
-    ConfigError when the URL does not parse or the server refuses the user, password or
-    database (the message says which); StoreUnavailableError when no server answers.
-    """
-    params = store_connection(config)
+def require_psycopg(config: Config) -> ModuleType:
+    """psycopg 3, or a ConfigError under store.url that says how to install it."""
     try:
         import psycopg
     except ImportError:
@@ -45,9 +42,20 @@ def probe(config: Config) -> str:
             "store.url",
             "a PostgreSQL store needs psycopg 3: pip install 'lambdaemon[postgresql]'",
         ) from None
+    return psycopg
+
+
+def probe(config: Config) -> str:
+    """Connect as [store] says and return the server's version ("16.4").
+
+    ConfigError when the URL does not parse or the server refuses the user, password or
+    database (the message says which); StoreUnavailableError when no server answers.
+    """
+    params = store_connection(config)
+    psycopg = require_psycopg(config)
     where = describe(params)
     try:
-        with psycopg.connect(**params, autocommit=True) as conn:  # type: ignore[arg-type]
+        with psycopg.connect(**params, autocommit=True) as conn:
             return str(conn.info.parameter_status("server_version") or "?").split()[0]
     except psycopg.OperationalError as exc:
         raise refusal(config, where, exc) from None
