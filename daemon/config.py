@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import shutil
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -107,7 +108,12 @@ class ApiSettings(ListenerSettings, frozen=True):
 
 class MqttSettings(_Section, frozen=True):
     url: str = "mqtt://127.0.0.1:1883"
-    client_id: Annotated[str, Meta(min_length=1, max_length=128)] = "lambdaemon"
+    # Unset (""; a set one is never empty): "lambdaemon", or with share_group one per node,
+    # "lambdaemon-<host name>" (_validate): it names the broker session, which no two may share.
+    client_id: Annotated[str, Meta(min_length=1, max_length=128)] = ""
+    # Every mqtt trigger subscribes as $share/<share_group>/<topic>: the nodes of a fleet with
+    # the same group split the messages (triggers/mqtt.py).
+    share_group: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
     username: str | None = None
     password_file: str | None = None
     ca_file: str | None = None
@@ -326,6 +332,7 @@ def _validate(config: Config) -> Config:
         listen_host(config.webhooks.listen, path, "webhooks.listen")
     if config.mqtt is not None:
         mqtt_connection(config)
+        config = msgspec.structs.replace(config, mqtt=_mqtt(config, config.mqtt))
     if config.store.url is not None:
         store_connection(config)
     elif config.store.password_file is not None:
@@ -337,6 +344,20 @@ def _validate(config: Config) -> Config:
     for kind, triggers in registry.triggers_by_kind(config).items():
         registry.kind(kind).settings.check_all(config, triggers)
     return msgspec.structs.replace(config, functions=functions)
+
+
+def _mqtt(config: Config, mqtt: MqttSettings) -> MqttSettings:
+    """The share group checked, and the client id filled in when unset."""
+    group = mqtt.share_group
+    if group is not None and (bad := next((c for c in "/+#\0" if c in group), None)):
+        reason = f"{group!r} may not contain {bad!r}: it is one level of $share/<group>/<topic>"
+        raise ConfigError(config.path, "mqtt.share_group", reason)
+    if mqtt.client_id:
+        return mqtt
+    # Each node of a share group needs a session of its own; the host name tells them apart
+    # where every node runs the same config.
+    node = socket.gethostname() if group is not None else ""
+    return msgspec.structs.replace(mqtt, client_id=f"lambdaemon-{node}" if node else "lambdaemon")
 
 
 def _validate_function(

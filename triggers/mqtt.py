@@ -15,9 +15,17 @@ session on each re-entry of the client) and a Session Expiry Interval: the broke
 messages while we are away. Every connect re-subscribes; retained messages come with the first
 subscription only (Retain Handling 1), not again on every reconnect.
 
+Sharing. With [mqtt] share_group, every filter is subscribed as $share/<group>/<filter>: the
+daemons of a fleet split the messages. A message still carries its own topic and the shared
+subscription's identifier, so routing is unchanged. Each node has its own client id (session);
+Mosquitto keeps a dead member's unacked messages for its session (tests/triggers/
+test_mqtt_share.py). A client id used twice shows as "session taken over" (0x8E) or, from
+Mosquitto 2.0, as connections ended soon after they were made (MqttSource._contested).
+
 Redelivery (DUP = 1) maps to the first delivery's record, never to a new one:
 - a publisher-set user property `message-id` keys the record (hash of topic and id), DUP or
-  not: a re-publication with the same id is the same event;
+  not: a re-publication with the same id is the same event; with share_group the key is the
+  group's, not the client id's, so on a shared store any node finds it;
 - otherwise each QoS 1 copy gets an arrival number, stored in its key with its packet id and a
   digest of topic and payload. A DUP copy is a redelivery of the newest stored copy that had its
   packet id among the last WINDOW arrivals before this connection, if that one has the same
@@ -46,6 +54,7 @@ import base64
 import functools
 import hashlib
 import struct
+import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Mapping
@@ -78,7 +87,13 @@ log = structlog.get_logger("lambdaemon.triggers.mqtt")
 RECEIVE_MAXIMUM = 128  # copies in flight to us, announced to the broker and enforced here too
 WINDOW = 4096  # arrivals searched for a first delivery: far below the 65535 packet ids
 BACKOFF_S = (0.5, 30.0)  # reconnect delay: first, cap (jittered)
+# A connection the broker ends sooner than this after its CONNACK is short; SHORT_IN_A_ROW short
+# ones in a row look like a client id in use twice (MqttSource._contested). Longer than the
+# backoff's cap, so a contest that has slowed down to the cap still counts.
+SHORT_S = 2 * BACKOFF_S[1]
+SHORT_IN_A_ROW = 3
 ROUTES_KEPT = 4096  # topics whose triggers are remembered (_route)
+SHARE = "$share/"  # a shared subscription's filter: $share/<group>/<topic filter>
 MESSAGE_ID = "message-id"  # user property a publisher may set as the event's idempotency key
 _json = msgspec.json.Encoder()
 
@@ -98,6 +113,12 @@ class MqttTriggerConfig(BatchedTriggerSettings, tag="mqtt", frozen=True):
             raise ConfigError(config.path, key, "an mqtt trigger needs an [mqtt] section")
         if not valid_topic_filter(self.topic):
             reason = f"{self.topic!r} is not a valid MQTT topic filter"
+            raise ConfigError(config.path, f"{key}.topic", reason)
+        if config.mqtt.share_group is not None and self.topic.startswith(SHARE):
+            reason = (
+                f"{self.topic!r} is a shared subscription already, and [mqtt] share_group"
+                f" = {config.mqtt.share_group!r} would share it again: give the plain topic"
+            )
             raise ConfigError(config.path, f"{key}.topic", reason)
 
 
@@ -148,7 +169,8 @@ class _Client(aiomqtt.Client):
 
 @dataclass(frozen=True)
 class _Subscription:
-    topic: str
+    topic: str  # the trigger's filter, which a message's topic is matched against
+    filter: str  # what is subscribed: the topic, or $share/<share_group>/<topic>
     qos: int
     id: int  # v5 subscription identifier, stable for a given filter
     targets: tuple[tuple[str, str], ...]  # (function, trigger id)
@@ -231,7 +253,7 @@ class MqttSource:
         self._settings = settings = config.mqtt
         self._store = store
         self._host, self._port, self._tls, self._password = mqtt_connection(config)
-        self._subscriptions = _subscriptions(triggers)
+        self._subscriptions = _subscriptions(triggers, settings.share_group)
         self._shapes: dict[str, _Shape] = {
             tid: (cfg.event_format, cfg.topic_field) for _, tid, cfg in triggers
         }
@@ -239,8 +261,13 @@ class MqttSource:
         # (topic, subscription ids) -> targets: matching a topic against the filters costs more
         # than the rest of routing, and devices publish to the same few topics again and again.
         self._routes: dict[tuple[str, tuple[int, ...] | None], list[tuple[str, str]]] = {}
-        self._prefix = f"mqtt:{quote(settings.client_id, safe='')}:"
-        self._seq_prefix = self._prefix + "seq:"
+        # Arrival numbers belong to one session (one client id). A publisher's message-id is
+        # the fleet's: with share_group, the node a redelivery goes to may not be the first
+        # one, and on a shared store it finds the first one's record under the group's prefix.
+        session = settings.client_id
+        scope = session if settings.share_group is None else SHARE + settings.share_group
+        self._id_prefix = f"mqtt:{quote(scope, safe='')}:id:"
+        self._seq_prefix = f"mqtt:{quote(session, safe='')}:seq:"
         self._seq = 0  # the last arrival number handed out
         self._store_trouble = False
         self._connected = False  # subscribed on a live connection, for GET /metrics
@@ -257,7 +284,12 @@ class MqttSource:
         client = self._client()
         self._seq = await self._last_seq()
         backoff = Backoff(*BACKOFF_S, jitter=(0.5, 1.0))
+        # Connections in a row that the broker ended within SHORT_S of their CONNACK, with no
+        # failed connect between them: how a client id used twice shows (see _contested).
+        short = 0
         while True:
+            connected_at: float | None = None
+            taken_over = False
             try:
                 async with client:
                     log.info(
@@ -270,19 +302,58 @@ class MqttSource:
                     await self._subscribe(client)
                     self._connected = True
                     self.started.set()
-                    if not self._store_trouble:
+                    connected_at = time.monotonic()
+                    if not self._store_trouble and not short:
                         backoff.reset()
                     await self._consume(client, emit)
                 reason = "stopped"
             except aiomqtt.MqttError as exc:
                 reason = str(exc) + (f": {exc.__cause__}" if exc.__cause__ else "")
+                taken_over = _taken_over(exc)
+                if connected_at is None:
+                    short = 0  # the broker refused or was away: not a session taken over
+                elif taken_over or time.monotonic() - connected_at < SHORT_S:
+                    short += 1
+                else:
+                    short = 0
+                    backoff.reset()
             except _NotStoredError as exc:
                 reason, self._store_trouble = str(exc), True
             self._connected = False
             self.started.set()
             wait = backoff.next()
-            log.warning("mqtt_disconnected", reason=reason, retry_in_s=round(wait, 2))
+            if taken_over or short >= SHORT_IN_A_ROW:
+                self._contested(taken_over, short, wait)
+            else:
+                log.warning("mqtt_disconnected", reason=reason, retry_in_s=round(wait, 2))
             await asyncio.sleep(wait)
+
+    def _contested(self, taken_over: bool, short: int, wait: float) -> None:
+        """Say that another client seems to use our client id; the wait grows meanwhile.
+
+        Two daemons with one client id take the session from each other for ever, each
+        connect ending the other's connection. A v5 broker may say so (reason 0x8E, "session
+        taken over"); Mosquitto 2.0 closes the older connection without a word. So the sign is
+        also a run of connections the broker ends soon after accepting them, which a broker
+        restart does not make (its connects are refused until it is back). Either way the
+        backoff is not reset at each connect, so the fight slows down to one round per cap."""
+        client_id = self._settings.client_id
+        if taken_over:
+            why = "the broker ended the connection with reason 0x8E (session taken over)"
+        else:
+            why = (
+                f"the broker ended {short} connections in a row within {SHORT_S:.0f} s of"
+                " accepting them, without a reason (Mosquitto does that when another client"
+                " connects with the same client id)"
+            )
+        log.error(
+            "mqtt_session_taken_over",
+            client_id=client_id,
+            reason=f"{why}: is another daemon using client id {client_id!r} on"
+            f" {self._host}:{self._port}? give each its own [mqtt] client_id (unset with"
+            " share_group: one per host)",
+            retry_in_s=round(wait, 2),
+        )
 
     def samples(self) -> list[Sample]:
         return [Sample("lambdaemon_mqtt_connected", {}, float(self._connected))]
@@ -316,12 +387,12 @@ class MqttSource:
                 props = Properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = sub.id
             options = SubscribeOptions(qos=sub.qos, retainHandling=1)
-            (granted,) = await client.subscribe(sub.topic, options=options, properties=props)
+            (granted,) = await client.subscribe(sub.filter, options=options, properties=props)
             code = granted.value if isinstance(granted, ReasonCode) else granted
             if code >= 0x80:  # refused, e.g. by the broker's ACL: that trigger stays silent
-                log.error("mqtt_subscribe_failed", topic=sub.topic, reason=str(granted))
+                log.error("mqtt_subscribe_failed", topic=sub.filter, reason=str(granted))
             else:
-                log.info("mqtt_subscribed", topic=sub.topic, qos=code)
+                log.info("mqtt_subscribed", topic=sub.filter, qos=code)
 
     async def _consume(self, client: _Client, emit: Emit) -> None:
         window = _Window(client._client, self._seq)
@@ -443,9 +514,7 @@ class MqttSource:
             return {tid: None for _, tid in targets}  # never redelivered
         user = dict(getattr(msg.properties, "UserProperty", None) or ())
         if MESSAGE_ID in user:
-            base = (
-                f"{self._prefix}id:{_digest(msg.topic.value.encode(), user[MESSAGE_ID].encode())}"
-            )
+            base = self._id_prefix + _digest(msg.topic.value.encode(), user[MESSAGE_ID].encode())
         else:
             digest = _digest(msg.topic.value.encode(), msg.payload)
             seq = None
@@ -496,20 +565,41 @@ _PUBACK = struct.Struct("!BBH")
 _PUBACK_TYPE = 0x40
 
 
-def _subscriptions(triggers: list[tuple[str, str, Any]]) -> list[_Subscription]:
+def _subscriptions(
+    triggers: list[tuple[str, str, Any]], share_group: str | None
+) -> list[_Subscription]:
     by_topic: dict[str, list[tuple[str, str, MqttTriggerConfig]]] = {}
     for fn, tid, trigger in triggers:
         by_topic.setdefault(trigger.topic, []).append((fn, tid, trigger))
     subs, used = [], set()
     for topic in sorted(by_topic):
-        sub_id = zlib.crc32(topic.encode()) % 0x0FFFFFFF + 1
+        # A message through a shared subscription carries its own topic, not the $share filter,
+        # and the subscription's identifier: the id is the filter's, so a subscription of
+        # another form left in the session by an older config is told apart (_route).
+        filter_ = f"{SHARE}{share_group}/{topic}" if share_group is not None else topic
+        sub_id = zlib.crc32(filter_.encode()) % 0x0FFFFFFF + 1
         while sub_id in used:  # deterministic for a given config
             sub_id = sub_id % 0x0FFFFFFF + 1
         used.add(sub_id)
         group = by_topic[topic]
         qos = max(t.qos for _, _, t in group)
-        subs.append(_Subscription(topic, qos, sub_id, tuple((fn, tid) for fn, tid, _ in group)))
+        targets = tuple((fn, tid) for fn, tid, _ in group)
+        subs.append(_Subscription(topic, filter_, qos, sub_id, targets))
     return subs
+
+
+SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason: a client connected with our client id
+
+
+def _taken_over(exc: BaseException) -> bool:
+    """Whether the broker ended the connection because another one took the session."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        code = getattr(cause, "rc", None)
+        if getattr(code, "value", code) == SESSION_TAKEN_OVER:
+            return True
+        cause = cause.__cause__
+    return False
 
 
 _GONE: Any = object()  # put in the message queue when the connection is lost (_receive)

@@ -1,0 +1,303 @@
+"""Shared subscriptions (`[mqtt] share_group`) against a real Mosquitto and real daemons.
+
+What Mosquitto does with a dead member's messages is proven here with a member that is a real
+process killed with SIGKILL; the daemons' tests count records in each daemon's own SQLite file
+(tests/triggers/test_mqtt.py's helpers), so they hold whatever store the nodes share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon.config import load_config
+from daemon.errors import ConfigError
+from tests.daemon_proc import Daemon, write_config
+from tests.mosquitto import Mosquitto
+from tests.triggers.test_mqtt import count, mqtt_toml, publish, records, stored, subscribed
+from tests.waits import until_changed
+from triggers.mqtt import BACKOFF_S, _Client
+
+GROUP = "fleet"
+
+
+def node(tmp_path: Path, name: str, body: str) -> Daemon:
+    folder = tmp_path / name
+    folder.mkdir()
+    return Daemon(write_config(folder, body))
+
+
+def shared_toml(url: str, client_id: str, triggers: dict[str, list[tuple[str, int]]]) -> str:
+    body = mqtt_toml(url, triggers, extra=f'share_group = "{GROUP}"')
+    return body.replace('client_id = "lambdaemon-test"', f'client_id = "{client_id}"')
+
+
+def numbers(daemon: Daemon, function: str) -> list[int]:
+    return [r["event"]["payload"]["n"] for r in records(daemon, function)]
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["a/b", "a+", "#", "x\\u0000"])
+def test_share_group_that_is_not_one_topic_level_is_a_config_error(
+    tmp_path: Path, group: str
+) -> None:
+    body = mqtt_toml("mqtt://127.0.0.1:1883", {"temp": [("t/#", 1)]}, f'share_group = "{group}"')
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, body))
+    assert info.value.key == "mqtt.share_group"
+    assert "$share/<group>/<topic>" in info.value.reason
+
+
+def test_topic_written_as_a_shared_subscription_with_share_group_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    topics = [("t/#", 1), ("$share/other/t/+", 1)]
+    body = mqtt_toml("mqtt://127.0.0.1:1883", {"temp": topics}, f'share_group = "{GROUP}"')
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, body))
+    assert info.value.key == "functions.temp.triggers[1].topic"
+    assert "give the plain topic" in info.value.reason
+    # Without share_group, a trigger may still name a shared subscription of its own.
+    assert load_config(write_config(tmp_path, body.replace(f'share_group = "{GROUP}"', "")))
+
+
+def test_client_id_defaults_to_one_per_host_with_share_group(tmp_path: Path) -> None:
+    body = mqtt_toml("mqtt://127.0.0.1:1883", {"temp": [("t/#", 1)]})
+    unset = body.replace('client_id = "lambdaemon-test"\n', "")
+    config = load_config(write_config(tmp_path, unset))
+    assert config.mqtt is not None and config.mqtt.client_id == "lambdaemon"
+    shared = unset.replace("[mqtt]\n", f'[mqtt]\nshare_group = "{GROUP}"\n')
+    config = load_config(write_config(tmp_path, shared))
+    assert config.mqtt is not None
+    assert config.mqtt.client_id == f"lambdaemon-{socket.gethostname()}"
+    named = body.replace("[mqtt]\n", '[mqtt]\nshare_group = "g"\n')
+    config = load_config(write_config(tmp_path, named))
+    assert config.mqtt is not None and config.mqtt.client_id == "lambdaemon-test"  # as set
+
+
+# --- what Mosquitto does with a dead member's messages ----------------------------------------
+
+# A member that takes QoS 1 messages and never acks them, printing each payload; SIGKILLed.
+_MEMBER = r"""
+import sys
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="a", protocol=mqtt.MQTTv5)
+client.manual_ack_set(True)
+client.on_message = lambda c, u, m: print(m.payload.decode(), flush=True)
+client.on_subscribe = lambda *a: print("subscribed", flush=True)
+props = Properties(PacketTypes.CONNECT)
+props.SessionExpiryInterval = 3600
+client.connect("127.0.0.1", int(sys.argv[1]), clean_start=False, properties=props)
+client.subscribe(sys.argv[2], qos=1)
+client.loop_forever()
+"""
+
+
+class Member:
+    """An in-process member with a persistent session that acks what it gets: (payload, dup)."""
+
+    def __init__(self, port: int, client_id: str, topic: str, arrived: asyncio.Event) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client = _Client(  # the source's client: it keeps each message's DUP flag
+            "127.0.0.1",
+            port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+        )
+        self.topic = topic
+        self.got: list[tuple[str, bool]] = []
+        self.arrived = arrived
+
+    async def __aenter__(self) -> Member:
+        await self.client.__aenter__()
+        self._task = asyncio.create_task(self._take())
+        await self.client.subscribe(self.topic, options=SubscribeOptions(qos=1))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        await self.client.__aexit__(None, None, None)
+
+    async def _take(self) -> None:
+        async for message in self.client.messages:  # acked by paho as it is handed over
+            assert isinstance(message.payload, bytes)
+            self.got.append((message.payload.decode(), message.dup))  # type: ignore[attr-defined]
+            self.arrived.set()
+
+
+async def until_arrived(arrived: asyncio.Event, check: Callable[[], bool], what: str) -> None:
+    """Return once `check()` holds, tried each time a member got a message; bounded."""
+    try:
+        async with asyncio.timeout(15):
+            while not check():
+                arrived.clear()
+                await arrived.wait()
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_mosquitto_keeps_a_dead_members_messages_for_its_session(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Mosquitto (Debian's 2.0) never hands a shared subscription's message to another member:
+    the messages a member got and did not ack stay with its session and come back, with DUP,
+    when the same client id connects again; and while it is away the member keeps its turn, so
+    part of what is published meanwhile is queued for it too. Nothing goes to the live member
+    that was meant for the dead one."""
+    topic = f"$share/{GROUP}/t/#"
+    arrived = asyncio.Event()
+    unacked: list[str] = []  # what the member to be killed got
+
+    async def read(stdout: asyncio.StreamReader) -> None:
+        while line := await stdout.readline():
+            unacked.append(line.decode().strip())
+            arrived.set()
+
+    dead = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MEMBER, str(mosquitto.port), topic, stdout=asyncio.subprocess.PIPE
+    )
+    assert dead.stdout is not None
+    reader = None
+    try:
+        assert await asyncio.wait_for(dead.stdout.readline(), 15) == b"subscribed\n"
+        reader = asyncio.create_task(read(dead.stdout))
+        async with Member(mosquitto.port, "b", topic, arrived) as live:
+            await publish(mosquitto.port, *((f"t/{i}", f"m{i}") for i in range(10)))
+            await until_arrived(arrived, lambda: len(unacked) + len(live.got) == 10, "10 taken")
+            assert unacked and live.got  # the group shares: each member has some
+            dead.kill()  # SIGKILL: no DISCONNECT, its unacked messages still in flight
+            await dead.wait()
+            log = mosquitto.log_path
+            await until_changed(log, lambda: "Client a closed" in log.read_text(), what="closed")
+
+            await publish(mosquitto.port, *((f"t/{i}", f"m{i}") for i in range(10, 20)))
+            everything = {f"m{i}" for i in range(20)}
+            # The same client id again: its session, kept by the broker.
+            async with Member(mosquitto.port, "a", topic, arrived) as back:
+                await until_arrived(
+                    arrived,
+                    lambda: {p for p, _ in back.got + live.got} >= everything,
+                    "all 20 messages",
+                )
+    finally:
+        if dead.returncode is None:
+            dead.kill()
+            await dead.wait()
+        if reader is not None:
+            await reader
+    redelivered = [p for p, dup in back.got if dup]
+    assert sorted(redelivered) == sorted(unacked)  # held for its session, sent again with DUP
+    assert not set(unacked) & {p for p, _ in live.got}  # never given to the live member
+    queued_while_away = [p for p, dup in back.got if not dup]
+    assert queued_while_away  # it kept its turn while it was away
+    delivered = [p for p, _ in back.got + live.got]
+    assert Counter(delivered) == Counter(everything)  # each to one member, once
+
+
+# --- daemons in a share group ------------------------------------------------------------------
+
+
+async def test_two_daemons_in_a_share_group_handle_each_message_once_between_them(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # Overlapping filters are two shared subscriptions: each trigger gets every message once,
+    # routed by the subscription's identifier on whichever node the broker chose.
+    triggers = {"temp": [("sensors/+/temp", 1)], "everything": [("sensors/#", 1)]}
+    a = node(tmp_path, "a", shared_toml(mosquitto.url, "node-a", triggers))
+    b = node(tmp_path, "b", shared_toml(mosquitto.url, "node-b", triggers))
+    total = 400
+    try:
+        await asyncio.gather(a.start(), b.start())
+        await asyncio.gather(subscribed(a, 2), subscribed(b, 2))
+        logged = [e["topic"] for e in a.log_events() if e.get("event") == "mqtt_subscribed"]
+        assert sorted(logged) == [f"$share/{GROUP}/sensors/#", f"$share/{GROUP}/sensors/+/temp"]
+        await publish(mosquitto.port, *(("sensors/x/temp", f'{{"n": {i}}}') for i in range(total)))
+        await stored(a, lambda: count(a) + count(b) >= 2 * total, "every record", timeout_s=30)
+        # A publisher's message-id is keyed by the group, not the node: the same on any node.
+        await publish(mosquitto.port, ("sensors/id/temp", '{"n": -1}'), user={"message-id": "x"})
+        await stored(a, lambda: count(a) + count(b) >= 2 * total + 2, "the keyed message")
+    finally:
+        await asyncio.gather(a.close(), b.close())
+    keyed = [r for d in (a, b) for r in records(d) if r["event"]["payload"] == {"n": -1}]
+    assert (
+        sorted(r["dedupe_key"].rsplit(":", 2)[0] for r in keyed)
+        == [f"mqtt:%24share%2F{GROUP}:id"] * 2
+    )
+    for function in triggers:
+        mine = [n for n in numbers(a, function) if n >= 0]
+        theirs = [n for n in numbers(b, function) if n >= 0]
+        assert mine and theirs  # the broker gave each node some
+        assert sorted(mine + theirs) == list(range(total))  # and each message to one of them
+    for daemon in (a, b):
+        assert not [e for e in daemon.log_events() if e.get("event") == "mqtt_message_rejected"]
+
+
+async def test_a_node_killed_mid_stream_loses_nothing_once_it_is_back(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    triggers = {"temp": [("sensors/+/temp", 1)]}
+    a = node(tmp_path, "a", shared_toml(mosquitto.url, "node-a", triggers))
+    b = node(tmp_path, "b", shared_toml(mosquitto.url, "node-b", triggers))
+    total = 1200
+    try:
+        await asyncio.gather(a.start(), b.start())
+        await asyncio.gather(subscribed(a), subscribed(b))
+        publisher = asyncio.create_task(
+            publish(mosquitto.port, *(("sensors/x/temp", f'{{"n": {i}}}') for i in range(total)))
+        )
+        # Killed with commits and unacked messages in flight; what the broker held for its
+        # session (unacked, and its turns while it was down) comes back when it restarts.
+        await stored(a, lambda: count(a) >= 150, "150 records on node a")
+        await a.kill()
+        await stored(b, lambda: count(b) >= 600, "node b carrying on", timeout_s=30)
+        await a.start()
+        await asyncio.wait_for(publisher, 30)
+        await stored(a, lambda: count(a) + count(b) >= total, "every record", timeout_s=30)
+    finally:
+        await asyncio.gather(a.close(), b.close())
+    mine, theirs = numbers(a, "temp"), numbers(b, "temp")
+    assert mine and theirs
+    assert sorted(mine + theirs) == list(range(total))  # none lost, none twice
+
+
+# --- one client id on two daemons --------------------------------------------------------------
+
+
+async def test_two_daemons_with_one_client_id_say_so_and_back_off(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    body = mqtt_toml(mosquitto.url, {"temp": [("sensors/+/temp", 1)]})  # both "lambdaemon-test"
+    a, b = node(tmp_path, "a", body), node(tmp_path, "b", body)
+    try:
+        await a.start()
+        await subscribed(a)
+        await b.start()
+        # Each connect of one ends the other's connection (Mosquitto 2.0 without a reason
+        # code): each says so, and waits longer each time instead of taking it back at once.
+        taken = await a.wait_log("mqtt_session_taken_over", 2, timeout_s=30)
+        await b.wait_log("mqtt_session_taken_over", timeout_s=30)
+    finally:
+        await asyncio.gather(a.close(), b.close())
+    assert all(e["client_id"] == "lambdaemon-test" and e["level"] == "error" for e in taken)
+    assert "another daemon using client id 'lambdaemon-test'" in taken[0]["reason"]
+    # The first error comes with the third short connection in a row, after two waits that
+    # were not reset by the connects between them; reset, a wait is at most BACKOFF_S[0].
+    assert taken[0]["retry_in_s"] > BACKOFF_S[0]
+    assert taken[1]["retry_in_s"] > 2 * BACKOFF_S[0]
