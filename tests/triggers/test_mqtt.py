@@ -122,7 +122,8 @@ class AckDroppingProxy:
     """A TCP proxy to the broker that can drop the PUBACKs its clients send.
 
     With `drop_acks` set, messages get committed but the broker never hears they were: exactly
-    the state a crash between commit and PUBACK leaves. `cut()` closes every connection.
+    the state a crash between commit and PUBACK leaves. `cut()` closes every connection;
+    `disconnect(reason)` tells the clients why first.
     """
 
     def __init__(self, broker_port: int) -> None:
@@ -133,6 +134,7 @@ class AckDroppingProxy:
         self.acks_forwarded = 0
         self._acked = asyncio.Event()  # set on every PUBACK, dropped or forwarded
         self._writers: set[asyncio.StreamWriter] = set()
+        self._clients: set[asyncio.StreamWriter] = set()  # those towards the clients
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
@@ -167,9 +169,17 @@ class AckDroppingProxy:
         for writer in list(self._writers):
             writer.close()
 
+    def disconnect(self, reason: int) -> None:
+        """Send each client an MQTT v5 DISCONNECT with this reason code, as a broker ending the
+        connection would, and close every connection (call it while no message flows)."""
+        for writer in self._clients:
+            writer.write(bytes([0xE0, 2, reason, 0]))  # no properties
+        self.cut()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.broker_port)
         self._writers |= {writer, up_writer}
+        self._clients.add(writer)
         pumps = {
             asyncio.create_task(self._client_to_broker(reader, up_writer)),
             asyncio.create_task(self._pump(up_reader, writer)),
@@ -181,6 +191,7 @@ class AckDroppingProxy:
         for w in (writer, up_writer):
             w.close()
             self._writers.discard(w)
+        self._clients.discard(writer)
         self._tasks -= pumps
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

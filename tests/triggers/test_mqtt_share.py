@@ -22,11 +22,19 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import load_config
 from daemon.errors import ConfigError
-from tests.daemon_proc import Daemon, write_config
+from tests.daemon_proc import Daemon, running_daemon, write_config
 from tests.mosquitto import Mosquitto
-from tests.triggers.test_mqtt import count, mqtt_toml, publish, records, stored, subscribed
+from tests.triggers.test_mqtt import (
+    AckDroppingProxy,
+    count,
+    mqtt_toml,
+    publish,
+    records,
+    stored,
+    subscribed,
+)
 from tests.waits import until_changed
-from triggers.mqtt import BACKOFF_S, _Client
+from triggers.mqtt import BACKOFF_S, SESSION_TAKEN_OVER, _Client
 
 GROUP = "fleet"
 
@@ -301,3 +309,19 @@ async def test_two_daemons_with_one_client_id_say_so_and_back_off(
     # were not reset by the connects between them; reset, a wait is at most BACKOFF_S[0].
     assert taken[0]["retry_in_s"] > BACKOFF_S[0]
     assert taken[1]["retry_in_s"] > 2 * BACKOFF_S[0]
+
+
+async def test_a_broker_saying_session_taken_over_is_logged_at_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # Brokers other than Mosquitto 2.0 say why: a v5 DISCONNECT with reason 0x8E, sent here by
+    # a proxy in front of the real broker.
+    async with AckDroppingProxy(mosquitto.port) as proxy:
+        body = mqtt_toml(f"mqtt://127.0.0.1:{proxy.port}", {"temp": [("sensors/+/temp", 1)]})
+        async with running_daemon(tmp_path, body) as daemon:
+            await subscribed(daemon)
+            proxy.disconnect(SESSION_TAKEN_OVER)
+            (taken,) = await daemon.wait_log("mqtt_session_taken_over")
+            await subscribed(daemon, 2)  # and it connects again
+    assert "reason 0x8E (session taken over)" in taken["reason"]
+    assert "client id 'lambdaemon-test'" in taken["reason"]
