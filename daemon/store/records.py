@@ -9,12 +9,14 @@ transaction was rolled back (daemon/store/batches.py): so it runs SQL and has no
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
 from daemon.models import Outcome, Status
+
+T = TypeVar("T")
 
 SUMMARY_COLUMNS = (
     "id, function, function_version, trigger, trigger_id, invocation_type, status, attempt,"
@@ -129,10 +131,7 @@ def insert_finished_many(
     Each statement hands the GIL to the event loop and takes it back (sqlite3 lets go of it
     while SQLite works), and under load that hand-off costs the loop more than SQLite's work.
     """
-    done = 0
-    while done < len(finished):
-        n = 1 << (min(MAX_ROWS, len(finished) - done).bit_length() - 1)  # cached statements
-        rows = finished[done : done + n]
+    for n, rows in _chunks(finished):
         params: list[Any] = []
         for inv, o in rows:
             params += (
@@ -167,6 +166,28 @@ def insert_finished_many(
             params += _attempt_values(inv.id, inv.attempt, o)
             params.append(o.worker_pid)
         conn.execute(_ATTEMPTS_WITH_PID[n], params)
+
+
+def record_attempts_in_batch(
+    conn: sqlite3.Connection, batch_id: str, attempts: Sequence[tuple[str, int, Outcome]]
+) -> None:
+    """record_attempt of each (id, attempt, outcome), every row naming the batch it ran in:
+    one statement for up to MAX_ROWS of them. Each outcome must carry its worker_pid."""
+    for n, rows in _chunks(attempts):
+        params: list[Any] = []
+        for id, attempt, o in rows:
+            params += _attempt_values(id, attempt, o)
+            params += (o.worker_pid, batch_id)
+        conn.execute(_ATTEMPTS_IN_BATCH[n], params)
+
+
+def _chunks(rows: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
+    """`rows` in chunks of 2**k rows (MAX_ROWS at most), each with its size: a multi-row
+    statement for each size is prepared once and then kept in sqlite3's statement cache."""
+    done = 0
+    while done < len(rows):
+        n = 1 << (min(MAX_ROWS, len(rows) - done).bit_length() - 1)
+        yield n, rows[done : done + n]
         done += n
 
 
@@ -296,6 +317,9 @@ _ATTEMPT = (
     " duration_ms, error_type, error_message, exit_code, signal, logs, worker_pid)"
 )
 _ATTEMPTS_WITH_PID = {n: _ATTEMPT + _values(12, n) for n in _SIZES}
+_ATTEMPTS_IN_BATCH = {
+    n: _ATTEMPT.replace("worker_pid)", "worker_pid, batch_id)") + _values(13, n) for n in _SIZES
+}
 _ATTEMPT_PID_FROM_ROW = (
     _ATTEMPT + " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid FROM invocations WHERE id = ?"
 )

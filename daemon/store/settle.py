@@ -21,7 +21,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -113,6 +113,38 @@ Decide = Callable[[str, int, int, float], Verdict]
 # --- the final writes ---------------------------------------------------------------------------
 
 
+# An invocation's final fields (finish_values, in order); the caller adds its WHERE.
+FINISH = (
+    "UPDATE invocations SET status = ?, attempt = ?, started_at = ?, ended_at = ?,"
+    " next_attempt_at = NULL, duration_ms = ?, billed_duration_ms = ?,"
+    " init_duration_ms = ?, max_memory_mb = ?, error_type = ?, error_message = ?,"
+    " exit_code = ?, signal = ?, worker_pid = COALESCE(?, worker_pid), result = ?,"
+    " logs = ?, dead_letter_reason = ?, dead_lettered_at = ?"
+)
+
+
+def finish_values(attempt: int, o: Outcome, dead_letter: str | None, now: float) -> tuple[Any, ...]:
+    return (
+        str(o.status),
+        attempt,
+        o.started_at,
+        o.ended_at,
+        o.duration_ms,
+        o.billed_duration_ms,
+        o.init_duration_ms,
+        o.max_memory_mb,
+        o.error_type,
+        o.error_message,
+        o.exit_code,
+        o.signal,
+        o.worker_pid,
+        o.payload,
+        o.logs,
+        dead_letter,
+        now if dead_letter else None,
+    )
+
+
 def finish(
     conn: sqlite3.Connection,
     id: str,
@@ -122,34 +154,7 @@ def finish(
     now: float,
     route: Route | None,
 ) -> Settled:
-    update_one(
-        conn,
-        "UPDATE invocations SET status = ?, attempt = ?, started_at = ?, ended_at = ?,"
-        " next_attempt_at = NULL, duration_ms = ?, billed_duration_ms = ?,"
-        " init_duration_ms = ?, max_memory_mb = ?, error_type = ?, error_message = ?,"
-        " exit_code = ?, signal = ?, worker_pid = COALESCE(?, worker_pid), result = ?,"
-        " logs = ?, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
-        (
-            str(o.status),
-            attempt,
-            o.started_at,
-            o.ended_at,
-            o.duration_ms,
-            o.billed_duration_ms,
-            o.init_duration_ms,
-            o.max_memory_mb,
-            o.error_type,
-            o.error_message,
-            o.exit_code,
-            o.signal,
-            o.worker_pid,
-            o.payload,
-            o.logs,
-            dead_letter,
-            now if dead_letter else None,
-            id,
-        ),
-    )
+    update_one(conn, FINISH + " WHERE id = ?", (*finish_values(attempt, o, dead_letter, now), id))
     record_attempt(conn, id, attempt, o)
     routed = _route(conn, id, route, fresh_result=True) if route is not None else None
     return Settled(o.status.value, routed)

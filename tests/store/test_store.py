@@ -22,7 +22,7 @@ from daemon.models import Outcome, Status
 from daemon.retry import Verdict
 from daemon.store import batches, records, settle
 from daemon.store import sqlite as store_module
-from daemon.store.sqlite import MIGRATIONS, NewInvocation, QueuedInvocation, Store
+from daemon.store.sqlite import MIGRATIONS, BatchItem, NewInvocation, QueuedInvocation, Store
 from tests.postgres import BACKENDS, INTEGRITY_ERRORS, open_store
 from tests.waits import until
 
@@ -184,6 +184,60 @@ async def test_store_failing_op_fails_only_its_own_future(store: Store) -> None:
     assert isinstance(results[2], INTEGRITY_ERRORS)
     assert await store.status_of("bad") is None
     assert await store.status_of("ok2") == "queued"
+
+
+async def test_store_batch_items_that_end_alike_and_those_that_do_not_are_each_recorded(
+    store: Store,
+) -> None:
+    """settle_batch writes items that end alike together: every row still gets its own
+    outcome, each attempts row names the batch, a retried item is queued again."""
+    ids = [f"item-{i}" for i in range(70)]  # more than one multi-row chunk (64 + 4 + 2)
+    for id in ids:
+        await store.insert(new(id))
+    await store.insert(new("again", attempt=1))
+    await store.mark_batch_running("b1", [*((id, 1) for id in ids), ("again", 2)], 1001.0)
+    assert {r[0] for r in await store.query("SELECT status FROM invocations")} == {"running"}
+    ok = outcome(Status.SUCCEEDED, worker_pid=7)
+    bad = outcome(Status.FAILED, worker_pid=7, error_type="Boom", error_message="no")
+    items = [
+        *(BatchItem(id, 1, ok) for id in ids[:60]),
+        *(BatchItem(id, 1, bad, dead_letter="RetriesExhausted") for id in ids[60:]),
+        BatchItem("again", 2, bad, next_attempt_at=2000.0),
+    ]
+    settled = await store.settle_batch(new("b1", attempt=1), ok, items, None)
+    assert [s.status if s else None for s in settled] == [
+        *["succeeded"] * 60,
+        *["failed"] * 10,
+        None,
+    ]
+    rows = {
+        r["id"]: dict(r)
+        for r in await store.query(
+            "SELECT id, status, attempt, worker_pid, batch_id, dead_letter_reason, error_type"
+            " FROM invocations"
+        )
+    }
+    assert rows["b1"]["batch_id"] == "b1"
+    assert {rows[id]["status"] for id in ids[:60]} == {"succeeded"}
+    assert {(rows[id]["status"], rows[id]["dead_letter_reason"]) for id in ids[60:]} == {
+        ("failed", "RetriesExhausted")
+    }
+    assert (rows["again"]["status"], rows["again"]["attempt"]) == ("queued", 2)
+    assert {(rows[id]["worker_pid"], rows[id]["batch_id"]) for id in ids} == {(7, "b1")}
+    attempts = await store.query(
+        "SELECT invocation_id, attempt, status, error_type, worker_pid, batch_id FROM attempts"
+        " WHERE invocation_id != 'b1' ORDER BY invocation_id"
+    )
+    expected = sorted(
+        [
+            *((id, 1, "succeeded", None, 7, "b1") for id in ids[:60]),
+            *((id, 1, "failed", "Boom", 7, "b1") for id in ids[60:]),
+            ("again", 2, "failed", "Boom", 7, "b1"),
+        ]
+    )
+    assert [tuple(a) for a in attempts] == expected
+    with pytest.raises(LookupError, match="not in the store"):
+        await store.mark_batch_running("b2", [("nobody", 1), (ids[0], 2)], 1002.0)
 
 
 async def test_store_batch_without_a_failure_commits_in_one_pass(store: Store) -> None:
