@@ -1,6 +1,9 @@
-"""The fleet's store, begun: one daemon on PostgreSQL against one on SQLite, async intake.
+"""The fleet: one daemon on PostgreSQL against one on SQLite (async intake), and MQTT on a
+shared subscription with one, two and three nodes.
 
     .venv/bin/python benchmarks/fleet.py [--seconds 5] [--connections 32] [--rounds 3]
+        [--concurrency 4]
+    .venv/bin/python benchmarks/fleet.py --part mqtt [--messages 5000] [--rounds 3]
         [--concurrency 4]
 
 Two daemons with the same function (a no-op, `concurrency` warm workers) run side by side: one
@@ -14,28 +17,43 @@ over SQLite's in the round beside it: median, min and max. Target: >= 0.5x.
 
 Also per round: the drain rate (events run to their final record per second, from the daemon's
 own queued_at and ended_at) and each daemon's CPU per event (loop, threads, workers), and for
-PostgreSQL the server's processes' CPU per event. A fleet of several nodes is not built yet
-(docs/store.md): this is the one-node baseline it will be measured from. Writes
+PostgreSQL the server's processes' CPU per event. A fleet of several nodes on one store is not
+built yet (docs/store.md): this is the one-node baseline it will be measured from. Writes
 benchmarks/results/fleet.json.
+
+`--part mqtt`: three daemons (nodes) with the no-op on one trigger, `[mqtt] share_group` set,
+each with its own client id and its own SQLite file, one private Mosquitto. A round starts 1, 2
+or 3 of them (the order turned each round, as the machine's speed drifts), publishes
+`--messages` QoS 1 messages as fast as the broker acknowledges them, waits until every one has
+its succeeded record on some node, and stops them (session expiry 0, so a stopped node leaves
+the group). Figures: messages per second (first publish to last record), the messages per
+second of CPU the nodes used together (loop, threads and workers: on these 2 cores, more nodes
+share the same CPU, so this says what a node costs), each node's share, and every message's
+record checked for exactly one across the nodes. Writes benchmarks/results/fleet-mqtt.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sqlite3
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import cpu_delta, cpu_of, loadgen, report  # noqa: E402
+from benchmarks.common import cpu_delta, cpu_of, loadgen, machine_share, report  # noqa: E402
 from tests.daemon_proc import Daemon, write_config  # noqa: E402
+from tests.mosquitto import Mosquitto  # noqa: E402
 from tests.postgres import Postgres  # noqa: E402
 
 FINAL = ("succeeded", "failed", "timed_out", "crashed")
@@ -157,13 +175,155 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+# --- MQTT on a shared subscription: 1, 2 and 3 nodes ----------------------------------------
+
+MQTT_TOPIC = "bench/fleet"
+
+
+def mqtt_node(broker: Mosquitto, name: str, concurrency: int) -> str:
+    """A node's config: the no-op on a shared subscription. Session expiry 0, so a stopped
+    node leaves the group (Mosquitto keeps giving an expired-later session its turns)."""
+    return (
+        f'[mqtt]\nurl = "{broker.url}"\nclient_id = "bench-{name}"\nshare_group = "bench"\n'
+        f"session_expiry_s = 0\n{config(concurrency)}"
+        f'[[functions.noop.triggers]]\ntype = "mqtt"\ntopic = "{MQTT_TOPIC}"\nqos = 1\n'
+    )
+
+
+def mqtt_succeeded(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        sql = "SELECT count(*) FROM invocations WHERE trigger = 'mqtt' AND status = 'succeeded'"
+        return int(conn.execute(sql).fetchone()[0])
+
+
+async def mqtt_round(
+    broker: Mosquitto, nodes: list[tuple[Daemon, Path]], messages: int, first: int
+) -> dict:
+    """Start `nodes`, publish `messages` QoS 1 messages, wait for every one's final record
+    across them, stop them. Rate: messages over first publish to last record."""
+    marks = [d.log_mark() for d, _ in nodes]
+    await asyncio.gather(*(d.start() for d, _ in nodes))
+    try:
+        await asyncio.gather(
+            *(
+                d.wait_log("mqtt_subscribed", since=m)
+                for (d, _), m in zip(nodes, marks, strict=True)
+            )
+        )
+        dbs = [tmp / "var" / "lambdaemon.db" for _, tmp in nodes]
+        before = [await asyncio.to_thread(mqtt_succeeded, db) for db in dbs]
+        cpu = [cpu_of(d.proc.pid) for d, _ in nodes]
+        started = time.perf_counter()
+        published = await asyncio.to_thread(publish_qos1, broker.port, messages, first)
+        async with asyncio.timeout(600):
+            while True:  # the records are read from outside the daemons: polled, bounded
+                done = [await asyncio.to_thread(mqtt_succeeded, db) for db in dbs]
+                if sum(done) - sum(before) >= messages:
+                    break
+                await asyncio.sleep(0.02)
+        seconds = time.perf_counter() - started
+        after = [cpu_of(d.proc.pid) for d, _ in nodes]
+    finally:
+        await asyncio.gather(*(d.stop() for d, _ in nodes))
+    cpu_s = [
+        sum(a[part] - b[part] for part in ("loop", "threads", "children"))
+        for b, a in zip(cpu, after, strict=True)
+    ]
+    return {
+        "nodes": len(nodes),
+        "msgs_per_s": round(messages / seconds, 1),
+        # The broker's acks to the publisher: near msgs_per_s, the publisher set the pace.
+        "published_per_s": round(messages / (published - started), 1),
+        "per_node": [d - b for d, b in zip(done, before, strict=True)],
+        "node_cpu_s": [round(c, 3) for c in cpu_s],
+        "msgs_per_node_cpu_s": round(messages / sum(cpu_s), 1),
+        "machine": machine_share(cpu[0], after[0]),
+    }
+
+
+def mqtt_seqs(folder: Path) -> list[int]:
+    """The number of every message a node recorded."""
+    db = folder / "var" / "lambdaemon.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT event FROM invocations WHERE trigger = 'mqtt'").fetchall()
+    return [json.loads(event)["payload"]["seq"] for (event,) in rows]
+
+
+def publish_qos1(port: int, count: int, first: int) -> float:
+    """`count` QoS 1 messages as fast as the broker acknowledges them, each with its number;
+    the perf_counter time of the last acknowledgement."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-fleet-publisher")
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    payloads = (json.dumps({"seq": i}) for i in range(first, first + count))
+    infos = [client.publish(MQTT_TOPIC, payload, qos=1) for payload in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    finished = time.perf_counter()
+    client.loop_stop()
+    client.disconnect()
+    return finished
+
+
+async def mqtt_fleet(args: argparse.Namespace) -> dict:
+    """Rounds of 1, 2 and 3 nodes (order turned each round) on one shared subscription, each
+    node on its own SQLite file."""
+    rounds: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp) / "broker")
+        broker.start()
+        try:
+            nodes = []
+            for i in range(3):
+                folder = Path(tmp) / f"node{i + 1}"
+                folder.mkdir()
+                body = mqtt_node(broker, f"node{i + 1}", args.concurrency)
+                nodes.append((Daemon(write_config(folder, body, daemon="max_workers = 8")), folder))
+            for n in range(args.rounds):
+                order = [1, 2, 3][n % 3 :] + [1, 2, 3][: n % 3]
+                for k in order:
+                    first = sum(map(len, rounds.values())) * args.messages
+                    rounds[k].append(await mqtt_round(broker, nodes[:k], args.messages, first))
+            for daemon, _ in nodes:
+                await daemon.close()
+            seqs = [seq for _, folder in nodes for seq in mqtt_seqs(folder)]
+        finally:
+            broker.close()
+    out: dict = {}
+    for k, rs in rounds.items():
+        out[f"{k}_nodes"] = {
+            "msgs_per_s": spread([r["msgs_per_s"] for r in rs]),
+            "msgs_per_node_cpu_s": spread([r["msgs_per_node_cpu_s"] for r in rs]),
+            "rounds": rs,
+        }
+    one = rounds[1]
+    for k in (2, 3):
+        out[f"{k}_nodes_vs_1"] = spread(
+            [r["msgs_per_s"] / o["msgs_per_s"] for r, o in zip(rounds[k], one, strict=True)]
+        )
+    total = args.messages * sum(map(len, rounds.values()))
+    out["lost"] = len(set(range(total)) - set(seqs))
+    out["duplicates"] = len(seqs) - len(set(seqs))
+    out["messages"] = args.messages
+    out["concurrency"] = args.concurrency
+    out["store"] = "sqlite, one file per node"
+    return out
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--part", choices=("store", "mqtt"), default="store")
+    parser.add_argument("--messages", type=int, default=5000)  # per MQTT round
     args = parser.parse_args()
+    if args.part == "mqtt":
+        report("fleet-mqtt", await mqtt_fleet(args))
+        return
     cluster = Postgres(durable=True)
     cluster.start()
     lite_rounds: list[dict] = []
