@@ -23,7 +23,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.config import load_config
 from daemon.errors import ConfigError
 from tests.daemon_proc import Daemon, running_daemon, write_config
-from tests.mosquitto import Mosquitto
+from tests.mosquitto import Mosquitto, running_broker
 from tests.triggers.test_mqtt import (
     AckDroppingProxy,
     count,
@@ -217,6 +217,35 @@ async def test_mosquitto_keeps_a_dead_members_messages_for_its_session(
     assert queued_while_away  # it kept its turn while it was away
     delivered = [p for p, _ in back.got + live.got]
     assert Counter(delivered) == Counter(everything)  # each to one member, once
+
+
+async def test_mosquitto_drops_a_dead_members_turns_past_its_queue_limit(tmp_path: Path) -> None:
+    """What the broker queues for a member that is away is bounded by max_queued_messages;
+    past it, Mosquitto drops that member's turns (it logs so) rather than giving them to a
+    live member, although the publisher got its PUBACK for each. Hence the advice to give the
+    broker a large limit (docs/triggers.md)."""
+    topic = f"$share/{GROUP}/t/#"
+    arrived = asyncio.Event()
+    with running_broker(tmp_path / "broker", extra_conf="max_queued_messages 5") as broker:
+        dead = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _MEMBER, str(broker.port), topic, stdout=asyncio.subprocess.PIPE
+        )
+        assert dead.stdout is not None
+        try:
+            assert await asyncio.wait_for(dead.stdout.readline(), 15) == b"subscribed\n"
+        finally:
+            dead.kill()
+            await dead.wait()
+        log = broker.log_path
+        await until_changed(log, lambda: "Client a closed" in log.read_text(), what="closed")
+        async with Member(broker.port, "b", topic, arrived) as live:
+            await publish(broker.port, *((f"t/{i}", f"m{i}") for i in range(40)))
+            await until_arrived(arrived, lambda: len(live.got) == 20, "the live member's half")
+            assert "Outgoing messages are being dropped for client a" in log.read_text()
+            async with Member(broker.port, "a", topic, arrived) as back:
+                await until_arrived(arrived, lambda: len(back.got) == 5, "the queued five")
+    taken = {p for p, _ in live.got + back.got}
+    assert len(taken) == 25  # 40 published and acknowledged; 15 dropped
 
 
 # --- daemons in a share group ------------------------------------------------------------------
