@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from daemon.errors import StoreUnavailableError
 from daemon.store import records
@@ -121,9 +121,9 @@ class Batches:
     runs without them first; if one of its ops raises, the transaction is rolled back and the
     batch runs again with a savepoint per op, where only that op fails. An "unavailable" error
     (disk full, I/O error, busy...) fails the whole batch either way. Run bare, consecutive
-    record_finished ops also share their statements (records.insert_finished_many): every
-    statement hands the GIL to the event loop and back, and under load that costs the loop
-    more than SQLite's own work.
+    inserts of queued invocations and of finished sync calls also share their statements
+    (records.insert_many, insert_finished_many): every statement hands the GIL to the event
+    loop and back, and under load that costs the loop more than SQLite's own work.
 
     It also remembers the connection's `synchronous` level and sets it only when a batch needs
     the other one. Nothing else changes it after prepare_writer: SQLite refuses to change it
@@ -158,18 +158,38 @@ def _run_bare_batch(conn: sqlite3.Connection, ops: list[Write]) -> list[tuple[bo
     start = 0
     while start < len(ops):
         op, end = ops[start], start + 1
-        if op.func is records.insert_finished:
-            # A run of finished sync invocations: one statement pair for many of them.
-            while end < len(ops) and ops[end].func is records.insert_finished:
+        many = _MANY.get(op.func)
+        if many is not None:
+            # A run of the same insert: one multi-row statement for many of them.
+            while end < len(ops) and ops[end].func is op.func:
                 end += 1
-            pairs = [(o.keywords["inv"], o.keywords["o"]) for o in ops[start:end]]
-            results += [
-                (True, _run_bare(conn, partial(records.insert_finished_many, finished=pairs)))
-            ] * (end - start)
+            values = _run_bare(conn, partial(many, ops=ops[start:end]))
+            results += [(True, value) for value in values]
         else:
             results.append((True, _run_bare(conn, op)))
         start = end
     return results
+
+
+class _Many(Protocol):
+    def __call__(self, conn: sqlite3.Connection, *, ops: list[Write]) -> list[Any]: ...
+
+
+def _insert_many(conn: sqlite3.Connection, *, ops: list[Write]) -> list[tuple[str, bool]]:
+    return records.insert_many(conn, [op.keywords["inv"] for op in ops])
+
+
+def _insert_finished_many(conn: sqlite3.Connection, *, ops: list[Write]) -> list[None]:
+    records.insert_finished_many(conn, [(op.keywords["inv"], op.keywords["o"]) for op in ops])
+    return [None] * len(ops)
+
+
+# The writes whose consecutive runs in a bare batch share statements: queued invocations
+# (every accepted event, records.insert) and finished sync calls (records.insert_finished).
+_MANY: dict[Callable[..., Any], _Many] = {
+    records.insert: _insert_many,
+    records.insert_finished: _insert_finished_many,
+}
 
 
 class _OpFailed(Exception):

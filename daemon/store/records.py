@@ -88,35 +88,55 @@ class QueuedInvocation(msgspec.Struct, frozen=True):
 
 
 def insert(conn: sqlite3.Connection, inv: NewInvocation) -> tuple[str, bool]:
-    cur = conn.execute(
-        "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
-        " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
-        " parent_id, hops, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (dedupe_key) DO NOTHING",
-        (
-            inv.id,
-            inv.function,
-            inv.function_version,
-            inv.trigger,
-            inv.trigger_id,
-            inv.invocation_type,
-            str(inv.status),
-            inv.attempt,
-            inv.dedupe_key,
-            inv.queued_at,
-            inv.started_at,
-            inv.worker_pid,
-            inv.parent_id,
-            inv.hops,
-            inv.event,
-        ),
-    )
+    cur = conn.execute(_INSERT_ONE, _insert_values(inv))
     if cur.rowcount == 0:
-        row = conn.execute(
-            "SELECT id FROM invocations WHERE dedupe_key = ?", (inv.dedupe_key,)
-        ).fetchone()
-        return row[0], False
+        return _known_key(conn, inv), False
     return inv.id, True
+
+
+def insert_many(conn: sqlite3.Connection, invs: Sequence[NewInvocation]) -> list[tuple[str, bool]]:
+    """insert() of each, in order, with one statement for up to MAX_ROWS of them (for the
+    same reason as insert_finished_many). When a statement put in fewer rows than it had, a
+    dedupe_key was already stored (or taken by an earlier row of the same statement): each
+    of its rows is then looked up by its key, and one that did not go in gets the stored id,
+    as insert() gives it."""
+    answers: list[tuple[str, bool]] = []
+    for n, rows in _chunks(invs):
+        params: list[Any] = []
+        for inv in rows:
+            params += _insert_values(inv)
+        if conn.execute(_INSERTS[n], params).rowcount == n:
+            answers += [(inv.id, True) for inv in rows]
+            continue
+        for inv in rows:
+            stored = inv.id if inv.dedupe_key is None else _known_key(conn, inv)
+            answers.append((stored, stored == inv.id))
+    return answers
+
+
+def _insert_values(inv: NewInvocation) -> tuple[Any, ...]:
+    return (
+        inv.id,
+        inv.function,
+        inv.function_version,
+        inv.trigger,
+        inv.trigger_id,
+        inv.invocation_type,
+        str(inv.status),
+        inv.attempt,
+        inv.dedupe_key,
+        inv.queued_at,
+        inv.started_at,
+        inv.worker_pid,
+        inv.parent_id,
+        inv.hops,
+        inv.event,
+    )
+
+
+def _known_key(conn: sqlite3.Connection, inv: NewInvocation) -> str:
+    row = conn.execute("SELECT id FROM invocations WHERE dedupe_key = ?", (inv.dedupe_key,))
+    return str(row.fetchone()[0])
 
 
 def insert_finished(conn: sqlite3.Connection, inv: NewInvocation, o: Outcome) -> None:
@@ -312,6 +332,14 @@ _FINISHED = {
     " exit_code, signal, worker_pid, parent_id, event, result, logs)" + _values(24, n)
     for n in _SIZES
 }
+_INSERT = (
+    "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
+    " invocation_type, status, attempt, dedupe_key, queued_at, started_at, worker_pid,"
+    " parent_id, hops, event)"
+)
+_SKIP_KNOWN_KEY = " ON CONFLICT (dedupe_key) DO NOTHING"
+_INSERT_ONE = _INSERT + _values(15, 1) + _SKIP_KNOWN_KEY
+_INSERTS = {n: _INSERT + _values(15, n) + _SKIP_KNOWN_KEY for n in _SIZES}
 _ATTEMPT = (
     "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
     " duration_ms, error_type, error_message, exit_code, signal, logs, worker_pid)"

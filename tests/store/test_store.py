@@ -257,6 +257,37 @@ async def test_store_batch_without_a_failure_commits_in_one_pass(store: Store) -
     assert [tuple(r) for r in rows] == [("a", "succeeded"), ("b", "queued"), ("c", "succeeded")]
 
 
+async def test_store_run_of_inserts_shares_statements_and_keeps_each_answer(store: Store) -> None:
+    """Queued invocations inserted in one batch share multi-row statements, and each insert
+    still answers as it would alone: created, or the id already stored under its key."""
+    assert await store.insert(new("k0", dedupe_key="K0")) == ("k0", True)
+    before, reruns = store.commits, store.reruns
+    fresh = [store.insert(new(f"n{i:02}", dedupe_key=f"N{i}")) for i in range(70)]
+    answers = await asyncio.gather(
+        *fresh[:40],
+        store.insert(new("again", dedupe_key="K0")),  # stored before
+        store.insert(new("x1", dedupe_key="KX")),
+        store.insert(new("x2", dedupe_key="KX")),  # taken by the row just before it
+        store.insert(new("nokey")),
+        *fresh[40:],
+    )
+    assert store.commits - before == 1 and store.reruns == reruns
+    assert answers[40:44] == [("k0", False), ("x1", True), ("x1", False), ("nokey", True)]
+    assert answers[:40] + answers[44:] == [(f"n{i:02}", True) for i in range(70)]
+    count = await store.query("SELECT count(*) FROM invocations")
+    assert count[0][0] == 1 + 70 + 2
+    # A row that cannot go in (its id is taken) fails alone; the rest of the run commits.
+    results = await asyncio.gather(
+        store.insert(new("m1")),
+        store.insert(new("n05")),
+        store.insert(new("m2")),
+        return_exceptions=True,
+    )
+    assert results[0] == ("m1", True) and results[2] == ("m2", True)
+    assert isinstance(results[1], INTEGRITY_ERRORS)
+    assert store.reruns == reruns + 1
+
+
 async def test_store_run_of_finished_sync_calls_is_recorded_as_one_by_one(store: Store) -> None:
     """A run of record_finished in a batch is written a chunk of rows per statement."""
 
