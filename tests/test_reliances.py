@@ -27,7 +27,9 @@ import pytest
 import structlog
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
+from paho.mqtt import _packet
 from paho.mqtt.client import ConnectFlags, MQTTMessage
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -36,7 +38,7 @@ from daemon.config import ApiSettings
 from daemon.destinations.mqtt import _PublishingClient
 from daemon.http.api import start_site
 from daemon.http.wire import FastSite, WireRequest, _resolve_now
-from triggers.mqtt import _Client, puback
+from triggers.mqtt import _Client, _PublishProperties, puback
 
 
 async def test_aiosqlite_runs_a_callable_in_its_own_thread_on_its_sqlite3_connection(
@@ -287,3 +289,60 @@ async def test_paho_sends_a_queued_packet_of_several_pubacks_as_it_is() -> None:
         paho._sock = None
         ours.close()
         broker.close()
+
+
+def _published(properties: bytes) -> bytes:
+    """A QoS 1 PUBLISH's variable header and payload, with these encoded v5 properties."""
+    return b"\x00\x03a/b\x00\x07" + properties + b'{"n": 1}'
+
+
+def _vbi_prefixed(items: bytes) -> bytes:
+    assert len(items) < 128  # one length byte
+    return bytes([len(items)]) + items
+
+
+def test_paho_decodes_publish_properties_with_the_class_the_trigger_installs() -> None:
+    # triggers/mqtt.py puts _PublishProperties in place of the Properties class that
+    # paho.mqtt._packet.decode_publish builds: it must be that name decode_publish uses, and
+    # what it decodes must be what paho's own class decodes, properties and errors alike.
+    assert _packet.Properties is _PublishProperties  # type: ignore[attr-defined]
+    every = Properties(PacketTypes.PUBLISH)
+    every.PayloadFormatIndicator = 1
+    every.MessageExpiryInterval = 60
+    every.TopicAlias = 3
+    every.ResponseTopic = "r/t"
+    every.CorrelationData = b"\x00\x01"
+    every.ContentType = "application/json"
+    every.UserProperty = [("a", "1"), ("a", "2")]
+    every.SubscriptionIdentifier = 5
+    every.SubscriptionIdentifier = 300000
+    content_type = b"\x03\x00\x01x"
+    cases = {
+        "every property": every.pack(),
+        "none": b"\x00",
+        "one subscription id": b"\x02\x0b\x05",
+        "a property twice": _vbi_prefixed(content_type * 2),
+        "an unknown property": _vbi_prefixed(b"\x7f\x01"),
+        "a value out of range": _vbi_prefixed(b"\x01\x02"),
+        "a string past the end": _vbi_prefixed(b"\x03\x00\x09x"),
+    }
+
+    def decoded(cls: type[Properties], case: bytes) -> tuple[str, object, bool] | str:
+        _packet.Properties = cls  # type: ignore[attr-defined]
+        try:
+            got = _packet.decode_publish(0x32, _published(case), MQTTProtocolVersion.MQTTv5)
+        except _packet.MalformedPacket as exc:
+            return f"MalformedPacket: {exc}"
+        finally:
+            _packet.Properties = _PublishProperties  # type: ignore[attr-defined]
+        props = got.properties
+        assert props is not None and got.payload == b'{"n": 1}' and got.mid == 7
+        return str(props), props.json(), props.isEmpty()
+
+    for name, case in cases.items():
+        ours, pahos = decoded(_PublishProperties, case), decoded(Properties, case)
+        assert ours == pahos, name
+    assert isinstance(decoded(_PublishProperties, cases["a property twice"]), str)
+    assert decoded(_PublishProperties, cases["one subscription id"])[1] == {  # type: ignore[index]
+        "SubscriptionIdentifier": [5]
+    }
