@@ -27,6 +27,7 @@ from daemon.config import FunctionConfig, node_binary
 from daemon.pool.descendants import children, kill_tree
 from daemon.pool.outcomes import kb_to_mb
 from daemon.pool.protocol import DEPS_ENV, Invoke, SupervisorChannel
+from daemon.pool.runtime_channel import RuntimeChannel
 from daemon.pool.sandbox import wrap
 
 log = structlog.get_logger("lambdaemon.pool")
@@ -83,6 +84,7 @@ class Worker:
         memfd: int,
         loop: asyncio.AbstractEventLoop,
         mark: str,
+        runtime_api: RuntimeChannel | None = None,
     ) -> None:
         self.fn = fn
         self.instance: Instance = (fn.name, fn.version)
@@ -91,7 +93,13 @@ class Worker:
         self.proc = proc
         self.pid = proc.pid
         self.memfd = memfd
-        self.channel = SupervisorChannel(loop)
+        # Frames on the control socket, or the Runtime API the daemon serves the bootstrap.
+        self.channel: SupervisorChannel | RuntimeChannel
+        if runtime_api is None:
+            self.channel = SupervisorChannel(loop)
+        else:
+            self.channel = runtime_api
+            runtime_api.attach(memfd, self.main_pid)
         self.state = State.STARTING
         self.stop_reason: str | None = None
         self.stop_detail: dict[str, Any] = {}  # logged with worker_stopped (why it was recycled)
@@ -247,11 +255,13 @@ async def start_process(
     on_demand: bool,
     stream: str,
     platform: Mapping[str, str] | None = None,
+    runtime_api: str | None = None,
 ) -> asyncio.subprocess.Process:
     """Exec the worker for `fn`: own session, clean env, output on `memfd`.
 
     Every kind of worker starts here: `python -m daemon.pool.worker` for a Python function, and
-    `python -m daemon.pool.runtime` (the Runtime API in front of a `bootstrap`) for the others.
+    for the others their `bootstrap`: on the Runtime API the daemon serves at `runtime_api`
+    (runtime_channel.py), or behind a bridge of its own (runtime.py) when it is None.
     """
     assert fn.code is not None
     fd, daemon_pid = str(child_sock.fileno()), str(os.getpid())
@@ -261,6 +271,10 @@ async def start_process(
         daemon_pid = "1"  # its parent: the sandbox's init, which dies with the daemon
     if fn.runtime == "python":
         argv = [sys.executable, "-m", "daemon.pool.worker", fd, daemon_pid]
+    elif runtime_api is not None:
+        env["AWS_LAMBDA_RUNTIME_API"] = runtime_api
+        argv = [sys.executable, "-m", "daemon.pool.runtime", "--exec", fd, daemon_pid]
+        argv += bootstrap_argv(fn, env)
     else:
         argv = [sys.executable, "-m", "daemon.pool.runtime", fd, daemon_pid, f"{fn.timeout_s}"]
         argv += bootstrap_argv(fn, env)
@@ -281,13 +295,27 @@ async def start_process(
 NODE_BOOTSTRAP = str(Path(__file__).resolve().parent / "node" / "bootstrap.mjs")
 
 
+def serves_runtime_api(fn: FunctionConfig) -> bool:
+    """Whether the daemon serves `fn`'s Runtime API itself (runtime_channel.py): a runtime
+    worker that can reach the daemon's loopback. In a sandbox with `network = false` the
+    loopback is the sandbox's own, and a bridge inside it serves the API (runtime.py)."""
+    return fn.runtime != "python" and (not fn.sandbox or fn.network)
+
+
+def bootstrap_path(fn: FunctionConfig) -> str:
+    """The program a runtime worker runs: the function's `bootstrap`, or lambdaemon's Node.js
+    one (which messages name, rather than `node`)."""
+    assert fn.code is not None
+    return os.path.join(fn.code, "bootstrap") if fn.runtime == "provided" else NODE_BOOTSTRAP
+
+
 def bootstrap_argv(fn: FunctionConfig, env: dict[str, str]) -> list[str]:
     """The command a runtime worker starts (as Lambda's provided.al2023 and nodejs runtimes
     do), and its changes to the environment: AWS_EXECUTION_ENV and LAMBDA_RUNTIME_DIR."""
     assert fn.code is not None
     if fn.runtime == "provided":
         del env["AWS_EXECUTION_ENV"]  # Lambda sets none for OS-only runtimes
-        return [os.path.join(fn.code, "bootstrap")]
+        return [bootstrap_path(fn)]
     node = node_binary() or "node"
     env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_nodejs{node_major(node)}.x"
     env["LAMBDA_RUNTIME_DIR"] = os.path.dirname(NODE_BOOTSTRAP)

@@ -464,25 +464,15 @@ class WorkerChannel:
                 view = view[os.write(self._fd, view) :]
 
 
-class SupervisorChannel:
-    """The supervisor's end, an asyncio protocol: frames in, one awaited reply at a time.
-
-    After the channel closes (EOF, a corrupt frame, or `hang_up()`), `receive()` gives None;
-    `corrupt` tells a corrupt frame (the worker is no longer speaking the protocol: the pool
-    kills it at once) from an orderly EOF (the worker is exiting: the pool lets it).
-    """
+class Replies:
+    """What a worker sends the pool, awaited one message at a time (`receive`); None once the
+    channel is closed. The pool's side of every kind of worker channel."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._buffer = bytearray()
         self._inbox: deque[FromWorker | None] = deque()
         self._waiter: asyncio.Future[Any] | None = None
-        self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.corrupt = False
-        # Called once on a corrupt frame: the pool ends a worker that sent one between calls
-        # (a waiting caller learns of it from receive() instead).
-        self.on_corrupt: Callable[[], object] | None = None
 
     def receive(self) -> asyncio.Future[Any]:
         future = self._loop.create_future()
@@ -494,6 +484,31 @@ class SupervisorChannel:
             self._waiter = future
         return future
 
+    def _put(self, message: FromWorker | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
+        else:
+            self._inbox.append(message)
+
+
+class SupervisorChannel(Replies):
+    """The supervisor's end, an asyncio protocol: frames in, one awaited reply at a time.
+
+    After the channel closes (EOF, a corrupt frame, or `hang_up()`), `receive()` gives None;
+    `corrupt` tells a corrupt frame (the worker is no longer speaking the protocol: the pool
+    kills it at once) from an orderly EOF (the worker is exiting: the pool lets it).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.corrupt = False
+        # Called once on a corrupt frame: the pool ends a worker that sent one between calls
+        # (a waiting caller learns of it from receive() instead).
+        self.on_corrupt: Callable[[], object] | None = None
+
     def send(self, message: Invoke) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(_encode_invoke(message))
@@ -501,7 +516,7 @@ class SupervisorChannel:
     def hang_up(self) -> None:
         if not self.closed:
             self.closed = True
-            self._deliver(None)
+            self._put(None)
         if self.transport is not None:
             self.transport.close()
 
@@ -524,7 +539,7 @@ class SupervisorChannel:
                 self._refuse()
                 return
             if message is not None:
-                self._deliver(message)
+                self._put(message)
                 return
         buffer = self._buffer
         buffer += data
@@ -543,7 +558,7 @@ class SupervisorChannel:
             if message is None:
                 self._refuse()
             else:
-                self._deliver(message)
+                self._put(message)
 
     def eof_received(self) -> None:
         self.hang_up()
@@ -563,10 +578,3 @@ class SupervisorChannel:
         self.hang_up()
         if self.on_corrupt is not None:
             self.on_corrupt()
-
-    def _deliver(self, message: FromWorker | None) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(message)
-        else:
-            self._inbox.append(message)

@@ -50,12 +50,15 @@ from daemon.pool.process import (
     Key,
     State,
     Worker,
+    bootstrap_path,
     capture_file,
     new_log_stream,
+    serves_runtime_api,
     start_process,
     use_pidfd_child_watcher,
 )
 from daemon.pool.protocol import InitFailed, Invoke, Ready, Result
+from daemon.pool.runtime_channel import RuntimeChannel
 from daemon.pool.starts import WORKER_START_FAILED, StartHealth, start_error
 
 log = structlog.get_logger("lambdaemon.pool")
@@ -563,19 +566,30 @@ class WorkerPool:
                 raise PoolClosedError("the worker pool is closed")
             parent_sock, child_sock = socket.socketpair()
             undo.callback(parent_sock.close)
+            runtime_api = None
+            if serves_runtime_api(fn):
+                runtime_api = RuntimeChannel(
+                    self._loop, fn.timeout_s, fn.memory_mb, bootstrap_path(fn)
+                )
+                undo.callback(runtime_api.hang_up)
+                await runtime_api.listen()
             stream = new_log_stream(fn)
             LIVE_MARKS.add(stream)  # from before the fork: its orphans are never anyone's
             undo.callback(LIVE_MARKS.discard, stream)
             with child_sock:  # the child's end: open in the child only, once it is started
                 memfd = capture_file(fn.name)
                 undo.callback(os.close, memfd)
-                proc = await self._start_process(fn, child_sock, memfd, on_demand, stream)
+                address = runtime_api.address if runtime_api is not None else None
+                proc = await self._start_process(fn, child_sock, memfd, on_demand, stream, address)
             undo.pop_all()  # the process holds the slot now; its exit gives it back
-        worker = Worker(fn, key, proc, memfd, self._loop, stream)
+        worker = Worker(fn, key, proc, memfd, self._loop, stream, runtime_api)
         WORKER_PIDS.add(worker.pid)
         worker.channel.on_corrupt = lambda: self._corrupt_while_idle(worker)
         self._workers.add(worker)
         worker.exit_task = self._spawn_task(self._watch_exit(worker), "pool-worker-exit")
+        if runtime_api is not None:  # the bootstrap's channel is its Runtime API
+            parent_sock.close()
+            return worker
         try:
             # The channel is a duck-typed asyncio.Protocol (protocol.py must not import asyncio).
             channel = cast(asyncio.Protocol, worker.channel)
@@ -594,11 +608,14 @@ class WorkerPool:
         memfd: int,
         on_demand: bool,
         stream: str,
+        runtime_api: str | None,
     ) -> asyncio.subprocess.Process:
         self._spawning += 1
         try:
             platform = self._platform_env() if self._platform_env is not None else None
-            return await start_process(fn, child_sock, memfd, on_demand, stream, platform)
+            return await start_process(
+                fn, child_sock, memfd, on_demand, stream, platform, runtime_api
+            )
         finally:
             self._spawning -= 1
             if not self._spawning and self._spawned is not None and not self._spawned.done():

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemon.models import Status
 from daemon.pool import WorkerPool
 from tests.pool.conftest import FUNCTIONS, alive, function, gone, request
@@ -23,12 +25,22 @@ def provided(name: str = "rt", **settings: Any) -> Any:
     return function(name, "function.handler", API, runtime="provided", **settings)
 
 
+# The daemon serves a bootstrap's Runtime API on its own loop when the bootstrap can reach the
+# daemon's loopback; in a sandbox with `network = false` a bridge inside the sandbox serves it
+# (daemon/pool/runtime.py). The tests marked with this fixture run through both.
+@pytest.fixture(params=["daemon", "bridge"])
+def served(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return {} if request.param == "daemon" else {"sandbox": True, "network": False}
+
+
 async def call(pool: WorkerPool, fn: Any, event: Any, **fields: Any) -> Any:
     return await pool.invoke(fn, request(fn, json.dumps(event).encode(), **fields))
 
 
-async def test_provided_serves_warm_with_lambdas_headers_and_environment(pool: WorkerPool) -> None:
-    fn = provided(env={"MY_SETTING": "x"}, memory_mb=256)
+async def test_provided_serves_warm_with_lambdas_headers_and_environment(
+    pool: WorkerPool, served: dict[str, Any]
+) -> None:
+    fn = provided(env={"MY_SETTING": "x"}, memory_mb=256, **served)
     first = await call(pool, fn, {"do": "echo", "n": 1}, invocation_id="req-1")
     assert first.status is Status.SUCCEEDED, first.payload
     answer = json.loads(first.payload)
@@ -61,8 +73,10 @@ async def test_provided_serves_warm_with_lambdas_headers_and_environment(pool: W
     assert second.logs == "echo req-2\n"  # each call's own output
 
 
-async def test_provided_error_post_is_the_calls_error(pool: WorkerPool) -> None:
-    fn = provided()
+async def test_provided_error_post_is_the_calls_error(
+    pool: WorkerPool, served: dict[str, Any]
+) -> None:
+    fn = provided(**served)
     outcome = await call(pool, fn, {"do": "error"})
     assert outcome.status is Status.FAILED and outcome.error_type == "Custom.Broken"
     assert outcome.error_message == "it broke"
@@ -71,16 +85,20 @@ async def test_provided_error_post_is_the_calls_error(pool: WorkerPool) -> None:
     assert json.loads(report.payload) == [["error", 202, {"status": "OK"}]]
 
 
-async def test_provided_init_error_fails_the_call_with_its_error(pool: WorkerPool) -> None:
-    fn = provided(env={"BOOT_MODE": "init_error"})
+async def test_provided_init_error_fails_the_call_with_its_error(
+    pool: WorkerPool, served: dict[str, Any]
+) -> None:
+    fn = provided(env={"BOOT_MODE": "init_error"}, **served)
     outcome = await call(pool, fn, {"do": "echo"})
     assert outcome.status is Status.FAILED and outcome.error_type == "Custom.InitBroken"
     assert json.loads(outcome.payload)["errorMessage"] == "no config for me"
     assert outcome.init_duration_ms is not None and "init in mode 'init_error'" in outcome.logs
 
 
-async def test_provided_bootstrap_that_never_polls_is_an_init_timeout(pool: WorkerPool) -> None:
-    fn = provided(env={"BOOT_MODE": "never_poll"}, timeout_s=0.5)
+async def test_provided_bootstrap_that_never_polls_is_an_init_timeout(
+    pool: WorkerPool, served: dict[str, Any]
+) -> None:
+    fn = provided(env={"BOOT_MODE": "never_poll"}, timeout_s=0.5, **served)
     outcome = await call(pool, fn, {"do": "echo"})
     assert outcome.status is Status.FAILED and outcome.error_type == "Sandbox.Timedout"
     assert "Init timed out after 0.50 seconds" in (outcome.error_message or "")
@@ -89,11 +107,11 @@ async def test_provided_bootstrap_that_never_polls_is_an_init_timeout(pool: Work
 
 
 async def test_provided_bootstrap_exiting_in_init_or_a_call_is_a_crash(
-    pool: WorkerPool, logs: LogWatch
+    pool: WorkerPool, logs: LogWatch, served: dict[str, Any]
 ) -> None:
-    early = await call(pool, provided("early", env={"BOOT_MODE": "exit"}), {"do": "echo"})
+    early = await call(pool, provided("early", env={"BOOT_MODE": "exit"}, **served), {"do": "echo"})
     assert early.status is Status.CRASHED and early.exit_code == 7
-    fn = provided()
+    fn = provided(**served)
     crashed = await call(pool, fn, {"do": "crash"}, invocation_id="req-crash")
     assert crashed.status is Status.CRASHED and crashed.exit_code == 3
     message = json.loads(crashed.payload)["errorMessage"]
@@ -118,8 +136,10 @@ async def test_provided_timeout_kills_the_bootstrap_and_its_children(
     assert fresh.status is Status.SUCCEEDED and fresh.init_duration_ms is not None
 
 
-async def test_provided_memory_limit_ends_the_bootstrap(pool: WorkerPool, logs: LogWatch) -> None:
-    fn = provided(memory_mb=64)
+async def test_provided_memory_limit_ends_the_bootstrap(
+    pool: WorkerPool, logs: LogWatch, served: dict[str, Any]
+) -> None:
+    fn = provided(memory_mb=64, **served)
     outcome = await call(pool, fn, {"do": "allocate", "mb": 128, "hold_s": 5})
     assert outcome.status is Status.FAILED and outcome.error_type == "Runtime.OutOfMemory"
     assert "memory limit of 64 MB" in (outcome.error_message or "")
@@ -129,8 +149,10 @@ async def test_provided_memory_limit_ends_the_bootstrap(pool: WorkerPool, logs: 
     assert fine.max_memory_mb >= 16
 
 
-async def test_provided_runtime_api_misuse_gets_lambdas_errors(pool: WorkerPool) -> None:
-    fn = provided()
+async def test_provided_runtime_api_misuse_gets_lambdas_errors(
+    pool: WorkerPool, served: dict[str, Any]
+) -> None:
+    fn = provided(**served)
     misuse = await call(pool, fn, {"do": "misuse"})
     assert misuse.status is Status.SUCCEEDED and json.loads(misuse.payload) == {"first": True}
     huge = await call(pool, fn, {"do": "huge"})
@@ -193,3 +215,16 @@ async def test_nodejs_errors_init_errors_and_crashes(pool: WorkerPool) -> None:
     crash = function("crash", "index.crash", NODE_CJS, runtime="nodejs")
     outcome = await call(pool, crash, {})
     assert outcome.status is Status.CRASHED and outcome.exit_code == 5
+
+
+async def test_a_bootstrap_that_cannot_start_is_an_init_failure_naming_it(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    bootstrap = tmp_path / "bootstrap"
+    bootstrap.write_text("not a program\n")
+    for mode, reason in ((0o644, "Permission denied"), (0o755, "Exec format error")):
+        bootstrap.chmod(mode)
+        fn = function(f"bad{mode:o}", "function.handler", tmp_path, runtime="provided")
+        outcome = await call(pool, fn, {})
+        assert outcome.status is Status.FAILED and outcome.error_type == "Runtime.InvalidEntrypoint"
+        assert outcome.error_message == f"Cannot start the bootstrap {bootstrap}: {reason}"
