@@ -196,6 +196,14 @@ def _deploy_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _dlq_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     # `common` goes on the leaves only: on both levels, the group's defaults would overwrite
     # what the user gave the leaf.
+    p = sub.add_parser(
+        "mqtt-drain",
+        parents=[common],
+        help="take over a share-group node's MQTT session that will not come back, and store"
+        " what the broker holds for it",
+    )
+    p.add_argument("client_id", help="the dead node's [mqtt] client_id")
+    p.set_defaults(command=cmd_mqtt_drain)
     dlq = sub.add_parser("dlq", help="dead letters: async invocations that never succeeded")
     actions = dlq.add_subparsers(required=True, metavar="ACTION")
     p = actions.add_parser("list", parents=[common], help="list dead letters, newest first")
@@ -560,6 +568,19 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     if data is None:
         return 1
     print(json.dumps(data) if args.json else data["invocation_id"])
+    return 0
+
+
+def cmd_mqtt_drain(config: Config, args: argparse.Namespace) -> int:
+    data = _post_json(config, "/v1/mqtt/drain", {"client_id": args.client_id})
+    if data is None:
+        return 1
+    if args.json:
+        print(json.dumps(data))
+    elif not data["session_present"]:
+        print(f"{data['client_id']}: the broker had no session of that client id")
+    else:
+        print(f"{data['client_id']}: drained, {data['messages']} messages taken")
     return 0
 
 

@@ -18,9 +18,11 @@ subscription only (Retain Handling 1), not again on every reconnect.
 Sharing. With [mqtt] share_group, every filter is subscribed as $share/<group>/<filter>: the
 daemons of a fleet split the messages. A message still carries its own topic and the shared
 subscription's identifier, so routing is unchanged. Each node has its own client id (session);
-Mosquitto keeps a dead member's unacked messages for its session (tests/triggers/
-test_mqtt_share.py). A client id used twice shows as "session taken over" (0x8E) or, from
-Mosquitto 2.0, as connections ended soon after they were made (MqttSource._contested).
+Mosquitto keeps a dead member's unacked messages and its turns for its session
+(tests/triggers/test_mqtt_share.py): the node gets them when it is back, or a live node drains
+that session (MqttSource.drain, POST /v1/mqtt/drain). A client id used twice shows as "session
+taken over" (0x8E) or, from Mosquitto 2.0, as connections ended soon after they were made
+(MqttSource._contested).
 
 Redelivery (DUP = 1) maps to the first delivery's record, never to a new one:
 - a publisher-set user property `message-id` keys the record (hash of topic and id), DUP or
@@ -75,7 +77,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.backoff import Backoff
 from daemon.credentials import mqtt_connection
-from daemon.errors import ConfigError, EventRejectedError
+from daemon.errors import ConfigError, EventRejectedError, StoreUnavailableError
 from daemon.metrics import Sample
 from daemon.untrusted import MAX_JSON_DEPTH, json_too_deep
 from triggers.base import Accepted, BatchedTriggerSettings, Emit, Inputs, Placed, emit_built
@@ -93,6 +95,7 @@ BACKOFF_S = (0.5, 30.0)  # reconnect delay: first, cap (jittered)
 # backoff's cap, so a contest that has slowed down to the cap still counts.
 SHORT_S = 2 * BACKOFF_S[1]
 SHORT_IN_A_ROW = 3
+DRAIN_QUIET_S = 1.0  # MqttSource.drain: a session is drained once this long passes quietly
 ROUTES_KEPT = 4096  # topics whose triggers are remembered (_route)
 SHARE = "$share/"  # a shared subscription's filter: $share/<group>/<topic filter>
 MESSAGE_ID = "message-id"  # user property a publisher may set as the event's idempotency key
@@ -197,10 +200,21 @@ class _Window:
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
         self.open = True  # cleared when the connection ends: a packet id means nothing after that
+        self.taken = 0  # copies received on this connection
 
     def add(self, msg: aiomqtt.Message, task: asyncio.Task[None]) -> None:
         self._entries.append((msg, task))
+        self.taken += 1
         task.add_done_callback(self._advance)
+
+    async def quiet(self, quiet_s: float) -> None:
+        """Return once nothing is in flight and nothing arrived for `quiet_s` (MqttSource.drain)."""
+        seen = -1
+        while True:
+            await asyncio.sleep(quiet_s)
+            if self.taken == seen and not self._entries and not self._acks:
+                return
+            seen = self.taken
 
     def _advance(self, _: asyncio.Task[None]) -> None:
         while self.open and self._entries and self._entries[0][1].done():
@@ -252,7 +266,9 @@ class MqttSource:
         if config.mqtt is None:
             raise ConfigError(config.path, "mqtt", "an mqtt trigger needs an [mqtt] section")
         self._settings = settings = config.mqtt
+        self._config, self._triggers = config, triggers  # for drain()
         self._store = store
+        self._emit: Emit | None = None  # run()'s, for drain()
         self._host, self._port, self._tls, self._password = mqtt_connection(config)
         self._subscriptions = _subscriptions(triggers, settings.share_group)
         self._shapes: dict[str, _Shape] = {
@@ -282,6 +298,7 @@ class MqttSource:
         return Inputs(restart=(triggers, config.mqtt, files))
 
     async def run(self, emit: Emit) -> None:
+        self._emit = emit
         client = self._client()
         self._seq = await self._last_seq()
         backoff = Backoff(*BACKOFF_S, jitter=(0.5, 1.0))
@@ -356,6 +373,40 @@ class MqttSource:
             retry_in_s=round(wait, 2),
         )
 
+    async def drain(self, client_id: str, quiet_s: float = DRAIN_QUIET_S) -> dict[str, Any]:
+        """Take over another client id's session, store and ack what the broker holds for it.
+
+        For a node of the share group that will not come back: Mosquitto keeps its unacked
+        messages and its turns for its session until the session expires. This connects once
+        with that client id (its session, Clean Start 0), unsubscribes this node's filters
+        first (what the session holds still comes; nothing new is queued for it from then on),
+        commits and acks as run() does, with the de-duplication keys of that client id, and
+        disconnects once nothing is in flight and nothing arrived for `quiet_s`. The session is
+        left to expire (unsubscribed, it gathers nothing): what arrives later, if anything,
+        waits there for another drain or the node's return."""
+        if self._emit is None:
+            raise RuntimeError("the MQTT source is not running yet")
+        if client_id == self._settings.client_id:
+            raise ValueError(f"{client_id!r} is this daemon's own client id")
+        settings = msgspec.structs.replace(self._settings, client_id=client_id)
+        other = MqttSource(
+            msgspec.structs.replace(self._config, mqtt=settings), self._store, self._triggers
+        )
+        other._seq = await other._last_seq()
+        client = other._client()
+        log.info("mqtt_drain_started", client_id=client_id, host=self._host, port=self._port)
+        async with client:
+            if other._subscriptions:
+                await client.unsubscribe([sub.filter for sub in other._subscriptions])
+            try:
+                stored = await other._consume(client, self._emit, quiet_s=quiet_s)
+            except _NotStoredError as exc:
+                raise StoreUnavailableError(f"{exc}; nothing more was acknowledged") from exc
+        report = {"client_id": client_id, "session_present": client.session_present}
+        report["messages"] = stored
+        log.info("mqtt_drained", **report)
+        return report
+
     def samples(self) -> list[Sample]:
         return [Sample("lambdaemon_mqtt_connected", {}, float(self._connected))]
 
@@ -395,25 +446,33 @@ class MqttSource:
             else:
                 log.info("mqtt_subscribed", topic=sub.filter, qos=code)
 
-    async def _consume(self, client: _Client, emit: Emit) -> None:
+    async def _consume(self, client: _Client, emit: Emit, quiet_s: float | None = None) -> int:
+        """Take the connection's messages until it ends (an error), or with `quiet_s` until
+        nothing is in flight and nothing arrived for that long; return how many were stored."""
         window = _Window(client._client, self._seq)
         receiver = asyncio.create_task(self._receive(client, emit, window))
         failed = asyncio.create_task(window.failed.wait())
+        ends = {receiver, failed}
+        if quiet_s is not None:
+            ends.add(asyncio.create_task(window.quiet(quiet_s)))
         try:
-            await asyncio.wait({receiver, failed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             receiver.cancel()
             await window.settle(cancel=True)
             raise
         finally:
-            failed.cancel()
+            for end in ends - {receiver}:
+                end.cancel()
         receiver.cancel()
         await asyncio.wait({receiver})
         # Every first delivery is committed (or failed) before a redelivery can be looked up.
         await window.settle(cancel=False)
         if window.failure is not None:
             raise _NotStoredError(f"not stored: {window.failure!r}") from window.failure
-        receiver.result()  # the MqttError that ended the connection
+        if not receiver.cancelled():
+            receiver.result()  # the MqttError that ended the connection
+        return window.taken
 
     async def _receive(self, client: _Client, emit: Emit, window: _Window) -> None:
         # Not through aiomqtt's iterator, which makes a task and runs asyncio.wait() for every

@@ -27,6 +27,7 @@ from daemon.errors import (
 )
 from daemon.http.admin import DISPATCHER, STORE, add_admin_routes
 from daemon.http.dashboard import DASHBOARD_TOKEN, add_dashboard_routes, is_public
+from daemon.http.drain import add_drain_route
 from daemon.http.follow import add_log_routes
 from daemon.http.history import add_history_routes
 from daemon.http.idempotency import SyncResultCache
@@ -449,6 +450,7 @@ def build_api(
     add_log_routes(app)
     add_history_routes(app)
     add_dashboard_routes(app)
+    add_drain_route(app)
     # Last: any other call of Lambda's API gets an error boto3 can model, not aiohttp's text.
     app.router.add_route("*", r"/{version:20\d\d-\d\d-\d\d}/{operation:.*}", unsupported)
     return app

@@ -8,7 +8,9 @@ process killed with SIGKILL; the daemons' tests count records in each daemon's o
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import load_config
 from daemon.errors import ConfigError
-from tests.daemon_proc import Daemon, running_daemon, write_config
+from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
 from tests.mosquitto import Mosquitto, running_broker
 from tests.triggers.test_mqtt import (
     AckDroppingProxy,
@@ -365,6 +367,66 @@ async def test_a_stand_in_with_a_dead_nodes_client_id_drains_its_session(
     twice = {n for n, times in counts.items() if times > 1}
     assert twice <= set(numbers(a, "temp")) & set(numbers(c, "temp"))
     assert max(counts.values()) <= 2
+
+
+async def test_a_live_node_drains_a_dead_nodes_session(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """POST /v1/mqtt/drain (`lambdaemon mqtt-drain`): a live node takes over the session of a
+    node that will not come back, stores what the broker held for it, and leaves it
+    unsubscribed, so what comes next goes to the live nodes only."""
+    triggers = {"temp": [("sensors/+/temp", 1)]}
+    a = node(tmp_path, "a", shared_toml(mosquitto.url, "node-a", triggers))
+    b = node(tmp_path, "b", shared_toml(mosquitto.url, "node-b", triggers))
+    total, after = 400, 40
+
+    def message(i: int) -> tuple[str, str]:
+        return ("sensors/x/temp", f'{{"n": {i}}}')
+
+    try:
+        await asyncio.gather(a.start(), b.start())
+        await asyncio.gather(subscribed(a), subscribed(b))
+        await publish(mosquitto.port, *map(message, range(100)))
+        await stored(a, lambda: count(a) + count(b) >= 100, "the first ones")
+        await a.kill()  # and never started again: its turns are queued for its session
+        await publish(mosquitto.port, *map(message, range(100, total)))
+        assert b.session is not None
+        drain = f"{b.base}/v1/mqtt/drain"
+        async with b.session.post(drain, json={"client_id": "node-a"}) as resp:
+            assert resp.status == 200, await resp.text()
+            report = await resp.json()
+        assert report["client_id"] == "node-a" and report["session_present"] is True
+        assert report["messages"] > 0
+
+        def recorded() -> set[int]:
+            return {n for d in (a, b) for n in numbers(d, "temp")}
+
+        await stored(b, lambda: recorded() >= set(range(total)), "every record")
+        await publish(mosquitto.port, *map(message, range(total, total + after)))
+        later = set(range(total, total + after))
+        await stored(b, lambda: set(numbers(b, "temp")) >= later, "the later ones, all on b")
+
+        # Again, from the command line: the session is there, and empty.
+        command = [sys.executable, "-m", "daemon.cli", "mqtt-drain", "node-a"]
+        done = await asyncio.to_thread(
+            functools.partial(subprocess.run, capture_output=True, text=True, cwd=ROOT, timeout=60),
+            [*command, "--config", str(b.config)],
+        )
+        assert (done.returncode, done.stdout) == (0, "node-a: drained, 0 messages taken\n")
+        async with b.session.post(drain, json={"client_id": "node-b"}) as resp:
+            assert resp.status == 400
+            assert "this daemon's own client id" in (await resp.json())["error"]
+        async with b.session.post(drain, json={"client": "x"}) as resp:
+            assert resp.status == 400
+    finally:
+        await asyncio.gather(a.close(), b.close())
+    counts = Counter(n for d in (a, b) for n in numbers(d, "temp"))
+    assert set(counts) == set(range(total + after))  # none lost
+    # Twice only if node a died between a commit and its PUBACK (b's store is its own).
+    twice = {n for n, times in counts.items() if times > 1}
+    assert twice <= set(numbers(a, "temp")) and max(counts.values()) <= 2
+    drained = [e for e in b.log_events() if e.get("event") == "mqtt_drained"]
+    assert [e["messages"] for e in drained] == [report["messages"], 0]
 
 
 # --- one client id on two daemons --------------------------------------------------------------
