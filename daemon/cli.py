@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("functions", parents=[common], help="list functions").set_defaults(
         command=cmd_functions
     )
+    sub.add_parser(
+        "nodes", parents=[common], help="list the store's nodes (a fleet's) and their load"
+    ).set_defaults(command=cmd_nodes)
     _history_parser(sub, common)
     p = sub.add_parser("show", parents=[common], help="show one invocation in full")
     p.add_argument("id")
@@ -473,6 +476,16 @@ def cmd_functions(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes(config: Config, args: argparse.Namespace) -> int:
+    rows = _get_json(config, "/v1/nodes")["nodes"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ["node_id", "state", "host", "started_at", "lease_until", "running", "queued", "free"]
+    _print_table([{**row, **(row["load"] or {})} for row in rows], columns)
+    return 0
+
+
 _INVOCATION_COLUMNS = [
     "id",
     "function",
@@ -494,7 +507,11 @@ def cmd_invocations(config: Config, args: argparse.Namespace) -> int:
     while True:
         page = _get_json(config, "/v1/invocations?" + urllib.parse.urlencode(query))
         if args.all and not args.json:  # page by page: --all over a big store streams
-            _print_table(page["invocations"], _INVOCATION_COLUMNS, header=not rows)
+            _print_table(
+                page["invocations"],
+                _with_node(_INVOCATION_COLUMNS, page["invocations"]),
+                header=not rows,
+            )
         rows += page["invocations"]
         if not args.all or page.get("next") is None:
             break
@@ -502,8 +519,13 @@ def cmd_invocations(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not args.all:
-        _print_table(rows, _INVOCATION_COLUMNS)
+        _print_table(rows, _with_node(_INVOCATION_COLUMNS, rows))
     return 0
+
+
+def _with_node(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """`columns` and `node` when a row names one: a fleet's records (on SQLite, none do)."""
+    return [*columns, "node"] if any(row.get("node") for row in rows) else columns
 
 
 def cmd_usage(config: Config, args: argparse.Namespace) -> int:
@@ -551,6 +573,7 @@ def _show(config: Config, args: argparse.Namespace, path: str) -> int:
         columns = ["attempt", "status", "started_at", "duration_ms", "error_type", "error_message"]
         if any(a.get("batch_id") for a in attempts):  # each attempt ran in a batch
             columns.append("batch_id")
+        columns = _with_node(columns, attempts)
         _print_table(attempts, columns)
     if items := record.get("items"):  # a batch invocation: what each of its items came to
         print("               items:")
@@ -590,18 +613,16 @@ def cmd_dlq_list(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    _print_table(
-        rows,
-        [
-            "id",
-            "function",
-            "status",
-            "dead_letter_reason",
-            "attempt",
-            "dead_lettered_at",
-            "error_type",
-        ],
-    )
+    columns = [
+        "id",
+        "function",
+        "status",
+        "dead_letter_reason",
+        "attempt",
+        "dead_lettered_at",
+        "error_type",
+    ]
+    _print_table(rows, _with_node(columns, rows))
     return 0
 
 

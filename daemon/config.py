@@ -53,6 +53,8 @@ RESERVED_ENV = frozenset(
 )
 
 NonNegative = Annotated[float, Meta(ge=0)]
+# A node id: letters, digits, `.`, `_`, `-`; what host names are made of.
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 # Retry delays: above zero, at most a day (a longer wait is better served by a redrive).
 BackoffSeconds = Annotated[float, Meta(gt=0, le=86_400)]
 
@@ -89,6 +91,10 @@ class DaemonSettings(_Section, frozen=True):
     # Every function's workers in bubblewrap unless its own `sandbox` says otherwise (unset:
     # off). The start logs whether this host can run one (daemon/pool/sandbox.py).
     sandbox: bool | None = None
+    # This daemon's name in a fleet sharing one PostgreSQL store (docs/store.md): the node its
+    # invocations and attempts are recorded under. Unset: the host name. Two daemons on one
+    # database never share one.
+    node_id: Annotated[str, Meta(pattern=NODE_ID_PATTERN)] | None = None
 
 
 class ListenerSettings(_Section, frozen=True):
@@ -128,6 +134,9 @@ class StoreSettings(_Section, frozen=True):
     url: str | None = None
     password_file: str | None = None  # a file, or credential:NAME (systemd LoadCredential=)
     connect_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
+    # A node's lease on its work in a fleet (docs/store.md): renewed every third of it; a node
+    # that has not renewed it for this long is dead and others take its work over.
+    lease_s: Annotated[float, Meta(ge=1, le=600)] = 10.0
 
 
 class WebhookSettings(ListenerSettings, frozen=True):
@@ -207,6 +216,11 @@ class Config(_Section, frozen=True):
     @property
     def data_dir(self) -> Path:
         return self.resolve(self.daemon.data_dir)
+
+    @property
+    def node_id(self) -> str:
+        """[daemon] node_id, else this host's name (checked by load_config)."""
+        return self.daemon.node_id or socket.gethostname()
 
     @property
     def wheelhouse_dir(self) -> Path | None:
@@ -337,6 +351,13 @@ def _validate(config: Config) -> Config:
         store_connection(config)
     elif config.store.password_file is not None:
         raise ConfigError(path, "store.password_file", "needs store.url (a PostgreSQL store)")
+    if config.daemon.node_id is None and not re.match(NODE_ID_PATTERN, config.node_id):
+        raise ConfigError(
+            path,
+            "daemon.node_id",
+            f"the host name {config.node_id!r} is not a node id (letters, digits, '.', '_',"
+            " '-', at most 63): set node_id",
+        )
     functions_dir = config.resolve(config.daemon.functions_dir)
     functions = {}
     for name, fn in config.functions.items():

@@ -40,6 +40,7 @@ from daemon.models import FINAL_STATUSES, InvokeRequest, Outcome, Status, new_id
 from daemon.pool import WorkerPool
 from daemon.retry import EVENT_AGE_EXCEEDED, Verdict, after_failure, too_old
 from daemon.store import records
+from daemon.store.fleet import TakenOver
 from daemon.store.settle import Routed
 from daemon.store.sqlite import (
     INTERRUPTED_ERROR_TYPE,
@@ -68,6 +69,8 @@ VISIBLE_AFTER_S = 0.25
 MARK_AHEAD = 64
 MARK_AHEAD_PER_SLOT = 8
 QUICK_MS = 5.0
+# A fenced node (daemon/fleet.py) looks at an invocation again this long after it could not start.
+FENCE_RETRY_S = 0.5
 _json = msgspec.json.Encoder()
 
 
@@ -107,6 +110,8 @@ class Dispatcher:
         self.log_hub = LogHub()  # followers of functions' logs
         # Sync records the store could not take yet (a full disk): written once it can.
         self.deferred = DeferredRecords(store)
+        # Whether this node must start no attempt now (daemon/fleet.py's fence).
+        self.fenced: Callable[[], bool] = lambda: False
 
     @property
     def functions(self) -> dict[str, FunctionConfig]:
@@ -125,6 +130,46 @@ class Dispatcher:
         """Every lane by function name, those a reload removed too (their counts stay)."""
         return {**self._lanes.retired, **self._lanes}
 
+    def load(self) -> dict[str, Any]:
+        """What this node runs and holds now, in all and per function (GET /v1/nodes)."""
+        functions: dict[str, dict[str, int]] = {}
+        for name, lane in self._lanes.items():
+            waiting = len(lane.backlog) + sum(len(g.items) for g in lane.gathering.values())
+            functions[name] = {
+                "running": lane.running,
+                "queued": waiting + len(lane.retry_timers),
+                "free": max(0, lane.fn.concurrency - lane.running - waiting),
+            }
+        totals = {
+            key: sum(f[key] for f in functions.values()) for key in ("running", "queued", "free")
+        }
+        return {**totals, "functions": functions}
+
+    def free_slots(self) -> dict[str, int]:
+        """Per function, the attempts it could start now that nothing waits for: what this
+        node may take over from a dead one (daemon/fleet.py)."""
+        if self._stopping:
+            return {}
+        return {name: f["free"] for name, f in self.load()["functions"].items()}
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    def adopt(self, taken: TakenOver) -> None:
+        """Run what this node took over from a dead one (daemon/store/fleet.py take_over)."""
+        for invocation_id, reason in taken.recovery.dead_lettered:
+            log.warning(
+                "invocation_dead_lettered",
+                invocation_id=invocation_id,
+                reason=reason,
+                status=Status.CRASHED.value,
+            )
+        for routed in taken.recovery.routed:
+            self._routed(routed)
+        for row in taken.queued:
+            self._enqueue(row)
+
     def worker_stats(self) -> dict[str, dict[str, int]]:
         """Per function: its idle and busy workers (the pool's count)."""
         return self._pool.stats()
@@ -138,7 +183,7 @@ class Dispatcher:
         slot is free; later ones wait for their timer.
         """
         now = time.time()
-        recovery = await self._store.recover(now, self._recovery_policy(now), self._router)
+        recovery = await self._store.recover(now, self.recovery_policy(now), self._router)
         for invocation_id, reason in recovery.dead_lettered:
             log.warning(
                 "invocation_dead_lettered",
@@ -159,7 +204,7 @@ class Dispatcher:
             orphaned=orphaned,
         )
 
-    def _recovery_policy(self, now: float) -> Callable[[str, int, int, float], Verdict]:
+    def recovery_policy(self, now: float) -> Callable[[str, int, int, float], Verdict]:
         # Runs in the store's database thread: it only reads the (unchanging) lanes.
         def decide(function: str, attempt: int, retry_base: int, age_from: float) -> Verdict:
             lane = self._lanes.get(function)
@@ -577,6 +622,9 @@ class Dispatcher:
                     return
                 if event is None:
                     raise LookupError(f"invocation {item.id} is not in the store")
+            if self.fenced():  # this node's lease is in doubt: another node may take it over
+                self._lease_in_doubt(lane, item, ahead)
+                return
             request = InvokeRequest(item.id, event, invoked_arn(fn, item.version))
             # Committed before the handler can start, so a crash mid-run is always seen as a
             # started attempt (and counted) when the daemon recovers. Mostly written already,
@@ -608,6 +656,9 @@ class Dispatcher:
                 await asyncio.shield(marked)
             except StoreUnavailableError as exc:
                 self._not_started(lane, item, exc)
+                return
+            except LookupError:  # another node owns it now (daemon/fleet.py): it runs it
+                log.info("invocation_taken_over", invocation_id=item.id, function=fn.name)
                 return
             self._mark_ahead(lane)
             try:
@@ -643,6 +694,13 @@ class Dispatcher:
             await self._settle_until_stored(lane, item, attempt, outcome)
         except asyncio.CancelledError:
             raise
+        except LookupError:  # its row was taken over while it ran: the new owner ran it again
+            log.warning(
+                "invocation_outcome_refused",
+                invocation_id=item.id,
+                function=fn.name,
+                reason="another node took this invocation over while it ran",
+            )
         except Exception as exc:
             # The row stays queued or running; the next start recovers it. Say so loudly.
             log.error(
@@ -665,7 +723,7 @@ class Dispatcher:
         takes them back (_take_back_marks). Retries are never marked ahead: they are
         checked for their age when they start.
         """
-        if lane.paused or lane.recent_ms > QUICK_MS:
+        if lane.paused or lane.recent_ms > QUICK_MS or self.fenced():
             return
         limit = min(MARK_AHEAD, MARK_AHEAD_PER_SLOT * lane.fn.concurrency)
         room = limit - len(lane.marked_ahead)
@@ -698,6 +756,15 @@ class Dispatcher:
             return None
         log.info("invocation_marks_taken_back", count=len(items))
         return self._spawn(self._store.unmark_running(items))
+
+    def _lease_in_doubt(
+        self, lane: Lane, item: Backlogged, ahead: tuple[asyncio.Future[None], float] | None
+    ) -> None:
+        """Fenced: not started; back into the lane in a moment (its mark ahead, if any, taken
+        back first, as it never started)."""
+        if ahead is not None:
+            self._spawn(self._store.unmark_running([(item.id, item.attempt + 1)]))
+        lane.push_at(item, time.time() + FENCE_RETRY_S)
 
     def _not_started(self, lane: Lane, item: Backlogged, exc: StoreUnavailableError) -> None:
         """Never started: back into the lane once the store may take writes again."""

@@ -30,7 +30,8 @@ from daemon.datadir import check_data_dir
 from daemon.destinations.relay import OutboxRelay
 from daemon.dispatcher import Dispatcher
 from daemon.errors import ConfigError, StoreOpenError, StoreUnavailableError
-from daemon.http.admin import RELOAD
+from daemon.fleet import Node
+from daemon.http.admin import NODE, RELOAD
 from daemon.http.api import (
     FAST_ROUTES,
     LIFECYCLE,
@@ -95,6 +96,8 @@ class Service:
         async with contextlib.AsyncExitStack() as stack:
             store = await _open_store(stack, config, db)
             self._store = store
+            node = Node(store, config.store.lease_s)
+            stack.push_async_callback(node.leave)  # last before the store closes
             pruner = pruner_for(store, config.daemon)
             await pruner.prepare()  # before anything else writes: it may VACUUM a small file once
             outbox = await stack.enter_async_context(OutboxRelay.open(config, store))
@@ -131,7 +134,11 @@ class Service:
                 store, pool, functions, on_outbox=outbox.wake, versions=versions
             )
             stack.push_async_callback(self._finish_drain, dispatcher)  # a failed start, too
+            dispatcher.fenced = node.fenced
+            await node.join()  # before recovering its own rows (daemon/fleet.py)
             await dispatcher.recover()
+            # Heartbeats go on through the drain: this node's running rows stay its own.
+            await stack.enter_async_context(_background(node.run(dispatcher), "fleet-node"))
             health = StoreHealth(store, dispatcher.deferred)
             await stack.enter_async_context(_background(health.run(), "store-health"))
             await stack.enter_async_context(_background(pruner.run(), "store-pruner"))
@@ -141,6 +148,7 @@ class Service:
             app[LIFECYCLE] = self._unready_reason
             app[RELOAD] = self.request_reload
             app[METRICS] = metric_parts = MetricParts(pool)
+            app[NODE] = node
             app[DAEMON_SETTINGS] = lambda: self.config.daemon  # prices apply on reload
             api = await start_site(
                 app,
@@ -339,7 +347,7 @@ async def _open_store(stack: contextlib.AsyncExitStack, config: Config, db: Path
     if config.store.url is not None:
         return await _open_pg_store(stack, config, db.parent)
     try:
-        return await stack.enter_async_context(Store.open(db))
+        return await stack.enter_async_context(Store.open(db, config.node_id))
     except (sqlite3.DatabaseError, StoreUnavailableError) as exc:
         raise StoreOpenError(db, str(exc)) from exc
 
@@ -354,7 +362,9 @@ async def _open_pg_store(stack: contextlib.AsyncExitStack, config: Config, data_
     from daemon.store.pgstore import PgStore
 
     try:
-        return await stack.enter_async_context(PgStore.open_url(data_dir, params, where))
+        return await stack.enter_async_context(
+            PgStore.open_url(data_dir, params, where, config.node_id)
+        )
     except StoreUnavailableError as exc:  # a schema newer than this lambdaemon knows
         raise StoreOpenError(where, str(exc)) from exc
     except psycopg.OperationalError as exc:

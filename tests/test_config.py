@@ -279,6 +279,26 @@ def test_config_wheelhouse_is_a_folder_relative_to_the_config(tmp_path):
     )
 
 
+def test_config_node_id_is_the_host_name_unless_set(tmp_path):
+    import socket
+
+    path = tmp_path / "config.toml"
+    path.write_text("")
+    assert load_config(path).node_id == socket.gethostname()
+    path.write_text('[daemon]\nnode_id = "edge-2.site"\n[store]\nlease_s = 4\n')
+    config = load_config(path)
+    assert (config.node_id, config.store.lease_s) == ("edge-2.site", 4.0)
+    for bad in ("", "a b", "-x", "x" * 64):
+        path.write_text(f'[daemon]\nnode_id = "{bad}"\n')
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.key == "daemon.node_id", bad
+    path.write_text("[store]\nlease_s = 0.5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "store.lease_s"
+
+
 @pytest.mark.parametrize("key", ["name", "region", "version", "deps"])
 def test_config_refuses_what_the_daemon_fills_in(tmp_path, key):
     path = tmp_path / "config.toml"

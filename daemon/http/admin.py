@@ -6,6 +6,7 @@ History pages (GET /v1/invocations) and usage are daemon/http/history.py.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from daemon.dispatcher import Dispatcher
 from daemon.errors import BatchReplayError, StoreUnavailableError, UnknownFunctionError
+from daemon.fleet import Node
 from daemon.store.sqlite import Store
 from daemon.untrusted import json_too_deep
 
@@ -22,6 +24,7 @@ DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 # Starts a reload (the service's request_reload(force)): a task whose result is its report.
 RELOAD: web.AppKey[Callable[[bool], asyncio.Task[dict[str, Any]]]] = web.AppKey("reload")
+NODE: web.AppKey[Node] = web.AppKey("node", Node)
 _json = msgspec.json.Encoder()
 
 
@@ -34,6 +37,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/v1/dead-letters/redrive", redrive_dead_letters)
     app.router.add_get("/v1/dead-letters/{id}", get_dead_letter)
     app.router.add_post("/v1/reload", reload_config)
+    app.router.add_get("/v1/nodes", list_nodes)
 
 
 def _dumps(value: Any) -> str:
@@ -131,6 +135,40 @@ class RedriveRequest(msgspec.Struct, forbid_unknown_fields=True):
     ids: list[str] | None = None
     all: bool = False
     function: str | None = None
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    """The store's nodes, alive or gone within the last hour (daemon/fleet.py), with their
+    load: this node's as it is now, the others' as of their last heartbeat."""
+    store, dispatcher = request.app[STORE], request.app[DISPATCHER]
+    node = request.app.get(NODE)
+    now, rows = await store.list_nodes()
+    nodes = []
+    for row in rows:
+        me = row["node_id"] == store.node_id
+        if me:
+            state = "fenced" if node is not None and node.fenced() else "live"
+        elif row["stopped_at"] is not None:
+            state = "stopped"
+        else:
+            state = "live" if row["lease_until"] >= now else "dead"
+        load = dispatcher.load() if me else json.loads(row["load"]) if row["load"] else None
+        nodes.append(
+            {
+                "node_id": row["node_id"],
+                "state": state,
+                "this_node": me,
+                "host": row["host"],
+                "pid": row["pid"],
+                "started_at": iso(row["started_at"]),
+                "heartbeat_at": iso(row["heartbeat_at"]),
+                "lease_s": row["lease_s"],
+                "lease_until": iso(row["lease_until"]),
+                "stopped_at": iso(row["stopped_at"]),
+                "load": load,
+            }
+        )
+    return web.json_response({"nodes": nodes}, dumps=_dumps)
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:

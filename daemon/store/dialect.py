@@ -15,7 +15,10 @@ few constructs the two dialects spell differently are rewritten once per stateme
 - `rowid` becomes `seq`, the identity column pg_schema.py gives invocations;
 - an INSERT into a table with an identity id gets `RETURNING id`, for `lastrowid`;
 - `CAST(x AS INTEGER)` becomes `trunc(x)::integer` (SQLite truncates, PostgreSQL rounds);
-- a unary `+column`, SQLite's way of keeping the planner off that column's index, loses its `+`.
+- a unary `+column`, SQLite's way of keeping the planner off that column's index, loses its `+`;
+- the comment OWNED (`/*owned*/`, after a condition on invocations) becomes `AND` the row's
+  node is this session's (`lambdaemon.node`): in a fleet a node writes only the invocations it
+  owns (daemon/store/fleet.py); SQLite, with one node, reads it as the comment it is.
 
 The PostgreSQL store (daemon/store/pgstore.py) runs its writer and its reads through it;
 tests/store/test_backends.py runs the modules' functions through it against both backends.
@@ -28,6 +31,8 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
+
+from daemon.store.records import OWNED
 
 # The key an INSERT OR REPLACE into each table replaces by (its primary key).
 CONFLICT_KEYS = {"attempts": ("invocation_id", "attempt")}
@@ -42,6 +47,7 @@ _ROWID = re.compile(r"\browid\b", re.IGNORECASE)
 # CAST(expr AS INTEGER), expr holding at most one level of parentheses.
 _CAST_INT = re.compile(r"\bCAST\(((?:[^()]|\([^()]*\))*) AS INTEGER\)", re.IGNORECASE)
 _UNARY_PLUS = re.compile(r"(?<=[\s(])\+(?=[A-Za-z_])")
+_OWNED_PG = " AND node IS NOT DISTINCT FROM current_setting('lambdaemon.node', true)"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -66,6 +72,7 @@ def translate(sql: str) -> tuple[str, bool]:
     sql = _ROWID.sub("seq", sql)
     sql = _CAST_INT.sub(lambda m: f"trunc({m.group(1)})::integer", sql)
     sql = _UNARY_PLUS.sub("", sql)
+    sql = sql.replace(OWNED, _OWNED_PG)
     returns_id = False
     if (m := _INSERT.match(sql)) is not None and m.group(1) in IDENTITY_TABLES:
         if "RETURNING" not in sql.upper():

@@ -15,6 +15,20 @@ _BILLED = (
     " + ({row}.duration_ms > CAST({row}.duration_ms AS INTEGER))) END"
 )
 
+# Each node of the store: when it started, its lease (until `lease_until`, on the database's
+# clock), what it runs now (`load`, JSON) and when it stopped cleanly (NULL: running, or dead).
+NODES_TABLE = """CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at {real} NOT NULL,
+    heartbeat_at {real} NOT NULL,
+    lease_s {real} NOT NULL,
+    lease_until {real} NOT NULL,
+    stopped_at {real},
+    load TEXT
+)"""
+
 # One entry per schema version; each runs in its own transaction together with its version bump.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -197,4 +211,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # invocations --function F --status failed`), walk their own index: with only (status, ...)
     # or (function, ...) to walk, a rare combination stepped over most of a function's records.
     ("CREATE INDEX invocations_function_status ON invocations (function, status, queued_at)",),
+    # v9: the fleet (docs/store.md): `node` names the node that owns an invocation (it runs it)
+    # and the node that ran each attempt; `nodes` holds each node's lease and load. On SQLite
+    # the store has one node: its row in `nodes`, and `node` stays empty in the records.
+    (
+        "ALTER TABLE invocations ADD COLUMN node TEXT",
+        "ALTER TABLE attempts ADD COLUMN node TEXT",
+        NODES_TABLE.format(real="REAL"),
+    ),
 )

@@ -1,7 +1,6 @@
 """The PostgreSQL store's schema, one entry per version, and the migration that applies them.
 
-Not yet used by the daemon (docs/store.md): the foundation of the PostgreSQL backend. Version 1
-is the shape SQLite's schema has reached (daemon/store/migrations.py, version 8), in
+Version 1 is the shape SQLite's schema has reached (daemon/store/migrations.py, version 8), in
 PostgreSQL's types: REAL becomes DOUBLE PRECISION, BLOB BYTEA, counters that grow BIGINT, and
 `invocations.seq` (an identity column) stands for SQLite's rowid, the order rows were written
 in, which history pages and retention walk. tests/store/test_postgres_schema.py holds the two
@@ -19,8 +18,11 @@ from typing import Any
 
 from daemon.errors import StoreUnavailableError
 from daemon.models import Status
+from daemon.store.migrations import NODES_TABLE
 
 _STATUSES = ", ".join(f"'{s.value}'" for s in Status)
+# The node the writing session is (PgStore sets it): what `node` columns default to.
+NODE_SETTING = "current_setting('lambdaemon.node', true)"
 # pg_advisory_xact_lock's key for migrations: any fixed number of our own ("lambdaem" in ASCII).
 MIGRATION_LOCK = 0x6C616D6264616564
 
@@ -157,6 +159,21 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         $$""",
         "CREATE TRIGGER usage_count BEFORE INSERT ON attempts"
         " FOR EACH ROW EXECUTE FUNCTION usage_count()",
+    ),
+    # v2 (SQLite's v9): the fleet. A row's `node` is by default the writing session's
+    # `lambdaemon.node` (PgStore sets it on the writer's connection): the node that accepted
+    # an invocation owns it, the node that writes an attempt ran it. Rows written before
+    # have none: no node owns them, any node may claim them (daemon/store/fleet.py).
+    # `invocations_owned` finds a node's queued and running rows, for its recovery and for
+    # a takeover.
+    (
+        "ALTER TABLE invocations ADD COLUMN node TEXT",
+        f"ALTER TABLE invocations ALTER COLUMN node SET DEFAULT {NODE_SETTING}",
+        "ALTER TABLE attempts ADD COLUMN node TEXT",
+        f"ALTER TABLE attempts ALTER COLUMN node SET DEFAULT {NODE_SETTING}",
+        "CREATE INDEX invocations_owned ON invocations (node, function, queued_at)"
+        " WHERE status IN ('queued', 'running')",
+        NODES_TABLE.format(real="DOUBLE PRECISION"),
     ),
 )
 

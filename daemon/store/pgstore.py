@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -50,7 +51,9 @@ log = structlog.get_logger("lambdaemon.store")
 # down, ran out of room...), rather than that one op is wrong: it fails the whole batch.
 UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
 _IDLE = pq.TransactionStatus.IDLE
-# pg_try_advisory_lock's key for the one writer: "lambdaew" in ASCII (pg_schema's is "...ed").
+# pg_try_advisory_lock's key that lambdaemon before the fleet took alone, for its one writer
+# per database ("lambdaew" in ASCII; pg_schema's is "...ed"). Each node's writer holds it
+# shared, so that such a daemon and a fleet never run on one database together.
 SOLE_WRITER_LOCK = 0x6C616D6264616577
 LOCK_TRIES, LOCK_PAUSE_S = 20, 0.1
 T = TypeVar("T")
@@ -61,9 +64,13 @@ class PgStore(Store):
 
     backend = "postgresql"
 
-    def __init__(self, data_dir: Path, params: dict[str, str], where: str) -> None:
+    fleet = True  # several nodes may share the database
+
+    def __init__(
+        self, data_dir: Path, params: dict[str, str], where: str, node_id: str | None = None
+    ) -> None:
         # `path`: a place in data_dir (deployed code lives beside it); nothing is written there.
-        super().__init__(Path(data_dir) / "postgresql")
+        super().__init__(Path(data_dir) / "postgresql", node_id)
         self._params = params
         self.where = where  # user@host:port/dbname, for messages (never the password)
         self.schema_version = 0
@@ -71,10 +78,11 @@ class PgStore(Store):
     @classmethod
     @contextlib.asynccontextmanager
     async def open_url(
-        cls, data_dir: Path, params: dict[str, str], where: str
+        cls, data_dir: Path, params: dict[str, str], where: str, node_id: str | None = None
     ) -> AsyncIterator[PgStore]:
-        """Connect, migrate and start the store; on exit commit what is queued and close it."""
-        store = cls(data_dir, params, where)
+        """Connect, migrate and start the store as node `node_id` (default: the host name); on
+        exit commit what is queued and close it."""
+        store = cls(data_dir, params, where, node_id)
         await store._start()
         try:
             yield store
@@ -98,27 +106,41 @@ class PgStore(Store):
 
     def _open(self, *, read_only: bool) -> Any:
         conn = psycopg.connect(**self._params, autocommit=True)  # type: ignore[arg-type]
+        # Who this session is: what `node` columns default to, whose rows OWNED means.
+        conn.execute("SELECT set_config('lambdaemon.node', %s, false)", (self.node_id,))
         if read_only:
             conn.execute("SET default_transaction_read_only = on")
             return conn
         conn.execute("SET synchronous_commit = on")  # whatever the server's default says
-        # One daemon per database until the fleet is built (docs/store.md): a second one would
-        # recover the first one's running invocations as crashed and run its queue. The
-        # writer's session holds this lock for as long as it lives, and takes it again when
-        # it connects again after an outage.
-        # A few tries: the session of a daemon just killed may take a moment to end.
-        for _ in range(LOCK_TRIES):
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SOLE_WRITER_LOCK,)).fetchone()
-            if row is not None and row[0]:
-                break
-            time.sleep(LOCK_PAUSE_S)
-        else:
-            conn.close()
-            raise StoreUnavailableError(
-                f"another lambdaemon is running on {self.where}: one daemon per database"
-                " until the fleet is built (docs/store.md)"
+        # One daemon per node id (docs/store.md): a second one would take the first one's
+        # running invocations for crashed and run its queue. The writer's session holds this
+        # lock for as long as it lives, and takes it again when it connects again after an
+        # outage. A few tries: the session of a daemon just killed may take a moment to end.
+        try:
+            self._lock(conn, "pg_try_advisory_lock_shared", SOLE_WRITER_LOCK, "")
+            self._lock(
+                conn,
+                "pg_try_advisory_lock",
+                node_lock(self.node_id),
+                f"another lambdaemon with node_id {self.node_id!r} is running on {self.where}:"
+                " each node of a fleet needs its own ([daemon] node_id)",
             )
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _lock(self, conn: Any, function: str, key: int, refusal: str) -> None:
+        for _ in range(LOCK_TRIES):
+            row = conn.execute(f"SELECT {function}(%s)", (key,)).fetchone()
+            if row is not None and row[0]:
+                return
+            time.sleep(LOCK_PAUSE_S)
+        raise StoreUnavailableError(
+            refusal
+            or f"a lambdaemon of an earlier release (one daemon per database) is running on"
+            f" {self.where}: stop it before starting a fleet's node"
+        )
 
     def _connect_writer(self) -> PgConnection:
         # In the writer's thread: connect and migrate before the first batch.
@@ -161,6 +183,12 @@ class PgStore(Store):
 
     def check_file(self) -> str | None:
         return None
+
+
+def node_lock(node_id: str) -> int:
+    """pg_try_advisory_lock's key for `node_id`'s writer: 64 bits of a hash of it, signed."""
+    digest = hashlib.blake2b(f"lambdaemon node {node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class PgBatches(Batches):

@@ -23,7 +23,7 @@ SUMMARY_COLUMNS = (
     " dedupe_key, queued_at, started_at, ended_at, next_attempt_at, duration_ms,"
     " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message, exit_code,"
     " signal, worker_pid, recoveries, parent_id, dead_letter_reason, dead_lettered_at, redrives,"
-    " hops"
+    " hops, node"
 )
 # What a log line needs of a record (daemon/tail.py record_lines), and where it pages.
 LOG_COLUMNS = (
@@ -44,6 +44,10 @@ DEDUPE_KEYS_IN = (
 LAST_DEDUPE_KEY_IN = (
     "SELECT MAX(dedupe_key) FROM invocations WHERE dedupe_key >= ? AND dedupe_key < ?"
 )
+# Appended to a condition on invocations: only the rows this node owns. A fleet's nodes share
+# one PostgreSQL store, where daemon/store/dialect.py makes it a condition on `node`; SQLite has
+# one node, and reads it as the comment it is.
+OWNED = " /*owned*/"
 ERROR_OF = "SELECT error_type, error_message FROM invocations WHERE id = ?"
 
 
@@ -223,7 +227,7 @@ def mark_running(
     update_one(
         conn,
         "UPDATE invocations SET status = 'running', attempt = ?, started_at = ?,"
-        " worker_pid = ?, next_attempt_at = NULL WHERE id = ?",
+        " worker_pid = ?, next_attempt_at = NULL WHERE id = ?" + OWNED,
         (attempt, started_at, worker_pid, id),
     )
 
@@ -233,7 +237,7 @@ def unmark_running(conn: sqlite3.Connection, items: list[tuple[str, int]]) -> No
     attempt not made. A row that moved on since (or was never marked) is left alone."""
     conn.executemany(
         "UPDATE invocations SET status = 'queued', attempt = ?, started_at = NULL"
-        " WHERE id = ? AND status = 'running' AND attempt = ?",
+        " WHERE id = ? AND status = 'running' AND attempt = ?" + OWNED,
         [(attempt - 1, id, attempt) for id, attempt in items],
     )
 
@@ -246,7 +250,7 @@ def requeue(
         conn,
         "UPDATE invocations SET status = 'queued', attempt = ?, next_attempt_at = ?,"
         " error_type = ?, error_message = ?, exit_code = ?, signal = ?,"
-        " worker_pid = COALESCE(?, worker_pid), logs = ? WHERE id = ?",
+        " worker_pid = COALESCE(?, worker_pid), logs = ? WHERE id = ?" + OWNED,
         (
             attempt,
             next_attempt_at,
@@ -268,16 +272,18 @@ def redrive(
     function: str | None,
     functions: list[str],
     now: float,
+    node: str | None = None,
 ) -> list[QueuedInvocation]:
-    """Queue dead letters again, of configured functions only, with a fresh budget and age."""
+    """Queue dead letters again, of configured functions only, with a fresh budget and age;
+    `node` (in a fleet) owns them from now on: the one that runs them."""
     sql = (
         "UPDATE invocations SET status = 'queued', dead_letter_reason = NULL,"
         " dead_lettered_at = NULL, next_attempt_at = NULL, redrives = redrives + 1,"
-        " retry_base = attempt, redriven_at = ?"
+        " retry_base = attempt, redriven_at = ?, node = COALESCE(?, node)"
         " WHERE dead_letter_reason IS NOT NULL"
         " AND function IN (SELECT value FROM json_each(?))"
     )
-    params: list[Any] = [now, msgspec.json.encode(functions).decode()]
+    params: list[Any] = [now, node, msgspec.json.encode(functions).decode()]
     if ids is not None:
         sql += " AND id IN (SELECT value FROM json_each(?))"
         params.append(msgspec.json.encode(ids).decode())

@@ -28,7 +28,13 @@ import msgspec
 from daemon.models import Outcome, Status
 from daemon.retry import Verdict
 from daemon.store import outbox, records
-from daemon.store.records import NewInvocation, QueuedInvocation, record_attempt, update_one
+from daemon.store.records import (
+    OWNED,
+    NewInvocation,
+    QueuedInvocation,
+    record_attempt,
+    update_one,
+)
 
 INTERRUPTED_ERROR_TYPE = "Lambdaemon.Interrupted"
 INTERRUPTED_MESSAGE = "the daemon stopped while this attempt was running"
@@ -154,7 +160,11 @@ def finish(
     now: float,
     route: Route | None,
 ) -> Settled:
-    update_one(conn, FINISH + " WHERE id = ?", (*finish_values(attempt, o, dead_letter, now), id))
+    update_one(
+        conn,
+        FINISH + " WHERE id = ?" + OWNED,
+        (*finish_values(attempt, o, dead_letter, now), id),
+    )
     record_attempt(conn, id, attempt, o)
     routed = _route(conn, id, route, fresh_result=True) if route is not None else None
     return Settled(o.status.value, routed)
@@ -186,7 +196,8 @@ def dead_letter_waiting(
     update_one(
         conn,
         "UPDATE invocations SET status = ?, ended_at = ?, duration_ms = ?,"
-        " next_attempt_at = NULL, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?",
+        " next_attempt_at = NULL, dead_letter_reason = ?, dead_lettered_at = ? WHERE id = ?"
+        + OWNED,
         (status, last[1], last[2], reason, now, id),
     )
     routed = _route(conn, id, route, fresh_result=False) if route is not None else None
@@ -209,20 +220,38 @@ def recover_running(
     daemon down still ends.
     """
     rows = conn.execute(
-        "SELECT id, function, invocation_type, attempt, started_at, worker_pid, retry_base,"
-        " COALESCE(redriven_at, queued_at), batch_id, recoveries FROM invocations"
-        " WHERE status = 'running' ORDER BY queued_at, id"
+        f"SELECT {INTERRUPTED_COLUMNS} FROM invocations WHERE status = 'running'{OWNED}"
+        " ORDER BY queued_at, id"
     ).fetchall()
+    return settle_interrupted(conn, rows, now, decide, route)
+
+
+# What settle_interrupted needs of each row left `running`.
+INTERRUPTED_COLUMNS = (
+    "id, function, invocation_type, attempt, started_at, worker_pid, retry_base,"
+    " COALESCE(redriven_at, queued_at), batch_id, recoveries, node"
+)
+
+
+def settle_interrupted(
+    conn: sqlite3.Connection, rows: list[Any], now: float, decide: Decide, route: Route | None
+) -> Recovery:
+    """recover_running's work on `rows` (INTERRUPTED_COLUMNS), the rows of attempts that a dead
+    daemon left `running`: also what a node taking over a dead node's work does with them
+    (daemon/store/fleet.py). Each crashed attempt is recorded as the dead node's."""
     recovery = Recovery(requeued=[], crashed=[])
     for row in rows:
-        id, function, kind, attempt, started_at, worker_pid, retry_base, age_from, batch, n = row
+        id, function, kind, attempt, started_at, worker_pid, retry_base, age_from, batch, n = row[
+            :10
+        ]
+        node = row[10]
         ahead = worker_pid == records.MARKED_AHEAD and n == 0 and kind == "async"
         message = INTERRUPTED_AHEAD_MESSAGE if ahead else INTERRUPTED_MESSAGE
         worker_pid = None if worker_pid == records.MARKED_AHEAD else worker_pid
         conn.execute(
             "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at,"
-            " ended_at, error_type, error_message, worker_pid, batch_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " ended_at, error_type, error_message, worker_pid, batch_id, node)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 id,
                 attempt,
@@ -233,6 +262,7 @@ def recover_running(
                 message,
                 worker_pid,
                 batch,  # the batch this attempt ran in, if any (daemon/batches.py)
+                node,  # where it ran: the dead node, whoever records it
             ),
         )
         # The same policy as any failed attempt, so an event that keeps taking the daemon down

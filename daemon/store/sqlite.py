@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +42,7 @@ from daemon.store import (
     batched,
     cron,
     deploys,
+    fleet,
     history,
     outbox,
     records,
@@ -63,6 +65,7 @@ from daemon.store.batches import (
     write,
 )
 from daemon.store.cron import CronFire
+from daemon.store.fleet import TakenOver
 from daemon.store.identity import FileIdentity
 from daemon.store.migrations import MIGRATIONS
 from daemon.store.outbox import OutboxRow
@@ -106,9 +109,11 @@ class Store:
     """
 
     backend = "sqlite"
+    fleet = False  # one node: the file's
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, node_id: str | None = None) -> None:
         self.path = Path(path)
+        self.node_id = node_id or socket.gethostname()  # the node this store writes as
         self.commits = 0  # transactions committed by the writer; for metrics and tests
         self.write_failures = 0  # batches that could not be committed
         self.commit_seconds = Histogram(COMMIT_BUCKETS_S)  # each batch's hop, BEGIN to COMMIT
@@ -126,9 +131,9 @@ class Store:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[Store]:
+    async def open(cls, path: Path, node_id: str | None = None) -> AsyncIterator[Store]:
         """Create, migrate and start the store; on exit commit what is queued and close it."""
-        store = cls(path)
+        store = cls(path, node_id)
         await store._start()
         try:
             yield store
@@ -346,6 +351,7 @@ class Store:
             function=function,
             functions=functions,
             now=time.time(),
+            node=self.node_id if self.fleet else None,
         )
         return rows
 
@@ -448,6 +454,56 @@ class Store:
         )
         return recovery
 
+    # --- the fleet (daemon/store/fleet.py; daemon/fleet.py runs it) -------------------------
+
+    async def join(self, host: str, pid: int, lease_s: float) -> float:
+        """Write this node's row, started now with a fresh lease (the database's now); before
+        recover(), which it waits for a takeover of this node's work to finish for."""
+        now: float = await self._write(
+            fleet.join, 0, node_id=self.node_id, host=host, pid=pid, lease_s=lease_s
+        )
+        return now
+
+    async def heartbeat(self, lease_s: float, load: dict[str, Any]) -> bool:
+        """Renew this node's lease with its load; False when its row is gone (join again)."""
+        renewed: bool = await self._write(
+            fleet.heartbeat,
+            RELAXED | REPEATABLE,
+            node_id=self.node_id,
+            lease_s=lease_s,
+            load=load,
+        )
+        return renewed
+
+    async def leave(self) -> None:
+        """End this node's lease now (a clean stop): the others take its queued work over."""
+        await self._write(fleet.leave, REPEATABLE, node_id=self.node_id)
+
+    async def list_nodes(self) -> tuple[float, list[dict[str, Any]]]:
+        """(the database's now, the nodes alive or recently gone) for GET /v1/nodes."""
+        return await self._read(fleet.list_nodes)
+
+    async def dead_nodes(self) -> list[str | None]:
+        """Dead nodes that still own work (None: work no node owns), for take_over()."""
+        return await self._read(partial(fleet.dead_nodes, node_id=self.node_id))
+
+    async def take_over(
+        self, dead: str | None, free: dict[str, int], decide: Decide, route: Route | None
+    ) -> TakenOver:
+        """Claim up to `free[function]` of `dead`'s queued and running invocations per function
+        (daemon/store/fleet.py take_over); what was claimed, to run."""
+        taken: TakenOver = await self._write(
+            fleet.take_over,
+            0,
+            node_id=self.node_id,
+            dead=dead,
+            free=free,
+            now=time.time(),
+            decide=decide,
+            route=route,
+        )
+        return taken
+
     async def checkpoint(self) -> bool:
         """Copy the WAL into the database file and truncate both; True when a reader held on.
 
@@ -506,6 +562,7 @@ class Store:
     ) -> list[QueuedInvocation]:
         """Queued rows in (queued_at, id) order; pass the last row's pair as `after` to page."""
         sql = f"SELECT {records.QUEUED_COLUMNS} FROM invocations WHERE status = 'queued'"
+        sql += records.OWNED  # a fleet's node: its own (daemon/store/dialect.py)
         params: tuple[Any, ...] = ()
         if after is not None:
             sql += " AND (queued_at, id) > (?, ?)"

@@ -5,6 +5,7 @@ by itself once the server is back."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -106,8 +107,9 @@ async def health(daemon: Daemon) -> tuple[int, dict[str, Any]]:
         return resp.status, await resp.json()
 
 
-async def test_a_second_daemon_on_the_same_database_refuses_to_start(pg_cluster, tmp_path):
-    """One daemon per database until the fleet is built: the second exits 65 and says why."""
+async def test_a_second_daemon_with_the_same_node_id_refuses_to_start(pg_cluster, tmp_path):
+    """One daemon per node id on a database (both take the host name here): the second exits
+    65 and says why."""
     database = pg_cluster.create_database()
     async with PgStore.open_url(tmp_path, pg_cluster.params(database), database):
         config = tmp_path / "second.toml"
@@ -124,4 +126,5 @@ async def test_a_second_daemon_on_the_same_database_refuses_to_start(pg_cluster,
             timeout=60,
         )
     assert result.returncode == 65, result.stderr
-    assert "another lambdaemon is running on lambdaemon@127.0.0.1:" in result.stderr
+    assert f"another lambdaemon with node_id '{socket.gethostname()}' is running" in result.stderr
+    assert "each node of a fleet needs its own ([daemon] node_id)" in result.stderr

@@ -35,7 +35,7 @@ def sqlite_store() -> sqlite3.Connection:
 
 
 def test_the_schema_has_sqlites_tables_and_columns(pg):
-    assert migrate(pg, "test") == len(PG_MIGRATIONS) == 1
+    assert migrate(pg, "test") == len(PG_MIGRATIONS) == 2
     lite = sqlite_store()
     tables = [r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     expected = {t: {r[1] for r in lite.execute(f"PRAGMA table_info({t})")} for t in tables}
@@ -52,12 +52,12 @@ def test_the_schema_has_sqlites_tables_and_columns(pg):
 
 def test_migrating_again_changes_nothing_and_a_newer_schema_is_refused(pg):
     migrate(pg, "test")
-    assert migrate(pg, "test") == schema_version(pg) == 1
+    assert migrate(pg, "test") == schema_version(pg) == 2
     pg.execute("UPDATE lambdaemon_schema SET version = 99")
     with pytest.raises(StoreUnavailableError) as caught:
         migrate(pg, "db.local/fleet")
     assert str(caught.value) == (
-        "db.local/fleet: schema version 99 is newer than this lambdaemon knows (1);"
+        "db.local/fleet: schema version 99 is newer than this lambdaemon knows (2);"
         " upgrade lambdaemon or use another database"
     )
     assert schema_version(pg) == 99  # never migrated down
@@ -79,7 +79,7 @@ def test_nodes_starting_at_once_migrate_once(cluster):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert results == [1, 1, 1, 1]
+    assert results == [2, 2, 2, 2]
 
 
 INVOCATION = (

@@ -826,6 +826,7 @@ async def test_store_migrations_create_every_table_the_daemon_uses(store: Store)
         "deploy_history",
         "usage_daily",
         "usage_memory",
+        "nodes",
     }
 
 
