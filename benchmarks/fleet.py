@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sqlite3
 import statistics
@@ -190,19 +191,68 @@ def mqtt_node(broker: Mosquitto, name: str, concurrency: int) -> str:
     )
 
 
-def mqtt_succeeded(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        sql = "SELECT count(*) FROM invocations WHERE trigger = 'mqtt' AND status = 'succeeded'"
-        return int(conn.execute(sql).fetchone()[0])
+_MQTT_DONE = "SELECT count(*) FROM invocations WHERE trigger = 'mqtt' AND status = 'succeeded'"
+_MQTT_EVENTS = "SELECT event FROM invocations WHERE trigger = 'mqtt'"
+
+
+class NodeFiles:
+    """Each node's own SQLite file (tmp/<node>/var/lambdaemon.db)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def body(self, name: str) -> str:
+        return ""
+
+    def succeeded(self, names: list[str]) -> list[int]:
+        return [int(self._read(name, _MQTT_DONE)[0][0]) for name in names]
+
+    def seqs(self, names: list[str]) -> list[int]:
+        rows = [row for name in names for row in self._read(name, _MQTT_EVENTS)]
+        return [json.loads(event)["payload"]["seq"] for (event,) in rows]
+
+    def _read(self, name: str, sql: str) -> list[Any]:
+        db = self.tmp / name / "var" / "lambdaemon.db"
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute(sql).fetchall()
+
+
+class SharedPostgres:
+    """One PostgreSQL database for every node; a record's `node` is the node that took it."""
+
+    def __init__(self, cluster: Postgres, database: str) -> None:
+        self.cluster, self.database = cluster, database
+
+    def body(self, name: str) -> str:
+        return (
+            f'\n[store]\nurl = "{self.cluster.url(self.database)}"\n'
+            f'password_file = "{self.cluster.password_file}"\n'
+        )
+
+    def succeeded(self, names: list[str]) -> list[int]:
+        sql = _MQTT_DONE.replace("count(*)", "node, count(*)") + " GROUP BY node"
+        with self.cluster.connect(self.database) as conn:
+            by_node = dict(conn.execute(sql).fetchall())
+        return [int(by_node.get(name, 0)) for name in names]
+
+    def seqs(self, names: list[str]) -> list[int]:
+        with self.cluster.connect(self.database) as conn:
+            rows = conn.execute(_MQTT_EVENTS).fetchall()
+        return [json.loads(bytes(event))["payload"]["seq"] for (event,) in rows]
 
 
 async def mqtt_round(
-    broker: Mosquitto, nodes: list[tuple[Daemon, Path]], messages: int, first: int
+    broker: Mosquitto,
+    nodes: list[tuple[Daemon, str]],
+    store: NodeFiles | SharedPostgres,
+    messages: int,
+    first: int,
 ) -> dict:
     """Start `nodes`, publish `messages` QoS 1 messages, wait for every one's final record
     across them, stop them. Rate: messages over first publish to last record."""
+    names = [name for _, name in nodes]
     marks = [d.log_mark() for d, _ in nodes]
-    await asyncio.gather(*(d.start() for d, _ in nodes))
+    await asyncio.gather(*(d.start(timeout_s=40) for d, _ in nodes))
     try:
         await asyncio.gather(
             *(
@@ -210,14 +260,13 @@ async def mqtt_round(
                 for (d, _), m in zip(nodes, marks, strict=True)
             )
         )
-        dbs = [tmp / "var" / "lambdaemon.db" for _, tmp in nodes]
-        before = [await asyncio.to_thread(mqtt_succeeded, db) for db in dbs]
+        before = await asyncio.to_thread(store.succeeded, names)
         cpu = [cpu_of(d.proc.pid) for d, _ in nodes]
         started = time.perf_counter()
         published = await asyncio.to_thread(publish_qos1, broker.port, messages, first)
         async with asyncio.timeout(600):
             while True:  # the records are read from outside the daemons: polled, bounded
-                done = [await asyncio.to_thread(mqtt_succeeded, db) for db in dbs]
+                done = await asyncio.to_thread(store.succeeded, names)
                 if sum(done) - sum(before) >= messages:
                     break
                 await asyncio.sleep(0.02)
@@ -241,14 +290,6 @@ async def mqtt_round(
     }
 
 
-def mqtt_seqs(folder: Path) -> list[int]:
-    """The number of every message a node recorded."""
-    db = folder / "var" / "lambdaemon.db"
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        rows = conn.execute("SELECT event FROM invocations WHERE trigger = 'mqtt'").fetchall()
-    return [json.loads(event)["payload"]["seq"] for (event,) in rows]
-
-
 def publish_qos1(port: int, count: int, first: int) -> float:
     """`count` QoS 1 messages as fast as the broker acknowledges them, each with its number;
     the perf_counter time of the last acknowledgement."""
@@ -269,28 +310,34 @@ def publish_qos1(port: int, count: int, first: int) -> float:
 
 async def mqtt_fleet(args: argparse.Namespace) -> dict:
     """Rounds of 1, 2 and 3 nodes (order turned each round) on one shared subscription, each
-    node on its own SQLite file."""
+    node on its own SQLite file, or (--store postgresql) all on one PostgreSQL database."""
     rounds: dict[int, list[dict]] = {1: [], 2: [], 3: []}
-    with tempfile.TemporaryDirectory() as tmp:
+    names = ["node1", "node2", "node3"]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         broker = Mosquitto(Path(tmp) / "broker")
         broker.start()
-        try:
-            nodes = []
-            for i in range(3):
-                folder = Path(tmp) / f"node{i + 1}"
-                folder.mkdir()
-                body = mqtt_node(broker, f"node{i + 1}", args.concurrency)
-                nodes.append((Daemon(write_config(folder, body, daemon="max_workers = 8")), folder))
-            for n in range(args.rounds):
-                order = [1, 2, 3][n % 3 :] + [1, 2, 3][: n % 3]
-                for k in order:
-                    first = sum(map(len, rounds.values())) * args.messages
-                    rounds[k].append(await mqtt_round(broker, nodes[:k], args.messages, first))
-            for daemon, _ in nodes:
-                await daemon.close()
-            seqs = [seq for _, folder in nodes for seq in mqtt_seqs(folder)]
-        finally:
-            broker.close()
+        stack.callback(broker.close)
+        store: NodeFiles | SharedPostgres = NodeFiles(Path(tmp))
+        if args.store == "postgresql":
+            cluster = Postgres(durable=True)
+            cluster.start()
+            stack.callback(cluster.stop)
+            store = SharedPostgres(cluster, cluster.create_database())
+        nodes = []
+        for name in names:
+            folder = Path(tmp) / name
+            folder.mkdir()
+            body = mqtt_node(broker, name, args.concurrency) + store.body(name)
+            daemon = "max_workers = 8" + (f'\nnode_id = "{name}"' if store.body(name) else "")
+            nodes.append((Daemon(write_config(folder, body, daemon=daemon)), name))
+        for n in range(args.rounds):
+            order = [1, 2, 3][n % 3 :] + [1, 2, 3][: n % 3]
+            for k in order:
+                first = sum(map(len, rounds.values())) * args.messages
+                rounds[k].append(await mqtt_round(broker, nodes[:k], store, args.messages, first))
+        for daemon, _ in nodes:
+            await daemon.close()
+        seqs = store.seqs(names)
     out: dict = {}
     for k, rs in rounds.items():
         out[f"{k}_nodes"] = {
@@ -308,7 +355,11 @@ async def mqtt_fleet(args: argparse.Namespace) -> dict:
     out["duplicates"] = len(seqs) - len(set(seqs))
     out["messages"] = args.messages
     out["concurrency"] = args.concurrency
-    out["store"] = "sqlite, one file per node"
+    out["store"] = (
+        "postgresql, one database for all nodes"
+        if args.store == "postgresql"
+        else "sqlite, one file per node"
+    )
     return out
 
 
@@ -320,9 +371,11 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--part", choices=("store", "mqtt"), default="store")
     parser.add_argument("--messages", type=int, default=5000)  # per MQTT round
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")  # mqtt
     args = parser.parse_args()
     if args.part == "mqtt":
-        report("fleet-mqtt", await mqtt_fleet(args))
+        name = "fleet-mqtt" + ("-postgresql" if args.store == "postgresql" else "")
+        report(name, await mqtt_fleet(args))
         return
     cluster = Postgres(durable=True)
     cluster.start()
