@@ -115,7 +115,7 @@ class ApiSettings(ListenerSettings, frozen=True):
 class MqttSettings(_Section, frozen=True):
     url: str = "mqtt://127.0.0.1:1883"
     # Unset (""; a set one is never empty): "lambdaemon", or with share_group one per node,
-    # "lambdaemon-<host name>" (_validate): it names the broker session, which no two may share.
+    # "lambdaemon-<node id>" (_validate): it names the broker session, which no two may share.
     client_id: Annotated[str, Meta(min_length=1, max_length=128)] = ""
     # Every mqtt trigger subscribes as $share/<share_group>/<topic>: the nodes of a fleet with
     # the same group split the messages (triggers/mqtt.py).
@@ -344,9 +344,6 @@ def _validate(config: Config) -> Config:
         raise ConfigError(path, "daemon.wheelhouse", f"folder {wheelhouse} does not exist")
     if config.webhooks is not None:
         listen_host(config.webhooks.listen, path, "webhooks.listen")
-    if config.mqtt is not None:
-        mqtt_connection(config)
-        config = msgspec.structs.replace(config, mqtt=_mqtt(config, config.mqtt))
     if config.store.url is not None:
         store_connection(config)
     elif config.store.password_file is not None:
@@ -358,6 +355,9 @@ def _validate(config: Config) -> Config:
             f"the host name {config.node_id!r} is not a node id (letters, digits, '.', '_',"
             " '-', at most 63): set node_id",
         )
+    if config.mqtt is not None:
+        mqtt_connection(config)
+        config = msgspec.structs.replace(config, mqtt=_mqtt(config, config.mqtt))
     functions_dir = config.resolve(config.daemon.functions_dir)
     functions = {}
     for name, fn in config.functions.items():
@@ -375,10 +375,10 @@ def _mqtt(config: Config, mqtt: MqttSettings) -> MqttSettings:
         raise ConfigError(config.path, "mqtt.share_group", reason)
     if mqtt.client_id:
         return mqtt
-    # Each node of a share group needs a session of its own; the host name tells them apart
-    # where every node runs the same config.
-    node = socket.gethostname() if group is not None else ""
-    return msgspec.structs.replace(mqtt, client_id=f"lambdaemon-{node}" if node else "lambdaemon")
+    # Each node of a share group needs a session of its own: its node id (the host name
+    # unless set) tells them apart where every node runs the same config.
+    client_id = f"lambdaemon-{config.node_id}" if group is not None else "lambdaemon"
+    return msgspec.structs.replace(mqtt, client_id=client_id)
 
 
 def _validate_function(

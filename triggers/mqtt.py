@@ -369,7 +369,7 @@ class MqttSource:
             client_id=client_id,
             reason=f"{why}: is another daemon using client id {client_id!r} on"
             f" {self._host}:{self._port}? give each its own [mqtt] client_id (unset with"
-            " share_group: one per host)",
+            " share_group: one per node)",
             retry_in_s=round(wait, 2),
         )
 

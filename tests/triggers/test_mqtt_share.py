@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from daemon.config import load_config
 from daemon.errors import ConfigError
 from tests.daemon_proc import ROOT, Daemon, running_daemon, write_config
 from tests.mosquitto import Mosquitto, running_broker
+from tests.postgres import Postgres
 from tests.triggers.test_mqtt import (
     AckDroppingProxy,
     count,
@@ -35,7 +37,7 @@ from tests.triggers.test_mqtt import (
     stored,
     subscribed,
 )
-from tests.waits import until_changed
+from tests.waits import until, until_changed
 from triggers.mqtt import BACKOFF_S, SESSION_TAKEN_OVER, _Client
 
 GROUP = "fleet"
@@ -83,7 +85,7 @@ def test_topic_written_as_a_shared_subscription_with_share_group_is_a_config_err
     assert load_config(write_config(tmp_path, body.replace(f'share_group = "{GROUP}"', "")))
 
 
-def test_client_id_defaults_to_one_per_host_with_share_group(tmp_path: Path) -> None:
+def test_client_id_defaults_to_one_per_node_with_share_group(tmp_path: Path) -> None:
     body = mqtt_toml("mqtt://127.0.0.1:1883", {"temp": [("t/#", 1)]})
     unset = body.replace('client_id = "lambdaemon-test"\n', "")
     config = load_config(write_config(tmp_path, unset))
@@ -91,7 +93,10 @@ def test_client_id_defaults_to_one_per_host_with_share_group(tmp_path: Path) -> 
     shared = unset.replace("[mqtt]\n", f'[mqtt]\nshare_group = "{GROUP}"\n')
     config = load_config(write_config(tmp_path, shared))
     assert config.mqtt is not None
-    assert config.mqtt.client_id == f"lambdaemon-{socket.gethostname()}"
+    assert config.mqtt.client_id == f"lambdaemon-{socket.gethostname()}"  # the node id's default
+    node = write_config(tmp_path, shared, daemon='node_id = "edge-7"')
+    config = load_config(node)
+    assert config.mqtt is not None and config.mqtt.client_id == "lambdaemon-edge-7"
     named = body.replace("[mqtt]\n", '[mqtt]\nshare_group = "g"\n')
     config = load_config(write_config(tmp_path, named))
     assert config.mqtt is not None and config.mqtt.client_id == "lambdaemon-test"  # as set
@@ -469,3 +474,114 @@ async def test_a_broker_saying_session_taken_over_is_logged_at_once(
             await subscribed(daemon, 2)  # and it connects again
     assert "reason 0x8E (session taken over)" in taken["reason"]
     assert "client id 'lambdaemon-test'" in taken["reason"]
+
+
+# --- on one PostgreSQL store (the fleet) -------------------------------------------------------
+
+
+def pg_node(tmp_path: Path, name: str, body: str, cluster: Postgres, database: str) -> Daemon:
+    folder = tmp_path / name
+    folder.mkdir()
+    store = (
+        f'\n[store]\nurl = "{cluster.url(database)}"\n'
+        f'password_file = "{cluster.password_file}"\nlease_s = 2\n'
+    )
+    return Daemon(write_config(folder, body + store, daemon=f'node_id = "{name}"'))
+
+
+def pg_numbers(cluster: Postgres, database: str) -> list[int]:
+    with cluster.connect(database) as conn:
+        rows = conn.execute("SELECT event FROM invocations WHERE trigger = 'mqtt'").fetchall()
+    return [json.loads(bytes(event))["payload"]["n"] for (event,) in rows]
+
+
+async def test_on_a_shared_store_a_drain_finds_what_the_dead_node_committed(
+    pg_cluster: Postgres, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Node a commits its messages but its PUBACKs never reach the broker (a proxy drops them),
+    as if it died between each commit and its PUBACK; then it dies. Node b drains its session:
+    the broker redelivers all of them, and each maps to the record node a committed, in the
+    store they share: one record per message across the fleet."""
+    database = pg_cluster.create_database()
+    triggers = {"temp": [("sensors/+/temp", 1)]}
+    total = 100
+    async with AckDroppingProxy(mosquitto.port) as proxy:
+        proxy.drop_acks = True
+        through_proxy = f"mqtt://127.0.0.1:{proxy.port}"
+        a = pg_node(
+            tmp_path, "a", shared_toml(through_proxy, "node-a", triggers), pg_cluster, database
+        )
+        b = pg_node(
+            tmp_path, "b", shared_toml(mosquitto.url, "node-b", triggers), pg_cluster, database
+        )
+        try:
+            await asyncio.gather(a.start(timeout_s=40), b.start(timeout_s=40))
+            await asyncio.gather(subscribed(a), subscribed(b))
+            await publish(
+                mosquitto.port, *(("sensors/x/temp", f'{{"n": {i}}}') for i in range(total))
+            )
+
+            def committed() -> bool:
+                return len(pg_numbers(pg_cluster, database)) >= total
+
+            await stored(a, committed, "every message committed")
+            with pg_cluster.connect(database) as conn:
+                sql = "SELECT count(*) FROM invocations WHERE trigger = 'mqtt' AND node = 'a'"
+                (mine,) = conn.execute(sql).fetchone()
+            assert mine > 0
+            await proxy.acks(dropped=mine, what="node a's PUBACKs, dropped")
+            await a.kill()
+            assert b.session is not None
+            drain = f"{b.base}/v1/mqtt/drain"
+            async with b.session.post(drain, json={"client_id": "node-a"}) as resp:
+                assert resp.status == 200, await resp.text()
+                report = await resp.json()
+        finally:
+            await asyncio.gather(a.close(), b.close())
+    assert report["messages"] == mine  # every one of them came back
+    matched = [e for e in b.log_events() if e.get("event") == "mqtt_redelivery_matched"]
+    assert len(matched) == report["messages"]
+    assert sorted(pg_numbers(pg_cluster, database)) == list(range(total))  # once each
+
+
+async def test_three_nodes_on_one_store_lose_nothing_under_kill_9(
+    pg_cluster: Postgres, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Three nodes on one database and one share group, client ids left to their default
+    (lambdaemon-<node id>); nodes killed with kill -9 while messages stream in, and started
+    again: every message has exactly one record in the store, and each ends succeeded."""
+    database = pg_cluster.create_database()
+    body = shared_toml(mosquitto.url, "unset", {"temp": [("sensors/+/temp", 1)]})
+    body = body.replace('client_id = "unset"\n', "")
+    nodes = [pg_node(tmp_path, name, body, pg_cluster, database) for name in "abc"]
+    total = 1500
+
+    def final() -> list[tuple[str, str]]:
+        with pg_cluster.connect(database) as conn:
+            sql = "SELECT status, node FROM invocations WHERE trigger = 'mqtt'"
+            return [(str(s), str(n)) for s, n in conn.execute(sql).fetchall()]
+
+    try:
+        await asyncio.gather(*(d.start(timeout_s=40) for d in nodes))
+        await asyncio.gather(*(subscribed(d) for d in nodes))
+        for d in nodes:
+            connected = [e for e in d.log_events() if e.get("event") == "mqtt_connected"]
+            assert connected[0]["client_id"] == f"lambdaemon-{d.config.parent.name}"
+        publisher = asyncio.create_task(
+            publish(mosquitto.port, *(("sensors/x/temp", f'{{"n": {i}}}') for i in range(total)))
+        )
+        for at, victim in ((300, nodes[0]), (800, nodes[2])):
+            # The store is read from outside the daemons: polled, bounded.
+            await until(lambda at=at: len(final()) >= at, 30, f"{at} records")
+            await victim.kill()
+            await victim.start(timeout_s=40)
+        await asyncio.wait_for(publisher, 60)
+        await until(
+            lambda: len(final()) >= total and all(s == "succeeded" for s, _ in final()),
+            60,
+            "every record succeeded",
+        )
+    finally:
+        await asyncio.gather(*(d.close() for d in nodes))
+    assert sorted(pg_numbers(pg_cluster, database)) == list(range(total))
+    assert {n for _, n in final()} == {"a", "b", "c"}
