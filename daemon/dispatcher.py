@@ -823,9 +823,11 @@ class Dispatcher:
     async def _settle(self, lane: Lane, item: Backlogged, attempt: int, outcome: Outcome) -> None:
         """Record an async attempt: final on success, else a scheduled retry or a dead letter."""
         fn = lane.fn
-        # The store writes the final record and its destination in one transaction.
+        # The store writes the final record and its destination in one transaction; a function
+        # without destinations has nothing to route (and its final records share statements).
+        route = self._router if fn.on_success or fn.on_failure else None
         if outcome.status is Status.SUCCEEDED:
-            settled = await self._store.settle(item.id, attempt, outcome, self._router)
+            settled = await self._store.settle(item.id, attempt, outcome, route)
             lane.counts.finish(item.trigger, settled.status)
             self._resolve_final(item.id, settled.status)
             self._routed(settled.routed)
@@ -836,7 +838,7 @@ class Dispatcher:
         )
         if verdict.next_attempt_at is None:
             settled = await self._store.settle(
-                item.id, attempt, outcome, self._router, dead_letter=verdict.dead_letter
+                item.id, attempt, outcome, route, dead_letter=verdict.dead_letter
             )
             self._dead_lettered(lane, item, attempt, settled.status, verdict.dead_letter)
             self._routed(settled.routed)

@@ -99,7 +99,7 @@ def settle_batch(
         for i in group:
             settled[i] = done
             attempts.append((items[i].id, first.attempt, first.outcome))
-    records.record_attempts_in_batch(conn, batch.id, attempts)
+    records.record_attempts(conn, attempts, batch_id=batch.id)
     conn.executemany(_ATTEMPT_IN_BATCH, [(batch.id, item.id, item.attempt) for item in one_by_one])
     return settled
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from daemon.errors import StoreUnavailableError
-from daemon.store import records
+from daemon.store import records, settle
 from daemon.store.migrations import MIGRATIONS
 
 Op = Callable[[sqlite3.Connection], Any]
@@ -184,11 +184,34 @@ def _insert_finished_many(conn: sqlite3.Connection, *, ops: list[Write]) -> list
     return [None] * len(ops)
 
 
+def _mark_running_many(conn: sqlite3.Connection, *, ops: list[Write]) -> list[None]:
+    marks = [(k["id"], k["attempt"], k["started_at"], k["worker_pid"]) for k in _kwargs(ops)]
+    if len({mark[0] for mark in marks}) < len(marks):  # one row twice: in order, one by one
+        return [op(conn) for op in ops]
+    records.mark_running_many(conn, marks)
+    return [None] * len(ops)
+
+
+def _finish_many(conn: sqlite3.Connection, *, ops: list[Write]) -> list[settle.Settled]:
+    finished = [(k["id"], k["attempt"], k["o"], k["dead_letter"], k["now"]) for k in _kwargs(ops)]
+    routed = any(k["route"] is not None for k in _kwargs(ops))
+    if routed or len({row[0] for row in finished}) < len(finished):
+        return [op(conn) for op in ops]
+    return settle.finish_many(conn, finished)
+
+
+def _kwargs(ops: list[Write]) -> list[dict[str, Any]]:
+    return [op.keywords for op in ops]
+
+
 # The writes whose consecutive runs in a bare batch share statements: queued invocations
-# (every accepted event, records.insert) and finished sync calls (records.insert_finished).
+# (every accepted event, records.insert), finished sync calls (records.insert_finished), the
+# `running` marks of async attempts and their final records without a destination.
 _MANY: dict[Callable[..., Any], _Many] = {
     records.insert: _insert_many,
     records.insert_finished: _insert_finished_many,
+    records.mark_running: _mark_running_many,
+    settle.finish: _finish_many,
 }
 
 

@@ -105,7 +105,7 @@ def insert_many(conn: sqlite3.Connection, invs: Sequence[NewInvocation]) -> list
     of its rows is then looked up by its key, and one that did not go in gets the stored id,
     as insert() gives it."""
     answers: list[tuple[str, bool]] = []
-    for n, rows in _chunks(invs):
+    for n, rows in chunks(invs):
         params: list[Any] = []
         for inv in rows:
             params += _insert_values(inv)
@@ -155,7 +155,7 @@ def insert_finished_many(
     Each statement hands the GIL to the event loop and takes it back (sqlite3 lets go of it
     while SQLite works), and under load that hand-off costs the loop more than SQLite's work.
     """
-    for n, rows in _chunks(finished):
+    for n, rows in chunks(finished):
         params: list[Any] = []
         for inv, o in rows:
             params += (
@@ -192,20 +192,31 @@ def insert_finished_many(
         conn.execute(_ATTEMPTS_WITH_PID[n], params)
 
 
-def record_attempts_in_batch(
-    conn: sqlite3.Connection, batch_id: str, attempts: Sequence[tuple[str, int, Outcome]]
+def record_attempts(
+    conn: sqlite3.Connection,
+    attempts: Sequence[tuple[str, int, Outcome]],
+    batch_id: str | None = None,
 ) -> None:
-    """record_attempt of each (id, attempt, outcome), every row naming the batch it ran in:
-    one statement for up to MAX_ROWS of them. Each outcome must carry its worker_pid."""
-    for n, rows in _chunks(attempts):
+    """record_attempt of each (id, attempt, outcome): one statement for up to MAX_ROWS of
+    those whose outcome carries its worker pid, one each for the others (the pid is then the
+    row's). With `batch_id`, every row names the batch it ran in, and each outcome must carry
+    its pid."""
+    with_pid = [a for a in attempts if a[2].worker_pid is not None]
+    if batch_id is not None and len(with_pid) < len(attempts):
+        raise ValueError(f"batch {batch_id}: an item's outcome has no worker pid")
+    statements = _ATTEMPTS_WITH_PID if batch_id is None else _ATTEMPTS_IN_BATCH
+    extra = () if batch_id is None else (batch_id,)
+    for n, rows in chunks(with_pid):
         params: list[Any] = []
         for id, attempt, o in rows:
-            params += _attempt_values(id, attempt, o)
-            params += (o.worker_pid, batch_id)
-        conn.execute(_ATTEMPTS_IN_BATCH[n], params)
+            params += (*_attempt_values(id, attempt, o), o.worker_pid, *extra)
+        conn.execute(statements[n], params)
+    for id, attempt, o in attempts:
+        if o.worker_pid is None:
+            record_attempt(conn, id, attempt, o)
 
 
-def _chunks(rows: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
+def chunks(rows: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
     """`rows` in chunks of 2**k rows (MAX_ROWS at most), each with its size: a multi-row
     statement for each size is prepared once and then kept in sqlite3's statement cache."""
     done = 0
@@ -230,6 +241,16 @@ def mark_running(
         " worker_pid = ?, next_attempt_at = NULL WHERE id = ?" + OWNED,
         (attempt, started_at, worker_pid, id),
     )
+
+
+def mark_running_many(
+    conn: sqlite3.Connection, marks: Sequence[tuple[str, int, float, int | None]]
+) -> None:
+    """mark_running of each (id, attempt, started_at, worker_pid), ids all different: one
+    UPDATE for up to MAX_ROWS of them (SQLite's batches only: UPDATE ... FROM)."""
+    for n, rows in chunks(marks):
+        if conn.execute(_MARKS[n], [value for row in rows for value in row]).rowcount != n:
+            raise LookupError(f"no invocation for some of {[row[0] for row in rows]!r}")
 
 
 def unmark_running(conn: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
@@ -330,13 +351,13 @@ def _values(width: int, rows: int) -> str:
 
 # Statements for 1, 2, 4 ... MAX_ROWS rows, so that sqlite3 keeps each prepared.
 MAX_ROWS = 64
-_SIZES = [1 << k for k in range(MAX_ROWS.bit_length())]
+SIZES = [1 << k for k in range(MAX_ROWS.bit_length())]
 _FINISHED = {
     n: "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
     " invocation_type, status, attempt, queued_at, started_at, ended_at, duration_ms,"
     " billed_duration_ms, init_duration_ms, max_memory_mb, error_type, error_message,"
     " exit_code, signal, worker_pid, parent_id, event, result, logs)" + _values(24, n)
-    for n in _SIZES
+    for n in SIZES
 }
 _INSERT = (
     "INSERT INTO invocations (id, function, function_version, trigger, trigger_id,"
@@ -345,14 +366,37 @@ _INSERT = (
 )
 _SKIP_KNOWN_KEY = " ON CONFLICT (dedupe_key) DO NOTHING"
 _INSERT_ONE = _INSERT + _values(15, 1) + _SKIP_KNOWN_KEY
-_INSERTS = {n: _INSERT + _values(15, n) + _SKIP_KNOWN_KEY for n in _SIZES}
+_INSERTS = {n: _INSERT + _values(15, n) + _SKIP_KNOWN_KEY for n in SIZES}
+
+
+def update_from(columns: str, rows: int, sets: str) -> str:
+    """An UPDATE of `rows` invocations, each with its own values: VALUES rows named `columns`
+    (the first one `id`) as `v`, joined to the invocations by id. SQLite (3.33+) only. It
+    starts with UPDATE, not WITH, so that sqlite3 reports its rowcount."""
+    names = [name.strip() for name in columns.split(",")]
+    named = ", ".join(f"column{i} AS {name}" for i, name in enumerate(names, start=1))
+    values = _values(len(names), rows).removeprefix(" ")
+    return f"UPDATE invocations SET {sets} FROM (SELECT {named} FROM ({values})) AS v" + (
+        " WHERE invocations.id = v.id"
+    )
+
+
+_MARKS = {
+    n: update_from(
+        "id, attempt, started_at, worker_pid",
+        n,
+        "status = 'running', attempt = v.attempt, started_at = v.started_at,"
+        " worker_pid = v.worker_pid, next_attempt_at = NULL",
+    )
+    for n in SIZES
+}
 _ATTEMPT = (
     "INSERT OR REPLACE INTO attempts (invocation_id, attempt, status, started_at, ended_at,"
     " duration_ms, error_type, error_message, exit_code, signal, logs, worker_pid)"
 )
-_ATTEMPTS_WITH_PID = {n: _ATTEMPT + _values(12, n) for n in _SIZES}
+_ATTEMPTS_WITH_PID = {n: _ATTEMPT + _values(12, n) for n in SIZES}
 _ATTEMPTS_IN_BATCH = {
-    n: _ATTEMPT.replace("worker_pid)", "worker_pid, batch_id)") + _values(13, n) for n in _SIZES
+    n: _ATTEMPT.replace("worker_pid)", "worker_pid, batch_id)") + _values(13, n) for n in SIZES
 }
 _ATTEMPT_PID_FROM_ROW = (
     _ATTEMPT + " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, worker_pid FROM invocations WHERE id = ?"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -168,6 +168,42 @@ def finish(
     record_attempt(conn, id, attempt, o)
     routed = _route(conn, id, route, fresh_result=True) if route is not None else None
     return Settled(o.status.value, routed)
+
+
+def finish_many(
+    conn: sqlite3.Connection, finished: Sequence[tuple[str, int, Outcome, str | None, float]]
+) -> list[Settled]:
+    """finish() of each (id, attempt, outcome, dead_letter, now) without a destination to
+    route, ids all different: one UPDATE and one attempts INSERT for up to MAX_ROWS of them
+    (SQLite's batches only: UPDATE ... FROM). An outcome without a worker pid takes the row's
+    (record_attempt), one by one."""
+    for n, rows in records.chunks(finished):
+        params: list[Any] = []
+        for id, attempt, o, dead_letter, now in rows:
+            params += (id, *finish_values(attempt, o, dead_letter, now))
+        if conn.execute(_FINISHES[n], params).rowcount != n:
+            raise LookupError(f"no invocation for some of {[row[0] for row in rows]!r}")
+    records.record_attempts(conn, [(id, attempt, o) for id, attempt, o, _, _ in finished])
+    return [Settled(o.status.value) for _, _, o, _, _ in finished]
+
+
+_FINISHES = {
+    n: records.update_from(
+        "id, status, attempt, started_at, ended_at, duration_ms, billed_duration_ms,"
+        " init_duration_ms, max_memory_mb, error_type, error_message, exit_code, signal,"
+        " worker_pid, result, logs, dead_letter_reason, dead_lettered_at",
+        n,
+        "status = v.status, attempt = v.attempt, started_at = v.started_at,"
+        " ended_at = v.ended_at, next_attempt_at = NULL, duration_ms = v.duration_ms,"
+        " billed_duration_ms = v.billed_duration_ms, init_duration_ms = v.init_duration_ms,"
+        " max_memory_mb = v.max_memory_mb, error_type = v.error_type,"
+        " error_message = v.error_message, exit_code = v.exit_code, signal = v.signal,"
+        " worker_pid = COALESCE(v.worker_pid, invocations.worker_pid), result = v.result,"
+        " logs = v.logs, dead_letter_reason = v.dead_letter_reason,"
+        " dead_lettered_at = v.dead_lettered_at",
+    )
+    for n in records.SIZES
+}
 
 
 def record_sync_final(conn: sqlite3.Connection, inv: NewInvocation, o: Outcome, now: float) -> None:

@@ -256,15 +256,16 @@ class Store:
         id: str,
         attempt: int,
         outcome: Outcome,
-        route: Route,
+        route: Route | None,
         *,
         dead_letter: str | None = None,
     ) -> Settled:
         """finish() an async invocation and route its outcome's destination, in one transaction.
 
-        `route` decides where the outcome goes (daemon/destinations/routing.py); a new queued
-        invocation or an outbox row is committed with the final record or not at all
-        (daemon/store/settle.py). Returns where it went, for the caller to run or deliver.
+        `route` decides where the outcome goes (daemon/destinations/routing.py; None for a
+        function without destinations); a new queued invocation or an outbox row is committed
+        with the final record or not at all (daemon/store/settle.py). Returns where it went,
+        for the caller to run or deliver.
         """
         return await self._finish(id, attempt, outcome, dead_letter, route)
 

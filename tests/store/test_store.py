@@ -288,6 +288,61 @@ async def test_store_run_of_inserts_shares_statements_and_keeps_each_answer(stor
     assert store.reruns == reruns + 1
 
 
+async def test_store_runs_of_marks_and_finishes_share_statements_and_end_each_row(
+    store: Store,
+) -> None:
+    """Async attempts' `running` marks and final records queued together are written a chunk
+    of rows per statement (SQLite), and each row ends as its own write says."""
+    ids = [f"r{i:02}" for i in range(70)]
+    for id in ids:
+        await store.insert(new(id))
+    before, reruns = store.commits, store.reruns
+    await asyncio.gather(
+        *(store.mark_running(id, 1, 1001.0 + i, 100 + i) for i, id in enumerate(ids))
+    )
+    assert store.commits - before == 1 and store.reruns == reruns
+
+    def ended(i: int) -> Outcome:
+        if i % 4 == 0:
+            return outcome(Status.FAILED, error_type="E", error_message=f"bad {i}", worker_pid=None)
+        return outcome(Status.SUCCEEDED, payload=f'"ok {i}"'.encode(), worker_pid=100 + i)
+
+    settled = await asyncio.gather(
+        *(
+            store.settle(
+                id, 1, ended(i), None, dead_letter="RetriesExhausted" if i % 4 == 0 else None
+            )
+            for i, id in enumerate(ids)
+        )
+    )
+    assert store.reruns == reruns
+    assert [s.status for s in settled] == [str(ended(i).status) for i in range(70)]
+    for i, id in enumerate(ids):
+        record = await store.get(id)
+        assert record is not None
+        o = ended(i)
+        assert (record["status"], record["result"], record["error_message"]) == (
+            str(o.status),
+            o.payload,
+            o.error_message,
+        ), id
+        assert (record["worker_pid"], record["started_at"]) == (100 + i, o.started_at), id
+        assert record["dead_letter_reason"] == ("RetriesExhausted" if i % 4 == 0 else None)
+        assert [(a["attempt"], a["status"], a["worker_pid"]) for a in record["attempts"]] == [
+            (1, str(o.status), 100 + i)
+        ], id
+    # A mark or a final record of an invocation that is not there fails alone.
+    await store.insert(new("s1"))
+    results = await asyncio.gather(
+        store.mark_running("nobody", 1, 1.0, 1),
+        store.mark_running("s1", 1, 1.0, 1),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], LookupError) and results[1] is None
+    assert store.reruns == reruns + 1
+    assert await store.status_of("s1") == "running"
+
+
 async def test_store_run_of_finished_sync_calls_is_recorded_as_one_by_one(store: Store) -> None:
     """A run of record_finished in a batch is written a chunk of rows per statement."""
 
