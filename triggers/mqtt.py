@@ -20,7 +20,7 @@ daemons of a fleet split the messages. A message still carries its own topic and
 subscription's identifier, so routing is unchanged. Each node has its own client id (session);
 Mosquitto keeps a dead member's unacked messages and its turns for its session
 (tests/triggers/test_mqtt_share.py): the node gets them when it is back, or a live node drains
-that session (MqttSource.drain, POST /v1/mqtt/drain). A client id used twice shows as "session
+that session (MqttSource.drain: POST /v1/mqtt/drain, or by itself in a fleet on one store). A client id used twice shows as "session
 taken over" (0x8E) or, from Mosquitto 2.0, as connections ended soon after they were made
 (MqttSource._contested).
 
@@ -95,6 +95,7 @@ BACKOFF_S = (0.5, 30.0)  # reconnect delay: first, cap (jittered)
 # backoff's cap, so a contest that has slowed down to the cap still counts.
 SHORT_S = 2 * BACKOFF_S[1]
 SHORT_IN_A_ROW = 3
+DEAD_CHECK_S = 2.0  # how often a fleet's first live node looks for dead nodes to drain
 DRAIN_QUIET_S = 1.0  # MqttSource.drain: a session is drained once this long passes quietly
 ROUTES_KEPT = 4096  # topics whose triggers are remembered (_route)
 SHARE = "$share/"  # a shared subscription's filter: $share/<group>/<topic filter>
@@ -299,6 +300,55 @@ class MqttSource:
 
     async def run(self, emit: Emit) -> None:
         self._emit = emit
+        drainer = None
+        if self._drains_dead_nodes():
+            drainer = asyncio.create_task(self._drain_dead_nodes(), name="mqtt:drain-dead")
+        try:
+            await self._serve(emit)
+        finally:
+            if drainer is not None:
+                drainer.cancel()
+                await asyncio.gather(drainer, return_exceptions=True)
+
+    def _drains_dead_nodes(self) -> bool:
+        """In a fleet on one store with share_group and default client ids: the client id of
+        every node is known from its node id, so the nodes can drain a dead one's session."""
+        default = f"lambdaemon-{self._config.node_id}"
+        fleet = bool(getattr(self._store, "fleet", False))
+        return (
+            fleet and self._settings.share_group is not None and self._settings.client_id == default
+        )
+
+    async def _drain_dead_nodes(self) -> None:
+        """Drain the session of each node whose lease ran out, once per run of that node.
+
+        One node drains at a time: the live node first by node id (each node sees the same
+        leases, on the database's clock). A node that comes back takes its session back (the
+        drain then ends; what it stored is found by the node's own keys on the shared store)."""
+        mine = self._config.node_id
+        drained: set[tuple[str, float]] = set()
+        while True:
+            await asyncio.sleep(DEAD_CHECK_S)
+            try:
+                now, nodes = await self._store.list_nodes()
+            except StoreUnavailableError:
+                continue  # the store's own health says so; tried again next time
+            live = sorted(n["node_id"] for n in nodes if n["lease_until"] >= now)
+            if not live or live[0] != mine:
+                continue
+            for node in nodes:
+                key = (node["node_id"], node["started_at"])
+                if node["lease_until"] >= now or key in drained:
+                    continue
+                client_id = f"lambdaemon-{node['node_id']}"
+                try:
+                    await self.drain(client_id)
+                except (aiomqtt.MqttError, StoreUnavailableError) as exc:
+                    log.warning("mqtt_drain_failed", client_id=client_id, error=str(exc))
+                    continue
+                drained.add(key)
+
+    async def _serve(self, emit: Emit) -> None:
         client = self._client()
         self._seq = await self._last_seq()
         backoff = Backoff(*BACKOFF_S, jitter=(0.5, 1.0))

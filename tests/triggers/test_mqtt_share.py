@@ -585,3 +585,41 @@ async def test_three_nodes_on_one_store_lose_nothing_under_kill_9(
         await asyncio.gather(*(d.close() for d in nodes))
     assert sorted(pg_numbers(pg_cluster, database)) == list(range(total))
     assert {n for _, n in final()} == {"a", "b", "c"}
+
+
+async def test_a_fleet_drains_a_dead_nodes_session_by_itself(
+    pg_cluster: Postgres, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """On one store with default client ids, once a node's lease has run out the first live
+    node by id drains its session: what the broker held for it is stored without anyone
+    asking, and the later messages go to the live nodes only."""
+    database = pg_cluster.create_database()
+    body = shared_toml(mosquitto.url, "unset", {"temp": [("sensors/+/temp", 1)]})
+    body = body.replace('client_id = "unset"\n', "")
+    a, b, c = (pg_node(tmp_path, name, body, pg_cluster, database) for name in "abc")
+
+    def message(i: int) -> tuple[str, str]:
+        return ("sensors/x/temp", f'{{"n": {i}}}')
+
+    def numbers_stored() -> set[int]:
+        return set(pg_numbers(pg_cluster, database))
+
+    try:
+        await asyncio.gather(*(d.start(timeout_s=40) for d in (a, b, c)))
+        await asyncio.gather(*(subscribed(d) for d in (a, b, c)))
+        await c.kill()  # and never started again
+        await publish(mosquitto.port, *map(message, range(300)))  # a third queued for c
+        drained = await a.wait_log("mqtt_drained", client_id="lambdaemon-c", timeout_s=30)
+        assert drained[0]["messages"] > 0
+        # The store is read from outside the daemons: polled, bounded.
+        await until(lambda: numbers_stored() >= set(range(300)), 30, "every message stored")
+        await publish(mosquitto.port, *map(message, range(300, 360)))
+        await until(lambda: numbers_stored() >= set(range(360)), 30, "the later ones")
+    finally:
+        await asyncio.gather(a.close(), b.close(), c.close())
+    assert sorted(pg_numbers(pg_cluster, database)) == list(range(360))  # once each
+    assert not [e for e in b.log_events() if e.get("event") == "mqtt_drained"]  # a only
+    with pg_cluster.connect(database) as conn:
+        rows = conn.execute("SELECT event, node FROM invocations WHERE trigger = 'mqtt'")
+        later = {node for event, node in rows if json.loads(bytes(event))["payload"]["n"] >= 300}
+    assert later == {"a", "b"}  # c's session, drained and unsubscribed, gets no turn
