@@ -20,9 +20,9 @@ daemons of a fleet split the messages. A message still carries its own topic and
 subscription's identifier, so routing is unchanged. Each node has its own client id (session);
 Mosquitto keeps a dead member's unacked messages and its turns for its session
 (tests/triggers/test_mqtt_share.py): the node gets them when it is back, or a live node drains
-that session (MqttSource.drain: POST /v1/mqtt/drain, or by itself in a fleet on one store). A client id used twice shows as "session
-taken over" (0x8E) or, from Mosquitto 2.0, as connections ended soon after they were made
-(MqttSource._contested).
+that session (MqttSource.drain: POST /v1/mqtt/drain, or by itself in a fleet on one store). A
+client id used twice shows as "session taken over" (0x8E) or, from Mosquitto 2.0, as
+connections ended soon after they were made (MqttSource._contested).
 
 Redelivery (DUP = 1) maps to the first delivery's record, never to a new one:
 - a publisher-set user property `message-id` keys the record (hash of topic and id), DUP or
