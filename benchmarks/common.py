@@ -153,14 +153,14 @@ def cpu_of(pid: int) -> dict[str, float]:
     """
     out = {"loop": 0.0, "threads": 0.0, "children": 0.0, "loop_waiting": 0.0, **_machine()}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        ran, waited = _task_cpu(task)
+        ran, waited = task_cpu(task)
         if int(task.name) == pid:
             out["loop"], out["loop_waiting"] = ran, waited
         else:
             out["threads"] += ran
     for child in _children(pid):
         with contextlib.suppress(OSError):  # it exited between the listing and the read
-            out["children"] += sum(_task_cpu(t)[0] for t in Path(f"/proc/{child}/task").iterdir())
+            out["children"] += sum(task_cpu(t)[0] for t in Path(f"/proc/{child}/task").iterdir())
     return out
 
 
@@ -195,7 +195,7 @@ def _machine() -> dict[str, float]:
     }
 
 
-def _task_cpu(task: Path) -> tuple[float, float]:
+def task_cpu(task: Path) -> tuple[float, float]:
     """(seconds on a core, seconds runnable but waiting for one) of one thread."""
     try:
         ran, waited, _ = (task / "schedstat").read_text().split()

@@ -8,6 +8,7 @@ bootstrap; nodejs; a Go `provided` bootstrap built here with Debian's Go toolcha
 - warm sync Invoke API throughput at 4 connections (the function's concurrency), in rounds that
   alternate the runtimes, and each round's ratio to the Python worker's round next to it
   (median, min, max) (target: Go >= 0.8x the Python worker);
+- CPU per call in those rounds: the daemon's, and its workers' with all they run (median);
 - cold start p50 (first invoke of a function with no warm worker);
 - idle RSS of one warm worker: the Python worker, or a runtime worker's Runtime API process plus
   its bootstrap; under the sandbox, the worker plus bwrap's two processes (its parent and the
@@ -35,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import loadgen, report  # noqa: E402
+from benchmarks.common import loadgen, report, task_cpu  # noqa: E402
 from tests.daemon_proc import Daemon, write_config  # noqa: E402
 
 FUNCTIONS = HERE / "functions"
@@ -111,6 +112,29 @@ def sandbox_rss_mb(name: str) -> float:
     return total
 
 
+def cpu_split(daemon_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the daemon (every thread) and of all its descendants: the workers,
+    and below them bootstraps, bwrap and what handlers started."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            parents[pid] = parent(pid)
+            used[pid] = sum(task_cpu(task)[0] for task in Path(f"/proc/{pid}/task").iterdir())
+        except (OSError, ValueError):
+            continue
+    below, found = [daemon_pid], 0.0
+    while below:
+        pid = below.pop()
+        children = [child for child, ppid in parents.items() if ppid == pid]
+        found += sum(used.get(child, 0.0) for child in children)
+        below += children
+    return {"daemon": used.get(daemon_pid, 0.0), "workers": found}
+
+
 def parent(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
@@ -142,7 +166,12 @@ async def measure(daemon: Daemon, names: list[str], seconds: float, rounds: int)
     for _ in range(rounds):
         for name in names:
             url = f"{daemon.base}/2015-03-31/functions/{name}/invocations"
-            runs[name].append(await asyncio.to_thread(loadgen, url, CONCURRENCY, seconds))
+            before = cpu_split(daemon.proc.pid)
+            run = await asyncio.to_thread(loadgen, url, CONCURRENCY, seconds)
+            after = cpu_split(daemon.proc.pid)
+            calls = max(1, run["requests"])
+            run["cpu_us"] = {key: (after[key] - before[key]) * 1e6 / calls for key in after}
+            runs[name].append(run)
     for name in names:
         rps = [run["rps"] for run in runs[name]]
         results[name]["warm_4_connections"] = {
@@ -151,6 +180,12 @@ async def measure(daemon: Daemon, names: list[str], seconds: float, rounds: int)
             "p99_ms": round(statistics.median(run["p99_ms"] for run in runs[name]), 2),
             "errors": sum(run["errors"] for run in runs[name]),
             "rounds_rps": [round(r, 1) for r in rps],
+        }
+        # CPU per call (median over rounds): the daemon's, and its workers' (with everything
+        # they run); less moved by other load on the machine than the throughput is.
+        results[name]["cpu_us_per_call"] = {
+            key: round(statistics.median(run["cpu_us"][key] for run in runs[name]))
+            for key in ("daemon", "workers")
         }
         ratios = [a["rps"] / b["rps"] for a, b in zip(runs[name], runs["python"], strict=True)]
         results[name]["ratio_vs_python"] = {
