@@ -1,10 +1,14 @@
-"""The fleet: one daemon on PostgreSQL against one on SQLite (async intake), and MQTT on a
-shared subscription with one, two and three nodes.
+"""The fleet: one daemon on PostgreSQL against one on SQLite (async intake), async intake with
+one, two and three nodes on one PostgreSQL store, the time until a dead node's work runs on
+another, and MQTT on a shared subscription with one, two and three nodes.
 
     .venv/bin/python benchmarks/fleet.py [--seconds 5] [--connections 32] [--rounds 3]
         [--concurrency 4]
     .venv/bin/python benchmarks/fleet.py --part mqtt [--messages 5000] [--rounds 3]
         [--concurrency 4]
+    .venv/bin/python benchmarks/fleet.py --part nodes [--seconds 5] [--connections 32]
+        [--rounds 3] [--concurrency 4]
+    .venv/bin/python benchmarks/fleet.py --part takeover [--lease-s 5] [--held 8] [--rounds 3]
 
 Two daemons with the same function (a no-op, `concurrency` warm workers) run side by side: one
 on its SQLite file, one with [store] url on a private PostgreSQL cluster (tests/postgres.py)
@@ -17,9 +21,21 @@ over SQLite's in the round beside it: median, min and max. Target: >= 0.5x.
 
 Also per round: the drain rate (events run to their final record per second, from the daemon's
 own queued_at and ended_at) and each daemon's CPU per event (loop, threads, workers), and for
-PostgreSQL the server's processes' CPU per event. A fleet of several nodes on one store is not
-built yet (docs/store.md): this is the one-node baseline it will be measured from. Writes
-benchmarks/results/fleet.json.
+PostgreSQL the server's processes' CPU per event. Writes benchmarks/results/fleet.json.
+
+`--part nodes`: one, two and three nodes on one PostgreSQL database (the durable cluster), the
+order turned each round. A round starts k nodes, loads their Invoke APIs together with `Event`
+calls (`--connections` split among them), waits until every accepted event has its final
+record, and stops them. Figures: accepted events per second in all, events per second of the
+nodes' CPU together (loop, threads, workers: on these 2 cores more nodes share the same CPU)
+and of the server's, each node's share. Writes benchmarks/results/fleet-nodes.json.
+
+`--part takeover`: two nodes on one PostgreSQL database, [store] lease_s = `--lease-s`. Node a
+(concurrency 1) is given `--held` events of a handler that sleeps 0.2 s and is killed with kill
+-9 once the first has started; node b (concurrency `--held`, idle) takes them over. The figure
+is the time from the kill to the first of them starting on b (its attempt's started_at on b),
+against the target of lease_s + 1 s; then a starts again for the next round. Writes
+benchmarks/results/fleet-takeover.json.
 
 `--part mqtt`: three daemons (nodes) with the no-op on one trigger, `[mqtt] share_group` set,
 each with its own client id and its own SQLite file, one private Mosquitto. A round starts 1, 2
@@ -363,19 +379,198 @@ async def mqtt_fleet(args: argparse.Namespace) -> dict:
     return out
 
 
+# --- several nodes on one PostgreSQL store ----------------------------------------------------
+
+
+def pg_store(cluster: Postgres, database: str, lease_s: float = 10.0) -> str:
+    return (
+        f'\n[store]\nurl = "{cluster.url(database)}"\n'
+        f'password_file = "{cluster.password_file}"\nlease_s = {lease_s}\n'
+    )
+
+
+async def nodes_round(
+    nodes: list[Daemon], read: Callable[..., list[tuple[Any, ...]]], cluster: Postgres, args
+) -> dict:
+    """Start `nodes`, load them together, wait for every final record, stop them."""
+    await asyncio.gather(*(d.start(timeout_s=60) for d in nodes))
+    try:
+        before = await drained(read)
+        cpu, server = [cpu_of(d.proc.pid) for d in nodes], server_cpu(cluster)
+        headers = {"X-Amz-Invocation-Type": "Event"}
+        share = max(1, args.connections // len(nodes))
+        loads = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    loadgen,
+                    f"{d.base}/2015-03-31/functions/noop/invocations",
+                    share,
+                    args.seconds,
+                    "{}",
+                    headers,
+                )
+                for d in nodes
+            )
+        )
+        events = await drained(read) - before
+        after, server_after = [cpu_of(d.proc.pid) for d in nodes], server_cpu(cluster)
+    finally:
+        await asyncio.gather(*(d.stop() for d in nodes))
+    cpu_s = [
+        sum(a[part] - b[part] for part in ("loop", "threads", "children"))
+        for b, a in zip(cpu, after, strict=True)
+    ]
+    return {
+        "nodes": len(nodes),
+        "rps": round(sum(load["rps"] for load in loads), 1),
+        "per_node_rps": [load["rps"] for load in loads],
+        "errors": sum(load["errors"] for load in loads),
+        "events": events,
+        "node_cpu_s": [round(c, 3) for c in cpu_s],
+        "events_per_node_cpu_s": round(events / sum(cpu_s), 1),
+        "events_per_server_cpu_s": round(events / max(1e-9, server_after - server), 1),
+        "machine": machine_share(cpu[0], after[0]),
+    }
+
+
+async def nodes_fleet(args: argparse.Namespace) -> dict:
+    rounds: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+    cluster = Postgres(durable=True)
+    cluster.start()
+    try:
+        database = cluster.create_database()
+        with tempfile.TemporaryDirectory() as tmp:
+            nodes = []
+            for i in range(3):
+                folder = Path(tmp) / f"node{i + 1}"
+                folder.mkdir()
+                body = config(args.concurrency) + pg_store(cluster, database)
+                daemon = f'max_workers = 8\nnode_id = "node{i + 1}"'
+                nodes.append(Daemon(write_config(folder, body, daemon=daemon)))
+            read = pg_reader(cluster, database)
+            for n in range(args.rounds):
+                order = [1, 2, 3][n % 3 :] + [1, 2, 3][: n % 3]
+                for k in order:
+                    rounds[k].append(await nodes_round(nodes[:k], read, cluster, args))
+            for daemon in nodes:
+                await daemon.close()
+    finally:
+        cluster.stop()
+    out: dict = {}
+    for k, rs in rounds.items():
+        out[f"{k}_nodes"] = {
+            "rps": spread([r["rps"] for r in rs]),
+            "events_per_node_cpu_s": spread([r["events_per_node_cpu_s"] for r in rs]),
+            "events_per_server_cpu_s": spread([r["events_per_server_cpu_s"] for r in rs]),
+            "rounds": rs,
+        }
+    for k in (2, 3):
+        out[f"{k}_nodes_vs_1"] = spread(
+            [r["rps"] / o["rps"] for r, o in zip(rounds[k], rounds[1], strict=True)]
+        )
+    out["errors"] = sum(r["errors"] for rs in rounds.values() for r in rs)
+    out["connections"] = args.connections
+    out["concurrency"] = args.concurrency
+    out["store"] = "postgresql, one database for all nodes (fsync on)"
+    return out
+
+
+SLOW = HERE.parent / "tests" / "functions" / "slow"
+
+
+def slow_fn(concurrency: int) -> str:
+    return (
+        f'[functions.slow]\nhandler = "handler.handler"\ncode = "{SLOW}"\n'
+        f"concurrency = {concurrency}\nmin_warm = {concurrency}\ntimeout_s = 10\n"
+    )
+
+
+async def takeover_round(a: Daemon, b: Daemon, read: Callable[..., list], held: int) -> dict:
+    """Give a `held` events, kill it once the first runs: seconds until b runs one of them."""
+    await a.start(timeout_s=60)
+    mark = a.log_mark()
+    ids = []
+    for _ in range(held):
+        status, headers, body = await a.invoke("slow", {"sleep_s": 0.2}, kind="Event")
+        assert status == 202, body
+        ids.append(headers["x-amzn-RequestId"])
+    await a.wait_log("invocation_started", since=mark, invocation_id=ids[0])
+    killed = time.time()
+    await a.kill()
+    async with asyncio.timeout(120):
+        while True:  # the records are read from outside the daemons: polled, bounded
+            rows = await asyncio.to_thread(
+                read,
+                "SELECT a.started_at, a.node FROM attempts a WHERE a.invocation_id = ANY(?)"
+                " AND a.status = 'succeeded'",
+                (ids,),
+            )
+            if len(rows) == held:
+                break
+            await asyncio.sleep(0.05)
+    on_b = [started for started, node in rows if node == "b"]
+    return {
+        "takeover_s": round(min(on_b) - killed, 3),
+        "taken_by_b": len(on_b),
+        "held": held,
+    }
+
+
+async def takeover(args: argparse.Namespace) -> dict:
+    cluster = Postgres(durable=True)
+    cluster.start()
+    rounds = []
+    try:
+        database = cluster.create_database()
+        store = pg_store(cluster, database, args.lease_s)
+        with tempfile.TemporaryDirectory() as tmp:
+            daemons = {}
+            for name, concurrency in (("a", 1), ("b", args.held)):
+                folder = Path(tmp) / name
+                folder.mkdir()
+                body = slow_fn(concurrency) + store
+                daemon = f'max_workers = {args.held + 1}\nnode_id = "{name}"'
+                daemons[name] = Daemon(write_config(folder, body, daemon=daemon))
+            await daemons["b"].start(timeout_s=60)
+            read = pg_reader(cluster, database)
+            try:
+                for _ in range(args.rounds):
+                    rounds.append(await takeover_round(daemons["a"], daemons["b"], read, args.held))
+            finally:
+                for daemon in daemons.values():
+                    await daemon.close()
+    finally:
+        cluster.stop()
+    times = [r["takeover_s"] for r in rounds]
+    return {
+        "takeover_s": spread(times),
+        "lease_s": args.lease_s,
+        "targets": {"takeover <= lease_s + 1 s": max(times) <= args.lease_s + 1},
+        "rounds": rounds,
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--part", choices=("store", "mqtt"), default="store")
+    parser.add_argument("--part", choices=("store", "mqtt", "nodes", "takeover"), default="store")
     parser.add_argument("--messages", type=int, default=5000)  # per MQTT round
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")  # mqtt
+    parser.add_argument("--lease-s", type=float, default=5.0)  # takeover
+    parser.add_argument("--held", type=int, default=8)  # takeover: events node a holds
     args = parser.parse_args()
     if args.part == "mqtt":
         name = "fleet-mqtt" + ("-postgresql" if args.store == "postgresql" else "")
         report(name, await mqtt_fleet(args))
+        return
+    if args.part == "nodes":
+        report("fleet-nodes", await nodes_fleet(args))
+        return
+    if args.part == "takeover":
+        report("fleet-takeover", await takeover(args))
         return
     cluster = Postgres(durable=True)
     cluster.start()

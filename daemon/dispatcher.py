@@ -69,6 +69,9 @@ VISIBLE_AFTER_S = 0.25
 MARK_AHEAD = 64
 MARK_AHEAD_PER_SLOT = 8
 QUICK_MS = 5.0
+# A fleet's node keeps this many waiting invocations per concurrency slot of a function when it
+# releases the rest of its backlog to idle nodes (release_excess).
+KEEP_PER_SLOT = 2
 # A fenced node (daemon/fleet.py) looks at an invocation again this long after it could not start.
 FENCE_RETRY_S = 0.5
 _json = msgspec.json.Encoder()
@@ -151,6 +154,37 @@ class Dispatcher:
         if self._stopping:
             return {}
         return {name: f["free"] for name, f in self.load()["functions"].items()}
+
+    def release_excess(self, spare: dict[str, int]) -> list[tuple[str, Backlogged]]:
+        """Take out of the lanes what other nodes could run now: per function, up to
+        `spare[function]` (the free slots of the other live nodes) of the newest waiting
+        invocations past KEEP_PER_SLOT per concurrency slot, never one marked running ahead
+        or gathered for a batch. The caller releases their rows (daemon/fleet.py) and puts
+        back any that could not be (put_back)."""
+        if self._stopping:
+            return []
+        taken: list[tuple[str, Backlogged]] = []
+        for name, lane in self._lanes.items():
+            room = min(spare.get(name, 0), len(lane.backlog) - KEEP_PER_SLOT * lane.fn.concurrency)
+            if room <= 0 or lane.paused or lane.gathering:
+                continue
+            kept: list[Backlogged] = []
+            while room > 0 and len(lane.backlog) > KEEP_PER_SLOT * lane.fn.concurrency:
+                item = lane.backlog.pop()  # the newest; the lane starts from the other end
+                if item.id in lane.marked_ahead:
+                    kept.append(item)
+                    continue
+                lane.budget.release(item)
+                taken.append((name, item))
+                room -= 1
+            lane.backlog.extend(reversed(kept))
+        return taken
+
+    def put_back(self, items: list[tuple[str, Backlogged]]) -> None:
+        """Into their lanes again: invocations release_excess took out that stay this node's."""
+        for name, item in items:
+            if (lane := self._lanes.get(name)) is not None:
+                lane.push(item)
 
     @property
     def router(self) -> Router:

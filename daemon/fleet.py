@@ -13,6 +13,11 @@ the rows. A Node here:
 - every CHECK_S looks for dead nodes (lease run out) that still own work, and takes over as
   much of it as its lanes have free slots for: crashed attempts recorded for what was running,
   then all of it queued in its own lanes;
+- shares its backlog: at each heartbeat, what waits in a lane beyond KEEP_PER_SLOT per
+  concurrency slot is released, up to the free slots the other live nodes reported, as rows
+  no node owns; a node with free slots takes them over as it takes a dead node's work (this
+  one too, once it has room again). A released invocation is out of this node's lanes before
+  its row is released, and a node starts only what it owns, so it never runs twice;
 - leaves at a clean stop: its lease ends at once, so the others take its queued work over.
 
 On SQLite the store has one node: it joins and leaves (its row for /v1/nodes), nothing more.
@@ -21,6 +26,7 @@ On SQLite the store has one node: it joins and leaves (its row for /v1/nodes), n
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -101,6 +107,36 @@ class Node:
             return
         self._failures = 0
         self._valid_until = sent + self.lease_s
+        await self._share(dispatcher)
+
+    async def _share(self, dispatcher: Dispatcher) -> None:
+        """Release what waits here beyond a few per slot to the other live nodes' free slots
+        (as of their last heartbeat): its rows, no node's now, go to whichever node takes
+        them over first (_take_over), this one included once it has room again."""
+        try:
+            now, nodes = await self.store.list_nodes()
+        except StoreUnavailableError:
+            return
+        spare: dict[str, int] = {}
+        for row in nodes:
+            if row["node_id"] == self.node_id or row["stopped_at"] is not None:
+                continue
+            if row["lease_until"] < now or not row["load"]:
+                continue
+            for function, load in json.loads(row["load"])["functions"].items():
+                spare[function] = spare.get(function, 0) + load["free"]
+        if not any(spare.values()):
+            return
+        taken = dispatcher.release_excess(spare)
+        if not taken:
+            return
+        try:
+            released = set(await self.store.release([item.id for _, item in taken]))
+        except StoreUnavailableError:
+            released = set()
+        dispatcher.put_back([(fn, item) for fn, item in taken if item.id not in released])
+        if released:
+            log.info("node_work_released", node_id=self.node_id, released=len(released))
 
     def _check_fence(self) -> None:
         fenced = self.fenced()

@@ -9,15 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+import pytest
+
 from tests.daemon_proc import ROOT, Daemon, write_config
+from tests.mosquitto import Mosquitto, running_broker
 from tests.postgres import Postgres
 
 FUNCS = Path(__file__).resolve().parent / "functions"
@@ -169,22 +174,85 @@ async def test_a_node_that_starts_again_recovers_its_own_work_only(pg_cluster, t
     assert {owners[id] for id in mine} == {"a"} and {owners[id] for id in theirs} == {"b"}
 
 
+async def test_a_long_backlog_is_shared_with_an_idle_node(pg_cluster, tmp_path):
+    """Node a (one slot) gets a backlog; idle node b reports free slots, a releases what waits
+    beyond two per slot, and b takes it over and runs it: each once, on one node."""
+    database = pg_cluster.create_database()
+    store = store_table(pg_cluster, database)
+    async with fleet(
+        node(tmp_path, "a", store + slow(1)), node(tmp_path, "b", store + slow(4))
+    ) as (
+        a,
+        b,
+    ):
+        ids = [await accept(a, {"sleep_s": 0.3, "n": n}) for n in range(16)]
+        await a.wait_log("node_work_released", timeout_s=10)
+        await b.wait_log("node_work_taken_over", dead_node=None, timeout_s=10)
+
+        async def all_succeeded() -> Any:
+            found = rows(
+                pg_cluster,
+                database,
+                "SELECT id, node FROM invocations WHERE id = ANY(%s) AND status = 'succeeded'",
+                (ids,),
+            )
+            return dict(found) if len(found) == len(ids) else None
+
+        owners = await b.wait_for(all_succeeded, timeout_s=30)
+    assert set(owners.values()) == {"a", "b"}, owners
+    attempts = rows(
+        pg_cluster,
+        database,
+        "SELECT invocation_id, node FROM attempts WHERE invocation_id = ANY(%s)",
+        (ids,),
+    )
+    assert len(attempts) == len(ids)  # each ran once
+    assert dict(attempts) == owners  # where each ran: its owner
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with running_broker(tmp_path / "broker") as broker:
+        yield broker
+
+
 async def test_three_nodes_under_load_with_kill_9_lose_nothing_and_never_run_twice_at_once(
-    pg_cluster, tmp_path
+    pg_cluster, tmp_path, broker
 ):
-    """Three nodes, async Invoke load spread over them and cron every second on all three;
-    kill -9 one node at random moments and start it again. Then: every 202 has exactly one
-    final record, cron fired once per nominal second, no invocation's attempts overlap in
-    time, and the killed node's work was taken over by the others."""
+    """Three nodes, async Invoke load spread over them, MQTT QoS 1 on a shared subscription
+    (one Mosquitto) and cron every second on all three; kill -9 one node at random moments and
+    start it again. Then: every 202 and every PUBACKed message has exactly one final record,
+    cron fired once per nominal second, no invocation's attempts overlap in time, and the
+    killed node's work was taken over by the others."""
     database = pg_cluster.create_database()
     cron = '\n[[functions.slow.triggers]]\ntype = "cron"\nschedule = "* * * * * *"\n'
-    body = store_table(pg_cluster, database) + slow(2, cron)
+    echo = (
+        f'\n[functions.echo]\nhandler = "handler.handler"\ncode = "{FUNCS / "echo"}"\n'
+        'concurrency = 2\n[[functions.echo.triggers]]\ntype = "mqtt"\ntopic = "fleet/in"\n'
+        "qos = 1\n"
+    )
     names = ("n1", "n2", "n3")
     rng = random.Random(15)
     acked: list[str] = []
+    published: list[int] = []
     stop = asyncio.Event()
-    async with fleet(*(node(tmp_path, name, body) for name in names)) as daemons:
+
+    def body(name: str) -> str:
+        mqtt = f'\n[mqtt]\nurl = "{broker.url}"\nclient_id = "fleet-{name}"\nshare_group = "g"\n'
+        return store_table(pg_cluster, database) + mqtt + slow(2, cron) + echo
+
+    async with fleet(*(node(tmp_path, name, body(name)) for name in names)) as daemons:
         up = {name: True for name in names}
+
+        async def publish() -> None:
+            v5 = aiomqtt.ProtocolVersion.V5
+            async with aiomqtt.Client("127.0.0.1", broker.port, protocol=v5) as client:
+                for n in itertools.count():
+                    if stop.is_set():
+                        return
+                    await client.publish("fleet/in", json.dumps({"n": n}), qos=1)  # its PUBACK
+                    published.append(n)
+                    await asyncio.sleep(0.05)  # pacing the messages, not waiting for anything
 
         async def load() -> None:
             turn = itertools.cycle(zip(names, daemons, strict=True))
@@ -197,6 +265,7 @@ async def test_three_nodes_under_load_with_kill_9_lose_nothing_and_never_run_twi
                 await asyncio.sleep(0.01)  # pacing the load, not waiting for anything
 
         loader = asyncio.create_task(load())
+        publisher = asyncio.create_task(publish())
         victims = []
         for _ in range(3):
             await asyncio.sleep(rng.uniform(1.0, 2.5))  # a random moment of the load
@@ -215,6 +284,7 @@ async def test_three_nodes_under_load_with_kill_9_lose_nothing_and_never_run_twi
             up[name] = True
         stop.set()
         await loader
+        await publisher
 
         async def all_final() -> Any:
             found = dict(
@@ -229,12 +299,27 @@ async def test_three_nodes_under_load_with_kill_9_lose_nothing_and_never_run_twi
             return found if done else None
 
         final = await daemons[0].wait_for(all_final, timeout_s=60)
+
+        async def all_messages() -> Any:
+            found = rows(
+                pg_cluster,
+                database,
+                "SELECT event, status FROM invocations WHERE function = 'echo'",
+            )
+            done = len(found) >= len(published) and all(r[1] in FINAL for r in found)
+            return found if done else None
+
+        messages = await daemons[0].wait_for(all_messages, timeout_s=60)
         taken_over = [
             e for d in daemons for e in d.log_events() if e.get("event") == "node_work_taken_over"
         ]
     assert len(acked) > 100
     assert len(final) == len(set(acked)) == len(acked)  # one record per 202
     assert set(final.values()) == {"succeeded"}, sorted(final.items())[:10]
+    # MQTT: every PUBACKed message recorded once, on whichever node the broker gave it to
+    seen = sorted(json.loads(event)["payload"]["n"] for event, _ in messages)
+    assert seen == sorted(published) and len(published) > 50
+    assert {status for _, status in messages} == {"succeeded"}
     # cron: one invocation per nominal second, none missing between the first and the last
     nominals = sorted(
         r[0]

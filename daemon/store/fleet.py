@@ -7,8 +7,9 @@ its `nodes` row, renewed every third of `lease_s`; the lease is counted on the d
 other node may take its queued and running invocations over (take_over), as many as it has free
 slots for, each in one transaction that holds the dead node's `nodes` row. A node that starts
 again under the same id first renews its row (join), which waits for a takeover in progress,
-and then recovers what is still its own. Rows no node owns (written before the fleet) are
-taken over as a dead node's are.
+and then recovers what is still its own. Rows no node owns are taken over as a dead node's
+are: rows written before the fleet, and those a node with a long backlog released for idle
+nodes to run (release).
 
 On SQLite the store has one node: join and leave write its row, nothing else here runs.
 
@@ -187,3 +188,14 @@ def take_over(
         ).fetchall()
     ]
     return TakenOver(dead, queued, recovery)
+
+
+def release(conn: Any, ids: list[str]) -> list[str]:
+    """Give up this node's queued rows `ids` (no node owns them from now on, for any node to
+    take over); the ids released: a row that is no longer queued, or this node's, is kept."""
+    cur = conn.execute(
+        "UPDATE invocations SET node = NULL WHERE id IN (SELECT value FROM json_each(?))"
+        f" AND status = 'queued'{records.OWNED} RETURNING id",
+        (json.dumps(ids),),
+    )
+    return [row[0] for row in cur.fetchall()]

@@ -488,6 +488,11 @@ class Store:
         """Dead nodes that still own work (None: work no node owns), for take_over()."""
         return await self._read(partial(fleet.dead_nodes, node_id=self.node_id))
 
+    async def release(self, ids: list[str]) -> list[str]:
+        """Give up this node's queued rows `ids` for other nodes to take over; those released."""
+        released: list[str] = await self._write(fleet.release, REPEATABLE, ids=ids)
+        return released
+
     async def take_over(
         self, dead: str | None, free: dict[str, int], decide: Decide, route: Route | None
     ) -> TakenOver:

@@ -587,6 +587,12 @@ async def test_three_nodes_on_one_store_lose_nothing_under_kill_9(
     assert {n for _, n in final()} == {"a", "b", "c"}
 
 
+def unfinished(cluster: Postgres, database: str) -> int:
+    with cluster.connect(database) as conn:
+        sql = "SELECT count(*) FROM invocations WHERE status IN ('queued', 'running')"
+        return int(conn.execute(sql).fetchone()[0])
+
+
 async def test_a_fleet_drains_a_dead_nodes_session_by_itself(
     pg_cluster: Postgres, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
@@ -615,6 +621,8 @@ async def test_a_fleet_drains_a_dead_nodes_session_by_itself(
         await until(lambda: numbers_stored() >= set(range(300)), 30, "every message stored")
         await publish(mosquitto.port, *map(message, range(300, 360)))
         await until(lambda: numbers_stored() >= set(range(360)), 30, "the later ones")
+        # and run: a row a node released for another to run has no node until one takes it
+        await until(lambda: not unfinished(pg_cluster, database), 30, "every message run")
     finally:
         await asyncio.gather(a.close(), b.close(), c.close())
     assert sorted(pg_numbers(pg_cluster, database)) == list(range(360))  # once each
