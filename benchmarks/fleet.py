@@ -4,8 +4,8 @@ another, and MQTT on a shared subscription with one, two and three nodes.
 
     .venv/bin/python benchmarks/fleet.py [--seconds 5] [--connections 32] [--rounds 3]
         [--concurrency 4]
-    .venv/bin/python benchmarks/fleet.py --part mqtt [--messages 5000] [--rounds 3]
-        [--concurrency 4]
+    .venv/bin/python benchmarks/fleet.py --part mqtt [--store sqlite|postgresql]
+        [--messages 5000] [--rounds 3] [--concurrency 4]
     .venv/bin/python benchmarks/fleet.py --part nodes [--seconds 5] [--connections 32]
         [--rounds 3] [--concurrency 4]
     .venv/bin/python benchmarks/fleet.py --part takeover [--lease-s 5] [--held 8] [--rounds 3]
@@ -38,14 +38,16 @@ against the target of lease_s + 1 s; then a starts again for the next round. Wri
 benchmarks/results/fleet-takeover.json.
 
 `--part mqtt`: three daemons (nodes) with the no-op on one trigger, `[mqtt] share_group` set,
-each with its own client id and its own SQLite file, one private Mosquitto. A round starts 1, 2
-or 3 of them (the order turned each round, as the machine's speed drifts), publishes
+each with its own client id and its own SQLite file (or, with `--store postgresql`, all on one
+database of a private durable cluster, each with its node_id), one private Mosquitto. A round
+starts 1, 2 or 3 of them (the order turned each round, as the machine's speed drifts), publishes
 `--messages` QoS 1 messages as fast as the broker acknowledges them, waits until every one has
 its succeeded record on some node, and stops them (session expiry 0, so a stopped node leaves
 the group). Figures: messages per second (first publish to last record), the messages per
 second of CPU the nodes used together (loop, threads and workers: on these 2 cores, more nodes
 share the same CPU, so this says what a node costs), each node's share, and every message's
-record checked for exactly one across the nodes. Writes benchmarks/results/fleet-mqtt.json.
+record checked for exactly one across the nodes; on PostgreSQL also the server's CPU per
+message. Writes benchmarks/results/fleet-mqtt.json (fleet-mqtt-postgresql.json).
 """
 
 from __future__ import annotations
@@ -278,6 +280,7 @@ async def mqtt_round(
         )
         before = await asyncio.to_thread(store.succeeded, names)
         cpu = [cpu_of(d.proc.pid) for d, _ in nodes]
+        server = server_cpu(store.cluster) if isinstance(store, SharedPostgres) else 0.0
         started = time.perf_counter()
         published = await asyncio.to_thread(publish_qos1, broker.port, messages, first)
         async with asyncio.timeout(600):
@@ -288,6 +291,8 @@ async def mqtt_round(
                 await asyncio.sleep(0.02)
         seconds = time.perf_counter() - started
         after = [cpu_of(d.proc.pid) for d, _ in nodes]
+        if isinstance(store, SharedPostgres):
+            server = server_cpu(store.cluster) - server
     finally:
         await asyncio.gather(*(d.stop() for d, _ in nodes))
     cpu_s = [
@@ -302,6 +307,8 @@ async def mqtt_round(
         "per_node": [d - b for d, b in zip(done, before, strict=True)],
         "node_cpu_s": [round(c, 3) for c in cpu_s],
         "msgs_per_node_cpu_s": round(messages / sum(cpu_s), 1),
+        # PostgreSQL's processes, on the same cores (0 with a file per node).
+        "server_cpu_us_per_message": round(server * 1e6 / messages, 1),
         "machine": machine_share(cpu[0], after[0]),
     }
 
@@ -359,6 +366,7 @@ async def mqtt_fleet(args: argparse.Namespace) -> dict:
         out[f"{k}_nodes"] = {
             "msgs_per_s": spread([r["msgs_per_s"] for r in rs]),
             "msgs_per_node_cpu_s": spread([r["msgs_per_node_cpu_s"] for r in rs]),
+            "server_cpu_us_per_message": spread([r["server_cpu_us_per_message"] for r in rs]),
             "rounds": rs,
         }
     one = rounds[1]
