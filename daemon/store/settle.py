@@ -129,6 +129,9 @@ FINISH = (
 )
 
 
+_FINISH_ONE = FINISH + " WHERE id = ?" + OWNED
+
+
 def finish_values(attempt: int, o: Outcome, dead_letter: str | None, now: float) -> tuple[Any, ...]:
     return (
         str(o.status),
@@ -160,11 +163,7 @@ def finish(
     now: float,
     route: Route | None,
 ) -> Settled:
-    update_one(
-        conn,
-        FINISH + " WHERE id = ?" + OWNED,
-        (*finish_values(attempt, o, dead_letter, now), id),
-    )
+    update_one(conn, _FINISH_ONE, (*finish_values(attempt, o, dead_letter, now), id))
     record_attempt(conn, id, attempt, o)
     routed = _route(conn, id, route, fresh_result=True) if route is not None else None
     return Settled(o.status.value, routed)
@@ -175,9 +174,13 @@ def finish_many(
 ) -> list[Settled]:
     """finish() of each (id, attempt, outcome, dead_letter, now) without a destination to
     route, ids all different: one UPDATE and one attempts INSERT for up to MAX_ROWS of them
-    (SQLite's batches only: UPDATE ... FROM). An outcome without a worker pid takes the row's
-    (record_attempt), one by one."""
+    (SQLite's batches only: UPDATE ... FROM; rows one by one below records.JOINED_FROM). An
+    outcome without a worker pid takes the row's (record_attempt), one by one."""
     for n, rows in records.chunks(finished):
+        if n < records.JOINED_FROM:
+            for id, attempt, o, dead_letter, now in rows:
+                update_one(conn, _FINISH_ONE, (*finish_values(attempt, o, dead_letter, now), id))
+            continue
         params: list[Any] = []
         for id, attempt, o, dead_letter, now in rows:
             params += (id, *finish_values(attempt, o, dead_letter, now))
