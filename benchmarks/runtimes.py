@@ -203,9 +203,11 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         runtimes = build(Path(tmp))
-        daemon = Daemon(
-            write_config(Path(tmp), functions_toml(runtimes), daemon="max_workers = 40")
+        # No shared folder: each function as a config gives it, without the tests' write_paths.
+        config = write_config(
+            Path(tmp), functions_toml(runtimes), daemon="max_workers = 40", shared=False
         )
+        daemon = Daemon(config)
         await daemon.start()
         try:
             results = await measure(daemon, list(runtimes), args.seconds, args.rounds)

@@ -266,7 +266,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         if sandbox["available"]:
             print(f"sandbox: available; sandboxed: {', '.join(sandboxed) or 'none'}")
         else:
-            print(f"sandbox: not available: {sandbox['reason']}")
+            print(f"sandbox: not available: {sandbox['reason']}; every function runs without one")
     return 0
 
 
@@ -308,7 +308,7 @@ def _log_sandbox(config: Config) -> None:
     log = structlog.get_logger("lambdaemon.pool")
     if sandbox["available"]:
         log.info("sandbox", available=True, functions=sandboxed)
-    else:
+    else:  # [daemon] sandbox = "auto" (the default) turned it off: every worker runs plain
         log.warning("sandbox", available=False, reason=sandbox["reason"], functions=sandboxed)
 
 

@@ -8,12 +8,14 @@ becomes the settings of the kind its `type` names (triggers/registry.py), which 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import ipaddress
 import os
 import re
 import shutil
 import socket
+import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,13 +24,14 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
-from daemon.bubblewrap import unavailable
+from daemon.bubblewrap import SANDBOX_GID, SANDBOX_UID, unavailable
 from daemon.credentials import mqtt_connection, read_secret, store_connection
 from daemon.errors import ConfigError
 from triggers import registry
 from triggers.base import TriggerSettings
 
 DEFAULT_CONFIG = Path("config/example.toml")
+_DAEMON_PACKAGE = Path(__file__).resolve().parent
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # module.function, the module dotted or (as the AWS Python runtime also takes) slashed: src/app.fn
 HANDLER = re.compile(
@@ -88,9 +91,10 @@ class DaemonSettings(_Section, frozen=True):
     # GB-second.
     price_per_request: NonNegative = 0.0000002
     price_per_gb_second: NonNegative = 0.0000166667
-    # Every function's workers in bubblewrap unless its own `sandbox` says otherwise (unset:
-    # off). The start logs whether this host can run one (daemon/pool/sandbox.py).
-    sandbox: bool | None = None
+    # Every function's workers in bubblewrap unless its own `sandbox` says otherwise. auto: on
+    # when this host can run one (bwrap installed, its namespaces allowed), else off, and the
+    # start, `check` and /health say why (daemon/bubblewrap.py, daemon/pool/sandbox.py).
+    sandbox: bool | Literal["auto"] = "auto"
     # This daemon's name in a fleet sharing one PostgreSQL store (docs/store.md): the node its
     # invocations and attempts are recorded under. Unset: the host name. Two daemons on one
     # database never share one.
@@ -182,6 +186,10 @@ class FunctionConfig(_Section, frozen=True):
     sandbox: bool | None = None
     network: bool = True  # false: in the sandbox, a network namespace of its own (loopback)
     tmp_mb: Annotated[int, Meta(ge=1, le=10240)] = 512  # the sandbox's /tmp (Lambda's default)
+    # Host folders (or files) the sandbox shows at their own path, read-only or writable;
+    # relative to the config's folder. Checked by _mount_problem; resolved when loaded.
+    read_paths: tuple[str, ...] = ()
+    write_paths: tuple[str, ...] = ()
     # Filled in for the sandbox: host paths it must not show (the config folder, data_dir,
     # secrets) and those it shows read-only besides the code (file-drop trigger folders).
     hidden: tuple[str, ...] = ()
@@ -445,6 +453,8 @@ def _validate_function(
         code=str(code),
         region=config.daemon.region,
         sandbox=sandbox,
+        read_paths=_mounts(config, fn, key, "read_paths", functions_dir, sandbox),
+        write_paths=_mounts(config, fn, key, "write_paths", functions_dir, sandbox),
         hidden=_private_paths(config, functions_dir) if sandbox else (),
         visible=tuple(
             str(config.resolve(folder))
@@ -456,16 +466,14 @@ def _validate_function(
 
 def _sandbox_choice(config: Config, fn: FunctionConfig, key: str) -> bool:
     """Whether `fn` runs sandboxed; a ConfigError when it must and cannot."""
-    wanted, where = fn.sandbox, f"{key}.sandbox"
-    if wanted is None:
-        wanted, where = config.daemon.sandbox, "daemon.sandbox"
+    wanted: bool | Literal["auto"] = config.daemon.sandbox
+    where = "daemon.sandbox"
+    if fn.sandbox is not None:
+        wanted, where = fn.sandbox, f"{key}.sandbox"
     if wanted is False:
         return False
-    if wanted is None:
-        # Off unless asked for, for now: a sandboxed handler sees itself as pid 2 (the record's
-        # worker_pid is bwrap's) and only its own files, which the daemon's tests (and handlers
-        # written against the host) do not expect yet (docs/sandbox.md).
-        return False
+    if wanted == "auto":
+        return unavailable() is None
     if (why := unavailable()) is not None:
         raise ConfigError(
             config.path,
@@ -479,16 +487,106 @@ def _private_paths(config: Config, functions_dir: Path) -> tuple[str, ...]:
     """What a sandbox must not show, wherever it lies: the config folder, data_dir, the
     functions folder (other functions' code) and every secret file the config names."""
     paths = {str(config.base_dir), str(config.data_dir), str(functions_dir)}
+    return tuple(sorted(paths | {str(secret) for secret in _secret_paths(config)}))
+
+
+def _secret_paths(config: Config) -> list[Path]:
+    """Every file holding a secret the config names (not those systemd passes: credential:)."""
     secrets = [config.api.token_file, config.store.password_file]
     if config.mqtt is not None:
         secrets += [config.mqtt.password_file, config.mqtt.ca_file]
     for fn in config.functions.values():
         for trigger in fn.triggers:
             secrets += list(trigger.secret_files().values())
-    for secret in secrets:
-        if secret is not None and not secret.startswith("credential:"):
-            paths.add(str(config.resolve(secret)))
-    return tuple(sorted(paths))
+    return [
+        config.resolve(secret)
+        for secret in secrets
+        if secret is not None and not secret.startswith("credential:")
+    ]
+
+
+# What the daemon keeps in data_dir: the SQLite database (and its -wal, -shm, -journal),
+# deployed code, deployed dependencies, and their folders while they are being built.
+DB_FILE = "lambdaemon.db"
+_DATA_DIR_OWN = (DB_FILE, "code", "envs", ".tmp-")
+
+
+def _mounts(
+    config: Config, fn: FunctionConfig, key: str, field: str, functions_dir: Path, sandbox: bool
+) -> tuple[str, ...]:
+    """`fn`'s read_paths or write_paths, resolved and checked (_mount_problem)."""
+    fn_name, resolved = key.split(".", 1)[1], []
+    for i, value in enumerate(getattr(fn, field)):
+        where = f"{key}.{field}[{i}]"
+        if not value or "\0" in value:
+            raise ConfigError(config.path, where, "must be a path")
+        path = config.resolve(value)
+        if field == "read_paths" and not path.exists():
+            raise ConfigError(config.path, where, f"{path} does not exist")
+        if (problem := _mount_problem(config, fn_name, path, field, functions_dir)) is not None:
+            raise ConfigError(config.path, where, f"{path} {problem}")
+        if field == "write_paths" and path.exists():
+            if not path.is_dir():
+                raise ConfigError(config.path, where, f"{path} is not a folder")
+            if sandbox and os.geteuid() == 0 and not _nobody_may_write(path):
+                raise ConfigError(
+                    config.path,
+                    where,
+                    f"{path} is not writable by uid {SANDBOX_UID}, whom a root daemon's sandboxed"
+                    f" workers run as (chown {SANDBOX_UID}:{SANDBOX_GID} it, or chmod o+wx it)",
+                )
+        resolved.append(str(path))
+    return tuple(resolved)
+
+
+def _nobody_may_write(folder: Path) -> bool:
+    """Whether SANDBOX_UID (no groups but its own) may create files in `folder`, by its mode;
+    a folder with an ACL is given the benefit of the doubt."""
+    with contextlib.suppress(OSError):
+        if os.getxattr(folder, "system.posix_acl_access"):
+            return True
+    st = folder.stat()
+    if st.st_uid == SANDBOX_UID:
+        return st.st_mode & 0o300 == 0o300
+    if st.st_gid == SANDBOX_GID:
+        return st.st_mode & 0o030 == 0o030
+    return st.st_mode & 0o003 == 0o003
+
+
+def _mount_problem(
+    config: Config, name: str, path: Path, field: str, functions_dir: Path
+) -> str | None:
+    """Why a sandbox may not show `path` (a read_paths or write_paths entry), or None: it would
+    show what the sandbox hides (the config and its secrets, the database, other functions'
+    code), or, writable, let a function change the daemon's own code."""
+    data_dir, config_dir = config.data_dir, config.base_dir
+    private = [
+        (data_dir, "data_dir (the database and deployed code)"),
+        (config_dir, "the config's folder (the config and its secrets)"),
+        (functions_dir, "the functions folder (every function's code)"),
+        (Path(config.path), "the config file"),
+        *((secret, "a secret file the config names") for secret in _secret_paths(config)),
+        *(
+            (
+                config.resolve(other.code) if other.code else functions_dir / other_name,
+                f"function {other_name}'s code",
+            )
+            for other_name, other in config.functions.items()
+            if other_name != name
+        ),
+    ]
+    for hidden, what in private:
+        if hidden.is_relative_to(path):
+            return f"would show {what}: {hidden}"
+    if path.is_relative_to(data_dir):
+        first = path.relative_to(data_dir).parts[0]
+        if any(first.startswith(own) for own in _DATA_DIR_OWN):
+            return f"is the daemon's own in data_dir ({first}): the database and deployed code"
+    if field == "write_paths":
+        for own in (Path(sys.prefix), Path(sys.base_prefix), _DAEMON_PACKAGE):
+            if own.is_relative_to(path) or path.is_relative_to(own):
+                return f"would let the function change the daemon's installation ({own})"
+    return None
 
 
 # A function's qualifiers (daemon/versions.py): a published version's number, an alias's name.

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config, FunctionConfig, listen_host, load_config
+from daemon.config import DB_FILE, Config, FunctionConfig, listen_host, load_config
 from daemon.datadir import check_data_dir
 from daemon.destinations.relay import OutboxRelay
 from daemon.dispatcher import Dispatcher
@@ -55,7 +55,6 @@ from triggers.registry import build_sources
 
 log = structlog.get_logger("lambdaemon.service")
 
-DB_FILE = "lambdaemon.db"
 STARTUP_WAIT_S = 15.0  # for the sources to start (a broker that never answers: aiomqtt's 10 s)
 RELOAD_WAIT_S = 5.0  # for restarted sources, to report one that does not come up
 

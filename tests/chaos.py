@@ -42,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.chaos_audit import Accepted, Report, Run, audit, cron_marker, query
-from tests.daemon_proc import ROOT, Daemon, free_port, write_config
+from tests.daemon_proc import ROOT, Daemon, free_port, shared_folder, write_config
 from tests.mosquitto import Mosquitto
 
 __all__ = ["Chaos", "Report", "run_chaos"]
@@ -74,7 +74,7 @@ class Chaos:
 
 
 def config_body(chaos: Chaos, broker: Mosquitto, webhook_port: int) -> str:
-    runs = chaos.workdir / "runs.log"
+    runs = shared_folder(chaos.workdir) / "runs.log"  # the handlers write it (write_config)
     common = (
         f'handler = "handler.handler"\ncode = "{HANDLER}"\nretries = 10\n'
         f'retry_backoff_s = [0.2, 1.0]\nenv = {{ CHAOS_RUNS_FILE = "{runs}" }}\n'

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.daemon_proc import Daemon
+from tests.daemon_proc import SHARED, Daemon
 
 SOURCES = ("mqtt", "webhook", "files", "cron")
 CRON_TRIGGER = "chaos_cron#0"
@@ -225,7 +225,7 @@ def _payload_id(source: str, event: dict[str, Any]) -> Any:
 
 
 def _run_log(workdir: Path) -> list[str]:
-    path = workdir / "runs.log"
+    path = workdir / SHARED / "runs.log"  # the handlers write it: in their shared folder
     return path.read_text().splitlines() if path.exists() else []
 
 

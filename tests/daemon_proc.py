@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -61,16 +62,37 @@ def write_config(
     api_port: int | None = None,
     daemon: str = "",
     shutdown_timeout_s: float = 5,
+    shared: bool = True,
 ) -> Path:
-    """A config in tmp_path: data in tmp_path/var, API on a free port, then `body` (TOML)."""
+    """A config in tmp_path: data in tmp_path/var, API on a free port, then `body` (TOML), in
+    which every function may write shared_folder(tmp_path) (write_paths) unless not `shared`."""
     api_port = api_port or free_port()
     path = tmp_path / "lambdaemon.toml"
+    if shared:
+        shared_folder(tmp_path)
+        body = FUNCTION_TABLE.sub(lambda table: f'{table[0]}\nwrite_paths = ["{SHARED}"]', body)
     path.write_text(
         f'[daemon]\ndata_dir = "var"\nfunctions_dir = "{ROOT / "functions"}"\n'
         f"shutdown_timeout_s = {shutdown_timeout_s}\n{daemon}\n"
         f'[api]\nlisten = "127.0.0.1:{api_port}"\n\n{body}\n'
     )
     return path
+
+
+# A test's folder is its daemon's config folder, which a sandboxed worker does not see: what a
+# handler and its test both use (gates, markers, the files a handler logs to) goes in
+# tmp_path/shared, which write_config shows every function (write_paths), writable by anyone:
+# a root daemon's sandboxed workers are nobody.
+SHARED = "shared"
+FUNCTION_TABLE = re.compile(r"^\[functions\.[A-Za-z0-9_-]+\][^\n]*$", re.MULTILINE)
+
+
+def shared_folder(tmp_path: Path) -> Path:
+    """tmp_path/shared (see SHARED), created."""
+    folder = tmp_path / SHARED
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o1777)
+    return folder
 
 
 class Daemon:
@@ -83,6 +105,8 @@ class Daemon:
         *,
         nofile: int | None = None,
         drop_caps: tuple[int, ...] = (),
+        user: int | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.config = config
         self.env = env or {}  # added to the daemon's environment (NOTIFY_SOCKET, ...)
@@ -90,6 +114,8 @@ class Daemon:
         # Capabilities the daemon runs without (e.g. CAP_DAC_OVERRIDE: root is then refused a
         # file its mode refuses, as any other user is).
         self.drop_caps = drop_caps
+        self.user = user  # run as this uid (and gid of the same number), without groups: setpriv
+        self.python = python
         text = config.read_text()
         self.api_port = int(text.split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
         self.base = f"http://127.0.0.1:{self.api_port}"
@@ -120,8 +146,12 @@ class Daemon:
                 if prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                     os._exit(126)
 
+        as_user = []
+        if self.user is not None:
+            as_user = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--clear-groups"]
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
+            *as_user,
+            self.python,
             "-m",
             "daemon.cli",
             "run",

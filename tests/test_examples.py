@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
+from daemon.config import load_config
 from tests.daemon_proc import ROOT, Daemon, free_port
 from tests.mosquitto import Mosquitto
 from tests.waits import until_changed
@@ -27,10 +28,11 @@ def example_copy(tmp_path: Path, broker: Mosquitto) -> tuple[Path, int]:
     text = text.replace('data_dir = "../var"', 'data_dir = "var"')
     text = text.replace('functions_dir = "../functions"', f'functions_dir = "{ROOT / "functions"}"')
     text = text.replace('path = "../var/inbox"', f'path = "{tmp_path / "inbox"}"')
+    text = text.replace('write_paths = ["../var/out"]', f'write_paths = ["{tmp_path / "out"}"]')
     text = text.replace('listen = "127.0.0.1:9070"', f'listen = "127.0.0.1:{free_port()}"')
     text = text.replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{webhook_port}"')
     text = text.replace('url = "mqtt://127.0.0.1:1883"', f'url = "{broker.url}"')
-    assert text.count(str(tmp_path)) >= 1 and broker.url in text
+    assert text.count(str(tmp_path)) >= 2 and broker.url in text
     path = tmp_path / "example.toml"
     path.write_text(text)
     return path, webhook_port
@@ -43,6 +45,11 @@ async def test_example_config_runs_every_trigger_kind(tmp_path):
     daemon = Daemon(config)
     await daemon.start()
     try:
+        # as shipped, on a host that can (tests/run installs bubblewrap), every one is sandboxed
+        sandbox = (await daemon.wait_log("sandbox"))[0]
+        assert sandbox["available"] and sandbox["functions"] == sorted(
+            load_config(config).functions
+        )
         # the Invoke API: hello
         status, _, body = await daemon.invoke("hello", {"name": "edge"})
         assert status == 200 and json.loads(body)["message"] == "hello, edge!"

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.daemon_proc import ROOT, Daemon, free_port, until, write_config
+from tests.daemon_proc import ROOT, Daemon, free_port, shared_folder, until, write_config
 from tests.mosquitto import running_broker
 from tests.triggers.test_mqtt import publish
 
@@ -156,7 +156,7 @@ async def _unhealthy(daemon: Daemon) -> tuple[int, dict[str, Any]] | None:
 
 
 async def test_sigterm_past_the_shutdown_timeout_records_interrupted_attempts(tmp_path: Path):
-    calls = tmp_path / "calls"
+    calls = shared_folder(tmp_path) / "calls"
     body = fn_toml(
         "flaky", FUNCS / "flaky", timeout_s=30, retries=2, retry_backoff_s=[1, 1]
     ) + fn_toml("slow", FUNCS / "slow", timeout_s=30)

@@ -23,7 +23,7 @@ from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.retry import after_failure, backoff_s
 from daemon.store.sqlite import NewInvocation, Store
-from tests.daemon_proc import ROOT, Daemon, Gate, running_daemon, write_config
+from tests.daemon_proc import ROOT, Daemon, Gate, running_daemon, shared_folder, write_config
 from tests.waits import until_changed, watch_logs
 
 FLAKY = Path(__file__).resolve().parent / "functions" / "flaky"
@@ -318,7 +318,7 @@ async def test_retry_pending_across_sigkill_runs_on_time_after_restart(tmp_path:
     daemon = Daemon(write_config(tmp_path, body))
     await daemon.start()
     try:
-        calls = str(tmp_path / "calls")
+        calls = str(shared_folder(tmp_path) / "calls")
         retried = await _accept(daemon, "flaky", {"dir": calls, "fail": ["raise"]})
         hung = await _accept(daemon, "hang", {"dir": calls, "fail": ["hang"]})
 
@@ -370,7 +370,7 @@ def _cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_dead_letters_listed_shown_redriven_and_replayed(tmp_path: Path):
     body = _fn_toml("once", retries=0) + _fn_toml("other", retries=0)
     async with running_daemon(tmp_path, body) as daemon:
-        calls = str(tmp_path / "calls")
+        calls = str(shared_folder(tmp_path) / "calls")
         ids = [
             await _accept(daemon, "once", {"dir": calls, "fail": ["raise"], "n": n})
             for n in range(3)
@@ -465,7 +465,7 @@ def gated(**settings: Any) -> FunctionConfig:
 
 
 async def test_backlog_marked_running_ahead_runs_each_once_as_its_first_attempt(tmp_path: Path):
-    gate = Gate(tmp_path / "gate")
+    gate = Gate(shared_folder(tmp_path) / "gate")
     async with dispatching(tmp_path / "db", gated(concurrency=1)) as (dispatcher, store):
         with watch_logs() as logs:
             held = await dispatcher.accept(
@@ -493,7 +493,10 @@ async def test_backlog_marked_running_ahead_runs_each_once_as_its_first_attempt(
 
 
 async def test_drain_takes_back_the_marks_of_items_that_never_started(tmp_path: Path):
-    first, second = Gate(tmp_path / "first"), Gate(tmp_path / "second")
+    first, second = (
+        Gate(shared_folder(tmp_path) / "first"),
+        Gate(shared_folder(tmp_path) / "second"),
+    )
     async with dispatching(tmp_path / "db", gated(concurrency=1)) as (dispatcher, store):
         with watch_logs() as logs:
             ids = [

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -55,16 +56,16 @@ def wrap(fn: FunctionConfig, argv: list[str]) -> list[str]:
             args += ["--tmpfs", hidden]
         else:
             args += ["--ro-bind", "/dev/null", hidden]
-    visible = _visible(fn)
+    mounts = _mounts(fn)
     # The folders bwrap creates for mount points are 0700 when it runs as root: the worker
     # (nobody) must be able to pass through them.
-    for parent in sorted({p for path in visible for p in _parents(path)}):
+    for parent in sorted({p for path in mounts for p in _parents(path)}):
         if not any(_inside(parent, tree) for tree in _SYSTEM_TREES) or any(
             _inside(parent, hidden) for hidden in fn.hidden
         ):
             args += ["--perms", "0755", "--dir", parent]
-    for path in visible:  # a trigger's folder may not exist yet: it is then left out
-        args += ["--ro-bind-try" if path in fn.visible else "--ro-bind", path, path]
+    for path, how in mounts.items():
+        args += [how, path, path]
     args += ["--chdir", fn.code]
     if os.geteuid() == 0:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--"]
@@ -74,22 +75,49 @@ def wrap(fn: FunctionConfig, argv: list[str]) -> list[str]:
     return [*args, "--", *argv]
 
 
-def _visible(fn: FunctionConfig) -> list[str]:
-    """The host folders a worker of `fn` reads, each mounted read-only at its own path."""
+def worker_returncode(fn: FunctionConfig, code: int | None) -> int | None:
+    """A worker's exit status as the pool reports it (asyncio's: -N for signal N): bwrap exits
+    with 128 + N when the worker in it died of signal N, as a shell reports it, so a sandboxed
+    worker's segfault is a segfault (and its own exit(139) one too: docs/sandbox.md)."""
+    if fn.sandbox and code is not None and 128 < code < 128 + signal.NSIG:
+        return -(code - 128)
+    return code
+
+
+def _mounts(fn: FunctionConfig) -> dict[str, str]:
+    """The host paths a worker of `fn` sees, each at its own path, with bwrap's option for it:
+    read-only, but for its write_paths; a folder before what it holds."""
     assert fn.code is not None
     paths = [sys.prefix, sys.base_prefix, str(_ROOT / "daemon")]
     if fn.runtime == "nodejs" and (node := node_binary()) is not None:
         paths.append(os.path.dirname(os.path.realpath(node)))
     if fn.deps:
         paths.append(fn.deps)
-    paths += fn.visible
-    paths.append(fn.code)
-    seen: list[str] = []
+    mounts: dict[str, str] = {}
     for path in paths:
-        path = os.path.abspath(path)
-        if path not in seen and not any(_inside(path, tree) for tree in ("/usr",)):
-            seen.append(path)
-    return sorted(seen, key=lambda path: path.count("/"))  # a folder before what it holds
+        mounts[os.path.abspath(path)] = "--ro-bind"
+    for path in fn.visible:  # a trigger's folder may not exist yet: it is then left out
+        mounts[path] = "--ro-bind-try"
+    for path in fn.read_paths:
+        mounts[path] = "--ro-bind"
+    for path in fn.write_paths:
+        _make_folder(path)
+        mounts[path] = "--bind"
+    mounts[fn.code] = "--ro-bind"  # the code stays read-only, whatever holds it
+    shown = sorted(
+        (path for path in mounts if not _inside(path, "/usr")), key=lambda path: path.count("/")
+    )
+    return {path: mounts[path] for path in shown}
+
+
+def _make_folder(path: str) -> None:
+    """Create a missing write_paths folder for the worker: a root daemon's worker (nobody)
+    owns it, as it owns what it writes there."""
+    if os.path.isdir(path):
+        return
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, SANDBOX_UID, SANDBOX_GID)
 
 
 def _inside(path: str, tree: str) -> bool:

@@ -59,6 +59,7 @@ from daemon.pool.process import (
 )
 from daemon.pool.protocol import InitFailed, Invoke, Ready, Result
 from daemon.pool.runtime_channel import RuntimeChannel
+from daemon.pool.sandbox import worker_returncode
 from daemon.pool.starts import WORKER_START_FAILED, StartHealth, start_error
 
 log = structlog.get_logger("lambdaemon.pool")
@@ -448,7 +449,7 @@ class WorkerPool:
         worker.channel.hang_up()
         if not worker.held:
             worker.close_files()
-        exit_code, signum = exit_status(returncode)
+        exit_code, signum = exit_status(worker_returncode(worker.fn, returncode))
         emit = log.warning if worker.stop_reason == "crashed" else log.info
         emit(
             "worker_stopped",
@@ -758,7 +759,9 @@ class WorkerPool:
         if worker.channel.corrupt or not await worker.wait_exit(_CRASH_GRACE_S):
             self._kill(worker, "crashed")  # it closed the channel but lives on: no use to anyone
             await worker.wait_exit(_EXIT_WAIT_S)
-        return crashed(request_id, worker.proc.returncode, started_at, clock)
+        return crashed(
+            request_id, worker_returncode(worker.fn, worker.proc.returncode), started_at, clock
+        )
 
     def _time_out(self, worker: Worker) -> None:
         if worker.state not in (State.STOPPING, State.EXITED):

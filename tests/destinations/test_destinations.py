@@ -33,7 +33,7 @@ from daemon.errors import ConfigError
 from daemon.models import Outcome, Status
 from daemon.pool import WorkerPool
 from daemon.store.sqlite import NewInvocation, Settled, Store
-from tests.daemon_proc import Daemon, free_port, write_config
+from tests.daemon_proc import Daemon, free_port, shared_folder, write_config
 from tests.mosquitto import Mosquitto, running_broker
 from tests.test_retries import FLAKY, dispatching, final, flaky
 from tests.waits import watch_logs
@@ -172,7 +172,7 @@ def test_destination_config_names_key_and_reason(tmp_path: Path, value: str, rea
 async def test_function_destination_on_success_gets_the_record(tmp_path: Path):
     source = flaky("sensor", on_success="function:archive")
     async with dispatching(tmp_path / "db", source, fn("archive", "echo")) as (dispatcher, store):
-        event = {"dir": str(tmp_path / "calls"), "reading": 21.5}
+        event = {"dir": str(shared_folder(tmp_path) / "calls"), "reading": 21.5}
         accepted = await dispatcher.accept("sensor", event, trigger="test", trigger_id="t#0")
         assert await final(dispatcher, accepted.invocation_id) == "succeeded"
         child = await child_of(store, accepted.invocation_id)
@@ -261,7 +261,7 @@ async def test_on_failure_after_retries_exhausted_and_event_age(tmp_path: Path):
     )
     functions = (failing, aging, fn("archive", "echo"))
     async with dispatching(tmp_path / "db", *functions) as (dispatcher, store):
-        calls = str(tmp_path / "calls")
+        calls = str(shared_folder(tmp_path) / "calls")
         exhausted = await dispatcher.accept(
             "sensor", {"dir": calls, "fail": ["raise", "exit"]}, trigger="test", trigger_id="t#0"
         )
@@ -355,7 +355,7 @@ async def test_mqtt_and_webhook_destinations_are_delivered(tmp_path: Path, broke
             await watcher.subscribe("alerts/#", qos=1)
             with watch_logs() as logs:
                 async with serving(config) as (dispatcher, store):
-                    calls = str(tmp_path / "calls")
+                    calls = str(shared_folder(tmp_path) / "calls")
                     alarm = await dispatcher.accept(
                         "alarm", {"dir": calls, "fail": ["raise"]}, trigger="test", trigger_id="t#0"
                     )
@@ -388,7 +388,7 @@ async def test_permanent_4xx_is_kept_as_failed_and_does_not_block_others(tmp_pat
     rejecting = Receiver(lambda record: 422 if record["requestPayload"].get("reject") else 200)
     async with receiving(rejecting) as receiver:
         config = config_with(tmp_path, fn_toml("notify", on_success=f"webhook:{receiver.url}"))
-        calls, ids = str(tmp_path / "calls"), []
+        calls, ids = str(shared_folder(tmp_path) / "calls"), []
         async with serving(config, relay=False) as (dispatcher, _):  # both wait in the outbox
             for event in ({"dir": calls, "reject": True}, {"dir": calls}):
                 accepted = await dispatcher.accept("notify", event, trigger="t", trigger_id="t#0")
@@ -437,7 +437,7 @@ async def test_store_and_forward_across_sigkill_delivers_exactly_once(
     try:
         listed = {f["name"]: f for f in (await daemon.get("/v1/functions"))["functions"]}
         assert listed["alarm"]["on_failure"] == "mqtt:alerts/sensor"
-        calls = str(tmp_path / "calls")
+        calls = str(shared_folder(tmp_path) / "calls")
         ids = [
             await _accept(daemon, "alarm", {"dir": calls, "fail": ["raise"]}),
             await _accept(daemon, "notify", {"dir": calls}),

@@ -26,7 +26,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.daemon_proc import Daemon, running_daemon, write_config
+from tests.daemon_proc import Daemon, running_daemon, shared_folder, write_config
 
 FUNCS = Path(__file__).resolve().parents[1] / "functions"
 WAIT_S = 15
@@ -51,7 +51,7 @@ def browser() -> Iterator[WebDriver]:
 def functions(tmp_path: Path) -> str:
     code = tmp_path / "code"
     code.mkdir()
-    flag = tmp_path / "fixed"
+    flag = shared_folder(tmp_path) / "fixed"
     # `picky` fails until the flag file exists: its dead letter succeeds once redriven.
     (code / "app.py").write_text(
         "import os\n"
@@ -210,7 +210,7 @@ async def test_dashboard_redrives_a_dead_letter_with_its_button(
         "the dead letter has a Redrive button",
     )
     screenshot(browser, "dead-letters")
-    (tmp_path / "fixed").touch()
+    (shared_folder(tmp_path) / "fixed").touch()
     button.click()
     wait(browser, lambda b: text_of(b, "#redriven") == "Redriven: 1", "the page says redriven")
     await daemon.finished(dead_id, status="succeeded")

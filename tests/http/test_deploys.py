@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_proc import Daemon, Gate, free_port, running_daemon, write_config
+from tests.daemon_proc import Daemon, Gate, free_port, running_daemon, shared_folder, write_config
 from tests.http.test_api import lambda_client, refused
 
 
@@ -271,7 +271,7 @@ async def test_deployed_code_versions_and_aliases_survive_a_restart(tmp_path: Pa
 
 
 async def test_a_deploy_lets_calls_in_flight_finish_on_the_old_code(daemon: Daemon, tmp_path):
-    gate = Gate(tmp_path / "gate")
+    gate = Gate(shared_folder(tmp_path) / "gate")
     lambda_client(daemon).update_function_code(FunctionName="app", ZipFile=package("old"))
     in_flight = asyncio.ensure_future(daemon.invoke("app", {"gate": str(gate.path)}))
     await daemon.wait_log("invocation_started", function="app")

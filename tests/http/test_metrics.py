@@ -12,7 +12,15 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics import SOURCE_METRICS
-from tests.daemon_proc import ROOT, Daemon, Gate, free_port, running_daemon, write_config
+from tests.daemon_proc import (
+    ROOT,
+    Daemon,
+    Gate,
+    free_port,
+    running_daemon,
+    shared_folder,
+    write_config,
+)
 from tests.mosquitto import running_broker
 
 FUNCS = Path(__file__).resolve().parents[1] / "functions"
@@ -72,7 +80,7 @@ async def test_metrics_count_success_failure_retry_dead_letter_and_429(tmp_path:
         assert status == 202
         await daemon.wait_log("invocation_dead_lettered", invocation_id=headers["x-amzn-RequestId"])
 
-        gate = Gate(tmp_path / "gate")
+        gate = Gate(shared_folder(tmp_path) / "gate")
         held = asyncio.ensure_future(daemon.invoke("gated", {"gate": str(gate.path)}))
         await daemon.wait_log("worker_started", function="gated")  # busy from then on
         waiting = asyncio.ensure_future(daemon.invoke("gated", {}))
@@ -230,7 +238,7 @@ async def test_metrics_scrape_is_consistent_under_load(tmp_path: Path):
 
 
 async def test_metrics_show_cron_fires_and_files_in_flight_and_waiting(tmp_path: Path):
-    inbox, block = tmp_path / "inbox", Gate(tmp_path / "block")
+    inbox, block = tmp_path / "inbox", Gate(shared_folder(tmp_path) / "block")
     holder = FUNCS.parent / "triggers" / "functions" / "files_block"
     body = (
         f'[functions.holder]\nhandler = "handler.handler"\ncode = "{holder}"\ntimeout_s = 60\n'

@@ -13,6 +13,10 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import sysconfig
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from daemon.bubblewrap import SANDBOX_UID, unavailable
 from daemon.config import FunctionConfig, load_config
 from daemon.models import Status
 from daemon.pool import WorkerPool
+from tests.daemon_proc import Daemon, write_config
 from tests.pool.conftest import FUNCTIONS, function, request
 from tests.pool.test_runtimes import API, NODE_CJS
 from tests.test_config import run_cli
@@ -247,12 +252,149 @@ def test_check_names_the_function_that_needs_a_missing_bubblewrap(tmp_path: Path
     path.write_text(fn + "[daemon]\nsandbox = true\n")
     result = run_cli("check", "--config", str(path), env=env)
     assert result.returncode == 78 and "daemon.sandbox: function fenced" in result.stderr
-    path.write_text(fn)  # the default (off): without bwrap, check still says why
+    path.write_text(fn)  # the default (auto): off without bwrap, and check says why
     result = run_cli("check", "--config", str(path), env=env)
     assert result.returncode == 0, result.stderr
     assert "sandbox: not available: bubblewrap is not installed" in result.stdout
+    assert "every function runs without one" in result.stdout
+    result = run_cli("check", "--config", str(path))  # ... and on where it can be
+    assert result.returncode == 0 and "sandbox: available; sandboxed: fenced" in result.stdout
+    path.write_text(fn + "sandbox = false\n")
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 0 and "sandbox: available; sandboxed: none" in result.stdout
-    path.write_text(fn + "sandbox = true\n")
-    result = run_cli("check", "--config", str(path))
-    assert result.returncode == 0 and "sandbox: available; sandboxed: fenced" in result.stdout
+    path.write_text(fn + '[daemon]\nsandbox = "auto"\n')
+    result = run_cli("check", "--config", str(path), env=env)
+    assert result.returncode == 0 and "every function runs without one" in result.stdout
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "plain"])
+async def test_read_paths_and_write_paths_are_shown_at_their_own_path(
+    tmp_path: Path, make_pool: Callable[..., Any], sandbox: bool
+) -> None:
+    shared, out = tmp_path / "shared", tmp_path / "out"  # out: created for a sandboxed worker
+    (shared / "maps").mkdir(parents=True)
+    if not sandbox:
+        out.mkdir()  # a plain worker sees the host: its handler may create what it needs
+    (shared / "maps" / "a.txt").write_text("a map\n")
+    (tmp_path / "beside").mkdir()
+    functions = deployment(tmp_path, sandbox, read_paths=[str(shared)], write_paths=[str(out)])
+    fn = functions["walls"]
+    assert (fn.read_paths, fn.write_paths) == ((str(shared),), (str(out),))
+    pool = await make_pool(functions=functions)
+    assert (await call(pool, fn, action="read", path=str(shared / "maps" / "a.txt")))["ok"]
+    written = await call(pool, fn, action="write", path=str(shared / "new.txt"))
+    assert written["ok"] is not sandbox and (not sandbox or written["errno"] == 30), written
+    assert (await call(pool, fn, action="keep", path=str(out / "result.txt")))["ok"]
+    assert (out / "result.txt").read_text() == "kept\n"  # on the host, at the same path
+    if sandbox and os.getuid() == 0:  # the worker (nobody) owns what it wrote, and the folder
+        assert (out / "result.txt").stat().st_uid == out.stat().st_uid == SANDBOX_UID
+    beside = await call(pool, fn, action="list", path=str(tmp_path / "beside"))
+    assert beside["ok"] is not sandbox, beside  # only the paths named are shown
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "plain"])
+async def test_a_worker_that_dies_of_a_signal_is_reported_so(
+    tmp_path: Path, make_pool: Callable[..., Any], sandbox: bool
+) -> None:
+    functions = deployment(tmp_path, sandbox)
+    fn = functions["walls"]
+    pool = await make_pool(functions=functions)
+    for event, status in (({"signal": 11}, (None, 11)), ({"exit": 3}, (3, None))):
+        outcome = await pool.invoke(
+            fn, request(fn, json.dumps({"action": "die", **event}).encode())
+        )
+        assert outcome.status is Status.CRASHED and (outcome.exit_code, outcome.signal) == status
+    signalled = "signal: segmentation fault"
+    assert (
+        signalled
+        in (await pool.invoke(fn, request(fn, b'{"action": "die", "signal": 11}'))).error_message
+    )
+
+
+def test_read_paths_and_write_paths_refuse_what_the_sandbox_hides(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    deployment(tmp_path, True)  # the layout: etc/{lambdaemon.toml, token, var, functions, ...}
+    config = folder / "lambdaemon.toml"
+    text = config.read_text()
+    (tmp_path / "root-owned").mkdir(mode=0o755)
+    daemon_package = Path(__file__).resolve().parents[2] / "daemon"
+    cases = {
+        ("read_paths", "var"): "would show data_dir (the database and deployed code)",
+        ("read_paths", str(tmp_path)): "would show data_dir",
+        ("read_paths", "."): "would show data_dir",  # the config's folder holds data_dir here
+        ("read_paths", "token"): "would show a secret file the config names",
+        ("read_paths", "lambdaemon.toml"): "would show the config file",
+        ("read_paths", "functions"): "would show the functions folder",
+        ("read_paths", "functions/other"): "would show function other's code",
+        ("read_paths", "var/lambdaemon.db"): "is the daemon's own in data_dir (lambdaemon.db)",
+        ("write_paths", "var/code/x"): "is the daemon's own in data_dir (code)",
+        ("read_paths", "missing"): "does not exist",
+        ("write_paths", str(daemon_package)): "would let the function change the daemon's",
+        ("write_paths", "inbox/dropped.txt"): "is not a folder",
+        ("write_paths", ""): "must be a path",
+    }
+    if os.getuid() == 0:
+        cases["write_paths", str(tmp_path / "root-owned")] = "is not writable by uid 65534"
+    for (field, value), reason in cases.items():
+        setting = f"{field} = [{json.dumps(value)}]"
+        config.write_text(text.replace("[functions.walls]\n", f"[functions.walls]\n{setting}\n"))
+        result = run_cli("check", "--config", str(config))
+        assert result.returncode == 78, (value, result.stdout)
+        assert f"functions.walls.{field}[0]: " in result.stderr, result.stderr
+        assert reason in result.stderr, (value, result.stderr)
+    # Inside data_dir, but not the daemon's own: allowed (the example's var/out).
+    (folder / "var" / "out").mkdir(mode=0o777)
+    os.chmod(folder / "var" / "out", 0o777)
+    setting = 'write_paths = ["var/out"]\nread_paths = ["inbox"]'
+    config.write_text(text.replace("[functions.walls]\n", f"[functions.walls]\n{setting}\n"))
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+
+
+async def test_a_daemon_that_is_not_root_sandboxes_in_a_user_namespace() -> None:
+    # The tests run as root, whose sandboxes need no user namespace: this daemon runs as nobody,
+    # as an ordinary user's would, and bwrap builds its sandbox in an unprivileged one.
+    user = SANDBOX_UID if os.getuid() == 0 else None
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:  # pytest's tmp_path is root's alone
+        python = _python_for_anyone(Path(folder) / "venv")
+        if user is not None:
+            os.chown(folder, user, user)
+        shutil.copytree(WALLS, Path(folder) / "walls")
+        body = '[functions.walls]\nhandler = "handler.handler"\ncode = "walls"\n'
+        daemon = Daemon(write_config(Path(folder), body), user=user, python=python)
+        await daemon.start()
+        try:
+            status, headers, answer = await daemon.invoke("walls", {"action": "self"})
+            assert status == 200 and "X-Amz-Function-Error" not in headers, answer
+            me = json.loads(answer)
+            assert me["ppid"] == 1 and me["uid"] == (os.getuid() if user is None else user), me
+            assert me["no_new_privs"] == "1" and int(me["cap_eff"], 16) == 0
+            # A user namespace of its own mapping the one user, not the host's whole range
+            # (0 0 4294967295); bwrap nests two, and the inner one maps it to the outer one's 0.
+            assert me["uid_map"][0::2] == [str(me["uid"]), "1"], me["uid_map"]
+            # On the host, the worker (bwrap, the record's worker_pid) is the daemon's user.
+            record = await daemon.get(f"/v1/invocations/{headers['x-amzn-RequestId']}")
+            owner = os.stat(f"/proc/{record['worker_pid']}").st_uid  # the process's euid
+            assert owner == (os.getuid() if user is None else user), owner
+            started = [e for e in daemon.log_events() if e.get("event") == "sandbox"]
+            assert started[0]["available"] is True and started[0]["functions"] == ["walls"]
+        finally:
+            await daemon.close()
+
+
+def _python_for_anyone(venv: Path) -> str:
+    """A Python that another user can run and bwrap can mount: the one running the tests may
+    live where only root can reach it (pyenv's, under /root, on this project's machine). A venv
+    of the system's Python, seeing this one's packages (the daemon's dependencies; a worker needs
+    the standard library and the `daemon` package only)."""
+    system = shutil.which("python3", path="/usr/bin") or sys.executable
+    subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site = sysconfig.get_path("purelib")
+    (
+        venv
+        / "lib"
+        / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+        / "site-packages"
+        / "project.pth"
+    ).write_text(site + "\n")
+    return str(venv / "bin" / "python")

@@ -49,9 +49,16 @@ async def test_timeout_kills_a_child_in_a_session_of_its_own(
 
 
 def tree_functions() -> str:
+    """The plain worker's way of ending its descendants (descendants.py), which these tests
+    follow by the host pids the handlers write: sandbox = false. In a sandbox, its PID namespace
+    does it (tests/pool/test_sandbox.py, a setsid() grandchild gone after the timeout)."""
+
     def entry(name: str, **settings: object) -> str:
         lines = "".join(f"{key} = {value}\n" for key, value in settings.items())
-        return f'[functions.{name}]\nhandler = "handler.double_fork"\ncode = "{BASIC}"\n{lines}'
+        return (
+            f'[functions.{name}]\nhandler = "handler.double_fork"\ncode = "{BASIC}"\n'
+            f"sandbox = false\n{lines}"
+        )
 
     return "".join(
         [

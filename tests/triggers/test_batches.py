@@ -19,7 +19,7 @@ import pytest
 from daemon.batches import INVALID_RESPONSE, ITEM_FAILED, build_event, failed_items
 from daemon.config import load_config
 from daemon.errors import ConfigError
-from tests.daemon_proc import ROOT, Daemon, Gate, running_daemon, write_config
+from tests.daemon_proc import ROOT, Daemon, Gate, running_daemon, shared_folder, write_config
 from tests.mosquitto import Mosquitto
 from tests.triggers.test_files import drop, finished
 from tests.triggers.test_mqtt import publish, subscribed
@@ -150,7 +150,7 @@ def messages(start: int, stop: int, **extra: Any) -> list[tuple[str, bytes]]:
 async def test_batches_form_by_size_without_waiting_out_the_window(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    log = tmp_path / "batches.jsonl"
+    log = shared_folder(tmp_path) / "batches.jsonl"
     body = mqtt_batch_toml(mosquitto.url, log, size=5, window_s=120)
     async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
@@ -172,7 +172,7 @@ async def test_batches_form_by_size_without_waiting_out_the_window(
 
 
 async def test_batches_form_by_window_in_arrival_order(tmp_path: Path, mosquitto: Mosquitto):
-    log = tmp_path / "batches.jsonl"
+    log = shared_folder(tmp_path) / "batches.jsonl"
     body = mqtt_batch_toml(mosquitto.url, log, size=100, window_s=0.5)
     async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
@@ -193,7 +193,7 @@ async def test_batches_form_by_window_in_arrival_order(tmp_path: Path, mosquitto
 async def test_partial_failure_retries_only_failed_items_then_dead_letters_each(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    log = tmp_path / "batches.jsonl"
+    log = shared_folder(tmp_path) / "batches.jsonl"
     body = mqtt_batch_toml(mosquitto.url, log, size=6, window_s=5, extra="retries = 2")
     async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
@@ -231,7 +231,7 @@ async def test_partial_failure_retries_only_failed_items_then_dead_letters_each(
 async def test_an_exception_or_a_bad_identifier_fails_the_whole_batch(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    log = tmp_path / "batches.jsonl"
+    log = shared_folder(tmp_path) / "batches.jsonl"
     body = mqtt_batch_toml(mosquitto.url, log, size=3, window_s=5, extra="retries = 0")
     async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
@@ -255,7 +255,7 @@ async def test_an_exception_or_a_bad_identifier_fails_the_whole_batch(
 async def test_powertools_batch_processor_reports_failures_the_daemon_honours(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    log = tmp_path / "unused.jsonl"
+    log = shared_folder(tmp_path) / "unused.jsonl"
     body = mqtt_batch_toml(
         mosquitto.url, log, size=4, window_s=5, extra="retries = 1", code="batch_powertools"
     )
@@ -282,7 +282,7 @@ async def test_powertools_batch_processor_reports_failures_the_daemon_honours(
 async def test_sigkill_mid_batch_reruns_its_items_as_their_next_attempt(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    log, gate = tmp_path / "batches.jsonl", Gate(tmp_path / "gate")
+    log, gate = shared_folder(tmp_path) / "batches.jsonl", Gate(shared_folder(tmp_path) / "gate")
     body = mqtt_batch_toml(
         mosquitto.url, log, size=4, window_s=5, extra="timeout_s = 60", gate=gate.path
     )
@@ -315,7 +315,7 @@ async def test_sigkill_mid_batch_reruns_its_items_as_their_next_attempt(
 async def test_a_drain_that_cuts_a_batch_short_records_it_and_retries_its_items(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    log, gate = tmp_path / "batches.jsonl", Gate(tmp_path / "gate")
+    log, gate = shared_folder(tmp_path) / "batches.jsonl", Gate(shared_folder(tmp_path) / "gate")
     body = mqtt_batch_toml(
         mosquitto.url, log, size=3, window_s=5, extra="timeout_s = 60", gate=gate.path
     )
@@ -345,7 +345,7 @@ async def test_a_drain_that_cuts_a_batch_short_records_it_and_retries_its_items(
 async def test_show_finds_the_batch_of_a_message_and_the_items_of_a_batch(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    log = tmp_path / "batches.jsonl"
+    log = shared_folder(tmp_path) / "batches.jsonl"
     body = mqtt_batch_toml(mosquitto.url, log, size=3, window_s=5)
     async with running_daemon(tmp_path, body) as daemon:
         await subscribed(daemon)
@@ -390,7 +390,7 @@ def _cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_file_drops_run_in_batches_and_each_file_ends_in_its_own_place(tmp_path: Path):
-    inbox, log = tmp_path / "inbox", tmp_path / "batches.jsonl"
+    inbox, log = tmp_path / "inbox", shared_folder(tmp_path) / "batches.jsonl"
     body = (
         f'[functions.b]\nhandler = "handler.handler"\ncode = "{FUNCS / "batch_record"}"\n'
         f'retries = 0\n[functions.b.env]\nBATCH_LOG = "{log}"\n'

@@ -22,6 +22,7 @@ from tests.daemon_proc import (
     Daemon,
     Gate,
     running_daemon,
+    shared_folder,
     write_config,
 )
 from triggers.base import printable
@@ -332,7 +333,7 @@ async def test_files_after_delete_removes_successes_and_keeps_failures(tmp_path)
 
 
 async def test_files_namesake_waits_for_the_one_in_flight(tmp_path):
-    inbox, block = tmp_path / "inbox", Gate(tmp_path / "block")
+    inbox, block = tmp_path / "inbox", Gate(shared_folder(tmp_path) / "block")
     body = function(
         "holder",
         "files_block",
@@ -351,7 +352,7 @@ async def test_files_namesake_waits_for_the_one_in_flight(tmp_path):
 
 
 async def test_files_sigkill_mid_invocation_finishes_after_restart_with_one_invocation(tmp_path):
-    inbox, block = tmp_path / "inbox", Gate(tmp_path / "block")
+    inbox, block = tmp_path / "inbox", Gate(shared_folder(tmp_path) / "block")
     body = function(
         "holder",
         "files_block",
@@ -407,7 +408,9 @@ async def test_files_poll_mode_waits_for_stable_files(tmp_path):
 
 async def test_files_folder_removed_while_running_is_recreated_and_watched_again(tmp_path):
     inbox = tmp_path / "inbox"
-    body = function("reader", "files_read", f'path = "{inbox}"')
+    # Plain: a warm sandboxed worker shows the folder (a bind mount of it), which keeps the
+    # removed folder's inode, and its IGNORED, until that worker ends (docs/sandbox.md).
+    body = function("reader", "files_read", f'path = "{inbox}"', extra="sandbox = false")
     async with running_daemon(tmp_path, body) as daemon:
         drop(inbox, "before.txt", b"1", tmp_path / "staging")
         await daemon.wait_log("files_done", name="before.txt")

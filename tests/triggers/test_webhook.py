@@ -24,7 +24,7 @@ from daemon.config import load_config
 from daemon.dispatcher import Dispatcher
 from daemon.pool import WorkerPool
 from daemon.store.sqlite import Store
-from tests.daemon_proc import ROOT, Daemon, Gate, free_port, write_config
+from tests.daemon_proc import ROOT, Daemon, Gate, free_port, shared_folder, write_config
 from triggers.webhook import WebhookSource
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -149,7 +149,7 @@ class Hooks:
 async def start(tmp: Path) -> Hooks:
     for name, secret in (("token", TOKEN), ("password", PASSWORD), ("secret", SECRET)):
         (tmp / name).write_text(secret + "\n")
-    gate_dir = tmp / "gate"
+    gate_dir = shared_folder(tmp) / "gate"
     gate_dir.mkdir()
     port = free_port()
     gate = Gate(gate_dir / "gate")  # shut until a test releases it

@@ -17,6 +17,12 @@ def handler(event, context):
         return _attempt(lambda: os.listdir(event["path"]))
     if action == "write":
         return _attempt(lambda: _write(event["path"], event.get("mb", 0)))
+    if action == "keep":  # a file that stays
+        return _attempt(lambda: open(event["path"], "w").write("kept\n") and None)
+    if action == "die":  # of a signal, or by exit(), as the event says
+        if "signal" in event:
+            os.kill(os.getpid(), event["signal"])
+        os._exit(event["exit"])
     if action == "connect":
         return _attempt(lambda: socket.create_connection((event["host"], event["port"]), 2).close())
     if action == "namespaces":
@@ -36,6 +42,7 @@ def handler(event, context):
             "cap_eff": fields["CapEff"].strip(),
             "env": sorted(os.environ),
             "ppid": os.getppid(),
+            "uid_map": open("/proc/self/uid_map").read().split(),
         }
     if action == "detach":  # a setsid() grandchild that outlives its worker unless stopped
         script = "import time; time.sleep(3600)"
