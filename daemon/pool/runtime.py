@@ -47,6 +47,7 @@ import binascii
 import errno
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -250,17 +251,27 @@ class RequestReader:
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILERS = range(5)
 
 
+# The headers the API reads; the others are skipped, as a request's head is read on every call.
+_HEADERS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|lambda-runtime-function-error-type)[ \t]*:([^\r\n]*)",
+    re.IGNORECASE,
+)
+
+
 def _head(head: bytes) -> Request | None:
-    """The request line and headers (without the blank line); None if the line is malformed."""
-    lines = head.decode("latin-1").split("\r\n")
+    """The request line and the headers the API reads, by lowercase name, from a request's head
+    (without the blank line); None if the request line is malformed."""
+    end = head.find(b"\r\n")
+    if end < 0:
+        end = len(head)
     try:
-        method, target, _ = lines[0].split(" ", 2)
+        method, target, _ = head[:end].decode("latin-1").split(" ", 2)
     except ValueError:
         return None
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+    headers = {
+        name.lower().decode(): value.strip().decode("latin-1")
+        for name, value in _HEADERS.findall(head, end)
+    }
     return Request(method, target.split("?", 1)[0].encode("latin-1"), headers)
 
 
@@ -597,9 +608,18 @@ def _field_kb(status: bytes, field: bytes) -> int | None:
     return int(status[start : status.index(b"kB", start)])
 
 
+_random: Any = None  # random.Random, seeded from os.urandom on first use
+
+
 def _trace_id() -> str:
-    random = os.urandom(20).hex()
-    return f"Root=1-{int(time.time()):08x}-{random[:24]};Parent={random[24:]};Sampled=0"
+    """A fresh X-Ray trace header: random ids (not secrets, so no system call per call)."""
+    global _random
+    if _random is None:
+        import random
+
+        _random = random.Random(os.urandom(32))
+    bits = f"{_random.getrandbits(160):040x}"
+    return f"Root=1-{int(time.time()):08x}-{bits[:24]};Parent={bits[24:]};Sampled=0"
 
 
 def _is_json_object(body: bytes) -> bool:

@@ -165,6 +165,7 @@ class _Api(asyncio.BufferedProtocol):
     def __init__(self, channel: RuntimeChannel) -> None:
         self.channel = channel
         self.buffer = bytearray(READ_BYTES)
+        self.view = memoryview(self.buffer)
         self.conn: Connection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,7 +177,7 @@ class _Api(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         assert self.conn is not None
-        self.channel._received(self.conn, bytes(self.buffer[:nbytes]))
+        self.channel._received(self.conn, bytes(self.view[:nbytes]))
 
     def eof_received(self) -> bool:
         return False  # closes the connection

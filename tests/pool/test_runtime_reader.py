@@ -70,3 +70,11 @@ def test_what_cannot_be_read_is_refused() -> None:
         assert reader.feed(NEXT) == []  # nothing more is read from that connection
     reader = RequestReader()  # what came before the bad request is still served
     assert len(reader.feed(NEXT + b"NONSENSE\r\n\r\n")) == 1 and reader.refusal is not None
+
+
+def test_the_headers_the_api_reads_in_any_case_and_spacing() -> None:
+    data = post(b"{}", Lambda_Runtime_Function_Error_Type="  My.Error ", CONTENT_LENGTH="2")
+    [request] = RequestReader().feed(data)
+    assert request.body == b"{}"
+    assert request.headers["lambda-runtime-function-error-type"] == "My.Error"
+    assert request.headers["content-length"] == "2"
