@@ -83,6 +83,7 @@ class Node:
         beat_s = self.lease_s / 3
         next_beat = time.monotonic() + beat_s
         while True:
+            self._check_fence()  # first: after a stall, before anything renews the lease
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + beat_s
                 await self._beat(dispatcher)

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -208,6 +209,61 @@ async def test_a_long_backlog_is_shared_with_an_idle_node(pg_cluster, tmp_path):
     )
     assert len(attempts) == len(ids)  # each ran once
     assert dict(attempts) == owners  # where each ran: its owner
+
+
+async def test_a_stalled_node_is_taken_over_and_fences_itself_when_it_wakes(pg_cluster, tmp_path):
+    """Node a stops (SIGSTOP) with one invocation running and more waiting; its lease runs out
+    and b takes them all over. When a goes on (SIGCONT) it is fenced until it has renewed its
+    lease, its late outcome is refused, and it starts nothing that is b's now."""
+    database = pg_cluster.create_database()
+    store = store_table(pg_cluster, database)
+    async with fleet(
+        node(tmp_path, "a", store + slow(1)), node(tmp_path, "b", store + slow(4))
+    ) as (
+        a,
+        b,
+    ):
+        ids = [await accept(a, {"sleep_s": 0.3, "n": n}) for n in range(4)]
+        await a.wait_log("invocation_started", invocation_id=ids[0])
+        mark = a.log_mark()
+        await a.signal(signal.SIGSTOP)
+        try:
+            await b.wait_log("node_work_taken_over", dead_node="a", timeout_s=LEASE_S + 10)
+
+            async def all_succeeded() -> Any:
+                found = rows(
+                    pg_cluster,
+                    database,
+                    "SELECT id, node FROM invocations WHERE id = ANY(%s) AND status = 'succeeded'",
+                    (ids,),
+                )
+                return dict(found) if len(found) == len(ids) else None
+
+            owners = await b.wait_for(all_succeeded, timeout_s=30)
+        finally:
+            await a.signal(signal.SIGCONT)
+        await a.wait_log("node_fenced", since=mark)
+        await a.wait_log("node_unfenced", since=mark)
+        await a.wait_log("invocation_outcome_refused", since=mark, invocation_id=ids[0])
+        assert (
+            await a.get("/v1/nodes") and (await a.get("/v1/nodes"))["nodes"][0]["state"] == "live"
+        )
+    assert set(owners.values()) == {"b"}
+    attempts = rows(
+        pg_cluster,
+        database,
+        "SELECT invocation_id, attempt, status, node FROM attempts WHERE invocation_id = ANY(%s)"
+        " ORDER BY invocation_id, attempt",
+        (ids,),
+    )
+    assert {(status, where) for _, _, status, where in attempts} <= {
+        ("crashed", "a"),
+        ("succeeded", "b"),
+    }
+    assert [row[1:] for row in attempts if row[0] == ids[0]] == [
+        (1, "crashed", "a"),
+        (2, "succeeded", "b"),
+    ]
 
 
 @pytest.fixture
