@@ -639,6 +639,9 @@ class Dispatcher:
         fn, attempt = lane.fn, item.attempt + 1
         released = False
         try:
+            if self.fenced():  # this node's lease is in doubt: another node may take it over
+                self._lease_in_doubt(lane, item, ahead)
+                return
             if item.attempt > item.retry_base and too_old(fn, item.age_from, time.time()):
                 # A retry that came due too late (the daemon was down, or the lane was busy).
                 settled = await asyncio.shield(
@@ -656,9 +659,6 @@ class Dispatcher:
                     return
                 if event is None:
                     raise LookupError(f"invocation {item.id} is not in the store")
-            if self.fenced():  # this node's lease is in doubt: another node may take it over
-                self._lease_in_doubt(lane, item, ahead)
-                return
             request = InvokeRequest(item.id, event, invoked_arn(fn, item.version))
             # Committed before the handler can start, so a crash mid-run is always seen as a
             # started attempt (and counted) when the daemon recovers. Mostly written already,

@@ -93,6 +93,8 @@ class Node:
                     await self._take_over(dispatcher)
                 except StoreUnavailableError as exc:
                     log.warning("node_takeover_failed", node_id=self.node_id, error=str(exc))
+                except Exception:  # a bug: said loudly, and the heartbeats go on
+                    log.exception("node_takeover_failed", node_id=self.node_id)
             await asyncio.sleep(max(0.0, min(CHECK_S, next_beat - time.monotonic())))
 
     async def _beat(self, dispatcher: Dispatcher) -> None:
@@ -101,7 +103,7 @@ class Node:
             renewed = await self.store.heartbeat(self.lease_s, dispatcher.load())
             if not renewed:  # its row was deleted by hand: written again
                 await self.store.join(socket.gethostname(), os.getpid(), self.lease_s)
-        except StoreUnavailableError as exc:
+        except Exception as exc:  # the store is away (StoreUnavailableError), or a bug
             self._failures += 1
             if self._failures == 1:
                 log.warning("node_lease_not_renewed", node_id=self.node_id, error=str(exc))
@@ -118,6 +120,9 @@ class Node:
             now, nodes = await self.store.list_nodes()
         except StoreUnavailableError:
             return
+        except Exception:  # a bug: said loudly, and the heartbeats go on
+            log.exception("node_share_failed", node_id=self.node_id)
+            return
         spare: dict[str, int] = {}
         for row in nodes:
             if row["node_id"] == self.node_id or row["stopped_at"] is not None:
@@ -133,8 +138,9 @@ class Node:
             return
         try:
             released = set(await self.store.release([item.id for _, item in taken]))
-        except StoreUnavailableError:
-            released = set()
+        except Exception as exc:  # kept, all of them: one the store did release after all is
+            released = set()  # not this node's to start (it owns it no more), so none runs twice
+            log.warning("node_release_failed", node_id=self.node_id, error=str(exc))
         dispatcher.put_back([(fn, item) for fn, item in taken if item.id not in released])
         if released:
             log.info("node_work_released", node_id=self.node_id, released=len(released))
