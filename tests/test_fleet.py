@@ -72,6 +72,17 @@ def rows(cluster: Postgres, database: str, sql: str, params: Any = ()) -> list[A
         return list(conn.execute(sql, params).fetchall())
 
 
+def succeeded_owners(cluster: Postgres, database: str, ids: list[str]) -> dict[str, str] | None:
+    """Each invocation's node once all of `ids` have succeeded (else None)."""
+    found = rows(
+        cluster,
+        database,
+        "SELECT id, node FROM invocations WHERE id = ANY(%s) AND status = 'succeeded'",
+        (ids,),
+    )
+    return dict(found) if len(found) == len(ids) else None
+
+
 async def test_nodes_share_a_database_list_each_other_and_name_the_node_of_each_attempt(
     pg_cluster, tmp_path
 ):
@@ -190,16 +201,7 @@ async def test_a_long_backlog_is_shared_with_an_idle_node(pg_cluster, tmp_path):
         await a.wait_log("node_work_released", timeout_s=10)
         await b.wait_log("node_work_taken_over", dead_node=None, timeout_s=10)
 
-        async def all_succeeded() -> Any:
-            found = rows(
-                pg_cluster,
-                database,
-                "SELECT id, node FROM invocations WHERE id = ANY(%s) AND status = 'succeeded'",
-                (ids,),
-            )
-            return dict(found) if len(found) == len(ids) else None
-
-        owners = await b.wait_for(all_succeeded, timeout_s=30)
+        owners = await b.wait_for(lambda: succeeded_owners(pg_cluster, database, ids), 30)
     assert set(owners.values()) == {"a", "b"}, owners
     attempts = rows(
         pg_cluster,
@@ -230,16 +232,7 @@ async def test_a_stalled_node_is_taken_over_and_fences_itself_when_it_wakes(pg_c
         try:
             await b.wait_log("node_work_taken_over", dead_node="a", timeout_s=LEASE_S + 10)
 
-            async def all_succeeded() -> Any:
-                found = rows(
-                    pg_cluster,
-                    database,
-                    "SELECT id, node FROM invocations WHERE id = ANY(%s) AND status = 'succeeded'",
-                    (ids,),
-                )
-                return dict(found) if len(found) == len(ids) else None
-
-            owners = await b.wait_for(all_succeeded, timeout_s=30)
+            owners = await b.wait_for(lambda: succeeded_owners(pg_cluster, database, ids), 30)
         finally:
             await a.signal(signal.SIGCONT)
         await a.wait_log("node_fenced", since=mark)
