@@ -25,6 +25,7 @@ import pytest
 from tests.daemon_proc import ROOT, Daemon, write_config
 from tests.mosquitto import Mosquitto, running_broker
 from tests.postgres import Postgres
+from tests.waits import until
 
 FUNCS = Path(__file__).resolve().parent / "functions"
 LEASE_S = 2.0
@@ -325,10 +326,19 @@ async def test_three_nodes_under_load_with_kill_9_lose_nothing_and_never_run_twi
             held = [await accept(daemon, {"sleep_s": 0.5}) for _ in range(4)]
             acked += held
             await daemon.wait_log("invocation_started", since=mark, invocation_id=held[0])
+            others = [(d, d.log_mark()) for d in daemons if d is not daemon]
             up[name] = False
             await daemon.kill()
             victims.append(name)
-            await asyncio.sleep(rng.uniform(LEASE_S + 0.5, LEASE_S + 2))  # others take over
+
+            def taken(dead: str = name, others: list[tuple[Daemon, int]] = others) -> bool:
+                return any(
+                    e.get("event") == "node_work_taken_over" and e.get("dead_node") == dead
+                    for d, mark in others
+                    for e in d.log_events()[mark:]
+                )
+
+            await until(taken, LEASE_S + 15, f"another node taking over {name}'s work")
             await daemon.start(timeout_s=40)
             up[name] = True
         stop.set()
