@@ -428,10 +428,14 @@ async def test_restart_resumes_queued_invocations_after_sigkill(tmp_path, backen
     assert all(r["status"] == "succeeded" for r in records), [
         (r["id"], r["status"]) for r in records
     ]
-    # the one that was running at the kill was recovered as a crashed attempt and run again
+    # the one that was running at the kill was recovered as a crashed attempt and run again,
+    # and so was each one whose `running` mark was written ahead of its start (the dispatcher's
+    # _mark_ahead, while the lane has no timing yet): how many depends on the commits the kill
+    # found, and each of them ran exactly once more
     assert max(r["attempt"] for r in records) == 2
     recovered = [e for e in daemon.log_events() if e.get("event") == "dispatcher_recovered"]
-    assert recovered[-1]["requeued_after_crash"] == 1
+    again = sum(r["attempt"] == 2 for r in records)
+    assert recovered[-1]["requeued_after_crash"] == again >= 1
     # on PostgreSQL, nothing of the store is in data_dir
     assert (tmp_path / "var" / "lambdaemon.db").exists() == (backend == "sqlite")
 
